@@ -1,0 +1,588 @@
+"""MovieLens 100K as plain NumPy dicts of arrays.
+
+The records have the feature names, dtypes and values of tfds
+`movielens/100k-ratings` and `movielens/100k-movies`, with two conveniences:
+strings are `str` (not `bytes`), and `movie_genres` is an object array holding
+one int64 array of genre labels per record (tfds's variable-length sequence).
+
+Where the data comes from, in order:
+1. `data_dir`, if given: a folder holding the GroupLens files (`u.data`, ...),
+   a folder holding `ml-100k/` or `ml-100k.zip`, or the zip itself.
+2. The cache root, `$TWO_TOWER_DATA_DIR` or else `~/.keras/datasets`: its
+   `ml-100k/` folder, or its `ml-100k.zip` (checked against the official
+   sha256 and extracted).
+3. The official GroupLens download into the cache root, checked with sha256.
+   It is written to a temporary file and moved into place only once verified,
+   so an interrupted or corrupt download is never used by a later run.
+
+With `source="tfds"` the records come from tensorflow-datasets instead, in
+tfds's order; when a local copy is found, the tfds download cache is primed
+from it so tfds builds without network.
+
+MovieLens' licence forbids redistribution: this module downloads it from
+GroupLens or reads a copy you already have; it never ships the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
+SIZE = 4_924_029
+FOLDER = "ml-100k"
+ARCHIVE = "ml-100k.zip"
+ENV_VAR = "TWO_TOWER_DATA_DIR"
+ENCODING = "ISO-8859-1"
+
+# Label vocabularies of tfds `movielens/100k-*` (ClassLabel names, in order).
+GENRES = (
+    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical",
+    "Mystery", "Romance", "Sci-Fi", "Thriller", "Unknown", "War", "Western",
+    "(no genres listed)",
+)  # fmt: skip
+OCCUPATIONS = (
+    "academic/educator", "artist", "clerical/admin", "customer service",
+    "doctor/health care", "entertainment", "executive/managerial", "farmer",
+    "homemaker", "lawyer", "librarian", "other/not specified", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "student",
+    "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+)  # fmt: skip
+
+# The 19 genre flag columns of u.item, in file order, as tfds names them.
+_ITEM_GENRE_COLUMNS = (
+    "Unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+    "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+# ML-100K's raw occupation text -> the tfds occupation label.
+_OCCUPATION_LABELS = {
+    "administrator": "clerical/admin", "artist": "artist",
+    "doctor": "doctor/health care", "educator": "academic/educator",
+    "engineer": "technician/engineer", "entertainment": "entertainment",
+    "executive": "executive/managerial", "healthcare": "doctor/health care",
+    "homemaker": "homemaker", "lawyer": "lawyer", "librarian": "librarian",
+    "marketing": "sales/marketing", "none": "other/not specified",
+    "other": "other/not specified", "programmer": "programmer",
+    "retired": "retired", "salesman": "sales/marketing", "scientist": "scientist",
+    "student": "student", "technician": "technician/engineer", "writer": "writer",
+}  # fmt: skip
+_AGE_BUCKETS = (1, 18, 25, 35, 45, 50, 56)
+
+RATING_FEATURES = (
+    "bucketized_user_age", "movie_genres", "movie_id", "movie_title",
+    "raw_user_age", "timestamp", "user_gender", "user_id",
+    "user_occupation_label", "user_occupation_text", "user_rating",
+    "user_zip_code",
+)  # fmt: skip
+MOVIE_FEATURES = ("movie_genres", "movie_id", "movie_title")
+
+_REQUIRED_FILES = ("u.data", "u.item", "u.user")
+_SOURCES = ("grouplens", "tfds")
+
+
+# --------------------------------------------------------------------- locate
+def cache_root() -> Path:
+    """The cache root: `$TWO_TOWER_DATA_DIR`, or `~/.keras/datasets`."""
+    root = os.environ.get(ENV_VAR)
+    return Path(root).expanduser() if root else Path("~/.keras/datasets").expanduser()
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_archive(archive: Path, sha256: str | None) -> None:
+    if sha256 is None:
+        return
+    actual = _sha256(archive)
+    if actual != sha256:
+        raise ValueError(
+            f"Checksum mismatch for {archive}: sha256 is {actual}, expected "
+            f"{sha256}. The file is truncated or corrupt; delete it and retry, "
+            "or pass `sha256=None` for an archive you made yourself."
+        )
+
+
+def _extract(archive: Path, destination: Path, sha256: str | None) -> Path:
+    """Extracts `archive` so that `destination/ml-100k/` appears complete or not at all."""
+    _check_archive(archive, sha256)
+    target = destination / FOLDER
+    destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ml-100k-", dir=destination))
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                bad = zipped.testzip()
+                if bad is not None:
+                    raise ValueError(f"Corrupt member {bad!r} in archive {archive}.")
+                zipped.extractall(staging)
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"{archive} is not a valid zip archive: {error}") from error
+        found = [p.parent for p in staging.rglob("u.data") if _has_files(p.parent)]
+        if not found:
+            raise ValueError(
+                f"Archive {archive} does not contain the MovieLens 100K files "
+                f"{list(_REQUIRED_FILES)}."
+            )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(found[0], target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download(url: str, destination: Path, sha256: str) -> Path:
+    """Downloads to a temporary file; moves it to `destination` once verified."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial_name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".part", dir=destination.parent
+    )
+    partial = Path(partial_name)
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out)
+        _check_archive(partial, sha256)
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination
+
+
+def locate(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    sha256: str | None = SHA256,
+) -> Path:
+    """Returns the folder holding the MovieLens 100K files, fetching them if needed.
+
+    Args:
+        data_dir: where to look first (see the module docstring). When it is not
+            given, the cache root is used.
+        download: download from GroupLens when no local copy is found.
+        sha256: the expected sha256 of any zip archive read or downloaded; None
+            skips the check (for archives you made yourself).
+
+    Returns:
+        The folder containing `u.data`, `u.item` and `u.user`.
+
+    Raises:
+        FileNotFoundError: nothing found and `download` is off or the download
+            failed; the message lists where it looked.
+        ValueError: an archive fails its checksum or is not a valid zip.
+
+    Example:
+    >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
+    """
+    looked: list[str] = []
+    if data_dir is not None:
+        given = Path(data_dir).expanduser()
+        if given.is_file():
+            return _extract(given, cache_root(), sha256)
+        for folder in (given, given / FOLDER):
+            looked.append(str(folder))
+            if _has_files(folder):
+                return folder
+        if (given / ARCHIVE).is_file():
+            return _extract(given / ARCHIVE, given, sha256)
+        looked.append(str(given / ARCHIVE))
+        raise FileNotFoundError(
+            f"MovieLens 100K not found at data_dir={str(data_dir)!r}. Looked for "
+            f"{list(_REQUIRED_FILES)} in: {', '.join(looked)}. Pass the folder "
+            "holding u.data (or its parent, or ml-100k.zip)."
+        )
+    root = cache_root()
+    folder = root / FOLDER
+    looked.append(str(folder))
+    if _has_files(folder):
+        return folder
+    archive = root / ARCHIVE
+    looked.append(str(archive))
+    if not archive.is_file():
+        if not download:
+            raise FileNotFoundError(_not_found_message(looked, "download=False"))
+        try:
+            _download(URL, archive, SHA256 if sha256 is None else sha256)
+        except (urllib.error.URLError, OSError) as error:
+            raise FileNotFoundError(
+                _not_found_message(looked, f"downloading {URL} failed: {error}")
+            ) from error
+    return _extract(archive, root, sha256)
+
+
+def _not_found_message(looked: list[str], why: str) -> str:
+    return (
+        f"MovieLens 100K is not available ({why}). Looked in: {', '.join(looked)}. "
+        f"To use a local copy, pass data_dir='/path/to/ml-100k' or set "
+        f"{ENV_VAR} to a folder that holds ml-100k/ (or ml-100k.zip)."
+    )
+
+
+# ---------------------------------------------------------------------- parse
+def _read_rows(path: Path, separator: str, fields: int) -> list[list[str]]:
+    try:
+        text = path.read_bytes().decode(ENCODING)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"Missing MovieLens file: {path}") from error
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        row = line.split(separator)
+        if len(row) != fields:
+            raise ValueError(
+                f"Corrupt or truncated MovieLens file {path}, line {number}: expected "
+                f"{fields} fields separated by {separator!r}, found {len(row)}: {line!r}"
+            )
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"MovieLens file {path} is empty.")
+    return rows
+
+
+def _as_int(value: str, path: Path, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"Corrupt MovieLens file {path}: {what} must be an integer, found {value!r}."
+        ) from None
+
+
+def _declared_counts(folder: Path) -> dict[str, int]:
+    """Counts in `u.info` ("943 users"...), used to detect truncated files."""
+    info = folder / "u.info"
+    if not info.is_file():
+        return {}
+    counts = {}
+    for line in info.read_text(encoding=ENCODING).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            counts[parts[1]] = int(parts[0])
+    return counts
+
+
+def _check_count(path: Path, found: int, declared: dict[str, int], key: str) -> None:
+    if key in declared and declared[key] != found:
+        raise ValueError(
+            f"Corrupt or truncated MovieLens file {path}: u.info declares "
+            f"{declared[key]} {key}, the file holds {found}."
+        )
+
+
+def _parse_movies(folder: Path, declared: dict[str, int]) -> dict[str, dict[str, Any]]:
+    path = folder / "u.item"
+    rows = _read_rows(path, "|", 5 + len(_ITEM_GENRE_COLUMNS))
+    _check_count(path, len(rows), declared, "items")
+    movies: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        flags = row[5:]
+        if any(flag not in ("0", "1") for flag in flags):
+            raise ValueError(f"Corrupt MovieLens file {path}: bad genre flags in {row!r}")
+        genres = [
+            GENRES.index(name)
+            for name, flag in zip(_ITEM_GENRE_COLUMNS, flags, strict=True)
+            if flag == "1"
+        ]
+        _as_int(row[0], path, "movie id")
+        movies[row[0]] = {
+            "movie_id": row[0],
+            "movie_title": row[1],
+            "movie_genres": np.asarray(genres, dtype="int64"),
+        }
+    return movies
+
+
+def _parse_users(folder: Path, declared: dict[str, int]) -> dict[str, dict[str, Any]]:
+    path = folder / "u.user"
+    rows = _read_rows(path, "|", 5)
+    _check_count(path, len(rows), declared, "users")
+    users = {}
+    for user_id, age_text, gender, occupation, zip_code in rows:
+        age = _as_int(age_text, path, "age")
+        if occupation not in _OCCUPATION_LABELS:
+            raise ValueError(
+                f"Corrupt MovieLens file {path}: unknown occupation {occupation!r} for "
+                f"user {user_id}; expected one of {sorted(_OCCUPATION_LABELS)}."
+            )
+        users[user_id] = {
+            "bucketized_user_age": max(b for b in _AGE_BUCKETS if age >= b or b == 1),
+            "raw_user_age": age,
+            "user_gender": gender == "M",
+            "user_occupation_label": OCCUPATIONS.index(_OCCUPATION_LABELS[occupation]),
+            "user_occupation_text": occupation,
+            "user_zip_code": zip_code,
+        }
+    return users
+
+
+def _movie_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    genres = np.empty(len(records), dtype=object)
+    genres[:] = [r["movie_genres"] for r in records]
+    return {
+        "movie_genres": genres,
+        "movie_id": np.asarray([r["movie_id"] for r in records], dtype=str),
+        "movie_title": np.asarray([r["movie_title"] for r in records], dtype=str),
+    }
+
+
+def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
+    declared = _declared_counts(folder)
+    movies = _parse_movies(folder, declared)
+    users = _parse_users(folder, declared)
+    path = folder / "u.data"
+    rows = _read_rows(path, "\t", 4)
+    _check_count(path, len(rows), declared, "ratings")
+    for number, (user_id, movie_id, rating, timestamp) in enumerate(rows, start=1):
+        if user_id not in users or movie_id not in movies:
+            raise ValueError(
+                f"Corrupt MovieLens file {path}, rating {number}: user {user_id!r} or "
+                f"movie {movie_id!r} is not in u.user / u.item."
+            )
+        _as_int(rating, path, "rating")
+        _as_int(timestamp, path, "timestamp")
+    user_rows = [users[row[0]] for row in rows]
+    movie_rows = [movies[row[1]] for row in rows]
+    ratings = _movie_arrays(movie_rows)
+    ratings.update(
+        {
+            "user_id": np.asarray([row[0] for row in rows], dtype=str),
+            "user_rating": np.asarray([row[2] for row in rows], dtype="int64").astype("float32"),
+            "timestamp": np.asarray([row[3] for row in rows], dtype="int64"),
+        }
+    )
+    for key, dtype in (
+        ("bucketized_user_age", "float32"),
+        ("raw_user_age", "float32"),
+        ("user_gender", "bool"),
+        ("user_occupation_label", "int64"),
+        ("user_occupation_text", "str"),
+        ("user_zip_code", "str"),
+    ):
+        ratings[key] = np.asarray([u[key] for u in user_rows], dtype=dtype)
+    return {key: ratings[key] for key in RATING_FEATURES}
+
+
+# ----------------------------------------------------------------------- tfds
+def _prime_tfds_cache(folder: Path, tfds_data_dir: Path) -> None:
+    """Lets tfds build `movielens/100k-*` offline from a local GroupLens folder.
+
+    tfds looks for a download named `get_dl_fname(url, sha256)` with a `.INFO`
+    sidecar, and for its extraction under `downloads/extracted/ZIP.<name>/`.
+    """
+    from tensorflow_datasets.core.download import resource
+
+    downloads = tfds_data_dir / "downloads"
+    name = resource.get_dl_fname(URL, SHA256)
+    extracted = downloads / "extracted" / f"ZIP.{name}" / FOLDER
+    if _has_files(extracted):
+        return
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    (downloads / name).touch()
+    info = {
+        "dataset_names": ["movielens"],
+        "original_fname": ARCHIVE,
+        "url_info": {"checksum": SHA256, "filename": ARCHIVE, "size": SIZE},
+        "urls": [URL],
+    }
+    (downloads / f"{name}.INFO").write_text(json.dumps(info, sort_keys=True))
+    staging = Path(tempfile.mkdtemp(dir=extracted.parent))
+    shutil.copytree(folder, staging / FOLDER)
+    os.replace(staging / FOLDER, extracted)
+    staging.rmdir()
+
+
+def _tfds_records(
+    table: str, data_dir: str | os.PathLike[str] | None, tfds_data_dir: str | None
+) -> dict[str, np.ndarray]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            "source='tfds' needs tensorflow-datasets: pip install 'two-tower[tfds]'"
+        ) from error
+    root = Path(tfds_data_dir).expanduser() if tfds_data_dir else cache_root() / "tfds"
+    try:
+        local = locate(data_dir, download=False)
+    except FileNotFoundError:
+        local = None  # tfds downloads by itself
+    if local is not None:
+        _prime_tfds_cache(local, root)
+    dataset = tfds.load(f"movielens/100k-{table}", split="train", data_dir=str(root))
+    features = RATING_FEATURES if table == "ratings" else MOVIE_FEATURES
+    columns: dict[str, list[Any]] = {key: [] for key in features}
+    for record in tfds.as_numpy(dataset):
+        for key in features:
+            value = record[key]
+            columns[key].append(value.decode("utf-8") if isinstance(value, bytes) else value)
+    arrays = {key: np.asarray(values) for key, values in columns.items() if key != "movie_genres"}
+    genres = np.empty(len(columns["movie_genres"]), dtype=object)
+    genres[:] = [np.asarray(g, dtype="int64") for g in columns["movie_genres"]]
+    arrays["movie_genres"] = genres
+    for key in features:
+        if arrays[key].dtype.kind == "U":
+            arrays[key] = arrays[key].astype(str)
+    return {key: arrays[key] for key in features}
+
+
+# --------------------------------------------------------------------- public
+def _check_source(source: str) -> None:
+    if source not in _SOURCES:
+        raise ValueError(f"`source` must be one of {_SOURCES}. Received: {source!r}")
+
+
+def load_ratings(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    source: str = "grouplens",
+    download: bool = True,
+    sha256: str | None = SHA256,
+    tfds_data_dir: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Loads the 100,000 ratings, joined with movie and user features.
+
+    Args:
+        data_dir: where to look first; see `locate`.
+        source: `"grouplens"` parses the GroupLens files with NumPy (file order);
+            `"tfds"` reads tfds `movielens/100k-ratings` (tfds order).
+        download: download from GroupLens if no local copy is found.
+        sha256: expected sha256 of a zip archive; None skips the check.
+        tfds_data_dir: tfds data folder for `source="tfds"`; defaults to
+            `<cache root>/tfds`.
+
+    Returns:
+        A dict of equal-length NumPy arrays keyed by the tfds feature names:
+        `user_id`, `movie_id`, `movie_title`, `user_zip_code` and
+        `user_occupation_text` (str); `movie_genres` (object array of int64
+        arrays); `user_rating`, `bucketized_user_age`, `raw_user_age` (float32);
+        `timestamp`, `user_occupation_label` (int64); `user_gender` (bool, True
+        is male).
+
+    Raises:
+        FileNotFoundError: no data and no way to fetch it.
+        ValueError: a corrupt, truncated or mismatching file, named in the message.
+
+    Example:
+    >>> ratings = two_tower.datasets.movielens.load_ratings()  # doctest: +SKIP
+    >>> ratings["user_id"][:3]  # doctest: +SKIP
+    array(['196', '186', '22'], dtype='<U3')
+    """
+    _check_source(source)
+    if source == "tfds":
+        return _tfds_records("ratings", data_dir, tfds_data_dir)
+    return _read_grouplens_ratings(locate(data_dir, download=download, sha256=sha256))
+
+
+def load_movies(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    source: str = "grouplens",
+    download: bool = True,
+    sha256: str | None = SHA256,
+    tfds_data_dir: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Loads the 1,682 movies: `movie_id`, `movie_title`, `movie_genres`.
+
+    Args and Raises are those of `load_ratings`.
+
+    Example:
+    >>> movies = two_tower.datasets.movielens.load_movies()  # doctest: +SKIP
+    """
+    _check_source(source)
+    if source == "tfds":
+        return _tfds_records("movies", data_dir, tfds_data_dir)
+    folder = locate(data_dir, download=download, sha256=sha256)
+    movies = _parse_movies(folder, _declared_counts(folder))
+    return _movie_arrays(list(movies.values()))
+
+
+def _take(records: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: values[rows] for key, values in records.items()}
+
+
+def _check_split(records: dict[str, np.ndarray], test_fraction: float) -> int:
+    lengths = {len(v) for v in records.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"All arrays must have the same length. Received lengths {lengths}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in (0, 1). Received: {test_fraction}")
+    return lengths.pop()
+
+
+def random_split(
+    records: dict[str, np.ndarray], test_fraction: float = 0.2, seed: int = 42
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A seeded random split (the seed tutorial's 80/20 protocol by default).
+
+    The rows are permuted with `np.random.default_rng(seed)`; the first
+    `round(n * (1 - test_fraction))` go to train, the rest to test.
+
+    Example:
+    >>> import numpy as np
+    >>> train, test = two_tower.datasets.movielens.random_split({"a": np.arange(10)})
+    >>> len(train["a"]), len(test["a"])
+    (8, 2)
+    """
+    n = _check_split(records, test_fraction)
+    order = np.random.default_rng(seed).permutation(n)
+    cut = round(n * (1.0 - test_fraction))
+    return _take(records, order[:cut]), _take(records, order[cut:])
+
+
+def temporal_split(
+    records: dict[str, np.ndarray], test_fraction: float = 0.2
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Train on the earliest ratings, test on the latest, by `timestamp`.
+
+    Ties in time keep file order (a stable sort), so the split is deterministic.
+
+    Example:
+    >>> import numpy as np
+    >>> records = {"timestamp": np.array([5, 1, 4, 2, 3])}
+    >>> train, test = two_tower.datasets.movielens.temporal_split(records, 0.4)
+    >>> test["timestamp"].tolist()
+    [4, 5]
+    """
+    n = _check_split(records, test_fraction)
+    if "timestamp" not in records:
+        raise ValueError("temporal_split needs a 'timestamp' array in the records.")
+    order = np.argsort(records["timestamp"], kind="stable")
+    cut = round(n * (1.0 - test_fraction))
+    return _take(records, order[:cut]), _take(records, order[cut:])
+
+
+__all__ = [
+    "GENRES",
+    "OCCUPATIONS",
+    "SHA256",
+    "URL",
+    "cache_root",
+    "load_movies",
+    "load_ratings",
+    "locate",
+    "random_split",
+    "temporal_split",
+]

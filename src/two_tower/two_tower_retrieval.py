@@ -1,0 +1,353 @@
+"""The two-tower retrieval model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from two_tower import losses
+from two_tower.brute_force_index import BruteForceIndex
+from two_tower.types import Tensor
+
+LOSSES = ("mse", "softmax")
+QUERY = "query"
+CANDIDATE = "candidate"
+
+
+def _is_pair(inputs: Any) -> bool:
+    return isinstance(inputs, Mapping) and set(inputs.keys()) == {QUERY, CANDIDATE}
+
+
+def _input_spec(inputs: Any) -> Any:
+    """Shape and dtype of each input, batch dim dropped, as JSON-friendly strings."""
+
+    def leaf(tensor: Any) -> str:
+        dims = ",".join("None" if d is None else str(int(d)) for d in tensor.shape[1:])
+        return f"{keras.backend.standardize_dtype(tensor.dtype)}|{dims}"
+
+    return keras.tree.map_structure(leaf, inputs)
+
+
+def _symbolic_inputs(spec: Any) -> Any:
+    def leaf(text: str) -> Any:
+        dtype, dims = text.split("|")
+        shape = tuple(None if d == "None" else int(d) for d in dims.split(",") if d)
+        return keras.KerasTensor((None, *shape), dtype=dtype)
+
+    return keras.tree.map_structure(leaf, spec)
+
+
+@keras.saving.register_keras_serializable(package="two_tower")
+class TwoTowerRetrieval(keras.Model):
+    """A two-tower retrieval model: a query tower, a candidate tower and a top-k index.
+
+    The query tower maps query features (a tensor, or a dict of tensors) to
+    `[batch, dim]` embeddings; the candidate tower does the same for candidates.
+    Any Keras layer or model works as a tower. A query and a candidate are scored
+    by the dot product of their embeddings. After training, `index_candidates`
+    embeds the catalogue, and `recommend` returns the top-k candidate ids.
+
+    **Data.** `fit` and `evaluate` take `x = {"query": query_features,
+    "candidate": candidate_features}`: row i of each is one observed pair.
+    `predict` and `recommend` take query features alone (`predict` also accepts the
+    pair dict and then returns both embeddings).
+
+    **Losses.**
+    - `"mse"`: squared error between a label `y` (e.g. a rating scaled to
+      [0, 1]) and the pair's score; the keras-rs basic-retrieval tutorial's loss.
+    - `"softmax"`: in-batch softmax. Row i's candidate is the positive; the other
+      candidates in the batch are negatives. Logits are divided by
+      `temperature`. It takes no labels; weight pairs with `sample_weight`.
+
+    The loss is chosen here, not in `compile`: `compile(loss=...)` raises. It is
+    stored as `loss_name`, because `keras.Model` reserves the `loss` attribute.
+    Regularisation losses of the towers (`self.losses`) are added.
+
+    **Overriding.** A subclass can change:
+    - `compute_similarities(query_embeddings, candidate_embeddings)`: the
+      `[queries, candidates]` score matrix used by the softmax loss and by
+      retrieval (so training and serving score the same way).
+    - `compute_scores(query_embeddings, candidate_embeddings)`: the `[batch]`
+      scores of aligned pairs, used by the MSE loss.
+    - `compute_retrieval_loss(labels, outputs, sample_weight)`: the loss from the
+      dict that `call` returns.
+    - `call(inputs, training)`: with pair inputs it must return a dict holding at
+      least `"query_embeddings"` and `"candidate_embeddings"`; with query inputs it
+      returns the `[batch, dim]` query embeddings.
+
+    **Serialization.** `get_config` stores both towers, the loss, the temperature
+    and the index layer. A `.keras` file saved after `index_candidates` holds the
+    index, so `keras.saving.load_model` returns a model that can `recommend` at
+    once. The towers must themselves be serializable (registered custom layers,
+    or built-in Keras layers and models).
+
+    Args:
+        query_tower: layer or model mapping query features to `[batch, dim]`.
+        candidate_tower: layer or model mapping candidate features to
+            `[batch, dim]`, with the same `dim`.
+        loss: `"mse"` or `"softmax"`.
+        temperature: logits divisor of the softmax loss; must be > 0.
+        candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
+        **kwargs: standard `keras.Model` arguments (`name`, ...).
+
+    Raises:
+        ValueError: on an unknown loss, a non-positive temperature, or (when the
+            model is built) towers whose output dims differ.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> model = two_tower.TwoTowerRetrieval(
+    ...     query_tower=keras.layers.Embedding(10, 4),
+    ...     candidate_tower=keras.layers.Embedding(20, 4),
+    ...     loss="softmax",
+    ... )
+    >>> model.compile(optimizer="adam")
+    >>> x = {"query": np.arange(8) % 10, "candidate": np.arange(8) % 20}
+    >>> history = model.fit(x, batch_size=4, epochs=1, verbose=0)
+    >>> model.index_candidates(np.arange(20), candidate_ids=np.arange(20) + 100)
+    >>> model.recommend(np.array([3]), k=5).shape
+    (1, 5)
+    """
+
+    def __init__(
+        self,
+        query_tower: keras.layers.Layer,
+        candidate_tower: keras.layers.Layer,
+        loss: str = "softmax",
+        temperature: float = 1.0,
+        candidate_index: BruteForceIndex | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
+            if not isinstance(tower, keras.layers.Layer):
+                raise TypeError(
+                    f"`{name}` must be a keras Layer or Model. "
+                    f"Received: {tower!r} of type {type(tower).__name__}"
+                )
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and temperature > 0
+        ):
+            raise ValueError(
+                f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
+            )
+        self.query_tower = query_tower
+        self.candidate_tower = candidate_tower
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
+        self._query_input_spec: Any = None
+        self._candidate_input_spec: Any = None
+
+    # ----------------------------------------------------------------- towers
+    def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
+        """Runs the query tower; records the input spec used to rebuild on load."""
+        if self._query_input_spec is None:
+            self._query_input_spec = _input_spec(query_features)
+        return self.query_tower(query_features, training=training)
+
+    def embed_candidates(self, candidate_features: Any, training: bool = False) -> Tensor:
+        """Runs the candidate tower; records the input spec used to rebuild on load."""
+        if self._candidate_input_spec is None:
+            self._candidate_input_spec = _input_spec(candidate_features)
+        return self.candidate_tower(candidate_features, training=training)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        if not _is_pair(inputs):
+            return self.embed_queries(inputs, training=training)
+        query_embeddings = self.embed_queries(inputs[QUERY], training=training)
+        candidate_embeddings = self.embed_candidates(inputs[CANDIDATE], training=training)
+        query_shape = tuple(query_embeddings.shape)
+        candidate_shape = tuple(candidate_embeddings.shape)
+        if len(query_shape) != 2 or len(candidate_shape) != 2:
+            raise ValueError(
+                "Both towers must return [batch, dim] embeddings. Received query "
+                f"embeddings of shape {query_shape} and candidate embeddings of "
+                f"shape {candidate_shape}."
+            )
+        if query_shape[-1] != candidate_shape[-1]:
+            raise ValueError(
+                f"The query tower's output dim (={query_shape[-1]}) must equal the "
+                f"candidate tower's output dim (={candidate_shape[-1]})."
+            )
+        return {
+            "query_embeddings": query_embeddings,
+            "candidate_embeddings": candidate_embeddings,
+        }
+
+    # ---------------------------------------------------------------- scoring
+    def compute_similarities(
+        self, query_embeddings: Tensor, candidate_embeddings: Tensor
+    ) -> Tensor:
+        """`[queries, candidates]` scores; the dot product by default."""
+        return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
+
+    def compute_scores(self, query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
+        """`[batch]` scores of aligned (query, candidate) pairs; the dot product."""
+        return ops.sum(query_embeddings * candidate_embeddings, axis=-1)
+
+    # ------------------------------------------------------------------- loss
+    def compute_retrieval_loss(
+        self, labels: Tensor | None, outputs: dict[str, Tensor], sample_weight: Tensor | None
+    ) -> Tensor:
+        """The retrieval loss of one batch, from what `call` returned for pairs."""
+        query_embeddings = outputs["query_embeddings"]
+        candidate_embeddings = outputs["candidate_embeddings"]
+        if self.loss_name == "mse":
+            if labels is None:
+                raise ValueError(
+                    "loss='mse' needs labels: pass `y` (e.g. ratings) to fit/evaluate."
+                )
+            scores = self.compute_scores(query_embeddings, candidate_embeddings)
+            return losses.mean_squared_error(labels, scores, sample_weight)
+        if labels is not None:
+            raise ValueError(
+                "loss='softmax' takes no labels, but `y` was given. Every pair in x "
+                "is a positive; use `sample_weight` to weight pairs."
+            )
+        similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
+        return losses.in_batch_softmax(similarities, self.temperature, sample_weight)
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: Any = None,
+        sample_weight: Any = None,
+        training: bool = True,
+    ) -> Tensor:
+        if not isinstance(y_pred, Mapping) or "query_embeddings" not in y_pred:
+            raise ValueError(
+                "fit/evaluate need pair inputs: x = {'query': query_features, "
+                "'candidate': candidate_features}. "
+                f"Received x of type {type(x).__name__}"
+                + (f" with keys {sorted(x.keys())}" if isinstance(x, Mapping) else "")
+            )
+        loss = self.compute_retrieval_loss(y, y_pred, sample_weight)
+        if self.losses:
+            loss = loss + ops.cast(ops.sum(self.losses), loss.dtype)
+        return loss
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("loss") is not None or (len(args) > 1 and args[1] is not None):
+            raise ValueError(
+                "Pass the loss to TwoTowerRetrieval(loss=...) ('mse' or 'softmax'), "
+                "not to compile(); the retrieval loss needs both towers' embeddings."
+            )
+        super().compile(*args, **kwargs)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        # Keras' default skips compiling on load when `compile` is overridden; ours
+        # only adds a check, so compile as the default would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built and self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
+
+    # -------------------------------------------------------------- retrieval
+    def index_candidates(
+        self, candidates: Any, candidate_ids: Any = None, batch_size: int = 4096
+    ) -> None:
+        """Embeds the catalogue with the candidate tower and indexes it.
+
+        Args:
+            candidates: candidate features (an array or a dict of arrays), one
+                row per candidate.
+            candidate_ids: one id per candidate, of any NumPy dtype (int64 ids
+                above 2**31 and strings included); defaults to row positions.
+            batch_size: rows embedded at once.
+        """
+        leaves = keras.tree.flatten(candidates)
+        if not leaves:
+            raise ValueError("`candidates` is empty.")
+        num_rows = len(leaves[0])
+        embeddings = []
+        for start in range(0, num_rows, batch_size):
+            batch = keras.tree.map_structure(
+                lambda a, s=start: np.asarray(a)[s : s + batch_size], candidates
+            )
+            embeddings.append(ops.convert_to_numpy(self.embed_candidates(batch)))
+        if not embeddings:
+            raise ValueError("Cannot index an empty catalogue: `candidates` has 0 rows.")
+        self.candidate_index.index(np.concatenate(embeddings, axis=0), candidate_ids)
+
+    def recommend(
+        self,
+        queries: Any,
+        k: int = 10,
+        *,
+        return_scores: bool = False,
+        batch_size: int = 1024,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Top-k candidate ids for each query, best first.
+
+        Args:
+            queries: query features (an array or a dict of arrays).
+            k: results per query; `1 <= k <= ` the number of indexed candidates.
+            return_scores: also return the `[queries, k]` scores.
+            batch_size: queries embedded at once.
+
+        Returns:
+            `[queries, k]` ids (NumPy, dtype of the indexed ids), or `(ids,
+            scores)` when `return_scores` is true.
+
+        Raises:
+            ValueError: if nothing is indexed, or `k` is out of range.
+        """
+        if self.candidate_index.num_candidates == 0:
+            raise ValueError(
+                "No candidates are indexed. Call `index_candidates(candidates, "
+                "candidate_ids)` first."
+            )
+        query_embeddings = self.predict(queries, batch_size=batch_size, verbose=0)
+        scores, ids = self.candidate_index.search(
+            query_embeddings, k=k, similarity_fn=self.compute_similarities
+        )
+        return (ids, scores) if return_scores else ids
+
+    # ---------------------------------------------------------- serialization
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "query_tower": keras.saving.serialize_keras_object(self.query_tower),
+                "candidate_tower": keras.saving.serialize_keras_object(
+                    self.candidate_tower
+                ),
+                "loss": self.loss_name,
+                "temperature": self.temperature,
+                "candidate_index": keras.saving.serialize_keras_object(
+                    self.candidate_index
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TwoTowerRetrieval:
+        config = dict(config)
+        for key in ("query_tower", "candidate_tower", "candidate_index"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+    def get_build_config(self) -> dict[str, Any] | None:
+        if self._query_input_spec is None and self._candidate_input_spec is None:
+            return None
+        return {
+            "query_input_spec": self._query_input_spec,
+            "candidate_input_spec": self._candidate_input_spec,
+        }
+
+    def build_from_config(self, config: dict[str, Any]) -> None:
+        query_spec = config.get("query_input_spec")
+        candidate_spec = config.get("candidate_input_spec")
+        if query_spec is not None:
+            self.embed_queries(_symbolic_inputs(query_spec))
+        if candidate_spec is not None:
+            self.embed_candidates(_symbolic_inputs(candidate_spec))
+        self.built = True

@@ -1,0 +1,9 @@
+"""Type aliases shared by the package.
+
+`Tensor` is `Any` so that type checking needs no backend installed, as in keras-rs.
+"""
+
+from typing import Any
+
+Tensor = Any
+"""A backend tensor (JAX array, `tf.Tensor` or `torch.Tensor`) or a NumPy array."""
