@@ -74,9 +74,7 @@ class BruteForceIndex(keras.layers.Layer):
     def __init__(self, chunk_size: int = 65_536, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(
-                f"`chunk_size` must be a positive integer. Received: {chunk_size!r}"
-            )
+            raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size!r}")
         self.chunk_size = chunk_size
         self._candidate_embeddings: Tensor | None = None
         self._candidate_ids: np.ndarray | None = None
@@ -153,8 +151,7 @@ class BruteForceIndex(keras.layers.Layer):
             raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
         if k > self.num_candidates:
             raise ValueError(
-                f"`k` (={k}) must not exceed the number of candidates "
-                f"(={self.num_candidates})."
+                f"`k` (={k}) must not exceed the number of candidates (={self.num_candidates})."
             )
         query_shape = tuple(query_embeddings.shape)
         dim = self._candidate_embeddings.shape[-1]
@@ -173,7 +170,7 @@ class BruteForceIndex(keras.layers.Layer):
         query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
         self._check_ready(query_embeddings, k)
         similarity_fn = similarity_fn or _dot_similarities
-        candidates = self._candidate_embeddings
+        candidates: Tensor = self._candidate_embeddings
         best_scores = best_positions = None
         for start in range(0, self.num_candidates, self.chunk_size):
             chunk = candidates[start : start + self.chunk_size]

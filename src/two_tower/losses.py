@@ -78,12 +78,9 @@ def in_batch_softmax(
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
     shape = tuple(similarities.shape)
-    if len(shape) != 2 or (
-        shape[0] is not None and shape[1] is not None and shape[0] != shape[1]
-    ):
+    if len(shape) != 2 or (shape[0] is not None and shape[1] is not None and shape[0] != shape[1]):
         raise ValueError(
-            "`similarities` must be a square [batch, batch] matrix. "
-            f"Received shape: {shape}"
+            f"`similarities` must be a square [batch, batch] matrix. Received shape: {shape}"
         )
     logits = ops.cast(similarities, "float32") / temperature
     per_example = ops.logsumexp(logits, axis=1) - ops.diagonal(logits)

@@ -61,7 +61,9 @@ class TwoTowerRetrieval(keras.Model):
       [0, 1]) and the pair's score; the keras-rs basic-retrieval tutorial's loss.
     - `"softmax"`: in-batch softmax. Row i's candidate is the positive; the other
       candidates in the batch are negatives. Logits are divided by
-      `temperature`. It takes no labels; weight pairs with `sample_weight`.
+      `temperature`. It takes no labels. To weight pairs, feed a dataset or
+      generator of `(x, None, sample_weight)`: Keras drops `sample_weight` passed
+      beside `y=None` as arrays, so `fit`/`evaluate` raise on that instead.
 
     The loss is chosen here, not in `compile`: `compile(loss=...)` raises. It is
     stored as `loss_name`, because `keras.Model` reserves the `loss` attribute.
@@ -194,7 +196,10 @@ class TwoTowerRetrieval(keras.Model):
 
     # ------------------------------------------------------------------- loss
     def compute_retrieval_loss(
-        self, labels: Tensor | None, outputs: dict[str, Tensor], sample_weight: Tensor | None
+        self,
+        labels: Tensor | None,
+        outputs: Mapping[str, Tensor],
+        sample_weight: Tensor | None,
     ) -> Tensor:
         """The retrieval loss of one batch, from what `call` returned for pairs."""
         query_embeddings = outputs["query_embeddings"]
@@ -230,8 +235,8 @@ class TwoTowerRetrieval(keras.Model):
                 + (f" with keys {sorted(x.keys())}" if isinstance(x, Mapping) else "")
             )
         loss = self.compute_retrieval_loss(y, y_pred, sample_weight)
-        if self.losses:
-            loss = loss + ops.cast(ops.sum(self.losses), loss.dtype)
+        for extra_loss in self.losses:
+            loss = loss + ops.cast(extra_loss, loss.dtype)
         return loss
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -241,6 +246,24 @@ class TwoTowerRetrieval(keras.Model):
                 "not to compile(); the retrieval loss needs both towers' embeddings."
             )
         super().compile(*args, **kwargs)
+
+    def _check_sample_weight(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        labels = args[1] if len(args) > 1 else kwargs.get("y")
+        if kwargs.get("sample_weight") is not None and labels is None:
+            # Keras' array adapter silently drops `sample_weight` when `y` is None.
+            raise ValueError(
+                "Keras ignores `sample_weight` when `y` is None. To weight softmax "
+                "pairs, pass a tf.data.Dataset or generator yielding "
+                "(x, None, sample_weight) tuples."
+            )
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_sample_weight(args, kwargs)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_sample_weight(args, kwargs)
+        return super().evaluate(*args, **kwargs)
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
@@ -316,14 +339,10 @@ class TwoTowerRetrieval(keras.Model):
         config.update(
             {
                 "query_tower": keras.saving.serialize_keras_object(self.query_tower),
-                "candidate_tower": keras.saving.serialize_keras_object(
-                    self.candidate_tower
-                ),
+                "candidate_tower": keras.saving.serialize_keras_object(self.candidate_tower),
                 "loss": self.loss_name,
                 "temperature": self.temperature,
-                "candidate_index": keras.saving.serialize_keras_object(
-                    self.candidate_index
-                ),
+                "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
             }
         )
         return config

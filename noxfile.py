@@ -1,0 +1,110 @@
+"""Test, example and lint sessions, one backend per session.
+
+    nox -s tests-jax tests-torch tests-tensorflow   # the test matrix
+    nox -s example-jax -- --epochs 50               # the main example, full length
+    nox -s lint
+
+Each test session installs only its own backend, which proves the package imports
+without the other two; tensorflow-datasets goes only into the tensorflow session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+# pip, not uv: our CI machines serve the CPU torch wheel from a local pip index.
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests-jax", "tests-torch", "tests-tensorflow"]
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+# torch 2.13.0 is the CPU wheel on our CI machines; any other version pulls a CUDA
+# build of several GB there. Override with e.g. TWO_TOWER_TORCH_SPEC="torch>=2.5".
+TORCH_SPEC = os.environ.get("TWO_TOWER_TORCH_SPEC", "torch==2.13.0")
+BACKEND_PACKAGES = {
+    "jax": ["jax"],
+    "torch": [TORCH_SPEC],
+    "tensorflow": ["tensorflow-cpu", "tensorflow-datasets", "importlib_resources"],
+}
+# Offline machines keep MovieLens beside the checkout (see README, "Offline").
+SHARED_DATA = ROOT.parent / "shared" / "datasets"
+
+
+def _environment(backend: str) -> dict[str, str]:
+    env = {"KERAS_BACKEND": backend}
+    if "TWO_TOWER_DATA_DIR" not in os.environ and (SHARED_DATA / "ml-100k").is_dir():
+        env["TWO_TOWER_DATA_DIR"] = str(SHARED_DATA)
+    return env
+
+
+def _install(session: nox.Session, backend: str, *groups: str) -> None:
+    # The backend first, so nothing later resolves a different torch.
+    session.install(*BACKEND_PACKAGES[backend])
+    session.install("-e", ".")
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+def _tests(session: nox.Session, backend: str) -> None:
+    _install(session, backend, "test")
+    session.run("pytest", *session.posargs, env=_environment(backend))
+
+
+def _example(session: nox.Session, backend: str) -> None:
+    _install(session, backend)
+    arguments = session.posargs or ["--epochs", "5"]
+    session.run(
+        "python", "examples/movielens_retrieval.py", "--backend", backend, *arguments,
+        env=_environment(backend),
+    )  # fmt: skip
+
+
+@nox.session(name="tests-jax")
+def tests_jax(session: nox.Session) -> None:
+    """Runs the test suite on JAX."""
+    _tests(session, "jax")
+
+
+@nox.session(name="tests-torch")
+def tests_torch(session: nox.Session) -> None:
+    """Runs the test suite on PyTorch."""
+    _tests(session, "torch")
+
+
+@nox.session(name="tests-tensorflow")
+def tests_tensorflow(session: nox.Session) -> None:
+    """Runs the test suite on TensorFlow, with the tfds parity tests."""
+    _tests(session, "tensorflow")
+
+
+@nox.session(name="example-jax", default=False)
+def example_jax(session: nox.Session) -> None:
+    """Runs examples/movielens_retrieval.py on JAX (5 epochs unless given args)."""
+    _example(session, "jax")
+
+
+@nox.session(name="example-torch", default=False)
+def example_torch(session: nox.Session) -> None:
+    """Runs examples/movielens_retrieval.py on PyTorch."""
+    _example(session, "torch")
+
+
+@nox.session(name="example-tensorflow", default=False)
+def example_tensorflow(session: nox.Session) -> None:
+    """Runs examples/movielens_retrieval.py on TensorFlow."""
+    _example(session, "tensorflow")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on everything, mypy on src/."""
+    session.install("jax")
+    session.install("-e", ".")
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", env={"KERAS_BACKEND": "jax"})

@@ -1,0 +1,48 @@
+"""Test setup shared by every backend session.
+
+The backend is chosen by `KERAS_BACKEND` before Keras is imported (the nox session
+sets it); the same files run under each backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+# Keras imports torch first when it is installed, to avoid a known segfault when
+# TensorFlow-linked libraries load before it.
+if importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: F401
+
+import keras
+import pytest
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1337)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real MovieLens 100K folder, from `TWO_TOWER_DATA_DIR`.
+
+    Skips when the data is absent, except in CI (`CI` set), where it must run.
+    """
+    root = os.environ.get("TWO_TOWER_DATA_DIR")
+    folder = Path(root) / "ml-100k" if root else None
+    if folder is None or not (folder / "u.data").is_file():
+        message = (
+            "the real MovieLens 100K is not available: set TWO_TOWER_DATA_DIR to a "
+            f"folder holding ml-100k/ (TWO_TOWER_DATA_DIR={root!r})"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so real-data tests must run, but {message}")
+        pytest.skip(message)
+    return folder

@@ -1,0 +1,44 @@
+"""Smoke run of the main example on the real data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "movielens_retrieval.py"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_movielens_example_runs(real_data_dir):
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--epochs", "2", "--data-dir", str(real_data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    assert f"backend={keras.backend.backend()}" in out
+    titles = out.split("Recommended movies for user 42:\n")[1].split("fit:")[0].splitlines()
+    assert len(titles) == 10 and all(t.strip() for t in titles)
+    accuracy = float(out.split("test top-100 accuracy:")[1].split()[0])
+    assert 0.0 < accuracy <= 1.0
+
+
+def test_example_rejects_bad_epochs():
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "--epochs must be >= 1, got 0" in completed.stderr

@@ -1,0 +1,270 @@
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import two_tower
+from test_losses import numpy_softmax_loss
+from testing import MLPTower, assert_all_close, assert_config_round_trip, save_and_load
+
+NUM_QUERIES, NUM_CANDIDATES, DIM = 12, 30, 8
+
+
+def make_model(loss="softmax", candidate_dim=DIM, **kwargs):
+    return two_tower.TwoTowerRetrieval(
+        query_tower=keras.layers.Embedding(NUM_QUERIES, DIM),
+        candidate_tower=keras.layers.Embedding(NUM_CANDIDATES, candidate_dim),
+        loss=loss,
+        **kwargs,
+    )
+
+
+def make_pairs(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = {
+        "query": rng.integers(0, NUM_QUERIES, n).astype("int32"),
+        "candidate": rng.integers(0, NUM_CANDIDATES, n).astype("int32"),
+    }
+    return x, rng.random(n).astype("float32")
+
+
+def tables(model):
+    return (
+        keras.ops.convert_to_numpy(model.query_tower.embeddings),
+        keras.ops.convert_to_numpy(model.candidate_tower.embeddings),
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "softmax"])
+def test_fit_evaluate_predict(loss):
+    model = make_model(loss)
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    x, ratings = make_pairs()
+    y = ratings if loss == "mse" else None
+    history = model.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(model.evaluate(x, y, batch_size=16, verbose=0))
+
+    query_table, candidate_table = tables(model)
+    predicted = model.predict(x["query"], verbose=0)
+    assert_all_close(predicted, query_table[x["query"]])
+    pair = model.predict(x, verbose=0)
+    assert_all_close(pair["candidate_embeddings"], candidate_table[x["candidate"]])
+
+
+def test_softmax_loss_matches_numpy():
+    model = make_model("softmax", temperature=0.3)
+    model.compile(optimizer="sgd")
+    x, _ = make_pairs(n=16)
+    weights = np.random.default_rng(3).random(16).astype("float32")
+    model.predict(x, verbose=0)  # builds the towers
+    query_table, candidate_table = tables(model)
+    similarities = query_table[x["query"]] @ candidate_table[x["candidate"]].T
+    expected = numpy_softmax_loss(similarities, 0.3, weights)
+    # Keras drops array `sample_weight` beside y=None, so feed (x, None, w) batches.
+    loss = model.evaluate((batch for batch in [(x, None, weights)]), steps=1, verbose=0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    unweighted = model.evaluate(x, batch_size=16, verbose=0)
+    np.testing.assert_allclose(unweighted, numpy_softmax_loss(similarities, 0.3), rtol=1e-5)
+    with pytest.raises(ValueError, match="ignores `sample_weight`"):
+        model.evaluate(x, sample_weight=weights, verbose=0)
+
+
+def test_mse_loss_matches_numpy():
+    model = make_model("mse")
+    model.compile(optimizer="sgd")
+    x, ratings = make_pairs(n=16)
+    model.predict(x, verbose=0)
+    query_table, candidate_table = tables(model)
+    scores = np.sum(query_table[x["query"]] * candidate_table[x["candidate"]], axis=1)
+    loss = model.evaluate(x, ratings, batch_size=16, verbose=0)
+    np.testing.assert_allclose(loss, np.mean((ratings - scores) ** 2), rtol=1e-5, atol=1e-7)
+
+
+def test_tower_regularisation_is_added_to_the_loss():
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(NUM_QUERIES, DIM, embeddings_regularizer=keras.regularizers.L2(0.5)),
+        keras.layers.Embedding(NUM_CANDIDATES, DIM),
+        loss="mse",
+    )
+    model.compile(optimizer="sgd")
+    x, ratings = make_pairs(n=16)
+    model.predict(x, verbose=0)
+    query_table, candidate_table = tables(model)
+    scores = np.sum(query_table[x["query"]] * candidate_table[x["candidate"]], axis=1)
+    expected = np.mean((ratings - scores) ** 2) + 0.5 * np.sum(query_table**2)
+    loss = model.evaluate(x, ratings, batch_size=16, verbose=0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_recommend_matches_numpy_top_k():
+    model = make_model()
+    model.predict(make_pairs()[0], verbose=0)
+    ids = np.arange(NUM_CANDIDATES, dtype="int64") * 1000 + 7
+    model.index_candidates(np.arange(NUM_CANDIDATES), ids, batch_size=7)
+    queries = np.arange(NUM_QUERIES)
+    found, scores = model.recommend(queries, k=5, return_scores=True)
+    query_table, candidate_table = tables(model)
+    all_scores = query_table @ candidate_table.T
+    order = np.argsort(-all_scores, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(found, ids[order])
+    np.testing.assert_allclose(
+        scores, np.take_along_axis(all_scores, order, 1), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_int64_ids_above_2_31_survive_recommend():
+    model = make_model()
+    ids = np.arange(NUM_CANDIDATES, dtype="int64") + 2**33
+    model.index_candidates(np.arange(NUM_CANDIDATES), ids)
+    found = model.recommend(np.arange(3), k=NUM_CANDIDATES)
+    assert found.dtype == np.int64
+    assert found.min() >= 2**33
+    assert sorted(found[0].tolist()) == ids.tolist()
+
+
+def test_dict_feature_towers():
+    def tower(name, vocabulary):
+        ids = keras.Input(shape=(), dtype="int32", name="ids")
+        extra = keras.Input(shape=(3,), dtype="float32", name="extra")
+        embedded = keras.layers.Embedding(vocabulary, DIM)(ids)
+        out = keras.layers.Concatenate()([embedded, keras.layers.Dense(DIM)(extra)])
+        return keras.Model({"ids": ids, "extra": extra}, keras.layers.Dense(DIM)(out), name=name)
+
+    model = two_tower.TwoTowerRetrieval(tower("q", NUM_QUERIES), tower("c", NUM_CANDIDATES))
+    model.compile(optimizer="adam")
+    rng = np.random.default_rng(0)
+    x = {
+        "query": {"ids": rng.integers(0, NUM_QUERIES, 32), "extra": rng.random((32, 3))},
+        "candidate": {"ids": rng.integers(0, NUM_CANDIDATES, 32), "extra": rng.random((32, 3))},
+    }
+    model.fit(x, batch_size=8, epochs=1, verbose=0)
+    model.index_candidates(
+        {"ids": np.arange(NUM_CANDIDATES), "extra": np.zeros((NUM_CANDIDATES, 3))}
+    )
+    assert model.recommend(x["query"], k=4).shape == (32, 4)
+
+
+def test_config_round_trip():
+    model = two_tower.TwoTowerRetrieval(
+        MLPTower(NUM_QUERIES, DIM), MLPTower(NUM_CANDIDATES, DIM), loss="mse", temperature=0.5
+    )
+    restored = assert_config_round_trip(model)
+    assert restored.loss_name == "mse" and restored.temperature == 0.5
+    assert isinstance(restored.query_tower, MLPTower)
+    json.dumps(model.get_config())
+
+
+@pytest.mark.parametrize("loss", ["mse", "softmax"])
+def test_save_load_gives_same_top_k(tmp_path, loss):
+    model = two_tower.TwoTowerRetrieval(
+        MLPTower(NUM_QUERIES, DIM), MLPTower(NUM_CANDIDATES, DIM), loss=loss, temperature=0.2
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    x, ratings = make_pairs()
+    model.fit(x, ratings if loss == "mse" else None, batch_size=16, epochs=2, verbose=0)
+    ids = np.arange(NUM_CANDIDATES, dtype="int64") + 2**35
+    model.index_candidates(np.arange(NUM_CANDIDATES), ids)
+    expected_ids, expected_scores = model.recommend(
+        np.arange(NUM_QUERIES), k=10, return_scores=True
+    )
+
+    loaded = save_and_load(model, tmp_path)
+    assert isinstance(loaded, two_tower.TwoTowerRetrieval)
+    found, scores = loaded.recommend(np.arange(NUM_QUERIES), k=10, return_scores=True)
+    np.testing.assert_array_equal(found, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
+    # The loaded model is compiled and keeps training.
+    loaded.fit(x, ratings if loss == "mse" else None, batch_size=16, epochs=1, verbose=0)
+
+
+def test_save_before_indexing_loads_without_an_index(tmp_path):
+    model = make_model()
+    model.compile(optimizer="adam")
+    model.fit(make_pairs()[0], batch_size=16, epochs=1, verbose=0)
+    loaded = save_and_load(model, tmp_path)
+    assert loaded.candidate_index.num_candidates == 0
+    assert_all_close(
+        loaded.predict(np.arange(4), verbose=0), model.predict(np.arange(4), verbose=0)
+    )
+
+
+def test_mismatched_tower_dims_raise():
+    model = make_model(candidate_dim=DIM + 1)
+    model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match=rf"output dim \(={DIM}\).*\(={DIM + 1}\)"):
+        model.fit(make_pairs()[0], batch_size=16, epochs=1, verbose=0)
+
+
+def test_k_larger_than_catalogue_raises():
+    model = make_model()
+    model.index_candidates(np.arange(NUM_CANDIDATES))
+    with pytest.raises(
+        ValueError, match=r"`k` \(=31\) must not exceed the number of candidates \(=30\)"
+    ):
+        model.recommend(np.arange(2), k=NUM_CANDIDATES + 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.recommend(np.arange(2), k=0)
+
+
+def test_recommend_before_indexing_raises():
+    with pytest.raises(ValueError, match="index_candidates"):
+        make_model().recommend(np.arange(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"loss": "hinge"}, ValueError, "hinge"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1}, ValueError, "temperature"),
+        ({"query_tower": "embedding"}, TypeError, "query_tower"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    arguments = {
+        "query_tower": keras.layers.Embedding(3, 2),
+        "candidate_tower": keras.layers.Embedding(3, 2),
+    }
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        two_tower.TwoTowerRetrieval(**arguments)
+
+
+def test_bad_training_data_raises():
+    x, ratings = make_pairs()
+    with pytest.raises(ValueError, match="loss to TwoTowerRetrieval"):
+        make_model().compile(optimizer="adam", loss="mse")
+    softmax = make_model("softmax")
+    softmax.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="takes no labels"):
+        softmax.fit(x, ratings, epochs=1, verbose=0)
+    mse = make_model("mse")
+    mse.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="needs labels"):
+        mse.fit(x, epochs=1, verbose=0)
+    unpaired = make_model("softmax")
+    unpaired.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="pair inputs"):
+        unpaired.fit(x["query"], epochs=1, verbose=0)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None,
+    reason="tf.data needs TensorFlow, which only the tensorflow session installs",
+)
+def test_fit_on_tf_data_dataset():
+    import tensorflow as tf
+
+    x, ratings = make_pairs()
+    dataset = tf.data.Dataset.from_tensor_slices((x, ratings)).batch(16)
+    model = make_model("mse")
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    history = model.fit(dataset, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    model.index_candidates(np.arange(NUM_CANDIDATES))
+    queries = tf.data.Dataset.from_tensor_slices(np.arange(NUM_QUERIES)).batch(4)
+    assert model.recommend(queries, k=3).shape == (NUM_QUERIES, 3)

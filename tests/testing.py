@@ -1,0 +1,109 @@
+"""A small test base and fixtures of our own (no `keras.src.testing`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+
+def assert_all_close(actual: Any, expected: Any, atol: float = 1e-6, rtol: float = 1e-6) -> None:
+    """`np.testing.assert_allclose` through `keras.ops.convert_to_numpy`."""
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(actual),
+        keras.ops.convert_to_numpy(expected),
+        atol=atol,
+        rtol=rtol,
+    )
+
+
+def assert_config_round_trip(obj: Any) -> Any:
+    """`from_config(get_config())` gives an object with the same JSON config."""
+    config = obj.get_config()
+    restored = obj.__class__.from_config(config)
+    as_json = json.dumps(keras.saving.serialize_keras_object(obj), sort_keys=True)
+    restored_json = json.dumps(keras.saving.serialize_keras_object(restored), sort_keys=True)
+    assert json.loads(as_json)["config"] == json.loads(restored_json)["config"]
+    return restored
+
+
+def save_and_load(model: keras.Model, folder: Path) -> Any:
+    path = os.path.join(folder, "model.keras")
+    model.save(path)
+    return keras.saving.load_model(path)
+
+
+@keras.saving.register_keras_serializable(package="two_tower_tests")
+class MLPTower(keras.layers.Layer):
+    """A hand-written custom tower: embedding, then a dense projection."""
+
+    def __init__(self, vocabulary_size: int, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.dim = dim
+        self.embedding = keras.layers.Embedding(vocabulary_size, 8)
+        self.projection = keras.layers.Dense(dim)
+
+    def build(self, input_shape: Any) -> None:
+        self.embedding.build(input_shape)
+        self.projection.build((*input_shape, 8))
+
+    def call(self, inputs: Any) -> Any:
+        return self.projection(self.embedding(inputs))
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({"vocabulary_size": self.vocabulary_size, "dim": self.dim})
+        return config
+
+
+# ----------------------------------------------------------- MovieLens fixtures
+GENRE_FLAGS = 19
+
+USERS = [
+    ("1", "24", "M", "technician", "85711"),
+    ("2", "53", "F", "other", "94043"),
+    ("3", "17", "M", "doctor", "32067"),
+]
+MOVIES = [
+    ("1", "Toy Story (1995)", [3, 4, 5]),  # Animation, Children, Comedy (u.item columns)
+    ("2", "Café (1996)", [8]),  # Drama, with a Latin-1 character
+    ("3", "unknown", [0]),  # Unknown
+    ("4", "Star Wars (1977)", [1, 2, 14, 15, 17]),
+]
+RATINGS = [
+    ("1", "4", "5", "881250949"),
+    ("2", "1", "3", "891717742"),
+    ("3", "2", "1", "878887116"),
+    ("1", "3", "2", "880606923"),
+    ("2", "4", "4", "886397596"),
+]
+
+
+def write_movielens(folder: Path, ratings: list[tuple[str, ...]] | None = None) -> Path:
+    """Writes a tiny MovieLens 100K in the GroupLens layout; returns the folder."""
+    ratings = RATINGS if ratings is None else ratings
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").write_text("".join("\t".join(r) + "\n" for r in ratings))
+    (folder / "u.user").write_text("".join("|".join(u) + "\n" for u in USERS))
+    lines = []
+    for movie_id, title, genres in MOVIES:
+        flags = ["1" if i in genres else "0" for i in range(GENRE_FLAGS)]
+        lines.append("|".join([movie_id, title, "01-Jan-1995", "", "http://x"] + flags))
+    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("ISO-8859-1"))
+    (folder / "u.info").write_text(
+        f"{len(USERS)} users\n{len(MOVIES)} items\n{len(ratings)} ratings\n"
+    )
+    return folder
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(folder.iterdir()):
+            zipped.write(path, f"ml-100k/{path.name}")
+    return archive
