@@ -268,3 +268,15 @@ def test_fit_on_tf_data_dataset():
     model.index_candidates(np.arange(NUM_CANDIDATES))
     queries = tf.data.Dataset.from_tensor_slices(np.arange(NUM_QUERIES)).batch(4)
     assert model.recommend(queries, k=3).shape == (NUM_QUERIES, 3)
+
+
+def test_predict_before_fit_then_fit_and_reload(tmp_path):
+    model = make_model("softmax")
+    before = model.predict(np.arange(NUM_QUERIES), verbose=0)  # builds the query tower only
+    assert before.shape == (NUM_QUERIES, DIM)
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.fit(make_pairs()[0], batch_size=16, epochs=2, verbose=0)
+    model.index_candidates(np.arange(NUM_CANDIDATES))
+    expected = model.recommend(np.arange(NUM_QUERIES), k=5)
+    loaded = save_and_load(model, tmp_path)
+    np.testing.assert_array_equal(loaded.recommend(np.arange(NUM_QUERIES), k=5), expected)

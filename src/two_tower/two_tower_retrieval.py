@@ -147,6 +147,11 @@ class TwoTowerRetrieval(keras.Model):
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
 
+    def build(self, input_shape: Any = None) -> None:
+        # The towers build themselves on their first call, which sees the real
+        # input dtypes (Keras' default build would trace them with float32).
+        self.built = True
+
     # ----------------------------------------------------------------- towers
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
