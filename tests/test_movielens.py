@@ -64,8 +64,10 @@ def test_movies_and_latin1_titles(fixture_dir):
 def test_parent_folder_and_zip_sources_agree(fixture_dir, tmp_path, empty_cache):
     from_folder = movielens.load_ratings(fixture_dir)
     from_parent = movielens.load_ratings(fixture_dir.parent)
-    archive = zip_folder(fixture_dir, tmp_path / "custom.zip")
+    (tmp_path / "zipped").mkdir()
+    archive = zip_folder(fixture_dir, tmp_path / "zipped" / "custom.zip")
     from_zip = movielens.load_ratings(archive, sha256=sha256_of(archive))
+    assert (tmp_path / "zipped" / "ml-100k" / "u.data").is_file()
     for other in (from_parent, from_zip):
         for key in movielens.RATING_FEATURES:
             assert len(other[key]) == len(from_folder[key])
@@ -73,19 +75,30 @@ def test_parent_folder_and_zip_sources_agree(fixture_dir, tmp_path, empty_cache)
                 np.testing.assert_array_equal(a, b)
 
 
-def test_zip_checksum_mismatch_names_the_file(fixture_dir, tmp_path, empty_cache):
-    archive = zip_folder(fixture_dir, tmp_path / "custom.zip")
+def test_zip_checksum_mismatch_names_the_file(fixture_dir, tmp_path):
+    (tmp_path / "zipped").mkdir()
+    archive = zip_folder(fixture_dir, tmp_path / "zipped" / "custom.zip")
     with pytest.raises(ValueError, match=r"Checksum mismatch for .*custom\.zip"):
         movielens.load_ratings(archive)  # checked against the official sha256
-    assert not (empty_cache / "ml-100k").exists()
+    assert sorted(p.name for p in archive.parent.iterdir()) == ["custom.zip"]
 
 
-def test_corrupt_zip_names_the_file(tmp_path, empty_cache):
+def test_incomplete_folder_is_never_overwritten(fixture_dir, tmp_path, empty_cache):
+    archive = zip_folder(fixture_dir, empty_cache.parent / "ml-100k.zip")
+    (empty_cache / "ml-100k").mkdir(parents=True)
+    (empty_cache / "ml-100k" / "notes.txt").write_text("mine")
+    os.replace(archive, empty_cache / "ml-100k.zip")
+    with pytest.raises(FileExistsError, match=r"ml-100k exists but lacks"):
+        movielens.load_ratings(sha256=None)
+    assert (empty_cache / "ml-100k" / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_zip_names_the_file(tmp_path):
     archive = tmp_path / "ml-100k.zip"
     archive.write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(ValueError, match=r"ml-100k\.zip is not a valid zip"):
         movielens.load_ratings(archive, sha256=None)
-    assert not (empty_cache / "ml-100k").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml-100k.zip"]
 
 
 def test_truncated_line_names_the_file_and_line(fixture_dir):

@@ -7,7 +7,8 @@ one int64 array of genre labels per record (tfds's variable-length sequence).
 
 Where the data comes from, in order:
 1. `data_dir`, if given: a folder holding the GroupLens files (`u.data`, ...),
-   a folder holding `ml-100k/` or `ml-100k.zip`, or the zip itself.
+   a folder holding `ml-100k/` or `ml-100k.zip`, or the zip itself. A zip is
+   extracted beside itself, into `ml-100k/`.
 2. The cache root, `$TWO_TOWER_DATA_DIR` or else `~/.keras/datasets`: its
    `ml-100k/` folder, or its `ml-100k.zip` (checked against the official
    sha256 and extracted).
@@ -125,9 +126,20 @@ def _check_archive(archive: Path, sha256: str | None) -> None:
 
 
 def _extract(archive: Path, destination: Path, sha256: str | None) -> Path:
-    """Extracts `archive` so that `destination/ml-100k/` appears complete or not at all."""
+    """Extracts `archive` to `destination/ml-100k/`, complete or not at all.
+
+    An existing complete `ml-100k/` is reused; an incomplete one is never
+    overwritten (it may hold someone's files), so that case raises.
+    """
     _check_archive(archive, sha256)
     target = destination / FOLDER
+    if _has_files(target):
+        return target
+    if target.exists():
+        raise FileExistsError(
+            f"{target} exists but lacks some of {list(_REQUIRED_FILES)}, so {archive} "
+            "was not extracted over it. Remove or complete that folder."
+        )
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ml-100k-", dir=destination))
     try:
@@ -145,8 +157,6 @@ def _extract(archive: Path, destination: Path, sha256: str | None) -> Path:
                 f"Archive {archive} does not contain the MovieLens 100K files "
                 f"{list(_REQUIRED_FILES)}."
             )
-        if target.exists():
-            shutil.rmtree(target)
         os.replace(found[0], target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -200,7 +210,7 @@ def locate(
     if data_dir is not None:
         given = Path(data_dir).expanduser()
         if given.is_file():
-            return _extract(given, cache_root(), sha256)
+            return _extract(given, given.parent, sha256)
         for folder in (given, given / FOLDER):
             looked.append(str(folder))
             if _has_files(folder):
