@@ -1,8 +1,12 @@
 """two_tower: two-tower retrieval recommenders on Keras 3 (JAX, TensorFlow, PyTorch)."""
 
-from two_tower import datasets, losses
-from two_tower.brute_force_index import BruteForceIndex
-from two_tower.two_tower_retrieval import TwoTowerRetrieval
+from two_tower._backend import check_backend_installed
+
+check_backend_installed()
+
+from two_tower import datasets, losses  # noqa: E402
+from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
+from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 
 __version__ = "0.1.0"
 
