@@ -426,7 +426,10 @@ def _prime_tfds_cache(folder: Path, tfds_data_dir: Path) -> None:
 
 
 def _tfds_records(
-    table: str, data_dir: str | os.PathLike[str] | None, tfds_data_dir: str | None
+    table: str,
+    data_dir: str | os.PathLike[str] | None,
+    tfds_data_dir: str | None,
+    download: bool,
 ) -> dict[str, np.ndarray]:
     try:
         import tensorflow_datasets as tfds
@@ -435,13 +438,18 @@ def _tfds_records(
             "source='tfds' needs tensorflow-datasets: pip install 'two-tower[tfds]'"
         ) from error
     root = Path(tfds_data_dir).expanduser() if tfds_data_dir else cache_root() / "tfds"
-    try:
-        local = locate(data_dir, download=False)
-    except FileNotFoundError:
-        local = None  # tfds downloads by itself
+    if data_dir is not None:
+        local: Path | None = locate(data_dir, download=False)  # raises if absent
+    else:
+        try:
+            local = locate(download=False)
+        except FileNotFoundError:
+            local = None  # no local copy: tfds downloads by itself, if allowed
     if local is not None:
         _prime_tfds_cache(local, root)
-    dataset = tfds.load(f"movielens/100k-{table}", split="train", data_dir=str(root))
+    dataset = tfds.load(
+        f"movielens/100k-{table}", split="train", data_dir=str(root), download=download
+    )
     features = RATING_FEATURES if table == "ratings" else MOVIE_FEATURES
     columns: dict[str, list[Any]] = {key: [] for key in features}
     for record in tfds.as_numpy(dataset):
@@ -502,7 +510,7 @@ def load_ratings(
     """
     _check_source(source)
     if source == "tfds":
-        return _tfds_records("ratings", data_dir, tfds_data_dir)
+        return _tfds_records("ratings", data_dir, tfds_data_dir, download)
     return _read_grouplens_ratings(locate(data_dir, download=download, sha256=sha256))
 
 
@@ -523,7 +531,7 @@ def load_movies(
     """
     _check_source(source)
     if source == "tfds":
-        return _tfds_records("movies", data_dir, tfds_data_dir)
+        return _tfds_records("movies", data_dir, tfds_data_dir, download)
     folder = locate(data_dir, download=download, sha256=sha256)
     movies = _parse_movies(folder, _declared_counts(folder))
     return _movie_arrays(list(movies.values()))
