@@ -8,6 +8,7 @@ divided by the batch size.
 
 from __future__ import annotations
 
+import numpy as np
 from keras import ops
 
 from two_tower.types import Tensor
@@ -46,6 +47,114 @@ def mean_squared_error(
     return _reduce(ops.square(labels - scores), sample_weight)
 
 
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, (int, float)) and temperature > 0
+    ):
+        raise ValueError(
+            f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
+        )
+
+
+def retrieval_softmax(
+    similarities: Tensor,
+    positive_positions: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    candidate_ids: Tensor | None = None,
+    positive_ids: Tensor | None = None,
+    log_candidate_probability: Tensor | None = None,
+    num_hard_negatives: int | None = None,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Softmax cross-entropy of each query's positive against the other columns.
+
+    One function covers the softmax variants; they differ only in which
+    candidates make the columns of `similarities`:
+    - in-batch: the batch's own candidates (`[batch, batch]`, positive i at i);
+    - mixed negatives: the batch's candidates followed by extra sampled ones;
+    - full catalogue: every candidate, positives at their catalogue positions.
+
+    Steps, in TFRS's order: logits are `similarities / temperature`; the logQ
+    correction subtracts `log_candidate_probability` from every column; accidental
+    hits (columns other than the positive holding the positive's id) are set to
+    the float32 minimum, so they get no probability mass (keras-rs 0.4 adds ~1e-40
+    instead, which masks nothing); with `num_hard_negatives`, only the positive
+    and the highest-scoring negatives are kept.
+
+    Args:
+        similarities: `[batch, columns]` query × candidate scores.
+        positive_positions: `[batch]` int column of each row's positive;
+            defaults to `0..batch-1` (in-batch).
+        temperature: logits divisor; must be > 0.
+        candidate_ids: `[columns]` ids of the columns; enables accidental-hit
+            removal.
+        positive_ids: `[batch]` ids of the positives; defaults to
+            `candidate_ids[positive_positions]`.
+        log_candidate_probability: `[columns]` log sampling probability of each
+            column's candidate (logQ correction).
+        num_hard_negatives: keep only this many hardest negatives per row.
+        sample_weight: optional `[batch]` weights.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: on a non-positive temperature or `num_hard_negatives`, or
+            a `[batch, columns]` matrix with fewer columns than rows when
+            `positive_positions` is not given.
+
+    Example:
+    >>> import numpy as np
+    >>> sims = np.array([[2.0, 2.0, 0.0], [0.0, 1.0, 0.0]], "float32")
+    >>> ids = np.array([7, 7, 9])  # column 1 duplicates row 0's positive
+    >>> loss = two_tower.losses.retrieval_softmax(sims, candidate_ids=ids)
+    >>> round(float(loss), 4)
+    0.2201
+    """
+    _check_temperature(temperature)
+    shape = tuple(similarities.shape)
+    if len(shape) != 2:
+        raise ValueError(f"`similarities` must be [batch, columns]. Received shape: {shape}")
+    if num_hard_negatives is not None and (
+        isinstance(num_hard_negatives, bool)
+        or not isinstance(num_hard_negatives, int)
+        or num_hard_negatives <= 0
+    ):
+        raise ValueError(
+            "`num_hard_negatives` must be a positive integer or None. "
+            f"Received: num_hard_negatives={num_hard_negatives!r}"
+        )
+    logits = ops.cast(similarities, "float32") / temperature
+    batch_size, num_columns = ops.shape(logits)[0], shape[1]
+    if positive_positions is None:
+        if shape[0] is not None and num_columns is not None and num_columns < shape[0]:
+            raise ValueError(
+                "In-batch positives need at least as many columns as rows. "
+                f"Received similarities of shape {shape}"
+            )
+        positive_positions = ops.arange(batch_size, dtype="int32")
+    positive_positions = ops.cast(ops.reshape(positive_positions, (-1, 1)), "int32")
+    is_positive = ops.arange(num_columns, dtype="int32")[None, :] == positive_positions
+    if log_candidate_probability is not None:
+        log_q = ops.cast(ops.reshape(log_candidate_probability, (1, -1)), "float32")
+        logits = logits - log_q
+    lowest = ops.full_like(logits, np.finfo("float32").min)
+    if candidate_ids is not None:
+        candidate_ids = ops.reshape(candidate_ids, (-1,))
+        if positive_ids is None:
+            positive_ids = ops.take(candidate_ids, positive_positions[:, 0], axis=0)
+        same_id = ops.reshape(positive_ids, (-1, 1)) == candidate_ids[None, :]
+        logits = ops.where(ops.logical_and(same_id, ops.logical_not(is_positive)), lowest, logits)
+    positive_logits = ops.take_along_axis(logits, positive_positions, axis=1)
+    if num_hard_negatives is not None and num_hard_negatives < num_columns - 1:
+        negatives = ops.where(is_positive, lowest, logits)
+        hardest, _ = ops.top_k(negatives, num_hard_negatives)
+        logits = ops.concatenate([positive_logits, hardest], axis=1)
+    per_example = ops.logsumexp(logits, axis=1) - positive_logits[:, 0]
+    return _reduce(per_example, sample_weight)
+
+
 def in_batch_softmax(
     similarities: Tensor,
     temperature: float = 1.0,
@@ -54,7 +163,8 @@ def in_batch_softmax(
     """Softmax cross-entropy where row i's positive is column i.
 
     Every other candidate in the batch is a negative for row i, as in TFRS's
-    `tasks.Retrieval`.
+    `tasks.Retrieval`. `retrieval_softmax` adds accidental-hit removal, logQ
+    correction and hard negatives.
 
     Args:
         similarities: `[batch, batch]` query × candidate scores; the diagonal
@@ -75,16 +185,13 @@ def in_batch_softmax(
     >>> round(float(loss), 4)
     0.5514
     """
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
+    _check_temperature(temperature)
     shape = tuple(similarities.shape)
     if len(shape) != 2 or (shape[0] is not None and shape[1] is not None and shape[0] != shape[1]):
         raise ValueError(
             f"`similarities` must be a square [batch, batch] matrix. Received shape: {shape}"
         )
-    logits = ops.cast(similarities, "float32") / temperature
-    per_example = ops.logsumexp(logits, axis=1) - ops.diagonal(logits)
-    return _reduce(per_example, sample_weight)
+    return retrieval_softmax(similarities, temperature=temperature, sample_weight=sample_weight)
 
 
-__all__ = ["in_batch_softmax", "mean_squared_error"]
+__all__ = ["in_batch_softmax", "mean_squared_error", "retrieval_softmax"]
