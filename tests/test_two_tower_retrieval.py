@@ -280,3 +280,78 @@ def test_predict_before_fit_then_fit_and_reload(tmp_path):
     expected = model.recommend(np.arange(NUM_QUERIES), k=5)
     loaded = save_and_load(model, tmp_path)
     np.testing.assert_array_equal(loaded.recommend(np.arange(NUM_QUERIES), k=5), expected)
+
+
+@pytest.mark.parametrize("num_hard_negatives", [None, 2])
+def test_softmax_options_match_numpy(num_hard_negatives):
+    from test_losses import numpy_retrieval_softmax
+
+    model = make_model(
+        "softmax",
+        temperature=0.5,
+        remove_accidental_hits=True,
+        num_hard_negatives=num_hard_negatives,
+    )
+    model.compile(optimizer="sgd")
+    rng = np.random.default_rng(7)
+    x = {
+        "query": rng.integers(0, NUM_QUERIES, 16).astype("int32"),
+        "candidate": rng.integers(0, 5, 16).astype("int32"),  # many duplicates
+        "candidate_sampling_probability": rng.uniform(0.05, 0.5, 16).astype("float32"),
+    }
+    model.predict(x, verbose=0)
+    query_table, candidate_table = tables(model)
+    similarities = query_table[x["query"]] @ candidate_table[x["candidate"]].T
+    expected = numpy_retrieval_softmax(
+        similarities,
+        temperature=0.5,
+        candidate_ids=x["candidate"],
+        log_q=np.log(x["candidate_sampling_probability"]),
+        num_hard_negatives=num_hard_negatives,
+    )
+    loss = model.evaluate(x, batch_size=16, verbose=0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    history = model.fit(x, batch_size=16, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_accidental_hits_with_dict_candidates_need_an_id_key():
+    candidate = keras.Sequential([keras.layers.Embedding(NUM_CANDIDATES, DIM)])
+    ids = keras.Input(shape=(), dtype="int32", name="movie")
+    tower = keras.Model({"movie": ids}, candidate(ids))
+    x = {"query": np.arange(8), "candidate": {"movie": np.arange(8)}}
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(NUM_QUERIES, DIM), tower, remove_accidental_hits=True
+    )
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="candidate_id_key"):
+        model.fit(x, batch_size=8, epochs=1, verbose=0)
+    keyed = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(NUM_QUERIES, DIM),
+        tower,
+        remove_accidental_hits=True,
+        candidate_id_key="movie",
+    )
+    keyed.compile(optimizer="sgd")
+    keyed.fit(x, batch_size=8, epochs=1, verbose=0)
+
+
+def test_softmax_options_round_trip():
+    model = make_model(
+        "softmax", remove_accidental_hits=True, num_hard_negatives=3, candidate_id_key="id"
+    )
+    restored = assert_config_round_trip(model)
+    assert restored.remove_accidental_hits and restored.num_hard_negatives == 3
+    assert restored.candidate_id_key == "id"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_hard_negatives": 0}, "num_hard_negatives"),
+        ({"loss": "mse", "remove_accidental_hits": True}, "loss='softmax' only"),
+    ],
+)
+def test_bad_softmax_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_model(**kwargs)

@@ -16,10 +16,14 @@ from two_tower.types import Tensor
 LOSSES = ("mse", "softmax")
 QUERY = "query"
 CANDIDATE = "candidate"
+SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 
 def _is_pair(inputs: Any) -> bool:
-    return isinstance(inputs, Mapping) and set(inputs.keys()) == {QUERY, CANDIDATE}
+    if not isinstance(inputs, Mapping):
+        return False
+    keys = set(inputs.keys())
+    return {QUERY, CANDIDATE} <= keys <= {QUERY, CANDIDATE, SAMPLING_PROBABILITY}
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -61,9 +65,15 @@ class TwoTowerRetrieval(keras.Model):
       [0, 1]) and the pair's score; the keras-rs basic-retrieval tutorial's loss.
     - `"softmax"`: in-batch softmax. Row i's candidate is the positive; the other
       candidates in the batch are negatives. Logits are divided by
-      `temperature`. It takes no labels. To weight pairs, feed a dataset or
-      generator of `(x, None, sample_weight)`: Keras drops `sample_weight` passed
-      beside `y=None` as arrays, so `fit`/`evaluate` raise on that instead.
+      `temperature`. With `remove_accidental_hits`, other rows holding the same
+      candidate id are masked out (ids come from the candidate input, or its
+      `candidate_id_key` feature). An optional
+      `x["candidate_sampling_probability"]` (`[batch]`, the chance of each
+      candidate appearing in a batch) applies the logQ correction.
+      `num_hard_negatives` keeps only the hardest negatives of each row. It
+      takes no labels. To weight pairs, feed a dataset or generator of
+      `(x, None, sample_weight)`: Keras drops `sample_weight` passed beside
+      `y=None` as arrays, so `fit`/`evaluate` raise on that instead.
 
     The loss is chosen here, not in `compile`: `compile(loss=...)` raises. It is
     stored as `loss_name`, because `keras.Model` reserves the `loss` attribute.
@@ -93,6 +103,12 @@ class TwoTowerRetrieval(keras.Model):
             `[batch, dim]`, with the same `dim`.
         loss: `"mse"` or `"softmax"`.
         temperature: logits divisor of the softmax loss; must be > 0.
+        remove_accidental_hits: mask in-batch duplicates of each row's positive
+            (softmax only).
+        num_hard_negatives: keep only this many highest-scoring negatives per
+            row (softmax only); None keeps all.
+        candidate_id_key: with dict candidate features, the feature holding the
+            candidate id (for `remove_accidental_hits`).
         candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
         **kwargs: standard `keras.Model` arguments (`name`, ...).
 
@@ -121,6 +137,9 @@ class TwoTowerRetrieval(keras.Model):
         candidate_tower: keras.layers.Layer,
         loss: str = "softmax",
         temperature: float = 1.0,
+        remove_accidental_hits: bool = False,
+        num_hard_negatives: int | None = None,
+        candidate_id_key: str | None = None,
         candidate_index: BruteForceIndex | None = None,
         **kwargs: Any,
     ) -> None:
@@ -139,10 +158,27 @@ class TwoTowerRetrieval(keras.Model):
             raise ValueError(
                 f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
             )
+        if num_hard_negatives is not None and (
+            isinstance(num_hard_negatives, bool)
+            or not isinstance(num_hard_negatives, int)
+            or num_hard_negatives <= 0
+        ):
+            raise ValueError(
+                "`num_hard_negatives` must be a positive integer or None. "
+                f"Received: num_hard_negatives={num_hard_negatives!r}"
+            )
+        if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
+            raise ValueError(
+                "`remove_accidental_hits` and `num_hard_negatives` apply to "
+                "loss='softmax' only. Received loss='mse'."
+            )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         self.loss_name = loss
         self.temperature = float(temperature)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.num_hard_negatives = num_hard_negatives
+        self.candidate_id_key = candidate_id_key
         self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
@@ -183,10 +219,34 @@ class TwoTowerRetrieval(keras.Model):
                 f"The query tower's output dim (={query_shape[-1]}) must equal the "
                 f"candidate tower's output dim (={candidate_shape[-1]})."
             )
-        return {
+        outputs = {
             "query_embeddings": query_embeddings,
             "candidate_embeddings": candidate_embeddings,
         }
+        if self.remove_accidental_hits:
+            outputs["candidate_ids"] = self._candidate_ids_of(inputs[CANDIDATE])
+        if SAMPLING_PROBABILITY in inputs:
+            outputs[SAMPLING_PROBABILITY] = inputs[SAMPLING_PROBABILITY]
+        return outputs
+
+    def _candidate_ids_of(self, candidate_features: Any) -> Tensor:
+        """The batch's candidate ids, used to find accidental hits."""
+        if isinstance(candidate_features, Mapping):
+            if self.candidate_id_key is None or self.candidate_id_key not in candidate_features:
+                raise ValueError(
+                    "remove_accidental_hits=True with dict candidate features needs "
+                    "`candidate_id_key` naming the id feature. Received "
+                    f"candidate_id_key={self.candidate_id_key!r} and features "
+                    f"{sorted(candidate_features)}"
+                )
+            candidate_features = candidate_features[self.candidate_id_key]
+        dtype = keras.backend.standardize_dtype(candidate_features.dtype)
+        if "int" not in dtype:
+            raise ValueError(
+                "remove_accidental_hits=True needs integer candidate ids. Received "
+                f"candidate ids of dtype {dtype}"
+            )
+        return ops.reshape(candidate_features, (-1,))
 
     # ---------------------------------------------------------------- scoring
     def compute_similarities(
@@ -222,7 +282,15 @@ class TwoTowerRetrieval(keras.Model):
                 "is a positive; use `sample_weight` to weight pairs."
             )
         similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
-        return losses.in_batch_softmax(similarities, self.temperature, sample_weight)
+        probability = outputs.get(SAMPLING_PROBABILITY)
+        return losses.retrieval_softmax(
+            similarities,
+            temperature=self.temperature,
+            candidate_ids=outputs.get("candidate_ids"),
+            log_candidate_probability=None if probability is None else ops.log(probability),
+            num_hard_negatives=self.num_hard_negatives,
+            sample_weight=sample_weight,
+        )
 
     def compute_loss(
         self,
@@ -347,6 +415,9 @@ class TwoTowerRetrieval(keras.Model):
                 "candidate_tower": keras.saving.serialize_keras_object(self.candidate_tower),
                 "loss": self.loss_name,
                 "temperature": self.temperature,
+                "remove_accidental_hits": self.remove_accidental_hits,
+                "num_hard_negatives": self.num_hard_negatives,
+                "candidate_id_key": self.candidate_id_key,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
             }
         )
