@@ -6,8 +6,16 @@ check_backend_installed()
 
 from two_tower import datasets, losses  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
+from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BruteForceIndex", "TwoTowerRetrieval", "datasets", "losses", "__version__"]
+__all__ = [
+    "BruteForceIndex",
+    "FactorizedTopK",
+    "TwoTowerRetrieval",
+    "datasets",
+    "losses",
+    "__version__",
+]

@@ -126,9 +126,10 @@ def retrieval_softmax(
             f"Received: num_hard_negatives={num_hard_negatives!r}"
         )
     logits = ops.cast(similarities, "float32") / temperature
-    batch_size, num_columns = ops.shape(logits)[0], shape[1]
+    # Dynamic sizes: under tf.function the batch dimension may be unknown.
+    batch_size, num_columns = ops.shape(logits)[0], ops.shape(logits)[1]
     if positive_positions is None:
-        if shape[0] is not None and num_columns is not None and num_columns < shape[0]:
+        if shape[0] is not None and shape[1] is not None and shape[1] < shape[0]:
             raise ValueError(
                 "In-batch positives need at least as many columns as rows. "
                 f"Received similarities of shape {shape}"
@@ -147,9 +148,15 @@ def retrieval_softmax(
         same_id = ops.reshape(positive_ids, (-1, 1)) == candidate_ids[None, :]
         logits = ops.where(ops.logical_and(same_id, ops.logical_not(is_positive)), lowest, logits)
     positive_logits = ops.take_along_axis(logits, positive_positions, axis=1)
-    if num_hard_negatives is not None and num_hard_negatives < num_columns - 1:
+    if num_hard_negatives is not None:
         negatives = ops.where(is_positive, lowest, logits)
-        hardest, _ = ops.top_k(negatives, num_hard_negatives)
+        # Padding keeps top_k valid when a row has fewer negatives than asked for;
+        # padded entries hold the float minimum and add no probability mass.
+        padding = ops.full((batch_size, num_hard_negatives), np.finfo("float32").min)
+        hardest, _ = ops.top_k(
+            ops.concatenate([negatives, ops.cast(padding, "float32")], axis=1),
+            num_hard_negatives,
+        )
         logits = ops.concatenate([positive_logits, hardest], axis=1)
     per_example = ops.logsumexp(logits, axis=1) - positive_logits[:, 0]
     return _reduce(per_example, sample_weight)

@@ -11,12 +11,18 @@ from keras import ops
 
 from two_tower import losses
 from two_tower.brute_force_index import BruteForceIndex
+from two_tower.factorized_top_k import FactorizedTopK
 from two_tower.types import Tensor
 
-LOSSES = ("mse", "softmax")
+LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
+CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
 QUERY = "query"
 CANDIDATE = "candidate"
 SAMPLING_PROBABILITY = "candidate_sampling_probability"
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
 def _is_pair(inputs: Any) -> bool:
@@ -140,6 +146,8 @@ class TwoTowerRetrieval(keras.Model):
         remove_accidental_hits: bool = False,
         num_hard_negatives: int | None = None,
         candidate_id_key: str | None = None,
+        catalogue_size: int | None = None,
+        num_sampled_negatives: int | None = None,
         candidate_index: BruteForceIndex | None = None,
         **kwargs: Any,
     ) -> None:
@@ -167,6 +175,16 @@ class TwoTowerRetrieval(keras.Model):
                 "`num_hard_negatives` must be a positive integer or None. "
                 f"Received: num_hard_negatives={num_hard_negatives!r}"
             )
+        if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
+            raise ValueError(
+                f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
+                f"(ids run from 0 to catalogue_size - 1). Received: {catalogue_size!r}"
+            )
+        if loss == "sampled_softmax" and not _is_positive_int(num_sampled_negatives):
+            raise ValueError(
+                "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
+                f"integer. Received: {num_sampled_negatives!r}"
+            )
         if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
             raise ValueError(
                 "`remove_accidental_hits` and `num_hard_negatives` apply to "
@@ -179,6 +197,10 @@ class TwoTowerRetrieval(keras.Model):
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.num_hard_negatives = num_hard_negatives
         self.candidate_id_key = candidate_id_key
+        self.catalogue_size = catalogue_size
+        self.num_sampled_negatives = num_sampled_negatives
+        self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
+        self.retrieval_metrics: list[FactorizedTopK] = []
         self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
@@ -223,8 +245,42 @@ class TwoTowerRetrieval(keras.Model):
             "query_embeddings": query_embeddings,
             "candidate_embeddings": candidate_embeddings,
         }
-        if self.remove_accidental_hits:
+        needs_catalogue = self.loss_name in CATALOGUE_LOSSES or (
+            self.retrieval_metrics and not training
+        )
+        if self.remove_accidental_hits or needs_catalogue:
             outputs["candidate_ids"] = self._candidate_ids_of(inputs[CANDIDATE])
+        if needs_catalogue:
+            if isinstance(inputs[CANDIDATE], Mapping):
+                raise ValueError(
+                    f"loss={self.loss_name!r} and FactorizedTopK metrics embed catalogue "
+                    "ids 0..catalogue_size-1 with the candidate tower, so that tower "
+                    "must take a tensor of ids. Received dict candidate features "
+                    f"{sorted(inputs[CANDIDATE])}"
+                )
+            # Made here, not in the loss or the metrics, so that the sampler's seed
+            # state and the tower's variables are tracked by every backend's step.
+            assert self.catalogue_size is not None
+            catalogue_ids = ops.arange(self.catalogue_size, dtype="int32")
+            if self.loss_name == "sampled_softmax":
+                sampled_ids = keras.random.randint(
+                    (self.num_sampled_negatives,),
+                    0,
+                    self.catalogue_size,
+                    dtype="int32",
+                    seed=self._negative_seed,
+                )
+                outputs["sampled_candidate_ids"] = sampled_ids
+                outputs["sampled_candidate_embeddings"] = self.candidate_tower(
+                    sampled_ids, training=training
+                )
+            if self.loss_name == "full_softmax" or (self.retrieval_metrics and not training):
+                outputs["catalogue_embeddings"] = self.candidate_tower(
+                    catalogue_ids, training=training
+                )
+            if self.retrieval_metrics and not training:
+                # Marks an evaluation step: FactorizedTopK metrics update only then.
+                outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
         if SAMPLING_PROBABILITY in inputs:
             outputs[SAMPLING_PROBABILITY] = inputs[SAMPLING_PROBABILITY]
         return outputs
@@ -278,16 +334,45 @@ class TwoTowerRetrieval(keras.Model):
             return losses.mean_squared_error(labels, scores, sample_weight)
         if labels is not None:
             raise ValueError(
-                "loss='softmax' takes no labels, but `y` was given. Every pair in x "
+                f"loss={self.loss_name!r} takes no labels, but `y` was given. Every pair in x "
                 "is a positive; use `sample_weight` to weight pairs."
             )
-        similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
         probability = outputs.get(SAMPLING_PROBABILITY)
+        log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
+        candidate_ids = outputs.get("candidate_ids")
+        positive_positions = None
+        if self.loss_name == "full_softmax":
+            # Columns are the whole catalogue; each positive sits at its id.
+            positive_positions = candidate_ids
+            candidate_embeddings = outputs["catalogue_embeddings"]
+            candidate_ids = log_q = None
+        elif self.loss_name == "sampled_softmax":
+            # Mixed negatives: the batch's candidates, then uniform samples.
+            sampled_ids = outputs["sampled_candidate_ids"]
+            candidate_embeddings = ops.concatenate(
+                [candidate_embeddings, outputs["sampled_candidate_embeddings"]], axis=0
+            )
+            if self.remove_accidental_hits:
+                candidate_ids = ops.concatenate(
+                    [ops.cast(candidate_ids, "int32"), sampled_ids], axis=0
+                )
+            else:
+                candidate_ids = None
+            if log_q is not None:
+                assert self.num_sampled_negatives and self.catalogue_size
+                uniform = float(np.log(self.num_sampled_negatives / self.catalogue_size))
+                log_q = ops.concatenate(
+                    [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
+                )
+        elif not self.remove_accidental_hits:
+            candidate_ids = None
+        similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
         return losses.retrieval_softmax(
             similarities,
+            positive_positions,
             temperature=self.temperature,
-            candidate_ids=outputs.get("candidate_ids"),
-            log_candidate_probability=None if probability is None else ops.log(probability),
+            candidate_ids=candidate_ids,
+            log_candidate_probability=log_q,
             num_hard_negatives=self.num_hard_negatives,
             sample_weight=sample_weight,
         )
@@ -315,10 +400,51 @@ class TwoTowerRetrieval(keras.Model):
     def compile(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("loss") is not None or (len(args) > 1 and args[1] is not None):
             raise ValueError(
-                "Pass the loss to TwoTowerRetrieval(loss=...) ('mse' or 'softmax'), "
+                f"Pass the loss to TwoTowerRetrieval(loss=...) (one of {LOSSES}), "
                 "not to compile(); the retrieval loss needs both towers' embeddings."
             )
-        super().compile(*args, **kwargs)
+        metrics = kwargs.pop("metrics", None)
+        if len(args) > 2:
+            raise TypeError("Pass compile arguments after `optimizer` by keyword.")
+        if isinstance(metrics, FactorizedTopK):
+            metrics = [metrics]
+        retrieval_metrics = [m for m in metrics or [] if isinstance(m, FactorizedTopK)]
+        other_metrics = [m for m in metrics or [] if not isinstance(m, FactorizedTopK)]
+        if retrieval_metrics and self.catalogue_size is None:
+            raise ValueError(
+                "FactorizedTopK metrics rank each positive against the whole "
+                "catalogue, so the model needs `catalogue_size`. Received "
+                "catalogue_size=None"
+            )
+        names = [m.name for m in retrieval_metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FactorizedTopK metrics need distinct names. Received: {names}")
+        super().compile(*args, metrics=other_metrics or None, **kwargs)
+        # Assigned after compile so that Keras tracks them as this model's metrics.
+        self.retrieval_metrics = retrieval_metrics
+
+    def compute_metrics(
+        self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None
+    ) -> dict[str, Any]:
+        evaluating = isinstance(y_pred, Mapping) and "metrics_catalogue_embeddings" in y_pred
+        if evaluating:
+            query_ids = x[QUERY]
+            if isinstance(query_ids, Mapping):
+                query_ids = None  # metrics that need ids raise a clear error
+            for metric in self.retrieval_metrics:
+                metric.update_state(
+                    y_pred["query_embeddings"],
+                    y_pred["metrics_catalogue_embeddings"],
+                    y_pred["candidate_ids"],
+                    query_ids=query_ids,
+                    similarity_fn=self.compute_similarities,
+                )
+        results: dict[str, Any] = super().compute_metrics(x, y, y_pred, sample_weight)
+        if not evaluating:
+            # Training steps do not rank the catalogue; leave their zeros out of the logs.
+            prefixes = tuple(f"{m.name}_" for m in self.retrieval_metrics)
+            results = {k: v for k, v in results.items() if not k.startswith(prefixes)}
+        return results
 
     def _check_sample_weight(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = args[1] if len(args) > 1 else kwargs.get("y")
@@ -418,6 +544,8 @@ class TwoTowerRetrieval(keras.Model):
                 "remove_accidental_hits": self.remove_accidental_hits,
                 "num_hard_negatives": self.num_hard_negatives,
                 "candidate_id_key": self.candidate_id_key,
+                "catalogue_size": self.catalogue_size,
+                "num_sampled_negatives": self.num_sampled_negatives,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
             }
         )
