@@ -89,3 +89,17 @@ def test_bad_queries_raise():
 def test_bad_chunk_size_raises(chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
         two_tower.BruteForceIndex(chunk_size=chunk_size)
+
+
+def test_object_ids_keep_their_kind():
+    index = two_tower.BruteForceIndex()
+    index.index(np.eye(3, dtype="float32"), np.array([10, 20, 2**40], dtype=object))
+    assert index.candidate_ids.dtype == np.int64
+    _, found = index.search(np.eye(3, dtype="float32"), k=1)
+    assert found[:, 0].tolist() == [10, 20, 2**40]
+    with pytest.raises(ValueError, match="all integers or all strings"):
+        index.index(np.eye(2, dtype="float32"), np.array([1, "1"], dtype=object))
+    with pytest.raises(ValueError, match="fit in int64"):
+        index.index(np.eye(2, dtype="float32"), np.array([1, 2**70], dtype=object))
+    with pytest.raises(ValueError, match="integers or strings"):
+        index.index(np.eye(2, dtype="float32"), np.array([0.5, 1.5]))

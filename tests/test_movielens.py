@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from testing import MOVIES, RATINGS, write_movielens, zip_folder
+from testing import MOVIES, RATINGS, USERS, write_movielens, zip_folder
 from two_tower.datasets import movielens
 
 
@@ -226,3 +226,47 @@ def test_env_var_sets_the_cache_root(tmp_path, monkeypatch):
     assert movielens.cache_root() == tmp_path
     monkeypatch.delenv(movielens.ENV_VAR)
     assert movielens.cache_root() == movielens.Path(os.path.expanduser("~/.keras/datasets"))
+
+
+def test_a_grouplens_file_as_data_dir_uses_its_folder(fixture_dir):
+    ratings = movielens.load_ratings(fixture_dir / "u.data")
+    assert len(ratings["user_id"]) == len(RATINGS)
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "match"),
+    [
+        ("u.item", lambda t: t + t.splitlines()[0] + "\n", r"movie id 1 appears twice"),
+        ("u.user", lambda t: t.replace("|M|", "|X|", 1), r"gender of user 1 must be"),
+        ("u.data", lambda t: t.replace("\t5\t", "\t9\t", 1), r"ratings run from 1 to 5"),
+        ("u.data", lambda t: t.replace("\t5\t", "\tfive\t", 1), r"rating must be an integer"),
+    ],
+)
+def test_corrupt_values_name_the_file(fixture_dir, file, edit, match):
+    path = fixture_dir / file
+    path.write_bytes(edit(path.read_bytes().decode("ISO-8859-1")).encode("ISO-8859-1"))
+    if file == "u.item":  # keep u.info consistent so the duplicate itself is caught
+        info = fixture_dir / "u.info"
+        info.write_text(
+            info.read_text().replace(f"{len(MOVIES)} items", f"{len(MOVIES) + 1} items")
+        )
+    with pytest.raises(ValueError, match=match) as error:
+        movielens.load_ratings(fixture_dir)
+    assert file in str(error.value)
+
+
+def test_duplicate_user_ids_are_rejected(fixture_dir):
+    path = fixture_dir / "u.user"
+    path.write_text(path.read_text() + "|".join(USERS[0]) + "\n")
+    info = fixture_dir / "u.info"
+    info.write_text(info.read_text().replace(f"{len(USERS)} users", f"{len(USERS) + 1} users"))
+    with pytest.raises(ValueError, match=r"u\.user: user id 1 appears twice"):
+        movielens.load_ratings(fixture_dir)
+
+
+def test_download_checksum_error_names_the_url(fixture_dir, tmp_path, empty_cache, monkeypatch):
+    archive = zip_folder(fixture_dir, tmp_path / "served.zip")
+    monkeypatch.setattr(movielens, "URL", archive.as_uri())
+    with pytest.raises(ValueError, match=r"download from file://.*served\.zip.*nothing was kept"):
+        movielens.load_ratings(sha256=None)  # downloads are checked even so
+    assert list(empty_cache.iterdir()) == []

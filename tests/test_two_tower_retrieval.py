@@ -355,3 +355,30 @@ def test_softmax_options_round_trip():
 def test_bad_softmax_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_model(**kwargs)
+
+
+def test_numpy_scalar_temperature_is_accepted():
+    assert make_model(temperature=np.float32(0.25)).temperature == 0.25
+    with pytest.raises(ValueError, match="temperature"):
+        make_model(temperature=float("inf"))
+
+
+def test_keras_metrics_in_compile_raise():
+    with pytest.raises(ValueError, match="FactorizedTopK metrics only"):
+        make_model().compile(optimizer="adam", metrics=["mae"])
+
+
+def test_index_candidates_bad_input_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="one row per candidate"):
+        model.index_candidates({"a": np.arange(3), "b": np.arange(4)})
+    model.index_candidates([1, 2, 3])  # a plain list works
+    assert model.candidate_index.num_candidates == 3
+
+
+def test_mse_labels_of_the_wrong_shape_raise():
+    model = make_model("mse")
+    model.compile(optimizer="sgd")
+    x, _ = make_pairs(n=16)
+    with pytest.raises(ValueError, match=r"\[batch\] or \[batch, 1\]"):
+        model.fit(x, np.zeros((16, 2), "float32"), batch_size=16, epochs=1, verbose=0)

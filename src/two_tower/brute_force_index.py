@@ -22,6 +22,31 @@ def _dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) ->
     return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
 
 
+def _normalise_ids(candidate_ids: Any) -> np.ndarray:
+    """Ids as an integer or string NumPy array; mixed or other kinds raise."""
+    ids = np.asarray(candidate_ids)
+    if ids.dtype == object:
+        values = ids.reshape(-1).tolist()
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            try:
+                ids = np.asarray(values, dtype="int64").reshape(ids.shape)
+            except OverflowError:
+                raise ValueError(
+                    "Integer `candidate_ids` must fit in int64. Received values up to "
+                    f"{max(values)}"
+                ) from None
+        elif all(isinstance(v, str) for v in values):
+            ids = ids.astype(str)
+        else:
+            kinds = sorted({type(v).__name__ for v in values})
+            raise ValueError(
+                f"`candidate_ids` must be all integers or all strings. Received a mix of {kinds}"
+            )
+    if ids.dtype.kind not in "iuU":
+        raise ValueError(f"`candidate_ids` must be integers or strings. Received dtype {ids.dtype}")
+    return ids
+
+
 @keras.saving.register_keras_serializable(package="two_tower")
 class BruteForceIndex(keras.layers.Layer):
     """Exact top-k search over candidate embeddings, scored in chunks.
@@ -121,9 +146,7 @@ class BruteForceIndex(keras.layers.Layer):
         if candidate_ids is None:
             ids = np.arange(embeddings.shape[0], dtype="int64")
         else:
-            ids = np.asarray(candidate_ids)
-            if ids.dtype == object:
-                ids = ids.astype(str)
+            ids = _normalise_ids(candidate_ids)
             if ids.ndim != 1 or len(ids) != embeddings.shape[0]:
                 raise ValueError(
                     "`candidate_ids` must be 1D with one id per embedding row. "
@@ -180,8 +203,9 @@ class BruteForceIndex(keras.layers.Layer):
             if best_scores is None:
                 best_scores, best_positions = scores, positions
                 continue
-            # Running candidates come first, so stable top_k keeps lower positions
-            # ahead of later chunks on equal scores.
+            # Running candidates come first, so on JAX and TensorFlow, whose top_k
+            # is stable, lower positions stay ahead of later chunks on equal scores.
+            # torch.topk makes no such promise.
             merged_scores = ops.concatenate([best_scores, scores], axis=1)
             merged_positions = ops.concatenate([best_positions, positions], axis=1)
             best_scores, order = ops.top_k(merged_scores, min(k, merged_scores.shape[1]))

@@ -8,6 +8,8 @@ divided by the batch size.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from keras import ops
 
@@ -42,14 +44,22 @@ def mean_squared_error(
     ...                                           np.array([0.5, 0.5])))
     0.25
     """
+    label_shape, score_shape = tuple(labels.shape), tuple(scores.shape)
+    if len(label_shape) > 1 and label_shape[1:] != (1,):
+        raise ValueError(
+            "MSE labels must have shape [batch] or [batch, 1], one per pair. "
+            f"Received labels of shape {label_shape} for scores of shape {score_shape}"
+        )
     scores = ops.reshape(scores, (-1,))
     labels = ops.reshape(ops.cast(labels, scores.dtype), (-1,))
     return _reduce(ops.square(labels - scores), sample_weight)
 
 
 def _check_temperature(temperature: float) -> None:
-    if isinstance(temperature, bool) or not (
-        isinstance(temperature, (int, float)) and temperature > 0
+    if isinstance(temperature, (bool, np.bool_)) or not (
+        isinstance(temperature, (int, float, np.floating, np.integer))
+        and math.isfinite(temperature)
+        and temperature > 0
     ):
         raise ValueError(
             f"`temperature` must be a number > 0. Received: temperature={temperature!r}"

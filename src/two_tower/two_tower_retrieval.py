@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,17 @@ SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
+
+
+def _is_positive_number(value: Any) -> bool:
+    """A finite real > 0 (NumPy scalars included, bools excluded)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
 
 
 def _is_pair(inputs: Any) -> bool:
@@ -160,9 +172,7 @@ class TwoTowerRetrieval(keras.Model):
                 )
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
-        if isinstance(temperature, bool) or not (
-            isinstance(temperature, (int, float)) and temperature > 0
-        ):
+        if not _is_positive_number(temperature):
             raise ValueError(
                 f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
             )
@@ -410,6 +420,12 @@ class TwoTowerRetrieval(keras.Model):
             metrics = [metrics]
         retrieval_metrics = [m for m in metrics or [] if isinstance(m, FactorizedTopK)]
         other_metrics = [m for m in metrics or [] if not isinstance(m, FactorizedTopK)]
+        if other_metrics or kwargs.get("weighted_metrics"):
+            raise ValueError(
+                "TwoTowerRetrieval takes two_tower.FactorizedTopK metrics only: Keras "
+                "metrics compare `y` with one prediction, and this model predicts "
+                f"embeddings. Received metrics={metrics!r}"
+            )
         if retrieval_metrics and self.catalogue_size is None:
             raise ValueError(
                 "FactorizedTopK metrics rank each positive against the whole "
@@ -419,7 +435,7 @@ class TwoTowerRetrieval(keras.Model):
         names = [m.name for m in retrieval_metrics]
         if len(set(names)) != len(names):
             raise ValueError(f"FactorizedTopK metrics need distinct names. Received: {names}")
-        super().compile(*args, metrics=other_metrics or None, **kwargs)
+        super().compile(*args, **kwargs)
         # Assigned after compile so that Keras tracks them as this model's metrics.
         self.retrieval_metrics = retrieval_metrics
 
@@ -484,15 +500,20 @@ class TwoTowerRetrieval(keras.Model):
                 above 2**31 and strings included); defaults to row positions.
             batch_size: rows embedded at once.
         """
+        if isinstance(candidates, (list, tuple)):
+            candidates = np.asarray(candidates)  # a list of ids, not a structure
+        candidates = keras.tree.map_structure(np.asarray, candidates)
         leaves = keras.tree.flatten(candidates)
-        if not leaves:
-            raise ValueError("`candidates` is empty.")
-        num_rows = len(leaves[0])
+        lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+        if not leaves or len(lengths) != 1 or None in lengths:
+            raise ValueError(
+                "`candidates` must be an array, or a dict of arrays, with one row per "
+                f"candidate. Received row counts {sorted(map(str, lengths))}"
+            )
+        num_rows = leaves[0].shape[0]
         embeddings = []
         for start in range(0, num_rows, batch_size):
-            batch = keras.tree.map_structure(
-                lambda a, s=start: np.asarray(a)[s : s + batch_size], candidates
-            )
+            batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], candidates)
             embeddings.append(ops.convert_to_numpy(self.embed_candidates(batch)))
         if not embeddings:
             raise ValueError("Cannot index an empty catalogue: `candidates` has 0 rows.")

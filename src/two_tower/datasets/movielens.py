@@ -113,15 +113,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_archive(archive: Path, sha256: str | None) -> None:
+def _check_archive(archive: Path, sha256: str | None, source: str | None = None) -> None:
+    """Raises if `archive` does not hash to `sha256`; `source` names a download."""
     if sha256 is None:
         return
     actual = _sha256(archive)
     if actual != sha256:
+        if source is not None:
+            raise ValueError(
+                f"Checksum mismatch for the download from {source}: sha256 is {actual}, "
+                f"expected {sha256}. The transfer was truncated or corrupt; nothing was "
+                "kept. Retry, or use a local copy (data_dir= or TWO_TOWER_DATA_DIR)."
+            )
         raise ValueError(
             f"Checksum mismatch for {archive}: sha256 is {actual}, expected "
-            f"{sha256}. The file is truncated or corrupt; delete it and retry, "
-            "or pass `sha256=None` for an archive you made yourself."
+            f"{sha256}. The archive is truncated, corrupt or not the official "
+            "ml-100k.zip; pass `sha256=None` for an archive you made yourself."
         )
 
 
@@ -173,7 +180,7 @@ def _download(url: str, destination: Path, sha256: str) -> Path:
     try:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out)
-        _check_archive(partial, sha256)
+        _check_archive(partial, sha256, source=url)
         os.replace(partial, destination)
     finally:
         partial.unlink(missing_ok=True)
@@ -192,8 +199,9 @@ def locate(
         data_dir: where to look first (see the module docstring). When it is not
             given, the cache root is used.
         download: download from GroupLens when no local copy is found.
-        sha256: the expected sha256 of any zip archive read or downloaded; None
-            skips the check (for archives you made yourself).
+        sha256: the expected sha256 of a zip archive read from disk; None skips
+            the check (for archives you made yourself). A download is always
+            checked, against the official sha256 when this is None.
 
     Returns:
         The folder containing `u.data`, `u.item` and `u.user`.
@@ -209,6 +217,13 @@ def locate(
     looked: list[str] = []
     if data_dir is not None:
         given = Path(data_dir).expanduser()
+        if given.is_file() and not zipfile.is_zipfile(given):
+            if _has_files(given.parent):
+                return given.parent  # e.g. data_dir=".../ml-100k/u.data"
+            raise ValueError(
+                f"{given} is not a valid zip archive, nor a file of a folder holding "
+                f"{list(_REQUIRED_FILES)}. Pass that folder, its parent, or ml-100k.zip."
+            )
         if given.is_file():
             return _extract(given, given.parent, sha256)
         for folder in (given, given / FOLDER):
@@ -234,6 +249,7 @@ def locate(
         if not download:
             raise FileNotFoundError(_not_found_message(looked, "download=False"))
         try:
+            # A download is always verified: against `sha256`, or the official one.
             _download(URL, archive, SHA256 if sha256 is None else sha256)
         except (urllib.error.URLError, OSError) as error:
             raise FileNotFoundError(
@@ -318,6 +334,8 @@ def _parse_movies(folder: Path, declared: dict[str, int]) -> dict[str, dict[str,
             if flag == "1"
         ]
         _as_int(row[0], path, "movie id")
+        if row[0] in movies:
+            raise ValueError(f"Corrupt MovieLens file {path}: movie id {row[0]} appears twice.")
         movies[row[0]] = {
             "movie_id": row[0],
             "movie_title": row[1],
@@ -337,6 +355,13 @@ def _parse_users(folder: Path, declared: dict[str, int]) -> dict[str, dict[str, 
             raise ValueError(
                 f"Corrupt MovieLens file {path}: unknown occupation {occupation!r} for "
                 f"user {user_id}; expected one of {sorted(_OCCUPATION_LABELS)}."
+            )
+        if user_id in users:
+            raise ValueError(f"Corrupt MovieLens file {path}: user id {user_id} appears twice.")
+        if gender not in ("M", "F"):
+            raise ValueError(
+                f"Corrupt MovieLens file {path}: gender of user {user_id} must be 'M' or "
+                f"'F', found {gender!r}."
             )
         users[user_id] = {
             "bucketized_user_age": max(b for b in _AGE_BUCKETS if age >= b or b == 1),
@@ -372,7 +397,11 @@ def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
                 f"Corrupt MovieLens file {path}, rating {number}: user {user_id!r} or "
                 f"movie {movie_id!r} is not in u.user / u.item."
             )
-        _as_int(rating, path, "rating")
+        if not 1 <= _as_int(rating, path, "rating") <= 5:
+            raise ValueError(
+                f"Corrupt MovieLens file {path}, rating {number}: ratings run from 1 to 5, "
+                f"found {rating!r}."
+            )
         _as_int(timestamp, path, "timestamp")
     user_rows = [users[row[0]] for row in rows]
     movie_rows = [movies[row[1]] for row in rows]
