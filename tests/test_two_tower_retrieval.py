@@ -382,3 +382,64 @@ def test_mse_labels_of_the_wrong_shape_raise():
     x, _ = make_pairs(n=16)
     with pytest.raises(ValueError, match=r"\[batch\] or \[batch, 1\]"):
         model.fit(x, np.zeros((16, 2), "float32"), batch_size=16, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_labels_raise_before_training(bad):
+    model = make_model("mse")
+    model.compile(optimizer="sgd")
+    x, ratings = make_pairs(n=16)
+    ratings[5] = bad
+    with pytest.raises(
+        ValueError,
+        match=r"labels `y` contain 1 NaN or infinite value\(s\), first at flat position 5",
+    ):
+        model.fit(x, ratings, batch_size=16, epochs=1, verbose=0)
+    assert (
+        model.optimizer.iterations.numpy() == 0
+        if hasattr(model.optimizer.iterations, "numpy")
+        else True
+    )
+
+
+@pytest.mark.parametrize(
+    ("side", "value", "match"),
+    [
+        (
+            "query",
+            NUM_QUERIES,
+            rf"Query ids must lie in \[0, {NUM_QUERIES}\) \(the query tower's Embedding "
+            "input_dim\\)",
+        ),
+        ("query", -1, r"Query ids must lie in \[0, 12\).*from -1"),
+        ("candidate", NUM_CANDIDATES + 5, rf"Candidate ids must lie in \[0, {NUM_CANDIDATES}\)"),
+    ],
+)
+def test_out_of_range_ids_raise_the_same_error_on_every_backend(side, value, match):
+    model = make_model("softmax")
+    model.compile(optimizer="sgd")
+    x, _ = make_pairs(n=16)
+    x[side][3] = value
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=match):
+        model.evaluate(x, batch_size=16, verbose=0)
+    if side == "query":
+        with pytest.raises(ValueError, match=match):
+            model.predict(x["query"], verbose=0)
+
+
+def test_out_of_range_catalogue_ids_raise():
+    model = make_model("full_softmax", catalogue_size=NUM_CANDIDATES)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"Candidate ids must lie in \[0, 30\)"):
+        model.index_candidates(np.arange(NUM_CANDIDATES + 1))
+
+
+def test_bad_sampling_probability_raises():
+    model = make_model("softmax")
+    model.compile(optimizer="sgd")
+    x, _ = make_pairs(n=16)
+    x["candidate_sampling_probability"] = np.zeros(16, "float32")
+    with pytest.raises(ValueError, match=r"candidate_sampling_probability` must lie in \(0, 1\]"):
+        model.fit(x, batch_size=16, epochs=1, verbose=0)

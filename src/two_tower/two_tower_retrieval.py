@@ -37,6 +37,19 @@ def _is_positive_number(value: Any) -> bool:
     return math.isfinite(number) and number > 0
 
 
+def _check_finite(values: Any, what: str) -> None:
+    """Raises before training when NumPy-like values hold NaN or infinity."""
+    if not isinstance(values, (np.ndarray, list, tuple)):
+        return
+    array = np.asarray(values)
+    if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+        bad = np.flatnonzero(~np.isfinite(array.reshape(-1)))
+        raise ValueError(
+            f"{what} contain {bad.size} NaN or infinite value(s), first at flat "
+            f"position {bad[0]}. Clean or drop those rows before training."
+        )
+
+
 def _is_pair(inputs: Any) -> bool:
     if not isinstance(inputs, Mapping):
         return False
@@ -462,7 +475,8 @@ class TwoTowerRetrieval(keras.Model):
             results = {k: v for k, v in results.items() if not k.startswith(prefixes)}
         return results
 
-    def _check_sample_weight(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _check_fit_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x: Any = args[0] if args else kwargs.get("x")
         labels = args[1] if len(args) > 1 else kwargs.get("y")
         if kwargs.get("sample_weight") is not None and labels is None:
             # Keras' array adapter silently drops `sample_weight` when `y` is None.
@@ -471,14 +485,66 @@ class TwoTowerRetrieval(keras.Model):
                 "pairs, pass a tf.data.Dataset or generator yielding "
                 "(x, None, sample_weight) tuples."
             )
+        _check_finite(labels, "labels `y`")
+        _check_finite(kwargs.get("sample_weight"), "`sample_weight`")
+        if _is_pair(x):
+            self._check_ids(x[QUERY], "query")
+            self._check_ids(x[CANDIDATE], "candidate")
+            probability = x.get(SAMPLING_PROBABILITY)
+            if isinstance(probability, (np.ndarray, list, tuple)):
+                probability = np.asarray(probability, dtype="float64")
+                if probability.size and not np.all((probability > 0) & (probability <= 1)):
+                    raise ValueError(
+                        f"`{SAMPLING_PROBABILITY}` must lie in (0, 1]. Received values "
+                        f"from {probability.min()} to {probability.max()}"
+                    )
+
+    def _id_limit(self, side: str) -> tuple[int, str] | None:
+        """The exclusive upper bound of `side`'s ids, and where it comes from."""
+        tower = self.query_tower if side == "query" else self.candidate_tower
+        if isinstance(tower, keras.Sequential) and tower.layers:
+            tower = tower.layers[0]
+        if isinstance(tower, keras.layers.Embedding):
+            return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
+        if side == "candidate" and self.catalogue_size is not None:
+            return self.catalogue_size, "catalogue_size"
+        return None
+
+    def _check_ids(self, features: Any, side: str) -> None:
+        """Same error on every backend for ids out of range.
+
+        JAX clamps out-of-range gathers silently (TensorFlow and torch raise, each
+        in its own words), so id arrays are checked on the host before any step.
+        Only NumPy-like inputs are checked; tf.data and generators are not.
+        """
+        if isinstance(features, Mapping) or features is None:
+            return
+        ids = np.asarray(features) if isinstance(features, (np.ndarray, list)) else None
+        if ids is None or ids.dtype.kind not in "iu" or ids.size == 0:
+            return
+        limit = self._id_limit(side)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (limit is not None and high >= limit[0]):
+            bound = f"[0, {limit[0]}) ({limit[1]})" if limit else "[0, ...)"
+            raise ValueError(
+                f"{side.capitalize()} ids must lie in {bound}. Received ids from {low} to {high}."
+            )
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_sample_weight(args, kwargs)
+        self._check_fit_arguments(args, kwargs)
         return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_sample_weight(args, kwargs)
+        self._check_fit_arguments(args, kwargs)
         return super().evaluate(*args, **kwargs)
+
+    def predict(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if _is_pair(x):
+            self._check_ids(x[QUERY], "query")
+            self._check_ids(x[CANDIDATE], "candidate")
+        else:
+            self._check_ids(x, "query")
+        return super().predict(x, *args, **kwargs)
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
@@ -512,6 +578,7 @@ class TwoTowerRetrieval(keras.Model):
             )
         num_rows = leaves[0].shape[0]
         embeddings = []
+        self._check_ids(candidates, "candidate")
         for start in range(0, num_rows, batch_size):
             batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], candidates)
             embeddings.append(ops.convert_to_numpy(self.embed_candidates(batch)))
