@@ -4,9 +4,10 @@ from two_tower._backend import check_backend_installed
 
 check_backend_installed()
 
-from two_tower import datasets, losses  # noqa: E402
+from two_tower import datasets, defaults, evaluation, losses  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
+from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 
 __version__ = "0.1.0"
@@ -14,8 +15,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BruteForceIndex",
     "FactorizedTopK",
+    "IdEmbeddingTower",
     "TwoTowerRetrieval",
     "datasets",
+    "defaults",
+    "evaluation",
     "losses",
     "__version__",
 ]

@@ -233,6 +233,53 @@ class TwoTowerRetrieval(keras.Model):
         # input dtypes (Keras' default build would trace them with float32).
         self.built = True
 
+    @classmethod
+    def from_ids(
+        cls,
+        num_queries: int,
+        num_candidates: int,
+        embedding_dim: int | None = None,
+        l2: float | None = None,
+        temperature: float | None = None,
+        **kwargs: Any,
+    ) -> TwoTowerRetrieval:
+        """The tuned softmax configuration over integer query and candidate ids.
+
+        Builds `IdEmbeddingTower` towers (the candidate side with a learned bias)
+        and a full-catalogue softmax, with the defaults of `two_tower.defaults`.
+        Train it with `compile(optimizer=two_tower.defaults.optimizer())` and
+        `fit(x, **two_tower.defaults.FIT)`.
+
+        Args:
+            num_queries: query ids run from 0 to `num_queries - 1`.
+            num_candidates: candidate ids run from 0 to `num_candidates - 1`.
+            embedding_dim: defaults to `defaults.EMBEDDING_DIM`.
+            l2: defaults to `defaults.L2`.
+            temperature: defaults to `defaults.TEMPERATURE`.
+            **kwargs: other `TwoTowerRetrieval` arguments (e.g. `loss`).
+
+        Returns:
+            An uncompiled `TwoTowerRetrieval`.
+        """
+        from two_tower import defaults
+        from two_tower.id_embedding_tower import IdEmbeddingTower
+
+        dim = defaults.EMBEDDING_DIM if embedding_dim is None else embedding_dim
+        penalty = defaults.L2 if l2 is None else l2
+        kwargs.setdefault("loss", defaults.LOSS)
+        if kwargs["loss"] in CATALOGUE_LOSSES:
+            kwargs.setdefault("catalogue_size", num_candidates)
+        return cls(
+            query_tower=IdEmbeddingTower(
+                num_queries, dim, l2=penalty, bias="constant", name="query_tower"
+            ),
+            candidate_tower=IdEmbeddingTower(
+                num_candidates, dim, l2=penalty, bias="learned", name="candidate_tower"
+            ),
+            temperature=defaults.TEMPERATURE if temperature is None else temperature,
+            **kwargs,
+        )
+
     # ----------------------------------------------------------------- towers
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
@@ -501,11 +548,15 @@ class TwoTowerRetrieval(keras.Model):
 
     def _id_limit(self, side: str) -> tuple[int, str] | None:
         """The exclusive upper bound of `side`'s ids, and where it comes from."""
+        from two_tower.id_embedding_tower import IdEmbeddingTower
+
         tower = self.query_tower if side == "query" else self.candidate_tower
         if isinstance(tower, keras.Sequential) and tower.layers:
             tower = tower.layers[0]
         if isinstance(tower, keras.layers.Embedding):
             return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
+        if isinstance(tower, IdEmbeddingTower):
+            return tower.vocabulary_size, f"the {side} tower's vocabulary_size"
         if side == "candidate" and self.catalogue_size is not None:
             return self.catalogue_size, "catalogue_size"
         return None

@@ -26,6 +26,7 @@ GroupLens or reads a copy you already have; it never ships the data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -426,19 +427,36 @@ def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------- tfds
-def _prime_tfds_cache(folder: Path, tfds_data_dir: Path) -> None:
-    """Lets tfds build `movielens/100k-*` offline from a local GroupLens folder.
+def prime_tfds_cache(
+    tfds_data_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Lets tfds build `movielens/100k-*` offline, from a local GroupLens copy.
 
     tfds looks for a download named `get_dl_fname(url, sha256)` with a `.INFO`
-    sidecar, and for its extraction under `downloads/extracted/ZIP.<name>/`.
+    sidecar, and for its extraction under `downloads/extracted/ZIP.<name>/`;
+    this writes both into `tfds_data_dir/downloads`, from the copy `locate`
+    finds (it never downloads). Then `tfds.load("movielens/100k-ratings",
+    data_dir=tfds_data_dir)` works without network.
+
+    Args:
+        tfds_data_dir: the `data_dir` you will give `tfds.load`.
+        data_dir: where the local copy is; see `locate`.
+
+    Returns:
+        `tfds_data_dir` as a Path.
+
+    Example:
+    >>> two_tower.datasets.movielens.prime_tfds_cache("/tmp/tfds")  # doctest: +SKIP
     """
+    folder = locate(data_dir, download=False)
+    tfds_data_dir = Path(tfds_data_dir).expanduser()
     from tensorflow_datasets.core.download import resource
 
     downloads = tfds_data_dir / "downloads"
     name = resource.get_dl_fname(URL, SHA256)
     extracted = downloads / "extracted" / f"ZIP.{name}" / FOLDER
     if _has_files(extracted):
-        return
+        return tfds_data_dir
     extracted.parent.mkdir(parents=True, exist_ok=True)
     (downloads / name).touch()
     info = {
@@ -452,6 +470,7 @@ def _prime_tfds_cache(folder: Path, tfds_data_dir: Path) -> None:
     shutil.copytree(folder, staging / FOLDER)
     os.replace(staging / FOLDER, extracted)
     staging.rmdir()
+    return tfds_data_dir
 
 
 def _tfds_records(
@@ -468,14 +487,11 @@ def _tfds_records(
         ) from error
     root = Path(tfds_data_dir).expanduser() if tfds_data_dir else cache_root() / "tfds"
     if data_dir is not None:
-        local: Path | None = locate(data_dir, download=False)  # raises if absent
+        prime_tfds_cache(root, data_dir)  # raises if the given copy is absent
     else:
-        try:
-            local = locate(download=False)
-        except FileNotFoundError:
-            local = None  # no local copy: tfds downloads by itself, if allowed
-    if local is not None:
-        _prime_tfds_cache(local, root)
+        # Without a local copy, tfds downloads by itself (if allowed).
+        with contextlib.suppress(FileNotFoundError):
+            prime_tfds_cache(root)
     dataset = tfds.load(
         f"movielens/100k-{table}", split="train", data_dir=str(root), download=download
     )
@@ -630,6 +646,7 @@ __all__ = [
     "load_movies",
     "load_ratings",
     "locate",
+    "prime_tfds_cache",
     "random_split",
     "temporal_split",
 ]

@@ -1,0 +1,169 @@
+"""Training speed: the seed tutorial's own code against the library, per backend.
+
+Both train the same model (Embedding(32) towers, MSE on (rating-1)/4,
+Adagrad(0.1), batch 1000, 50 epochs) on the same 80,000 MovieLens ratings:
+- seed: the keras-rs tutorial as written: tfds `movielens/100k-ratings` (built
+  offline from the local copy), its tf.data pipeline (map, shuffle, take, batch,
+  cache) and its `RetrievalModel` with `keras_rs.layers.BruteForceRetrieval`;
+- library: `TwoTowerRetrieval` fed NumPy arrays, with
+  `two_tower.defaults.steps_per_execution()` (16 on JAX and TensorFlow; torch
+  rejects more than 1).
+Each is warmed up with one epoch (compilation), then timed over 50 epochs. Both
+run in one process per backend, so the ratio compares like with like. Needs
+TensorFlow and tensorflow-datasets installed beside each backend (for the seed).
+
+    python benchmarks/train_speed.py --backends jax,tensorflow,torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+EPOCHS = 50
+
+
+def seed_fit_seconds(data_dir: str | None, epochs: int) -> float:
+    """The tutorial's pipeline and model, timed after a one-epoch warm-up."""
+    import keras
+    import keras_rs
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from two_tower.datasets import movielens
+
+    tfds_dir = movielens.prime_tfds_cache(os.path.join(tempfile.gettempdir(), "tt_tfds"), data_dir)
+    ratings = tfds.load("movielens/100k-ratings", split="train", data_dir=str(tfds_dir))
+    movies = tfds.load("movielens/100k-movies", split="train", data_dir=str(tfds_dir))
+    users_count = int(
+        ratings.map(lambda x: tf.strings.to_number(x["user_id"], out_type=tf.int32))
+        .reduce(tf.constant(0, tf.int32), tf.maximum)
+        .numpy()
+    )
+    movies_count = int(movies.cardinality().numpy())  # int(): Keras 3.15 rejects np.int
+
+    def preprocess_rating(x):
+        return (
+            tf.strings.to_number(x["user_id"], out_type=tf.int32),
+            {
+                "movie_id": tf.strings.to_number(x["movie_id"], out_type=tf.int32),
+                "rating": (x["user_rating"] - 1.0) / 4.0,
+            },
+        )
+
+    shuffled = ratings.map(preprocess_rating).shuffle(
+        100_000, seed=42, reshuffle_each_iteration=False
+    )
+    train = shuffled.take(80_000).batch(1000).cache()
+
+    class RetrievalModel(keras.Model):
+        def __init__(self, num_users, num_candidates, embedding_dimension=32, **kwargs):
+            super().__init__(**kwargs)
+            self.user_embedding = keras.layers.Embedding(num_users, embedding_dimension)
+            self.candidate_embedding = keras.layers.Embedding(num_candidates, embedding_dimension)
+            self.retrieval = keras_rs.layers.BruteForceRetrieval(k=10, return_scores=False)
+            self.loss_fn = keras.losses.MeanSquaredError()
+
+        def build(self, input_shape):
+            self.user_embedding.build(input_shape)
+            self.candidate_embedding.build(input_shape)
+            self.retrieval.candidate_embeddings = self.candidate_embedding.embeddings
+            self.retrieval.build(input_shape)
+            super().build(input_shape)
+
+        def call(self, inputs, training=False):
+            user_embeddings = self.user_embedding(inputs)
+            result = {"user_embeddings": user_embeddings}
+            if not training:
+                result["predictions"] = self.retrieval(user_embeddings)
+            return result
+
+        def compute_loss(self, x, y, y_pred, sample_weight, training=True):
+            candidate_id, rating = y["movie_id"], y["rating"]
+            user_embeddings = y_pred["user_embeddings"]
+            candidate_embeddings = self.candidate_embedding(candidate_id)
+            labels = keras.ops.expand_dims(rating, -1)
+            scores = keras.ops.sum(
+                keras.ops.multiply(user_embeddings, candidate_embeddings), axis=1, keepdims=True
+            )
+            return self.loss_fn(labels, scores, sample_weight)
+
+    model = RetrievalModel(users_count + 1, movies_count + 1)
+    model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.1))
+    model.fit(train, epochs=1, verbose=0)  # warm-up: tracing, compilation, cache fill
+    started = time.perf_counter()
+    model.fit(train, epochs=epochs, verbose=0)
+    return time.perf_counter() - started
+
+
+def library_fit_seconds(data_dir: str | None, epochs: int) -> float:
+    """The same configuration on TwoTowerRetrieval with NumPy inputs."""
+    import keras
+
+    import two_tower
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(data_dir)
+    records = {
+        "query": ratings["user_id"].astype("int32"),
+        "candidate": ratings["movie_id"].astype("int32"),
+        "rating": (ratings["user_rating"] - 1.0) / 4.0,
+    }
+    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(944, 32), keras.layers.Embedding(1683, 32), loss="mse"
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(learning_rate=0.1),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    x = {"query": train["query"], "candidate": train["candidate"]}
+    model.fit(x, train["rating"], batch_size=1000, epochs=1, verbose=0)  # warm-up
+    started = time.perf_counter()
+    model.fit(x, train["rating"], batch_size=1000, epochs=epochs, verbose=0)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        os.environ["KERAS_BACKEND"] = args.worker
+        import keras
+
+        keras.utils.set_random_seed(42)
+        seed = seed_fit_seconds(args.data_dir, args.epochs)
+        library = library_fit_seconds(args.data_dir, args.epochs)
+        print("RESULTS " + json.dumps({"seed": seed, "library": library}))
+        return
+
+    print(f"fit time for {args.epochs} epochs after a 1-epoch warm-up, one process per backend")
+    print("| backend | seed (tf.data + keras-rs) | two_tower (NumPy) | speed-up |")
+    print("|---|---|---|---|")
+    for backend in args.backends.split(","):
+        command = [sys.executable, __file__, "--worker", backend, "--epochs", str(args.epochs)]
+        if args.data_dir:
+            command += ["--data-dir", args.data_dir]
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
+        if completed.returncode != 0 or not lines:
+            sys.exit(f"{backend} failed:\n{completed.stderr[-3000:]}")
+        times = json.loads(lines[-1][len("RESULTS ") :])
+        ratio = times["seed"] / times["library"]
+        print(
+            f"| {backend} | {times['seed']:.1f} s | {times['library']:.1f} s | {ratio:.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Evaluate retrieval over the full catalogue: results tables and recall@k plots.
+
+`evaluate_retrieval` runs `FactorizedTopK` over a test set, with and without
+leaving out each query's training items; `format_table` prints the results;
+`plot_recall` saves a recall@k chart as PNG (needs matplotlib:
+`pip install 'two-tower[plot]'`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+from two_tower.factorized_top_k import FactorizedTopK
+from two_tower.types import Tensor
+
+KS = (1, 5, 10, 50, 100)
+STATS = ("accuracy", "recall", "ndcg")
+
+
+def evaluate_retrieval(
+    query_embeddings: Any,
+    catalogue_embeddings: Any,
+    test_query_ids: Any,
+    test_candidate_ids: Any,
+    *,
+    exclude_query_ids: Any = None,
+    exclude_candidate_ids: Any = None,
+    ks: Sequence[int] = KS,
+    batch_size: int = 4096,
+    similarity_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Top-k accuracy, recall and NDCG of test pairs over the whole catalogue.
+
+    Args:
+        query_embeddings: `[num_queries, dim]`, row q embeds query id q.
+        catalogue_embeddings: `[catalogue_size, dim]`, row c embeds candidate c.
+        test_query_ids: `[pairs]` query id of each test pair.
+        test_candidate_ids: `[pairs]` candidate id (catalogue row) of each pair.
+        exclude_query_ids: with `exclude_candidate_ids`, pairs to leave out of
+            the ranking (usually the training pairs).
+        exclude_candidate_ids: see `exclude_query_ids`.
+        ks: cut-offs.
+        batch_size: test pairs scored at once.
+        similarity_fn: scores `[queries, candidates]`; the dot product by default
+            (pass `model.compute_similarities` for a subclass that changes it).
+
+    Returns:
+        `{"all": {"accuracy_at_10": ..., ...}}`, plus `"unseen"` with the same
+        keys when exclusions are given.
+
+    Example:
+    >>> import numpy as np
+    >>> results = two_tower.evaluation.evaluate_retrieval(
+    ...     np.eye(2, dtype="float32"), np.eye(2, dtype="float32"),
+    ...     np.array([0, 1]), np.array([0, 0]), ks=(1,))
+    >>> results["all"]["accuracy_at_1"]
+    0.5
+    """
+    queries = np.asarray(ops.convert_to_numpy(query_embeddings))
+    catalogue = ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(catalogue_embeddings)))
+    test_queries = np.asarray(test_query_ids).reshape(-1)
+    test_candidates = np.asarray(test_candidate_ids).reshape(-1)
+    if test_queries.shape != test_candidates.shape:
+        raise ValueError(
+            "`test_query_ids` and `test_candidate_ids` must have the same length. "
+            f"Received {test_queries.shape[0]} and {test_candidates.shape[0]}"
+        )
+    num_queries, catalogue_size = queries.shape[0], int(catalogue.shape[0])
+    for values, limit, what in (
+        (test_queries, num_queries, "test_query_ids"),
+        (test_candidates, catalogue_size, "test_candidate_ids"),
+    ):
+        if values.size and (values.min() < 0 or values.max() >= limit):
+            raise ValueError(
+                f"`{what}` must lie in [0, {limit}). Received values from {values.min()} "
+                f"to {values.max()}"
+            )
+    metrics = {
+        "all": FactorizedTopK(ks, num_queries, catalogue_size, name="all"),
+    }
+    if exclude_query_ids is not None or exclude_candidate_ids is not None:
+        metrics["unseen"] = FactorizedTopK(
+            ks,
+            num_queries,
+            catalogue_size,
+            exclude_query_ids=exclude_query_ids,
+            exclude_candidate_ids=exclude_candidate_ids,
+            name="unseen",
+        )
+    for start in range(0, test_queries.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        for metric in metrics.values():
+            metric.update_state(
+                queries[test_queries[rows]],
+                catalogue,
+                test_candidates[rows],
+                query_ids=test_queries[rows],
+                similarity_fn=similarity_fn,
+            )
+    return {
+        name: {
+            key[len(name) + 1 :]: float(ops.convert_to_numpy(value))
+            for key, value in metric.result().items()
+        }
+        for name, metric in metrics.items()
+    }
+
+
+def format_table(
+    rows: Mapping[str, Mapping[str, float]],
+    ks: Sequence[int] = (10, 50, 100),
+    stat: str = "accuracy",
+) -> str:
+    """A Markdown table: one row per entry of `rows`, one column per k.
+
+    Args:
+        rows: row label → results (a dict like `evaluate_retrieval(...)["all"]`).
+        ks: the columns.
+        stat: `"accuracy"`, `"recall"` or `"ndcg"`.
+
+    Example:
+    >>> print(two_tower.evaluation.format_table({"m": {"accuracy_at_10": 0.5}}, ks=(10,)))
+    | model | top-10 |
+    |---|---|
+    | m | 0.500 |
+    """
+    if stat not in STATS:
+        raise ValueError(f"`stat` must be one of {STATS}. Received: {stat!r}")
+    label = {"accuracy": "top-{}", "recall": "recall@{}", "ndcg": "ndcg@{}"}[stat]
+    lines = [
+        "| model | " + " | ".join(label.format(k) for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    for name, results in rows.items():
+        cells = []
+        for k in ks:
+            value = results.get(f"{stat}_at_{k}")
+            cells.append("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_recall(
+    rows: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike[str],
+    ks: Sequence[int] = KS,
+    title: str = "Recall@k over the full catalogue",
+) -> Path:
+    """Saves a recall@k chart (one line per row) as PNG and returns its path.
+
+    Raises:
+        ImportError: matplotlib is not installed (`pip install 'two-tower[plot]'`).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_recall needs matplotlib: pip install 'two-tower[plot]'") from error
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, results in rows.items():
+        points = [(k, results[f"recall_at_{k}"]) for k in ks if f"recall_at_{k}" in results]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xticks(list(ks), [str(k) for k in ks])
+    axes.set_xlabel("k")
+    axes.set_ylabel("recall@k (mean over users)")
+    axes.set_ylim(0, 1)
+    axes.grid(True, alpha=0.3)
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path

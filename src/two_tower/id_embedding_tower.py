@@ -1,0 +1,110 @@
+"""A tower that embeds integer ids, with an optional bias column."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from two_tower.types import Tensor
+
+BIASES = (None, "learned", "constant")
+
+
+@keras.saving.register_keras_serializable(package="two_tower")
+class IdEmbeddingTower(keras.layers.Layer):
+    """Embeds integer ids in `[0, vocabulary_size)`, L2-regularised.
+
+    With `bias="learned"` a learned scalar per id is appended as a last column;
+    with `bias="constant"` a column of ones is appended. Give the candidate tower
+    `"learned"` and the query tower `"constant"`: their dot product is then
+    `query · candidate + candidate_bias`, a per-item popularity term that keeps
+    training and the dot-product index consistent.
+
+    Args:
+        vocabulary_size: number of ids; ids run from 0 to `vocabulary_size - 1`.
+        embedding_dim: width of the id embedding (the output has one more
+            column when `bias` is set).
+        l2: L2 penalty on the embedding table (and on the bias table), added to
+            the model's loss every step.
+        bias: None, `"learned"` or `"constant"`.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        ids: `[batch]` integer ids.
+
+    Returns:
+        `[batch, embedding_dim]`, or `[batch, embedding_dim + 1]` with a bias.
+
+    Example:
+    >>> import numpy as np
+    >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4, bias="learned")
+    >>> tower(np.array([1, 2])).shape
+    (2, 5)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        embedding_dim: int = 32,
+        l2: float = 0.0,
+        bias: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value in (("vocabulary_size", vocabulary_size), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        if not isinstance(l2, (int, float)) or isinstance(l2, bool) or l2 < 0:
+            raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+        if bias not in BIASES:
+            raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
+        self.vocabulary_size = vocabulary_size
+        self.embedding_dim = embedding_dim
+        self.l2 = l2
+        self.bias = bias
+        regularizer = keras.regularizers.L2(l2) if l2 else None
+        self.embedding = keras.layers.Embedding(
+            vocabulary_size, embedding_dim, embeddings_regularizer=regularizer, name="embedding"
+        )
+        self.bias_embedding = (
+            keras.layers.Embedding(
+                vocabulary_size,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=regularizer,
+                name="bias",
+            )
+            if bias == "learned"
+            else None
+        )
+
+    def build(self, input_shape: Any) -> None:
+        self.embedding.build(input_shape)
+        if self.bias_embedding is not None:
+            self.bias_embedding.build(input_shape)
+
+    def call(self, ids: Tensor) -> Tensor:
+        embedded = self.embedding(ids)
+        if self.bias == "learned":
+            assert self.bias_embedding is not None
+            return ops.concatenate([embedded, self.bias_embedding(ids)], axis=-1)
+        if self.bias == "constant":
+            return ops.concatenate([embedded, ops.ones_like(embedded[..., :1])], axis=-1)
+        return embedded
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (*tuple(input_shape), self.embedding_dim + (self.bias is not None))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "embedding_dim": self.embedding_dim,
+                "l2": self.l2,
+                "bias": self.bias,
+            }
+        )
+        return config
