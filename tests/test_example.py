@@ -42,3 +42,33 @@ def test_example_rejects_bad_epochs():
     )
     assert completed.returncode == 2
     assert "--epochs must be >= 1, got 0" in completed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_movielens_softmax_example_runs(real_data_dir, tmp_path):
+    example = EXAMPLE.parent / "movielens_softmax.py"
+    plot = tmp_path / "recall.png"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(real_data_dir),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    assert "| unseen |" in out and "| all |" in out
+    titles = out.split("Top-10 unseen movies for user 42:\n")[1].split("Saved")[0].splitlines()
+    assert len(titles) == 10
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -4,7 +4,8 @@ Chosen on MovieLens 100K by holding out 10% of the seed protocol's training
 split (the 80% of a seed-42 random permutation) as validation, never the test
 part: full-catalogue softmax over id towers with a learned item bias,
 embedding dim 32, L2 5e-5 on the tables, Adam at 0.01, batch 1000, 10 epochs,
-temperature 1. `benchmarks/tune_softmax.py` reruns that search.
+temperature 1. `benchmarks/tune_softmax.py` runs a grid around these values on
+the same validation split.
 """
 
 from __future__ import annotations
