@@ -72,3 +72,15 @@ def test_from_ids_uses_the_defaults():
 def test_steps_per_execution_default_is_explicit_per_backend():
     expected = 1 if keras.backend.backend() == "torch" else 16
     assert two_tower.defaults.steps_per_execution() == expected
+
+
+def test_steps_per_execution_above_one_is_rejected_on_torch_only():
+    model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
+    model.compile(optimizer="adam", steps_per_execution=2)
+    x = {"query": np.arange(16) % 5, "candidate": np.arange(16) % 8}
+    if keras.backend.backend() == "torch":
+        with pytest.raises(ValueError, match="steps_per_execution"):
+            model.fit(x, batch_size=4, verbose=0)
+    else:
+        history = model.fit(x, batch_size=4, epochs=2, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
