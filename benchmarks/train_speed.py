@@ -8,11 +8,15 @@ Adagrad(0.1), batch 1000, 50 epochs) on the same 80,000 MovieLens ratings:
 - library: `TwoTowerRetrieval` fed NumPy arrays, with
   `two_tower.defaults.steps_per_execution()` (16 on JAX and TensorFlow; torch
   rejects more than 1).
-Each is warmed up with one epoch (tracing, compilation, the tf.data cache), then
-timed twice over 50 epochs: with the tutorial's validation on the test split
-every 5 epochs (its `fit` call as written), and training only. Both sides run in
-one process per backend, so the ratios compare like with like. Needs TensorFlow
-and tensorflow-datasets installed beside each backend (for the seed).
+Three protocols per backend:
+- warm: in one process, each side is warmed up with one epoch (tracing,
+  compilation, the tf.data cache), then timed over 50 epochs, with the tutorial's
+  validation every 5 epochs (its `fit` call as written) and training only;
+- cold: each side in a fresh process, timing its first `fit` call (validation
+  every 5 epochs), compilation and the first pass over the input pipeline
+  included. This is how ANCHORS.md timed the tutorial (28.3 s on JAX).
+Needs TensorFlow and tensorflow-datasets installed beside each backend (for the
+seed).
 
     python benchmarks/train_speed.py --backends jax,tensorflow,torch
 """
@@ -30,8 +34,8 @@ import time
 EPOCHS = 50
 
 
-def seed_fit_seconds(data_dir: str | None, epochs: int) -> dict[str, float]:
-    """The tutorial's pipeline and model, timed after a one-epoch warm-up."""
+def seed_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> dict[str, float]:
+    """The tutorial's pipeline and model: warm (both protocols) or cold."""
     import keras
     import keras_rs
     import tensorflow as tf
@@ -98,9 +102,18 @@ def seed_fit_seconds(data_dir: str | None, epochs: int) -> dict[str, float]:
 
     model = RetrievalModel(users_count + 1, movies_count + 1)
     model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.1))
+    fit = lambda **kw: model.fit(train, epochs=epochs, verbose=0, **kw)  # noqa: E731
+    if cold:
+        return _time_cold(fit, test)
     # Warm-up: tracing, compilation, filling the tf.data caches.
     model.fit(train, validation_data=test, validation_freq=1, epochs=1, verbose=0)
-    return _time_both(lambda **kw: model.fit(train, epochs=epochs, verbose=0, **kw), test)
+    return _time_both(fit, test)
+
+
+def _time_cold(fit, validation_data) -> dict[str, float]:
+    started = time.perf_counter()
+    fit(validation_data=validation_data, validation_freq=5)
+    return {"cold": time.perf_counter() - started}
 
 
 def _time_both(fit, validation_data) -> dict[str, float]:
@@ -112,7 +125,7 @@ def _time_both(fit, validation_data) -> dict[str, float]:
     return {"with_validation": with_validation, "train_only": time.perf_counter() - started}
 
 
-def library_fit_seconds(data_dir: str | None, epochs: int) -> dict[str, float]:
+def library_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> dict[str, float]:
     """The same configuration on TwoTowerRetrieval with NumPy inputs."""
     import keras
 
@@ -135,6 +148,12 @@ def library_fit_seconds(data_dir: str | None, epochs: int) -> dict[str, float]:
     )
     x = {"query": train["query"], "candidate": train["candidate"]}
     validation = ({"query": test["query"], "candidate": test["candidate"]}, test["rating"])
+
+    def fit(**kw):
+        return model.fit(x, train["rating"], batch_size=1000, epochs=epochs, verbose=0, **kw)
+
+    if cold:
+        return _time_cold(fit, validation)
     model.fit(  # warm-up: tracing and compilation of the train and test steps
         x, train["rating"], batch_size=1000, epochs=1, verbose=0, validation_data=validation
     )
@@ -150,38 +169,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         os.environ["KERAS_BACKEND"] = args.worker
         import keras
 
         keras.utils.set_random_seed(42)
-        seed = seed_fit_seconds(args.data_dir, args.epochs)
-        library = library_fit_seconds(args.data_dir, args.epochs)
-        print("RESULTS " + json.dumps({"seed": seed, "library": library}))
+        if args.mode == "warm":
+            times = {
+                "seed": seed_fit_seconds(args.data_dir, args.epochs),
+                "library": library_fit_seconds(args.data_dir, args.epochs),
+            }
+        elif args.mode == "seed-cold":
+            times = {"seed": seed_fit_seconds(args.data_dir, args.epochs, cold=True)}
+        else:
+            times = {"library": library_fit_seconds(args.data_dir, args.epochs, cold=True)}
+        print("RESULTS " + json.dumps(times))
         return
 
-    print(f"fit time for {args.epochs} epochs after a 1-epoch warm-up, one process per backend")
+    print(f"fit time for {args.epochs} epochs (see the docstring for the protocols)")
     print("| backend | protocol | seed (tf.data + keras-rs) | two_tower (NumPy) | speed-up |")
     print("|---|---|---|---|---|")
     for backend in args.backends.split(","):
-        command = [sys.executable, __file__, "--worker", backend, "--epochs", str(args.epochs)]
-        if args.data_dir:
-            command += ["--data-dir", args.data_dir]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-        if completed.returncode != 0 or not lines:
-            sys.exit(f"{backend} failed:\n{completed.stderr[-3000:]}")
-        times = json.loads(lines[-1][len("RESULTS ") :])
+        times: dict[str, dict[str, float]] = {"seed": {}, "library": {}}
+        for mode in ("warm", "seed-cold", "library-cold"):
+            result = _run_worker(backend, mode, args)
+            for side, figures in result.items():
+                times[side].update(figures)
         for protocol, label in (
-            ("with_validation", "validation every 5 epochs"),
-            ("train_only", "training only"),
+            ("with_validation", "warm, validation every 5 epochs"),
+            ("train_only", "warm, training only"),
+            ("cold", "cold, first fit in the process"),
         ):
             seed, library = times["seed"][protocol], times["library"][protocol]
             print(
                 f"| {backend} | {label} | {seed:.1f} s | {library:.1f} s | {seed / library:.1f}x |",
                 flush=True,
             )
+
+
+def _run_worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", backend, "--mode", mode]
+    command += ["--epochs", str(args.epochs)]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
+    if completed.returncode != 0 or not lines:
+        sys.exit(f"{backend} ({mode}) failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULTS ") :])
 
 
 if __name__ == "__main__":
