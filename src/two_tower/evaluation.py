@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from two_tower.factorized_top_k import FactorizedTopK
+from two_tower.factorized_top_k import FactorizedTopK, check_id_range
 from two_tower.types import Tensor
 
 KS = (1, 5, 10, 50, 100)
@@ -72,15 +72,8 @@ def evaluate_retrieval(
             f"Received {test_queries.shape[0]} and {test_candidates.shape[0]}"
         )
     num_queries, catalogue_size = queries.shape[0], int(catalogue.shape[0])
-    for values, limit, what in (
-        (test_queries, num_queries, "test_query_ids"),
-        (test_candidates, catalogue_size, "test_candidate_ids"),
-    ):
-        if values.size and (values.min() < 0 or values.max() >= limit):
-            raise ValueError(
-                f"`{what}` must lie in [0, {limit}). Received values from {values.min()} "
-                f"to {values.max()}"
-            )
+    check_id_range(test_queries, num_queries, "test_query_ids")
+    check_id_range(test_candidates, catalogue_size, "test_candidate_ids")
     metrics = {
         "all": FactorizedTopK(ks, num_queries, catalogue_size, name="all"),
     }

@@ -18,6 +18,15 @@ def _dot(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
     return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
 
 
+def check_id_range(values: np.ndarray, limit: int, what: str) -> None:
+    """Raises ValueError naming `what` unless every value lies in [0, limit)."""
+    if values.size and (values.min() < 0 or values.max() >= limit):
+        raise ValueError(
+            f"`{what}` must lie in [0, {limit}). Received values from {values.min()} "
+            f"to {values.max()}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="two_tower")
 class FactorizedTopK(keras.metrics.Metric):
     """Hit rate (top-k accuracy), recall and NDCG at several k, over the full catalogue.
@@ -129,15 +138,8 @@ class FactorizedTopK(keras.metrics.Metric):
                 "`exclude_query_ids` and `exclude_candidate_ids` must have the same "
                 f"length. Received {query_ids.shape[0]} and {candidate_ids.shape[0]}"
             )
-        for values, limit, what in (
-            (query_ids, self.num_queries, "exclude_query_ids"),
-            (candidate_ids, self.catalogue_size, "exclude_candidate_ids"),
-        ):
-            if values.size and (values.min() < 0 or values.max() >= limit):
-                raise ValueError(
-                    f"`{what}` must lie in [0, {limit}). Received values from "
-                    f"{values.min()} to {values.max()}"
-                )
+        check_id_range(query_ids, self.num_queries, "exclude_query_ids")
+        check_id_range(candidate_ids, self.catalogue_size, "exclude_candidate_ids")
         table = np.zeros((self.num_queries, self.catalogue_size), dtype=bool)
         table[query_ids, candidate_ids] = True
         return table

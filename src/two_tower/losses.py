@@ -55,14 +55,29 @@ def mean_squared_error(
     return _reduce(ops.square(labels - scores), sample_weight)
 
 
-def _check_temperature(temperature: float) -> None:
-    if isinstance(temperature, (bool, np.bool_)) or not (
-        isinstance(temperature, (int, float, np.floating, np.integer))
-        and math.isfinite(temperature)
-        and temperature > 0
-    ):
+def check_temperature(temperature: float) -> None:
+    """Raises ValueError unless `temperature` is a finite number > 0."""
+    valid = not isinstance(temperature, (bool, np.bool_))
+    try:
+        valid = valid and math.isfinite(float(temperature)) and float(temperature) > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
         raise ValueError(
             f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
+        )
+
+
+def check_num_hard_negatives(num_hard_negatives: int | None) -> None:
+    """Raises ValueError unless `num_hard_negatives` is None or a positive int."""
+    if num_hard_negatives is not None and (
+        isinstance(num_hard_negatives, bool)
+        or not isinstance(num_hard_negatives, int)
+        or num_hard_negatives <= 0
+    ):
+        raise ValueError(
+            "`num_hard_negatives` must be a positive integer or None. "
+            f"Received: num_hard_negatives={num_hard_negatives!r}"
         )
 
 
@@ -122,19 +137,11 @@ def retrieval_softmax(
     >>> round(float(loss), 4)
     0.2201
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
+    check_num_hard_negatives(num_hard_negatives)
     shape = tuple(similarities.shape)
     if len(shape) != 2:
         raise ValueError(f"`similarities` must be [batch, columns]. Received shape: {shape}")
-    if num_hard_negatives is not None and (
-        isinstance(num_hard_negatives, bool)
-        or not isinstance(num_hard_negatives, int)
-        or num_hard_negatives <= 0
-    ):
-        raise ValueError(
-            "`num_hard_negatives` must be a positive integer or None. "
-            f"Received: num_hard_negatives={num_hard_negatives!r}"
-        )
     logits = ops.cast(similarities, "float32") / temperature
     # Dynamic sizes: under tf.function the batch dimension may be unknown.
     batch_size, num_columns = ops.shape(logits)[0], ops.shape(logits)[1]
@@ -202,7 +209,7 @@ def in_batch_softmax(
     >>> round(float(loss), 4)
     0.5514
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     shape = tuple(similarities.shape)
     if len(shape) != 2 or (shape[0] is not None and shape[1] is not None and shape[0] != shape[1]):
         raise ValueError(
@@ -211,4 +218,10 @@ def in_batch_softmax(
     return retrieval_softmax(similarities, temperature=temperature, sample_weight=sample_weight)
 
 
-__all__ = ["in_batch_softmax", "mean_squared_error", "retrieval_softmax"]
+__all__ = [
+    "check_num_hard_negatives",
+    "check_temperature",
+    "in_batch_softmax",
+    "mean_squared_error",
+    "retrieval_softmax",
+]

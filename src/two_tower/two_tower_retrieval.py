@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,17 +23,6 @@ SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
-
-
-def _is_positive_number(value: Any) -> bool:
-    """A finite real > 0 (NumPy scalars included, bools excluded)."""
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(number) and number > 0
 
 
 def _check_finite(values: Any, what: str) -> None:
@@ -185,19 +173,8 @@ class TwoTowerRetrieval(keras.Model):
                 )
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
-        if not _is_positive_number(temperature):
-            raise ValueError(
-                f"`temperature` must be a number > 0. Received: temperature={temperature!r}"
-            )
-        if num_hard_negatives is not None and (
-            isinstance(num_hard_negatives, bool)
-            or not isinstance(num_hard_negatives, int)
-            or num_hard_negatives <= 0
-        ):
-            raise ValueError(
-                "`num_hard_negatives` must be a positive integer or None. "
-                f"Received: num_hard_negatives={num_hard_negatives!r}"
-            )
+        losses.check_temperature(temperature)
+        losses.check_num_hard_negatives(num_hard_negatives)
         if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
             raise ValueError(
                 f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
