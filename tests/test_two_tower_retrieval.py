@@ -443,3 +443,74 @@ def test_bad_sampling_probability_raises():
     x["candidate_sampling_probability"] = np.zeros(16, "float32")
     with pytest.raises(ValueError, match=r"candidate_sampling_probability` must lie in \(0, 1\]"):
         model.fit(x, batch_size=16, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("logq", [False, True])
+def test_sampled_softmax_matches_numpy(logq):
+    from test_losses import numpy_retrieval_softmax
+
+    model = make_model(
+        "sampled_softmax",
+        catalogue_size=NUM_CANDIDATES,
+        num_sampled_negatives=7,
+        remove_accidental_hits=True,
+        temperature=0.5,
+    )
+    rng = np.random.default_rng(11)
+    x = {
+        "query": rng.integers(0, NUM_QUERIES, 10).astype("int32"),
+        "candidate": rng.integers(0, NUM_CANDIDATES, 10).astype("int32"),
+    }
+    if logq:
+        x["candidate_sampling_probability"] = rng.uniform(0.05, 0.5, 10).astype("float32")
+    outputs = model(x, training=False)
+    loss = model.compute_loss(x, None, outputs)
+    sampled = keras.ops.convert_to_numpy(outputs["sampled_candidate_ids"])
+    assert sampled.shape == (7,) and sampled.min() >= 0 and sampled.max() < NUM_CANDIDATES
+    query_table, candidate_table = tables(model)
+    columns = np.concatenate([x["candidate"], sampled])
+    log_q = None
+    if logq:
+        log_q = np.concatenate(
+            [np.log(x["candidate_sampling_probability"]), np.full(7, np.log(7 / NUM_CANDIDATES))]
+        )
+    expected = numpy_retrieval_softmax(
+        query_table[x["query"]] @ candidate_table[columns].T,
+        temperature=0.5,
+        candidate_ids=columns,
+        log_q=log_q,
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss), expected, rtol=1e-5, atol=1e-6)
+    again = keras.ops.convert_to_numpy(model(x, training=False)["sampled_candidate_ids"])
+    assert not np.array_equal(again, sampled)  # the sampler's seed advances
+
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    history = model.fit(x, batch_size=5, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_full_softmax_matches_numpy():
+    from test_losses import numpy_retrieval_softmax
+
+    model = make_model("full_softmax", catalogue_size=NUM_CANDIDATES, temperature=0.8)
+    model.compile(optimizer="sgd")
+    x, _ = make_pairs(n=16)
+    model.predict(x, verbose=0)
+    query_table, candidate_table = tables(model)
+    expected = numpy_retrieval_softmax(
+        query_table[x["query"]] @ candidate_table.T, x["candidate"], temperature=0.8
+    )
+    loss = model.evaluate(x, batch_size=16, verbose=0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "full_softmax"}, "catalogue_size"),
+        ({"loss": "sampled_softmax", "catalogue_size": 30}, "num_sampled_negatives"),
+    ],
+)
+def test_catalogue_losses_need_their_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_model(**kwargs)
