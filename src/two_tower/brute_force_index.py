@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from two_tower.types import Tensor
-
-SimilarityFn = Callable[[Tensor, Tensor], Tensor]
+from two_tower.types import SimilarityFn, Tensor
 
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
 _IDS_FILE = "candidate_ids.npy"
 
 
-def _dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
+def dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
     return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
 
 
@@ -192,7 +189,7 @@ class BruteForceIndex(keras.layers.Layer):
     ) -> tuple[Tensor, Tensor]:
         query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
         self._check_ready(query_embeddings, k)
-        similarity_fn = similarity_fn or _dot_similarities
+        similarity_fn = similarity_fn or dot_similarities
         candidates: Tensor = self._candidate_embeddings
         best_scores = best_positions = None
         for start in range(0, self.num_candidates, self.chunk_size):

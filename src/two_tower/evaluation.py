@@ -9,7 +9,7 @@ leaving out each query's training items; `format_table` prints the results;
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from two_tower.factorized_top_k import FactorizedTopK, check_id_range
-from two_tower.types import Tensor
+from two_tower.types import SimilarityFn
 
 KS = (1, 5, 10, 50, 100)
 STATS = ("accuracy", "recall", "ndcg")
@@ -33,7 +33,7 @@ def evaluate_retrieval(
     exclude_candidate_ids: Any = None,
     ks: Sequence[int] = KS,
     batch_size: int = 4096,
-    similarity_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    similarity_fn: SimilarityFn | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-k accuracy, recall and NDCG of test pairs over the whole catalogue.
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from two_tower.types import Tensor
-
-SimilarityFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _dot(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
-    return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
+from two_tower.brute_force_index import dot_similarities
+from two_tower.types import SimilarityFn, Tensor
 
 
 def check_id_range(values: np.ndarray, limit: int, what: str) -> None:
@@ -170,7 +165,7 @@ class FactorizedTopK(keras.metrics.Metric):
                 f"Metric '{self.name}' needs `query_ids` (for recall or exclusions). "
                 "With TwoTowerRetrieval, the query input must be a tensor of int ids."
             )
-        similarity_fn = similarity_fn or _dot
+        similarity_fn = similarity_fn or dot_similarities
         positive_positions = ops.reshape(ops.cast(positive_positions, "int32"), (-1,))
         positives = ops.take(catalogue_embeddings, positive_positions, axis=0)
         positive_scores = ops.diagonal(similarity_fn(query_embeddings, positives))[:, None]

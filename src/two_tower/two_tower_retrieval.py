@@ -292,9 +292,9 @@ class TwoTowerRetrieval(keras.Model):
             "query_embeddings": query_embeddings,
             "candidate_embeddings": candidate_embeddings,
         }
-        needs_catalogue = self.loss_name in CATALOGUE_LOSSES or (
-            self.retrieval_metrics and not training
-        )
+        # FactorizedTopK metrics rank against the catalogue in evaluation steps only.
+        ranks_catalogue = bool(self.retrieval_metrics) and not training
+        needs_catalogue = self.loss_name in CATALOGUE_LOSSES or ranks_catalogue
         if self.remove_accidental_hits or needs_catalogue:
             outputs["candidate_ids"] = self._candidate_ids_of(inputs[CANDIDATE])
         if needs_catalogue:
@@ -321,11 +321,11 @@ class TwoTowerRetrieval(keras.Model):
                 outputs["sampled_candidate_embeddings"] = self.candidate_tower(
                     sampled_ids, training=training
                 )
-            if self.loss_name == "full_softmax" or (self.retrieval_metrics and not training):
+            if self.loss_name == "full_softmax" or ranks_catalogue:
                 outputs["catalogue_embeddings"] = self.candidate_tower(
                     catalogue_ids, training=training
                 )
-            if self.retrieval_metrics and not training:
+            if ranks_catalogue:
                 # Marks an evaluation step: FactorizedTopK metrics update only then.
                 outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
         if SAMPLING_PROBABILITY in inputs:

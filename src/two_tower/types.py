@@ -3,7 +3,11 @@
 `Tensor` is `Any` so that type checking needs no backend installed, as in keras-rs.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 Tensor = Any
 """A backend tensor (JAX array, `tf.Tensor` or `torch.Tensor`) or a NumPy array."""
+
+SimilarityFn = Callable[[Tensor, Tensor], Tensor]
+"""`f(query_embeddings, candidate_embeddings) -> [queries, candidates]` scores."""

@@ -505,9 +505,6 @@ def _tfds_records(
     genres = np.empty(len(columns["movie_genres"]), dtype=object)
     genres[:] = [np.asarray(g, dtype="int64") for g in columns["movie_genres"]]
     arrays["movie_genres"] = genres
-    for key in features:
-        if arrays[key].dtype.kind == "U":
-            arrays[key] = arrays[key].astype(str)
     return {key: arrays[key] for key in features}
 
 
