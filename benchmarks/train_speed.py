@@ -14,7 +14,10 @@ Three protocols per backend:
   validation every 5 epochs (its `fit` call as written) and training only;
 - cold: each side in a fresh process, timing its first `fit` call (validation
   every 5 epochs), compilation and the first pass over the input pipeline
-  included. This is how ANCHORS.md timed the tutorial (28.3 s on JAX).
+  included. This is how ANCHORS.md timed the tutorial (28.3 s on JAX);
+- floor (JAX only): the same training written by hand in JAX, with the data on
+  the device and one `lax.scan` per epoch, timed warm. No Keras `fit` loop can
+  beat it; it shows how much of the time is Keras' per-step input path.
 Needs TensorFlow and tensorflow-datasets installed beside each backend (for the
 seed).
 
@@ -163,6 +166,65 @@ def library_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -
     )
 
 
+def jax_floor_seconds(data_dir: str | None, epochs: int) -> float:
+    """The same training written by hand in JAX: the floor for any Keras loop.
+
+    All data on the device, one `lax.scan` over each epoch's 80 batches, Keras'
+    Adagrad update (accumulator 0.1, epsilon 1e-7) and MSE: no input pipeline,
+    no callbacks, no per-step Python. Timed after a warm-up epoch, training only.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(data_dir)
+    records = {
+        "query": ratings["user_id"].astype("int32"),
+        "candidate": ratings["movie_id"].astype("int32"),
+        "rating": ((ratings["user_rating"] - 1.0) / 4.0).astype("float32"),
+    }
+    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    rng = np.random.default_rng(42)
+    tables = (
+        jnp.asarray(rng.uniform(-0.05, 0.05, (944, 32)), jnp.float32),
+        jnp.asarray(rng.uniform(-0.05, 0.05, (1683, 32)), jnp.float32),
+    )
+    state = (tables, tuple(jnp.full_like(t, 0.1) for t in tables))
+    batches = len(train["rating"]) // 1000
+    data = tuple(
+        jnp.asarray(train[key][: batches * 1000]) for key in ("query", "candidate", "rating")
+    )
+
+    def loss(params, users, movies, labels):
+        scores = jnp.sum(params[0][users] * params[1][movies], axis=-1)
+        return jnp.mean(jnp.square(labels - scores))
+
+    def step(carry, batch):
+        params, accumulators = carry
+        grads = jax.grad(loss)(params, *batch)
+        accumulators = tuple(a + g * g for a, g in zip(accumulators, grads, strict=True))
+        params = tuple(
+            p - 0.1 * g / (jnp.sqrt(a) + 1e-7)
+            for p, g, a in zip(params, grads, accumulators, strict=True)
+        )
+        return (params, accumulators), None
+
+    @jax.jit
+    def epoch(carry, order):
+        shuffled = tuple(column[order].reshape(batches, 1000) for column in data)
+        return jax.lax.scan(step, carry, shuffled)[0]
+
+    orders = [jnp.asarray(rng.permutation(batches * 1000)) for _ in range(epochs + 1)]
+    state = jax.block_until_ready(epoch(state, orders[0]))
+    started = time.perf_counter()
+    for order in orders[1:]:
+        state = epoch(state, order)
+    jax.block_until_ready(state)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default="jax,tensorflow,torch")
@@ -181,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": seed_fit_seconds(args.data_dir, args.epochs),
                 "library": library_fit_seconds(args.data_dir, args.epochs),
             }
+            if args.worker == "jax":
+                times["floor"] = {"train_only": jax_floor_seconds(args.data_dir, args.epochs)}
         elif args.mode == "seed-cold":
             times = {"seed": seed_fit_seconds(args.data_dir, args.epochs, cold=True)}
         else:
@@ -192,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| backend | protocol | seed (tf.data + keras-rs) | two_tower (NumPy) | speed-up |")
     print("|---|---|---|---|---|")
     for backend in args.backends.split(","):
-        times: dict[str, dict[str, float]] = {"seed": {}, "library": {}}
+        times: dict[str, dict[str, float]] = {"seed": {}, "library": {}, "floor": {}}
         for mode in ("warm", "seed-cold", "library-cold"):
             result = _run_worker(backend, mode, args)
             for side, figures in result.items():
@@ -205,6 +269,14 @@ def main(argv: list[str] | None = None) -> None:
             seed, library = times["seed"][protocol], times["library"][protocol]
             print(
                 f"| {backend} | {label} | {seed:.1f} s | {library:.1f} s | {seed / library:.1f}x |",
+                flush=True,
+            )
+        if "train_only" in times["floor"]:
+            floor = times["floor"]["train_only"]
+            seed = times["seed"]["train_only"]
+            print(
+                f"| {backend} | floor: hand-written jax.lax.scan, training only | "
+                f"{seed:.1f} s | {floor:.1f} s | {seed / floor:.1f}x |",
                 flush=True,
             )
 
