@@ -85,7 +85,7 @@ def test_bad_queries_raise():
         index.search(np.ones((1, 4), "float32"), k=1)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -3, 2.5])
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, 2**24 + 1])
 def test_bad_chunk_size_raises(chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
         two_tower.BruteForceIndex(chunk_size=chunk_size)
@@ -103,3 +103,133 @@ def test_object_ids_keep_their_kind():
         index.index(np.eye(2, dtype="float32"), np.array([1, 2**70], dtype=object))
     with pytest.raises(ValueError, match="integers or strings"):
         index.index(np.eye(2, dtype="float32"), np.array([0.5, 1.5]))
+
+
+def numpy_exact(queries, candidates, k, exclude_positions=None):
+    """Top k by (score desc, position asc) in float64; excluded positions skipped."""
+    scores = queries.astype("float64") @ candidates.astype("float64").T
+    results = []
+    for row in range(len(queries)):
+        keep = np.ones(len(candidates), bool)
+        if exclude_positions is not None:
+            keep[list(exclude_positions[row])] = False
+        positions = np.flatnonzero(keep)
+        order = np.lexsort((positions, -scores[row, positions]))[:k]
+        results.append(positions[order])
+    positions = np.array(results)
+    return np.take_along_axis(scores, positions, axis=1), positions
+
+
+def tied_catalogue(seed=0, num_candidates=300, dim=4):
+    """Small-integer embeddings: exact dot products with many equal scores."""
+    rng = np.random.default_rng(seed)
+    candidates = rng.integers(-1, 2, size=(num_candidates, dim)).astype("float32")
+    queries = rng.integers(-1, 2, size=(37, dim)).astype("float32")
+    return queries, candidates
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "k"),
+    [(1, 1), (7, 10), (7, 100), (64, 10), (64, 100), (300, 100), (65_536, 1), (65_536, 100)],
+)
+def test_ties_break_to_the_lower_position_on_every_backend(chunk_size, k):
+    queries, candidates = tied_catalogue()
+    index = two_tower.BruteForceIndex(chunk_size=chunk_size, query_batch_size=8)
+    index.index(candidates)
+    scores, found = index.search(queries, k=k)
+    expected_scores, expected_positions = numpy_exact(queries, candidates, k)
+    np.testing.assert_array_equal(found, expected_positions)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_all_equal_scores_come_back_in_position_order():
+    index = two_tower.BruteForceIndex(chunk_size=5)
+    index.index(np.ones((23, 3), "float32"), np.arange(100, 123))
+    _, found = index.search(np.ones((2, 3), "float32"), k=12)
+    np.testing.assert_array_equal(found, np.tile(np.arange(100, 112), (2, 1)))
+
+
+def test_negative_zero_ties_with_zero():
+    candidates = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "float32")
+    index = two_tower.BruteForceIndex()
+    index.index(candidates)
+    # Scores: [-0.0 (0*-1 + -1*0 ...), 0.0, -1.0]: position 0 (-0.0) and 1 (+0.0) tie.
+    _, found = index.search(np.array([[-0.0, -1.0]], "float32"), k=3)
+    np.testing.assert_array_equal(found, [[0, 1, 2]])
+
+
+def test_stable_top_k_against_numpy():
+    from two_tower.brute_force_index import stable_top_k
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(9, 50)).astype("float32")
+    values, columns = stable_top_k(scores, 20)
+    expected = np.array([np.lexsort((np.arange(50), -row))[:20] for row in scores])
+    np.testing.assert_array_equal(np.asarray(columns), expected)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(scores, expected, 1))
+
+
+@pytest.mark.parametrize("chunk_size", [13, 64, 65_536])
+def test_exclusions_are_exact_even_when_most_are_excluded(chunk_size):
+    queries, candidates = tied_catalogue(seed=1, num_candidates=120)
+    rng = np.random.default_rng(5)
+    ids = rng.permutation(10_000)[:120].astype("int64")
+    excluded_positions = [
+        rng.choice(120, size=rng.integers(0, 110), replace=False) for _ in queries
+    ]
+    index = two_tower.BruteForceIndex(chunk_size=chunk_size, query_batch_size=16)
+    index.index(candidates, ids)
+    exclude = [ids[p].tolist() + ids[p[:3]].tolist() for p in excluded_positions]  # repeats ok
+    scores, found = index.search(queries, k=10, exclude=exclude)
+    expected_scores, expected_positions = numpy_exact(queries, candidates, 10, excluded_positions)
+    np.testing.assert_array_equal(found, ids[expected_positions])
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_exclusions_with_string_ids_and_none_entries():
+    index = two_tower.BruteForceIndex()
+    index.index(np.eye(3, dtype="float32") + 0.5, np.array(["a", "b", "c"]))
+    query = np.array([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]], "float32")
+    _, found = index.search(query, k=2, exclude=[["a"], None])
+    assert found.tolist() == [["b", "c"], ["a", "b"]]
+
+
+def test_bad_exclusions_raise():
+    index = two_tower.BruteForceIndex()
+    index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
+    queries = np.eye(3, dtype="float32")[:2]
+    with pytest.raises(ValueError, match=r"one entry per query: 2 queries, received 1"):
+        index.search(queries, k=1, exclude=[[10]])
+    with pytest.raises(ValueError, match=r"not in the indexed catalogue, e.g. \[99\]"):
+        index.search(queries, k=1, exclude=[[99], []])
+    _, found = index.search(queries, k=1, exclude=[[99, 10], []], ignore_unknown_exclusions=True)
+    assert found[:, 0].tolist() == [20, 20]
+    with pytest.raises(ValueError, match=r"Query 1 excludes 2 of 3 candidates.*k=2"):
+        index.search(queries, k=2, exclude=[[], [10, 20]])
+    with pytest.raises(ValueError, match="dtype"):
+        index.search(queries, k=1, exclude=[["x"], []])
+    with pytest.raises(ValueError, match="one sequence of ids"):
+        index.search(queries, k=1, exclude="abc")
+
+
+def test_non_finite_queries_raise():
+    index = two_tower.BruteForceIndex()
+    index.index(np.eye(2, dtype="float32"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.search(np.array([[np.nan, 1.0]], "float32"), k=1)
+
+
+def test_positions_of():
+    index = two_tower.BruteForceIndex()
+    index.index(np.eye(3, dtype="float32"), np.array([30, 10, 20]))
+    assert index.positions_of([10, 30, 20]).tolist() == [1, 0, 2]
+    assert index.positions_of([5, 20], ignore_unknown=True).tolist() == [-1, 2]
+
+
+def test_many_queries_are_batched():
+    queries, candidates = tied_catalogue(seed=2)
+    queries = np.concatenate([queries] * 5)
+    index = two_tower.BruteForceIndex(chunk_size=50, query_batch_size=13)
+    index.index(candidates)
+    _, found = index.search(queries, k=5)
+    np.testing.assert_array_equal(found, numpy_exact(queries, candidates, 5)[1])

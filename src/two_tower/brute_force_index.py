@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -15,8 +16,50 @@ _EMBEDDINGS_FILE = "candidate_embeddings.npy"
 _IDS_FILE = "candidate_ids.npy"
 
 
+_MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
+
+
 def dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
     return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
+
+
+def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top k of each row, best first, equal scores in column order.
+
+    `keras.ops.top_k` puts the lower index first on JAX and TensorFlow (both
+    document it), but `torch.topk` promises nothing about ties: neither which
+    tied columns make the cut nor their order. On torch we therefore pick the
+    cut explicitly: every column above the k-th value, then the leftmost tied
+    columns until there are k, and order them with a stable sort. `-0.0` is
+    folded into `0.0` first so that all backends see them as equal.
+
+    Args:
+        scores: `[rows, columns]` float tensor with no NaN.
+        k: `1 <= k <= columns`.
+
+    Returns:
+        `(values, columns)`, both `[rows, k]`; columns are int32.
+    """
+    scores = ops.where(ops.equal(scores, 0.0), ops.zeros_like(scores), scores)
+    if keras.backend.backend() != "torch":
+        values, columns = ops.top_k(scores, k)
+        return values, ops.cast(columns, "int32")
+    values, _ = ops.top_k(scores, k)
+    threshold = values[:, k - 1 : k]
+    above = ops.greater(scores, threshold)
+    tied = ops.equal(scores, threshold)
+    needed = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
+    tie_rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
+    chosen = ops.logical_or(above, ops.logical_and(tied, ops.less_equal(tie_rank, needed)))
+    # Exactly k columns are chosen; distinct keys make this top_k tie-free.
+    keys = -ops.arange(ops.shape(scores)[1], dtype="float32")
+    _, picked = ops.top_k(ops.where(chosen, keys, float("-inf")), k)
+    picked_scores = ops.take_along_axis(scores, picked, axis=1)
+    order = ops.argsort(-picked_scores, axis=1)  # Keras' torch argsort is stable
+    return (
+        ops.take_along_axis(picked_scores, order, axis=1),
+        ops.cast(ops.take_along_axis(picked, order, axis=1), "int32"),
+    )
 
 
 def _normalise_ids(candidate_ids: Any) -> np.ndarray:
@@ -48,15 +91,22 @@ def _normalise_ids(candidate_ids: Any) -> np.ndarray:
 class BruteForceIndex(keras.layers.Layer):
     """Exact top-k search over candidate embeddings, scored in chunks.
 
-    It scores the queries against `chunk_size` candidates at a time and merges
-    each chunk's top k into a running top k, so memory grows with the chunk, not
-    with the catalogue.
+    It scores `query_batch_size` queries against `chunk_size` candidates at a
+    time and merges each chunk's top k into a running top k, so memory grows
+    with `query_batch_size × chunk_size`, not with the catalogue or the number
+    of queries.
+
+    Results equal the full computation, ties included: equal scores come back
+    lower candidate position first, on JAX, TensorFlow and torch alike (see
+    `stable_top_k`).
 
     We write our own instead of using `keras_rs.layers.BruteForceRetrieval`
     because, in keras-rs 0.4, that layer casts candidate ids to int32 (ids above
     2**31 come back corrupted), freezes the catalogue size at first use, stores a
     bound method in `get_config`, fails to reload inside a saved model on JAX,
-    and materialises the whole `[queries, candidates]` score matrix.
+    breaks ties differently on each backend, and materialises the whole
+    `[queries, candidates]` score matrix (16.8 GB for 1024 queries over 1M
+    candidates).
 
     Candidate ids never enter the compiled graph: they are kept as a NumPy array
     and positions are mapped to ids on the host. So int64 ids of the full range
@@ -66,13 +116,10 @@ class BruteForceIndex(keras.layers.Layer):
     restored by `keras.saving.load_model`. It can be re-indexed at any time with
     a catalogue of a different size.
 
-    Ties: equal scores are ordered by `keras.ops.top_k`, which on JAX and
-    TensorFlow puts the lower candidate position first; torch does not promise
-    an order for ties.
-
     Args:
-        chunk_size: number of candidates scored at once. Bounds peak memory at
-            about `queries × chunk_size` scores.
+        chunk_size: candidates scored at once, at most 2**24.
+        query_batch_size: queries scored at once. Peak memory for scores is
+            about `query_batch_size × chunk_size × 4` bytes (256 MiB by default).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -82,24 +129,36 @@ class BruteForceIndex(keras.layers.Layer):
     Returns:
         From `call`: a `(scores, positions)` tuple of `[queries, k]` tensors, best
         first; positions index the indexed catalogue. `search` maps positions to
-        candidate ids.
+        candidate ids and takes exclusions.
 
     Example:
     >>> import numpy as np
     >>> index = two_tower.BruteForceIndex()
     >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
     >>> scores, ids = index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)
-    >>> ids[0, 0]
-    np.int64(20)
+    >>> ids.tolist()
+    [[20, 10]]
+    >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2, exclude=[[20]])[1].tolist()
+    [[10, 30]]
     """
 
-    def __init__(self, chunk_size: int = 65_536, **kwargs: Any) -> None:
+    def __init__(
+        self, chunk_size: int = 65_536, query_batch_size: int = 1024, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size!r}")
+        for name, value, limit in (
+            ("chunk_size", chunk_size, _MAX_CHUNK),
+            ("query_batch_size", query_batch_size, None),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+            if limit is not None and value > limit:
+                raise ValueError(f"`{name}` must be at most {limit}. Received: {value}")
         self.chunk_size = chunk_size
+        self.query_batch_size = query_batch_size
         self._candidate_embeddings: Tensor | None = None
         self._candidate_ids: np.ndarray | None = None
+        self._id_order: np.ndarray | None = None
         self.built = True
 
     @property
@@ -128,7 +187,7 @@ class BruteForceIndex(keras.layers.Layer):
         Raises:
             ValueError: on an empty catalogue, a non-2D embedding matrix, non-finite
                 embeddings, ids whose length differs from the embeddings, or
-                duplicate ids.
+                duplicate ids. The previous catalogue is kept when it raises.
         """
         embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
         if embeddings.ndim != 2:
@@ -142,6 +201,7 @@ class BruteForceIndex(keras.layers.Layer):
             raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
         if candidate_ids is None:
             ids = np.arange(embeddings.shape[0], dtype="int64")
+            order = ids
         else:
             ids = _normalise_ids(candidate_ids)
             if ids.ndim != 1 or len(ids) != embeddings.shape[0]:
@@ -150,23 +210,62 @@ class BruteForceIndex(keras.layers.Layer):
                     f"Received ids of shape {ids.shape} for "
                     f"{embeddings.shape[0]} embeddings."
                 )
-            unique, counts = np.unique(ids, return_counts=True)
-            if len(unique) != len(ids):
-                duplicates = unique[counts > 1][:5].tolist()
+            order = np.argsort(ids, kind="stable")
+            sorted_ids = ids[order]
+            repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+            if len(repeated):
                 raise ValueError(
-                    f"`candidate_ids` must be unique. Received duplicates: {duplicates}"
+                    "`candidate_ids` must be unique. Received duplicates: "
+                    f"{np.unique(repeated)[:5].tolist()}"
                 )
         self._candidate_embeddings = ops.convert_to_tensor(
             embeddings.astype(self.compute_dtype, copy=False)
         )
         self._candidate_ids = ids.copy()
+        self._id_order = order
+
+    def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
+        """Catalogue positions of candidate ids.
+
+        Args:
+            ids: 1D array-like of ids of the indexed kind (integers or strings).
+            ignore_unknown: return -1 for ids not in the catalogue instead of
+                raising.
+
+        Returns:
+            int64 positions, one per id.
+
+        Raises:
+            ValueError: if the index is empty, the ids are of another kind than
+                the indexed ids, or (unless `ignore_unknown`) an id is unknown.
+        """
+        if self._candidate_ids is None or self._id_order is None:
+            raise ValueError(_EMPTY_INDEX)
+        values = np.asarray(ids).reshape(-1)
+        if values.dtype == object:
+            values = _normalise_ids(values) if len(values) else values.astype("int64")
+        indexed = self._candidate_ids
+        if len(values) and (values.dtype.kind == "U") != (indexed.dtype.kind == "U"):
+            raise ValueError(
+                f"Ids of dtype {values.dtype} cannot name candidates indexed with ids of "
+                f"dtype {indexed.dtype}."
+            )
+        if len(values) == 0:
+            return np.zeros(0, dtype="int64")
+        sorted_ids = indexed[self._id_order]
+        slots = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+        found = sorted_ids[slots] == values
+        if not ignore_unknown and not np.all(found):
+            unknown = np.unique(values[~found])[:5].tolist()
+            raise ValueError(
+                f"{int(np.sum(~found))} id(s) are not in the indexed catalogue, e.g. "
+                f"{unknown}. Pass ignore_unknown=True to skip them."
+            )
+        return np.where(found, self._id_order[slots], -1).astype("int64")
 
     def _check_ready(self, query_embeddings: Tensor, k: int) -> None:
         if self._candidate_embeddings is None:
-            raise ValueError(
-                "The index is empty. Call `index(candidate_embeddings, "
-                "candidate_ids)` (or `TwoTowerRetrieval.index_candidates`) first."
-            )
+            raise ValueError(_EMPTY_INDEX)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
         if k > self.num_candidates:
@@ -189,24 +288,36 @@ class BruteForceIndex(keras.layers.Layer):
     ) -> tuple[Tensor, Tensor]:
         query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
         self._check_ready(query_embeddings, k)
-        similarity_fn = similarity_fn or dot_similarities
+        return self._top_k(query_embeddings, k, similarity_fn or dot_similarities, None)
+
+    def _top_k(
+        self,
+        queries: Tensor,
+        k: int,
+        similarity_fn: SimilarityFn,
+        excluded: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Chunked running top k; `excluded` = (query rows, positions) to skip."""
         candidates: Tensor = self._candidate_embeddings
         best_scores = best_positions = None
         for start in range(0, self.num_candidates, self.chunk_size):
             chunk = candidates[start : start + self.chunk_size]
-            scores = similarity_fn(query_embeddings, chunk)
-            scores, positions = ops.top_k(scores, min(k, chunk.shape[0]))
-            positions = ops.cast(positions, "int32") + start
+            scores = similarity_fn(queries, chunk)
+            if excluded is not None:
+                scores = _mask(scores, excluded, start, int(chunk.shape[0]))
+            scores, columns = stable_top_k(scores, min(k, int(chunk.shape[0])))
+            positions = columns + start
             if best_scores is None:
                 best_scores, best_positions = scores, positions
                 continue
-            # Running candidates come first, so on JAX and TensorFlow, whose top_k
-            # is stable, lower positions stay ahead of later chunks on equal scores.
-            # torch.topk makes no such promise.
+            # Every running position is lower than this chunk's, and both halves
+            # are already in (score, position) order, so ties in the merged
+            # columns are in position order too.
             merged_scores = ops.concatenate([best_scores, scores], axis=1)
             merged_positions = ops.concatenate([best_positions, positions], axis=1)
-            best_scores, order = ops.top_k(merged_scores, min(k, merged_scores.shape[1]))
+            best_scores, order = stable_top_k(merged_scores, min(k, merged_scores.shape[1]))
             best_positions = ops.take_along_axis(merged_positions, order, axis=1)
+        assert best_scores is not None and best_positions is not None
         return best_scores, best_positions
 
     def search(
@@ -214,6 +325,9 @@ class BruteForceIndex(keras.layers.Layer):
         query_embeddings: Any,
         k: int = 10,
         similarity_fn: SimilarityFn | None = None,
+        *,
+        exclude: Sequence[Any] | None = None,
+        ignore_unknown_exclusions: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k candidate ids for each query, best first.
 
@@ -222,19 +336,87 @@ class BruteForceIndex(keras.layers.Layer):
             k: number of results per query; `1 <= k <= num_candidates`.
             similarity_fn: `f(query_embeddings, candidate_embeddings) ->
                 [queries, candidates]` scores; defaults to the dot product.
+            exclude: one sequence of candidate ids (or None) per query, left out
+                of that query's results, e.g. items already seen. The results are
+                the exact top k among the remaining candidates.
+            ignore_unknown_exclusions: skip excluded ids that are not in the
+                catalogue (e.g. retired items) instead of raising.
 
         Returns:
             `(scores, ids)`: NumPy arrays of shape `[queries, k]`; `ids` has the
             dtype of the indexed ids.
 
         Raises:
-            ValueError: if the index is empty, `k` is out of range or the query
-                dim does not match.
+            ValueError: if the index is empty, `k` is out of range, the query dim
+                does not match, queries contain NaN or infinity, `exclude` does
+                not have one entry per query, names unknown ids, or leaves a query
+                fewer than `k` candidates.
         """
-        scores, positions = self(query_embeddings, k=k, similarity_fn=similarity_fn)
-        positions = ops.convert_to_numpy(positions)
+        queries = np.asarray(ops.convert_to_numpy(query_embeddings))
+        self._check_ready(queries, k)
+        if not np.all(np.isfinite(queries)):
+            raise ValueError("Query embeddings contain NaN or infinite values.")
+        excluded = None
+        if exclude is not None:
+            excluded = self._exclusions(exclude, len(queries), k, ignore_unknown_exclusions)
+        similarity_fn = similarity_fn or dot_similarities
+        all_scores, all_positions = [], []
+        for start in range(0, len(queries), self.query_batch_size):
+            stop = start + self.query_batch_size
+            batch_excluded = None
+            if excluded is not None:
+                rows, positions = excluded
+                keep = (rows >= start) & (rows < stop)
+                batch_excluded = (rows[keep] - start, positions[keep])
+            scores, positions = self._top_k(
+                ops.convert_to_tensor(queries[start:stop], self.compute_dtype),
+                k,
+                similarity_fn,
+                batch_excluded,
+            )
+            all_scores.append(ops.convert_to_numpy(scores))
+            all_positions.append(ops.convert_to_numpy(positions))
+        if not all_scores:
+            return np.zeros((0, k), self.compute_dtype), self._empty_ids(k)
         assert self._candidate_ids is not None
-        return ops.convert_to_numpy(scores), self._candidate_ids[positions]
+        return np.concatenate(all_scores), self._candidate_ids[np.concatenate(all_positions)]
+
+    def _empty_ids(self, k: int) -> np.ndarray:
+        assert self._candidate_ids is not None
+        return np.zeros((0, k), dtype=self._candidate_ids.dtype)
+
+    def _exclusions(
+        self, exclude: Sequence[Any], num_queries: int, k: int, ignore_unknown: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, positions) of the excluded candidates, deduplicated."""
+        if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+            raise ValueError(
+                "`exclude` must hold one sequence of ids (or None) per query. "
+                f"Received: {type(exclude).__name__}"
+            )
+        if len(exclude) != num_queries:
+            raise ValueError(
+                f"`exclude` must have one entry per query: {num_queries} queries, "
+                f"received {len(exclude)} entries."
+            )
+        rows, positions = [], []
+        for row, ids in enumerate(exclude):
+            if ids is None:
+                continue
+            if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
+                ids = [ids]
+            found = self.positions_of(ids, ignore_unknown=ignore_unknown)
+            found = np.unique(found[found >= 0])
+            if self.num_candidates - len(found) < k:
+                raise ValueError(
+                    f"Query {row} excludes {len(found)} of {self.num_candidates} "
+                    f"candidates, which leaves fewer than k={k}."
+                )
+            rows.append(np.full(len(found), row, dtype="int64"))
+            positions.append(found)
+        if not rows:
+            return np.zeros(0, "int64"), np.zeros(0, "int64")
+        return np.concatenate(rows), np.concatenate(positions)
 
     def save_assets(self, dir_path: str) -> None:
         if self._candidate_embeddings is None or self._candidate_ids is None:
@@ -257,5 +439,27 @@ class BruteForceIndex(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
-        config.update({"chunk_size": self.chunk_size})
+        config.update({"chunk_size": self.chunk_size, "query_batch_size": self.query_batch_size})
         return config
+
+
+_EMPTY_INDEX = (
+    "The index is empty. Call `index(candidate_embeddings, candidate_ids)` (or "
+    "`TwoTowerRetrieval.index_candidates`) first."
+)
+
+
+def _mask(scores: Tensor, excluded: tuple[np.ndarray, np.ndarray], start: int, size: int) -> Tensor:
+    """Sets the excluded (row, position) scores of one chunk to -inf."""
+    rows, positions = excluded
+    inside = (positions >= start) & (positions < start + size)
+    if not np.any(inside):
+        return scores
+    indices = np.stack([rows[inside], positions[inside] - start], axis=1).astype("int32")
+    # Pad to a power of two by repeating an index (setting -inf twice is
+    # harmless), so that JAX compiles a handful of scatter shapes, not one per
+    # chunk.
+    padded = 1 << (len(indices) - 1).bit_length()
+    indices = np.concatenate([indices, np.repeat(indices[:1], padded - len(indices), axis=0)])
+    dtype = keras.backend.standardize_dtype(scores.dtype)
+    return ops.scatter_update(scores, indices, ops.full((len(indices),), float("-inf"), dtype))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -594,31 +594,47 @@ class TwoTowerRetrieval(keras.Model):
                 above 2**31 and strings included); defaults to row positions.
             batch_size: rows embedded at once.
         """
-        if isinstance(candidates, (list, tuple)):
-            candidates = np.asarray(candidates)  # a list of ids, not a structure
-        candidates = keras.tree.map_structure(np.asarray, candidates)
-        leaves = keras.tree.flatten(candidates)
+        embeddings = self._embed_rows(candidates, self.embed_candidates, batch_size, "candidates")
+        self.candidate_index.index(embeddings, candidate_ids)
+
+    def _embed_rows(
+        self, features: Any, tower: Callable[[Any], Tensor], batch_size: int, what: str
+    ) -> np.ndarray:
+        """Runs `tower` over `features` in batches on the host side; NumPy out."""
+        if isinstance(features, (list, tuple)):
+            features = np.asarray(features)  # a list of ids, not a structure
+        features = keras.tree.map_structure(np.asarray, features)
+        leaves = keras.tree.flatten(features)
         lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
         if not leaves or len(lengths) != 1 or None in lengths:
             raise ValueError(
-                "`candidates` must be an array, or a dict of arrays, with one row per "
-                f"candidate. Received row counts {sorted(map(str, lengths))}"
+                f"`{what}` must be an array, or a dict of arrays, with one row per "
+                f"item. Received row counts {sorted(map(str, lengths))}"
             )
         num_rows = leaves[0].shape[0]
+        if num_rows == 0:
+            raise ValueError(f"`{what}` has 0 rows.")
+        self._check_ids(features, "candidate")
         embeddings = []
-        self._check_ids(candidates, "candidate")
         for start in range(0, num_rows, batch_size):
-            batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], candidates)
-            embeddings.append(ops.convert_to_numpy(self.embed_candidates(batch)))
-        if not embeddings:
-            raise ValueError("Cannot index an empty catalogue: `candidates` has 0 rows.")
-        self.candidate_index.index(np.concatenate(embeddings, axis=0), candidate_ids)
+            batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
+            embeddings.append(ops.convert_to_numpy(tower(batch)))
+        return np.concatenate(embeddings, axis=0)
+
+    def _require_index(self) -> None:
+        if self.candidate_index.num_candidates == 0:
+            raise ValueError(
+                "No candidates are indexed. Call `index_candidates(candidates, "
+                "candidate_ids)` first."
+            )
 
     def recommend(
         self,
         queries: Any,
         k: int = 10,
         *,
+        exclude: Sequence[Any] | None = None,
+        ignore_unknown_exclusions: bool = False,
         return_scores: bool = False,
         batch_size: int = 1024,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -627,6 +643,11 @@ class TwoTowerRetrieval(keras.Model):
         Args:
             queries: query features (an array or a dict of arrays).
             k: results per query; `1 <= k <= ` the number of indexed candidates.
+            exclude: one sequence of candidate ids (or None) per query to leave
+                out, e.g. what each user already watched. The results are the
+                exact top k among the remaining candidates.
+            ignore_unknown_exclusions: skip excluded ids that are not indexed
+                instead of raising.
             return_scores: also return the `[queries, k]` scores.
             batch_size: queries embedded at once.
 
@@ -635,18 +656,113 @@ class TwoTowerRetrieval(keras.Model):
             scores)` when `return_scores` is true.
 
         Raises:
-            ValueError: if nothing is indexed, or `k` is out of range.
+            ValueError: if nothing is indexed, `k` is out of range, or `exclude`
+                is malformed, names unknown ids, or leaves fewer than `k`
+                candidates (see `BruteForceIndex.search`).
         """
-        if self.candidate_index.num_candidates == 0:
-            raise ValueError(
-                "No candidates are indexed. Call `index_candidates(candidates, "
-                "candidate_ids)` first."
-            )
+        self._require_index()
         query_embeddings = self.predict(queries, batch_size=batch_size, verbose=0)
         scores, ids = self.candidate_index.search(
-            query_embeddings, k=k, similarity_fn=self.compute_similarities
+            query_embeddings,
+            k=k,
+            similarity_fn=self.compute_similarities,
+            exclude=exclude,
+            ignore_unknown_exclusions=ignore_unknown_exclusions,
         )
         return (ids, scores) if return_scores else ids
+
+    def similar_items(
+        self,
+        items: Any,
+        k: int = 10,
+        *,
+        item_ids: Any = None,
+        exclude_self: bool = True,
+        item_tower: keras.layers.Layer | None = None,
+        exclude: Sequence[Any] | None = None,
+        ignore_unknown_exclusions: bool = False,
+        return_scores: bool = False,
+        batch_size: int = 4096,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Item-to-item: the indexed candidates closest to each given item.
+
+        Each item is embedded with the candidate tower (or `item_tower`, for a
+        second tower trained for item queries) and scored against the index with
+        `compute_similarities`.
+
+        Args:
+            items: item features (an array or a dict of arrays), one row per item.
+            k: results per item.
+            item_ids: the items' ids in the index, used to leave each item out of
+                its own results. Defaults to `items` when it is a 1D array of ids;
+                ids that are not indexed are simply not excluded.
+            exclude_self: leave each item out of its own results.
+            item_tower: embeds `items` instead of the candidate tower; its output
+                dim must match the index.
+            exclude: further ids to leave out, one sequence (or None) per item.
+            ignore_unknown_exclusions: skip unknown ids in `exclude` instead of
+                raising.
+            return_scores: also return the `[items, k]` scores.
+            batch_size: items embedded at once.
+
+        Returns:
+            `[items, k]` ids, or `(ids, scores)` when `return_scores` is true.
+
+        Raises:
+            ValueError: if nothing is indexed, `exclude_self` is set but the ids
+                of dict-featured items are not given, or the arguments are out of
+                range (see `recommend`).
+
+        Example:
+        >>> import numpy as np
+        >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
+        >>> model.index_candidates(np.arange(8))
+        >>> model.similar_items(np.array([3]), k=2).shape
+        (1, 2)
+        """
+        self._require_index()
+        tower = self.embed_candidates if item_tower is None else item_tower
+        embeddings = self._embed_rows(items, tower, batch_size, "items")
+        num_items = len(embeddings)
+        if exclude is not None and (isinstance(exclude, (str, bytes)) or len(exclude) != num_items):
+            raise ValueError(
+                f"`exclude` must have one entry per item: {num_items} items, received "
+                f"{len(exclude) if not isinstance(exclude, (str, bytes)) else exclude!r}."
+            )
+        rows: list[list[Any]] = [
+            [] if exclude is None or exclude[i] is None else list(np.atleast_1d(exclude[i]))
+            for i in range(num_items)
+        ]
+        index = self.candidate_index
+        for row in rows:  # validate the caller's exclusions before adding ours
+            index.positions_of(row, ignore_unknown=ignore_unknown_exclusions)
+        if exclude_self:
+            if item_ids is None:
+                ids = np.asarray(items) if not isinstance(items, Mapping) else None
+                if ids is None or ids.ndim != 1:
+                    raise ValueError(
+                        "`exclude_self` needs each item's id: pass `item_ids` when "
+                        "`items` is not a 1D array of ids (or set exclude_self=False)."
+                    )
+            else:
+                ids = np.asarray(item_ids).reshape(-1)
+                if len(ids) != num_items:
+                    raise ValueError(
+                        f"`item_ids` must have one id per item: {num_items} items, "
+                        f"received {len(ids)} ids."
+                    )
+            known = index.positions_of(ids, ignore_unknown=True) >= 0
+            for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
+                if is_known:
+                    row.append(item_id)
+        scores, found = index.search(
+            embeddings,
+            k=k,
+            similarity_fn=self.compute_similarities,
+            exclude=rows,
+            ignore_unknown_exclusions=True,
+        )
+        return (found, scores) if return_scores else found
 
     # ---------------------------------------------------------- serialization
     def get_config(self) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""Serving: recommend with exclusions and item-to-item, against NumPy."""
+
+import keras
+import numpy as np
+import pytest
+
+import two_tower
+
+NUM_USERS, NUM_ITEMS, DIM = 9, 40, 4
+
+
+def integer_model(seed=0):
+    """An id model whose tables hold small integers: exact scores, many ties."""
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(NUM_USERS, DIM), keras.layers.Embedding(NUM_ITEMS, DIM)
+    )
+    rng = np.random.default_rng(seed)
+    users = rng.integers(-2, 3, size=(NUM_USERS, DIM)).astype("float32")
+    items = rng.integers(-2, 3, size=(NUM_ITEMS, DIM)).astype("float32")
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    model.query_tower.embeddings.assign(users)
+    model.candidate_tower.embeddings.assign(items)
+    return model, users, items
+
+
+def numpy_ranking(query_vectors, items, k, excluded_positions):
+    scores = query_vectors.astype("float64") @ items.astype("float64").T
+    out = []
+    for row, skip in enumerate(excluded_positions):
+        positions = np.setdiff1d(np.arange(len(items)), list(skip))
+        out.append(positions[np.lexsort((positions, -scores[row, positions]))[:k]])
+    return np.array(out)
+
+
+def test_recommend_with_exclusions_matches_numpy():
+    model, users, items = integer_model()
+    item_ids = np.arange(NUM_ITEMS, dtype="int64") * 1000 + 7
+    model.index_candidates(np.arange(NUM_ITEMS), item_ids)
+    rng = np.random.default_rng(1)
+    seen = [rng.choice(NUM_ITEMS, size=rng.integers(0, 30), replace=False) for _ in range(6)]
+    queries = np.arange(6)
+    found, scores = model.recommend(
+        queries, k=8, exclude=[item_ids[s] for s in seen], return_scores=True
+    )
+    expected = numpy_ranking(users[queries], items, 8, seen)
+    np.testing.assert_array_equal(found, item_ids[expected])
+    np.testing.assert_array_equal(
+        scores, np.take_along_axis(users[queries] @ items.T, expected, axis=1)
+    )
+
+
+def test_similar_items_leaves_the_item_out_and_matches_numpy():
+    model, _, items = integer_model(seed=2)
+    model.index_candidates(np.arange(NUM_ITEMS))
+    queries = np.array([0, 5, 39])
+    found = model.similar_items(queries, k=6, exclude=[[1, 2], None, [38]])
+    expected = numpy_ranking(items[queries], items, 6, [[0, 1, 2], [5], [39, 38]])
+    np.testing.assert_array_equal(found, expected)
+    kept = model.similar_items(queries, k=6, exclude_self=False)
+    np.testing.assert_array_equal(kept, numpy_ranking(items[queries], items, 6, [[], [], []]))
+
+
+def test_similar_items_with_a_second_item_tower():
+    model, _, items = integer_model(seed=3)
+    model.index_candidates(np.arange(NUM_ITEMS), np.array([f"m{i}" for i in range(NUM_ITEMS)]))
+    other = keras.layers.Embedding(NUM_ITEMS, DIM)
+    other.build((None,))
+    other_table = np.random.default_rng(4).integers(-2, 3, (NUM_ITEMS, DIM)).astype("float32")
+    other.embeddings.assign(other_table)
+    found = model.similar_items(
+        np.array([4, 7]), k=5, item_tower=other, item_ids=np.array(["m4", "m7"])
+    )
+    expected = numpy_ranking(other_table[[4, 7]], items, 5, [[4], [7]])
+    assert found.tolist() == [[f"m{i}" for i in row] for row in expected]
+
+
+def test_similar_items_bad_input_raises():
+    model, _, _ = integer_model()
+    with pytest.raises(ValueError, match="No candidates are indexed"):
+        model.similar_items(np.array([1]))
+    model.index_candidates(np.arange(NUM_ITEMS))
+    with pytest.raises(ValueError, match="one entry per item: 2 items, received 1"):
+        model.similar_items(np.array([1, 2]), exclude=[[3]])
+    with pytest.raises(ValueError, match="not in the indexed catalogue"):
+        model.similar_items(np.array([1]), exclude=[[NUM_ITEMS + 5]])
+    with pytest.raises(ValueError, match="one id per item"):
+        model.similar_items(np.array([1, 2]), item_ids=np.array([1]))
+    with pytest.raises(ValueError, match=r"`k` \(=41\) must not exceed"):
+        model.similar_items(np.array([1]), k=41)
+    with pytest.raises(ValueError, match=r"excludes 40 of 40 candidates"):
+        model.similar_items(np.array([1]), k=1, exclude=[list(range(NUM_ITEMS))])
+
+
+def test_recommend_exclusion_errors_name_the_problem():
+    model, _, _ = integer_model()
+    model.index_candidates(np.arange(NUM_ITEMS))
+    with pytest.raises(ValueError, match=r"e.g. \[99\]"):
+        model.recommend(np.array([0]), k=3, exclude=[[99]])
+    found = model.recommend(np.array([0]), k=3, exclude=[[99]], ignore_unknown_exclusions=True)
+    np.testing.assert_array_equal(found, model.recommend(np.array([0]), k=3))
