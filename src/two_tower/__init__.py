@@ -7,6 +7,7 @@ check_backend_installed()
 from two_tower import datasets, defaults, evaluation, losses  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
+from two_tower.faiss_index import FaissIndex  # noqa: E402
 from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BruteForceIndex",
     "FactorizedTopK",
+    "FaissIndex",
     "IdEmbeddingTower",
     "TwoTowerRetrieval",
     "datasets",

@@ -87,6 +87,48 @@ def _normalise_ids(candidate_ids: Any) -> np.ndarray:
     return ids
 
 
+def check_catalogue(
+    candidate_embeddings: Any, candidate_ids: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validates a catalogue; returns (embeddings, ids, argsort of the ids).
+
+    Raises:
+        ValueError: on an empty catalogue, a non-2D embedding matrix, non-finite
+            embeddings, ids whose length differs from the embeddings, or
+            duplicate ids.
+    """
+    embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
+    if embeddings.ndim != 2:
+        raise ValueError(
+            "`candidate_embeddings` must be a 2D [candidates, dim] array. "
+            f"Received shape: {embeddings.shape}"
+        )
+    if embeddings.shape[0] == 0:
+        raise ValueError("Cannot index an empty catalogue: 0 candidate embeddings.")
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
+    if candidate_ids is None:
+        ids = np.arange(embeddings.shape[0], dtype="int64")
+        order = ids
+    else:
+        ids = _normalise_ids(candidate_ids)
+        if ids.ndim != 1 or len(ids) != embeddings.shape[0]:
+            raise ValueError(
+                "`candidate_ids` must be 1D with one id per embedding row. "
+                f"Received ids of shape {ids.shape} for "
+                f"{embeddings.shape[0]} embeddings."
+            )
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+        if len(repeated):
+            raise ValueError(
+                "`candidate_ids` must be unique. Received duplicates: "
+                f"{np.unique(repeated)[:5].tolist()}"
+            )
+    return embeddings, ids, order
+
+
 @keras.saving.register_keras_serializable(package="two_tower")
 class BruteForceIndex(keras.layers.Layer):
     """Exact top-k search over candidate embeddings, scored in chunks.
@@ -189,35 +231,7 @@ class BruteForceIndex(keras.layers.Layer):
                 embeddings, ids whose length differs from the embeddings, or
                 duplicate ids. The previous catalogue is kept when it raises.
         """
-        embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
-        if embeddings.ndim != 2:
-            raise ValueError(
-                "`candidate_embeddings` must be a 2D [candidates, dim] array. "
-                f"Received shape: {embeddings.shape}"
-            )
-        if embeddings.shape[0] == 0:
-            raise ValueError("Cannot index an empty catalogue: 0 candidate embeddings.")
-        if not np.all(np.isfinite(embeddings)):
-            raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
-        if candidate_ids is None:
-            ids = np.arange(embeddings.shape[0], dtype="int64")
-            order = ids
-        else:
-            ids = _normalise_ids(candidate_ids)
-            if ids.ndim != 1 or len(ids) != embeddings.shape[0]:
-                raise ValueError(
-                    "`candidate_ids` must be 1D with one id per embedding row. "
-                    f"Received ids of shape {ids.shape} for "
-                    f"{embeddings.shape[0]} embeddings."
-                )
-            order = np.argsort(ids, kind="stable")
-            sorted_ids = ids[order]
-            repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
-            if len(repeated):
-                raise ValueError(
-                    "`candidate_ids` must be unique. Received duplicates: "
-                    f"{np.unique(repeated)[:5].tolist()}"
-                )
+        embeddings, ids, order = check_catalogue(candidate_embeddings, candidate_ids)
         self._candidate_embeddings = ops.convert_to_tensor(
             embeddings.astype(self.compute_dtype, copy=False)
         )

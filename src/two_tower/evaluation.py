@@ -175,3 +175,27 @@ def plot_recall(
     figure.savefig(path, format="png")
     plt.close(figure)
     return path
+
+
+def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:
+    """Mean share of the exact top k that an approximate search also returned.
+
+    Args:
+        found_ids: `[queries, k]` ids from an approximate index.
+        exact_ids: `[queries, k]` ids from the exact index, for the same queries.
+
+    Returns:
+        The mean over queries of `|found ∩ exact| / k`, in [0, 1].
+
+    Example:
+    >>> recall_against_exact([[1, 2, 3]], [[3, 2, 9]])
+    0.6666666666666666
+    """
+    found, exact = np.asarray(found_ids), np.asarray(exact_ids)
+    if found.shape != exact.shape or found.ndim != 2 or found.shape[1] == 0:
+        raise ValueError(
+            "`found_ids` and `exact_ids` must both be [queries, k] with k >= 1. "
+            f"Received shapes {found.shape} and {exact.shape}"
+        )
+    hits = [len(np.intersect1d(f, e)) for f, e in zip(found, exact, strict=True)]
+    return float(np.mean(hits) / exact.shape[1])
