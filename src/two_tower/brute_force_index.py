@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -17,6 +17,7 @@ _IDS_FILE = "candidate_ids.npy"
 
 
 _MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
+BLOCK = 32  # block width of `blocked_top_k`
 
 
 def dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
@@ -30,8 +31,12 @@ def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     document it), but `torch.topk` promises nothing about ties: neither which
     tied columns make the cut nor their order. On torch we therefore pick the
     cut explicitly: every column above the k-th value, then the leftmost tied
-    columns until there are k, and order them with a stable sort. `-0.0` is
-    folded into `0.0` first so that all backends see them as equal.
+    columns until there are k, and order them with a stable sort.
+
+    XLA's `top_k` (JAX) orders `-0.0` below `0.0`; everywhere else they are
+    equal. When a zero reaches the top k, the rows are redone with `-0.0`
+    folded into `0.0` (`keras.ops.cond`, so only then). If no zero is among the
+    top k values, the sign of zeros cannot change the result.
 
     Args:
         scores: `[rows, columns]` float tensor with no NaN.
@@ -40,10 +45,64 @@ def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns:
         `(values, columns)`, both `[rows, k]`; columns are int32.
     """
-    scores = ops.where(ops.equal(scores, 0.0), ops.zeros_like(scores), scores)
-    if keras.backend.backend() != "torch":
-        values, columns = ops.top_k(scores, k)
-        return values, ops.cast(columns, "int32")
+    return _with_zeros_folded(_top_k, scores, k)
+
+
+def blocked_top_k(scores: Tensor, k: int, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """`stable_top_k` for long rows: top k of the block maxima first.
+
+    The columns are cut into blocks of `block`; the true top k lie in at most k
+    blocks, all among the k blocks with the highest maxima (ties: lower block
+    first, whose columns are all lower). So one pass for the maxima, a top k
+    over `columns / block` of them, and a top k over the `k × block` gathered
+    scores give the exact result, ties included, much faster than a top k over
+    every column.
+
+    Args:
+        scores: `[rows, columns]`, `columns` a multiple of `block`; no NaN.
+        k: `1 <= k <= columns`.
+        block: block width.
+    """
+    return _with_zeros_folded(lambda x, kk: _blocked(x, kk, block), scores, k)
+
+
+def _with_zeros_folded(
+    top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]], scores: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    values, columns = top_k(scores, k)
+    if keras.backend.backend() == "torch":
+        return values, columns  # torch compares -0.0 and 0.0 as equal
+
+    def folded() -> tuple[Tensor, Tensor]:
+        return top_k(ops.where(ops.equal(scores, 0.0), ops.zeros_like(scores), scores), k)
+
+    return ops.cond(ops.any(ops.equal(values, 0.0)), folded, lambda: (values, columns))
+
+
+def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Ties to the lower column; zeros compared as the backend does."""
+    if keras.backend.backend() == "torch":
+        return _explicit_top_k(scores, k)
+    values, columns = ops.top_k(scores, k)
+    return values, ops.cast(columns, "int32")
+
+
+def _blocked(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+    rows, width = ops.shape(scores)[0], int(scores.shape[1])
+    num_blocks = width // block
+    maxima = ops.max(ops.reshape(scores, (rows, num_blocks, block)), axis=2)
+    _, best_blocks = _top_k(maxima, min(k, num_blocks))
+    # In column order, so that ties in the final top k go to the lower column.
+    best_blocks = ops.sort(best_blocks, axis=1)
+    offsets = ops.arange(block, dtype="int32")
+    columns = ops.expand_dims(best_blocks * block, 2) + ops.reshape(offsets, (1, 1, block))
+    columns = ops.reshape(columns, (rows, -1))
+    values, picked = _top_k(ops.take_along_axis(scores, columns, axis=1), k)
+    return values, ops.take_along_axis(columns, picked, axis=1)
+
+
+def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`stable_top_k` for torch, whose `topk` leaves ties unspecified."""
     values, _ = ops.top_k(scores, k)
     threshold = values[:, k - 1 : k]
     above = ops.greater(scores, threshold)
@@ -160,8 +219,10 @@ class BruteForceIndex(keras.layers.Layer):
 
     Args:
         chunk_size: candidates scored at once, at most 2**24.
-        query_batch_size: queries scored at once. Peak memory for scores is
-            about `query_batch_size × chunk_size × 4` bytes (256 MiB by default).
+        query_batch_size: queries scored at once against a full chunk; against
+            a smaller catalogue, proportionally more. Peak memory for scores is
+            about `query_batch_size × chunk_size × 4` bytes (512 MiB by
+            default, whatever the catalogue size).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -184,9 +245,7 @@ class BruteForceIndex(keras.layers.Layer):
     [[10, 30]]
     """
 
-    def __init__(
-        self, chunk_size: int = 65_536, query_batch_size: int = 1024, **kwargs: Any
-    ) -> None:
+    def __init__(self, chunk_size: int = 2**20, query_batch_size: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for name, value, limit in (
             ("chunk_size", chunk_size, _MAX_CHUNK),
@@ -201,6 +260,9 @@ class BruteForceIndex(keras.layers.Layer):
         self._candidate_embeddings: Tensor | None = None
         self._candidate_ids: np.ndarray | None = None
         self._id_order: np.ndarray | None = None
+        # Compiled steps, keyed by scoring function and k; not tracked by Keras
+        # (a step tracks the model that owns the scoring function).
+        object.__setattr__(self, "_steps", {})
         self.built = True
 
     @property
@@ -311,28 +373,68 @@ class BruteForceIndex(keras.layers.Layer):
         similarity_fn: SimilarityFn,
         excluded: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[Tensor, Tensor]:
-        """Chunked running top k; `excluded` = (query rows, positions) to skip."""
+        """Chunked running top k; `excluded` = (query rows, positions) to skip.
+
+        Each chunk is scored and merged by one `_TopKStep` call, which Keras
+        compiles (XLA on JAX, tf.function on TensorFlow; eager on torch), so the
+        `[queries, chunk]` scores never leave the fused step. Shapes are padded
+        to powers of two (queries) and to the chunk size (the last chunk), so a
+        handful of compilations serve every call.
+        """
         candidates: Tensor = self._candidate_embeddings
-        best_scores = best_positions = None
-        for start in range(0, self.num_candidates, self.chunk_size):
-            chunk = candidates[start : start + self.chunk_size]
-            scores = similarity_fn(queries, chunk)
-            if excluded is not None:
-                scores = _mask(scores, excluded, start, int(chunk.shape[0]))
-            scores, columns = stable_top_k(scores, min(k, int(chunk.shape[0])))
-            positions = columns + start
-            if best_scores is None:
-                best_scores, best_positions = scores, positions
-                continue
-            # Every running position is lower than this chunk's, and both halves
-            # are already in (score, position) order, so ties in the merged
-            # columns are in position order too.
-            merged_scores = ops.concatenate([best_scores, scores], axis=1)
-            merged_positions = ops.concatenate([best_positions, positions], axis=1)
-            best_scores, order = stable_top_k(merged_scores, min(k, merged_scores.shape[1]))
-            best_positions = ops.take_along_axis(merged_positions, order, axis=1)
-        assert best_scores is not None and best_positions is not None
-        return best_scores, best_positions
+        num_queries = int(queries.shape[0])
+        rows = min(_next_power_of_two(num_queries), self._batch_rows())
+        chunk_size = self._chunk_width()
+        if rows != num_queries:
+            padding = ops.zeros((rows - num_queries, queries.shape[1]), queries.dtype)
+            queries = ops.concatenate([queries, padding], axis=0)
+        step = self._step(similarity_fn, k, chunk_size)
+        best_scores = ops.full((rows, k), float("-inf"), self.compute_dtype)
+        best_positions = ops.full((rows, k), -1, "int32")
+        for start in range(0, self.num_candidates, chunk_size):
+            chunk = candidates[start : start + chunk_size]
+            num_valid = int(chunk.shape[0])
+            if num_valid < chunk_size:
+                padding = ops.zeros((chunk_size - num_valid, chunk.shape[1]), chunk.dtype)
+                chunk = ops.concatenate([chunk, padding], axis=0)
+            inputs = {
+                "queries": queries,
+                "chunk": chunk,
+                "start": np.array([start], "int32"),
+                "best_scores": best_scores,
+                "best_positions": best_positions,
+            }
+            if num_valid < chunk_size:
+                inputs["num_valid"] = np.array([num_valid], "int32")
+            indices = _excluded_indices(excluded, start, num_valid)
+            if indices is not None:
+                inputs["excluded"] = indices
+            outputs = step.predict_on_batch(inputs)
+            best_scores, best_positions = outputs["scores"], outputs["positions"]
+        return best_scores[:num_queries], best_positions[:num_queries]
+
+    def _chunk_width(self) -> int:
+        """Candidates per step: a multiple of BLOCK (the tail scores -inf)."""
+        return -(-min(self.chunk_size, self.num_candidates) // BLOCK) * BLOCK
+
+    def _batch_rows(self) -> int:
+        """Queries per step: the score budget of a full chunk, spent on rows."""
+        budget = self.query_batch_size * self.chunk_size
+        return max(self.query_batch_size, budget // self._chunk_width())
+
+    def _step(self, similarity_fn: SimilarityFn, k: int, chunk_size: int) -> _TopKStep:
+        """A cached compiled step for this scoring function and k."""
+        owner = getattr(similarity_fn, "__self__", None)
+        function = getattr(similarity_fn, "__func__", similarity_fn)
+        key = (id(owner), function, k, chunk_size, self.compute_dtype)
+        steps: dict[Any, _TopKStep] = self._steps
+        if key not in steps:
+            if len(steps) >= 8:
+                steps.pop(next(iter(steps)))
+            steps[key] = _TopKStep(
+                similarity_fn, k, chunk_size, owner, dtype=self.compute_dtype, name="top_k_step"
+            )
+        return steps[key]
 
     def search(
         self,
@@ -375,8 +477,9 @@ class BruteForceIndex(keras.layers.Layer):
             excluded = self._exclusions(exclude, len(queries), k, ignore_unknown_exclusions)
         similarity_fn = similarity_fn or dot_similarities
         all_scores, all_positions = [], []
-        for start in range(0, len(queries), self.query_batch_size):
-            stop = start + self.query_batch_size
+        batch_rows = self._batch_rows()
+        for start in range(0, len(queries), batch_rows):
+            stop = start + batch_rows
             batch_excluded = None
             if excluded is not None:
                 rows, positions = excluded
@@ -463,17 +566,75 @@ _EMPTY_INDEX = (
 )
 
 
-def _mask(scores: Tensor, excluded: tuple[np.ndarray, np.ndarray], start: int, size: int) -> Tensor:
-    """Sets the excluded (row, position) scores of one chunk to -inf."""
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _excluded_indices(
+    excluded: tuple[np.ndarray, np.ndarray] | None, start: int, size: int
+) -> np.ndarray | None:
+    """`[P, 2]` (row, column) indices of one chunk's excluded scores, or None.
+
+    P is padded to a power of two by repeating an index (setting -inf twice is
+    harmless), so that the compiled step sees a handful of shapes.
+    """
+    if excluded is None:
+        return None
     rows, positions = excluded
     inside = (positions >= start) & (positions < start + size)
     if not np.any(inside):
-        return scores
+        return None
     indices = np.stack([rows[inside], positions[inside] - start], axis=1).astype("int32")
-    # Pad to a power of two by repeating an index (setting -inf twice is
-    # harmless), so that JAX compiles a handful of scatter shapes, not one per
-    # chunk.
-    padded = 1 << (len(indices) - 1).bit_length()
-    indices = np.concatenate([indices, np.repeat(indices[:1], padded - len(indices), axis=0)])
-    dtype = keras.backend.standardize_dtype(scores.dtype)
-    return ops.scatter_update(scores, indices, ops.full((len(indices),), float("-inf"), dtype))
+    padded = _next_power_of_two(len(indices))
+    return np.concatenate([indices, np.repeat(indices[:1], padded - len(indices), axis=0)])
+
+
+class _TopKStep(keras.Model):
+    """Scores one chunk and merges its top k into the running top k.
+
+    A `keras.Model` only so that Keras compiles `predict_on_batch` with each
+    backend's compiler; nothing here is trained. `owner` (the layer whose
+    method `similarity_fn` is, if any) is tracked so that its variables, e.g. a
+    learned temperature, are passed to the compiled step as state rather than
+    frozen into it at trace time.
+    """
+
+    def __init__(
+        self,
+        similarity_fn: SimilarityFn,
+        k: int,
+        chunk_size: int,
+        owner: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+        self.chunk_size = chunk_size
+        self.similarity_fn = similarity_fn
+        if isinstance(owner, keras.layers.Layer):
+            self.owner = owner
+        self.built = True  # no weights of its own; the owner builds itself
+
+    def call(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        chunk = inputs["chunk"]
+        scores = self.similarity_fn(inputs["queries"], chunk)
+        if "num_valid" in inputs:  # the last chunk, padded with zero rows
+            # The chunk width is static (TensorFlow may relax traced shapes).
+            columns = ops.arange(self.chunk_size, dtype="int32")
+            valid = ops.expand_dims(ops.less(columns, inputs["num_valid"][0]), 0)
+            scores = ops.where(valid, scores, float("-inf"))
+        if "excluded" in inputs:
+            indices = inputs["excluded"]
+            minus_inf = ops.full_like(indices[:, 0], float("-inf"), dtype=scores.dtype)
+            scores = ops.scatter_update(scores, indices, minus_inf)
+        scores, columns = blocked_top_k(scores, min(self.k, self.chunk_size))
+        # Every running position is lower than this chunk's, and both halves are
+        # in (score, position) order, so the merged columns break ties by
+        # position. Placeholders (-inf, -1) lose to any real candidate.
+        merged_scores = ops.concatenate([inputs["best_scores"], scores], axis=1)
+        merged_positions = ops.concatenate(
+            [inputs["best_positions"], columns + inputs["start"][0]], axis=1
+        )
+        best_scores, order = stable_top_k(merged_scores, self.k)
+        best_positions = ops.take_along_axis(merged_positions, order, axis=1)
+        return {"scores": best_scores, "positions": best_positions}

@@ -609,7 +609,7 @@ class TwoTowerRetrieval(keras.Model):
         if not leaves or len(lengths) != 1 or None in lengths:
             raise ValueError(
                 f"`{what}` must be an array, or a dict of arrays, with one row per "
-                f"item. Received row counts {sorted(map(str, lengths))}"
+                f"{what[:-1]}. Received row counts {sorted(map(str, lengths))}"
             )
         num_rows = leaves[0].shape[0]
         if num_rows == 0:

@@ -1,0 +1,230 @@
+"""Retrieval at catalogue scale: exact and approximate top-k, side by side.
+
+Workload: 1024 queries, dim 64, k = 100, over 10k to 10M candidates drawn from a
+Gaussian mixture of 1,000 components (unit-norm centres plus noise); the queries
+come from the same mixture. Isotropic random vectors have no neighbourhoods, so
+no approximate index could help on them; clustered embeddings are what a trained
+two-tower model produces.
+
+Methods, each in a fresh process so that its peak RSS (whole process, catalogue
+included) is its own:
+- two_tower: `two_tower.BruteForceIndex`, streaming exact top-k in keras.ops;
+- keras-rs: `keras_rs.layers.BruteForceRetrieval`, which scores the whole
+  [queries, candidates] matrix at once (skipped at 10M: it would need about
+  1024 × 10M × 4 bytes = 41 GB for the scores alone);
+- faiss flat: `faiss.IndexFlatIP`, exact, faiss' own BLAS kernels;
+- ann: `two_tower.FaissIndex` (IVF, nlist ≈ sqrt(n), nprobe 16), with its
+  recall@100 against our exact results.
+
+Search times are the best of --repeats identical calls (3 by default, 1 at 10M;
+these machines are shared and noisy), after one warm-up call that compiles;
+index building is timed apart. The ratio is keras-rs's time over the
+method's. A plot of time and memory against catalogue size is written to
+docs/retrieval_benchmark.png.
+
+    python benchmarks/retrieval.py --backend jax
+    python benchmarks/retrieval.py --backend torch --sizes 10000,100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUERIES, DIM, K, COMPONENTS = 1024, 64, 100, 1000
+NOISE = 0.6  # norm of the per-vector noise around its unit-norm centre
+METHODS = ("two_tower", "keras-rs", "faiss flat", "ann")
+KERAS_RS_LIMIT = 1_000_000  # above this, keras-rs's score matrix exceeds the machine
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_data(folder: Path, n: int) -> tuple[Path, Path]:
+    """Writes the catalogue (memory-mapped, 1M rows at a time) and the queries."""
+    catalogue_path = folder / f"catalogue_{n}.npy"
+    queries_path = folder / "queries.npy"
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(COMPONENTS, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    scale = NOISE / np.sqrt(DIM)
+    if not queries_path.exists():
+        labels = rng.integers(0, COMPONENTS, QUERIES)
+        queries = centres[labels] + rng.normal(scale=scale, size=(QUERIES, DIM))
+        np.save(queries_path, queries.astype("float32"))
+    if not catalogue_path.exists():
+        partial = catalogue_path.with_suffix(".partial.npy")
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype="float32", shape=(n, DIM))
+        rows = np.random.default_rng(n)
+        for start in range(0, n, 1_000_000):
+            m = min(1_000_000, n - start)
+            labels = rows.integers(0, COMPONENTS, m)
+            block = centres[labels] + rows.normal(scale=scale, size=(m, DIM))
+            out[start : start + m] = block.astype("float32")
+        out.flush()
+        del out
+        partial.rename(catalogue_path)  # only complete files carry the final name
+    return catalogue_path, queries_path
+
+
+def run_method(
+    method: str, catalogue_path: Path, queries_path: Path, folder: Path, repeats: int
+) -> dict:
+    """Builds one index, warms it up, and times the best of `repeats` searches."""
+    catalogue = np.load(catalogue_path)  # in memory, as a served catalogue would be
+    queries = np.load(queries_path)
+    n = len(catalogue)
+    started = time.perf_counter()
+    if method == "two_tower":
+        import two_tower
+
+        index = two_tower.BruteForceIndex()
+        index.index(catalogue)
+        del catalogue
+        search = lambda: index.search(queries, k=K)[1]  # noqa: E731
+    elif method == "keras-rs":
+        import keras
+        import keras_rs
+
+        layer = keras_rs.layers.BruteForceRetrieval(k=K, return_scores=True)
+        layer.update_candidates(catalogue)
+        del catalogue
+        search = lambda: keras.ops.convert_to_numpy(layer(queries)[1])  # noqa: E731
+    elif method == "faiss flat":
+        import faiss
+
+        flat = faiss.IndexFlatIP(DIM)
+        flat.add(catalogue)
+        del catalogue
+        search = lambda: flat.search(queries, K)[1]  # noqa: E731
+    else:
+        import two_tower
+
+        ann = two_tower.FaissIndex()
+        ann.index(catalogue)
+        del catalogue
+        search = lambda: ann.search(queries, k=K)[1]  # noqa: E731
+    build = time.perf_counter() - started
+    search()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ids = search()
+        seconds.append(time.perf_counter() - started)
+    result = {"build_s": build, "search_s": min(seconds)}
+    exact_path = folder / f"exact_ids_{n}.npy"
+    if method == "two_tower":
+        np.save(exact_path, ids)
+    elif exact_path.exists():
+        from two_tower.evaluation import recall_against_exact
+
+        result["recall"] = recall_against_exact(ids, np.load(exact_path))
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="jax", choices=["jax", "tensorflow", "torch"])
+    parser.add_argument("--sizes", default="10000,100000,1000000,10000000")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "tt_retrieval"))
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "retrieval_benchmark.png"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    folder = Path(args.data_dir)
+    if args.worker:
+        method, catalogue, queries = args.worker
+        result = run_method(method, Path(catalogue), Path(queries), folder, args.repeats)
+        print("RESULT " + json.dumps(result))
+        return
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if "ann" in methods and "two_tower" not in methods:
+        parser.error("ann's recall is measured against two_tower's exact ids: keep both")
+    print(f"{QUERIES} queries, dim {DIM}, k={K}, backend {args.backend}; search time (warm)")
+    print("| candidates | method | build | search | vs keras-rs | peak RSS | recall@100 |")
+    print("|---|---|---|---|---|---|---|")
+    results: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    for n in sizes:
+        catalogue_path, queries_path = make_data(folder, n)
+        for method in methods:
+            if method == "keras-rs" and n > KERAS_RS_LIMIT:
+                print(f"| {n:,} | keras-rs | - | skipped: needs ~{QUERIES * n * 4 / 1e9:.0f} GB "
+                      "of scores | | | |", flush=True)  # fmt: skip
+                continue
+            command = [sys.executable, __file__, "--data-dir", str(folder)]
+            repeats = args.repeats if n < 10_000_000 else 1  # one 10M search takes a minute
+            command += ["--repeats", str(repeats), "--worker", method]
+            command += [str(catalogue_path), str(queries_path)]
+            env = dict(os.environ, KERAS_BACKEND=args.backend)
+            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                print(f"| {n:,} | {method} | failed (exit {done.returncode}): "
+                      f"{done.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)  # fmt: skip
+                continue
+            results[method][n] = json.loads(lines[-1][len("RESULT ") :])
+            _print_row(n, method, results)
+    if args.plot:
+        _plot(results, args.backend, Path(args.plot))
+
+
+def _print_row(n: int, method: str, results: dict[str, dict[int, dict]]) -> None:
+    row = results[method][n]
+    reference = results.get("keras-rs", {}).get(n)
+    ratio = f"{reference['search_s'] / row['search_s']:.1f}x" if reference else "-"
+    recall = f"{row['recall']:.3f}" if "recall" in row else "-"
+    print(
+        f"| {n:,} | {method} | {row['build_s']:.2f} s | {row['search_s']:.3f} s | {ratio} | "
+        f"{row['peak_rss_gb']:.2f} GB | {recall} |",
+        flush=True,
+    )
+
+
+def _plot(results: dict[str, dict[int, dict]], backend: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, rows in results.items():
+        sizes = sorted(rows)
+        if not sizes:
+            continue
+        time_axis.plot(sizes, [rows[n]["search_s"] for n in sizes], marker="o", label=method)
+        memory_axis.plot(sizes, [rows[n]["peak_rss_gb"] for n in sizes], marker="o", label=method)
+    for axis, label in (
+        (time_axis, "search time, 1024 queries (s)"),
+        (memory_axis, "peak RSS (GB)"),
+    ):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("candidates")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    memory_axis.axhline(2.0, color="grey", linestyle="--", linewidth=1)
+    time_axis.legend()
+    figure.suptitle(f"Top-100 retrieval, dim 64, {backend} backend, 2-core CPU")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
