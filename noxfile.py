@@ -1,6 +1,7 @@
 """Test, example and lint sessions, one backend per session.
 
     nox -s tests-jax tests-torch tests-tensorflow   # the test matrix
+    nox -s cross-backend                            # save under JAX, load under all
     nox -s example-jax -- --epochs 50               # the main example, full length
     nox -s lint
 
@@ -18,7 +19,7 @@ import nox
 nox.needs_version = ">=2025.2.9"
 # pip, not uv: our CI machines serve the CPU torch wheel from a local pip index.
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests-jax", "tests-torch", "tests-tensorflow"]
+nox.options.sessions = ["lint", "tests-jax", "tests-torch", "tests-tensorflow", "cross-backend"]
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
@@ -97,6 +98,15 @@ def example_torch(session: nox.Session) -> None:
 def example_tensorflow(session: nox.Session) -> None:
     """Runs examples/movielens_retrieval.py on TensorFlow."""
     _example(session, "tensorflow")
+
+
+@nox.session(name="cross-backend")
+def cross_backend(session: nox.Session) -> None:
+    """Saves a model under JAX and checks its top-k ids under torch and TensorFlow."""
+    session.install(*BACKEND_PACKAGES["jax"], *BACKEND_PACKAGES["torch"], "tensorflow-cpu")
+    session.install("-e", ".")
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "tests/test_cross_backend.py", *session.posargs)
 
 
 @nox.session

@@ -95,10 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     movie_ids = movies["movie_id"].astype("int64")
     titles = dict(zip(movie_ids.tolist(), movies["movie_title"].tolist(), strict=True))
     model.index_candidates(movie_ids, candidate_ids=movie_ids)
-    seen = set(train["movie"][train["user"] == 42].tolist())
-    ranked = model.recommend(np.array([42]), k=len(movie_ids))[0]
+    seen = train["movie"][train["user"] == 42]
     print("Top-10 unseen movies for user 42:")
-    for movie_id in [m for m in ranked if int(m) not in seen][:10]:
+    for movie_id in model.recommend(np.array([42]), k=10, exclude=[seen])[0]:
         print(f"  {titles[int(movie_id)]}")
     if args.plot:
         path = two_tower.evaluation.plot_recall(rows, args.plot, ks=(10, 50, 100))

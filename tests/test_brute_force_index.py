@@ -233,3 +233,14 @@ def test_many_queries_are_batched():
     index.index(candidates)
     _, found = index.search(queries, k=5)
     np.testing.assert_array_equal(found, numpy_exact(queries, candidates, 5)[1])
+
+
+def test_index_keeps_its_own_copy_of_the_catalogue():
+    catalogue = np.eye(3, dtype="float32")
+    ids = np.array([7, 8, 9])
+    index = two_tower.BruteForceIndex()
+    index.index(catalogue, ids)
+    catalogue[:] = 0.0
+    ids[:] = 0
+    _, found = index.search(np.eye(3, dtype="float32"), k=1)
+    assert found[:, 0].tolist() == [7, 8, 9]

@@ -156,7 +156,10 @@ def check_catalogue(
             embeddings, ids whose length differs from the embeddings, or
             duplicate ids.
     """
-    embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
+    if isinstance(candidate_embeddings, np.ndarray):
+        embeddings = candidate_embeddings  # no copy: catalogues can be gigabytes
+    else:
+        embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
     if embeddings.ndim != 2:
         raise ValueError(
             "`candidate_embeddings` must be a 2D [candidates, dim] array. "
@@ -164,7 +167,10 @@ def check_catalogue(
         )
     if embeddings.shape[0] == 0:
         raise ValueError("Cannot index an empty catalogue: 0 candidate embeddings.")
-    if not np.all(np.isfinite(embeddings)):
+    # Row blocks: a whole-catalogue boolean mask would cost n × dim bytes.
+    if not all(
+        np.isfinite(embeddings[i : i + 2**16]).all() for i in range(0, len(embeddings), 2**16)
+    ):
         raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
     if candidate_ids is None:
         ids = np.arange(embeddings.shape[0], dtype="int64")

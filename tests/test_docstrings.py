@@ -1,0 +1,36 @@
+"""Every `Example:` in the library's docstrings runs as written, on every backend."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import two_tower
+
+MODULES = sorted(
+    info.name for info in pkgutil.walk_packages(two_tower.__path__, prefix="two_tower.")
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(
+        module,
+        extraglobs={"two_tower": two_tower},
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        raise_on_error=False,
+    )
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+def test_the_public_classes_have_examples():
+    for name in (
+        "BruteForceIndex",
+        "FaissIndex",
+        "FactorizedTopK",
+        "IdEmbeddingTower",
+        "TwoTowerRetrieval",
+    ):
+        assert ">>> " in getattr(two_tower, name).__doc__, name
