@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"{done.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)  # fmt: skip
                 continue
             results[method][n] = json.loads(lines[-1][len("RESULT ") :])
-            _print_row(n, method, results)
+        for method in methods:  # after all of them, so every row has its ratio
+            if n in results[method]:
+                _print_row(n, method, results)
     if args.plot:
         _plot(results, args.backend, Path(args.plot))
 
