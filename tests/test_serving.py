@@ -99,3 +99,36 @@ def test_recommend_exclusion_errors_name_the_problem():
         model.recommend(np.array([0]), k=3, exclude=[[99]])
     found = model.recommend(np.array([0]), k=3, exclude=[[99]], ignore_unknown_exclusions=True)
     np.testing.assert_array_equal(found, model.recommend(np.array([0]), k=3))
+
+
+@keras.saving.register_keras_serializable(package="two_tower_tests")
+class ScaledRetrieval(two_tower.TwoTowerRetrieval):
+    """Scores scaled by a variable: the compiled search step must read it live."""
+
+    def build(self, input_shape=None):
+        if not hasattr(self, "scale"):
+            self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
+        super().build(input_shape)
+
+    def compute_similarities(self, query_embeddings, candidate_embeddings):
+        scores = super().compute_similarities(query_embeddings, candidate_embeddings)
+        return scores * self.scale
+
+
+def test_search_reads_the_scoring_variables_of_the_model_live():
+    model = ScaledRetrieval(
+        keras.layers.Embedding(NUM_USERS, DIM), keras.layers.Embedding(NUM_ITEMS, DIM)
+    )
+    model.build()
+    model.index_candidates(np.arange(NUM_ITEMS))
+    found, scores = model.recommend(np.arange(3), k=5, return_scores=True)
+    model.scale.assign(-2.0)  # flips the ranking and doubles the scores
+    flipped, flipped_scores = model.recommend(np.arange(3), k=5, return_scores=True)
+    users = keras.ops.convert_to_numpy(model.query_tower.embeddings)[:3]
+    items = keras.ops.convert_to_numpy(model.candidate_tower.embeddings)
+    expected = users @ items.T * -2.0
+    np.testing.assert_array_equal(flipped, np.argsort(-expected, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(
+        flipped_scores, np.sort(expected, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-6
+    )
+    assert not np.array_equal(found, flipped)
