@@ -72,7 +72,8 @@ class TwoTowerRetrieval(keras.Model):
     `[batch, dim]` embeddings; the candidate tower does the same for candidates.
     Any Keras layer or model works as a tower. A query and a candidate are scored
     by the dot product of their embeddings. After training, `index_candidates`
-    embeds the catalogue, and `recommend` returns the top-k candidate ids.
+    embeds the catalogue, `recommend` returns the top-k candidate ids (leaving out
+    any `exclude=` ids per query), and `similar_items` does item-to-item.
 
     **Data.** `fit` and `evaluate` take `x = {"query": query_features,
     "candidate": candidate_features}`: row i of each is one observed pair.
