@@ -40,7 +40,7 @@ class IdEmbeddingTower(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4, bias="learned")
-    >>> tower(np.array([1, 2])).shape
+    >>> tuple(tower(np.array([1, 2])).shape)
     (2, 5)
     """
 
