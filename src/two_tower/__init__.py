@@ -10,6 +10,7 @@ from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
 from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
+from two_tower.vocabulary import Vocabulary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "FaissIndex",
     "IdEmbeddingTower",
     "TwoTowerRetrieval",
+    "Vocabulary",
     "datasets",
     "defaults",
     "evaluation",

@@ -1,0 +1,192 @@
+"""A backend-neutral vocabulary: raw ids or strings to contiguous indices."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+
+def _values(raw: Any) -> np.ndarray:
+    """Raw values as an int64 or str NumPy array; floats and mixes raise."""
+    # Lists go through object dtype: NumPy would silently turn [1, "a"] into strings.
+    values = np.asarray(raw, dtype=object) if isinstance(raw, (list, tuple)) else np.asarray(raw)
+    if values.dtype == object:
+        flat = values.reshape(-1).tolist()
+        if all(isinstance(v, str) for v in flat):
+            values = values.astype(str)
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
+            values = values.astype("int64")
+        elif all(isinstance(v, float) for v in flat):
+            values = values.astype("float64")  # rejected below, naming the dtype
+        else:
+            kinds = sorted({type(v).__name__ for v in flat})
+            raise ValueError(f"Values must be all integers or all strings. Received {kinds}")
+    if values.dtype.kind in "iu":
+        return values.astype("int64", copy=False)
+    if values.dtype.kind == "U":
+        return values
+    if values.dtype.kind == "S":
+        return values.astype(str)
+    raise ValueError(
+        f"Vocabulary values must be integers or strings. Received dtype {values.dtype}"
+    )
+
+
+@keras.saving.register_keras_serializable(package="two_tower")
+class Vocabulary(keras.layers.Layer):
+    """Maps raw ids or strings to contiguous int32 indices, on the host.
+
+    Keras' `StringLookup` and `IntegerLookup` run on TensorFlow internally, so
+    they cannot sit inside a JAX or torch graph. This lookup runs in NumPy
+    before the model (call it on the raw features you pass to `fit` or
+    `recommend`), so the same code works on every backend, and the towers only
+    ever see indices in `[0, size)`.
+
+    Index layout: `0 .. num_oov_buckets - 1` are out-of-vocabulary buckets, then
+    the vocabulary in the order given (or, from `adapt`, by descending count,
+    ties by value). A value never seen goes to bucket `crc32(value) %
+    num_oov_buckets`, the same in every process and on every backend (Python's
+    `hash` is salted per process, so it is not used). Empty strings always go to
+    bucket 0, and so never to a learned row by accident.
+
+    Args:
+        vocabulary: the known values (integers or strings, unique), or None to
+            call `adapt` later.
+        num_oov_buckets: buckets for unseen values, at least 1.
+        max_size: with `adapt`, keep at most this many of the most frequent
+            values.
+        min_count: with `adapt`, keep values seen at least this many times.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    >>> vocab = two_tower.Vocabulary(["drama", "comedy"], num_oov_buckets=1)
+    >>> vocab(np.array(["comedy", "horror", "drama"])).tolist()
+    [2, 0, 1]
+    >>> vocab.size
+    3
+    """
+
+    def __init__(
+        self,
+        vocabulary: Sequence[Any] | np.ndarray | None = None,
+        num_oov_buckets: int = 1,
+        max_size: int | None = None,
+        min_count: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value, minimum in (
+            ("num_oov_buckets", num_oov_buckets, 1),
+            ("max_size", max_size, 1),
+            ("min_count", min_count, 1),
+        ):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {value!r}")
+        self.num_oov_buckets = num_oov_buckets
+        self.max_size = max_size
+        self.min_count = min_count
+        self._vocabulary: np.ndarray | None = None
+        self._sorted: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+        self.built = True
+
+    @property
+    def vocabulary(self) -> np.ndarray | None:
+        """The known values, in index order (after the OOV buckets)."""
+        return self._vocabulary
+
+    @property
+    def size(self) -> int:
+        """Number of indices: OOV buckets plus known values (the embedding rows)."""
+        known = 0 if self._vocabulary is None else len(self._vocabulary)
+        return self.num_oov_buckets + known
+
+    def set_vocabulary(self, vocabulary: Sequence[Any] | np.ndarray) -> None:
+        """Replaces the known values (unique integers or strings, in index order)."""
+        values = _values(vocabulary).reshape(-1)
+        if values.dtype.kind == "U" and np.any(values == ""):
+            raise ValueError("The vocabulary must not contain the empty string (it is OOV).")
+        order = np.argsort(values, kind="stable")
+        ordered = values[order]
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if len(repeated):
+            raise ValueError(
+                f"Vocabulary values must be unique. Received duplicates: "
+                f"{np.unique(repeated)[:5].tolist()}"
+            )
+        self._vocabulary, self._sorted, self._order = values.copy(), ordered, order
+
+    def adapt(self, data: Any) -> None:
+        """Builds the vocabulary from data: the most frequent values first.
+
+        Args:
+            data: an array-like of raw values (any shape; all are counted).
+        """
+        values = _values(data).reshape(-1)
+        if values.dtype.kind == "U":
+            values = values[values != ""]
+        unique, counts = np.unique(values, return_counts=True)
+        keep = counts >= self.min_count
+        unique, counts = unique[keep], counts[keep]
+        order = np.lexsort((unique, -counts))  # by count, ties by value
+        if self.max_size is not None:
+            order = order[: self.max_size]
+        self.set_vocabulary(unique[order])
+
+    def __call__(self, inputs: Any) -> np.ndarray:  # type: ignore[override]
+        # Straight to `call`: Keras' `Layer.__call__` would convert string arrays
+        # to backend tensors, which JAX and torch cannot hold.
+        return self.call(inputs)
+
+    def call(self, inputs: Any) -> np.ndarray:
+        """Indices of `inputs` (any shape), as a NumPy int32 array.
+
+        Raises:
+            ValueError: before `adapt` or `set_vocabulary`, or when the values are
+                of another kind (integer vs string) than the vocabulary.
+        """
+        if self._sorted is None or self._order is None or self._vocabulary is None:
+            raise ValueError("The vocabulary is empty: call `adapt(data)` or pass `vocabulary`.")
+        values = _values(inputs)
+        if values.size and (values.dtype.kind == "U") != (self._sorted.dtype.kind == "U"):
+            raise ValueError(
+                f"Values of dtype {values.dtype} cannot be looked up in a vocabulary of "
+                f"dtype {self._vocabulary.dtype}."
+            )
+        flat = values.reshape(-1)
+        slots = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
+        found = self._sorted[slots] == flat
+        indices = np.where(found, self._order[slots] + self.num_oov_buckets, 0)
+        unseen = np.flatnonzero(~found)
+        if len(unseen) and self.num_oov_buckets > 1:
+            indices[unseen] = [self._bucket(v) for v in flat[unseen].tolist()]
+        return indices.astype("int32").reshape(values.shape)
+
+    def _bucket(self, value: Any) -> int:
+        if value == "":
+            return 0
+        if isinstance(value, str):
+            data = value.encode("utf-8")
+        else:
+            data = int(value).to_bytes(8, "little", signed=True)
+        return zlib.crc32(data) % self.num_oov_buckets
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "vocabulary": None if self._vocabulary is None else self._vocabulary.tolist(),
+                "num_oov_buckets": self.num_oov_buckets,
+                "max_size": self.max_size,
+                "min_count": self.min_count,
+            }
+        )
+        return config
