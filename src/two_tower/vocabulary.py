@@ -141,7 +141,7 @@ class Vocabulary(keras.layers.Layer):
             order = order[: self.max_size]
         self.set_vocabulary(unique[order])
 
-    def __call__(self, inputs: Any) -> np.ndarray:  # type: ignore[override]
+    def __call__(self, inputs: Any) -> np.ndarray:
         # Straight to `call`: Keras' `Layer.__call__` would convert string arrays
         # to backend tensors, which JAX and torch cannot hold.
         return self.call(inputs)
