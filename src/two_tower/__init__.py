@@ -8,6 +8,7 @@ from two_tower import datasets, defaults, evaluation, losses  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
+from two_tower.feature_tower import FeatureTower  # noqa: E402
 from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 from two_tower.vocabulary import Vocabulary  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "BruteForceIndex",
     "FactorizedTopK",
     "FaissIndex",
+    "FeatureTower",
     "IdEmbeddingTower",
     "TwoTowerRetrieval",
     "Vocabulary",
