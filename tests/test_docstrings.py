@@ -32,5 +32,7 @@ def test_the_public_classes_have_examples():
         "FactorizedTopK",
         "IdEmbeddingTower",
         "TwoTowerRetrieval",
+        "Vocabulary",
+        "FeatureTower",
     ):
         assert ">>> " in getattr(two_tower, name).__doc__, name

@@ -39,6 +39,7 @@ class FeatureTower(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
+    >>> import numpy as np
     >>> tower = two_tower.FeatureTower(
     ...     categorical={"occupation": 21}, multivalued={"genres": 19},
     ...     numeric=["age"], output_dim=8)
