@@ -791,9 +791,9 @@ class TwoTowerRetrieval(keras.Model):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
-    def get_build_config(self) -> dict[str, Any] | None:
-        if self._query_input_spec is None and self._candidate_input_spec is None:
-            return None
+    def get_build_config(self) -> dict[str, Any]:
+        # Always a config, so that loading calls `build_from_config` and hence
+        # `build`, where subclasses create their own weights.
         return {
             "query_input_spec": self._query_input_spec,
             "candidate_input_spec": self._candidate_input_spec,
@@ -806,4 +806,4 @@ class TwoTowerRetrieval(keras.Model):
             self.embed_queries(_symbolic_inputs(query_spec))
         if candidate_spec is not None:
             self.embed_candidates(_symbolic_inputs(candidate_spec))
-        self.built = True
+        self.build()  # a subclass's own weights (e.g. a learned temperature)
