@@ -132,3 +132,12 @@ def test_search_reads_the_scoring_variables_of_the_model_live():
         flipped_scores, np.sort(expected, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-6
     )
     assert not np.array_equal(found, flipped)
+
+
+def test_empty_catalogue_and_items_raise():
+    model, _, _ = integer_model()
+    with pytest.raises(ValueError, match="0 rows: cannot index an empty catalogue"):
+        model.index_candidates(np.zeros(0, "int32"))
+    model.index_candidates(np.arange(NUM_ITEMS))
+    with pytest.raises(ValueError, match="`items` has 0 rows"):
+        model.similar_items(np.zeros(0, "int32"))

@@ -614,7 +614,8 @@ class TwoTowerRetrieval(keras.Model):
             )
         num_rows = leaves[0].shape[0]
         if num_rows == 0:
-            raise ValueError(f"`{what}` has 0 rows.")
+            empty = ": cannot index an empty catalogue." if what == "candidates" else "."
+            raise ValueError(f"`{what}` has 0 rows{empty}")
         self._check_ids(features, "candidate")
         embeddings = []
         for start in range(0, num_rows, batch_size):
