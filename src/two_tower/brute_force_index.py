@@ -266,6 +266,7 @@ class BruteForceIndex(keras.layers.Layer):
         self._candidate_embeddings: Tensor | None = None
         self._candidate_ids: np.ndarray | None = None
         self._id_order: np.ndarray | None = None
+        self._sorted_ids: np.ndarray | None = None
         # Compiled steps, keyed by scoring function and k; not tracked by Keras
         # (a step tracks the model that owns the scoring function).
         object.__setattr__(self, "_steps", {})
@@ -305,6 +306,8 @@ class BruteForceIndex(keras.layers.Layer):
         )
         self._candidate_ids = ids.copy()
         self._id_order = order
+        # Sorted once here: `positions_of` runs once per query with exclusions.
+        self._sorted_ids = self._candidate_ids[order]
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids.
@@ -321,7 +324,7 @@ class BruteForceIndex(keras.layers.Layer):
             ValueError: if the index is empty, the ids are of another kind than
                 the indexed ids, or (unless `ignore_unknown`) an id is unknown.
         """
-        if self._candidate_ids is None or self._id_order is None:
+        if self._candidate_ids is None or self._id_order is None or self._sorted_ids is None:
             raise ValueError(_EMPTY_INDEX)
         values = np.asarray(ids).reshape(-1)
         if values.dtype == object:
@@ -334,7 +337,7 @@ class BruteForceIndex(keras.layers.Layer):
             )
         if len(values) == 0:
             return np.zeros(0, dtype="int64")
-        sorted_ids = indexed[self._id_order]
+        sorted_ids = self._sorted_ids
         slots = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
         found = sorted_ids[slots] == values
         if not ignore_unknown and not np.all(found):

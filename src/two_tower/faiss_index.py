@@ -89,7 +89,7 @@ class FaissIndex:
         if exact.candidate_embeddings is None:
             raise ValueError("The exact index is empty: call `index_candidates` first.")
         ann = cls(**kwargs)
-        ann.index(np.asarray(exact.candidate_embeddings), exact.candidate_ids)
+        ann.index(exact.candidate_embeddings, exact.candidate_ids)
         return ann
 
     @property
