@@ -83,6 +83,11 @@ class TwoTowerRetrieval(keras.Model):
     **Losses.**
     - `"mse"`: squared error between a label `y` (e.g. a rating scaled to
       [0, 1]) and the pair's score; the keras-rs basic-retrieval tutorial's loss.
+    - `"full_softmax"` / `"sampled_softmax"`: the positive against every
+      catalogue candidate, or against the batch plus `num_sampled_negatives`
+      uniform samples. The candidate tower embeds catalogue ids
+      `0..catalogue_size-1`; a tower over a dict of features needs
+      `set_catalogue(features)` first (row i holds candidate id i's features).
     - `"softmax"`: in-batch softmax. Row i's candidate is the positive; the other
       candidates in the batch are negatives. Logits are divided by
       `temperature`. With `remove_accidental_hits`, other rows holding the same
@@ -128,7 +133,14 @@ class TwoTowerRetrieval(keras.Model):
         num_hard_negatives: keep only this many highest-scoring negatives per
             row (softmax only); None keeps all.
         candidate_id_key: with dict candidate features, the feature holding the
-            candidate id (for `remove_accidental_hits`).
+            candidate id (for `remove_accidental_hits`, the catalogue losses and
+            `FactorizedTopK` metrics).
+        catalogue_size: number of candidate ids (ids run from 0 to
+            `catalogue_size - 1`); needed by the catalogue losses and metrics.
+        num_sampled_negatives: uniform negatives per batch for
+            `"sampled_softmax"`.
+        query_id_key: with dict query features, the feature holding the query
+            id (for `FactorizedTopK` exclusions).
         candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
         **kwargs: standard `keras.Model` arguments (`name`, ...).
 
@@ -163,6 +175,7 @@ class TwoTowerRetrieval(keras.Model):
         catalogue_size: int | None = None,
         num_sampled_negatives: int | None = None,
         candidate_index: BruteForceIndex | None = None,
+        query_id_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -200,6 +213,8 @@ class TwoTowerRetrieval(keras.Model):
         self.candidate_id_key = candidate_id_key
         self.catalogue_size = catalogue_size
         self.num_sampled_negatives = num_sampled_negatives
+        self.query_id_key = query_id_key
+        self._catalogue_features: dict[str, keras.Variable] = {}
         self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
         self.retrieval_metrics: list[FactorizedTopK] = []
         self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
@@ -299,18 +314,11 @@ class TwoTowerRetrieval(keras.Model):
         if self.remove_accidental_hits or needs_catalogue:
             outputs["candidate_ids"] = self._candidate_ids_of(inputs[CANDIDATE])
         if needs_catalogue:
-            if isinstance(inputs[CANDIDATE], Mapping):
-                raise ValueError(
-                    f"loss={self.loss_name!r} and FactorizedTopK metrics embed catalogue "
-                    "ids 0..catalogue_size-1 with the candidate tower, so that tower "
-                    "must take a tensor of ids. Received dict candidate features "
-                    f"{sorted(inputs[CANDIDATE])}"
-                )
             # Made here, not in the loss or the metrics, so that the sampler's seed
             # state and the tower's variables are tracked by every backend's step.
-            assert self.catalogue_size is not None
-            catalogue_ids = ops.arange(self.catalogue_size, dtype="int32")
+            catalogue = self._catalogue_inputs(inputs[CANDIDATE])
             if self.loss_name == "sampled_softmax":
+                assert self.catalogue_size is not None
                 sampled_ids = keras.random.randint(
                     (self.num_sampled_negatives,),
                     0,
@@ -320,11 +328,14 @@ class TwoTowerRetrieval(keras.Model):
                 )
                 outputs["sampled_candidate_ids"] = sampled_ids
                 outputs["sampled_candidate_embeddings"] = self.candidate_tower(
-                    sampled_ids, training=training
+                    keras.tree.map_structure(
+                        lambda rows: ops.take(rows, sampled_ids, axis=0), catalogue
+                    ),
+                    training=training,
                 )
             if self.loss_name == "full_softmax" or ranks_catalogue:
                 outputs["catalogue_embeddings"] = self.candidate_tower(
-                    catalogue_ids, training=training
+                    catalogue, training=training
                 )
             if ranks_catalogue:
                 # Marks an evaluation step: FactorizedTopK metrics update only then.
@@ -333,22 +344,135 @@ class TwoTowerRetrieval(keras.Model):
             outputs[SAMPLING_PROBABILITY] = inputs[SAMPLING_PROBABILITY]
         return outputs
 
+    def _catalogue_inputs(self, candidate_features: Any) -> Any:
+        """The whole catalogue's candidate-tower inputs, row i for candidate id i."""
+        if self._catalogue_features:
+            return {name: variable.value for name, variable in self._catalogue_features.items()}
+        if isinstance(candidate_features, Mapping):
+            raise ValueError(
+                f"loss={self.loss_name!r} and FactorizedTopK metrics embed the whole "
+                "catalogue with the candidate tower, which takes dict features "
+                f"{sorted(candidate_features)}. Call `set_catalogue(features)` first, "
+                "with row i holding the features of candidate id i."
+            )
+        assert self.catalogue_size is not None
+        return ops.arange(self.catalogue_size, dtype="int32")
+
+    def set_catalogue(self, features: Mapping[str, Any]) -> None:
+        """Stores the catalogue's candidate features for the catalogue losses and metrics.
+
+        `"full_softmax"`, `"sampled_softmax"` and `FactorizedTopK` metrics embed
+        every candidate id in `[0, catalogue_size)`. A candidate tower over ids
+        gets `arange(catalogue_size)`; a tower over a dict of features gets these
+        features instead: row i of each array describes candidate id i (the
+        value of the `candidate_id_key` feature). They are kept as non-trainable
+        variables, so they are saved with the model and live on the device.
+
+        Calling it again replaces the values; the shapes and dtypes must stay
+        the same (pad multi-valued features to the same width).
+
+        Args:
+            features: feature name -> NumPy array of integers (indices, e.g.
+                from `two_tower.Vocabulary`) or floats, `catalogue_size` rows.
+
+        Raises:
+            ValueError: without `catalogue_size`, or on features that are not a
+                dict of numeric arrays with `catalogue_size` rows.
+
+        Example:
+        >>> import keras, numpy as np
+        >>> tower = two_tower.FeatureTower(
+        ...     categorical={"movie": 5, "decade": 3}, output_dim=4)
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     keras.layers.Embedding(10, 4), tower, loss="full_softmax",
+        ...     catalogue_size=5, candidate_id_key="movie")
+        >>> model.set_catalogue({"movie": np.arange(5), "decade": np.array([0, 1, 1, 2, 0])})
+        >>> model.compile(optimizer="adam")
+        >>> x = {"query": np.array([1, 2]),
+        ...      "candidate": {"movie": np.array([3, 4]), "decade": np.array([2, 0])}}
+        >>> history = model.fit(x, epochs=1, verbose=0)
+        """
+        if self.catalogue_size is None:
+            raise ValueError(
+                "set_catalogue needs the model's `catalogue_size` (the number of "
+                "candidate ids). Received catalogue_size=None"
+            )
+        if not isinstance(features, Mapping) or not features:
+            raise ValueError(
+                "`features` must be a non-empty dict of arrays, one row per candidate "
+                f"id. Received {type(features).__name__}"
+            )
+        arrays = {}
+        for name, raw in features.items():
+            array = np.asarray(raw)
+            if array.dtype.kind in "iu":
+                array = array.astype("int32")
+            elif array.dtype.kind == "f":
+                array = array.astype("float32")
+            else:
+                raise ValueError(
+                    f"Catalogue feature {name!r} must hold integers (indices, e.g. from "
+                    f"two_tower.Vocabulary) or floats. Received dtype {array.dtype}"
+                )
+            if array.ndim == 0 or array.shape[0] != self.catalogue_size:
+                raise ValueError(
+                    f"Catalogue feature {name!r} must have catalogue_size="
+                    f"{self.catalogue_size} rows (row i is candidate id i). Received "
+                    f"shape {array.shape}"
+                )
+            arrays[name] = array
+        key = self.candidate_id_key
+        if key is not None and key in arrays and arrays[key].dtype.kind == "i":
+            if not np.array_equal(arrays[key], np.arange(self.catalogue_size)):
+                raise ValueError(
+                    f"Row i of the catalogue must describe candidate id i, so feature "
+                    f"{key!r} (the candidate_id_key) must be arange({self.catalogue_size})."
+                )
+        current = self._catalogue_features
+        if current:
+            expected = {n: (tuple(v.shape), v.dtype) for n, v in current.items()}
+            received = {n: (a.shape, str(a.dtype)) for n, a in arrays.items()}
+            if expected != received:
+                raise ValueError(
+                    "set_catalogue can only replace the values of the catalogue it "
+                    f"holds: expected (shape, dtype) {expected}, received {received}"
+                )
+            for name, array in arrays.items():
+                current[name].assign(array)
+            return
+        self._add_catalogue_variables({n: (str(a.dtype), a.shape) for n, a in arrays.items()})
+        for name, array in arrays.items():
+            self._catalogue_features[name].assign(array)
+
+    def _add_catalogue_variables(self, specs: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+        self._catalogue_features = {
+            name: self.add_weight(
+                shape=tuple(shape),
+                dtype=dtype,
+                initializer=keras.initializers.Constant(0),
+                trainable=False,
+                name=f"catalogue_{name}",
+            )
+            for name, (dtype, shape) in specs.items()
+        }
+        # Compiled steps traced before now do not read the new variables.
+        self.train_function = self.test_function = self.predict_function = None
+
     def _candidate_ids_of(self, candidate_features: Any) -> Tensor:
-        """The batch's candidate ids, used to find accidental hits."""
+        """The batch's candidate ids (positives' catalogue rows, accidental hits)."""
         if isinstance(candidate_features, Mapping):
             if self.candidate_id_key is None or self.candidate_id_key not in candidate_features:
                 raise ValueError(
-                    "remove_accidental_hits=True with dict candidate features needs "
-                    "`candidate_id_key` naming the id feature. Received "
-                    f"candidate_id_key={self.candidate_id_key!r} and features "
-                    f"{sorted(candidate_features)}"
+                    "With dict candidate features, remove_accidental_hits, the catalogue "
+                    "losses and FactorizedTopK metrics need `candidate_id_key` naming "
+                    f"the id feature. Received candidate_id_key={self.candidate_id_key!r} "
+                    f"and features {sorted(candidate_features)}"
                 )
             candidate_features = candidate_features[self.candidate_id_key]
         dtype = keras.backend.standardize_dtype(candidate_features.dtype)
         if "int" not in dtype:
             raise ValueError(
-                "remove_accidental_hits=True needs integer candidate ids. Received "
-                f"candidate ids of dtype {dtype}"
+                f"Candidate ids must be integers. Received candidate ids of dtype {dtype}"
             )
         return ops.reshape(candidate_features, (-1,))
 
@@ -484,7 +608,8 @@ class TwoTowerRetrieval(keras.Model):
         if evaluating:
             query_ids = x[QUERY]
             if isinstance(query_ids, Mapping):
-                query_ids = None  # metrics that need ids raise a clear error
+                # Metrics that need ids raise a clear error when there are none.
+                query_ids = query_ids.get(self.query_id_key) if self.query_id_key else None
             for metric in self.retrieval_metrics:
                 metric.update_state(
                     y_pred["query_embeddings"],
@@ -546,7 +671,10 @@ class TwoTowerRetrieval(keras.Model):
         in its own words), so id arrays are checked on the host before any step.
         Only NumPy-like inputs are checked; tf.data and generators are not.
         """
-        if isinstance(features, Mapping) or features is None:
+        if isinstance(features, Mapping):
+            key = self.candidate_id_key if side == "candidate" else self.query_id_key
+            features = features.get(key) if key is not None else None
+        if features is None:
             return
         ids = np.asarray(features) if isinstance(features, (np.ndarray, list)) else None
         if ids is None or ids.dtype.kind not in "iu" or ids.size == 0:
@@ -780,6 +908,7 @@ class TwoTowerRetrieval(keras.Model):
                 "candidate_id_key": self.candidate_id_key,
                 "catalogue_size": self.catalogue_size,
                 "num_sampled_negatives": self.num_sampled_negatives,
+                "query_id_key": self.query_id_key,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
             }
         )
@@ -798,6 +927,10 @@ class TwoTowerRetrieval(keras.Model):
         return {
             "query_input_spec": self._query_input_spec,
             "candidate_input_spec": self._candidate_input_spec,
+            "catalogue_spec": {
+                name: [variable.dtype, list(variable.shape)]
+                for name, variable in self._catalogue_features.items()
+            },
         }
 
     def build_from_config(self, config: dict[str, Any]) -> None:
@@ -807,4 +940,7 @@ class TwoTowerRetrieval(keras.Model):
             self.embed_queries(_symbolic_inputs(query_spec))
         if candidate_spec is not None:
             self.embed_candidates(_symbolic_inputs(candidate_spec))
+        catalogue_spec = config.get("catalogue_spec") or {}
+        if catalogue_spec:  # the values come with the saved weights
+            self._add_catalogue_variables(catalogue_spec)
         self.build()  # a subclass's own weights (e.g. a learned temperature)
