@@ -82,3 +82,73 @@ def test_config_round_trip():
     tower = two_tower.FeatureTower(categorical={"a": 3}, numeric=["b"], hidden_units=[4])
     restored = two_tower.FeatureTower.from_config(tower.get_config())
     assert restored.get_config() == tower.get_config()
+
+
+def test_sum_combiner_with_learned_bias_matches_numpy():
+    tower = two_tower.FeatureTower(
+        categorical={"occupation": 6},
+        multivalued={"genres": 8},
+        numeric=["age"],
+        combiner="sum",
+        output_dim=None,
+        embedding_dim=4,
+        bias="learned",
+    )
+    out = keras.ops.convert_to_numpy(tower(features()))
+    assert out.shape == (3, 5)
+    # Give the bias tables non-zero values so that they are checked too.
+    rng = np.random.default_rng(0)
+    for layer in [*tower.biases.values(), tower.numeric_bias]:
+        weight = layer.weights[0]
+        weight.assign(rng.normal(size=tuple(weight.shape)).astype("float32"))
+    out = keras.ops.convert_to_numpy(tower(features()))
+    f = features()
+    table = {n: keras.ops.convert_to_numpy(e.embeddings) for n, e in tower.embeddings.items()}
+    bias = {n: keras.ops.convert_to_numpy(e.embeddings) for n, e in tower.biases.items()}
+    projection = keras.ops.convert_to_numpy(tower.numeric_projection.kernel)
+    age_bias = keras.ops.convert_to_numpy(tower.numeric_bias.kernel)
+    age = np.nan_to_num(f["age"], nan=0.0)[:, None]
+
+    def pooled(values):
+        rows = []
+        for row in f["genres"]:
+            present = row[row >= 0]
+            rows.append(values[present].mean(axis=0) if len(present) else np.zeros(values.shape[1]))
+        return np.array(rows)
+
+    vector = table["occupation"][f["occupation"]] + pooled(table["genres"]) + age @ projection
+    scalar = bias["occupation"][f["occupation"]] + pooled(bias["genres"]) + age @ age_bias
+    np.testing.assert_allclose(out, np.concatenate([vector, scalar], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_bias_and_per_feature_l2():
+    tower = two_tower.FeatureTower(
+        categorical={"occupation": 6},
+        multivalued={"genres": 8},
+        output_dim=3,
+        bias="constant",
+        l2={"genres": 0.5},
+    )
+    out = keras.ops.convert_to_numpy(tower(features()))
+    np.testing.assert_array_equal(out[:, -1], 1.0)
+    genres = keras.ops.convert_to_numpy(tower.embeddings["genres"].embeddings)
+    assert len(tower.losses) == 1  # only the genres table is penalised
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(tower.losses[0]), 0.5 * np.sum(genres**2), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"combiner": "mean"}, "`combiner` must be one of"),
+        ({"bias": "yes"}, "`bias` must be one of"),
+        ({"l2": -1.0}, "`l2` must be a number >= 0"),
+        ({"l2": {"occupation": "big"}}, "`l2` must be a number >= 0"),
+        ({"l2": {"zip": 0.1}}, "unknown feature 'zip'"),
+        ({"output_dim": 0}, "`output_dim` must be a positive integer"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        two_tower.FeatureTower(categorical={"occupation": 6}, **kwargs)

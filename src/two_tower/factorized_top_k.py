@@ -163,7 +163,8 @@ class FactorizedTopK(keras.metrics.Metric):
         if (self.excludes or self.num_queries is not None) and query_ids is None:
             raise ValueError(
                 f"Metric '{self.name}' needs `query_ids` (for recall or exclusions). "
-                "With TwoTowerRetrieval, the query input must be a tensor of int ids."
+                "With TwoTowerRetrieval, the query input must be a tensor of int ids, "
+                "or a dict with the ids under the model's `query_id_key`."
             )
         similarity_fn = similarity_fn or dot_similarities
         positive_positions = ops.reshape(ops.cast(positive_positions, "int32"), (-1,))

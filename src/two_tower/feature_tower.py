@@ -10,20 +10,35 @@ from keras import ops
 
 from two_tower.types import Tensor
 
+COMBINERS = ("concat", "sum")
+BIASES = (None, "learned", "constant")
+
 
 @keras.saving.register_keras_serializable(package="two_tower")
 class FeatureTower(keras.layers.Layer):
-    """Embeds a dict of features into one `[batch, output_dim]` embedding.
+    """Embeds a dict of features into one `[batch, dim]` embedding.
 
     - Categorical features (one index per row, e.g. from `two_tower.Vocabulary`)
       get their own embedding table.
     - Multi-valued features (`[batch, length]` indices, e.g. genres or title
       tokens, padded with -1) are embedded and mean-pooled over the non-padding
       entries; a row with no entries pools to zeros.
-    - Numeric features (`[batch]` floats) are concatenated as they are; NaN
-      becomes 0.0, so a missing value never turns into a NaN embedding.
-    The concatenation goes through an optional MLP (`hidden_units`, ReLU), a
-    final Dense to `output_dim`, and optionally L2 normalisation.
+    - Numeric features (`[batch]` floats) are used as they are; NaN becomes
+      0.0, so a missing value never turns into a NaN embedding.
+
+    `combiner="concat"` concatenates the feature embeddings and the numeric
+    values. `combiner="sum"` adds the feature embeddings, plus a learned vector
+    per numeric feature scaled by its value (a factorization-machine style
+    tower; with only an id feature it is a plain id embedding). The result goes
+    through an optional MLP (`hidden_units`, ReLU), a final Dense to
+    `output_dim` (skipped when `output_dim` is None), and optionally L2
+    normalisation.
+
+    `bias` appends a last column, as `IdEmbeddingTower` does: `"learned"` adds
+    one learned scalar per feature value (pooled like the embeddings, and a
+    learned weight per numeric feature), `"constant"` a column of ones. A
+    candidate tower with `"learned"` and a query tower with `"constant"` give
+    every candidate a learned popularity term in the dot product.
 
     Indices must lie in `[0, vocabulary size)`; `Vocabulary` guarantees that
     for raw values, so unseen values never crash a gather.
@@ -34,8 +49,17 @@ class FeatureTower(keras.layers.Layer):
         numeric: names of float features.
         embedding_dim: width of every embedding table.
         hidden_units: widths of the ReLU layers before the output.
-        output_dim: width of the tower's output.
-        l2_normalize: L2-normalise the output (for cosine scoring).
+        output_dim: width of the final Dense layer; None leaves it out (the
+            output is then the combined embedding, or the last hidden layer).
+        l2_normalize: L2-normalise the output (for cosine scoring); the bias
+            column, if any, is appended after.
+        l2: L2 penalty on every embedding and bias table, added to the model's
+            loss; or feature name -> penalty (features left out get none).
+            Shared tables (genres, age buckets) see a gradient in every batch,
+            while a single id's row sees one rarely, so they often need a
+            larger penalty.
+        combiner: `"concat"` or `"sum"`.
+        bias: None, `"learned"` or `"constant"`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -47,6 +71,11 @@ class FeatureTower(keras.layers.Layer):
     ...             "genres": np.array([[1, 4, -1], [-1, -1, -1]])}
     >>> tuple(tower(features).shape)
     (2, 8)
+    >>> summed = two_tower.FeatureTower(
+    ...     categorical={"occupation": 21}, multivalued={"genres": 19},
+    ...     combiner="sum", output_dim=None, embedding_dim=4, bias="learned")
+    >>> tuple(summed(features).shape)
+    (2, 5)
     """
 
     def __init__(
@@ -56,8 +85,11 @@ class FeatureTower(keras.layers.Layer):
         numeric: Sequence[str] = (),
         embedding_dim: int = 32,
         hidden_units: Sequence[int] = (),
-        output_dim: int = 32,
+        output_dim: int | None = 32,
         l2_normalize: bool = False,
+        l2: float | Mapping[str, float] = 0.0,
+        combiner: str = "concat",
+        bias: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -76,27 +108,73 @@ class FeatureTower(keras.layers.Layer):
                     f"Received: {size!r}"
                 )
         for name, value in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
+            if value is None and name == "output_dim":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        penalties = dict(l2) if isinstance(l2, Mapping) else dict.fromkeys(names, l2)
+        for name, penalty in penalties.items():
+            if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or penalty < 0:
+                raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+            if name not in names:
+                raise ValueError(f"`l2` names an unknown feature {name!r}. Features: {names}")
+        if combiner not in COMBINERS:
+            raise ValueError(f"`combiner` must be one of {COMBINERS}. Received: {combiner!r}")
+        if bias not in BIASES:
+            raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
         self.embedding_dim = embedding_dim
         self.hidden_units = list(hidden_units)
         self.output_dim = output_dim
         self.l2_normalize = l2_normalize
+        self.l2 = dict(l2) if isinstance(l2, Mapping) else l2
+        self.combiner = combiner
+        self.bias = bias
+        tables = {**self.categorical, **self.multivalued}
+
+        def table(feature: str, kind: str, width: int, initializer: str) -> keras.layers.Embedding:
+            penalty = penalties.get(feature, 0.0)
+            return keras.layers.Embedding(
+                tables[feature],
+                width,
+                embeddings_initializer=initializer,
+                embeddings_regularizer=keras.regularizers.L2(penalty) if penalty else None,
+                name=f"{feature}_{kind}",
+            )
+
         self.embeddings = {
-            name: keras.layers.Embedding(size, embedding_dim, name=f"{name}_embedding")
-            for name, size in {**self.categorical, **self.multivalued}.items()
+            name: table(name, "embedding", embedding_dim, "uniform") for name in tables
         }
+        self.numeric_projection = (
+            keras.layers.Dense(embedding_dim, use_bias=False, name="numeric_projection")
+            if combiner == "sum" and self.numeric
+            else None
+        )
+        self.biases = (
+            {name: table(name, "bias", 1, "zeros") for name in tables} if bias == "learned" else {}
+        )
+        self.numeric_bias = (
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="numeric_bias")
+            if bias == "learned" and self.numeric
+            else None
+        )
         self.hidden = [keras.layers.Dense(units, activation="relu") for units in hidden_units]
-        self.output_layer = keras.layers.Dense(output_dim)
+        self.output_layer = keras.layers.Dense(output_dim) if output_dim is not None else None
 
     def build(self, input_shape: Any = None) -> None:
-        for layer in self.embeddings.values():
+        for layer in [*self.embeddings.values(), *self.biases.values()]:
             layer.build((None,))
-        width = self.embedding_dim * len(self.embeddings) + len(self.numeric)
+        for layer in (self.numeric_projection, self.numeric_bias):
+            if layer is not None:
+                layer.build((None, len(self.numeric)))
+        if self.combiner == "sum":
+            width = self.embedding_dim
+        else:
+            width = self.embedding_dim * len(self.embeddings) + len(self.numeric)
         for layer in self.hidden:
             layer.build((None, width))
             width = layer.units
-        self.output_layer.build((None, width))
+        if self.output_layer is not None:
+            self.output_layer.build((None, width))
         self.built = True
 
     def _feature(self, features: Mapping[str, Any], name: str, rank: int) -> Tensor:
@@ -117,29 +195,52 @@ class FeatureTower(keras.layers.Layer):
             raise ValueError(
                 f"FeatureTower takes a dict of features. Received {type(features).__name__}"
             )
-        parts = []
+        parts, biases = [], []
         for name in self.categorical:
             value = self._feature(features, name, rank=1)
             _check_integer(name, value)
             parts.append(self.embeddings[name](value))
+            if name in self.biases:
+                biases.append(self.biases[name](value))
         for name in self.multivalued:
             value = self._feature(features, name, rank=2)
             _check_integer(name, value)
-            present = ops.cast(ops.greater_equal(value, 0), "float32")
-            embedded = self.embeddings[name](ops.maximum(value, 0))
-            summed = ops.sum(embedded * ops.expand_dims(present, -1), axis=1)
-            count = ops.maximum(ops.sum(present, axis=1, keepdims=True), 1.0)
-            parts.append(summed / count)
-        for name in self.numeric:
-            value = ops.cast(self._feature(features, name, rank=1), "float32")
-            value = ops.where(ops.isnan(value), ops.zeros_like(value), value)
-            parts.append(ops.expand_dims(value, -1))
-        hidden = ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+            present = ops.expand_dims(ops.cast(ops.greater_equal(value, 0), "float32"), -1)
+            count = ops.maximum(ops.sum(present, axis=1), 1.0)
+            index = ops.maximum(value, 0)
+            parts.append(ops.sum(self.embeddings[name](index) * present, axis=1) / count)
+            if name in self.biases:
+                biases.append(ops.sum(self.biases[name](index) * present, axis=1) / count)
+        if self.numeric:
+            columns = []
+            for name in self.numeric:
+                value = ops.cast(self._feature(features, name, rank=1), "float32")
+                columns.append(ops.where(ops.isnan(value), ops.zeros_like(value), value))
+            numeric = ops.stack(columns, axis=-1)
+            if self.numeric_projection is not None:
+                parts.append(self.numeric_projection(numeric))
+            else:
+                parts.append(numeric)
+            if self.numeric_bias is not None:
+                biases.append(self.numeric_bias(numeric))
+        if self.combiner == "sum":
+            hidden = parts[0]
+            for part in parts[1:]:
+                hidden = hidden + part
+        else:
+            hidden = ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         for layer in self.hidden:
             hidden = layer(hidden)
-        output = self.output_layer(hidden)
+        output = self.output_layer(hidden) if self.output_layer is not None else hidden
         if self.l2_normalize:
             output = output / ops.maximum(ops.norm(output, axis=-1, keepdims=True), 1e-12)
+        if self.bias == "learned":
+            total = biases[0]
+            for extra in biases[1:]:
+                total = total + extra
+            output = ops.concatenate([output, ops.cast(total, output.dtype)], axis=-1)
+        elif self.bias == "constant":
+            output = ops.concatenate([output, ops.ones_like(output[:, :1])], axis=-1)
         return output
 
     def get_config(self) -> dict[str, Any]:
@@ -153,6 +254,9 @@ class FeatureTower(keras.layers.Layer):
                 "hidden_units": self.hidden_units,
                 "output_dim": self.output_dim,
                 "l2_normalize": self.l2_normalize,
+                "l2": self.l2,
+                "combiner": self.combiner,
+                "bias": self.bias,
             }
         )
         return config

@@ -334,9 +334,7 @@ class TwoTowerRetrieval(keras.Model):
                     training=training,
                 )
             if self.loss_name == "full_softmax" or ranks_catalogue:
-                outputs["catalogue_embeddings"] = self.candidate_tower(
-                    catalogue, training=training
-                )
+                outputs["catalogue_embeddings"] = self.candidate_tower(catalogue, training=training)
             if ranks_catalogue:
                 # Marks an evaluation step: FactorizedTopK metrics update only then.
                 outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
@@ -422,12 +420,12 @@ class TwoTowerRetrieval(keras.Model):
                 )
             arrays[name] = array
         key = self.candidate_id_key
-        if key is not None and key in arrays and arrays[key].dtype.kind == "i":
-            if not np.array_equal(arrays[key], np.arange(self.catalogue_size)):
-                raise ValueError(
-                    f"Row i of the catalogue must describe candidate id i, so feature "
-                    f"{key!r} (the candidate_id_key) must be arange({self.catalogue_size})."
-                )
+        ids = arrays.get(key) if key is not None else None
+        if ids is not None and not np.array_equal(ids, np.arange(self.catalogue_size)):
+            raise ValueError(
+                f"Row i of the catalogue must describe candidate id i, so feature "
+                f"{key!r} (the candidate_id_key) must be arange({self.catalogue_size})."
+            )
         current = self._catalogue_features
         if current:
             expected = {n: (tuple(v.shape), v.dtype) for n, v in current.items()}
