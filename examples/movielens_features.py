@@ -1,10 +1,12 @@
 """Feature-rich towers on MovieLens 100K, against the id-only softmax default.
 
-The query tower embeds the user's id, age bucket, gender, occupation and zip
-prefix; the candidate tower embeds the movie's id, title words, genres and
+The query tower embeds the user's id, age bucket, gender, occupation, zip
+prefix and a sample of 32 movies they rated in training (never the rating's own
+movie); the candidate tower embeds the movie's id, title words, genres and
 release year. Both are `two_tower.FeatureTower`s over indices from
 `two_tower.Vocabulary`, trained with the full-catalogue softmax (the catalogue's
-features are given to the model with `set_catalogue`).
+features are given to the model with `set_catalogue`). Penalties were chosen on
+a validation part of the random split's training data.
 
 It prints the results table (top-k accuracy over all 1,682 movies, leaving out
 the movies each user rated in training) of the id-only default and the feature
@@ -12,7 +14,7 @@ model on two splits:
 - random: the seed tutorial's 80/20 random split (seed 42);
 - temporal: train on the earliest 80% of ratings, test on the latest 20%.
 Then cold start: it trains on 90% of the users and recommends to the other 10%
-from their features alone, against popularity.
+from their age, gender and occupation alone, against popularity.
 
 Usage:
     python examples/movielens_features.py --backend jax
@@ -33,10 +35,21 @@ MOVIE_FEATURES = ("movie", "year", "title", "genres")
 # Chosen on a validation split cut from the random split's training part.
 EMBEDDING_DIM = 32
 L2 = 5e-5
-FEATURE_L2 = 5e-5
+FEATURE_L2 = 1e-2
+HISTORY = 32
+HISTORY_L2 = 1e-3
 EPOCHS = 10
 BATCH_SIZE = 1000
 ID_DROPOUT = 0.1
+# Cold start: a query tower of the features a new user has (no id, no history).
+# The zip prefix, title words, genres and year made it worse on a tuning draw of
+# held-out users (seed 1; the reported draw is seed 42).
+COLD_START = {
+    "user_features": ("age", "gender", "occupation"),
+    "movie_features": ("movie",),
+    "history": 0,
+    "feature_l2": 1e-3,
+}
 TITLE_WORDS = 8
 MAX_GENRES = 6
 
@@ -102,6 +115,50 @@ def unique_users(users: dict[str, Any]) -> dict[str, Any]:
     return {name: values[first] for name, values in users.items()}
 
 
+def _groups(users: Any, order: Any) -> list[Any]:
+    """`order` (rows sorted by user) cut into one array of rows per user."""
+    import numpy as np
+
+    ordered = users[order]
+    return np.split(order, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1)
+
+
+def history_of_rows(users: Any, movies: Any, width: int, seed: int = 0) -> Any:
+    """For each rating, up to `width` other movies the same user rated, padded with -1.
+
+    A rating never sees its own movie in its history (the model would learn to
+    copy it). The movies are a random sample of the user's others.
+    """
+    import numpy as np
+
+    out = np.full((len(users), width), -1, "int32")
+    order = np.argsort(users, kind="stable")
+    rng = np.random.default_rng(seed)
+    for rows in _groups(users, order):
+        pick = rng.permutation(len(rows))[: width + 1]
+        keep = pick[None, :] != np.arange(len(rows))[:, None]  # not the row's own movie
+        slot = np.cumsum(keep, axis=1)
+        keep &= slot <= width
+        r, c = np.nonzero(keep)
+        out[rows[r], slot[r, c] - 1] = movies[rows[pick[c]]]
+    return out
+
+
+def history_of_users(everyone: Any, users: Any, movies: Any, width: int, seed: int = 0) -> Any:
+    """Up to `width` of each user's training movies (row i for `everyone[i]`), padded with -1."""
+    import numpy as np
+
+    out = np.full((len(everyone), width), -1, "int32")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(users, kind="stable")
+    for rows in _groups(users, order):
+        if len(rows) == 0:
+            continue
+        sample = movies[rows[rng.permutation(len(rows))[:width]]]
+        out[np.searchsorted(everyone, users[rows[0]]), : len(sample)] = sample
+    return out
+
+
 class Features:
     """Vocabularies fitted on the training users and the movie catalogue.
 
@@ -161,13 +218,28 @@ def _in_index_order(values: Any, rows: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- models
-def feature_model(features: Features) -> Any:
-    """The feature model, compiled with the library's default optimizer."""
+def feature_model(
+    features: Features,
+    user_features: tuple[str, ...] = USER_FEATURES,
+    movie_features: tuple[str, ...] = MOVIE_FEATURES,
+    history: int = HISTORY,
+    feature_l2: float = FEATURE_L2,
+) -> Any:
+    """The feature model, compiled with the library's default optimizer.
+
+    Every tower is `FeatureTower(combiner="sum", output_dim=None)`: the id
+    embedding plus one embedding per feature, and a learned bias per movie
+    feature, so with ids alone it is the id-only default. Ids get the default
+    L2; the shared feature tables (an age bucket appears in every batch) get
+    `feature_l2`, and the watch history `HISTORY_L2`.
+    """
     import two_tower
 
     users, movies, multivalued = features.sizes()
-    movies = {k: v for k, v in movies.items() if k in MOVIE_FEATURES}
-    multivalued = {k: v for k, v in multivalued.items() if k in MOVIE_FEATURES}
+    users = {k: v for k, v in users.items() if k in user_features}
+    users_multivalued = {"history": features.movie_vocabulary.size} if history else {}
+    movies = {k: v for k, v in movies.items() if k in movie_features}
+    multivalued = {k: v for k, v in multivalued.items() if k in movie_features}
     common = {
         "embedding_dim": EMBEDDING_DIM,
         "output_dim": None,
@@ -176,7 +248,11 @@ def feature_model(features: Features) -> Any:
     model = two_tower.TwoTowerRetrieval(
         query_tower=two_tower.FeatureTower(
             categorical=users,
-            l2={name: L2 if name == "user" else FEATURE_L2 for name in users},
+            multivalued=users_multivalued,
+            l2={
+                **{name: L2 if name == "user" else feature_l2 for name in users},
+                **dict.fromkeys(users_multivalued, HISTORY_L2),
+            },
             bias="constant",
             name="user_tower",
             **common,
@@ -184,7 +260,7 @@ def feature_model(features: Features) -> Any:
         candidate_tower=two_tower.FeatureTower(
             categorical=movies,
             multivalued=multivalued,
-            l2={name: L2 if name == "movie" else FEATURE_L2 for name in {**movies, **multivalued}},
+            l2={name: L2 if name == "movie" else feature_l2 for name in {**movies, **multivalued}},
             bias="learned",
             name="movie_tower",
             **common,
@@ -192,7 +268,7 @@ def feature_model(features: Features) -> Any:
         loss="full_softmax",
         catalogue_size=features.movie_vocabulary.size,
         candidate_id_key="movie",
-        query_id_key="user",
+        query_id_key="user" if "user" in users else None,
     )
     model.set_catalogue(features.catalogue)
     model.compile(
@@ -203,7 +279,11 @@ def feature_model(features: Features) -> Any:
 
 
 def train_feature_model(
-    features: Features, train: dict[str, Any], epochs: int = EPOCHS, seed: int = 42
+    features: Features,
+    train: dict[str, Any],
+    epochs: int = EPOCHS,
+    seed: int = 42,
+    **choices: Any,
 ) -> Any:
     """Fits the feature model on the training ratings.
 
@@ -215,10 +295,16 @@ def train_feature_model(
     import numpy as np
 
     keras.utils.set_random_seed(seed)
-    model = feature_model(features)
+    model = feature_model(features, **choices)
+    history = choices.get("history", HISTORY)
     query = features.users(raw_users(train))
-    dropped = np.random.default_rng(seed).random(len(query["user"])) < ID_DROPOUT
-    query["user"] = np.where(dropped, 0, query["user"]).astype("int32")
+    dropped = np.random.default_rng(seed).random(len(train["user_id"])) < ID_DROPOUT
+    if "user" in query:
+        query["user"] = np.where(dropped, 0, query["user"]).astype("int32")
+    if history:
+        query["history"] = history_of_rows(
+            train["user_id"], features.movie_vocabulary(train["movie_id"]), history, seed
+        )
     x = {"query": query, "candidate": features.movies(train)}
     model.fit(x, verbose=0, batch_size=BATCH_SIZE, epochs=epochs)
     return model
@@ -295,8 +381,13 @@ def compare_on_split(
         )
     }
     model = train_feature_model(features, train, epochs)
+    queries = features.users(everyone)
+    if HISTORY:
+        queries["history"] = history_of_users(
+            everyone["user"], train["user_id"], movie_index(train["movie_id"]), HISTORY
+        )
     results["features"] = rank(
-        embed(model.query_tower, features.users(everyone)),
+        embed(model.query_tower, queries),
         embed(model.candidate_tower, features.catalogue),
     )
     return results
@@ -327,7 +418,6 @@ def cold_start(
     test = {k: v[is_test] for k, v in ratings.items()}
     features = Features(raw_users(train), movies)
     newcomers = unique_users(raw_users(test))
-    assert not np.any(features.user_vocabularies["user"](newcomers["user"]))  # all OOV
     test_users = np.searchsorted(newcomers["user"], test["user_id"])
     test_movies = features.movie_vocabulary(test["movie_id"])
     counts = np.bincount(
@@ -340,7 +430,7 @@ def cold_start(
         test_movies,
         ks=KS,
     )["all"]
-    model = train_feature_model(features, train, epochs, seed)
+    model = train_feature_model(features, train, epochs, seed, **COLD_START)
     queries = embed(model.query_tower, features.users(newcomers))
     catalogue = embed(model.candidate_tower, features.catalogue)
     catalogue[0] = 0.0  # row 0 is no movie; keep it out of the top k

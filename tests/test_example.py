@@ -72,3 +72,49 @@ def test_movielens_softmax_example_runs(real_data_dir, tmp_path):
     titles = out.split("Top-10 unseen movies for user 42:\n")[1].split("Saved")[0].splitlines()
     assert len(titles) == 10
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_movielens_features_example_runs(real_data_dir):
+    example = EXAMPLE.parent / "movielens_features.py"
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--epochs",
+            "1",
+            "--splits",
+            "temporal",
+            "--data-dir",
+            str(real_data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    table = out.split("temporal split")[1].split("cold start")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["id-only softmax (default)", "features"]
+    for row in rows:
+        values = [float(cell) for cell in row.split("|")[2:-1]]
+        assert all(0.0 < v <= 1.0 for v in values) and values == sorted(values)
+    cold = out.split("cold start")[1]
+    assert "| popularity |" in cold and "| features, cold start |" in cold
+
+
+def test_features_example_rejects_bad_splits():
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE.parent / "movielens_features.py"), "--splits", "daily"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "--splits takes names from ('random', 'temporal'), got ['daily']" in completed.stderr
