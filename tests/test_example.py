@@ -100,7 +100,11 @@ def test_movielens_features_example_runs(real_data_dir):
     out = completed.stdout
     table = out.split("temporal split")[1].split("cold start")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
-    assert [row.split("|")[1].strip() for row in rows] == ["id-only softmax (default)", "features"]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "id-only softmax (default)",
+        "features: all",
+        "features: id, time, history",
+    ]
     for row in rows:
         values = [float(cell) for cell in row.split("|")[2:-1]]
         assert all(0.0 < v <= 1.0 for v in values) and values == sorted(values)
@@ -118,3 +122,38 @@ def test_features_example_rejects_bad_splits():
     )
     assert completed.returncode == 2
     assert "--splits takes names from ('random', 'temporal'), got ['daily']" in completed.stderr
+
+
+def _features_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "movielens_features", EXAMPLE.parent / "movielens_features.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_history_never_holds_the_rating_own_movie():
+    import numpy as np
+
+    example = _features_example()
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.array(["7", "12", "3", "40"]), size=60)
+    movies = np.arange(60) + 100  # one rating per movie, so a leak would show
+    width = 5
+    history = example.history_of_rows(users, movies, width)
+    assert history.shape == (60, width)
+    for row in range(60):
+        mine = movies[users == users[row]]
+        found = history[row][history[row] >= 0]
+        assert movies[row] not in found
+        assert set(found) <= set(mine)
+        assert len(found) == len(set(found)) == min(width, len(mine) - 1)
+    everyone = np.array(["12", "3", "40", "7", "99"])
+    table = example.history_of_users(everyone, users, movies, width)
+    for i, user in enumerate(everyone):
+        found = table[i][table[i] >= 0]
+        assert set(found) <= set(movies[users == user])
+        assert len(found) == min(width, int(np.sum(users == user)))
