@@ -35,6 +35,7 @@ def test_held_out_users_beat_popularity_at_top_100(real_data_dir):
     hits = np.isin(ratings["movie_id"][is_test].astype(int), top_100).mean()
     # Popularity's own figure, independently: ties at the cut-off can only help it.
     assert results["popularity"]["accuracy_at_100"] >= hits - 1e-9
-    assert results["features, cold start"]["accuracy_at_100"] > results["popularity"][
-        "accuracy_at_100"
-    ]
+    assert (
+        results["features, cold start"]["accuracy_at_100"]
+        > results["popularity"]["accuracy_at_100"]
+    )
