@@ -4,22 +4,24 @@ Two feature models, both `two_tower.FeatureTower`s over indices from
 `two_tower.Vocabulary`, trained with the full-catalogue softmax (the catalogue's
 features are given to the model with `set_catalogue`):
 - "features: all": the query tower embeds the user's id, age bucket, gender,
-  occupation, zip prefix, the time of the request (32 quantile buckets of the
-  training times) and a sample of 32 movies they rated in training (never the
-  rating's own movie); the candidate tower embeds the movie's id, title words,
-  genres and release year.
-- "features: id, time, history": the user's id, the time and the history; the
-  movie's id.
-Penalties, history width and the share of training rows whose user id is
-replaced by the unknown id (so that new users get a trained row) were chosen
-on validation parts cut from the training data of each split, never the test.
+  occupation, zip prefix and history (the last 32 movies they rated before the
+  request); the candidate tower embeds the movie's id, title words, genres and
+  release year.
+- "features: id, history": the user's id and history; the movie's id.
+A history holds only ratings strictly before the request: a training rating
+never sees itself or anything later, and training sees training ratings only.
+A test query, like a live request, sees every earlier rating of its user,
+test ones included. Penalties, the history width and the share of training rows
+whose user id is replaced by the unknown id (so that new users get a trained
+row) were chosen on validation parts cut from the training data of each split,
+never the test.
 
 It prints the results table (top-k accuracy over all 1,682 movies, leaving out
 the movies each user rated in training) of the id-only default and the feature
 models on two splits:
 - random: the seed tutorial's 80/20 random split (seed 42);
 - temporal: train on the earliest 80% of ratings, test on the latest 20%.
-Every test rating is one query (its user and its time).
+Every test rating is one query (its user at its time).
 Then cold start: it trains on 90% of the users and recommends to the other 10%
 from their age, gender and occupation alone, against popularity.
 
@@ -39,7 +41,8 @@ KS = (10, 50, 100)
 SPLITS = ("random", "temporal")
 USER_FEATURES = ("user", "age", "gender", "occupation", "zip")
 MOVIE_FEATURES = ("movie", "year", "title", "genres")
-# Chosen on a validation split cut from the random split's training part.
+# Chosen on validation parts cut from each split's training data (its last 10%),
+# never from the test part.
 EMBEDDING_DIM = 32
 L2 = 5e-5
 FEATURE_L2 = 1e-2
@@ -50,11 +53,8 @@ BATCH_SIZE = 1000
 ID_DROPOUT = 0.02
 # The feature models of the split comparison (their `feature_model` arguments).
 MODELS: dict[str, dict[str, Any]] = {
-    "features: all": {},
-    "features: id, time, history": {
-        "user_features": ("user", "time"),
-        "movie_features": ("movie",),
-    },
+    "features: all": {"user_features": USER_FEATURES},
+    "features: id, history": {"user_features": ("user",), "movie_features": ("movie",)},
 }
 # Cold start: a query tower of the features a new user has (no id, no history).
 # The zip prefix, title words, genres and year made it worse on a tuning draw of
@@ -65,7 +65,6 @@ COLD_START = {
     "history": 0,
     "feature_l2": 1e-3,
 }
-TIME_BUCKETS = 32
 TITLE_WORDS = 8
 MAX_GENRES = 6
 
@@ -132,47 +131,29 @@ def unique_users(users: dict[str, Any]) -> dict[str, Any]:
     return {name: values[first] for name, values in users.items()}
 
 
-def _groups(users: Any, order: Any) -> list[Any]:
-    """`order` (rows sorted by user) cut into one array of rows per user."""
-    import numpy as np
+def recent_history(
+    users: Any, movies: Any, times: Any, query_users: Any, query_times: Any, width: int
+) -> Any:
+    """For each query, the last `width` movies its user rated strictly before its time.
 
-    ordered = users[order]
-    return np.split(order, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1)
-
-
-def history_of_rows(users: Any, movies: Any, width: int, seed: int = 0) -> Any:
-    """For each rating, up to `width` other movies the same user rated, padded with -1.
-
-    A rating never sees its own movie in its history (the model would learn to
-    copy it). The movies are a random sample of the user's others.
+    `users`, `movies` and `times` are the ratings known to the system. Only
+    what the user rated before the request is used (a rating never sees itself,
+    anything at the same second, or anything later), padded with -1.
     """
     import numpy as np
 
-    out = np.full((len(users), width), -1, "int32")
-    order = np.argsort(users, kind="stable")
-    rng = np.random.default_rng(seed)
-    for rows in _groups(users, order):
-        pick = rng.permutation(len(rows))[: width + 1]
-        keep = pick[None, :] != np.arange(len(rows))[:, None]  # not the row's own movie
-        slot = np.cumsum(keep, axis=1)
-        keep &= slot <= width
-        r, c = np.nonzero(keep)
-        out[rows[r], slot[r, c] - 1] = movies[rows[pick[c]]]
-    return out
-
-
-def history_of_users(everyone: Any, users: Any, movies: Any, width: int, seed: int = 0) -> Any:
-    """Up to `width` of each user's training movies (row i for `everyone[i]`), padded with -1."""
-    import numpy as np
-
-    out = np.full((len(everyone), width), -1, "int32")
-    rng = np.random.default_rng(seed)
-    order = np.argsort(users, kind="stable")
-    for rows in _groups(users, order):
-        if len(rows) == 0:
+    out = np.full((len(query_users), width), -1, "int32")
+    order = np.lexsort((times, users))  # by user, then time
+    sorted_users, sorted_times, sorted_movies = users[order], times[order], movies[order]
+    first = np.searchsorted(sorted_users, query_users, "left")
+    last = np.searchsorted(sorted_users, query_users, "right")
+    for query in range(len(query_users)):
+        start, stop = first[query], last[query]
+        if start == stop:
             continue
-        sample = movies[rows[rng.permutation(len(rows))[:width]]]
-        out[np.searchsorted(everyone, users[rows[0]]), : len(sample)] = sample
+        earlier = start + np.searchsorted(sorted_times[start:stop], query_times[query], "left")
+        recent = sorted_movies[max(start, earlier - width) : earlier]
+        out[query, : len(recent)] = recent
     return out
 
 
@@ -185,7 +166,6 @@ class Features:
     """
 
     def __init__(self, train_users: dict[str, Any], movies: dict[str, Any]) -> None:
-        import numpy as np
 
         import two_tower
 
@@ -194,10 +174,6 @@ class Features:
             vocabulary = two_tower.Vocabulary(min_count=2 if name == "zip" else 1)
             vocabulary.adapt(train_users[name])
             self.user_vocabularies[name] = vocabulary
-        # Time of the request, in TIME_BUCKETS quantile buckets of the training
-        # times; later times (a temporal test part) fall in the last bucket.
-        quantiles = np.linspace(0.0, 1.0, TIME_BUCKETS + 1)[1:-1]
-        self.time_edges = np.quantile(train_users["timestamp"], quantiles)
         self.movie_vocabulary = two_tower.Vocabulary(movies["movie_id"])
         titles = movies["movie_title"].tolist()
         self.year_vocabulary = two_tower.Vocabulary(min_count=2)
@@ -210,11 +186,8 @@ class Features:
         }
 
     def users(self, raw: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
 
-        out = {name: vocab(raw[name]) for name, vocab in self.user_vocabularies.items()}
-        out["time"] = np.searchsorted(self.time_edges, raw["timestamp"], "right").astype("int32")
-        return out
+        return {name: vocab(raw[name]) for name, vocab in self.user_vocabularies.items()}
 
     def movies(self, raw: dict[str, Any]) -> dict[str, Any]:
         titles = raw["movie_title"].tolist()
@@ -231,7 +204,6 @@ class Features:
         from two_tower.datasets.movielens import GENRES
 
         users = {name: vocab.size for name, vocab in self.user_vocabularies.items()}
-        users["time"] = TIME_BUCKETS
         movies = {"movie": self.movie_vocabulary.size, "year": self.year_vocabulary.size}
         return users, movies, {"title": self.word_vocabulary.size, "genres": len(GENRES)}
 
@@ -248,7 +220,7 @@ def _in_index_order(values: Any, rows: Any) -> Any:
 # ---------------------------------------------------------------------- models
 def feature_model(
     features: Features,
-    user_features: tuple[str, ...] = (*USER_FEATURES, "time"),
+    user_features: tuple[str, ...] = USER_FEATURES,
     movie_features: tuple[str, ...] = MOVIE_FEATURES,
     history: int = HISTORY,
     feature_l2: float = FEATURE_L2,
@@ -257,9 +229,9 @@ def feature_model(
 
     Every tower is `FeatureTower(combiner="sum", output_dim=None)`: the id
     embedding plus one embedding per feature, and a learned bias per movie
-    feature, so with ids alone it is the id-only default. Ids get the default
-    L2; the shared feature tables (an age bucket appears in every batch) get
-    `feature_l2`, and the watch history `HISTORY_L2`.
+    feature, so with ids alone (no history) it has the id-only default's form.
+    Ids get the default L2; the shared feature tables (an age bucket appears in
+    every batch) get `feature_l2`, and the history `HISTORY_L2`.
     """
     import two_tower
 
@@ -330,8 +302,10 @@ def train_feature_model(
     if "user" in query:
         query["user"] = np.where(dropped, 0, query["user"]).astype("int32")
     if history:
-        query["history"] = history_of_rows(
-            train["user_id"], features.movie_vocabulary(train["movie_id"]), history, seed
+        movies = features.movie_vocabulary(train["movie_id"])
+        times = train["timestamp"]
+        query["history"] = recent_history(
+            train["user_id"], movies, times, train["user_id"], times, history
         )
     x = {"query": query, "candidate": features.movies(train)}
     model.fit(x, verbose=0, batch_size=BATCH_SIZE, epochs=epochs)
@@ -389,7 +363,7 @@ def compare_on_split(
     movie_index = features.movie_vocabulary
     catalogue_size = movie_index.size
 
-    # One query per test rating (the time of the request is part of the query),
+    # One query per test rating (its history depends on the time of the request),
     # leaving out the movies its user rated in training and catalogue row 0.
     test_users = position(test["user_id"])
     train_users = position(train["user_id"])
@@ -428,8 +402,16 @@ def compare_on_split(
         queries = features.users(raw_users(test))
         width = choices.get("history", HISTORY)
         if width:
-            histories = history_of_users(everyone["user"], train["user_id"], train_movies, width)
-            queries["history"] = histories[test_users]
+            # At request time every earlier rating is known, test ones included;
+            # training only ever saw training ratings.
+            queries["history"] = recent_history(
+                np.concatenate([train["user_id"], test["user_id"]]),
+                np.concatenate([train_movies, movie_index(test["movie_id"])]),
+                np.concatenate([train["timestamp"], test["timestamp"]]),
+                test["user_id"],
+                test["timestamp"],
+                width,
+            )
         results[name] = rank(
             embed(model.query_tower, queries),
             embed(model.candidate_tower, features.catalogue),
@@ -443,6 +425,7 @@ def cold_start(
     held_out_fraction: float = 0.1,
     epochs: int = EPOCHS,
     seed: int = 42,
+    show: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Trains on 90% of the users; ranks for the other 10% from features alone.
 
@@ -477,8 +460,27 @@ def cold_start(
     model = train_feature_model(features, train, epochs, seed, **COLD_START)
     queries = embed(model.query_tower, features.users(newcomers))
     catalogue = embed(model.candidate_tower, features.catalogue)
-    catalogue[0] = 0.0  # row 0 is no movie; keep it out of the top k
-    found = evaluate_retrieval(queries, catalogue, test_users, test_movies, ks=KS)["all"]
+    found = evaluate_retrieval(
+        queries,
+        catalogue,
+        test_users,
+        test_movies,
+        exclude_query_ids=np.arange(len(queries)),  # catalogue row 0 is no movie
+        exclude_candidate_ids=np.zeros(len(queries), "int32"),
+        ks=KS,
+    )["unseen"]
+    if show:
+        model.index_candidates()  # the catalogue given to set_catalogue
+        newcomer = {name: values[:1] for name, values in newcomers.items()}
+        (top,) = model.recommend(features.users(newcomer), k=5, exclude=[[0]])
+        rows = features.movie_vocabulary(movies["movie_id"]).tolist()
+        titles = dict(zip(rows, movies["movie_title"].tolist(), strict=True))
+        print(
+            f"Top-5 for new user {newcomer['user'][0]} (age bucket {newcomer['age'][0]}, "
+            f"{newcomer['gender'][0]}, {newcomer['occupation'][0]}), never seen in training:"
+        )
+        for index in top:
+            print(f"  {titles[int(index)]}")
     return {"popularity": popularity, "features, cold start": found}
 
 
@@ -508,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n{split} split, top-k accuracy over the movies unseen in training:")
         print(two_tower.evaluation.format_table(tables[split], ks=KS))
     if not args.skip_cold_start:
-        tables["cold start"] = cold_start(ratings, movies, epochs=args.epochs)
+        tables["cold start"] = cold_start(ratings, movies, epochs=args.epochs, show=True)
         print("\ncold start, 10% of users held out, top-k accuracy over all movies:")
         print(two_tower.evaluation.format_table(tables["cold start"], ks=KS))
     return tables

@@ -195,3 +195,20 @@ def test_set_catalogue_needs_a_catalogue_size():
     model = two_tower.TwoTowerRetrieval(query, candidate)
     with pytest.raises(ValueError, match="catalogue_size=None"):
         model.set_catalogue(catalogue())
+
+
+def test_index_candidates_defaults_to_the_catalogue():
+    model = model_with()
+    model.index_candidates()
+    expected = model.candidate_tower(catalogue())
+    stored = keras.ops.convert_to_numpy(model.candidate_index.candidate_embeddings)
+    assert_all_close(stored, keras.ops.convert_to_numpy(expected), atol=1e-6)
+    ids = model.recommend({"user": np.array([2])}, k=NUM_MOVIES)
+    np.testing.assert_array_equal(np.sort(ids[0]), np.arange(NUM_MOVIES))
+
+
+def test_index_candidates_without_candidates_or_catalogue_raises():
+    query, candidate = towers()
+    model = two_tower.TwoTowerRetrieval(query, candidate)
+    with pytest.raises(ValueError, match="or a catalogue given earlier with `set_catalogue`"):
+        model.index_candidates()

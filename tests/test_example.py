@@ -103,7 +103,7 @@ def test_movielens_features_example_runs(real_data_dir):
     assert [row.split("|")[1].strip() for row in rows] == [
         "id-only softmax (default)",
         "features: all",
-        "features: id, time, history",
+        "features: id, history",
     ]
     for row in rows:
         values = [float(cell) for cell in row.split("|")[2:-1]]
@@ -135,25 +135,27 @@ def _features_example():
     return module
 
 
-def test_history_never_holds_the_rating_own_movie():
+def test_recent_history_holds_only_earlier_ratings():
     import numpy as np
 
     example = _features_example()
-    rng = np.random.default_rng(0)
-    users = rng.choice(np.array(["7", "12", "3", "40"]), size=60)
-    movies = np.arange(60) + 100  # one rating per movie, so a leak would show
-    width = 5
-    history = example.history_of_rows(users, movies, width)
-    assert history.shape == (60, width)
-    for row in range(60):
-        mine = movies[users == users[row]]
+    rng = np.random.default_rng(1)
+    users = rng.choice(np.array(["7", "12", "3"]), size=50)
+    times = rng.integers(0, 20, size=50)  # repeated times: ties must not leak
+    movies = np.arange(50) + 100
+    query_users = np.array(["7", "12", "3", "99", "7"])
+    query_times = np.array([10, 25, 0, 5, 19])
+    width = 4
+    history = example.recent_history(users, movies, times, query_users, query_times, width)
+    assert history.shape == (5, width)
+    for row, (user, time) in enumerate(zip(query_users, query_times, strict=True)):
+        earlier = np.flatnonzero((users == user) & (times < time))
+        earlier = earlier[np.lexsort((earlier, times[earlier]))][-width:]  # by time, then row
         found = history[row][history[row] >= 0]
+        assert sorted(found) == sorted(movies[earlier])
+    # A training rating's own history never holds it, nor anything at or after its time.
+    own = example.recent_history(users, movies, times, users, times, width)
+    for row in range(50):
+        found = own[row][own[row] >= 0]
         assert movies[row] not in found
-        assert set(found) <= set(mine)
-        assert len(found) == len(set(found)) == min(width, len(mine) - 1)
-    everyone = np.array(["12", "3", "40", "7", "99"])
-    table = example.history_of_users(everyone, users, movies, width)
-    for i, user in enumerate(everyone):
-        found = table[i][table[i] >= 0]
-        assert set(found) <= set(movies[users == user])
-        assert len(found) == min(width, int(np.sum(users == user)))
+        assert all(times[found - 100] < times[row])

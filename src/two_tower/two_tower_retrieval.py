@@ -710,17 +710,32 @@ class TwoTowerRetrieval(keras.Model):
 
     # -------------------------------------------------------------- retrieval
     def index_candidates(
-        self, candidates: Any, candidate_ids: Any = None, batch_size: int = 4096
+        self, candidates: Any = None, candidate_ids: Any = None, batch_size: int = 4096
     ) -> None:
         """Embeds the catalogue with the candidate tower and indexes it.
 
         Args:
             candidates: candidate features (an array or a dict of arrays), one
-                row per candidate.
+                row per candidate; defaults to the features given to
+                `set_catalogue`.
             candidate_ids: one id per candidate, of any NumPy dtype (int64 ids
                 above 2**31 and strings included); defaults to row positions.
             batch_size: rows embedded at once.
+
+        Raises:
+            ValueError: without `candidates` when no catalogue was set, or on
+                malformed candidates.
         """
+        if candidates is None:
+            if not self._catalogue_features:
+                raise ValueError(
+                    "index_candidates needs `candidates` (the features of every "
+                    "candidate), or a catalogue given earlier with `set_catalogue`."
+                )
+            candidates = {
+                name: ops.convert_to_numpy(variable.value)
+                for name, variable in self._catalogue_features.items()
+            }
         embeddings = self._embed_rows(candidates, self.embed_candidates, batch_size, "candidates")
         self.candidate_index.index(embeddings, candidate_ids)
 
