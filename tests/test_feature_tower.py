@@ -66,6 +66,16 @@ def test_l2_normalised_and_trains_inside_the_model():
         ),
         (lambda f: f.update(occupation=np.ones((3, 2), "int32")), r"'occupation'.*shape \[batch\]"),
         (lambda f: f.update(genres=np.ones((3,), "int32")), r"'genres'.*\[batch, length\]"),
+        (lambda f: f.update(genres=[[1, 4], [], [2, 2, 7]]), r"'genres' is ragged"),
+        (
+            lambda f: f.update(occupation=np.array(["nurse", "poet", ""])),
+            r"'occupation' holds strings.*Vocabulary",
+        ),
+        (lambda f: f.update(occupation=["nurse", "poet", ""]), r"'occupation' holds strings"),
+        (
+            lambda f: f.update(genres=np.array([[1], [2, 3], []], dtype=object)),
+            r"'genres' is ragged",
+        ),
     ],
 )
 def test_bad_features_raise_naming_the_feature(change, match):

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from two_tower.types import Tensor
@@ -177,6 +178,13 @@ class FeatureTower(keras.layers.Layer):
             self.output_layer.build((None, width))
         self.built = True
 
+    def __call__(self, features: Any, *args: Any, **kwargs: Any) -> Any:
+        # Before Keras converts the inputs, which fails on ragged rows with a
+        # message that names no feature.
+        if isinstance(features, Mapping):
+            features = {name: _rectangular(name, value) for name, value in features.items()}
+        return super().__call__(features, *args, **kwargs)
+
     def _feature(self, features: Mapping[str, Any], name: str, rank: int) -> Tensor:
         if name not in features:
             raise ValueError(f"Feature {name!r} is missing. Received features: {sorted(features)}")
@@ -260,6 +268,30 @@ class FeatureTower(keras.layers.Layer):
             }
         )
         return config
+
+
+def _rectangular(name: str, value: Any) -> Any:
+    """Lists and object arrays as NumPy arrays; ragged rows raise, naming the feature."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+        raise ValueError(
+            f"Feature {name!r} holds strings (dtype {value.dtype}); map raw values to "
+            "indices with two_tower.Vocabulary first."
+        )
+    is_object_array = isinstance(value, np.ndarray) and value.dtype.kind == "O"
+    if not isinstance(value, (list, tuple)) and not is_object_array:
+        return value
+    try:
+        array = np.asarray(value.tolist() if isinstance(value, np.ndarray) else value)
+    except ValueError:
+        array = None
+    if array is not None and array.dtype.kind in "US":
+        return _rectangular(name, array)
+    if array is None or array.dtype == object:
+        raise ValueError(
+            f"Feature {name!r} is ragged (rows of different lengths). Pad multi-valued "
+            "features to [batch, length] with -1."
+        )
+    return array
 
 
 def _check_integer(name: str, value: Tensor) -> None:
