@@ -98,11 +98,10 @@ def release_year(title: str) -> str:
     return found.group(1) if found else ""
 
 
-def pad(rows: list[Any], width: int | None = None) -> Any:
-    """Ragged index lists as one `[rows, width]` int32 array padded with -1."""
+def pad(rows: list[Any], width: int) -> Any:
+    """Ragged index lists as one `[rows, width]` int32 array padded with -1 (or cut)."""
     import numpy as np
 
-    width = max([len(r) for r in rows] + [1]) if width is None else width
     out = np.full((len(rows), width), -1, "int32")
     for i, row in enumerate(rows):
         out[i, : len(row)] = row[:width]
@@ -166,7 +165,6 @@ class Features:
     """
 
     def __init__(self, train_users: dict[str, Any], movies: dict[str, Any]) -> None:
-
         import two_tower
 
         self.user_vocabularies = {}
@@ -186,7 +184,6 @@ class Features:
         }
 
     def users(self, raw: dict[str, Any]) -> dict[str, Any]:
-
         return {name: vocab(raw[name]) for name, vocab in self.user_vocabularies.items()}
 
     def movies(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -358,8 +355,8 @@ def compare_on_split(
     train = {k: v[train_rows] for k, v in ratings.items()}
     test = {k: v[test_rows] for k, v in ratings.items()}
     features = Features(raw_users(train), movies)
-    everyone = unique_users(raw_users(ratings))
-    position = lambda ids: np.searchsorted(everyone["user"], ids)  # noqa: E731
+    everyone = np.unique(ratings["user_id"])
+    position = lambda ids: np.searchsorted(everyone, ids)  # noqa: E731
     movie_index = features.movie_vocabulary
     catalogue_size = movie_index.size
 
@@ -369,8 +366,8 @@ def compare_on_split(
     train_users = position(train["user_id"])
     train_movies = movie_index(train["movie_id"])
     order = np.argsort(train_users, kind="stable")
-    starts = np.searchsorted(train_users[order], np.arange(len(everyone["user"])))
-    counts = np.bincount(train_users, minlength=len(everyone["user"]))[test_users]
+    starts = np.searchsorted(train_users[order], np.arange(len(everyone)))
+    counts = np.bincount(train_users, minlength=len(everyone))[test_users]
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     pairs = np.arange(len(test_users))
     exclude_queries = np.concatenate([np.repeat(pairs, counts), pairs])
@@ -397,14 +394,16 @@ def compare_on_split(
             embed(id_model.candidate_tower, np.arange(catalogue_size)),
         )
     }
+    test_queries = features.users(raw_users(test))
+    histories: dict[int, Any] = {}  # by width, shared by the models
     for name, choices in MODELS.items():
         model = train_feature_model(features, train, epochs, **choices)
-        queries = features.users(raw_users(test))
+        queries = dict(test_queries)
         width = choices.get("history", HISTORY)
-        if width:
+        if width and width not in histories:
             # At request time every earlier rating is known, test ones included;
             # training only ever saw training ratings.
-            queries["history"] = recent_history(
+            histories[width] = recent_history(
                 np.concatenate([train["user_id"], test["user_id"]]),
                 np.concatenate([train_movies, movie_index(test["movie_id"])]),
                 np.concatenate([train["timestamp"], test["timestamp"]]),
@@ -412,6 +411,8 @@ def compare_on_split(
                 test["timestamp"],
                 width,
             )
+        if width:
+            queries["history"] = histories[width]
         results[name] = rank(
             embed(model.query_tower, queries),
             embed(model.candidate_tower, features.catalogue),
@@ -429,8 +430,9 @@ def cold_start(
 ) -> dict[str, dict[str, float]]:
     """Trains on 90% of the users; ranks for the other 10% from features alone.
 
-    The held-out users' ratings are all test pairs; nothing is excluded (they
-    have no history). Popularity ranks by training counts.
+    The held-out users' ratings are all test pairs; only catalogue row 0 (no
+    movie) is left out of the ranking (they have no history). Popularity ranks
+    by training counts.
     """
     import numpy as np
 
