@@ -24,6 +24,15 @@ docs/retrieval_benchmark.png.
 
     python benchmarks/retrieval.py --backend jax
     python benchmarks/retrieval.py --backend torch --sizes 10000,100000,1000000
+
+`--concurrency` measures serving instead: `TwoTowerRetrieval.recommend` of one
+user (k = 100) over a 100,000-candidate catalogue of the same mixture, called
+from 1, 2, 4 and 8 threads at once, as a web server's workers would. It reports
+calls per second for the library as it is (lock-free: each call reads the
+variables, nothing is serialised) and for the same calls behind one global lock
+(the fallback design), in the same run:
+
+    python benchmarks/retrieval.py --concurrency --backend jax
 """
 
 from __future__ import annotations
@@ -139,8 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=str(ROOT / "docs" / "retrieval_benchmark.png"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", action="store_true", help="threads benchmark")
+    parser.add_argument("--calls", type=int, default=800, help="calls per concurrency trial")
     args = parser.parse_args(argv)
     folder = Path(args.data_dir)
+    if args.concurrency:
+        folder.mkdir(parents=True, exist_ok=True)
+        concurrency(args.backend, *make_data(folder, CONCURRENCY_CATALOGUE), args.calls)
+        return
     if args.worker:
         method, catalogue, queries = args.worker
         result = run_method(method, Path(catalogue), Path(queries), folder, args.repeats)
@@ -183,6 +198,55 @@ def main(argv: list[str] | None = None) -> None:
                 _print_row(n, method, results)
     if args.plot:
         _plot(results, args.backend, Path(args.plot))
+
+
+CONCURRENCY_CATALOGUE = 100_000
+THREADS = (1, 2, 4, 8)
+
+
+def concurrency(backend: str, catalogue_path: Path, queries_path: Path, calls: int) -> None:
+    """Calls/s of `recommend` from 1-8 threads, lock-free against one global lock."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    import two_tower
+
+    catalogue = np.load(catalogue_path)
+    queries = np.load(queries_path)
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(len(queries), DIM), keras.layers.Embedding(1, DIM)
+    )
+    model.embed_queries(np.arange(2))
+    model.query_tower.embeddings.assign(queries)  # user i's embedding is query i
+    model.candidate_index.index(catalogue)
+    users = np.random.default_rng(0).integers(0, len(queries), calls)
+    lock = threading.Lock()
+
+    def serve(user: int, locked: bool) -> np.ndarray:
+        if not locked:
+            return model.recommend(np.array([user]), k=K)
+        with lock:
+            return model.recommend(np.array([user]), k=K)
+
+    serial = [serve(int(u), False) for u in users[:50]]  # warm-up and reference
+    print(f"recommend (1 user, k={K}) over {len(catalogue):,} candidates, dim {DIM}, "
+          f"backend {backend}; {calls} calls per trial")  # fmt: skip
+    print("| threads | lock-free calls/s | global lock calls/s | lock-free / lock |")
+    print("|---|---|---|---|")
+    for threads in THREADS:
+        rates = {}
+        for locked in (False, True):
+            with ThreadPoolExecutor(threads) as pool:
+                started = time.perf_counter()
+                found = list(pool.map(lambda u, lk=locked: serve(int(u), lk), users))
+                rates[locked] = calls / (time.perf_counter() - started)
+            for expected, got in zip(serial, found, strict=False):
+                assert np.array_equal(expected, got), "a threaded call differs from serial"
+        print(f"| {threads} | {rates[False]:.0f} | {rates[True]:.0f} | "
+              f"{rates[False] / rates[True]:.2f}x |", flush=True)  # fmt: skip
 
 
 def _print_row(n: int, method: str, results: dict[str, dict[int, dict]]) -> None:

@@ -2,6 +2,9 @@
 
 import hashlib
 import os
+import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -115,6 +118,48 @@ def test_missing_rows_are_caught_by_u_info(fixture_dir):
         movielens.load_ratings(fixture_dir)
 
 
+def test_without_u_info_the_official_counts_are_checked(fixture_dir):
+    (fixture_dir / "u.info").unlink()
+    with pytest.raises(ValueError) as error:
+        movielens.load_ratings(fixture_dir)
+    message = str(error.value)
+    assert message.startswith(f"Corrupt or truncated MovieLens file {fixture_dir / 'u.data'}: ")
+    assert f"has exactly 100000 ratings, the file holds {len(RATINGS)}" in message
+    assert f"{fixture_dir / 'u.info'} is missing" in message
+    with pytest.raises(
+        ValueError, match=rf"u\.item: .*exactly 1682 items, the file holds {len(MOVIES)}"
+    ):
+        movielens.load_movies(fixture_dir)
+
+
+def test_counts_u_info_leaves_out_are_the_official_ones(fixture_dir):
+    (fixture_dir / "u.info").write_text(f"{len(USERS)} users\n{len(MOVIES)} items\n")
+    with pytest.raises(ValueError, match=r"u\.data: .*exactly 100000 ratings.*declares no ratings"):
+        movielens.load_ratings(fixture_dir)
+
+
+def test_a_truncated_copy_never_primes_tfds(fixture_dir, tmp_path):
+    (fixture_dir / "u.info").unlink()
+    with pytest.raises(ValueError, match=r"u\.data: .*exactly 100000 ratings"):
+        movielens.prime_tfds_cache(tmp_path / "tfds", fixture_dir)
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_tfds_records_are_counted(empty_cache, monkeypatch):
+    # A stand-in for tensorflow-datasets whose cache was built from a cut copy.
+    records = [
+        {"movie_id": b"1", "movie_title": b"Toy Story (1995)", "movie_genres": [2, 3, 4]},
+        {"movie_id": b"2", "movie_title": b"GoldenEye (1995)", "movie_genres": [0]},
+    ]
+    fake = types.SimpleNamespace(load=lambda *args, **kwargs: records, as_numpy=lambda d: d)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    with pytest.raises(ValueError) as error:
+        movielens.load_movies(source="tfds", download=False)
+    message = str(error.value)
+    assert f"tfds movielens/100k-movies in {empty_cache / 'tfds'} holds 2 records" in message
+    assert "MovieLens 100K has exactly 1682 items" in message
+
+
 def test_rating_of_unknown_movie_is_corrupt(tmp_path):
     folder = write_movielens(tmp_path / "ml-100k", RATINGS + [("1", "99", "4", "1")])
     with pytest.raises(ValueError, match=r"u\.data, rating 6: .*'99'"):
@@ -213,6 +258,36 @@ def test_real_movielens_100k(real_data_dir):
     assert ratings["user_occupation_label"][row] == 4
     assert ratings["raw_user_age"][row] == 46.0 and ratings["bucketized_user_age"][row] == 45.0
     assert ratings["movie_genres"][row].tolist() == [7]
+
+
+def copy_without_u_info(real_data_dir, folder):
+    folder.mkdir()
+    for name in ("u.data", "u.item", "u.user"):
+        shutil.copyfile(real_data_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.real_data
+def test_real_copy_without_u_info_loads_in_full(real_data_dir, tmp_path):
+    folder = copy_without_u_info(real_data_dir, tmp_path / "ml-100k")
+    ratings = movielens.load_ratings(folder)
+    with open(real_data_dir / "u.data", "rb") as handle:
+        assert len(ratings["user_id"]) == sum(1 for _ in handle) == 100_000
+    assert len(movielens.load_movies(folder)["movie_id"]) == 1682
+
+
+@pytest.mark.real_data
+def test_real_u_data_cut_at_a_line_end_is_caught_without_u_info(real_data_dir, tmp_path):
+    folder = copy_without_u_info(real_data_dir, tmp_path / "ml-100k")
+    data = folder / "u.data"
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(lines[:50_000]))
+    with pytest.raises(ValueError) as error:
+        movielens.load_ratings(folder)
+    message = str(error.value)
+    assert message.startswith(f"Corrupt or truncated MovieLens file {data}: ")
+    assert "MovieLens 100K has exactly 100000 ratings, the file holds 50000" in message
+    assert f"{folder / 'u.info'} is missing" in message
 
 
 @pytest.mark.real_data

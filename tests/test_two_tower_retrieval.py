@@ -514,3 +514,48 @@ def test_full_softmax_matches_numpy():
 def test_catalogue_losses_need_their_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_model(**kwargs)
+
+
+def test_compile_config_of_another_backend_loads_here():
+    """steps_per_execution=16, saved on JAX or TensorFlow, becomes 1 on torch only."""
+    model = make_model("softmax")
+    config = {"optimizer": "sgd", "steps_per_execution": 16}
+    if keras.backend.backend() == "torch":
+        with pytest.warns(UserWarning, match="steps_per_execution=16.*steps_per_execution=1"):
+            model.compile_from_config(config)
+        assert model.steps_per_execution == 1
+    else:
+        model.compile_from_config(config)
+        assert model.steps_per_execution == 16
+    x, _ = make_pairs()
+    model.fit(x, batch_size=16, epochs=1, verbose=0)
+
+
+def test_loading_says_that_factorized_top_k_metrics_are_not_saved(tmp_path):
+    model = make_model("softmax", catalogue_size=NUM_CANDIDATES)
+    metric = two_tower.FactorizedTopK(ks=(5,), catalogue_size=NUM_CANDIDATES, name="held_out")
+    model.compile(optimizer="sgd", metrics=[metric])
+    x, _ = make_pairs()
+    model.fit(x, batch_size=16, epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match=r"FactorizedTopK metrics \['held_out'\].*not saved"):
+        restored = save_and_load(model, tmp_path)
+    assert restored.retrieval_metrics == []
+    assert set(restored.evaluate(x, verbose=0, return_dict=True)) == {"loss"}
+
+
+def test_an_optimizer_saved_on_torch_loads_on_every_backend():
+    """Keras on torch saves its own Adam class's module; it resolves to keras.optimizers."""
+    model = make_model("softmax")
+    saved_on_torch = {
+        "module": "keras.src.backend.torch.optimizers.torch_adam",
+        "class_name": "Adam",
+        "config": {"name": "adam", "learning_rate": 0.01},
+        "registered_name": "Adam",
+    }
+    model.compile_from_config({"optimizer": saved_on_torch, "steps_per_execution": 1})
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.01)
+    x, _ = make_pairs()
+    before = tables(model)[1].copy() if model.candidate_tower.built else None
+    model.fit(x, batch_size=16, epochs=1, verbose=0)
+    assert before is None or not np.array_equal(before, tables(model)[1])

@@ -67,9 +67,128 @@ def test_bad_vocabularies_raise(kwargs, match):
 
 
 def test_bad_lookups_raise():
-    with pytest.raises(ValueError, match="vocabulary is empty"):
+    with pytest.raises(ValueError, match=r"vocabulary is not set: call `adapt\(data\)`"):
         two_tower.Vocabulary()(np.array([1]))
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="`inputs` of dtype <U1 cannot be looked up.*int64"):
         two_tower.Vocabulary([1, 2])(np.array(["1"]))
-    with pytest.raises(ValueError, match="integers or strings"):
+    with pytest.raises(ValueError, match="`inputs` must hold integers or strings.*float64"):
         two_tower.Vocabulary([1, 2])(np.array([np.nan]))
+    with pytest.raises(ValueError, match=r"`inputs` must be all integers or all strings.*'int'"):
+        two_tower.Vocabulary([1, 2])([1, "a"])
+
+
+def crc32_bucket(value, num_oov_buckets):
+    """The documented OOV rule, written out independently of the library."""
+    if value == "":
+        return 0
+    data = (
+        value.encode("utf-8")
+        if isinstance(value, str)
+        else value.to_bytes(8, "little", signed=True)
+    )
+    return zlib.crc32(data) % num_oov_buckets
+
+
+def adapted(data, **kwargs):
+    vocab = two_tower.Vocabulary(**kwargs)
+    vocab.adapt(data)
+    return vocab
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adapted(np.array([1, 2]), num_oov_buckets=3, min_count=5),  # nothing frequent
+        lambda: adapted(np.array(["", ""]), num_oov_buckets=3),  # "" is never a value
+        lambda: two_tower.Vocabulary([], num_oov_buckets=3),
+        lambda: two_tower.Vocabulary(np.array([], dtype="int64"), num_oov_buckets=3),
+    ],
+    ids=["adapt_min_count", "adapt_only_empty_strings", "empty_list", "empty_int_array"],
+)
+def test_an_empty_vocabulary_maps_every_value_to_its_oov_bucket(make):
+    vocab = make()
+    assert len(vocab.vocabulary) == 0
+    assert vocab.size == 3
+    integers = [1, 7, -(2**63), 2**63 - 1]
+    np.testing.assert_array_equal(vocab(np.array(integers)), [crc32_bucket(v, 3) for v in integers])
+    strings = ["a", "", "é", "never seen"]
+    np.testing.assert_array_equal(vocab(np.array(strings)), [crc32_bucket(v, 3) for v in strings])
+    assert vocab(np.zeros((2, 0), dtype="int64")).shape == (2, 0)
+    # A config round trip keeps it empty, with the same mapping.
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(vocab)))
+    restored = keras.saving.deserialize_keras_object(config)
+    assert restored.get_config() == vocab.get_config()
+    assert len(restored.vocabulary) == 0
+    np.testing.assert_array_equal(restored(np.array(integers)), vocab(np.array(integers)))
+    # One OOV bucket: everything is index 0.
+    single = two_tower.Vocabulary([], num_oov_buckets=1)
+    np.testing.assert_array_equal(single(np.array([[5, 6]])), np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "too_large",
+    [
+        np.array([2**64 - 1], dtype=np.uint64),
+        np.array([3, 2**63], dtype=np.uint64),
+        [np.uint64(2**63)],
+        [2**64],
+        [2**70, 1],
+        [-(2**63) - 1],
+        2**64,
+    ],
+    ids=[
+        "uint64_max",
+        "uint64_2_63",
+        "numpy_scalar",
+        "int_2_64",
+        "int_2_70",
+        "below_min",
+        "scalar",
+    ],
+)
+def test_integers_outside_int64_raise_instead_of_wrapping(too_large):
+    # The wrapped value of 2**64 - 1 is -1: a known value, which must not be returned.
+    vocab = two_tower.Vocabulary([1, -1, 0, -(2**63)], num_oov_buckets=3)
+    with pytest.raises(ValueError, match=r"Integer `inputs` must fit in int64.*Received \["):
+        vocab(too_large)
+    with pytest.raises(ValueError, match=r"Integer `vocabulary` must fit in int64"):
+        two_tower.Vocabulary(too_large)
+    with pytest.raises(ValueError, match=r"Integer `data` must fit in int64"):
+        two_tower.Vocabulary().adapt(too_large)
+
+
+def test_int64_extremes_and_small_uint64_values_are_looked_up():
+    extremes = [-(2**63), 2**63 - 1, 0]
+    vocab = two_tower.Vocabulary(extremes, num_oov_buckets=2)
+    assert vocab(extremes).tolist() == [2, 3, 4]
+    assert vocab(np.array([2**63 - 1, 0], dtype=np.uint64)).tolist() == [3, 4]
+    assert vocab([np.uint64(2**63 - 1)]).tolist() == [3]
+    with pytest.raises(ValueError, match=r"Received \[9223372036854775808\]"):
+        vocab([2**63])
+
+
+def test_bytes_are_utf8_text():
+    vocab = two_tower.Vocabulary(np.array([b"x", b"\xc3\xa9"]), num_oov_buckets=5)
+    assert vocab.vocabulary.tolist() == ["x", "é"]
+    assert vocab(np.array(["é", "x"])).tolist() == [6, 5]
+    assert vocab(np.array([[b"\xc3\xa9"], [b"x"]])).tolist() == [[6], [5]]
+    assert vocab([b"x", "é"]).tolist() == [5, 6]  # a list of bytes and str
+    # Unknown bytes go to the bucket of the text they encode.
+    unknown = "ünknown"
+    assert vocab(np.array([unknown.encode("utf-8"), b""])).tolist() == [
+        crc32_bucket(unknown, 5),
+        0,
+    ]
+    words = adapted(np.array([b"\xc3\xa9", b"a", b"\xc3\xa9", b""]))
+    assert words.vocabulary.tolist() == ["é", "a"]
+
+
+@pytest.mark.parametrize("bad", [np.array([b"x", b"\xff"]), [b"x", b"\xff"]], ids=["array", "list"])
+def test_bytes_that_are_not_utf8_raise_naming_the_value(bad):
+    match = r"Bytes in `{}` must be UTF-8 text. Received b'\\xff', which is not valid UTF-8"
+    with pytest.raises(ValueError, match=match.format("vocabulary")):
+        two_tower.Vocabulary(bad)
+    with pytest.raises(ValueError, match=match.format("data")):
+        two_tower.Vocabulary().adapt(bad)
+    with pytest.raises(ValueError, match=match.format("inputs")):
+        two_tower.Vocabulary(["x"])(bad)

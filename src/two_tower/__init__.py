@@ -4,7 +4,7 @@ from two_tower._backend import check_backend_installed
 
 check_backend_installed()
 
-from two_tower import datasets, defaults, evaluation, losses  # noqa: E402
+from two_tower import datasets, defaults, evaluation, losses, saving  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
@@ -27,5 +27,6 @@ __all__ = [
     "defaults",
     "evaluation",
     "losses",
+    "saving",
     "__version__",
 ]

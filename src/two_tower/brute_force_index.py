@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
+from two_tower.backends import backend_module
 from two_tower.types import SimilarityFn, Tensor
 
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
@@ -194,6 +196,15 @@ def check_catalogue(
     return embeddings, ids, order
 
 
+class _Catalogue(NamedTuple):
+    """One indexed catalogue, replaced as a whole so that readers see one version."""
+
+    embeddings: Tensor
+    ids: np.ndarray
+    order: np.ndarray  # argsort of `ids`
+    sorted_ids: np.ndarray
+
+
 @keras.saving.register_keras_serializable(package="two_tower")
 class BruteForceIndex(keras.layers.Layer):
     """Exact top-k search over candidate embeddings, scored in chunks.
@@ -214,6 +225,13 @@ class BruteForceIndex(keras.layers.Layer):
     breaks ties differently on each backend, and materialises the whole
     `[queries, candidates]` score matrix (16.8 GB for 1024 queries over 1M
     candidates).
+
+    **Threads.** `search` and `positions_of` may be called from many threads at
+    once, with the same results as serial calls: the compiled step reads the
+    variables without writing them (on JAX too, where Keras' own `predict` is not
+    thread-safe), and each call works on one snapshot of the catalogue, so a
+    concurrent `index` makes a call see either the old or the new catalogue,
+    never a mix.
 
     Candidate ids never enter the compiled graph: they are kept as a NumPy array
     and positions are mapped to ids on the host. So int64 ids of the full range
@@ -263,29 +281,36 @@ class BruteForceIndex(keras.layers.Layer):
                 raise ValueError(f"`{name}` must be at most {limit}. Received: {value}")
         self.chunk_size = chunk_size
         self.query_batch_size = query_batch_size
-        self._candidate_embeddings: Tensor | None = None
-        self._candidate_ids: np.ndarray | None = None
-        self._id_order: np.ndarray | None = None
-        self._sorted_ids: np.ndarray | None = None
-        # Compiled steps, keyed by scoring function and k; not tracked by Keras
-        # (a step tracks the model that owns the scoring function).
+        # Not tracked by Keras: the catalogue is saved as assets, and compiled
+        # steps (keyed by scoring function and k) read their owner's variables.
+        object.__setattr__(self, "_catalogue", None)
         object.__setattr__(self, "_steps", {})
+        object.__setattr__(self, "_steps_lock", threading.Lock())
         self.built = True
 
     @property
     def num_candidates(self) -> int:
         """How many candidates are indexed (0 before `index` is called)."""
-        return 0 if self._candidate_ids is None else len(self._candidate_ids)
+        catalogue = self._catalogue
+        return 0 if catalogue is None else len(catalogue.ids)
 
     @property
     def candidate_ids(self) -> np.ndarray | None:
         """The indexed candidate ids as a NumPy array, or None."""
-        return self._candidate_ids
+        catalogue = self._catalogue
+        return None if catalogue is None else catalogue.ids
 
     @property
     def candidate_embeddings(self) -> Tensor | None:
         """The indexed `[candidates, dim]` embeddings as a backend tensor, or None."""
-        return self._candidate_embeddings
+        catalogue = self._catalogue
+        return None if catalogue is None else catalogue.embeddings
+
+    def _snapshot(self) -> _Catalogue:
+        catalogue: _Catalogue | None = self._catalogue
+        if catalogue is None:
+            raise ValueError(_EMPTY_INDEX)
+        return catalogue
 
     def index(self, candidate_embeddings: Any, candidate_ids: Any = None) -> None:
         """Replaces the catalogue.
@@ -301,13 +326,15 @@ class BruteForceIndex(keras.layers.Layer):
                 duplicate ids. The previous catalogue is kept when it raises.
         """
         embeddings, ids, order = check_catalogue(candidate_embeddings, candidate_ids)
-        self._candidate_embeddings = ops.convert_to_tensor(
-            embeddings.astype(self.compute_dtype, copy=False)
+        ids = ids.copy()
+        catalogue = _Catalogue(
+            embeddings=ops.convert_to_tensor(embeddings.astype(self.compute_dtype, copy=False)),
+            ids=ids,
+            order=order,
+            # Sorted once here: `positions_of` runs once per query with exclusions.
+            sorted_ids=ids[order],
         )
-        self._candidate_ids = ids.copy()
-        self._id_order = order
-        # Sorted once here: `positions_of` runs once per query with exclusions.
-        self._sorted_ids = self._candidate_ids[order]
+        object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids.
@@ -324,41 +351,17 @@ class BruteForceIndex(keras.layers.Layer):
             ValueError: if the index is empty, the ids are of another kind than
                 the indexed ids, or (unless `ignore_unknown`) an id is unknown.
         """
-        if self._candidate_ids is None or self._id_order is None or self._sorted_ids is None:
-            raise ValueError(_EMPTY_INDEX)
-        values = np.asarray(ids).reshape(-1)
-        if values.dtype == object:
-            values = _normalise_ids(values) if len(values) else values.astype("int64")
-        indexed = self._candidate_ids
-        if len(values) and (values.dtype.kind == "U") != (indexed.dtype.kind == "U"):
-            raise ValueError(
-                f"Ids of dtype {values.dtype} cannot name candidates indexed with ids of "
-                f"dtype {indexed.dtype}."
-            )
-        if len(values) == 0:
-            return np.zeros(0, dtype="int64")
-        sorted_ids = self._sorted_ids
-        slots = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
-        found = sorted_ids[slots] == values
-        if not ignore_unknown and not np.all(found):
-            unknown = np.unique(values[~found])[:5].tolist()
-            raise ValueError(
-                f"{int(np.sum(~found))} id(s) are not in the indexed catalogue, e.g. "
-                f"{unknown}. Pass ignore_unknown=True to skip them."
-            )
-        return np.where(found, self._id_order[slots], -1).astype("int64")
+        return _positions_of(self._snapshot(), ids, ignore_unknown)
 
-    def _check_ready(self, query_embeddings: Tensor, k: int) -> None:
-        if self._candidate_embeddings is None:
-            raise ValueError(_EMPTY_INDEX)
+    def _check_ready(self, catalogue: _Catalogue, query_embeddings: Any, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
-        if k > self.num_candidates:
+        if k > len(catalogue.ids):
             raise ValueError(
-                f"`k` (={k}) must not exceed the number of candidates (={self.num_candidates})."
+                f"`k` (={k}) must not exceed the number of candidates (={len(catalogue.ids)})."
             )
         query_shape = tuple(query_embeddings.shape)
-        dim = self._candidate_embeddings.shape[-1]
+        dim = catalogue.embeddings.shape[-1]
         if len(query_shape) != 2 or query_shape[-1] != dim:
             raise ValueError(
                 f"Query embeddings must have shape [queries, {dim}] to match the "
@@ -371,12 +374,14 @@ class BruteForceIndex(keras.layers.Layer):
         k: int = 10,
         similarity_fn: SimilarityFn | None = None,
     ) -> tuple[Tensor, Tensor]:
+        catalogue = self._snapshot()
         query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
-        self._check_ready(query_embeddings, k)
-        return self._top_k(query_embeddings, k, similarity_fn or dot_similarities, None)
+        self._check_ready(catalogue, query_embeddings, k)
+        return self._top_k(catalogue, query_embeddings, k, similarity_fn or dot_similarities, None)
 
     def _top_k(
         self,
+        catalogue: _Catalogue,
         queries: Tensor,
         k: int,
         similarity_fn: SimilarityFn,
@@ -384,23 +389,24 @@ class BruteForceIndex(keras.layers.Layer):
     ) -> tuple[Tensor, Tensor]:
         """Chunked running top k; `excluded` = (query rows, positions) to skip.
 
-        Each chunk is scored and merged by one `_TopKStep` call, which Keras
-        compiles (XLA on JAX, tf.function on TensorFlow; eager on torch), so the
-        `[queries, chunk]` scores never leave the fused step. Shapes are padded
-        to powers of two (queries) and to the chunk size (the last chunk), so a
-        handful of compilations serve every call.
+        Each chunk is scored and merged by one `_TopKStep` call, compiled by the
+        backend (`jax.jit`, `tf.function`; eager on torch, see
+        `two_tower.backends`), so the `[queries, chunk]` scores never leave the
+        fused step. Shapes are padded to powers of two (queries) and to the chunk
+        size (the last chunk), so a handful of compilations serve every call.
         """
-        candidates: Tensor = self._candidate_embeddings
+        candidates = catalogue.embeddings
+        num_candidates = len(catalogue.ids)
         num_queries = int(queries.shape[0])
-        rows = min(_next_power_of_two(num_queries), self._batch_rows())
-        chunk_size = self._chunk_width()
+        chunk_size = self._chunk_width(num_candidates)
+        rows = min(_next_power_of_two(num_queries), self._batch_rows(num_candidates))
         if rows != num_queries:
             padding = ops.zeros((rows - num_queries, queries.shape[1]), queries.dtype)
             queries = ops.concatenate([queries, padding], axis=0)
         step = self._step(similarity_fn, k, chunk_size)
         best_scores = ops.full((rows, k), float("-inf"), self.compute_dtype)
         best_positions = ops.full((rows, k), -1, "int32")
-        for start in range(0, self.num_candidates, chunk_size):
+        for start in range(0, num_candidates, chunk_size):
             chunk = candidates[start : start + chunk_size]
             num_valid = int(chunk.shape[0])
             if num_valid < chunk_size:
@@ -418,18 +424,18 @@ class BruteForceIndex(keras.layers.Layer):
             indices = _excluded_indices(excluded, start, num_valid)
             if indices is not None:
                 inputs["excluded"] = indices
-            outputs = step.predict_on_batch(inputs)
+            outputs = step(inputs)
             best_scores, best_positions = outputs["scores"], outputs["positions"]
         return best_scores[:num_queries], best_positions[:num_queries]
 
-    def _chunk_width(self) -> int:
+    def _chunk_width(self, num_candidates: int) -> int:
         """Candidates per step: a multiple of BLOCK (the tail scores -inf)."""
-        return -(-min(self.chunk_size, self.num_candidates) // BLOCK) * BLOCK
+        return -(-min(self.chunk_size, num_candidates) // BLOCK) * BLOCK
 
-    def _batch_rows(self) -> int:
+    def _batch_rows(self, num_candidates: int) -> int:
         """Queries per step: the score budget of a full chunk, spent on rows."""
         budget = self.query_batch_size * self.chunk_size
-        return max(self.query_batch_size, budget // self._chunk_width())
+        return max(self.query_batch_size, budget // self._chunk_width(num_candidates))
 
     def _step(self, similarity_fn: SimilarityFn, k: int, chunk_size: int) -> _TopKStep:
         """A cached compiled step for this scoring function and k."""
@@ -437,13 +443,13 @@ class BruteForceIndex(keras.layers.Layer):
         function = getattr(similarity_fn, "__func__", similarity_fn)
         key = (id(owner), function, k, chunk_size, self.compute_dtype)
         steps: dict[Any, _TopKStep] = self._steps
-        if key not in steps:
-            if len(steps) >= 8:
-                steps.pop(next(iter(steps)))
-            steps[key] = _TopKStep(
-                similarity_fn, k, chunk_size, owner, dtype=self.compute_dtype, name="top_k_step"
-            )
-        return steps[key]
+        with self._steps_lock:  # concurrent searches share the cache
+            step = steps.get(key)
+            if step is None:
+                if len(steps) >= 8:
+                    steps.pop(next(iter(steps)))
+                step = steps[key] = _TopKStep(similarity_fn, k, chunk_size, owner)
+        return step
 
     def search(
         self,
@@ -462,8 +468,9 @@ class BruteForceIndex(keras.layers.Layer):
             similarity_fn: `f(query_embeddings, candidate_embeddings) ->
                 [queries, candidates]` scores; defaults to the dot product.
             exclude: one sequence of candidate ids (or None) per query, left out
-                of that query's results, e.g. items already seen. The results are
-                the exact top k among the remaining candidates.
+                of that query's results, e.g. items already seen: `[[3, 5],
+                None]`. A flat list of ids (`[3, 5]`) raises: wrap it per query.
+                The results are the exact top k among the remaining candidates.
             ignore_unknown_exclusions: skip excluded ids that are not in the
                 catalogue (e.g. retired items) instead of raising.
 
@@ -474,19 +481,20 @@ class BruteForceIndex(keras.layers.Layer):
         Raises:
             ValueError: if the index is empty, `k` is out of range, the query dim
                 does not match, queries contain NaN or infinity, `exclude` does
-                not have one entry per query, names unknown ids, or leaves a query
-                fewer than `k` candidates.
+                not have one sequence (or None) per query, names unknown ids, or
+                leaves a query fewer than `k` candidates.
         """
+        catalogue = self._snapshot()  # this call's catalogue, whatever `index` does meanwhile
         queries = np.asarray(ops.convert_to_numpy(query_embeddings))
-        self._check_ready(queries, k)
+        self._check_ready(catalogue, queries, k)
         if not np.all(np.isfinite(queries)):
             raise ValueError("Query embeddings contain NaN or infinite values.")
         excluded = None
         if exclude is not None:
-            excluded = self._exclusions(exclude, len(queries), k, ignore_unknown_exclusions)
+            excluded = _exclusions(catalogue, exclude, len(queries), k, ignore_unknown_exclusions)
         similarity_fn = similarity_fn or dot_similarities
         all_scores, all_positions = [], []
-        batch_rows = self._batch_rows()
+        batch_rows = self._batch_rows(len(catalogue.ids))
         for start in range(0, len(queries), batch_rows):
             stop = start + batch_rows
             batch_excluded = None
@@ -495,6 +503,7 @@ class BruteForceIndex(keras.layers.Layer):
                 keep = (rows >= start) & (rows < stop)
                 batch_excluded = (rows[keep] - start, positions[keep])
             scores, positions = self._top_k(
+                catalogue,
                 ops.convert_to_tensor(queries[start:stop], self.compute_dtype),
                 k,
                 similarity_fn,
@@ -503,56 +512,19 @@ class BruteForceIndex(keras.layers.Layer):
             all_scores.append(ops.convert_to_numpy(scores))
             all_positions.append(ops.convert_to_numpy(positions))
         if not all_scores:
-            return np.zeros((0, k), self.compute_dtype), self._empty_ids(k)
-        assert self._candidate_ids is not None
-        return np.concatenate(all_scores), self._candidate_ids[np.concatenate(all_positions)]
-
-    def _empty_ids(self, k: int) -> np.ndarray:
-        assert self._candidate_ids is not None
-        return np.zeros((0, k), dtype=self._candidate_ids.dtype)
-
-    def _exclusions(
-        self, exclude: Sequence[Any], num_queries: int, k: int, ignore_unknown: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(query rows, positions) of the excluded candidates, deduplicated."""
-        if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
-            raise ValueError(
-                "`exclude` must hold one sequence of ids (or None) per query. "
-                f"Received: {type(exclude).__name__}"
-            )
-        if len(exclude) != num_queries:
-            raise ValueError(
-                f"`exclude` must have one entry per query: {num_queries} queries, "
-                f"received {len(exclude)} entries."
-            )
-        rows, positions = [], []
-        for row, ids in enumerate(exclude):
-            if ids is None:
-                continue
-            if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
-                ids = [ids]
-            found = self.positions_of(ids, ignore_unknown=ignore_unknown)
-            found = np.unique(found[found >= 0])
-            if self.num_candidates - len(found) < k:
-                raise ValueError(
-                    f"Query {row} excludes {len(found)} of {self.num_candidates} "
-                    f"candidates, which leaves fewer than k={k}."
-                )
-            rows.append(np.full(len(found), row, dtype="int64"))
-            positions.append(found)
-        if not rows:
-            return np.zeros(0, "int64"), np.zeros(0, "int64")
-        return np.concatenate(rows), np.concatenate(positions)
+            return np.zeros((0, k), self.compute_dtype), np.zeros((0, k), catalogue.ids.dtype)
+        return np.concatenate(all_scores), catalogue.ids[np.concatenate(all_positions)]
 
     def save_assets(self, dir_path: str) -> None:
-        if self._candidate_embeddings is None or self._candidate_ids is None:
+        catalogue: _Catalogue | None = self._catalogue
+        if catalogue is None:
             return
         np.save(
             os.path.join(dir_path, _EMBEDDINGS_FILE),
-            ops.convert_to_numpy(self._candidate_embeddings),
+            ops.convert_to_numpy(catalogue.embeddings),
             allow_pickle=False,
         )
-        np.save(os.path.join(dir_path, _IDS_FILE), self._candidate_ids, allow_pickle=False)
+        np.save(os.path.join(dir_path, _IDS_FILE), catalogue.ids, allow_pickle=False)
 
     def load_assets(self, dir_path: str) -> None:
         embeddings_path = os.path.join(dir_path, _EMBEDDINGS_FILE)
@@ -598,31 +570,116 @@ def _excluded_indices(
     return np.concatenate([indices, np.repeat(indices[:1], padded - len(indices), axis=0)])
 
 
-class _TopKStep(keras.Model):
+def exclusion_lists(
+    exclude: Any, num_rows: int, what: str = "query", plural: str = "queries"
+) -> list[np.ndarray | None]:
+    """`exclude` as one 1D id array (or None) per row; a flat list of ids raises.
+
+    `exclude=[5, 7]` for two queries could mean "leave 5 and 7 out of both" or
+    "5 from the first, 7 from the second", and once meant the second silently.
+    So every entry must itself be a sequence of ids, or None: `[[5], [7]]`, or
+    `[[5, 7], [5, 7]]`.
+
+    Raises:
+        ValueError: if `exclude` is not a sequence with one entry per row, or an
+            entry is a single id instead of a sequence of ids.
+    """
+    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+        raise ValueError(
+            f"`exclude` must hold one sequence of ids (or None) per {what}. "
+            f"Received: {type(exclude).__name__}"
+        )
+    if len(exclude) != num_rows:
+        raise ValueError(
+            f"`exclude` must have one entry per {what}: {num_rows} {plural}, "
+            f"received {len(exclude)} entries."
+        )
+    entries: list[np.ndarray | None] = []
+    for row, ids in enumerate(exclude):
+        if ids is None:
+            entries.append(None)
+            continue
+        if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
+            raise ValueError(
+                f"`exclude[{row}]` is a single id ({ids!r}), but each entry of `exclude` "
+                f"must be a sequence of ids (or None) for that {what}: e.g. "
+                f"exclude=[[{ids!r}], ...], one list per {what}."
+            )
+        entries.append(np.asarray(ids).reshape(-1))
+    return entries
+
+
+def _positions_of(catalogue: _Catalogue, ids: Any, ignore_unknown: bool) -> np.ndarray:
+    values = np.asarray(ids).reshape(-1)
+    if values.dtype == object:
+        values = _normalise_ids(values) if len(values) else values.astype("int64")
+    indexed = catalogue.ids
+    if len(values) and (values.dtype.kind == "U") != (indexed.dtype.kind == "U"):
+        raise ValueError(
+            f"Ids of dtype {values.dtype} cannot name candidates indexed with ids of "
+            f"dtype {indexed.dtype}."
+        )
+    if len(values) == 0:
+        return np.zeros(0, dtype="int64")
+    sorted_ids = catalogue.sorted_ids
+    slots = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    found = sorted_ids[slots] == values
+    if not ignore_unknown and not np.all(found):
+        unknown = np.unique(values[~found])[:5].tolist()
+        raise ValueError(
+            f"{int(np.sum(~found))} id(s) are not in the indexed catalogue, e.g. "
+            f"{unknown}. Pass ignore_unknown=True to skip them."
+        )
+    return np.where(found, catalogue.order[slots], -1).astype("int64")
+
+
+def _exclusions(
+    catalogue: _Catalogue, exclude: Any, num_queries: int, k: int, ignore_unknown: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows, positions) of the excluded candidates, deduplicated."""
+    num_candidates = len(catalogue.ids)
+    rows, positions = [], []
+    for row, ids in enumerate(exclusion_lists(exclude, num_queries)):
+        if ids is None:
+            continue
+        found = _positions_of(catalogue, ids, ignore_unknown)
+        found = np.unique(found[found >= 0])
+        if num_candidates - len(found) < k:
+            raise ValueError(
+                f"Query {row} excludes {len(found)} of {num_candidates} "
+                f"candidates, which leaves fewer than k={k}."
+            )
+        rows.append(np.full(len(found), row, dtype="int64"))
+        positions.append(found)
+    if not rows:
+        return np.zeros(0, "int64"), np.zeros(0, "int64")
+    return np.concatenate(rows), np.concatenate(positions)
+
+
+class _TopKStep:
     """Scores one chunk and merges its top k into the running top k.
 
-    A `keras.Model` only so that Keras compiles `predict_on_batch` with each
-    backend's compiler; nothing here is trained. `owner` (the layer whose
-    method `similarity_fn` is, if any) is tracked so that its variables, e.g. a
-    learned temperature, are passed to the compiled step as state rather than
-    frozen into it at trace time.
+    Compiled once per scoring function, k and chunk width with the backend's
+    compiler (`two_tower.backends`). `owner` is the layer whose method
+    `similarity_fn` is, if any: its variables (e.g. a learned temperature) are
+    read at every call rather than frozen into the step at trace time.
     """
 
     def __init__(
-        self,
-        similarity_fn: SimilarityFn,
-        k: int,
-        chunk_size: int,
-        owner: Any = None,
-        **kwargs: Any,
+        self, similarity_fn: SimilarityFn, k: int, chunk_size: int, owner: Any = None
     ) -> None:
-        super().__init__(**kwargs)
         self.k = k
         self.chunk_size = chunk_size
         self.similarity_fn = similarity_fn
         if isinstance(owner, keras.layers.Layer):
-            self.owner = owner
-        self.built = True  # no weights of its own; the owner builds itself
+            variables: Callable[[], Sequence[keras.Variable]] = lambda: owner.variables  # noqa: E731
+        else:
+            variables = list
+        self._compiled = backend_module().compile_inference(self.call, variables)
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        outputs: dict[str, Tensor] = self._compiled(inputs)
+        return outputs
 
     def call(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         chunk = inputs["chunk"]

@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from two_tower import losses
+from two_tower import _input_checks, _serving, losses
+from two_tower._input_checks import CANDIDATE, QUERY, SAMPLING_PROBABILITY
+from two_tower._input_checks import is_pair as _is_pair
 from two_tower.brute_force_index import BruteForceIndex
 from two_tower.factorized_top_k import FactorizedTopK
 from two_tower.types import Tensor
 
 LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
 CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
-QUERY = "query"
-CANDIDATE = "candidate"
-SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
-
-
-def _check_finite(values: Any, what: str) -> None:
-    """Raises before training when NumPy-like values hold NaN or infinity."""
-    if not isinstance(values, (np.ndarray, list, tuple)):
-        return
-    array = np.asarray(values)
-    if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
-        bad = np.flatnonzero(~np.isfinite(array.reshape(-1)))
-        raise ValueError(
-            f"{what} contain {bad.size} NaN or infinite value(s), first at flat "
-            f"position {bad[0]}. Clean or drop those rows before training."
-        )
-
-
-def _is_pair(inputs: Any) -> bool:
-    if not isinstance(inputs, Mapping):
-        return False
-    keys = set(inputs.keys())
-    return {QUERY, CANDIDATE} <= keys <= {QUERY, CANDIDATE, SAMPLING_PROBABILITY}
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -220,6 +200,8 @@ class TwoTowerRetrieval(keras.Model):
         self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
+        # Serving's compiled tower functions (see `_serving`); not tracked by Keras.
+        object.__setattr__(self, "_serving_functions", {})
 
     def build(self, input_shape: Any = None) -> None:
         # The towers build themselves on their first call, which sees the real
@@ -598,6 +580,9 @@ class TwoTowerRetrieval(keras.Model):
         super().compile(*args, **kwargs)
         # Assigned after compile so that Keras tracks them as this model's metrics.
         self.retrieval_metrics = retrieval_metrics
+        # Their exclusion tables are not in their configs, so they are not saved;
+        # their names are, so that loading can say so (`compile_from_config`).
+        self._compile_config.config["retrieval_metric_names"] = names
 
     def compute_metrics(
         self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None
@@ -623,90 +608,67 @@ class TwoTowerRetrieval(keras.Model):
             results = {k: v for k, v in results.items() if not k.startswith(prefixes)}
         return results
 
-    def _check_fit_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x: Any = args[0] if args else kwargs.get("x")
-        labels = args[1] if len(args) > 1 else kwargs.get("y")
-        if kwargs.get("sample_weight") is not None and labels is None:
-            # Keras' array adapter silently drops `sample_weight` when `y` is None.
-            raise ValueError(
-                "Keras ignores `sample_weight` when `y` is None. To weight softmax "
-                "pairs, pass a tf.data.Dataset or generator yielding "
-                "(x, None, sample_weight) tuples."
-            )
-        _check_finite(labels, "labels `y`")
-        _check_finite(kwargs.get("sample_weight"), "`sample_weight`")
-        if _is_pair(x):
-            self._check_ids(x[QUERY], "query")
-            self._check_ids(x[CANDIDATE], "candidate")
-            probability = x.get(SAMPLING_PROBABILITY)
-            if isinstance(probability, (np.ndarray, list, tuple)):
-                probability = np.asarray(probability, dtype="float64")
-                if probability.size and not np.all((probability > 0) & (probability <= 1)):
-                    raise ValueError(
-                        f"`{SAMPLING_PROBABILITY}` must lie in (0, 1]. Received values "
-                        f"from {probability.min()} to {probability.max()}"
-                    )
-
-    def _id_limit(self, side: str) -> tuple[int, str] | None:
-        """The exclusive upper bound of `side`'s ids, and where it comes from."""
-        from two_tower.id_embedding_tower import IdEmbeddingTower
-
-        tower = self.query_tower if side == "query" else self.candidate_tower
-        if isinstance(tower, keras.Sequential) and tower.layers:
-            tower = tower.layers[0]
-        if isinstance(tower, keras.layers.Embedding):
-            return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
-        if isinstance(tower, IdEmbeddingTower):
-            return tower.vocabulary_size, f"the {side} tower's vocabulary_size"
-        if side == "candidate" and self.catalogue_size is not None:
-            return self.catalogue_size, "catalogue_size"
-        return None
-
-    def _check_ids(self, features: Any, side: str) -> None:
-        """Same error on every backend for ids out of range.
-
-        JAX clamps out-of-range gathers silently (TensorFlow and torch raise, each
-        in its own words), so id arrays are checked on the host before any step.
-        Only NumPy-like inputs are checked; tf.data and generators are not.
-        """
-        if isinstance(features, Mapping):
-            key = self.candidate_id_key if side == "candidate" else self.query_id_key
-            features = features.get(key) if key is not None else None
-        if features is None:
-            return
-        ids = np.asarray(features) if isinstance(features, (np.ndarray, list)) else None
-        if ids is None or ids.dtype.kind not in "iu" or ids.size == 0:
-            return
-        limit = self._id_limit(side)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (limit is not None and high >= limit[0]):
-            bound = f"[0, {limit[0]}) ({limit[1]})" if limit else "[0, ...)"
-            raise ValueError(
-                f"{side.capitalize()} ids must lie in {bound}. Received ids from {low} to {high}."
-            )
-
     def fit(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_fit_arguments(args, kwargs)
+        _input_checks.check_fit_arguments(self, "fit", args, kwargs)
         return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_fit_arguments(args, kwargs)
+        _input_checks.check_fit_arguments(self, "evaluate", args, kwargs)
         return super().evaluate(*args, **kwargs)
 
     def predict(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if _is_pair(x):
-            self._check_ids(x[QUERY], "query")
-            self._check_ids(x[CANDIDATE], "candidate")
+            _input_checks.check_ids(self, x[QUERY], QUERY, "x['query']")
+            _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
         else:
-            self._check_ids(x, "query")
+            _input_checks.check_ids(self, x, QUERY, "x")
         return super().predict(x, *args, **kwargs)
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
         # only adds a check, so compile as the default would.
-        self.compile(**keras.saving.deserialize_keras_object(config))
+        optimizer = config.get("optimizer")
+        if isinstance(optimizer, dict) and str(optimizer.get("module", "")).startswith(
+            "keras.src.backend."
+        ):
+            # Keras on torch swaps `keras.optimizers.Adam` (and others) for a class of
+            # its own torch backend, and saves that class's module. Loaded on JAX or
+            # TensorFlow, that class runs torch ops on their arrays; resolve the
+            # public optimizer of the same name instead.
+            config = {**config, "optimizer": {**optimizer, "module": "keras.optimizers"}}
+        config = keras.saving.deserialize_keras_object(config)
+        metric_names = config.pop("retrieval_metric_names", None)
+        if metric_names:
+            warnings.warn(
+                f"This model was compiled with FactorizedTopK metrics {metric_names}, which "
+                "are not saved with it (their exclusion tables can be as large as the "
+                "training data). It is compiled without them; to evaluate, compile again "
+                "with the metrics.",
+                stacklevel=2,
+            )
+        steps = config.get("steps_per_execution", 1)
+        if keras.backend.backend() == "torch" and steps != 1:
+            # Saved on JAX or TensorFlow with defaults.steps_per_execution() (16);
+            # Keras on torch rejects anything but 1, which would make the file
+            # unloadable here. Training semantics do not depend on it.
+            warnings.warn(
+                f"This model was compiled with steps_per_execution={steps}, which Keras "
+                "does not support on torch; it is compiled with steps_per_execution=1 "
+                "here (two_tower.defaults.steps_per_execution() gives 1 on torch).",
+                stacklevel=2,
+            )
+            config["steps_per_execution"] = 1
+        self.compile(**config)
         if self.built and self.optimizer is not None:
             self.optimizer.build(self.trainable_variables)
+
+    def save(
+        self, filepath: Any, overwrite: bool = True, zipped: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Saves the model as a `.keras` file, atomically (see `two_tower.saving.save_model`)."""
+        from two_tower import saving
+
+        saving.save_model(self, filepath, overwrite=overwrite, zipped=zipped, **kwargs)
 
     # -------------------------------------------------------------- retrieval
     def index_candidates(
@@ -736,40 +698,8 @@ class TwoTowerRetrieval(keras.Model):
                 name: ops.convert_to_numpy(variable.value)
                 for name, variable in self._catalogue_features.items()
             }
-        embeddings = self._embed_rows(candidates, self.embed_candidates, batch_size, "candidates")
+        embeddings = _serving.embed_candidates(self, candidates, batch_size)
         self.candidate_index.index(embeddings, candidate_ids)
-
-    def _embed_rows(
-        self, features: Any, tower: Callable[[Any], Tensor], batch_size: int, what: str
-    ) -> np.ndarray:
-        """Runs `tower` over `features` in batches on the host side; NumPy out."""
-        if isinstance(features, (list, tuple)):
-            features = np.asarray(features)  # a list of ids, not a structure
-        features = keras.tree.map_structure(np.asarray, features)
-        leaves = keras.tree.flatten(features)
-        lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
-        if not leaves or len(lengths) != 1 or None in lengths:
-            raise ValueError(
-                f"`{what}` must be an array, or a dict of arrays, with one row per "
-                f"{what[:-1]}. Received row counts {sorted(map(str, lengths))}"
-            )
-        num_rows = leaves[0].shape[0]
-        if num_rows == 0:
-            empty = ": cannot index an empty catalogue." if what == "candidates" else "."
-            raise ValueError(f"`{what}` has 0 rows{empty}")
-        self._check_ids(features, "candidate")
-        embeddings = []
-        for start in range(0, num_rows, batch_size):
-            batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
-            embeddings.append(ops.convert_to_numpy(tower(batch)))
-        return np.concatenate(embeddings, axis=0)
-
-    def _require_index(self) -> None:
-        if self.candidate_index.num_candidates == 0:
-            raise ValueError(
-                "No candidates are indexed. Call `index_candidates(candidates, "
-                "candidate_ids)` first."
-            )
 
     def recommend(
         self,
@@ -783,11 +713,18 @@ class TwoTowerRetrieval(keras.Model):
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Top-k candidate ids for each query, best first.
 
+        Safe to call from many threads at once on every backend, with the same
+        results as serial calls (the towers and the search run compiled, reading
+        the variables without Keras' stateful `predict`; see `docs/serving.md`).
+        Query ids for an id tower are checked first: strings, non-integer floats
+        and out-of-range ids raise; integer-valued floats are used as integers.
+
         Args:
             queries: query features (an array or a dict of arrays).
             k: results per query; `1 <= k <= ` the number of indexed candidates.
             exclude: one sequence of candidate ids (or None) per query to leave
-                out, e.g. what each user already watched. The results are the
+                out, e.g. what each user already watched: `[[3, 5], None]`. A
+                flat list of ids raises (wrap it per query). The results are the
                 exact top k among the remaining candidates.
             ignore_unknown_exclusions: skip excluded ids that are not indexed
                 instead of raising.
@@ -799,12 +736,13 @@ class TwoTowerRetrieval(keras.Model):
             scores)` when `return_scores` is true.
 
         Raises:
-            ValueError: if nothing is indexed, `k` is out of range, or `exclude`
-                is malformed, names unknown ids, or leaves fewer than `k`
-                candidates (see `BruteForceIndex.search`).
+            ValueError: if nothing is indexed, `queries` is empty or holds bad
+                ids, `k` is out of range, or `exclude` is malformed, names
+                unknown ids, or leaves fewer than `k` candidates (see
+                `BruteForceIndex.search`).
         """
-        self._require_index()
-        query_embeddings = self.predict(queries, batch_size=batch_size, verbose=0)
+        _serving.require_index(self)
+        query_embeddings = _serving.embed_queries(self, queries, batch_size)
         scores, ids = self.candidate_index.search(
             query_embeddings,
             k=k,
@@ -842,7 +780,8 @@ class TwoTowerRetrieval(keras.Model):
             exclude_self: leave each item out of its own results.
             item_tower: embeds `items` instead of the candidate tower; its output
                 dim must match the index.
-            exclude: further ids to leave out, one sequence (or None) per item.
+            exclude: further ids to leave out, one sequence (or None) per item
+                (a flat list of ids raises).
             ignore_unknown_exclusions: skip unknown ids in `exclude` instead of
                 raising.
             return_scores: also return the `[items, k]` scores.
@@ -863,47 +802,16 @@ class TwoTowerRetrieval(keras.Model):
         >>> model.similar_items(np.array([3]), k=2).shape
         (1, 2)
         """
-        self._require_index()
-        tower = self.embed_candidates if item_tower is None else item_tower
-        embeddings = self._embed_rows(items, tower, batch_size, "items")
-        num_items = len(embeddings)
-        if exclude is not None and (isinstance(exclude, (str, bytes)) or len(exclude) != num_items):
-            raise ValueError(
-                f"`exclude` must have one entry per item: {num_items} items, received "
-                f"{len(exclude) if not isinstance(exclude, (str, bytes)) else exclude!r}."
-            )
-        rows: list[list[Any]] = [
-            [] if exclude is None or exclude[i] is None else list(np.atleast_1d(exclude[i]))
-            for i in range(num_items)
-        ]
-        index = self.candidate_index
-        for row in rows:  # validate the caller's exclusions before adding ours
-            index.positions_of(row, ignore_unknown=ignore_unknown_exclusions)
-        if exclude_self:
-            if item_ids is None:
-                ids = np.asarray(items) if not isinstance(items, Mapping) else None
-                if ids is None or ids.ndim != 1:
-                    raise ValueError(
-                        "`exclude_self` needs each item's id: pass `item_ids` when "
-                        "`items` is not a 1D array of ids (or set exclude_self=False)."
-                    )
-            else:
-                ids = np.asarray(item_ids).reshape(-1)
-                if len(ids) != num_items:
-                    raise ValueError(
-                        f"`item_ids` must have one id per item: {num_items} items, "
-                        f"received {len(ids)} ids."
-                    )
-            known = index.positions_of(ids, ignore_unknown=True) >= 0
-            for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
-                if is_known:
-                    row.append(item_id)
-        scores, found = index.search(
-            embeddings,
-            k=k,
-            similarity_fn=self.compute_similarities,
-            exclude=rows,
-            ignore_unknown_exclusions=True,
+        scores, found = _serving.similar_items(
+            self,
+            items,
+            k,
+            item_ids=item_ids,
+            exclude_self=exclude_self,
+            item_tower=item_tower,
+            exclude=exclude,
+            ignore_unknown_exclusions=ignore_unknown_exclusions,
+            batch_size=batch_size,
         )
         return (found, scores) if return_scores else found
 

@@ -9,31 +9,72 @@ from typing import Any
 import keras
 import numpy as np
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-def _values(raw: Any) -> np.ndarray:
-    """Raw values as an int64 or str NumPy array; floats and mixes raise."""
+
+def _values(raw: Any, name: str) -> np.ndarray:
+    """Raw values as an int64 or str NumPy array; floats, mixes and overflows raise.
+
+    Args:
+        raw: the array-like of values.
+        name: the argument `raw` came from, for error messages.
+
+    Returns:
+        An int64 or unicode array of the same shape; bytes are decoded as UTF-8.
+    """
     # Lists go through object dtype: NumPy would silently turn [1, "a"] into strings.
     values = np.asarray(raw, dtype=object) if isinstance(raw, (list, tuple)) else np.asarray(raw)
     if values.dtype == object:
         flat = values.reshape(-1).tolist()
-        if all(isinstance(v, str) for v in flat):
-            values = values.astype(str)
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
-            values = values.astype("int64")
-        elif all(isinstance(v, float) for v in flat):
+        if all(isinstance(v, (str, bytes)) for v in flat):
+            strings = [v if isinstance(v, str) else _decode(v, name) for v in flat]
+            return np.array(strings, dtype=str).reshape(values.shape)
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
+            try:
+                return values.astype("int64")
+            except OverflowError:
+                raise _int64_error([int(v) for v in flat], name) from None
+        if all(isinstance(v, float) for v in flat):
             values = values.astype("float64")  # rejected below, naming the dtype
         else:
             kinds = sorted({type(v).__name__ for v in flat})
-            raise ValueError(f"Values must be all integers or all strings. Received {kinds}")
+            raise ValueError(
+                f"`{name}` must be all integers or all strings. Received types {kinds}"
+            )
+    if values.dtype.kind == "u" and values.size and values.max() > _INT64_MAX:
+        # A uint64 of 2**63 or more would wrap to a negative int64, maybe a known value.
+        raise _int64_error(values.reshape(-1).tolist(), name)
     if values.dtype.kind in "iu":
         return values.astype("int64", copy=False)
     if values.dtype.kind == "U":
         return values
     if values.dtype.kind == "S":
-        return values.astype(str)
-    raise ValueError(
-        f"Vocabulary values must be integers or strings. Received dtype {values.dtype}"
+        # `astype(str)` would decode as ASCII; bytes are UTF-8 text (b"\xc3\xa9" is "é").
+        try:
+            return np.char.decode(values, "utf-8")
+        except UnicodeDecodeError:
+            for value in values.reshape(-1).tolist():
+                _decode(value, name)  # raises, naming the first value that is not UTF-8
+            raise
+    raise ValueError(f"`{name}` must hold integers or strings. Received dtype {values.dtype}")
+
+
+def _int64_error(integers: list[int], name: str) -> ValueError:
+    """The error for `integers`, some of which fall outside int64."""
+    outside = [v for v in integers if not _INT64_MIN <= v <= _INT64_MAX]
+    return ValueError(
+        f"Integer `{name}` must fit in int64 (from -2**63 to 2**63 - 1). Received {outside[:5]}"
     )
+
+
+def _decode(value: bytes, name: str) -> str:
+    """`value` decoded as UTF-8; raises, naming the value, if it is not UTF-8."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"Bytes in `{name}` must be UTF-8 text. Received {value!r}, which is not valid UTF-8."
+        ) from None
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
@@ -53,14 +94,29 @@ class Vocabulary(keras.layers.Layer):
     `hash` is salted per process, so it is not used). Empty strings always go to
     bucket 0, and so never to a learned row by accident.
 
+    An empty vocabulary (`Vocabulary([])`, or `adapt` keeping no value because
+    of `min_count`) is valid: every value, integer or string, goes to its OOV
+    bucket, as an unknown value does in any vocabulary. Only a layer with no
+    vocabulary at all (`vocabulary=None` and no `adapt` yet) refuses lookups.
+
+    Values: integers must fit in int64 (larger Python ints and uint64 values of
+    2**63 or more raise rather than wrap around). Bytes are UTF-8 text, so
+    `b"\\xc3\\xa9"` and `"é"` are the same value; bytes that are not UTF-8 raise.
+    NumPy's fixed-width strings drop trailing NUL characters, so `"a\\x00"` is
+    the same value as `"a"`.
+
     Args:
-        vocabulary: the known values (integers or strings, unique), or None to
-            call `adapt` later.
+        vocabulary: the known values (integers, strings or UTF-8 bytes, unique;
+            possibly none), or None to call `adapt` later.
         num_oov_buckets: buckets for unseen values, at least 1.
         max_size: with `adapt`, keep at most this many of the most frequent
             values.
         min_count: with `adapt`, keep values seen at least this many times.
         **kwargs: standard `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: on a bad option, or a bad `vocabulary` (see
+            `set_vocabulary`).
 
     Example:
     >>> vocab = two_tower.Vocabulary(["drama", "comedy"], num_oov_buckets=1)
@@ -110,10 +166,20 @@ class Vocabulary(keras.layers.Layer):
         return self.num_oov_buckets + known
 
     def set_vocabulary(self, vocabulary: Sequence[Any] | np.ndarray) -> None:
-        """Replaces the known values (unique integers or strings, in index order)."""
-        values = _values(vocabulary).reshape(-1)
+        """Replaces the known values (unique integers or strings, in index order).
+
+        Args:
+            vocabulary: the known values, possibly none (then every value is OOV).
+
+        Raises:
+            ValueError: on duplicates, the empty string, floats, a mix of integers
+                and strings, integers outside int64, or bytes that are not UTF-8.
+        """
+        values = _values(vocabulary, "vocabulary").reshape(-1)
         if values.dtype.kind == "U" and np.any(values == ""):
-            raise ValueError("The vocabulary must not contain the empty string (it is OOV).")
+            raise ValueError(
+                "`vocabulary` must not contain the empty string (it always maps to OOV bucket 0)."
+            )
         order = np.argsort(values, kind="stable")
         ordered = values[order]
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]
@@ -129,8 +195,15 @@ class Vocabulary(keras.layers.Layer):
 
         Args:
             data: an array-like of raw values (any shape; all are counted).
+                Empty strings are never kept. If no value is seen `min_count`
+                times, the vocabulary is empty and every value maps to its OOV
+                bucket.
+
+        Raises:
+            ValueError: on floats, a mix of integers and strings, integers
+                outside int64, or bytes that are not UTF-8.
         """
-        values = _values(data).reshape(-1)
+        values = _values(data, "data").reshape(-1)
         if values.dtype.kind == "U":
             values = values[values != ""]
         unique, counts = np.unique(values, return_counts=True)
@@ -150,21 +223,30 @@ class Vocabulary(keras.layers.Layer):
         """Indices of `inputs` (any shape), as a NumPy int32 array.
 
         Raises:
-            ValueError: before `adapt` or `set_vocabulary`, or when the values are
-                of another kind (integer vs string) than the vocabulary.
+            ValueError: before `adapt` or `set_vocabulary`, when the values are
+                of another kind (integer vs string) than a non-empty vocabulary,
+                or on floats, integers outside int64 or bytes that are not UTF-8.
         """
         if self._sorted is None or self._order is None or self._vocabulary is None:
-            raise ValueError("The vocabulary is empty: call `adapt(data)` or pass `vocabulary`.")
-        values = _values(inputs)
-        if values.size and (values.dtype.kind == "U") != (self._sorted.dtype.kind == "U"):
             raise ValueError(
-                f"Values of dtype {values.dtype} cannot be looked up in a vocabulary of "
+                "The vocabulary is not set: call `adapt(data)` or pass `vocabulary` first."
+            )
+        values = _values(inputs, "inputs")
+        known = len(self._sorted)
+        # An empty vocabulary has no kind to mismatch: everything is simply unknown.
+        if known and values.size and (values.dtype.kind == "U") != (self._sorted.dtype.kind == "U"):
+            raise ValueError(
+                f"`inputs` of dtype {values.dtype} cannot be looked up in a vocabulary of "
                 f"dtype {self._vocabulary.dtype}."
             )
         flat = values.reshape(-1)
-        slots = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
-        found = self._sorted[slots] == flat
-        indices = np.where(found, self._order[slots] + self.num_oov_buckets, 0)
+        if known:
+            slots = np.minimum(np.searchsorted(self._sorted, flat), known - 1)
+            found = self._sorted[slots] == flat
+            indices = np.where(found, self._order[slots] + self.num_oov_buckets, 0)
+        else:
+            found = np.zeros(flat.shape, dtype=bool)
+            indices = np.zeros(flat.shape, dtype="int64")
         unseen = np.flatnonzero(~found)
         if len(unseen) and self.num_oov_buckets > 1:
             indices[unseen] = [self._bucket(v) for v in flat[unseen].tolist()]

@@ -20,13 +20,19 @@ With `source="tfds"` the records come from tensorflow-datasets instead, in
 tfds's order; when a local copy is found, the tfds download cache is primed
 from it so tfds builds without network.
 
+Every file read is checked, so that a damaged copy raises (naming the file)
+instead of loading as fewer records: each line must have all its fields, and
+u.data, u.user and u.item must have as many lines as `u.info` declares, or,
+without `u.info`, as the official MovieLens 100K has (`OFFICIAL_COUNTS`:
+100,000 ratings, 943 users, 1,682 movies). A local copy is checked the same way
+before it primes tfds, and the tfds records are counted after loading.
+
 MovieLens' licence forbids redistribution: this module downloads it from
 GroupLens or reads a copy you already have; it never ships the data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +42,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -92,6 +98,16 @@ RATING_FEATURES = (
 MOVIE_FEATURES = ("movie_genres", "movie_id", "movie_title")
 
 _REQUIRED_FILES = ("u.data", "u.item", "u.user")
+# The counts of the official MovieLens 100K, by u.info's names. They are checked
+# whenever no u.info beside the files declares other counts, so that a file cut
+# cleanly at a line end is caught even then.
+OFFICIAL_COUNTS = {"users": 943, "items": 1682, "ratings": 100_000}
+# Each counted file: its u.info name, field separator and number of fields.
+_LAYOUT = {
+    "u.data": ("ratings", "\t", 4),
+    "u.user": ("users", "|", 5),
+    "u.item": ("items", "|", 5 + len(_ITEM_GENRE_COLUMNS)),
+}
 _SOURCES = ("grouplens", "tfds")
 
 
@@ -299,31 +315,84 @@ def _as_int(value: str, path: Path, what: str) -> int:
         ) from None
 
 
-def _declared_counts(folder: Path) -> dict[str, int]:
-    """Counts in `u.info` ("943 users"...), used to detect truncated files."""
-    info = folder / "u.info"
-    if not info.is_file():
-        return {}
-    counts = {}
-    for line in info.read_text(encoding=ENCODING).splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            counts[parts[1]] = int(parts[0])
-    return counts
+class _Expected(NamedTuple):
+    """A row count a file must have, and how an error should explain it."""
+
+    rows: int
+    source: str  # "u.info declares 5 ratings"
+    why: str  # why that count applies, "" when u.info declares it
+    advice: str
 
 
-def _check_count(path: Path, found: int, declared: dict[str, int], key: str) -> None:
-    if key in declared and declared[key] != found:
+_Counts = dict[str, _Expected]
+
+
+def _declared_counts(folder: Path | None) -> _Counts:
+    """The row count each file must have, by u.info's names, and where it comes from.
+
+    The counts come from `folder/u.info` ("943 users"...) when it is there,
+    which lets a folder you made yourself declare its own. Counts it lacks, or
+    all of them when it is missing, are those of the official MovieLens 100K;
+    so are all of them without a folder (tfds downloaded the data itself).
+    """
+    info = None if folder is None else folder / "u.info"
+    declared: _Counts = {}
+    if info is not None and info.is_file():
+        for line in info.read_text(encoding=ENCODING).splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].isdigit():
+                count, key = int(parts[0]), parts[1]
+                declared[key] = _Expected(
+                    count, f"u.info declares {count} {key}", "", "Fix the file or u.info."
+                )
+    for key, count in OFFICIAL_COUNTS.items():
+        if key in declared:
+            continue
+        if info is None:
+            why = "tfds downloaded the official data"
+        elif info.is_file():
+            why = f"{info} declares no {key}, so the official count applies"
+        else:
+            why = f"{info} is missing, so the official counts apply"
+        declared[key] = _Expected(
+            count,
+            f"MovieLens 100K has exactly {count} {key}",
+            f" ({why})",
+            f"Replace it with a fresh copy from {ARCHIVE}, or, for a folder you made "
+            "yourself, declare its counts in u.info ('943 users', '1682 items', "
+            "'100000 ratings', one a line).",
+        )
+    return declared
+
+
+def _check_count(path: Path, found: int, declared: _Counts, key: str) -> None:
+    expected = declared[key]
+    if expected.rows != found:
         raise ValueError(
-            f"Corrupt or truncated MovieLens file {path}: u.info declares "
-            f"{declared[key]} {key}, the file holds {found}."
+            f"Corrupt or truncated MovieLens file {path}: {expected.source}, the file "
+            f"holds {found}{expected.why}. {expected.advice}"
         )
 
 
-def _parse_movies(folder: Path, declared: dict[str, int]) -> dict[str, dict[str, Any]]:
+def _read_counted(folder: Path, name: str, declared: _Counts) -> list[list[str]]:
+    """The rows of `folder/name`, checked for their field and row counts."""
+    key, separator, fields = _LAYOUT[name]
+    path = folder / name
+    rows = _read_rows(path, separator, fields)
+    _check_count(path, len(rows), declared, key)
+    return rows
+
+
+def _check_folder(folder: Path) -> None:
+    """Raises unless u.data, u.user and u.item hold whole rows, as many as declared."""
+    declared = _declared_counts(folder)
+    for name in _LAYOUT:
+        _read_counted(folder, name, declared)
+
+
+def _parse_movies(folder: Path, declared: _Counts) -> dict[str, dict[str, Any]]:
     path = folder / "u.item"
-    rows = _read_rows(path, "|", 5 + len(_ITEM_GENRE_COLUMNS))
-    _check_count(path, len(rows), declared, "items")
+    rows = _read_counted(folder, "u.item", declared)
     movies: dict[str, dict[str, Any]] = {}
     for row in rows:
         flags = row[5:]
@@ -345,10 +414,9 @@ def _parse_movies(folder: Path, declared: dict[str, int]) -> dict[str, dict[str,
     return movies
 
 
-def _parse_users(folder: Path, declared: dict[str, int]) -> dict[str, dict[str, Any]]:
+def _parse_users(folder: Path, declared: _Counts) -> dict[str, dict[str, Any]]:
     path = folder / "u.user"
-    rows = _read_rows(path, "|", 5)
-    _check_count(path, len(rows), declared, "users")
+    rows = _read_counted(folder, "u.user", declared)
     users = {}
     for user_id, age_text, gender, occupation, zip_code in rows:
         age = _as_int(age_text, path, "age")
@@ -387,11 +455,11 @@ def _movie_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
     declared = _declared_counts(folder)
+    # The ratings first: a cut u.data is the likeliest damage, so name it first.
+    path = folder / "u.data"
+    rows = _read_counted(folder, "u.data", declared)
     movies = _parse_movies(folder, declared)
     users = _parse_users(folder, declared)
-    path = folder / "u.data"
-    rows = _read_rows(path, "\t", 4)
-    _check_count(path, len(rows), declared, "ratings")
     for number, (user_id, movie_id, rating, timestamp) in enumerate(rows, start=1):
         if user_id not in users or movie_id not in movies:
             raise ValueError(
@@ -438,6 +506,11 @@ def prime_tfds_cache(
     finds (it never downloads). Then `tfds.load("movielens/100k-ratings",
     data_dir=tfds_data_dir)` works without network.
 
+    tfds trusts a primed copy (it checks only the sha256 written here) and
+    keeps what it builds from it, so the copy's files are checked first, as
+    `load_ratings` checks them: whole rows, as many as `u.info` declares (the
+    official 100,000 ratings, 943 users and 1,682 movies without `u.info`).
+
     Args:
         tfds_data_dir: the `data_dir` you will give `tfds.load`.
         data_dir: where the local copy is; see `locate`.
@@ -445,10 +518,15 @@ def prime_tfds_cache(
     Returns:
         `tfds_data_dir` as a Path.
 
+    Raises:
+        FileNotFoundError: no local copy is found.
+        ValueError: a file of the local copy is truncated or corrupt.
+
     Example:
     >>> two_tower.datasets.movielens.prime_tfds_cache("/tmp/tfds")  # doctest: +SKIP
     """
     folder = locate(data_dir, download=False)
+    _check_folder(folder)  # before anything is written for tfds
     tfds_data_dir = Path(tfds_data_dir).expanduser()
     from tensorflow_datasets.core.download import resource
 
@@ -486,12 +564,15 @@ def _tfds_records(
             "source='tfds' needs tensorflow-datasets: pip install 'two-tower[tfds]'"
         ) from error
     root = Path(tfds_data_dir).expanduser() if tfds_data_dir else cache_root() / "tfds"
-    if data_dir is not None:
-        prime_tfds_cache(root, data_dir)  # raises if the given copy is absent
-    else:
-        # Without a local copy, tfds downloads by itself (if allowed).
-        with contextlib.suppress(FileNotFoundError):
-            prime_tfds_cache(root)
+    try:
+        folder: Path | None = locate(data_dir, download=False)
+    except FileNotFoundError:
+        if data_dir is not None:
+            raise  # the given copy is absent
+        folder = None  # without a local copy, tfds downloads by itself (if allowed)
+    if folder is not None:
+        prime_tfds_cache(root, folder)
+    declared = _declared_counts(folder)
     dataset = tfds.load(
         f"movielens/100k-{table}", split="train", data_dir=str(root), download=download
     )
@@ -505,6 +586,16 @@ def _tfds_records(
     genres = np.empty(len(columns["movie_genres"]), dtype=object)
     genres[:] = [np.asarray(g, dtype="int64") for g in columns["movie_genres"]]
     arrays["movie_genres"] = genres
+    # tfds keeps what it built, so a copy primed before its files were checked
+    # (or a half-built cache) would be read silently every time after.
+    expected = declared["ratings" if table == "ratings" else "items"]
+    if len(genres) != expected.rows:
+        raise ValueError(
+            f"tfds movielens/100k-{table} in {root} holds {len(genres)} records, but "
+            f"{expected.source}{expected.why}. That tfds cache was built from a truncated "
+            f"or corrupt copy: delete {root / 'movielens'} and {root / 'downloads'}, then "
+            "load again."
+        )
     return {key: arrays[key] for key in features}
 
 
@@ -637,6 +728,7 @@ def temporal_split(
 __all__ = [
     "GENRES",
     "OCCUPATIONS",
+    "OFFICIAL_COUNTS",
     "SHA256",
     "URL",
     "cache_root",

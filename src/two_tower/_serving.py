@@ -1,0 +1,236 @@
+"""What `TwoTowerRetrieval` does to serve: embed in compiled batches, index, search.
+
+The model's public methods (`index_candidates`, `recommend`, `similar_items`)
+delegate here. Every function is safe to call from many threads at once on one
+model: towers run through `two_tower.backends`' `compile_inference`, which reads
+the variables without writing them (Keras' own `predict` swaps them in and out on
+JAX, so two threads break each other), and the index searches one snapshot of
+its catalogue per call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from two_tower import _input_checks
+from two_tower.backends import backend_module
+from two_tower.brute_force_index import exclusion_lists
+from two_tower.types import Tensor
+
+if TYPE_CHECKING:
+    from two_tower.two_tower_retrieval import TwoTowerRetrieval
+
+_BUILD_LOCK = threading.Lock()
+_MAX_COMPILED = 8
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _compiled(
+    model: TwoTowerRetrieval,
+    key: Any,
+    function: Callable[[Any], Tensor],
+    owner: keras.layers.Layer,
+) -> Callable[[Any], Tensor]:
+    """`function` compiled for the backend, cached on the model under `key`."""
+    cache: dict[Any, Callable[[Any], Tensor]] = model._serving_functions
+    compiled = cache.get(key)
+    if compiled is None:
+        with _BUILD_LOCK:
+            compiled = cache.get(key)
+            if compiled is None:
+                if len(cache) >= _MAX_COMPILED:
+                    cache.pop(next(iter(cache)))
+                compiled = backend_module().compile_inference(function, lambda: owner.variables)
+                cache[key] = compiled
+    return compiled
+
+
+def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
+    """Features as NumPy arrays with one common row count, which is returned."""
+    if isinstance(features, (list, tuple)):
+        features = np.asarray(features)  # a list of ids, not a structure
+    features = keras.tree.map_structure(np.asarray, features)
+    leaves = keras.tree.flatten(features)
+    lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if not leaves or len(lengths) != 1 or None in lengths:
+        raise ValueError(
+            f"`{what}` must be an array, or a dict of arrays, with one row per "
+            f"{what[:-1]}. Received row counts {sorted(map(str, lengths))}"
+        )
+    return features, leaves[0].shape[0]
+
+
+def embed_rows(
+    model: TwoTowerRetrieval,
+    key: Any,
+    features: Any,
+    function: Callable[[Any], Tensor],
+    owner: keras.layers.Layer,
+    tower: keras.layers.Layer,
+    batch_size: int,
+    what: str,
+    side: str,
+) -> np.ndarray:
+    """Runs `function` over `features` in compiled batches; NumPy out.
+
+    Args:
+        model: the model, for id checks and the compiled-function cache.
+        key: names `function` in that cache (one compilation per key).
+        features: an array-like or a dict of them, one row per item.
+        function: maps a batch of features to `[batch, dim]` embeddings.
+        owner: the layer whose variables `function` reads.
+        tower: the tower `function` runs, built eagerly on one row first if it
+            is not built yet (variables cannot be created inside a compiled call).
+        batch_size: rows per call. Smaller last batches are padded to a power of
+            two, so that a handful of compilations serve every request size.
+        what: the argument's name, e.g. "queries".
+        side: "query" or "candidate", whose ids are checked.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    if batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    features, num_rows = _as_arrays(features, what)
+    if num_rows == 0:
+        detail = {
+            "candidates": "cannot index an empty catalogue",
+            "queries": "expected at least one query",
+            "items": "expected at least one item",
+        }.get(what, "expected at least one row")
+        raise ValueError(f"`{what}` has 0 rows: {detail}.")
+    features = _input_checks.check_ids(model, features, side, f"`{what}`")
+    if not tower.built:
+        with _BUILD_LOCK:
+            if not tower.built:
+                function(keras.tree.map_structure(lambda a: a[:1], features))
+    compiled = _compiled(model, key, function, owner)
+    embeddings = []
+    for start in range(0, num_rows, batch_size):
+        batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
+        rows = min(batch_size, num_rows - start)
+        padded = min(_next_power_of_two(rows), batch_size)
+        if padded > rows:
+            extra = padded - rows
+            batch = keras.tree.map_structure(
+                lambda a, n=extra: np.concatenate([a, np.repeat(a[:1], n, axis=0)]), batch
+            )
+        embeddings.append(np.asarray(ops.convert_to_numpy(compiled(batch)))[:rows])
+    return np.concatenate(embeddings, axis=0)
+
+
+def embed_queries(model: TwoTowerRetrieval, queries: Any, batch_size: int) -> np.ndarray:
+    """Query embeddings through `model.call`, as `predict` would compute them."""
+
+    def call(inputs: Any) -> Tensor:
+        return model(inputs, training=False)
+
+    return embed_rows(
+        model, "queries", queries, call, model, model.query_tower, batch_size, "queries", "query"
+    )
+
+
+def embed_candidates(
+    model: TwoTowerRetrieval,
+    candidates: Any,
+    batch_size: int,
+    what: str = "candidates",
+    item_tower: keras.layers.Layer | None = None,
+) -> np.ndarray:
+    """Candidate embeddings through `embed_candidates`, or through `item_tower`."""
+    if item_tower is not None:
+        key = ("item_tower", id(item_tower))
+        return embed_rows(
+            model,
+            key,
+            candidates,
+            item_tower,
+            item_tower,
+            item_tower,
+            batch_size,
+            what,
+            "candidate",
+        )
+    return embed_rows(
+        model,
+        "candidates",
+        candidates,
+        model.embed_candidates,
+        model,
+        model.candidate_tower,
+        batch_size,
+        what,
+        "candidate",
+    )
+
+
+def require_index(model: TwoTowerRetrieval) -> None:
+    if model.candidate_index.num_candidates == 0:
+        raise ValueError(
+            "No candidates are indexed. Call `index_candidates(candidates, candidate_ids)` first."
+        )
+
+
+def similar_items(
+    model: TwoTowerRetrieval,
+    items: Any,
+    k: int,
+    item_ids: Any,
+    exclude_self: bool,
+    item_tower: keras.layers.Layer | None,
+    exclude: Any,
+    ignore_unknown_exclusions: bool,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(scores, ids)` of `TwoTowerRetrieval.similar_items` (see there)."""
+    require_index(model)
+    if isinstance(items, (list, tuple)):
+        items = np.asarray(items)
+    # Integer-valued float ids become int64 here, so they also name the items' ids.
+    items = _input_checks.check_ids(model, items, "candidate", "`items`")
+    embeddings = embed_candidates(model, items, batch_size, "items", item_tower)
+    num_items = len(embeddings)
+    entries = (
+        [None] * num_items
+        if exclude is None
+        else exclusion_lists(exclude, num_items, "item", "items")
+    )
+    rows: list[list[Any]] = [[] if entry is None else list(entry) for entry in entries]
+    index = model.candidate_index
+    for row in rows:  # validate the caller's exclusions before adding ours
+        index.positions_of(row, ignore_unknown=ignore_unknown_exclusions)
+    if exclude_self:
+        if item_ids is None:
+            ids = np.asarray(items) if not isinstance(items, Mapping) else None
+            if ids is None or ids.ndim != 1:
+                raise ValueError(
+                    "`exclude_self` needs each item's id: pass `item_ids` when "
+                    "`items` is not a 1D array of ids (or set exclude_self=False)."
+                )
+        else:
+            ids = np.asarray(item_ids).reshape(-1)
+            if len(ids) != num_items:
+                raise ValueError(
+                    f"`item_ids` must have one id per item: {num_items} items, "
+                    f"received {len(ids)} ids."
+                )
+        known = index.positions_of(ids, ignore_unknown=True) >= 0
+        for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
+            if is_known:
+                row.append(item_id)
+    scores, found = index.search(
+        embeddings,
+        k=k,
+        similarity_fn=model.compute_similarities,
+        exclude=rows,
+        ignore_unknown_exclusions=True,
+    )
+    return scores, found

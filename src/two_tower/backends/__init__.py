@@ -1,0 +1,39 @@
+"""Backend-specific machinery, chosen once from `keras.backend.backend()`.
+
+Each module here speaks to one backend's own engine and is imported lazily, only
+by the process that runs on that backend. Library code elsewhere calls
+`backend_module()` and never imports a backend itself.
+
+Every module provides:
+- `compile_inference(function, variables)`: `function(inputs)` compiled with the
+  backend's compiler, reading the current values of `variables()` at each call
+  and safe to call from many threads at once (see each module's docstring).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import keras
+
+_MODULES = {
+    "jax": "two_tower.backends.jax",
+    "tensorflow": "two_tower.backends.tensorflow",
+    "torch": "two_tower.backends.torch",
+}
+
+
+def backend_module() -> ModuleType:
+    """The module of the backend Keras runs on.
+
+    Raises:
+        NotImplementedError: on a backend two_tower does not support (e.g. numpy).
+    """
+    backend = keras.backend.backend()
+    if backend not in _MODULES:
+        raise NotImplementedError(
+            f"two_tower supports the jax, tensorflow and torch backends. Keras runs on "
+            f"{backend!r}; set KERAS_BACKEND to one of {sorted(_MODULES)}."
+        )
+    return importlib.import_module(_MODULES[backend])
