@@ -28,9 +28,10 @@ docs/retrieval_benchmark.png.
 `--concurrency` measures serving instead: `TwoTowerRetrieval.recommend` of one
 user (k = 100) over a 100,000-candidate catalogue of the same mixture, called
 from 1, 2, 4 and 8 threads at once, as a web server's workers would. It reports
-calls per second for the library as it is (lock-free: each call reads the
-variables, nothing is serialised) and for the same calls behind one global lock
-(the fallback design), in the same run:
+calls per second for the library as it is (on JAX and TensorFlow nothing is
+serialised; on torch two calls run at once, see `two_tower/backends/torch.py`),
+for the same calls behind one global lock (the fallback design), and on torch for
+every call at once, in the same run:
 
     python benchmarks/retrieval.py --concurrency --backend jax
 """
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -205,7 +207,12 @@ THREADS = (1, 2, 4, 8)
 
 
 def concurrency(backend: str, catalogue_path: Path, queries_path: Path, calls: int) -> None:
-    """Calls/s of `recommend` from 1-8 threads, lock-free against one global lock."""
+    """Calls/s of `recommend` from 1-8 threads: the library as it is, against one lock.
+
+    On torch, whose backend lets `SERVING_SLOTS` calls run at once, it also
+    measures every call running at once (the slots lifted).
+    """
+    import contextlib
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -213,6 +220,7 @@ def concurrency(backend: str, catalogue_path: Path, queries_path: Path, calls: i
     import keras
 
     import two_tower
+    from two_tower.backends import backend_module
 
     catalogue = np.load(catalogue_path)
     queries = np.load(queries_path)
@@ -224,29 +232,39 @@ def concurrency(backend: str, catalogue_path: Path, queries_path: Path, calls: i
     model.candidate_index.index(catalogue)
     users = np.random.default_rng(0).integers(0, len(queries), calls)
     lock = threading.Lock()
+    module = backend_module()
+    library_slot = module.serving_slot
+    designs = {"two_tower": (library_slot, contextlib.nullcontext)}
+    if backend == "torch":
+        designs["all at once"] = (contextlib.nullcontext, contextlib.nullcontext)
+    designs["global lock"] = (library_slot, lambda: lock)
 
-    def serve(user: int, locked: bool) -> np.ndarray:
-        if not locked:
-            return model.recommend(np.array([user]), k=K)
-        with lock:
+    def serve(user: int, outer: Any) -> np.ndarray:
+        with outer():
             return model.recommend(np.array([user]), k=K)
 
-    serial = [serve(int(u), False) for u in users[:50]]  # warm-up and reference
+    serial = [serve(int(u), contextlib.nullcontext) for u in users[:50]]  # warm-up, reference
     print(f"recommend (1 user, k={K}) over {len(catalogue):,} candidates, dim {DIM}, "
-          f"backend {backend}; {calls} calls per trial")  # fmt: skip
-    print("| threads | lock-free calls/s | global lock calls/s | lock-free / lock |")
-    print("|---|---|---|---|")
+          f"backend {backend}; {calls} calls per trial; calls/s")  # fmt: skip
+    names = list(designs)
+    print("| threads | " + " | ".join(names) + " | two_tower / global lock |")
+    print("|---" * (len(names) + 2) + "|")
     for threads in THREADS:
         rates = {}
-        for locked in (False, True):
-            with ThreadPoolExecutor(threads) as pool:
-                started = time.perf_counter()
-                found = list(pool.map(lambda u, lk=locked: serve(int(u), lk), users))
-                rates[locked] = calls / (time.perf_counter() - started)
+        for name, (slot, outer) in designs.items():
+            module.serving_slot = slot  # the library's own slots, or none
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    started = time.perf_counter()
+                    found = list(pool.map(lambda u, o=outer: serve(int(u), o), users))
+                    rates[name] = calls / (time.perf_counter() - started)
+            finally:
+                module.serving_slot = library_slot
             for expected, got in zip(serial, found, strict=False):
                 assert np.array_equal(expected, got), "a threaded call differs from serial"
-        print(f"| {threads} | {rates[False]:.0f} | {rates[True]:.0f} | "
-              f"{rates[False] / rates[True]:.2f}x |", flush=True)  # fmt: skip
+        cells = " | ".join(f"{rates[name]:.0f}" for name in names)
+        ratio = rates["two_tower"] / rates["global lock"]
+        print(f"| {threads} | {cells} | {ratio:.2f}x |", flush=True)
 
 
 def _print_row(n: int, method: str, results: dict[str, dict[int, dict]]) -> None:

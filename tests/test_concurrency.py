@@ -13,34 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-import two_tower
+import testing
+from testing import numpy_ranking
 
 NUM_USERS, NUM_ITEMS, DIM, K = 50, 300, 8, 10
 THREADS, CALLS = 8, 100
 
 
 def integer_model():
-    """Small-integer tables: exact scores and many ties."""
-    model = two_tower.TwoTowerRetrieval(
-        keras.layers.Embedding(NUM_USERS, DIM), keras.layers.Embedding(NUM_ITEMS, DIM)
-    )
-    rng = np.random.default_rng(0)
-    users = rng.integers(-2, 3, size=(NUM_USERS, DIM)).astype("float32")
-    items = rng.integers(-2, 3, size=(NUM_ITEMS, DIM)).astype("float32")
-    model.embed_queries(np.arange(2))
-    model.embed_candidates(np.arange(2))
-    model.query_tower.embeddings.assign(users)
-    model.candidate_tower.embeddings.assign(items)
-    return model, users, items
-
-
-def numpy_top_k(vectors, items, k, excluded):
-    scores = vectors.astype("float64") @ items.astype("float64").T
-    out = []
-    for row, skip in enumerate(excluded):
-        positions = np.setdiff1d(np.arange(len(items)), list(skip))
-        out.append(positions[np.lexsort((positions, -scores[row, positions]))[:k]])
-    return np.array(out)
+    return testing.integer_model(NUM_USERS, NUM_ITEMS, DIM)
 
 
 def requests(seed):
@@ -88,10 +69,10 @@ def test_concurrent_serving_equals_serial_and_numpy():
             np.testing.assert_array_equal(found, serial)
             kind, users, exclude = request
             if kind == 2:
-                expected = numpy_top_k(items_table[users], items_table, K, [[u] for u in users])
+                expected = numpy_ranking(items_table[users], items_table, K, [[u] for u in users])
             else:
                 skip = exclude if kind < 2 and exclude is not None else [[]] * len(users)
-                expected = numpy_top_k(users_table[users], items_table, K, skip)
+                expected = numpy_ranking(users_table[users], items_table, K, skip)
             np.testing.assert_array_equal(found, item_ids[expected])
 
 
@@ -101,7 +82,7 @@ def test_reindexing_while_serving_gives_one_catalogue_or_the_other():
     second_ids = first_ids + 10_000
     model.index_candidates(np.arange(NUM_ITEMS), first_ids)
     stop = threading.Event()
-    expected = numpy_top_k(users_table[:4], items_table, K, [[]] * 4)
+    expected = numpy_ranking(users_table[:4], items_table, K, [[]] * 4)
 
     def reindex():
         while not stop.is_set():

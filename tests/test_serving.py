@@ -4,33 +4,16 @@ import keras
 import numpy as np
 import pytest
 
+import testing
 import two_tower
+from testing import numpy_ranking
 
 NUM_USERS, NUM_ITEMS, DIM = 9, 40, 4
 
 
 def integer_model(seed=0):
     """An id model whose tables hold small integers: exact scores, many ties."""
-    model = two_tower.TwoTowerRetrieval(
-        keras.layers.Embedding(NUM_USERS, DIM), keras.layers.Embedding(NUM_ITEMS, DIM)
-    )
-    rng = np.random.default_rng(seed)
-    users = rng.integers(-2, 3, size=(NUM_USERS, DIM)).astype("float32")
-    items = rng.integers(-2, 3, size=(NUM_ITEMS, DIM)).astype("float32")
-    model.embed_queries(np.arange(2))
-    model.embed_candidates(np.arange(2))
-    model.query_tower.embeddings.assign(users)
-    model.candidate_tower.embeddings.assign(items)
-    return model, users, items
-
-
-def numpy_ranking(query_vectors, items, k, excluded_positions):
-    scores = query_vectors.astype("float64") @ items.astype("float64").T
-    out = []
-    for row, skip in enumerate(excluded_positions):
-        positions = np.setdiff1d(np.arange(len(items)), list(skip))
-        out.append(positions[np.lexsort((positions, -scores[row, positions]))[:k]])
-    return np.array(out)
+    return testing.integer_model(NUM_USERS, NUM_ITEMS, DIM, seed)
 
 
 def test_recommend_with_exclusions_matches_numpy():
@@ -141,3 +124,14 @@ def test_empty_catalogue_and_items_raise():
     model.index_candidates(np.arange(NUM_ITEMS))
     with pytest.raises(ValueError, match="`items` has 0 rows"):
         model.similar_items(np.zeros(0, "int32"))
+
+
+def test_recommend_takes_a_generator_of_query_batches():
+    model, _, _ = integer_model()
+    model.index_candidates(np.arange(NUM_ITEMS))
+    batches = (np.arange(start, min(start + 4, NUM_USERS)) for start in range(0, NUM_USERS, 4))
+    np.testing.assert_array_equal(
+        model.recommend(batches, k=5), model.recommend(np.arange(NUM_USERS), k=5)
+    )
+    with pytest.raises(ValueError, match="`queries` yielded no batches"):
+        model.recommend(iter([]), k=5)

@@ -62,6 +62,40 @@ class MLPTower(keras.layers.Layer):
         return config
 
 
+def integer_model(
+    num_users: int, num_items: int, dim: int, seed: int = 0
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """An Embedding-tower model whose tables hold small integers: exact scores, many ties.
+
+    Returns the model and its query and candidate tables.
+    """
+    import two_tower
+
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(num_users, dim), keras.layers.Embedding(num_items, dim)
+    )
+    rng = np.random.default_rng(seed)
+    users = rng.integers(-2, 3, size=(num_users, dim)).astype("float32")
+    items = rng.integers(-2, 3, size=(num_items, dim)).astype("float32")
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    model.query_tower.embeddings.assign(users)
+    model.candidate_tower.embeddings.assign(items)
+    return model, users, items
+
+
+def numpy_ranking(
+    query_vectors: np.ndarray, items: np.ndarray, k: int, excluded_positions: Any
+) -> np.ndarray:
+    """Top-k positions per query in float64: score descending, then position ascending."""
+    scores = query_vectors.astype("float64") @ items.astype("float64").T
+    out = []
+    for row, skip in enumerate(excluded_positions):
+        positions = np.setdiff1d(np.arange(len(items)), list(skip))
+        out.append(positions[np.lexsort((positions, -scores[row, positions]))[:k]])
+    return np.array(out)
+
+
 # ----------------------------------------------------------- MovieLens fixtures
 GENRE_FLAGS = 19
 

@@ -118,7 +118,7 @@ def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str)
                 position = int(np.flatnonzero(~whole.reshape(-1))[0])
                 raise ValueError(
                     f"{name} ids in {where} must be integers. Received {array.dtype} ids "
-                    f"with non-integer values, e.g. {array.reshape(-1)[position]!r} at flat "
+                    f"with non-integer values, e.g. {array.reshape(-1)[position].item()!r} at flat "
                     f"position {position}. Integer-valued floats (3.0) are accepted."
                 )
             if np.any(np.abs(array) >= 2.0**62):
@@ -219,7 +219,7 @@ def check_fit_arguments(
     if isinstance(x, Mapping) and not is_pair(x):
         raise ValueError(
             f"{what} needs x = {{'query': query_features, 'candidate': "
-            "candidate_features}} (optionally with 'candidate_sampling_probability'): "
+            "candidate_features} (optionally with 'candidate_sampling_probability'): "
             "row i of each is one observed pair. Received x with keys "
             f"{sorted(map(str, x.keys()))}"
         )

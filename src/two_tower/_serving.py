@@ -54,6 +54,16 @@ def _compiled(
     return compiled
 
 
+_SINGULAR = {"queries": "query", "candidates": "candidate", "items": "item"}
+
+
+def _is_batches(features: Any) -> bool:
+    """Whether `features` is a dataset or generator of batches (e.g. a tf.data.Dataset)."""
+    if isinstance(features, (np.ndarray, list, tuple, Mapping, str, bytes)):
+        return False
+    return hasattr(features, "__iter__") and not hasattr(features, "__array__")
+
+
 def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
     """Features as NumPy arrays with one common row count, which is returned."""
     if isinstance(features, (list, tuple)):
@@ -64,7 +74,7 @@ def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
     if not leaves or len(lengths) != 1 or None in lengths:
         raise ValueError(
             f"`{what}` must be an array, or a dict of arrays, with one row per "
-            f"{what[:-1]}. Received row counts {sorted(map(str, lengths))}"
+            f"{_SINGULAR.get(what, 'row')}. Received row counts {sorted(map(str, lengths))}"
         )
     return features, leaves[0].shape[0]
 
@@ -85,7 +95,8 @@ def embed_rows(
     Args:
         model: the model, for id checks and the compiled-function cache.
         key: names `function` in that cache (one compilation per key).
-        features: an array-like or a dict of them, one row per item.
+        features: an array-like or a dict of them, one row per item; or a
+            dataset or generator of such batches (e.g. a `tf.data.Dataset`).
         function: maps a batch of features to `[batch, dim]` embeddings.
         owner: the layer whose variables `function` reads.
         tower: the tower `function` runs, built eagerly on one row first if it
@@ -99,6 +110,18 @@ def embed_rows(
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
     if batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    if _is_batches(features):
+        # A dataset or generator of batches (as `predict` takes): embed batch by batch.
+        parts = []
+        for batch in features:
+            if isinstance(batch, tuple) and len(batch) == 1:
+                batch = batch[0]  # Keras' (x,) form
+            parts.append(
+                embed_rows(model, key, batch, function, owner, tower, batch_size, what, side)
+            )
+        if not parts:
+            raise ValueError(f"`{what}` yielded no batches: expected at least one row.")
+        return np.concatenate(parts, axis=0)
     features, num_rows = _as_arrays(features, what)
     if num_rows == 0:
         detail = {

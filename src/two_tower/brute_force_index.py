@@ -484,7 +484,21 @@ class BruteForceIndex(keras.layers.Layer):
                 not have one sequence (or None) per query, names unknown ids, or
                 leaves a query fewer than `k` candidates.
         """
-        catalogue = self._snapshot()  # this call's catalogue, whatever `index` does meanwhile
+        with backend_module().serving_slot():
+            return self._search(
+                self._snapshot(), query_embeddings, k, similarity_fn, exclude,
+                ignore_unknown_exclusions,
+            )  # fmt: skip
+
+    def _search(
+        self,
+        catalogue: _Catalogue,  # this call's catalogue, whatever `index` does meanwhile
+        query_embeddings: Any,
+        k: int,
+        similarity_fn: SimilarityFn | None,
+        exclude: Sequence[Any] | None,
+        ignore_unknown_exclusions: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.asarray(ops.convert_to_numpy(query_embeddings))
         self._check_ready(catalogue, queries, k)
         if not np.all(np.isfinite(queries)):

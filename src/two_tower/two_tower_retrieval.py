@@ -13,6 +13,7 @@ from keras import ops
 from two_tower import _input_checks, _serving, losses
 from two_tower._input_checks import CANDIDATE, QUERY, SAMPLING_PROBABILITY
 from two_tower._input_checks import is_pair as _is_pair
+from two_tower.backends import backend_module
 from two_tower.brute_force_index import BruteForceIndex
 from two_tower.factorized_top_k import FactorizedTopK
 from two_tower.types import Tensor
@@ -698,7 +699,8 @@ class TwoTowerRetrieval(keras.Model):
                 name: ops.convert_to_numpy(variable.value)
                 for name, variable in self._catalogue_features.items()
             }
-        embeddings = _serving.embed_candidates(self, candidates, batch_size)
+        with backend_module().serving_slot():
+            embeddings = _serving.embed_candidates(self, candidates, batch_size)
         self.candidate_index.index(embeddings, candidate_ids)
 
     def recommend(
@@ -720,7 +722,8 @@ class TwoTowerRetrieval(keras.Model):
         and out-of-range ids raise; integer-valued floats are used as integers.
 
         Args:
-            queries: query features (an array or a dict of arrays).
+            queries: query features (an array or a dict of arrays), or a
+                dataset or generator of such batches (e.g. a `tf.data.Dataset`).
             k: results per query; `1 <= k <= ` the number of indexed candidates.
             exclude: one sequence of candidate ids (or None) per query to leave
                 out, e.g. what each user already watched: `[[3, 5], None]`. A
@@ -742,14 +745,15 @@ class TwoTowerRetrieval(keras.Model):
                 `BruteForceIndex.search`).
         """
         _serving.require_index(self)
-        query_embeddings = _serving.embed_queries(self, queries, batch_size)
-        scores, ids = self.candidate_index.search(
-            query_embeddings,
-            k=k,
-            similarity_fn=self.compute_similarities,
-            exclude=exclude,
-            ignore_unknown_exclusions=ignore_unknown_exclusions,
-        )
+        with backend_module().serving_slot():
+            query_embeddings = _serving.embed_queries(self, queries, batch_size)
+            scores, ids = self.candidate_index.search(
+                query_embeddings,
+                k=k,
+                similarity_fn=self.compute_similarities,
+                exclude=exclude,
+                ignore_unknown_exclusions=ignore_unknown_exclusions,
+            )
         return (ids, scores) if return_scores else ids
 
     def similar_items(
@@ -802,17 +806,18 @@ class TwoTowerRetrieval(keras.Model):
         >>> model.similar_items(np.array([3]), k=2).shape
         (1, 2)
         """
-        scores, found = _serving.similar_items(
-            self,
-            items,
-            k,
-            item_ids=item_ids,
-            exclude_self=exclude_self,
-            item_tower=item_tower,
-            exclude=exclude,
-            ignore_unknown_exclusions=ignore_unknown_exclusions,
-            batch_size=batch_size,
-        )
+        with backend_module().serving_slot():
+            scores, found = _serving.similar_items(
+                self,
+                items,
+                k,
+                item_ids=item_ids,
+                exclude_self=exclude_self,
+                item_tower=item_tower,
+                exclude=exclude,
+                ignore_unknown_exclusions=ignore_unknown_exclusions,
+                batch_size=batch_size,
+            )
         return (found, scores) if return_scores else found
 
     # ---------------------------------------------------------- serialization

@@ -7,7 +7,10 @@ by the process that runs on that backend. Library code elsewhere calls
 Every module provides:
 - `compile_inference(function, variables)`: `function(inputs)` compiled with the
   backend's compiler, reading the current values of `variables()` at each call
-  and safe to call from many threads at once (see each module's docstring).
+  and safe to call from many threads at once (see each module's docstring);
+- `serving_slot()`: a context manager held around each whole serving call
+  (re-entrant); it makes calls wait where running them all at once is slower
+  (torch), and does nothing elsewhere.
 """
 
 from __future__ import annotations

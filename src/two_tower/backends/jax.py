@@ -13,6 +13,7 @@ Reading a value is safe from any thread, so concurrent calls need no lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,3 +60,8 @@ def compile_inference(
         return step([variable.value for variable in current], inputs)
 
     return run
+
+
+def serving_slot() -> contextlib.AbstractContextManager[None]:
+    """Nothing to wait for: concurrent serving calls run at once (see the module)."""
+    return contextlib.nullcontext()

@@ -1,18 +1,62 @@
-"""PyTorch: inference run eagerly under `torch.no_grad()`.
+"""PyTorch: inference run eagerly under `torch.no_grad()`, a few calls at a time.
 
 Keras on torch runs its own predict steps eagerly unless `jit_compile=True`, and
 `torch.compile` costs seconds per new shape, more than a search saves here. Eager
 calls read the variables live, and grad mode is thread-local, so concurrent
-calls need no lock.
+calls are correct without a lock.
+
+They are not faster, though, beyond a couple of threads: an eager search is many
+small ops, each taking and releasing the GIL, and 4 or 8 threads interleaving
+them ran at 0.6-0.8x the rate of the same calls made one at a time
+(`benchmarks/retrieval.py --concurrency`, with 1 or 2 intra-op threads alike).
+So `serving_slot` lets `SERVING_SLOTS` serving calls run at once and queues the
+rest.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 import keras
 import torch
+
+SERVING_SLOTS = 2
+"""Serving calls (`recommend`, `similar_items`, `search`...) that run at once."""
+
+
+class _Slots:
+    """A semaphore that a thread may re-enter (`recommend` calls `search`)."""
+
+    def __init__(self, slots: int) -> None:
+        self._semaphore = threading.BoundedSemaphore(slots)
+        self._depth = threading.local()
+
+    def __enter__(self) -> None:
+        depth = getattr(self._depth, "value", 0)
+        if depth == 0:
+            self._semaphore.acquire()
+        self._depth.value = depth + 1
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._depth.value -= 1
+        if self._depth.value == 0:
+            self._semaphore.release()
+
+
+_SLOTS = _Slots(SERVING_SLOTS)
+
+
+def serving_slot() -> _Slots:
+    """A context manager held for a whole serving call: at most `SERVING_SLOTS` at once."""
+    return _SLOTS
 
 
 def compile_inference(
