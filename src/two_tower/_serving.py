@@ -20,7 +20,7 @@ from keras import ops
 
 from two_tower import _input_checks
 from two_tower.backends import backend_module
-from two_tower.brute_force_index import exclusion_lists
+from two_tower.brute_force_index import _exclusion_lists
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def similar_items(
     entries = (
         [None] * num_items
         if exclude is None
-        else exclusion_lists(exclude, num_items, "item", "items")
+        else _exclusion_lists(exclude, num_items, "item", "items")
     )
     rows: list[list[Any]] = [[] if entry is None else list(entry) for entry in entries]
     index = model.candidate_index

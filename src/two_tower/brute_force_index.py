@@ -584,7 +584,7 @@ def _excluded_indices(
     return np.concatenate([indices, np.repeat(indices[:1], padded - len(indices), axis=0)])
 
 
-def exclusion_lists(
+def _exclusion_lists(
     exclude: Any, num_rows: int, what: str = "query", plural: str = "queries"
 ) -> list[np.ndarray | None]:
     """`exclude` as one 1D id array (or None) per row; a flat list of ids raises.
@@ -653,7 +653,7 @@ def _exclusions(
     """(query rows, positions) of the excluded candidates, deduplicated."""
     num_candidates = len(catalogue.ids)
     rows, positions = [], []
-    for row, ids in enumerate(exclusion_lists(exclude, num_queries)):
+    for row, ids in enumerate(_exclusion_lists(exclude, num_queries)):
         if ids is None:
             continue
         found = _positions_of(catalogue, ids, ignore_unknown)
