@@ -12,13 +12,17 @@ import numpy as np
 import pytest
 
 import two_tower
+from testing import MLPTower
 
 NUM_QUERIES, NUM_CANDIDATES, DIM = 12, 30, 4
 
 
-def make_model(loss="softmax"):
+def make_model(loss="softmax", **kwargs):
     model = two_tower.TwoTowerRetrieval(
-        keras.layers.Embedding(NUM_QUERIES, DIM), keras.layers.Embedding(NUM_CANDIDATES, DIM), loss
+        keras.layers.Embedding(NUM_QUERIES, DIM),
+        keras.layers.Embedding(NUM_CANDIDATES, DIM),
+        loss,
+        **kwargs,
     )
     model.compile(optimizer="sgd")
     return model
@@ -161,3 +165,164 @@ def test_a_flat_exclusion_list_for_several_queries_raises():
     # One list per query is the rule; [[5, 7]] * 2 leaves both out of both.
     found = model.recommend(np.array([0, 1]), k=3, exclude=[[5, 7]] * 2)
     assert not {5, 7} & set(found.reshape(-1).tolist())
+
+
+def feature_model(loss="softmax", **kwargs):
+    tower = two_tower.FeatureTower(
+        categorical={"movie": NUM_CANDIDATES, "decade": 3}, output_dim=DIM
+    )
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(NUM_QUERIES, DIM), tower, loss, candidate_id_key="movie", **kwargs
+    )
+    model.compile(optimizer="sgd")
+    return model
+
+
+def test_an_error_inside_a_training_step_leaves_the_model_usable():
+    """On JAX, Keras empties the variables for its step; a failing step lost them for good."""
+    # A custom tower: nothing on the host knows it takes ids, so [n, 1] ids reach
+    # the step, where its [n, 1, dim] output raises.
+    model = two_tower.TwoTowerRetrieval(
+        MLPTower(NUM_QUERIES, DIM), keras.layers.Embedding(NUM_CANDIDATES, DIM)
+    )
+    model.compile(optimizer="sgd")  # not built yet: the failing step is the first one
+    x = pairs()
+    bad = {"query": x["query"][:, None], "candidate": x["candidate"]}  # [n, 1]: [n, 1, dim]
+    with pytest.raises(ValueError, match=r"\[batch, dim\] embeddings"):
+        model.fit(bad, epochs=1, verbose=0)
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match=r"\[batch, dim\] embeddings"):
+        model.evaluate(bad, verbose=0)
+    after = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    for kept, original in zip(after, before, strict=True):
+        np.testing.assert_array_equal(kept, original)
+    history = model.fit(x, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    model.index_candidates(np.arange(NUM_CANDIDATES))
+    assert model.recommend(np.arange(3), k=4).shape == (3, 4)
+
+
+def test_ids_given_to_the_towers_directly_are_checked():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"Query ids must lie in \[0, 12\).*query_features"):
+        model.embed_queries(np.array([17]))
+    with pytest.raises(ValueError, match=r"Candidate ids must lie in \[0, 30\)"):
+        model.embed_candidates(np.array([-1]))
+    with pytest.raises(ValueError, match=r"must be a 1D array.*Received shape \(2, 1\)"):
+        model.recommend(np.array([[1], [2]])) if False else model.embed_queries(
+            np.array([[1], [2]])
+        )
+
+
+def test_catalogue_size_must_fit_the_candidate_tower_and_bounds_the_ids():
+    with pytest.raises(ValueError, match=r"`catalogue_size` \(=50\) must not exceed .*\(=30\)"):
+        make_model("full_softmax", catalogue_size=50)
+    for bad in (-3, 0, 1.5, "10"):
+        with pytest.raises(ValueError, match="`catalogue_size` must be a positive integer"):
+            make_model("softmax", catalogue_size=bad)
+    model = make_model("full_softmax", catalogue_size=5)
+    with pytest.raises(ValueError, match=r"Candidate ids must lie in \[0, 5\) \(catalogue_size\)"):
+        model.fit(pairs(), epochs=1, verbose=0)
+
+
+def test_query_ids_beyond_a_metric_num_queries_raise():
+    model = make_model("softmax", catalogue_size=NUM_CANDIDATES)
+    metric = two_tower.FactorizedTopK(ks=(5,), num_queries=3, catalogue_size=NUM_CANDIDATES)
+    model.compile(optimizer="sgd", metrics=[metric])
+    with pytest.raises(ValueError, match=r"Query ids must lie in \[0, 3\) \(num_queries"):
+        model.evaluate(pairs(), verbose=0)
+
+
+def test_feature_tower_indices_are_checked_everywhere():
+    model = feature_model("full_softmax", catalogue_size=NUM_CANDIDATES)
+    catalogue = {"movie": np.arange(NUM_CANDIDATES), "decade": np.arange(NUM_CANDIDATES) % 3}
+    catalogue["decade"][4] = 7
+    with pytest.raises(ValueError, match=r"Feature 'decade' in the catalogue features .*\[0, 3\)"):
+        model.set_catalogue(catalogue)
+    catalogue["decade"][4] = 1
+    model.set_catalogue(catalogue)
+    x = {
+        "query": pairs(4)["query"],
+        "candidate": {"movie": np.arange(4), "decade": np.array([0, 1, 5, 2])},
+    }
+    with pytest.raises(ValueError, match=r"Feature 'decade' in x\['candidate'\].*from 0 to 5"):
+        model.fit(x, epochs=1, verbose=0)
+    x["candidate"]["decade"] = np.array([0, 1, -2, 2])
+    with pytest.raises(ValueError, match=r"Feature 'decade'.*from -2 to 2"):
+        model.fit(x, epochs=1, verbose=0)
+    x["candidate"]["decade"] = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"one row per example.*'movie': 4, 'decade': 3"):
+        model.candidate_tower(x["candidate"])
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, "8"])
+def test_a_bad_batch_size_raises(batch_size):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer"):
+        model.fit(pairs(), batch_size=batch_size, epochs=1, verbose=0)
+    model.index_candidates(np.arange(NUM_CANDIDATES))
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer"):
+        model.recommend(np.arange(3), batch_size=batch_size)
+
+
+def test_malformed_training_data_raises_on_the_host():
+    model = make_model("mse")
+    x = pairs(8)
+    with pytest.raises(ValueError, match=r"a dict\. Received a tuple of 2 items"):
+        model.fit((x["query"], x["candidate"]), np.ones(8), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"labels `y` must be numbers"):
+        model.fit(x, np.array(["5"] * 8), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"`sample_weight` must have shape \[batch\] or"):
+        model.fit(x, np.ones(8), sample_weight=np.ones((8, 2)), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"`sample_weight` must not be negative"):
+        model.fit(x, np.ones(8), sample_weight=-np.ones(8), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"predict takes query features alone"):
+        model.predict({"query": x["query"]}, verbose=0)
+
+
+def test_malformed_requests_raise():
+    model = indexed_model()
+    with pytest.raises(ValueError, match=r"takes an array of ids, but `queries` is a dict"):
+        model.recommend({"user": np.arange(3)})
+    with pytest.raises(ValueError, match=r"Received 3; for one, wrap it: np.array\(\[3\]\)"):
+        model.recommend(3)
+    with pytest.raises(ValueError, match=r"`queries` must be an array .*Received None\."):
+        model.recommend(None)
+    with pytest.raises(ValueError, match="one sequence of ids"):
+        model.recommend(np.arange(2), exclude={0: [1], 1: [2]})
+    with pytest.raises(ValueError, match="not booleans"):
+        model.recommend(np.arange(1), exclude=[[True]])
+    # A set is a fine sequence of ids.
+    found = model.recommend(np.arange(1), k=5, exclude=[{3, 4}])
+    assert not {3, 4} & set(found[0].tolist())
+
+
+def test_saving_a_retrieval_model_as_h5_raises(tmp_path):
+    model = indexed_model()
+    with pytest.raises(ValueError, match=r"saves to `.keras` files.*model\.h5"):
+        model.save(str(tmp_path / "model.h5"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_metric_index_and_temperature_arguments_raise():
+    for kwargs, match in (
+        ({"ks": "10"}, "`ks` must be a sequence of positive integers"),
+        ({"ks": [0]}, "`ks` must be positive integers"),
+        ({"num_queries": -1}, "`num_queries` must be a positive integer"),
+        ({"num_queries": 2.5}, "`num_queries` must be a positive integer"),
+        ({"catalogue_size": -5}, "`catalogue_size` must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            two_tower.FactorizedTopK(**kwargs)
+    assert two_tower.FactorizedTopK(ks=5).ks == (5,)
+    assert two_tower.FactorizedTopK(ks=[np.int64(5)]).ks == (5,)
+    with pytest.raises(ValueError, match="`temperature` must be a number > 0"):
+        make_model(temperature="1")
+    index = two_tower.BruteForceIndex()
+    with pytest.raises(ValueError, match="must be a numeric"):
+        index.index(np.array([["a", "b"]]))
+    with pytest.raises(ValueError, match=r"dim >= 1. Received shape: \(3, 0\)"):
+        index.index(np.zeros((3, 0), "float32"))
+    index.index(np.eye(2, dtype="float32"))
+    with pytest.raises(ValueError, match="Query embeddings must be numeric"):
+        index.search(np.array([["a", "b"]]), k=1)

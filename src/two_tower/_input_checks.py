@@ -58,21 +58,46 @@ def id_limit(model: TwoTowerRetrieval, side: str) -> tuple[int, str] | None:
     None when the tower is not known to take ids (a custom tower may take
     anything); then only negative integers are refused.
     """
+    tower = model.query_tower if side == QUERY else model.candidate_tower
+    limit = tower_id_limit(tower, side)
+    catalogue_size = model.catalogue_size if side == CANDIDATE else None
+    if catalogue_size is not None and (limit is None or catalogue_size < limit[0]):
+        # The catalogue losses and metrics embed ids 0..catalogue_size-1 only.
+        return catalogue_size, "catalogue_size"
+    return limit
+
+
+def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | None:
+    """The id range of a tower known to take ids (an Embedding first, an IdEmbeddingTower)."""
     from two_tower.id_embedding_tower import IdEmbeddingTower
 
-    tower = model.query_tower if side == QUERY else model.candidate_tower
     if isinstance(tower, keras.Sequential) and tower.layers:
         tower = tower.layers[0]
     if isinstance(tower, keras.layers.Embedding):
         return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
     if isinstance(tower, IdEmbeddingTower):
         return tower.vocabulary_size, f"the {side} tower's vocabulary_size"
-    if side == CANDIDATE and model.catalogue_size is not None:
-        return model.catalogue_size, "catalogue_size"
     return None
 
 
+def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
+    """Towers that map `[batch]` ids to `[batch, dim]`: an Embedding, an IdEmbeddingTower."""
+    from two_tower.id_embedding_tower import IdEmbeddingTower
+
+    return isinstance(tower, (keras.layers.Embedding, IdEmbeddingTower))
+
+
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
+    """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
+    checked = _check_ids(model, features, side, argument)
+    tower = model.query_tower if side == QUERY else model.candidate_tower
+    check_ranges = getattr(tower, "check_feature_ranges", None)
+    if check_ranges is not None and isinstance(checked, Mapping):
+        check_ranges(checked, argument)
+    return checked
+
+
+def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
     """Checks `side`'s ids in `features`; returns the features with float ids as int64.
 
     The ids are the features themselves (an id tower), or the `query_id_key` /
@@ -97,8 +122,16 @@ def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str)
             of range.
     """
     key = model.candidate_id_key if side == CANDIDATE else model.query_id_key
+    tower = model.query_tower if side == QUERY else model.candidate_tower
     limit = id_limit(model, side)
+    name = side.capitalize()
     if isinstance(features, Mapping):
+        if tower_id_limit(tower, side) is not None:
+            raise ValueError(
+                f"The {side} tower takes an array of ids, but {argument} is a dict with keys "
+                f"{sorted(map(str, features))}. Pass the ids alone, or use a tower over "
+                "features (two_tower.FeatureTower)."
+            )
         if key is None or key not in features:
             return features
         ids, is_id, where = features[key], True, f"{argument}[{key!r}]"
@@ -107,7 +140,11 @@ def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str)
     if not _is_array_like(ids):
         return features
     array = np.asarray(ids)
-    name = side.capitalize()
+    if _takes_id_vectors(tower) and not isinstance(features, Mapping) and array.ndim != 1:
+        raise ValueError(
+            f"{name} ids in {where} must be a 1D array, one id per row: the {side} tower "
+            f"maps [batch] ids to [batch, dim] embeddings. Received shape {array.shape}"
+        )
     if array.dtype.kind not in "iu":
         if not is_id or array.size == 0:
             return features
@@ -216,6 +253,20 @@ def check_fit_arguments(
             "pairs, pass a tf.data.Dataset or generator yielding "
             "(x, None, sample_weight) tuples."
         )
+    batch_size = kwargs.get("batch_size")
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size <= 0
+    ):
+        raise ValueError(
+            f"`batch_size` must be a positive integer (or None). Received: {batch_size!r}"
+        )
+    if isinstance(x, (tuple, list)):
+        raise ValueError(
+            f"{what} needs x = {{'query': query_features, 'candidate': candidate_features}}, "
+            f"a dict. Received a {type(x).__name__} of {len(x)} items."
+        )
     if isinstance(x, Mapping) and not is_pair(x):
         raise ValueError(
             f"{what} needs x = {{'query': query_features, 'candidate': "
@@ -235,10 +286,32 @@ def check_fit_arguments(
             ("sample_weight", sample_weight),
         ],
     )
+    # Checked here, not only in the step: an error raised inside Keras' JAX step
+    # leaves the model's variables emptied (see backends/jax.py).
+    if model.loss_name == "mse" and labels is None:
+        raise ValueError("loss='mse' needs labels: pass `y` (e.g. ratings) to fit/evaluate.")
+    if model.loss_name != "mse" and labels is not None:
+        raise ValueError(
+            f"loss={model.loss_name!r} takes no labels, but `y` was given. Every pair in x "
+            "is a positive; use `sample_weight` to weight pairs."
+        )
+    for values, label in ((labels, "labels `y`"), (sample_weight, "`sample_weight`")):
+        if _is_array_like(values):
+            array = np.asarray(values)
+            if array.dtype.kind not in "iufb":
+                raise ValueError(f"{label} must be numbers. Received dtype {array.dtype}")
+            if array.ndim > 2 or (array.ndim == 2 and array.shape[1] != 1):
+                raise ValueError(
+                    f"{label} must have shape [batch] or [batch, 1], one per pair. "
+                    f"Received shape {array.shape}"
+                )
     check_finite(labels, "labels `y`")
     check_finite(sample_weight, "`sample_weight`")
+    if _is_array_like(sample_weight) and np.any(np.asarray(sample_weight) < 0):
+        raise ValueError("`sample_weight` must not be negative: it would maximise the loss.")
     check_ids(model, x[QUERY], QUERY, "x['query']")
     check_ids(model, x[CANDIDATE], CANDIDATE, "x['candidate']")
+    _check_metric_query_ids(model, x[QUERY])
     probability = x.get(SAMPLING_PROBABILITY)
     if _is_array_like(probability):
         probability = np.asarray(probability, dtype="float64")
@@ -246,4 +319,26 @@ def check_fit_arguments(
             raise ValueError(
                 f"`{SAMPLING_PROBABILITY}` must lie in (0, 1]. Received values "
                 f"from {probability.min()} to {probability.max()}"
+            )
+
+
+def _check_metric_query_ids(model: TwoTowerRetrieval, query_features: Any) -> None:
+    """Query ids in range of every FactorizedTopK metric's `num_queries`."""
+    if isinstance(query_features, Mapping):
+        key = model.query_id_key
+        query_features = query_features.get(key) if key is not None else None
+    if not _is_array_like(query_features):
+        return
+    ids = np.asarray(query_features)
+    if ids.size == 0 or ids.dtype.kind not in "iuf":
+        return
+    for metric in model.retrieval_metrics:
+        if metric.num_queries is None:
+            continue
+        low, high = ids.min(), ids.max()
+        if low < 0 or high >= metric.num_queries:
+            raise ValueError(
+                f"Query ids must lie in [0, {metric.num_queries}) (num_queries of the "
+                f"FactorizedTopK metric {metric.name!r}). Received ids from {low} to {high} "
+                "in x['query']."
             )

@@ -66,6 +66,12 @@ def _is_batches(features: Any) -> bool:
 
 def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
     """Features as NumPy arrays with one common row count, which is returned."""
+    if features is None or np.ndim(features) == 0 and not isinstance(features, Mapping):
+        hint = "" if features is None else f"; for one, wrap it: np.array([{features!r}])"
+        raise ValueError(
+            f"`{what}` must be an array (or a dict of arrays) with one row per "
+            f"{_SINGULAR.get(what, 'row')}. Received {features!r}{hint}."
+        )
     if isinstance(features, (list, tuple)):
         features = np.asarray(features)  # a list of ids, not a structure
     features = keras.tree.map_structure(np.asarray, features)

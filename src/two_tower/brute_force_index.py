@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import keras
@@ -162,9 +162,14 @@ def check_catalogue(
         embeddings = candidate_embeddings  # no copy: catalogues can be gigabytes
     else:
         embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
-    if embeddings.ndim != 2:
+    if embeddings.dtype.kind not in "iuf":
         raise ValueError(
-            "`candidate_embeddings` must be a 2D [candidates, dim] array. "
+            "`candidate_embeddings` must be a numeric [candidates, dim] array. Received "
+            f"dtype {embeddings.dtype}"
+        )
+    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
+        raise ValueError(
+            "`candidate_embeddings` must be a 2D [candidates, dim] array with dim >= 1. "
             f"Received shape: {embeddings.shape}"
         )
     if embeddings.shape[0] == 0:
@@ -500,6 +505,8 @@ class BruteForceIndex(keras.layers.Layer):
         ignore_unknown_exclusions: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.asarray(ops.convert_to_numpy(query_embeddings))
+        if queries.dtype.kind not in "iuf":
+            raise ValueError(f"Query embeddings must be numeric. Received dtype {queries.dtype}")
         self._check_ready(catalogue, queries, k)
         if not np.all(np.isfinite(queries)):
             raise ValueError("Query embeddings contain NaN or infinite values.")
@@ -598,7 +605,7 @@ def _exclusion_lists(
         ValueError: if `exclude` is not a sequence with one entry per row, or an
             entry is a single id instead of a sequence of ids.
     """
-    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+    if isinstance(exclude, (str, bytes, Mapping)) or not hasattr(exclude, "__len__"):
         raise ValueError(
             f"`exclude` must hold one sequence of ids (or None) per {what}. "
             f"Received: {type(exclude).__name__}"
@@ -613,6 +620,8 @@ def _exclusion_lists(
         if ids is None:
             entries.append(None)
             continue
+        if isinstance(ids, (set, frozenset)):
+            ids = sorted(ids)  # a set of ids is a fine sequence; NumPy sees it as one object
         if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
             raise ValueError(
                 f"`exclude[{row}]` is a single id ({ids!r}), but each entry of `exclude` "
@@ -625,6 +634,11 @@ def _exclusion_lists(
 
 def _positions_of(catalogue: _Catalogue, ids: Any, ignore_unknown: bool) -> np.ndarray:
     values = np.asarray(ids).reshape(-1)
+    if values.dtype.kind == "b":
+        raise ValueError(
+            "Candidate ids must be integers or strings, not booleans (True would name id "
+            f"1). Received {values[:5].tolist()}"
+        )
     if values.dtype == object:
         values = _normalise_ids(values) if len(values) else values.astype("int64")
     indexed = catalogue.ids

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import keras
@@ -53,7 +53,7 @@ class FactorizedTopK(keras.metrics.Metric):
     `chunk_size`, not the exclusion pairs (they are data, often large).
 
     Args:
-        ks: the cut-offs, each a positive integer.
+        ks: the cut-offs, each a positive integer (one integer for a single k).
         num_queries: number of query ids (ids run from 0); enables recall and is
             required with exclusions.
         catalogue_size: number of candidate positions; required with exclusions.
@@ -76,7 +76,7 @@ class FactorizedTopK(keras.metrics.Metric):
 
     def __init__(
         self,
-        ks: Sequence[int] = (1, 5, 10, 50, 100),
+        ks: Sequence[int] | int = (1, 5, 10, 50, 100),
         num_queries: int | None = None,
         catalogue_size: int | None = None,
         exclude_query_ids: Any = None,
@@ -86,9 +86,20 @@ class FactorizedTopK(keras.metrics.Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        ks = tuple(ks)
+        if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+            ks = (int(ks),)  # one k
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+            raise ValueError(f"`ks` must be a sequence of positive integers. Received: ks={ks!r}")
+        ks = tuple(int(k) if isinstance(k, np.integer) else k for k in ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
             raise ValueError(f"`ks` must be positive integers. Received: ks={ks!r}")
+        for name, value in (("num_queries", num_queries), ("catalogue_size", catalogue_size)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive integer or None. Received: {name}={value!r}"
+                )
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size!r}")
         self.ks = ks

@@ -183,7 +183,49 @@ class FeatureTower(keras.layers.Layer):
         # message that names no feature.
         if isinstance(features, Mapping):
             features = {name: _rectangular(name, value) for name, value in features.items()}
+            self.check_feature_ranges(features)
         return super().__call__(features, *args, **kwargs)
+
+    def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:
+        """Checks NumPy-like features on the host: indices in range, one row count.
+
+        JAX clamps out-of-range gathers silently (a NaN or a wrong row), while
+        TensorFlow and torch raise deep inside the step, each in its own words;
+        this raises the same error on every backend first. Tensors are skipped.
+
+        Args:
+            features: feature name -> array.
+            where: how the caller names `features` in the error.
+
+        Raises:
+            ValueError: on a categorical index outside `[0, size)`, a
+                multi-valued index of `size` or more (negative values are
+                padding), or features with different row counts.
+        """
+        rows: dict[str, int] = {}
+        for name, value in features.items():
+            if not isinstance(value, (np.ndarray, list, tuple)):
+                continue
+            array = np.asarray(value)
+            if array.ndim:
+                rows[name] = array.shape[0]
+            size = self.categorical.get(name, self.multivalued.get(name))
+            if size is None or array.size == 0 or array.dtype.kind not in "iu":
+                continue
+            low, high = int(array.min()), int(array.max())
+            low_ok = low >= 0 if name in self.categorical else True
+            if not low_ok or high >= size:
+                allowed = f"[0, {size})" + ("" if name in self.categorical else " or -1 padding")
+                raise ValueError(
+                    f"Feature {name!r} in {where} must hold indices in {allowed} (its "
+                    f"vocabulary size is {size}). Received values from {low} to {high}."
+                )
+        if len(set(rows.values())) > 1:
+            counts = ", ".join(f"{name!r}: {count}" for name, count in rows.items())
+            raise ValueError(
+                f"The features in {where} must have one row per example, the same number "
+                f"in each. Received {counts}."
+            )
 
     def _feature(self, features: Mapping[str, Any], name: str, rank: int) -> Tensor:
         if name not in features:

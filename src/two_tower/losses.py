@@ -57,7 +57,8 @@ def mean_squared_error(
 
 def check_temperature(temperature: float) -> None:
     """Raises ValueError unless `temperature` is a finite number > 0."""
-    valid = not isinstance(temperature, (bool, np.bool_))
+    # A string such as "1" would pass float(); a temperature is a number.
+    valid = not isinstance(temperature, (bool, np.bool_, str, bytes))
     try:
         valid = valid and math.isfinite(float(temperature)) and float(temperature) > 0
     except (TypeError, ValueError):

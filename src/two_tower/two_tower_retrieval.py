@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +25,11 @@ CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
+
+
+def _is_rows(values: Any) -> bool:
+    """A NumPy-like array with at least one row."""
+    return isinstance(values, (np.ndarray, list, tuple)) and np.ndim(values) > 0 and len(values) > 0
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -175,6 +181,17 @@ class TwoTowerRetrieval(keras.Model):
                 f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
                 f"(ids run from 0 to catalogue_size - 1). Received: {catalogue_size!r}"
             )
+        if catalogue_size is not None and not _is_positive_int(catalogue_size):
+            raise ValueError(
+                "`catalogue_size` must be a positive integer (ids run from 0 to "
+                f"catalogue_size - 1), or None. Received: {catalogue_size!r}"
+            )
+        limit = _input_checks.tower_id_limit(candidate_tower, CANDIDATE)
+        if catalogue_size is not None and limit is not None and catalogue_size > limit[0]:
+            raise ValueError(
+                f"`catalogue_size` (={catalogue_size}) must not exceed {limit[1]} "
+                f"(={limit[0]}): the catalogue losses and metrics embed every id below it."
+            )
         if loss == "sampled_softmax" and not _is_positive_int(num_sampled_negatives):
             raise ValueError(
                 "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
@@ -259,12 +276,16 @@ class TwoTowerRetrieval(keras.Model):
     # ----------------------------------------------------------------- towers
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
+        query_features = _input_checks.check_ids(self, query_features, QUERY, "query_features")
         if self._query_input_spec is None:
             self._query_input_spec = _input_spec(query_features)
         return self.query_tower(query_features, training=training)
 
     def embed_candidates(self, candidate_features: Any, training: bool = False) -> Tensor:
         """Runs the candidate tower; records the input spec used to rebuild on load."""
+        candidate_features = _input_checks.check_ids(
+            self, candidate_features, CANDIDATE, "candidate_features"
+        )
         if self._candidate_input_spec is None:
             self._candidate_input_spec = _input_spec(candidate_features)
         return self.candidate_tower(candidate_features, training=training)
@@ -402,6 +423,9 @@ class TwoTowerRetrieval(keras.Model):
                     f"shape {array.shape}"
                 )
             arrays[name] = array
+        check_ranges = getattr(self.candidate_tower, "check_feature_ranges", None)
+        if check_ranges is not None:
+            check_ranges(arrays, "the catalogue features")
         key = self.candidate_id_key
         ids = arrays.get(key) if key is not None else None
         if ids is not None and not np.array_equal(ids, np.arange(self.catalogue_size)):
@@ -611,19 +635,48 @@ class TwoTowerRetrieval(keras.Model):
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         _input_checks.check_fit_arguments(self, "fit", args, kwargs)
-        return super().fit(*args, **kwargs)
+        self._build_towers(args[0] if args else kwargs.get("x"))
+        with backend_module().keep_state_on_error(self):
+            return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         _input_checks.check_fit_arguments(self, "evaluate", args, kwargs)
-        return super().evaluate(*args, **kwargs)
+        self._build_towers(args[0] if args else kwargs.get("x"))
+        with backend_module().keep_state_on_error(self):
+            return super().evaluate(*args, **kwargs)
 
     def predict(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, Mapping) and QUERY in x and not _is_pair(x):
+            raise ValueError(
+                "predict takes query features alone, or x = {'query': ..., 'candidate': ...} "
+                f"for both embeddings. Received x with keys {sorted(map(str, x))}"
+            )
         if _is_pair(x):
             _input_checks.check_ids(self, x[QUERY], QUERY, "x['query']")
             _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
+            self._build_towers(x)
         else:
             _input_checks.check_ids(self, x, QUERY, "x")
-        return super().predict(x, *args, **kwargs)
+            self._build_towers({QUERY: x})
+        with backend_module().keep_state_on_error(self):
+            return super().predict(x, *args, **kwargs)
+
+    def _build_towers(self, x: Any) -> None:
+        """Builds unbuilt towers eagerly on one row of NumPy-like inputs.
+
+        Otherwise the towers create their variables inside Keras' first compiled
+        step; on TensorFlow, a step that then fails leaves them broken for good.
+        """
+        if not isinstance(x, Mapping):
+            return
+        for key, tower, embed in (
+            (QUERY, self.query_tower, self.embed_queries),
+            (CANDIDATE, self.candidate_tower, self.embed_candidates),
+        ):
+            leaves = keras.tree.flatten(x.get(key))
+            if tower.built or not leaves or not all(_is_rows(leaf) for leaf in leaves):
+                continue
+            embed(keras.tree.map_structure(lambda a: np.asarray(a)[:1], x[key]))
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
@@ -669,6 +722,13 @@ class TwoTowerRetrieval(keras.Model):
         """Saves the model as a `.keras` file, atomically (see `two_tower.saving.save_model`)."""
         from two_tower import saving
 
+        if isinstance(filepath, (str, os.PathLike)) and str(os.fspath(filepath)).endswith(
+            (".h5", ".hdf5")
+        ):
+            raise ValueError(
+                "TwoTowerRetrieval saves to `.keras` files: a legacy `.h5` file loses the "
+                f"index and cannot rebuild the model. Received filepath={filepath!r}"
+            )
         saving.save_model(self, filepath, overwrite=overwrite, zipped=zipped, **kwargs)
 
     # -------------------------------------------------------------- retrieval

@@ -8,6 +8,8 @@ Every module provides:
 - `compile_inference(function, variables)`: `function(inputs)` compiled with the
   backend's compiler, reading the current values of `variables()` at each call
   and safe to call from many threads at once (see each module's docstring);
+- `keep_state_on_error(model)`: a context manager around `fit`, `evaluate` and
+  `predict` that leaves the model usable when they raise (JAX needs it);
 - `serving_slot()`: a context manager held around each whole serving call
   (re-entrant); it makes calls wait where running them all at once is slower
   (torch), and does nothing elsewhere.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -65,3 +65,29 @@ def compile_inference(
 def serving_slot() -> contextlib.AbstractContextManager[None]:
     """Nothing to wait for: concurrent serving calls run at once (see the module)."""
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def keep_state_on_error(model: keras.Model) -> Iterator[None]:
+    """Puts the model's variable values back if `fit`/`evaluate`/`predict` raises.
+
+    Keras' JAX trainer empties the variables (`_purge_model_variables`) when a
+    loop starts and writes them back only when it ends, so an error raised
+    inside a step (a bad batch, a shape Keras rejects) leaves every variable
+    empty: the trained model is lost, and every later call fails with
+    `TypeError: 'NoneType' object is not callable`. JAX arrays are immutable,
+    so keeping a reference to each value costs nothing.
+    """
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    variables += list(getattr(model, "metrics_variables", []))
+    kept = [(variable, variable._value) for variable in variables]  # noqa: SLF001
+    try:
+        yield
+    except BaseException:
+        for variable, value in kept:
+            if value is not None:
+                variable.assign(value)
+        model._jax_state_synced = True  # noqa: SLF001  nothing stale to write back
+        raise

@@ -35,3 +35,9 @@ def compile_inference(
 def serving_slot() -> contextlib.AbstractContextManager[None]:
     """Nothing to wait for: concurrent serving calls run at once (see the module)."""
     return contextlib.nullcontext()
+
+
+def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager[None]:
+    """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
+    del model
+    return contextlib.nullcontext()

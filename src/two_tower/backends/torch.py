@@ -15,6 +15,7 @@ rest.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -78,3 +79,9 @@ def compile_inference(
             return function(inputs)
 
     return run
+
+
+def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager[None]:
+    """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
+    del model
+    return contextlib.nullcontext()
