@@ -326,3 +326,34 @@ def test_bad_metric_index_and_temperature_arguments_raise():
     index.index(np.eye(2, dtype="float32"))
     with pytest.raises(ValueError, match="Query embeddings must be numeric"):
         index.search(np.array([["a", "b"]]), k=1)
+
+
+def test_flags_must_be_booleans_and_options_must_apply():
+    model = indexed_model()
+    with pytest.raises(ValueError, match=r"`return_scores` must be True or False.*'no'"):
+        model.recommend(np.arange(2), return_scores="no")
+    with pytest.raises(ValueError, match=r"`exclude_self` must be True or False"):
+        model.similar_items(np.arange(2), exclude_self="yes")
+    with pytest.raises(ValueError, match=r"`remove_accidental_hits` must be True or False"):
+        make_model(remove_accidental_hits="no")
+    with pytest.raises(ValueError, match=r"`num_sampled_negatives` applies to .*'softmax'"):
+        make_model("softmax", num_sampled_negatives=5)
+
+
+def test_fit_takes_python_lists_inside_x():
+    model = make_model()
+    x = pairs(8)
+    lists = {name: ids.tolist() for name, ids in x.items()}
+    history = model.fit(lists, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert np.isfinite(model.evaluate(lists, batch_size=8, verbose=0))
+
+
+def test_loading_a_path_that_is_not_a_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.h5: no such file"):
+        two_tower.saving.load_model(tmp_path / "missing.h5")
+    (tmp_path / "folder.keras").mkdir()
+    with pytest.raises(ValueError, match=r"folder\.keras: it is a folder without config\.json"):
+        two_tower.saving.load_model(tmp_path / "folder.keras")
+    index = two_tower.BruteForceIndex(chunk_size=np.int64(64), query_batch_size=np.int32(8))
+    assert index.get_config()["chunk_size"] == 64

@@ -342,3 +342,24 @@ def _check_metric_query_ids(model: TwoTowerRetrieval, query_features: Any) -> No
                 f"FactorizedTopK metric {metric.name!r}). Received ids from {low} to {high} "
                 "in x['query']."
             )
+
+
+def lists_as_arrays(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`fit`/`evaluate` arguments with Python lists inside a pair dict made arrays.
+
+    Keras' data adapters take arrays but not lists inside a dict ("Unrecognized
+    data type"), while `recommend` takes lists; this makes `fit` take them too.
+    """
+
+    def arrays(structure: Any) -> Any:
+        if isinstance(structure, Mapping):
+            return {key: arrays(value) for key, value in structure.items()}
+        return np.asarray(structure) if isinstance(structure, list) else structure
+
+    if args and is_pair(args[0]):
+        args = (arrays(args[0]), *args[1:])
+    elif is_pair(kwargs.get("x")):
+        kwargs = {**kwargs, "x": arrays(kwargs["x"])}
+    return args, kwargs

@@ -201,6 +201,13 @@ def embed_candidates(
     )
 
 
+def check_flags(**flags: Any) -> None:
+    """Each flag is a real bool: a string such as "no" would be truthy."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+
+
 def require_index(model: TwoTowerRetrieval) -> None:
     if model.candidate_index.num_candidates == 0:
         raise ValueError(

@@ -280,12 +280,12 @@ class BruteForceIndex(keras.layers.Layer):
             ("chunk_size", chunk_size, _MAX_CHUNK),
             ("query_batch_size", query_batch_size, None),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
             if limit is not None and value > limit:
                 raise ValueError(f"`{name}` must be at most {limit}. Received: {value}")
-        self.chunk_size = chunk_size
-        self.query_batch_size = query_batch_size
+        self.chunk_size = int(chunk_size)  # a NumPy integer would not serialise
+        self.query_batch_size = int(query_batch_size)
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
         object.__setattr__(self, "_catalogue", None)

@@ -237,8 +237,18 @@ def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
     ValueError: Cannot load a model from .../model.keras: the file is truncated or corrupt. ...
     """
     path = _local_keras_file(filepath, zipped=None)
-    if path is not None and not os.path.isdir(path):
+    if path is not None and os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, _CONFIG_MEMBER)):
+            raise ValueError(
+                f"Cannot load a model from {path}: it is a folder without {_CONFIG_MEMBER}, "
+                "not a model saved with zipped=False. Pass the `.keras` file itself."
+            )
+    elif path is not None:
         _check_archive(path)
+    elif isinstance(filepath, (str, os.PathLike)):
+        local = os.fspath(filepath)
+        if isinstance(local, str) and not _REMOTE_PATH.match(local) and not os.path.exists(local):
+            raise FileNotFoundError(f"Cannot load a model from {local}: no such file.")
     return keras.saving.load_model(filepath, **kwargs)
 
 

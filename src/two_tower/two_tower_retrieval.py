@@ -197,6 +197,16 @@ class TwoTowerRetrieval(keras.Model):
                 "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
                 f"integer. Received: {num_sampled_negatives!r}"
             )
+        if not isinstance(remove_accidental_hits, (bool, np.bool_)):
+            raise ValueError(
+                "`remove_accidental_hits` must be True or False. Received: "
+                f"{remove_accidental_hits!r}"
+            )
+        if num_sampled_negatives is not None and loss != "sampled_softmax":
+            raise ValueError(
+                "`num_sampled_negatives` applies to loss='sampled_softmax' only. Received "
+                f"loss={loss!r} and num_sampled_negatives={num_sampled_negatives!r}"
+            )
         if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
             raise ValueError(
                 "`remove_accidental_hits` and `num_hard_negatives` apply to "
@@ -634,12 +644,14 @@ class TwoTowerRetrieval(keras.Model):
         return results
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _input_checks.lists_as_arrays(args, kwargs)
         _input_checks.check_fit_arguments(self, "fit", args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
         with backend_module().keep_state_on_error(self):
             return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _input_checks.lists_as_arrays(args, kwargs)
         _input_checks.check_fit_arguments(self, "evaluate", args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
         with backend_module().keep_state_on_error(self):
@@ -805,6 +817,9 @@ class TwoTowerRetrieval(keras.Model):
                 `BruteForceIndex.search`).
         """
         _serving.require_index(self)
+        _serving.check_flags(
+            return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
+        )
         with backend_module().serving_slot():
             query_embeddings = _serving.embed_queries(self, queries, batch_size)
             scores, ids = self.candidate_index.search(
@@ -866,6 +881,11 @@ class TwoTowerRetrieval(keras.Model):
         >>> model.similar_items(np.array([3]), k=2).shape
         (1, 2)
         """
+        _serving.check_flags(
+            return_scores=return_scores,
+            exclude_self=exclude_self,
+            ignore_unknown_exclusions=ignore_unknown_exclusions,
+        )
         with backend_module().serving_slot():
             scores, found = _serving.similar_items(
                 self,
