@@ -139,7 +139,7 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
         ids, is_id, where = features, limit is not None, argument
     if not _is_array_like(ids):
         return features
-    array = np.asarray(ids)
+    array, converted = np.asarray(ids), False
     if _takes_id_vectors(tower) and not isinstance(features, Mapping) and array.ndim != 1:
         raise ValueError(
             f"{name} ids in {where} must be a 1D array, one id per row: the {side} tower "
@@ -160,7 +160,7 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
                 )
             if np.any(np.abs(array) >= 2.0**62):
                 array = np.clip(array, -(2.0**62), 2.0**62)  # reported as out of range below
-            array = array.astype("int64")
+            array, converted = array.astype("int64"), True
         else:
             kind = {"U": "strings", "S": "bytes", "O": "objects", "b": "booleans"}.get(
                 array.dtype.kind, array.dtype.kind
@@ -177,7 +177,7 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
                 f"{name} ids must lie in {_range_text(limit)}. Received ids from {low} "
                 f"to {high} in {where}."
             )
-    if array is ids or np.asarray(ids).dtype.kind in "iu":
+    if not converted:
         return features
     if isinstance(features, Mapping):
         return {**features, key: array}
@@ -198,16 +198,13 @@ def _leaves(structure: Any, name: str) -> list[tuple[str, Any]]:
     return [(name, structure)] if _is_array_like(structure) else []
 
 
-def check_rows(what: str, named_inputs: list[tuple[str, Any]]) -> int | None:
+def check_rows(what: str, named_inputs: list[tuple[str, Any]]) -> None:
     """All array-like inputs have the same number of rows, at least one.
 
     Args:
         what: the caller, for the message ("fit", "evaluate").
         named_inputs: (name, structure) pairs; leaves of dict structures are
             checked too.
-
-    Returns:
-        The common number of rows, or None when no input is array-like.
 
     Raises:
         ValueError: on 0-dimensional or empty inputs, or different row counts.
@@ -222,8 +219,6 @@ def check_rows(what: str, named_inputs: list[tuple[str, Any]]) -> int | None:
                     f"scalar: {leaf!r}"
                 )
             rows[leaf_name] = shape[0]
-    if not rows:
-        return None
     empty = [name for name, count in rows.items() if count == 0]
     if empty:
         raise ValueError(
@@ -236,7 +231,6 @@ def check_rows(what: str, named_inputs: list[tuple[str, Any]]) -> int | None:
             f"The inputs to {what} must have one row per (query, candidate) pair, the "
             f"same number in each. Received {counts}."
         )
-    return next(iter(rows.values()))
 
 
 def check_fit_arguments(

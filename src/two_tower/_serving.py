@@ -20,7 +20,7 @@ from keras import ops
 
 from two_tower import _input_checks
 from two_tower.backends import backend_module
-from two_tower.brute_force_index import _exclusion_lists
+from two_tower.brute_force_index import _exclusion_lists, _next_power_of_two
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 
 _BUILD_LOCK = threading.Lock()
 _MAX_COMPILED = 8
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _compiled(
@@ -137,10 +133,7 @@ def embed_rows(
         }.get(what, "expected at least one row")
         raise ValueError(f"`{what}` has 0 rows: {detail}.")
     features = _input_checks.check_ids(model, features, side, f"`{what}`")
-    if not tower.built:
-        with _BUILD_LOCK:
-            if not tower.built:
-                function(keras.tree.map_structure(lambda a: a[:1], features))
+    build_eagerly(tower, function, features)
     compiled = _compiled(model, key, function, owner)
     embeddings = []
     for start in range(0, num_rows, batch_size):
@@ -154,6 +147,27 @@ def embed_rows(
             )
         embeddings.append(np.asarray(ops.convert_to_numpy(compiled(batch)))[:rows])
     return np.concatenate(embeddings, axis=0)
+
+
+def build_eagerly(
+    tower: keras.layers.Layer, function: Callable[[Any], Tensor], features: Any
+) -> None:
+    """Builds an unbuilt `tower` by running `function` eagerly on the first row.
+
+    Variables cannot be created inside a compiled call (and on TensorFlow, a
+    trace that fails after creating them leaves them broken), so the first call
+    runs eagerly, once, even when several threads arrive at the same time.
+
+    Args:
+        tower: the tower to build.
+        function: runs the tower on features (e.g. `model.embed_queries`).
+        features: NumPy arrays, or a dict of them, with at least one row.
+    """
+    if tower.built:
+        return
+    with _BUILD_LOCK:
+        if not tower.built:
+            function(keras.tree.map_structure(lambda a: np.asarray(a)[:1], features))
 
 
 def embed_queries(model: TwoTowerRetrieval, queries: Any, batch_size: int) -> np.ndarray:

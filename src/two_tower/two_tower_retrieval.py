@@ -27,11 +27,6 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
-def _is_rows(values: Any) -> bool:
-    """A NumPy-like array with at least one row."""
-    return isinstance(values, (np.ndarray, list, tuple)) and np.ndim(values) > 0 and len(values) > 0
-
-
 def _input_spec(inputs: Any) -> Any:
     """Shape and dtype of each input, batch dim dropped, as JSON-friendly strings."""
 
@@ -686,9 +681,11 @@ class TwoTowerRetrieval(keras.Model):
             (CANDIDATE, self.candidate_tower, self.embed_candidates),
         ):
             leaves = keras.tree.flatten(x.get(key))
-            if tower.built or not leaves or not all(_is_rows(leaf) for leaf in leaves):
-                continue
-            embed(keras.tree.map_structure(lambda a: np.asarray(a)[:1], x[key]))
+            if leaves and all(
+                isinstance(leaf, (np.ndarray, list, tuple)) and np.ndim(leaf) > 0 and len(leaf)
+                for leaf in leaves
+            ):
+                _serving.build_eagerly(tower, embed, x[key])
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
