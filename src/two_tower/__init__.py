@@ -10,6 +10,8 @@ from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
 from two_tower.feature_tower import FeatureTower  # noqa: E402
 from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
+from two_tower.row_wise_adagrad import RowWiseAdagrad  # noqa: E402
+from two_tower.sparse_embedding import SparseEmbedding  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 from two_tower.vocabulary import Vocabulary  # noqa: E402
 
@@ -21,6 +23,8 @@ __all__ = [
     "FaissIndex",
     "FeatureTower",
     "IdEmbeddingTower",
+    "RowWiseAdagrad",
+    "SparseEmbedding",
     "TwoTowerRetrieval",
     "Vocabulary",
     "datasets",

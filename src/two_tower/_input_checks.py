@@ -70,10 +70,11 @@ def id_limit(model: TwoTowerRetrieval, side: str) -> tuple[int, str] | None:
 def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | None:
     """The id range of a tower known to take ids (an Embedding first, an IdEmbeddingTower)."""
     from two_tower.id_embedding_tower import IdEmbeddingTower
+    from two_tower.sparse_embedding import SparseEmbedding
 
     if isinstance(tower, keras.Sequential) and tower.layers:
         tower = tower.layers[0]
-    if isinstance(tower, keras.layers.Embedding):
+    if isinstance(tower, (keras.layers.Embedding, SparseEmbedding)):
         return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
     if isinstance(tower, IdEmbeddingTower):
         return tower.vocabulary_size, f"the {side} tower's vocabulary_size"
@@ -83,8 +84,9 @@ def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | No
 def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
     """Towers that map `[batch]` ids to `[batch, dim]`: an Embedding, an IdEmbeddingTower."""
     from two_tower.id_embedding_tower import IdEmbeddingTower
+    from two_tower.sparse_embedding import SparseEmbedding
 
-    return isinstance(tower, (keras.layers.Embedding, IdEmbeddingTower))
+    return isinstance(tower, (keras.layers.Embedding, SparseEmbedding, IdEmbeddingTower))
 
 
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _input_checks, _serving, losses
+from two_tower import _input_checks, _serving, _sparse_training, losses
 from two_tower._input_checks import CANDIDATE, QUERY, SAMPLING_PROBABILITY
 from two_tower._input_checks import is_pair as _is_pair
 from two_tower.backends import backend_module
@@ -608,6 +608,7 @@ class TwoTowerRetrieval(keras.Model):
         if len(set(names)) != len(names):
             raise ValueError(f"FactorizedTopK metrics need distinct names. Received: {names}")
         super().compile(*args, **kwargs)
+        _sparse_training.check_model(self)
         # Assigned after compile so that Keras tracks them as this model's metrics.
         self.retrieval_metrics = retrieval_metrics
         # Their exclusion tables are not in their configs, so they are not saved;
@@ -637,6 +638,13 @@ class TwoTowerRetrieval(keras.Model):
             prefixes = tuple(f"{m.name}_" for m in self.retrieval_metrics)
             results = {k: v for k, v in results.items() if not k.startswith(prefixes)}
         return results
+
+    def train_step(self, *args: Any) -> Any:
+        # `SparseEmbedding` tables need the backend's row-sparse step (JAX passes
+        # `(state, data)`, the others `(data)`); everything else is Keras' own.
+        if _sparse_training.sparse_tables(self):
+            return backend_module().sparse_train_step(self, *args)
+        return super().train_step(*args)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = _input_checks.lists_as_arrays(args, kwargs)

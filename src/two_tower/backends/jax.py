@@ -91,3 +91,115 @@ def keep_state_on_error(model: keras.Model) -> Iterator[None]:
                 variable.assign(value)
         model._jax_state_synced = True  # noqa: SLF001  nothing stale to write back
         raise
+
+
+class _Recorder:
+    """Rows plus a zero `delta` argument, so the step differentiates by the deltas.
+
+    With `deltas=None` it only records the shape of each lookup's ids: the step
+    traces the forward pass once under `jax.eval_shape` to size the deltas.
+    """
+
+    def __init__(self, deltas: Sequence[Any] | None) -> None:
+        self.deltas = deltas
+        self.layers: list[Any] = []
+        self.ids: list[Any] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def lookup(self, layer: Any, ids: Any) -> Any:
+        # The table's value is a constant of the differentiated function: no
+        # gradient (and no [rows, dim] array) is ever formed for it.
+        rows = keras.ops.take(layer.embeddings, ids, axis=0)
+        if not layer.trainable:
+            return rows
+        position = len(self.layers)
+        self.layers.append(layer)
+        self.ids.append(ids)
+        if self.deltas is None:
+            self.shapes.append((*tuple(ids.shape), layer.output_dim))
+            return rows
+        return rows + self.deltas[position]
+
+
+def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+    # A scatter into the step's donated state buffer: XLA updates it in place.
+    variable.assign(variable.value.at[ids].set(rows))
+
+
+def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
+    """Keras' JAX `train_step` with row-sparse gradients for `SparseEmbedding` tables.
+
+    As Keras' own step (a pure function of the state, jitted with the state
+    donated), except that the tables are constants of the differentiated loss
+    and each lookup gets a zero `delta` argument: the gradient by the deltas is
+    the gradient by the looked-up rows. `_sparse_training.apply_updates` then
+    writes those rows and hands the other variables to the optimizer.
+    """
+    from two_tower import _sparse_training
+
+    trainable, non_trainable, optimizer_values, metrics_values = state
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    table_ids = {id(layer.embeddings) for layer in _sparse_training.sparse_tables(model)}
+    variables = model.trainable_variables
+    is_table = [id(variable) in table_ids for variable in variables]
+    dense_values = [value for value, table in zip(trainable, is_table, strict=True) if not table]
+
+    def forward(dense: list[Any], recorder: _Recorder) -> Any:
+        remaining = iter(dense)
+        values = [
+            value if table else next(remaining)
+            for value, table in zip(trainable, is_table, strict=True)
+        ]
+        with _sparse_training.recording(recorder):
+            return model.compute_loss_and_updates(
+                values,
+                non_trainable,
+                metrics_values,
+                x,
+                y,
+                sample_weight,
+                training=True,
+                optimizer_variables=optimizer_values,
+            )
+
+    sizing = _Recorder(None)
+    jax.eval_shape(lambda dense: forward(dense, sizing)[0], dense_values)
+    deltas = [
+        jax.numpy.zeros(shape, layer.embeddings.dtype)
+        for shape, layer in zip(sizing.shapes, sizing.layers, strict=True)
+    ]
+
+    def loss_function(dense: list[Any], deltas: list[Any]) -> Any:
+        recorder = _Recorder(deltas)
+        loss, aux = forward(dense, recorder)
+        return loss, (aux, recorder.ids)
+
+    (_, (aux, lookup_ids)), (dense_gradients, row_gradients) = jax.value_and_grad(
+        loss_function, argnums=(0, 1), has_aux=True
+    )(dense_values, deltas)
+    unscaled_loss, y_pred, non_trainable, metrics_values = aux
+
+    mapping = list(zip(variables, trainable, strict=True)) + list(
+        zip(model.optimizer.variables, optimizer_values, strict=True)
+    )
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        _sparse_training.apply_updates(
+            model.optimizer,
+            list(zip(sizing.layers, lookup_ids, row_gradients, strict=True)),
+            dense_gradients,
+            [variable for variable, table in zip(variables, is_table, strict=True) if not table],
+            _write_rows,
+        )
+
+    def current(variable: keras.Variable, old: Any) -> Any:
+        new = scope.get_current_value(variable)
+        return old if new is None else new
+
+    trainable = [current(v, old) for v, old in zip(variables, trainable, strict=True)]
+    optimizer_values = [
+        current(v, old) for v, old in zip(model.optimizer.variables, optimizer_values, strict=True)
+    ]
+    logs, metrics_values = model._update_metrics_variables(  # noqa: SLF001
+        metrics_values, unscaled_loss, x, y, y_pred, sample_weight
+    )
+    return logs, (trainable, non_trainable, optimizer_values, metrics_values)

@@ -41,3 +41,71 @@ def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager
     """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
     del model
     return contextlib.nullcontext()
+
+
+class _Recorder:
+    """Rows gathered from the table and watched by the step's tape."""
+
+    def __init__(self, tape: tf.GradientTape) -> None:
+        self.tape = tape
+        self.layers: list[Any] = []
+        self.ids: list[Any] = []
+        self.rows: list[Any] = []
+
+    def lookup(self, layer: Any, ids: Any) -> Any:
+        rows = tf.gather(layer.embeddings.value, ids)  # a ResourceGather: O(lookups)
+        if layer.trainable:
+            self.tape.watch(rows)
+            self.layers.append(layer)
+            self.ids.append(ids)
+            self.rows.append(rows)
+        return rows
+
+
+def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+    variable.value.scatter_update(tf.IndexedSlices(rows, ids))
+
+
+def sparse_train_step(model: keras.Model, data: Any) -> Any:
+    """Keras' TensorFlow `train_step` with row-sparse gradients for `SparseEmbedding` tables.
+
+    As Keras' own step, except that the tape is asked for the gradient by each
+    looked-up block of rows instead of by the tables, and
+    `_sparse_training.apply_updates` writes those rows with `scatter_update`.
+
+    Raises:
+        NotImplementedError: under a `tf.distribute` strategy, whose gradient
+            aggregation this step does not do.
+    """
+    from two_tower import _sparse_training
+
+    if tf.distribute.has_strategy():
+        raise NotImplementedError(
+            "SparseEmbedding tables do not train under a tf.distribute strategy yet; "
+            "use keras.layers.Embedding there."
+        )
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    _, dense_variables = _sparse_training.split_variables(model)
+    with tf.GradientTape() as tape:
+        recorder = _Recorder(tape)
+        with _sparse_training.recording(recorder):
+            y_pred = model(x, training=True)
+            loss = model._compute_loss(  # noqa: SLF001
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+        first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(first)[0])  # noqa: SLF001
+        loss = model.optimizer.scale_loss(loss)
+    gradients = tape.gradient(loss, dense_variables + recorder.rows)
+    row_gradients = [
+        tf.zeros_like(rows) if gradient is None else tf.convert_to_tensor(gradient)
+        for rows, gradient in zip(recorder.rows, gradients[len(dense_variables) :], strict=True)
+    ]
+    _sparse_training.apply_updates(
+        model.optimizer,
+        list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
+        gradients[: len(dense_variables)],
+        dense_variables,
+        _write_rows,
+    )
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -85,3 +85,64 @@ def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager
     """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
     del model
     return contextlib.nullcontext()
+
+
+class _Recorder:
+    """Rows copied out of the table as leaf tensors whose `.grad` the step reads."""
+
+    def __init__(self) -> None:
+        self.layers: list[Any] = []
+        self.ids: list[Any] = []
+        self.rows: list[Any] = []
+
+    def lookup(self, layer: Any, ids: Any) -> Any:
+        table = layer.embeddings.value
+        flat = ids.reshape(-1).long()
+        rows = torch.index_select(table.detach(), 0, flat).reshape(*ids.shape, table.shape[1])
+        if layer.trainable:
+            rows.requires_grad_(True)
+            self.layers.append(layer)
+            self.ids.append(flat)
+            self.rows.append(rows)
+        return rows
+
+
+def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+    variable.value.index_copy_(0, ids.long(), rows.to(variable.value.dtype))
+
+
+def sparse_train_step(model: keras.Model, data: Any) -> Any:
+    """Keras' torch `train_step` with row-sparse gradients for `SparseEmbedding` tables.
+
+    As Keras' own step, except that each lookup's rows are a leaf tensor cut
+    off the table, so `backward()` fills a `[lookups, dim]` gradient and never a
+    `[rows, dim]` one, and `_sparse_training.apply_updates` writes those rows
+    with `index_copy_`.
+    """
+    from two_tower import _sparse_training
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    _, dense_variables = _sparse_training.split_variables(model)
+    recorder = _Recorder()
+    with _sparse_training.recording(recorder):
+        y_pred = model(x, training=True)
+        model.zero_grad()
+        loss = model._compute_loss(  # noqa: SLF001
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+    model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
+    loss = model.optimizer.scale_loss(loss)
+    loss.backward()
+    row_gradients = [
+        torch.zeros_like(rows) if rows.grad is None else rows.grad for rows in recorder.rows
+    ]
+    with torch.no_grad():
+        _sparse_training.apply_updates(
+            model.optimizer,
+            list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
+            [variable.value.grad for variable in dense_variables],
+            dense_variables,
+            _write_rows,
+        )
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

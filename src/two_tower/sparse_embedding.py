@@ -1,0 +1,136 @@
+"""An embedding table whose training updates only the rows a batch looks up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from two_tower import _sparse_training
+from two_tower.types import Tensor
+
+
+@keras.saving.register_keras_serializable(package="two_tower")
+class SparseEmbedding(keras.layers.Layer):
+    """A `keras.layers.Embedding` replacement trained with row-sparse updates.
+
+    Inside `TwoTowerRetrieval.fit`, the gradient is taken with respect to the
+    rows this layer looks up, not the whole table: duplicate ids in a batch are
+    summed, and the optimizer updates those rows (and their optimizer state)
+    only. A step then costs O(batch), not O(table rows): a plain `Embedding`
+    trained by Keras gets a dense `[rows, dim]` gradient, and its optimizer
+    touches every row on every step (see `benchmarks/table_growth.py`).
+
+    The model's optimizer drives the update (`docs/sparse-training.md`):
+    - `keras.optimizers.SGD` (no momentum) and `keras.optimizers.Adagrad` give
+      exactly what they give on a dense table, since rows a batch does not
+      look up have a zero gradient;
+    - `two_tower.RowWiseAdagrad` keeps one accumulator per row;
+    - `keras.optimizers.Adam` becomes lazy Adam: the moments of a row decay and
+      update only in steps that look the row up, so it is a different algorithm
+      from dense Adam (TF Addons' `LazyAdam`). A looked-up row counts as
+      touched even when its gradient is zero.
+    Any other optimizer or optimizer option raises when the model is compiled.
+    The optimizer's state is Keras' own (e.g. Adam's moments), so it is saved
+    and restored with the model.
+
+    Differences from `keras.layers.Embedding`:
+    - `embeddings_regularizer` applies to the looked-up rows (once per lookup,
+      as a loss added in `call`), not to the whole table: a whole-table penalty
+      costs O(rows) per step and moves every row.
+    - No `embeddings_constraint`, `mask_zero`, LoRA or quantization.
+    - Outside `TwoTowerRetrieval.fit` (another model, `evaluate`, serving) it
+      is an ordinary embedding lookup, and a plain Keras `fit` of another model
+      would train it densely.
+
+    Ids must lie in `[0, input_dim)`. `TwoTowerRetrieval` checks them on the
+    host when this layer is a whole tower (or the first layer of a Sequential
+    one); JAX clamps out-of-range gathers silently elsewhere.
+
+    Args:
+        input_dim: number of rows; ids run from 0 to `input_dim - 1`.
+        output_dim: width of each row.
+        embeddings_initializer: initializer of the table.
+        embeddings_regularizer: penalty on the looked-up rows, e.g.
+            `keras.regularizers.L2(1e-5)`.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        ids: integer ids of any shape.
+
+    Returns:
+        `[*ids.shape, output_dim]` rows.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> model = two_tower.TwoTowerRetrieval(
+    ...     two_tower.SparseEmbedding(100, 8), two_tower.SparseEmbedding(1000, 8))
+    >>> model.compile(optimizer=keras.optimizers.Adagrad(0.1))
+    >>> x = {"query": np.array([1, 2, 2]), "candidate": np.array([7, 8, 9])}
+    >>> history = model.fit(x, epochs=1, verbose=0)
+    >>> tuple(model.candidate_tower(np.array([[7, 8]])).shape)
+    (1, 2, 8)
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: Any = "uniform",
+        embeddings_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        for name in ("embeddings_constraint", "mask_zero", "lora_rank", "weights"):
+            if kwargs.get(name):
+                raise ValueError(
+                    f"SparseEmbedding does not support `{name}` (received "
+                    f"{kwargs[name]!r}); use keras.layers.Embedding for it."
+                )
+            kwargs.pop(name, None)
+        super().__init__(**kwargs)
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self.autocast = False
+
+    def build(self, input_shape: Any = None) -> None:
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim),
+            initializer=self.embeddings_initializer,
+            name="embeddings",
+            trainable=True,
+        )
+        self.built = True
+
+    def call(self, ids: Tensor) -> Tensor:
+        dtype = keras.backend.standardize_dtype(ids.dtype)
+        if dtype not in ("int32", "int64"):
+            ids = ops.cast(ids, "int32")
+        recorder = _sparse_training.active_recorder()
+        if recorder is not None:
+            rows = recorder.lookup(self, ids)
+        else:
+            rows = ops.take(self.embeddings, ids, axis=0)
+        if self.embeddings_regularizer is not None:
+            self.add_loss(self.embeddings_regularizer(rows))
+        return ops.cast(rows, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (*tuple(input_shape), self.output_dim)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "input_dim": self.input_dim,
+                "output_dim": self.output_dim,
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+            }
+        )
+        return config
