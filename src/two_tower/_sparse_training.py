@@ -155,8 +155,17 @@ def _sorted_sums(ids: Tensor, gradients: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_ids, ops.take(sums, segments, axis=0)
 
 
+ReadRows = Callable[[keras.Variable, Tensor], Tensor]
+WriteRows = Callable[[keras.Variable, Tensor, Tensor], None]
+
+
 def _row_updates(
-    optimizer: Any, kind: str, table: keras.Variable, ids: Tensor, gradients: Tensor
+    optimizer: Any,
+    kind: str,
+    table: keras.Variable,
+    ids: Tensor,
+    gradients: Tensor,
+    read_rows: ReadRows,
 ) -> list[tuple[keras.Variable, Tensor]]:
     """New values of the looked-up rows of `table` and of its optimizer state.
 
@@ -168,13 +177,13 @@ def _row_updates(
     dtype = table.dtype
     learning_rate = ops.cast(optimizer.learning_rate, dtype)
     gradients = ops.cast(gradients, dtype)
-    rows = ops.take(table, ids, axis=0)
+    rows = read_rows(table, ids)
     if kind == "sgd":
         return [(table, rows - learning_rate * gradients)]
     index = optimizer._get_variable_index(table)  # noqa: SLF001
     if kind == "adagrad":
         accumulator = optimizer._accumulators[index]  # noqa: SLF001
-        accumulated = ops.take(accumulator, ids, axis=0) + ops.square(gradients)
+        accumulated = read_rows(accumulator, ids) + ops.square(gradients)
         step = ops.divide(
             ops.multiply(learning_rate, gradients),
             ops.sqrt(ops.add(accumulated, optimizer.epsilon)),
@@ -182,7 +191,7 @@ def _row_updates(
         return [(accumulator, accumulated), (table, rows - step)]
     if kind == "row_wise_adagrad":
         accumulator = optimizer._accumulators[index]  # noqa: SLF001
-        accumulated = ops.take(accumulator, ids, axis=0) + ops.mean(
+        accumulated = read_rows(accumulator, ids) + ops.mean(
             ops.square(gradients), axis=1, keepdims=True
         )
         step = ops.divide(
@@ -198,8 +207,8 @@ def _row_updates(
     alpha = learning_rate * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
     momentum_variable = optimizer._momentums[index]  # noqa: SLF001
     velocity_variable = optimizer._velocities[index]  # noqa: SLF001
-    momentum = ops.take(momentum_variable, ids, axis=0)
-    velocity = ops.take(velocity_variable, ids, axis=0)
+    momentum = read_rows(momentum_variable, ids)
+    velocity = read_rows(velocity_variable, ids)
     momentum = momentum + ops.multiply(ops.subtract(gradients, momentum), 1 - optimizer.beta_1)
     velocity = velocity + ops.multiply(
         ops.subtract(ops.square(gradients), velocity), 1 - optimizer.beta_2
@@ -213,7 +222,8 @@ def apply_updates(
     lookups: Sequence[tuple[SparseEmbedding, Tensor, Tensor]],
     dense_gradients: Sequence[Tensor | None],
     dense_variables: Sequence[keras.Variable],
-    write_rows: Callable[[keras.Variable, Tensor, Tensor], None],
+    read_rows: ReadRows,
+    write_rows: WriteRows,
 ) -> None:
     """One optimizer step: sparse rows first, then every other variable.
 
@@ -223,6 +233,8 @@ def apply_updates(
             of any shape and gradients `[*ids.shape, dim]`.
         dense_gradients: gradients of `dense_variables` (None where unused).
         dense_variables: the model's trainable variables that are not tables.
+        read_rows: the backend's `variable[ids]`, reading those rows only (on
+            TensorFlow a full read would make the write copy the variable).
         write_rows: the backend's in-place `variable[ids] = rows`.
     """
     kind = check_optimizer(optimizer)
@@ -241,7 +253,9 @@ def apply_updates(
             else ops.concatenate(gradient_parts, axis=0)
         )
         ids, gradients = _sorted_sums(ids, gradients)
-        for variable, rows in _row_updates(optimizer, kind, layer.embeddings, ids, gradients):
+        for variable, rows in _row_updates(
+            optimizer, kind, layer.embeddings, ids, gradients, read_rows
+        ):
             write_rows(variable, ids, rows)
     pairs = [(g, v) for g, v in zip(dense_gradients, dense_variables, strict=True) if g is not None]
     if pairs:

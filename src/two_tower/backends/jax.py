@@ -121,6 +121,10 @@ class _Recorder:
         return rows + self.deltas[position]
 
 
+def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+    return keras.ops.take(variable.value, ids, axis=0)
+
+
 def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     # A scatter into the step's donated state buffer: XLA updates it in place.
     variable.assign(variable.value.at[ids].set(rows))
@@ -188,6 +192,7 @@ def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
             list(zip(sizing.layers, lookup_ids, row_gradients, strict=True)),
             dense_gradients,
             [variable for variable, table in zip(variables, is_table, strict=True) if not table],
+            _read_rows,
             _write_rows,
         )
 

@@ -62,6 +62,12 @@ class _Recorder:
         return rows
 
 
+def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+    # A ResourceGather. `ops.take` would read the whole variable first, and a
+    # scatter into a variable whose full value is still referenced copies it.
+    return tf.gather(variable.value, ids)
+
+
 def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.scatter_update(tf.IndexedSlices(rows, ids))
 
@@ -106,6 +112,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
         list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
         gradients[: len(dense_variables)],
         dense_variables,
+        _read_rows,
         _write_rows,
     )
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

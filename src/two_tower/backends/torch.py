@@ -107,6 +107,10 @@ class _Recorder:
         return rows
 
 
+def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+    return torch.index_select(variable.value, 0, ids.long())
+
+
 def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.index_copy_(0, ids.long(), rows.to(variable.value.dtype))
 
@@ -143,6 +147,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
             list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
             [variable.value.grad for variable in dense_variables],
             dense_variables,
+            _read_rows,
             _write_rows,
         )
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
