@@ -19,6 +19,8 @@ L2 = 5e-5
 LEARNING_RATE = 0.01
 TEMPERATURE = 1.0
 LOSS = "full_softmax"
+SPARSE = False
+"""Whether `TwoTowerRetrieval.from_ids` builds row-sparse tables (`SparseEmbedding`)."""
 FIT: dict[str, Any] = {"batch_size": 1000, "epochs": 10}
 """Keyword arguments for `fit` (spread them: `model.fit(x, **FIT)`)."""
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
 COMBINERS = ("concat", "sum")
@@ -61,6 +62,11 @@ class FeatureTower(keras.layers.Layer):
             larger penalty.
         combiner: `"concat"` or `"sum"`.
         bias: None, `"learned"` or `"constant"`.
+        sparse: make every embedding and bias table a
+            `two_tower.SparseEmbedding`, so that `TwoTowerRetrieval.fit`
+            updates only the rows a batch looks up (`l2` then applies to those
+            rows; padding positions of multi-valued features look up row 0 with
+            a zero gradient). The Dense layers train as usual.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -91,6 +97,7 @@ class FeatureTower(keras.layers.Layer):
         l2: float | Mapping[str, float] = 0.0,
         combiner: str = "concat",
         bias: str | None = None,
+        sparse: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -123,6 +130,8 @@ class FeatureTower(keras.layers.Layer):
             raise ValueError(f"`combiner` must be one of {COMBINERS}. Received: {combiner!r}")
         if bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
+        if not isinstance(sparse, bool):
+            raise ValueError(f"`sparse` must be True or False. Received: sparse={sparse!r}")
         self.embedding_dim = embedding_dim
         self.hidden_units = list(hidden_units)
         self.output_dim = output_dim
@@ -130,11 +139,13 @@ class FeatureTower(keras.layers.Layer):
         self.l2 = dict(l2) if isinstance(l2, Mapping) else l2
         self.combiner = combiner
         self.bias = bias
+        self.sparse = sparse
         tables = {**self.categorical, **self.multivalued}
 
-        def table(feature: str, kind: str, width: int, initializer: str) -> keras.layers.Embedding:
+        def table(feature: str, kind: str, width: int, initializer: str) -> keras.layers.Layer:
             penalty = penalties.get(feature, 0.0)
-            return keras.layers.Embedding(
+            layer = SparseEmbedding if sparse else keras.layers.Embedding
+            return layer(
                 tables[feature],
                 width,
                 embeddings_initializer=initializer,
@@ -307,6 +318,7 @@ class FeatureTower(keras.layers.Layer):
                 "l2": self.l2,
                 "combiner": self.combiner,
                 "bias": self.bias,
+                "sparse": self.sparse,
             }
         )
         return config

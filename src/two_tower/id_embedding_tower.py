@@ -7,6 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
 BIASES = (None, "learned", "constant")
@@ -27,8 +28,13 @@ class IdEmbeddingTower(keras.layers.Layer):
         embedding_dim: width of the id embedding (the output has one more
             column when `bias` is set).
         l2: L2 penalty on the embedding table (and on the bias table), added to
-            the model's loss every step.
+            the model's loss every step: on the whole table, or with `sparse`
+            on the rows each batch looks up.
         bias: None, `"learned"` or `"constant"`.
+        sparse: make the tables `two_tower.SparseEmbedding`s, so that
+            `TwoTowerRetrieval.fit` updates only the rows a batch looks up (a
+            step then costs O(batch), not O(vocabulary_size); see
+            `SparseEmbedding` for the optimizers it takes).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -50,6 +56,7 @@ class IdEmbeddingTower(keras.layers.Layer):
         embedding_dim: int = 32,
         l2: float = 0.0,
         bias: str | None = None,
+        sparse: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -60,16 +67,20 @@ class IdEmbeddingTower(keras.layers.Layer):
             raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
         if bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
+        if not isinstance(sparse, bool):
+            raise ValueError(f"`sparse` must be True or False. Received: sparse={sparse!r}")
         self.vocabulary_size = vocabulary_size
         self.embedding_dim = embedding_dim
         self.l2 = l2
         self.bias = bias
+        self.sparse = sparse
         regularizer = keras.regularizers.L2(l2) if l2 else None
-        self.embedding = keras.layers.Embedding(
+        table = SparseEmbedding if sparse else keras.layers.Embedding
+        self.embedding = table(
             vocabulary_size, embedding_dim, embeddings_regularizer=regularizer, name="embedding"
         )
         self.bias_embedding = (
-            keras.layers.Embedding(
+            table(
                 vocabulary_size,
                 1,
                 embeddings_initializer="zeros",
@@ -105,6 +116,7 @@ class IdEmbeddingTower(keras.layers.Layer):
                 "embedding_dim": self.embedding_dim,
                 "l2": self.l2,
                 "bias": self.bias,
+                "sparse": self.sparse,
             }
         )
         return config

@@ -239,6 +239,7 @@ class TwoTowerRetrieval(keras.Model):
         embedding_dim: int | None = None,
         l2: float | None = None,
         temperature: float | None = None,
+        sparse: bool | None = None,
         **kwargs: Any,
     ) -> TwoTowerRetrieval:
         """The tuned softmax configuration over integer query and candidate ids.
@@ -254,6 +255,8 @@ class TwoTowerRetrieval(keras.Model):
             embedding_dim: defaults to `defaults.EMBEDDING_DIM`.
             l2: defaults to `defaults.L2`.
             temperature: defaults to `defaults.TEMPERATURE`.
+            sparse: row-sparse tables (`IdEmbeddingTower(sparse=True)`);
+                defaults to `defaults.SPARSE`.
             **kwargs: other `TwoTowerRetrieval` arguments (e.g. `loss`).
 
         Returns:
@@ -264,15 +267,21 @@ class TwoTowerRetrieval(keras.Model):
 
         dim = defaults.EMBEDDING_DIM if embedding_dim is None else embedding_dim
         penalty = defaults.L2 if l2 is None else l2
+        sparse = defaults.SPARSE if sparse is None else sparse
         kwargs.setdefault("loss", defaults.LOSS)
         if kwargs["loss"] in CATALOGUE_LOSSES:
             kwargs.setdefault("catalogue_size", num_candidates)
         return cls(
             query_tower=IdEmbeddingTower(
-                num_queries, dim, l2=penalty, bias="constant", name="query_tower"
+                num_queries, dim, l2=penalty, bias="constant", sparse=sparse, name="query_tower"
             ),
             candidate_tower=IdEmbeddingTower(
-                num_candidates, dim, l2=penalty, bias="learned", name="candidate_tower"
+                num_candidates,
+                dim,
+                l2=penalty,
+                bias="learned",
+                sparse=sparse,
+                name="candidate_tower",
             ),
             temperature=defaults.TEMPERATURE if temperature is None else temperature,
             **kwargs,

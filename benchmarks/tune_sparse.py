@@ -1,0 +1,106 @@
+"""The validation search behind `two_tower.defaults.SPARSE`: dense Adam or sparse tables.
+
+Same protocol as `tune_softmax.py`, never the test split: the seed protocol's
+training part (80% of a seed-42 random permutation of MovieLens 100K) is split
+again, 90% to fit and 10% to validate, scored by validation top-10 and top-100
+over the full catalogue with the user's fitting items excluded. The default
+model (`from_ids`, full softmax, dim 32, batch 1000) is trained with its dense
+tables and Adam, and with `sparse=True` tables and each optimizer the sparse
+path takes: lazy Adam, Adagrad and row-wise Adagrad, over learning rates, L2
+(on the looked-up rows, for sparse tables) and epochs.
+
+    python benchmarks/tune_sparse.py --backend jax
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+
+    import keras
+    import numpy as np
+
+    import two_tower
+    from two_tower.datasets import movielens
+    from two_tower.evaluation import evaluate_retrieval, format_table
+
+    ratings = movielens.load_ratings(args.data_dir)
+    records = {
+        "user": ratings["user_id"].astype("int32"),
+        "movie": ratings["movie_id"].astype("int32"),
+    }
+    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    fitting, validation = movielens.random_split(train, test_fraction=0.1, seed=7)
+
+    optimizers = {
+        "adam": keras.optimizers.Adam,
+        "adagrad": keras.optimizers.Adagrad,
+        "row_wise_adagrad": two_tower.RowWiseAdagrad,
+    }
+    configs = [
+        {"sparse": False, "optimizer": "adam", "learning_rate": 0.01, "l2": 5e-5, "epochs": 10}
+    ]
+    grids = {
+        "adam": {"learning_rate": (0.003, 0.01), "l2": (0.0, 1e-5, 3e-5, 1e-4), "epochs": (10, 20)},
+        "adagrad": {"learning_rate": (0.1, 0.3), "l2": (0.0, 1e-5, 3e-5, 1e-4), "epochs": (10, 20)},
+        "row_wise_adagrad": {
+            "learning_rate": (0.1, 0.3),
+            "l2": (0.0, 1e-5, 3e-5, 1e-4),
+            "epochs": (10, 20),
+        },
+    }
+    for name, grid in grids.items():
+        for values in itertools.product(*grid.values()):
+            configs.append(
+                {"sparse": True, "optimizer": name, **dict(zip(grid, values, strict=True))}
+            )
+    rows = {}
+    for config in configs:
+        keras.utils.set_random_seed(42)
+        model = two_tower.TwoTowerRetrieval.from_ids(
+            944, 1683, l2=config["l2"], sparse=config["sparse"]
+        )
+        model.compile(
+            optimizer=optimizers[config["optimizer"]](learning_rate=config["learning_rate"]),
+            steps_per_execution=two_tower.defaults.steps_per_execution(),
+        )
+        started = time.perf_counter()
+        model.fit(
+            {"query": fitting["user"], "candidate": fitting["movie"]},
+            batch_size=1000,
+            epochs=config["epochs"],
+            verbose=0,
+        )
+        seconds = time.perf_counter() - started
+        queries = keras.ops.convert_to_numpy(model.query_tower(np.arange(944)))
+        catalogue = keras.ops.convert_to_numpy(model.candidate_tower(np.arange(1683)))
+        results = evaluate_retrieval(
+            queries,
+            catalogue[1:],
+            validation["user"],
+            validation["movie"] - 1,
+            exclude_query_ids=fitting["user"],
+            exclude_candidate_ids=fitting["movie"] - 1,
+            ks=(10, 100),
+        )["unseen"]
+        label = ", ".join(f"{k}={v}" for k, v in config.items()) + f" ({seconds:.0f} s)"
+        rows[label] = results
+        print(format_table({label: results}, ks=(10, 100)).splitlines()[-1], flush=True)
+    for sparse in (False, True):
+        candidates = [name for name in rows if f"sparse={sparse}" in name]
+        best = max(candidates, key=lambda name: rows[name]["accuracy_at_100"])
+        print(f"best {'sparse' if sparse else 'dense'} by validation top-100: {best}")
+
+
+if __name__ == "__main__":
+    main()
