@@ -1,4 +1,4 @@
-"""The README quickstart and the getting-started subclass run as written."""
+"""The README quickstart, the getting-started subclass and the sparse-training guide run."""
 
 import os
 import re
@@ -67,3 +67,13 @@ def test_documented_subclass_scores_by_cosine(tmp_path):
     loaded = save_and_load(model, tmp_path)
     assert type(loaded).__name__ == "CosineRetrieval"
     np.testing.assert_array_equal(loaded.recommend(np.arange(6), k=3), found)
+
+
+@pytest.mark.slow
+def test_sparse_training_guide_runs():
+    (block,) = python_blocks(ROOT / "docs" / "sparse-training.md")
+    namespace: dict = {}
+    exec(compile(block, "sparse-training.md", "exec"), namespace)
+    model = namespace["model"]
+    assert isinstance(model.candidate_tower.embedding, two_tower.SparseEmbedding)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2 * 20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,6 +80,11 @@ class TwoTowerRetrieval(keras.Model):
       takes no labels. To weight pairs, feed a dataset or generator of
       `(x, None, sample_weight)`: Keras drops `sample_weight` passed beside
       `y=None` as arrays, so `fit`/`evaluate` raise on that instead.
+
+    **Row-sparse tables.** When the towers hold `two_tower.SparseEmbedding` tables
+    (e.g. `IdEmbeddingTower(sparse=True)`), `fit` runs the backend's row-sparse
+    step: those tables' gradients and optimizer updates touch the looked-up rows
+    only (see `SparseEmbedding` and `docs/sparse-training.md`).
 
     The loss is chosen here, not in `compile`: `compile(loss=...)` raises. It is
     stored as `loss_name`, because `keras.Model` reserves the `loss` attribute.
@@ -707,38 +711,9 @@ class TwoTowerRetrieval(keras.Model):
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
         # only adds a check, so compile as the default would.
-        optimizer = config.get("optimizer")
-        if isinstance(optimizer, dict) and str(optimizer.get("module", "")).startswith(
-            "keras.src.backend."
-        ):
-            # Keras on torch swaps `keras.optimizers.Adam` (and others) for a class of
-            # its own torch backend, and saves that class's module. Loaded on JAX or
-            # TensorFlow, that class runs torch ops on their arrays; resolve the
-            # public optimizer of the same name instead.
-            config = {**config, "optimizer": {**optimizer, "module": "keras.optimizers"}}
-        config = keras.saving.deserialize_keras_object(config)
-        metric_names = config.pop("retrieval_metric_names", None)
-        if metric_names:
-            warnings.warn(
-                f"This model was compiled with FactorizedTopK metrics {metric_names}, which "
-                "are not saved with it (their exclusion tables can be as large as the "
-                "training data). It is compiled without them; to evaluate, compile again "
-                "with the metrics.",
-                stacklevel=2,
-            )
-        steps = config.get("steps_per_execution", 1)
-        if keras.backend.backend() == "torch" and steps != 1:
-            # Saved on JAX or TensorFlow with defaults.steps_per_execution() (16);
-            # Keras on torch rejects anything but 1, which would make the file
-            # unloadable here. Training semantics do not depend on it.
-            warnings.warn(
-                f"This model was compiled with steps_per_execution={steps}, which Keras "
-                "does not support on torch; it is compiled with steps_per_execution=1 "
-                "here (two_tower.defaults.steps_per_execution() gives 1 on torch).",
-                stacklevel=2,
-            )
-            config["steps_per_execution"] = 1
-        self.compile(**config)
+        from two_tower.saving import _loadable_compile_config
+
+        self.compile(**_loadable_compile_config(config))
         if self.built and self.optimizer is not None:
             self.optimizer.build(self.trainable_variables)
 

@@ -137,7 +137,8 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
     first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
     model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
     loss = model.optimizer.scale_loss(loss)
-    loss.backward()
+    if loss.requires_grad:  # False when nothing trainable was used
+        loss.backward()
     row_gradients = [
         torch.zeros_like(rows) if rows.grad is None else rows.grad for rows in recorder.rows
     ]
