@@ -12,7 +12,10 @@ Every module provides:
   `predict` that leaves the model usable when they raise (JAX needs it);
 - `serving_slot()`: a context manager held around each whole serving call
   (re-entrant); it makes calls wait where running them all at once is slower
-  (torch), and does nothing elsewhere.
+  (torch), and does nothing elsewhere;
+- `sparse_train_step(model, *args)`: Keras' `train_step` for that backend (JAX
+  takes `(state, data)`, the others `(data)`), with row-sparse gradients and
+  updates for `SparseEmbedding` tables (see `two_tower._sparse_training`).
 """
 
 from __future__ import annotations
