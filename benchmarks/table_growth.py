@@ -215,16 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=None, help="save a PNG of time against rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sizes = [int(rows) for rows in args.rows.split(",")]
+    sizes = sorted(int(rows) for rows in args.rows.split(","))
     if args.worker:
         print("RESULTS " + json.dumps(_worker(args.worker, sizes[0], args)))
         return
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     print(f"ms per step, batch {BATCH}, dim {DIM}, in-batch softmax, Adam; {args.steps} steps")
-    print("| backend | rows | dense ms/step | sparse ms/step | dense/sparse | sparse ex/s "
-          "| floor ms/step | sparse/floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| backend | rows | dense ms/step | sparse ms/step | dense/sparse "
+        f"| sparse vs {min(sizes):,} rows | sparse ex/s | floor ms/step | sparse/floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         results[backend] = {}
         for rows in sizes:
@@ -233,18 +235,15 @@ def main(argv: list[str] | None = None) -> None:
             dense = figures.get("dense_ms_per_step")
             sparse = figures["sparse_ms_per_step"]
             floor = figures.get("floor_ms_per_step")
+            growth = sparse / results[backend][str(sizes[0])]["sparse_ms_per_step"]
             print(
                 f"| {backend} | {rows:,} | {'-' if dense is None else f'{dense:.1f}'} | "
                 f"{sparse:.1f} | {'-' if dense is None else f'{dense / sparse:.1f}x'} | "
-                f"{1000 * BATCH / sparse:,.0f} | {'-' if floor is None else f'{floor:.1f}'} | "
+                f"{growth:.2f}x | {1000 * BATCH / sparse:,.0f} | "
+                f"{'-' if floor is None else f'{floor:.1f}'} | "
                 f"{'-' if floor is None else f'{sparse / floor:.2f}x'} |",
                 flush=True,
             )
-        flat = results[backend]
-        if len(flat) > 1:
-            smallest, largest = str(min(sizes)), str(max(sizes))
-            growth = flat[largest]["sparse_ms_per_step"] / flat[smallest]["sparse_ms_per_step"]
-            print(f"| {backend} | sparse {largest} / {smallest} rows | | | | | | {growth:.2f}x |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
