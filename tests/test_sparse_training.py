@@ -515,3 +515,16 @@ def test_benchmark_json_has_the_documented_form(tmp_path: Path):
     for entry in figures[keras.backend.backend()].values():
         assert set(entry) == {"dense_ms_per_step", "sparse_ms_per_step"}
         assert all(value > 0 for value in entry.values())
+
+
+def test_run_eagerly_gives_the_compiled_result():
+    x = _batches(12)
+    results = []
+    for eager in (False, True):
+        keras.utils.set_random_seed(4)
+        model = two_tower.TwoTowerRetrieval.from_ids(QUERIES, CANDIDATES, 8, sparse=True)
+        model.compile(optimizer=keras.optimizers.Adam(0.01), run_eagerly=eager)
+        _train(model, x)
+        results.append(model.get_weights())
+    for expected, actual in zip(*results, strict=True):
+        np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
