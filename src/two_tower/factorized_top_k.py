@@ -43,8 +43,11 @@ class FactorizedTopK(keras.metrics.Metric):
     With `exclude_query_ids` and `exclude_candidate_ids` (e.g. the training
     pairs), each query's excluded candidates are left out of its ranking: the
     realistic protocol of not recommending what a user has already seen. The
-    exclusions are kept as a dense `[num_queries, catalogue_size]` table, so this
-    suits catalogues of up to about 10^5 items × 10^4 queries.
+    exclusions are kept per query in compressed sparse rows (each query's
+    excluded candidates, sorted and deduplicated): memory grows with the number
+    of excluded pairs, never with `num_queries × catalogue_size`. Each batch
+    gathers its queries' lists (`[batch, longest list]`) and marks them in each
+    candidate chunk's `[batch, chunk]` scores.
 
     `TwoTowerRetrieval` feeds this metric when it is passed to
     `compile(metrics=[...])`. Called directly, `update_state` takes embeddings.
@@ -106,15 +109,20 @@ class FactorizedTopK(keras.metrics.Metric):
         self.num_queries = num_queries
         self.catalogue_size = catalogue_size
         self.chunk_size = chunk_size
-        self._excluded: Tensor | None = None
+        # Compressed sparse rows: query q's excluded candidates are
+        # `_exclusion_candidates[_exclusion_offsets[q]:_exclusion_offsets[q + 1]]`.
+        self._exclusion_offsets: Tensor | None = None
+        self._exclusion_candidates: Tensor | None = None
+        self._longest_exclusion = 0
         if (exclude_query_ids is None) != (exclude_candidate_ids is None):
             raise ValueError(
                 "Pass both `exclude_query_ids` and `exclude_candidate_ids`, or neither."
             )
         if exclude_query_ids is not None:
-            self._excluded = ops.convert_to_tensor(
-                self._exclusion_table(exclude_query_ids, exclude_candidate_ids)
-            )
+            offsets, candidates = self._exclusion_lists(exclude_query_ids, exclude_candidate_ids)
+            self._longest_exclusion = int(np.diff(offsets).max(initial=0))
+            self._exclusion_offsets = ops.convert_to_tensor(offsets)
+            self._exclusion_candidates = ops.convert_to_tensor(candidates)
         self.pairs = self.add_variable((), initializer="zeros", name="pairs")
         self.hits = self.add_variable((len(ks),), initializer="zeros", name="hits")
         self.ndcg = self.add_variable((len(ks),), initializer="zeros", name="ndcg")
@@ -129,9 +137,10 @@ class FactorizedTopK(keras.metrics.Metric):
     @property
     def excludes(self) -> bool:
         """Whether this metric leaves excluded pairs out of the ranking."""
-        return self._excluded is not None
+        return self._exclusion_offsets is not None
 
-    def _exclusion_table(self, query_ids: Any, candidate_ids: Any) -> np.ndarray:
+    def _exclusion_lists(self, query_ids: Any, candidate_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """`(offsets [num_queries + 1], candidates [distinct pairs])`, both int32."""
         if self.num_queries is None or self.catalogue_size is None:
             raise ValueError(
                 "Exclusions need `num_queries` and `catalogue_size`. Received "
@@ -146,9 +155,38 @@ class FactorizedTopK(keras.metrics.Metric):
             )
         check_id_range(query_ids, self.num_queries, "exclude_query_ids")
         check_id_range(candidate_ids, self.catalogue_size, "exclude_candidate_ids")
-        table = np.zeros((self.num_queries, self.catalogue_size), dtype=bool)
-        table[query_ids, candidate_ids] = True
-        return table
+        # One int64 key per pair sorts by query, then candidate, and drops repeats.
+        keys = np.unique(query_ids.astype("int64") * self.catalogue_size + candidate_ids)
+        counts = np.bincount(keys // self.catalogue_size, minlength=self.num_queries)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype("int32")
+        return offsets, (keys % self.catalogue_size).astype("int32")
+
+    def _excluded_lists(self, query_ids: Tensor) -> Tensor:
+        """`[batch, longest list]` excluded candidates of each query, -1 padded."""
+        assert self._exclusion_offsets is not None and self._exclusion_candidates is not None
+        starts = ops.take(self._exclusion_offsets, query_ids, axis=0)
+        lengths = ops.take(self._exclusion_offsets, query_ids + 1, axis=0) - starts
+        slots = ops.arange(self._longest_exclusion, dtype="int32")[None, :]
+        present = slots < lengths[:, None]
+        positions = ops.where(present, starts[:, None] + slots, 0)
+        candidates = ops.take(self._exclusion_candidates, positions, axis=0)
+        return ops.where(present, candidates, -1)
+
+    @staticmethod
+    def _chunk_mask(excluded: Tensor, start: int, stop: int) -> Tensor:
+        """`[batch, stop - start]`: True where the query excludes that candidate.
+
+        A segment sum over flat `row * width + column` positions, not
+        `ops.scatter`: Keras' torch `scatter` loops over the indices in Python.
+        """
+        width = stop - start
+        batch = ops.shape(excluded)[0]
+        inside = ops.logical_and(excluded >= start, excluded < stop)
+        rows = ops.arange(batch, dtype="int32")[:, None] * width
+        positions = ops.reshape(rows + ops.where(inside, excluded - start, 0), (-1,))
+        marks = ops.reshape(ops.cast(inside, "int32"), (-1,))
+        counts = ops.segment_sum(marks, positions, num_segments=batch * width)
+        return ops.reshape(counts, (batch, width)) > 0
 
     def update_state(
         self,
@@ -185,6 +223,10 @@ class FactorizedTopK(keras.metrics.Metric):
         if query_ids is not None:
             query_ids = ops.reshape(ops.cast(query_ids, "int32"), (-1,))
         rank = ops.zeros_like(positive_scores[:, 0], dtype="int32")
+        excluded = None
+        if self.excludes and self._longest_exclusion:
+            assert query_ids is not None
+            excluded = self._excluded_lists(query_ids)
         for start in range(0, num_candidates, self.chunk_size):
             stop = min(start + self.chunk_size, num_candidates)
             scores = similarity_fn(query_embeddings, catalogue_embeddings[start:stop])
@@ -192,9 +234,9 @@ class FactorizedTopK(keras.metrics.Metric):
             beats = ops.logical_and(
                 scores > positive_scores, columns != positive_positions[:, None]
             )
-            if self._excluded is not None:
-                excluded = ops.take(self._excluded[:, start:stop], query_ids, axis=0)
-                beats = ops.logical_and(beats, ops.logical_not(excluded))
+            if excluded is not None:
+                mask = self._chunk_mask(excluded, start, stop)
+                beats = ops.logical_and(beats, ops.logical_not(mask))
             rank = rank + ops.sum(ops.cast(beats, "int32"), axis=1)
         ks = ops.convert_to_tensor(np.asarray(self.ks, "int32"))[None, :]
         rank = rank[:, None]
@@ -205,9 +247,13 @@ class FactorizedTopK(keras.metrics.Metric):
         self.ndcg.assign_add(ops.sum(gain, axis=0))
         if self.num_queries is not None:
             assert query_ids is not None
-            one_hot = ops.one_hot(query_ids, self.num_queries, dtype="float32")  # [batch, Q]
-            self.query_hits.assign_add(ops.matmul(ops.transpose(one_hot), hit))
-            self.query_pairs.assign_add(ops.sum(one_hot, axis=0))
+            # Summed per query id (no [batch, num_queries] one-hot).
+            self.query_hits.assign_add(
+                ops.segment_sum(hit, query_ids, num_segments=self.num_queries)
+            )
+            self.query_pairs.assign_add(
+                ops.segment_sum(ops.ones_like(hit[:, 0]), query_ids, num_segments=self.num_queries)
+            )
 
     def result(self) -> dict[str, Tensor]:
         pairs = ops.maximum(self.pairs, 1.0)
