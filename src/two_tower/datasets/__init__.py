@@ -1,5 +1,5 @@
 """Datasets as plain NumPy dicts of arrays."""
 
-from two_tower.datasets import movielens
+from two_tower.datasets import movielens, synthetic
 
-__all__ = ["movielens"]
+__all__ = ["movielens", "synthetic"]
