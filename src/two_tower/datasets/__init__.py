@@ -1,5 +1,6 @@
-"""Datasets as plain NumPy dicts of arrays."""
+"""Datasets as plain NumPy dicts of arrays, and sharded logs streamed from disk."""
 
 from two_tower.datasets import movielens, synthetic
+from two_tower.datasets.shard_dataset import ShardDataset
 
-__all__ = ["movielens", "synthetic"]
+__all__ = ["ShardDataset", "movielens", "synthetic"]

@@ -1,0 +1,212 @@
+"""Training batches streamed from `.npy` shards on disk, for `fit` on every backend."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from two_tower.datasets.synthetic import MANIFEST, _sha256
+
+
+class ShardDataset(keras.utils.PyDataset):
+    """Batches of a sharded interaction log, read from disk as `fit` asks for them.
+
+    The log is a folder with a `manifest.json` and one sub-folder of `.npy`
+    columns per shard, as `two_tower.datasets.synthetic.write_shards` writes it.
+    Columns are memory-mapped: only the rows of the current batch are read, so
+    memory stays O(batch + shard size), never O(log).
+
+    Each epoch visits every row once. With `shuffle`, the shard order and the
+    order of rows inside each shard are permuted, seeded by `(seed, epoch)`: a
+    shuffle buffer as large as a shard. Without it, rows come in log order, so
+    the batches are those of `fit` on the concatenated arrays with
+    `shuffle=False` (and training gives the same weights). Pass
+    `fit(dataset, shuffle=False)`: Keras' default `shuffle=True` also permutes
+    the order of a `PyDataset`'s batches, with Keras' own random state.
+
+    Keras' `PyDataset` is used, rather than Grain or `tf.data`, because `fit`
+    takes it on all three backends with nothing more installed; its `workers`
+    prefetch batches in threads.
+
+    Ids are checked on the host, once when the dataset is made (one pass over
+    each shard) and again batch by batch: a value outside
+    `[0, id_limits[column])` raises the same `ValueError` on every backend,
+    naming the shard and the row (JAX would clamp it silently).
+
+    Args:
+        folder: the log's folder.
+        batch_size: rows per batch (the last batch may be shorter).
+        columns: model input name -> column, e.g. `{"query": "user",
+            "candidate": "item"}` (the default).
+        shuffle: permute shards and rows each epoch.
+        seed: the shuffle's seed.
+        id_limits: column -> number of ids; defaults to the generator's
+            `num_users` / `num_items` for `user` / `item` when the manifest
+            has them.
+        verify: check every file's sha256 against the manifest first (reads
+            the whole log once).
+        **kwargs: `keras.utils.PyDataset` arguments (`workers`,
+            `use_multiprocessing`, `max_queue_size`).
+
+    Raises:
+        FileNotFoundError: without a manifest or with a missing shard file.
+        ValueError: on a corrupt or truncated file, a checksum mismatch, a
+            missing column, a column of the wrong dtype or length, or a bad
+            argument; each names the file.
+
+    Example:
+    >>> import tempfile, os
+    >>> from two_tower.datasets import synthetic
+    >>> folder = os.path.join(tempfile.mkdtemp(), "log")
+    >>> log = synthetic.SyntheticLog(num_users=20, num_items=30, num_clusters=3)
+    >>> _ = synthetic.write_shards(log, folder, 100, shard_size=40)
+    >>> data = two_tower.datasets.ShardDataset(folder, batch_size=32)
+    >>> len(data), sorted(data[0])
+    (4, ['candidate', 'query'])
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        batch_size: int = 1024,
+        columns: Mapping[str, str] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        id_limits: Mapping[str, int] | None = None,
+        verify: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+        self.folder = Path(folder)
+        self.batch_size = batch_size
+        self.columns = dict(columns or {"query": "user", "candidate": "item"})
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.epoch = 0
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"No {MANIFEST} in {self.folder}: expected a sharded log as "
+                "two_tower.datasets.synthetic.write_shards writes it."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            shards = manifest["shards"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{manifest_path} is not a valid manifest: {error}") from error
+        if not shards:
+            raise ValueError(f"{manifest_path} lists no shards.")
+        dtypes = dict(manifest.get("columns", {}))
+        missing = sorted(set(self.columns.values()) - set(dtypes))
+        if missing:
+            raise ValueError(
+                f"The log in {self.folder} has no column(s) {missing}; it has {sorted(dtypes)}."
+            )
+        generator = manifest.get("generator", {})
+        defaults = {"user": generator.get("num_users"), "item": generator.get("num_items")}
+        limits = {k: v for k, v in defaults.items() if v is not None}
+        limits.update(id_limits or {})
+        self.id_limits = {c: int(limits[c]) for c in self.columns.values() if c in limits}
+        self._shards: list[dict[str, np.ndarray]] = []
+        self._names: list[str] = []
+        for shard in shards:
+            arrays = {}
+            for column in self.columns.values():
+                path = self.folder / shard["name"] / f"{column}.npy"
+                if not path.is_file():
+                    raise FileNotFoundError(f"Shard file {path} is missing.")
+                if verify and _sha256(path) != shard["sha256"][column]:
+                    raise ValueError(f"Shard file {path} does not match its sha256 in {MANIFEST}.")
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (ValueError, OSError) as error:
+                    raise ValueError(
+                        f"Shard file {path} is corrupt or truncated: {error}"
+                    ) from error
+                if str(array.dtype) != dtypes[column] or array.shape != (shard["rows"],):
+                    raise ValueError(
+                        f"Shard file {path} holds {array.dtype} {array.shape}; the manifest "
+                        f"says {dtypes[column]} ({shard['rows']},)."
+                    )
+                arrays[column] = array
+            self._shards.append(arrays)
+            self._names.append(str(self.folder / shard["name"]))
+            for column, array in arrays.items():
+                # Once, here, so the error is a ValueError on every backend (inside
+                # `fit`, TensorFlow would wrap it in an InvalidArgumentError).
+                self._check_ids(array, column, len(self._shards) - 1, None)
+        self._rows = np.array([int(shard["rows"]) for shard in shards])
+        self._plan = self._epoch_plan()
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(int(self._rows.sum()) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _epoch_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's shard order and each position's first row in it."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._shards))
+        else:
+            order = np.arange(len(self._shards))
+        starts = np.concatenate([[0], np.cumsum(self._rows[order])])
+        return order, starts
+
+    def _rows_of(self, shard: int) -> np.ndarray | None:
+        """The permutation of a shard's rows this epoch (None: in order)."""
+        if not self.shuffle:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+        return rng.permutation(int(self._rows[shard]))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"Batch {index} is out of range [0, {self.num_batches}).")
+        order, starts = self._plan
+        first, last = index * self.batch_size, min((index + 1) * self.batch_size, starts[-1])
+        parts: dict[str, list[np.ndarray]] = {column: [] for column in self.columns.values()}
+        position = int(np.searchsorted(starts, first, side="right") - 1)
+        while first < last:
+            shard = int(order[position])
+            low, high = first - starts[position], min(last, starts[position + 1]) - starts[position]
+            permutation = self._rows_of(shard)
+            rows = np.arange(low, high) if permutation is None else permutation[low:high]
+            for column in parts:
+                values = np.asarray(self._shards[shard][column][rows])
+                self._check_ids(values, column, shard, rows)
+                parts[column].append(values)
+            first += high - low
+            position += 1
+        return {
+            name: np.concatenate(parts[column]) if len(parts[column]) > 1 else parts[column][0]
+            for name, column in self.columns.items()
+        }
+
+    def _check_ids(
+        self, values: np.ndarray, column: str, shard: int, rows: np.ndarray | None
+    ) -> None:
+        """Raises naming the shard and row when `values` (at `rows`, or all) leave the range."""
+        limit = self.id_limits.get(column)
+        if limit is None or values.size == 0 or (values.min() >= 0 and values.max() < limit):
+            return
+        bad = int(np.flatnonzero((values < 0) | (values >= limit))[0])
+        row = bad if rows is None else int(rows[bad])
+        raise ValueError(
+            f"Column {column!r} of shard {self._names[shard]} holds {values[bad]} at "
+            f"row {row}; ids must lie in [0, {limit})."
+        )
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._plan = self._epoch_plan()

@@ -1,0 +1,107 @@
+"""Streaming training from `.npy` shards: same batches as in memory, checked ids and files."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import two_tower
+from two_tower.datasets import ShardDataset, synthetic
+
+USERS, ITEMS = 60, 40
+
+
+@pytest.fixture
+def log_folder(tmp_path):
+    log = synthetic.SyntheticLog(num_users=USERS, num_items=ITEMS, num_clusters=4, seed=2)
+    return synthetic.write_shards(log, tmp_path / "log", 700, shard_size=300), log
+
+
+def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder):
+    folder, log = log_folder
+    data = log.to_arrays(700, chunk_size=300)
+    weights, initial = [], None
+    for streamed in (False, True):
+        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
+        model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=1)
+        model.embed_queries(np.arange(2))
+        model.embed_candidates(np.arange(2))
+        if initial is None:
+            initial = model.get_weights()
+        model.set_weights(initial)
+        if streamed:
+            dataset = ShardDataset(folder, batch_size=64, shuffle=False)
+            # fit's own shuffle would permute the order of the dataset's batches.
+            model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+        else:
+            x = {"query": data["user"], "candidate": data["item"]}
+            model.fit(x, batch_size=64, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for expected, actual in zip(*weights, strict=True):
+        np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_each_shuffled_epoch_is_a_seeded_permutation_of_the_log(log_folder):
+    folder, log = log_folder
+    data = log.to_arrays(700, chunk_size=300)
+    keys = set(zip(data["user"].tolist(), data["timestamp"].tolist(), strict=True))
+    dataset = ShardDataset(folder, batch_size=64, columns={"u": "user", "t": "timestamp"})
+    epochs = []
+    for _ in range(2):
+        batches = [dataset[i] for i in range(len(dataset))]
+        users = np.concatenate([b["u"] for b in batches])
+        times = np.concatenate([b["t"] for b in batches])
+        assert set(zip(users.tolist(), times.tolist(), strict=True)) == keys
+        assert len(times) == 700 == len(set(times.tolist()))
+        epochs.append(times)
+        dataset.on_epoch_end()
+    assert not np.array_equal(epochs[0], epochs[1])
+    again = ShardDataset(folder, batch_size=64, columns={"u": "user", "t": "timestamp"})
+    np.testing.assert_array_equal(np.concatenate([again[i]["t"] for i in range(11)]), epochs[0])
+
+
+def test_out_of_range_ids_name_the_shard_and_row(log_folder):
+    folder, _ = log_folder
+    path = folder / "shard-00001" / "item.npy"
+    items = np.load(path)
+    items[17] = ITEMS + 5
+    np.save(path, items)
+    message = r"shard-00001 holds 45 at row 17; ids must lie in \[0, 40\)"
+    with pytest.raises(ValueError, match=message):
+        ShardDataset(folder, batch_size=100, shuffle=False, verify=False)
+    # Batch by batch too (e.g. limits given after the data was made).
+    dataset = ShardDataset(
+        folder, batch_size=100, shuffle=False, verify=False, id_limits={"item": 50}
+    )
+    dataset.id_limits["item"] = ITEMS
+    dataset[0], dataset[2]  # rows 0-299: shard 0 only
+    with pytest.raises(ValueError, match=message):
+        dataset[3]
+
+
+def test_bad_files_get_errors_naming_them(log_folder, tmp_path):
+    folder, _ = log_folder
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ShardDataset(tmp_path)
+    target = folder / "shard-00002" / "user.npy"
+    original = target.read_bytes()
+    target.write_bytes(original[:-40])  # truncated
+    with pytest.raises(ValueError, match=r"shard-00002.user\.npy does not match its sha256"):
+        ShardDataset(folder)
+    with pytest.raises(ValueError, match=r"shard-00002.user\.npy (is corrupt|holds)"):
+        ShardDataset(folder, verify=False)
+    target.write_bytes(original)
+    (folder / "shard-00000" / "item.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard-00000.item\.npy is missing"):
+        ShardDataset(folder)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['genre'\]"):
+        ShardDataset(folder, columns={"query": "genre"})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "shards": []}))
+    with pytest.raises(ValueError, match="lists no shards"):
+        ShardDataset(folder)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShardDataset(folder, batch_size=0)
