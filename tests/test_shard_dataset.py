@@ -105,3 +105,35 @@ def test_bad_files_get_errors_naming_them(log_folder, tmp_path):
         ShardDataset(folder)
     with pytest.raises(ValueError, match="batch_size"):
         ShardDataset(folder, batch_size=0)
+
+
+def test_logq_probabilities_come_from_one_pass_and_train_like_in_memory(log_folder):
+    folder, log = log_folder
+    data = log.to_arrays(700, chunk_size=300)
+    frequency = np.bincount(data["item"], minlength=ITEMS) / 700
+    dataset = ShardDataset(folder, batch_size=64, shuffle=False, sampling_probability="item")
+    np.testing.assert_allclose(
+        dataset[1]["candidate_sampling_probability"], frequency[data["item"][64:128]], rtol=1e-6
+    )
+    weights, initial = [], None
+    for streamed in (False, True):
+        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
+        model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=1)
+        model.embed_queries(np.arange(2))
+        model.embed_candidates(np.arange(2))
+        initial = model.get_weights() if initial is None else initial
+        model.set_weights(initial)
+        if streamed:
+            model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+        else:
+            x = {
+                "query": data["user"],
+                "candidate": data["item"],
+                "candidate_sampling_probability": frequency[data["item"]].astype("float32"),
+            }
+            model.fit(x, batch_size=64, epochs=1, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for expected, actual in zip(*weights, strict=True):
+        np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="sampling_probability"):
+        ShardDataset(folder, sampling_probability="timestamp")

@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from two_tower._input_checks import SAMPLING_PROBABILITY
 from two_tower.datasets.synthetic import MANIFEST, _sha256
 
 
@@ -52,6 +53,10 @@ class ShardDataset(keras.utils.PyDataset):
             has them.
         verify: check every file's sha256 against the manifest first (reads
             the whole log once).
+        sampling_probability: a column (e.g. `"item"`) whose frequency in the
+            log is added to each batch as `x["candidate_sampling_probability"]`,
+            for `TwoTowerRetrieval`'s logQ correction. The counts take one
+            pass over the shards when the dataset is made, and O(ids) memory.
         **kwargs: `keras.utils.PyDataset` arguments (`workers`,
             `use_multiprocessing`, `max_queue_size`).
 
@@ -81,6 +86,7 @@ class ShardDataset(keras.utils.PyDataset):
         seed: int = 0,
         id_limits: Mapping[str, int] | None = None,
         verify: bool = True,
+        sampling_probability: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -145,7 +151,28 @@ class ShardDataset(keras.utils.PyDataset):
                 # `fit`, TensorFlow would wrap it in an InvalidArgumentError).
                 self._check_ids(array, column, len(self._shards) - 1, None)
         self._rows = np.array([int(shard["rows"]) for shard in shards])
+        self.sampling_probability = sampling_probability
+        self._frequency: np.ndarray | None = None
+        if sampling_probability is not None:
+            self._frequency = self._frequencies(sampling_probability)
         self._plan = self._epoch_plan()
+
+    def _frequencies(self, column: str) -> np.ndarray:
+        """Share of the log's rows holding each id of `column`, in one pass."""
+        if column not in self.columns.values():
+            raise ValueError(
+                f"`sampling_probability` must name one of the streamed columns "
+                f"{sorted(self.columns.values())}. Received {column!r}"
+            )
+        counts = np.zeros(self.id_limits.get(column, 0), dtype="int64")
+        for arrays in self._shards:
+            found = np.bincount(arrays[column], minlength=counts.shape[0])
+            if found.shape[0] > counts.shape[0]:
+                counts = np.concatenate(
+                    [counts, np.zeros(found.shape[0] - counts.shape[0], "int64")]
+                )
+            counts += found
+        return counts / counts.sum()
 
     @property
     def num_batches(self) -> int:
@@ -188,10 +215,15 @@ class ShardDataset(keras.utils.PyDataset):
                 parts[column].append(values)
             first += high - low
             position += 1
-        return {
+        batch = {
             name: np.concatenate(parts[column]) if len(parts[column]) > 1 else parts[column][0]
             for name, column in self.columns.items()
         }
+        if self._frequency is not None:
+            assert self.sampling_probability is not None
+            ids = np.concatenate(parts[self.sampling_probability])
+            batch[SAMPLING_PROBABILITY] = self._frequency[ids].astype("float32")
+        return batch
 
     def _check_ids(
         self, values: np.ndarray, column: str, shard: int, rows: np.ndarray | None
