@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -194,8 +195,12 @@ class ShardDataset(keras.utils.PyDataset):
         """The permutation of a shard's rows this epoch (None: in order)."""
         if not self.shuffle:
             return None
-        rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
-        return rng.permutation(int(self._rows[shard]))
+        return self._permutation(self.epoch, shard)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019  the batches of a shard come together
+    def _permutation(self, epoch: int, shard: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, shard, 1])
+        return rng.permutation(int(self._rows[shard])).astype("int32")
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.num_batches:

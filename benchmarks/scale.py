@@ -1,0 +1,159 @@
+"""Training at scale from disk: streamed `fit` against in-memory `fit`, the loader, the floor.
+
+A synthetic log (`two_tower.datasets.synthetic`: 100,000 users, `--items` items in
+20 clusters, power-law popularity) is written once per size as `.npy` shards of
+1,000,000 rows under `--cache`. Per backend and size, each in a fresh process:
+- stream: one epoch of `fit` on `ShardDataset` (shuffled shards and rows,
+  batch 1024), in-batch softmax, dim 64, row-sparse tables, Adam;
+- memory: the same epoch from NumPy arrays loaded whole (skipped above
+  `--memory-max-rows`);
+- loader: the `ShardDataset` batches alone, no model;
+- floor (JAX): the same sparse step hand-written in JAX with the data on the
+  device (`table_growth.jax_floor_ms_per_step`).
+Each reports seconds per epoch, examples/s and the process's peak RSS. The
+first `fit` step compiles; the epoch time includes it, as a user's would.
+
+    python benchmarks/scale.py --backends jax --rows 1000000,10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+USERS = 100_000
+BATCH = 1024
+SHARD = 1_000_000
+
+
+def _log(items: int) -> object:
+    from two_tower.datasets import synthetic
+
+    return synthetic.SyntheticLog(num_users=USERS, num_items=items, num_clusters=20, seed=0)
+
+
+def _folder(cache: str, rows: int, items: int) -> Path:
+    from two_tower.datasets import synthetic
+
+    folder = Path(cache) / f"log-{rows}-{items}"
+    if not (folder / synthetic.MANIFEST).is_file():
+        synthetic.write_shards(_log(items), folder, rows, shard_size=SHARD, overwrite=True)
+    return folder
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _model(items: int) -> object:
+    import keras
+
+    import two_tower
+
+    model = two_tower.TwoTowerRetrieval.from_ids(USERS, items, 64, sparse=True, loss="softmax")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    return model
+
+
+def _worker(mode: str, rows: int, items: int, cache: str) -> dict[str, float]:
+    from two_tower.datasets import ShardDataset
+
+    folder = _folder(cache, rows, items)
+    started = time.perf_counter()
+    if mode == "loader":
+        dataset = ShardDataset(folder, batch_size=BATCH, verify=False)
+        started = time.perf_counter()
+        for index in range(len(dataset)):
+            dataset[index]
+    elif mode == "stream":
+        dataset = ShardDataset(folder, batch_size=BATCH, verify=False)
+        model = _model(items)
+        started = time.perf_counter()
+        model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+    elif mode == "memory":
+        log = _log(items)
+        data = log.to_arrays(rows, chunk_size=SHARD)
+        model = _model(items)
+        started = time.perf_counter()
+        model.fit(
+            {"query": data["user"], "candidate": data["item"]},
+            batch_size=BATCH,
+            epochs=1,
+            verbose=0,
+        )
+    else:  # floor
+        sys.path.insert(0, str(Path(__file__).parent))
+        from table_growth import jax_floor_ms_per_step
+
+        ms = jax_floor_ms_per_step(items, 64)
+        return {"seconds": ms * rows / BATCH / 1000, "peak_rss_gb": _peak_rss_gb()}
+    return {"seconds": time.perf_counter() - started, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _run(backend: str, mode: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
+    command = [sys.executable, __file__, "--worker", mode, "--rows", str(rows)]
+    command += ["--items", str(args.items), "--cache", args.cache]
+    environment = dict(os.environ, KERAS_BACKEND=backend)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=environment, check=False
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
+    if completed.returncode != 0 or not lines:
+        sys.exit(f"{backend} {mode} at {rows} rows failed:\n{completed.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(lines[-1][len("RESULTS ") :])
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser.add_argument("--rows", default="1000000,10000000")
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--memory-max-rows", type=int, default=10_000_000)
+    parser.add_argument("--cache", default=os.path.join("/tmp", "two_tower_scale"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = [int(rows) for rows in args.rows.split(",")]
+    if args.worker:
+        result = _worker(args.worker, sizes[0], args.items, args.cache)
+        print("RESULTS " + json.dumps(result))
+        return
+    for rows in sizes:  # the shards, once, outside the timed runs
+        _folder(args.cache, rows, args.items)
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    print(f"one epoch, batch {BATCH}, {USERS:,} users, {args.items:,} items, dim 64, Adam")
+    print("| backend | rows | mode | s/epoch | examples/s | peak RSS GB | vs memory |")
+    print("|---|---|---|---|---|---|---|")
+    for backend in args.backends.split(","):
+        results[backend] = {}
+        for rows in sizes:
+            modes = ["loader", "stream"]
+            modes += ["memory"] if rows <= args.memory_max_rows else []
+            modes += ["floor"] if backend == "jax" else []
+            figures = {mode: _run(backend, mode, rows, args) for mode in modes}
+            results[backend][str(rows)] = figures
+            memory = figures.get("memory")
+            for mode, figure in figures.items():
+                rate = rows / figure["seconds"]
+                ratio = "-" if memory is None else f"{rate / (rows / memory['seconds']):.2f}x"
+                print(
+                    f"| {backend} | {rows:,} | {mode} | {figure['seconds']:.1f} | {rate:,.0f} | "
+                    f"{figure['peak_rss_gb']:.2f} | {ratio} |",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
