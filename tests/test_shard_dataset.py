@@ -137,3 +137,15 @@ def test_logq_probabilities_come_from_one_pass_and_train_like_in_memory(log_fold
         np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="sampling_probability"):
         ShardDataset(folder, sampling_probability="timestamp")
+
+
+def test_row_sparse_tables_train_from_a_shuffled_stream(log_folder):
+    folder, _ = log_folder
+    model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, sparse=True, loss="softmax")
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    history = model.fit(ShardDataset(folder, batch_size=64), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2 * 11

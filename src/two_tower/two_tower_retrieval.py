@@ -695,6 +695,9 @@ class TwoTowerRetrieval(keras.Model):
         Otherwise the towers create their variables inside Keras' first compiled
         step; on TensorFlow, a step that then fails leaves them broken for good.
         """
+        if isinstance(x, keras.utils.PyDataset) and x.num_batches:
+            x = x[0]  # its first batch: (x, y, ...) or x
+            x = x[0] if isinstance(x, tuple) else x
         if not isinstance(x, Mapping):
             return
         for key, tower, embed in (

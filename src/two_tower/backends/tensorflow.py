@@ -91,7 +91,6 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
             "use keras.layers.Embedding there."
         )
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    _, dense_variables = _sparse_training.split_variables(model)
     with tf.GradientTape() as tape:
         recorder = _Recorder(tape)
         with _sparse_training.recording(recorder):
@@ -102,6 +101,9 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
         first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
         model._loss_tracker.update_state(loss, sample_weight=tf.shape(first)[0])  # noqa: SLF001
         loss = model.optimizer.scale_loss(loss)
+    # After the forward pass, which builds the tables if `fit` did not (e.g. on a
+    # dataset's first batch inside the traced step).
+    _, dense_variables = _sparse_training.split_variables(model)
     gradients = tape.gradient(loss, dense_variables + recorder.rows)
     row_gradients = [
         tf.zeros_like(rows) if gradient is None else tf.convert_to_tensor(gradient)

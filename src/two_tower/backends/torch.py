@@ -126,7 +126,6 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
     from two_tower import _sparse_training
 
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    _, dense_variables = _sparse_training.split_variables(model)
     recorder = _Recorder()
     with _sparse_training.recording(recorder):
         y_pred = model(x, training=True)
@@ -134,6 +133,8 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
         loss = model._compute_loss(  # noqa: SLF001
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
+    # After the forward pass, which builds the tables if `fit` did not.
+    _, dense_variables = _sparse_training.split_variables(model)
     first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
     model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
     loss = model.optimizer.scale_loss(loss)
