@@ -16,6 +16,39 @@ import os
 import time
 
 
+def validation_split(data_dir: str | None) -> tuple[dict, dict]:
+    """The fitting and validation parts of the seed protocol's training split."""
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(data_dir)
+    records = {
+        "user": ratings["user_id"].astype("int32"),
+        "movie": ratings["movie_id"].astype("int32"),
+    }
+    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    return movielens.random_split(train, test_fraction=0.1, seed=7)
+
+
+def validation_results(model, fitting: dict, validation: dict) -> dict[str, float]:
+    """Validation top-10/100 over the full catalogue, fitting items excluded."""
+    import keras
+    import numpy as np
+
+    from two_tower.evaluation import evaluate_retrieval
+
+    queries = keras.ops.convert_to_numpy(model.query_tower(np.arange(944)))
+    catalogue = keras.ops.convert_to_numpy(model.candidate_tower(np.arange(1683)))
+    return evaluate_retrieval(
+        queries,
+        catalogue[1:],  # row 0 is no movie
+        validation["user"],
+        validation["movie"] - 1,
+        exclude_query_ids=fitting["user"],
+        exclude_candidate_ids=fitting["movie"] - 1,
+        ks=(10, 100),
+    )["unseen"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
@@ -24,19 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["KERAS_BACKEND"] = args.backend
 
     import keras
-    import numpy as np
 
     import two_tower
-    from two_tower.datasets import movielens
-    from two_tower.evaluation import evaluate_retrieval, format_table
+    from two_tower.evaluation import format_table
 
-    ratings = movielens.load_ratings(args.data_dir)
-    records = {
-        "user": ratings["user_id"].astype("int32"),
-        "movie": ratings["movie_id"].astype("int32"),
-    }
-    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
-    fitting, validation = movielens.random_split(train, test_fraction=0.1, seed=7)
+    fitting, validation = validation_split(args.data_dir)
 
     grid = {
         "embedding_dim": (32, 64),
@@ -64,17 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             verbose=0,
         )
         seconds = time.perf_counter() - started
-        queries = keras.ops.convert_to_numpy(model.query_tower(np.arange(944)))
-        catalogue = keras.ops.convert_to_numpy(model.candidate_tower(np.arange(1683)))
-        results = evaluate_retrieval(
-            queries,
-            catalogue[1:],
-            validation["user"],
-            validation["movie"] - 1,
-            exclude_query_ids=fitting["user"],
-            exclude_candidate_ids=fitting["movie"] - 1,
-            ks=(10, 100),
-        )["unseen"]
+        results = validation_results(model, fitting, validation)
         label = ", ".join(f"{k}={v}" for k, v in config.items()) + f" ({seconds:.0f} s)"
         rows[label] = results
         print(format_table({label: results}, ks=(10, 100)).splitlines()[-1], flush=True)

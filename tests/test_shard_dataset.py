@@ -20,26 +20,33 @@ def log_folder(tmp_path):
     return synthetic.write_shards(log, tmp_path / "log", 700, shard_size=300), log
 
 
-def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder):
-    folder, log = log_folder
-    data = log.to_arrays(700, chunk_size=300)
+def _streamed_and_in_memory_weights(dataset, x, epochs):
+    """Weights after fitting the same model from `dataset` and from arrays `x` (batch 64)."""
     weights, initial = [], None
     for streamed in (False, True):
         model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
         model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=1)
         model.embed_queries(np.arange(2))
         model.embed_candidates(np.arange(2))
-        if initial is None:
-            initial = model.get_weights()
+        initial = model.get_weights() if initial is None else initial
         model.set_weights(initial)
         if streamed:
-            dataset = ShardDataset(folder, batch_size=64, shuffle=False)
             # fit's own shuffle would permute the order of the dataset's batches.
-            model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+            model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
         else:
-            x = {"query": data["user"], "candidate": data["item"]}
-            model.fit(x, batch_size=64, epochs=2, shuffle=False, verbose=0)
+            model.fit(x, batch_size=64, epochs=epochs, shuffle=False, verbose=0)
         weights.append(model.get_weights())
+    return weights
+
+
+def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder):
+    folder, log = log_folder
+    data = log.to_arrays(700, chunk_size=300)
+    weights = _streamed_and_in_memory_weights(
+        ShardDataset(folder, batch_size=64, shuffle=False),
+        {"query": data["user"], "candidate": data["item"]},
+        epochs=2,
+    )
     for expected, actual in zip(*weights, strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
 
@@ -115,24 +122,12 @@ def test_logq_probabilities_come_from_one_pass_and_train_like_in_memory(log_fold
     np.testing.assert_allclose(
         dataset[1]["candidate_sampling_probability"], frequency[data["item"][64:128]], rtol=1e-6
     )
-    weights, initial = [], None
-    for streamed in (False, True):
-        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
-        model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=1)
-        model.embed_queries(np.arange(2))
-        model.embed_candidates(np.arange(2))
-        initial = model.get_weights() if initial is None else initial
-        model.set_weights(initial)
-        if streamed:
-            model.fit(dataset, epochs=1, shuffle=False, verbose=0)
-        else:
-            x = {
-                "query": data["user"],
-                "candidate": data["item"],
-                "candidate_sampling_probability": frequency[data["item"]].astype("float32"),
-            }
-            model.fit(x, batch_size=64, epochs=1, shuffle=False, verbose=0)
-        weights.append(model.get_weights())
+    x = {
+        "query": data["user"],
+        "candidate": data["item"],
+        "candidate_sampling_probability": frequency[data["item"]].astype("float32"),
+    }
+    weights = _streamed_and_in_memory_weights(dataset, x, epochs=1)
     for expected, actual in zip(*weights, strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="sampling_probability"):

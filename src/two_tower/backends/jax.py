@@ -143,9 +143,10 @@ def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
 
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    table_ids = {id(layer.embeddings) for layer in _sparse_training.sparse_tables(model)}
+    _, dense_variables = _sparse_training.split_variables(model)
+    dense_ids = {id(variable) for variable in dense_variables}
     variables = model.trainable_variables
-    is_table = [id(variable) in table_ids for variable in variables]
+    is_table = [id(variable) not in dense_ids for variable in variables]
     dense_values = [value for value, table in zip(trainable, is_table, strict=True) if not table]
 
     def forward(dense: list[Any], recorder: _Recorder) -> Any:
@@ -191,7 +192,7 @@ def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
             model.optimizer,
             list(zip(sizing.layers, lookup_ids, row_gradients, strict=True)),
             dense_gradients,
-            [variable for variable, table in zip(variables, is_table, strict=True) if not table],
+            dense_variables,
             _read_rows,
             _write_rows,
         )

@@ -33,7 +33,6 @@ GroupLens or reads a copy you already have; it never ships the data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from two_tower.datasets._files import sha256 as _sha256
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
@@ -120,14 +121,6 @@ def cache_root() -> Path:
 
 def _has_files(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_archive(archive: Path, sha256: str | None, source: str | None = None) -> None:

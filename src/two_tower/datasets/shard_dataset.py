@@ -14,7 +14,8 @@ import keras
 import numpy as np
 
 from two_tower._input_checks import SAMPLING_PROBABILITY
-from two_tower.datasets.synthetic import MANIFEST, _sha256
+from two_tower.datasets._files import sha256 as _sha256
+from two_tower.datasets.synthetic import MANIFEST
 
 
 class ShardDataset(keras.utils.PyDataset):

@@ -20,7 +20,7 @@ the baseline, so a test can check that a model learns the clusters.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
 import shutil
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from two_tower.datasets._files import sha256 as _sha256
 
 MANIFEST = "manifest.json"
 COLUMNS = ("user", "item", "timestamp")
@@ -87,6 +89,7 @@ class SyntheticLog:
             raise ValueError(f"`affinity` must lie in [0, 1]. Received: {self.affinity!r}")
 
     # ------------------------------------------------------------ ground truth
+    @functools.cached_property
     def _truth(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """User clusters, item clusters and item popularity weights (summing to 1)."""
         rng = np.random.default_rng([self.seed, 2**31])
@@ -100,21 +103,21 @@ class SyntheticLog:
     @property
     def user_clusters(self) -> np.ndarray:
         """`[num_users]` cluster of each user."""
-        return self._truth()[0]
+        return self._truth[0]
 
     @property
     def item_clusters(self) -> np.ndarray:
         """`[num_items]` cluster of each item."""
-        return self._truth()[1]
+        return self._truth[1]
 
     @property
     def popularity(self) -> np.ndarray:
         """`[num_items]` popularity weights, summing to 1."""
-        return self._truth()[2]
+        return self._truth[2]
 
     def ideal_scores(self, users: Any) -> np.ndarray:
         """`[len(users), num_items]` true probability of each item for each user."""
-        user_clusters, item_clusters, weights = self._truth()
+        user_clusters, item_clusters, weights = self._truth
         users = np.asarray(users).reshape(-1)
         cluster_mass = np.bincount(item_clusters, weights=weights, minlength=self.num_clusters)
         own = item_clusters[None, :] == user_clusters[users][:, None]
@@ -136,7 +139,7 @@ class SyntheticLog:
         """
         total = _positive_int("num_interactions", num_interactions)
         chunk_size = _positive_int("chunk_size", chunk_size)
-        user_clusters, item_clusters, weights = self._truth()
+        user_clusters, item_clusters, weights = self._truth
         order = np.argsort(item_clusters, kind="stable")  # items grouped by cluster
         bounds = np.searchsorted(item_clusters[order], np.arange(self.num_clusters + 1))
         global_cdf = np.cumsum(weights)
@@ -184,14 +187,6 @@ class SyntheticLog:
             "seed": self.seed,
             "start_time": self.start_time,
         }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shards(
