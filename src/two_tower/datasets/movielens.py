@@ -1,11 +1,20 @@
-"""MovieLens 100K as plain NumPy dicts of arrays.
+"""MovieLens 100K, 1M, 20M and 25M as plain NumPy dicts of arrays.
 
-The records have the feature names, dtypes and values of tfds
-`movielens/100k-ratings` and `movielens/100k-movies`, with two conveniences:
-strings are `str` (not `bytes`), and `movie_genres` is an object array holding
-one int64 array of genre labels per record (tfds's variable-length sequence).
+`variant=` picks the release: `"100k"` (the default), `"1m"`, `"20m"` or
+`"25m"`. Two forms:
+- `load_ratings` / `load_movies`: the records have the feature names, dtypes
+  and values of tfds `movielens/<variant>-ratings` and `-movies`, with two
+  conveniences: strings are `str` (not `bytes`), and `movie_genres` is an
+  object array holding one int64 array of genre labels per record (tfds's
+  variable-length sequence). This repeats every movie and user feature in
+  every rating, so 20M and 25M refuse it (tens of GB).
+- `load_tables`: the compact form (`MovieLensTables`), ratings as index
+  columns plus one feature table per entity, for every variant.
 
-Where the data comes from, in order:
+100K is parsed in NumPy; 1M, 20M and 25M with pyarrow's CSV reader (ml-1m's
+`.dat` files are `::`-separated ISO-8859-1, ml-20m/ml-25m's are UTF-8 CSV).
+
+Where the data comes from, in order (`ml-100k` stands for `ml-<variant>`):
 1. `data_dir`, if given: a folder holding the GroupLens files (`u.data`, ...),
    a folder holding `ml-100k/` or `ml-100k.zip`, or the zip itself. A zip is
    extracted beside itself, into `ml-100k/`.
@@ -15,6 +24,9 @@ Where the data comes from, in order:
 3. The official GroupLens download into the cache root, checked with sha256.
    It is written to a temporary file and moved into place only once verified,
    so an interrupted or corrupt download is never used by a later run.
+   (`keras.utils.get_file` is not used: it writes straight to the final path,
+   so a killed process leaves a partial archive there, and it keeps a download
+   that fails its checksum; it also extracts in place, not atomically.)
 
 With `source="tfds"` the records come from tensorflow-datasets instead, in
 tfds's order; when a local copy is found, the tfds download cache is primed
@@ -25,7 +37,9 @@ instead of loading as fewer records: each line must have all its fields, and
 u.data, u.user and u.item must have as many lines as `u.info` declares, or,
 without `u.info`, as the official MovieLens 100K has (`OFFICIAL_COUNTS`:
 100,000 ratings, 943 users, 1,682 movies). A local copy is checked the same way
-before it primes tfds, and the tfds records are counted after loading.
+before it primes tfds, and the tfds records are counted after loading. 1M, 20M
+and 25M are checked against their official counts unless `sha256=None` says
+the files are your own.
 
 MovieLens' licence forbids redistribution: this module downloads it from
 GroupLens or reads a copy you already have; it never ships the data.
@@ -45,7 +59,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from two_tower.datasets import _movielens_large
 from two_tower.datasets._files import sha256 as _sha256
+from two_tower.datasets.movielens_tables import VARIANTS, MovieLensTables
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
@@ -110,6 +126,62 @@ _LAYOUT = {
     "u.item": ("items", "|", 5 + len(_ITEM_GENRE_COLUMNS)),
 }
 _SOURCES = ("grouplens", "tfds")
+# `sha256=OFFICIAL` (the default) checks against the official release.
+OFFICIAL = "official"
+
+
+class _Release(NamedTuple):
+    """One GroupLens MovieLens release: where it is, what it weighs, what it holds."""
+
+    variant: str
+    url: str
+    sha256: str
+    size: int
+    files: tuple[str, ...]
+
+    @property
+    def folder(self) -> str:
+        return f"ml-{self.variant}"
+
+    @property
+    def archive(self) -> str:
+        return f"ml-{self.variant}.zip"
+
+    @property
+    def title(self) -> str:
+        return f"MovieLens {self.variant.upper()}"
+
+
+# Sizes and sha256 of the official zips, as tensorflow-datasets records them.
+_BASE_URL = "https://files.grouplens.org/datasets/movielens/"
+RELEASES = {
+    "100k": _Release("100k", URL, SHA256, SIZE, _REQUIRED_FILES),
+    "1m": _Release(
+        "1m", _BASE_URL + "ml-1m.zip",
+        "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        5_917_549, _movielens_large.FILES["1m"],
+    ),
+    "20m": _Release(
+        "20m", _BASE_URL + "ml-20m.zip",
+        "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
+        198_702_078, _movielens_large.FILES["20m"],
+    ),
+    "25m": _Release(
+        "25m", _BASE_URL + "ml-25m.zip",
+        "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa",
+        261_978_986, _movielens_large.FILES["25m"],
+    ),
+}  # fmt: skip
+
+
+def _release(variant: str) -> _Release:
+    if variant not in RELEASES:
+        raise ValueError(f"`variant` must be one of {VARIANTS}. Received: {variant!r}")
+    return RELEASES[variant]
+
+
+def _expected_sha256(sha256: str | None, release: _Release) -> str | None:
+    return release.sha256 if sha256 == OFFICIAL else sha256
 
 
 # --------------------------------------------------------------------- locate
@@ -119,11 +191,16 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path("~/.keras/datasets").expanduser()
 
 
-def _has_files(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+def _has_files(folder: Path, release: _Release = RELEASES["100k"]) -> bool:
+    return all((folder / name).is_file() for name in release.files)
 
 
-def _check_archive(archive: Path, sha256: str | None, source: str | None = None) -> None:
+def _check_archive(
+    archive: Path,
+    sha256: str | None,
+    source: str | None = None,
+    release: _Release = RELEASES["100k"],
+) -> None:
     """Raises if `archive` does not hash to `sha256`; `source` names a download."""
     if sha256 is None:
         return
@@ -138,27 +215,29 @@ def _check_archive(archive: Path, sha256: str | None, source: str | None = None)
         raise ValueError(
             f"Checksum mismatch for {archive}: sha256 is {actual}, expected "
             f"{sha256}. The archive is truncated, corrupt or not the official "
-            "ml-100k.zip; pass `sha256=None` for an archive you made yourself."
+            f"{release.archive}; pass `sha256=None` for an archive you made yourself."
         )
 
 
-def _extract(archive: Path, destination: Path, sha256: str | None) -> Path:
-    """Extracts `archive` to `destination/ml-100k/`, complete or not at all.
+def _extract(
+    archive: Path, destination: Path, sha256: str | None, release: _Release = RELEASES["100k"]
+) -> Path:
+    """Extracts `archive` to `destination/ml-<variant>/`, complete or not at all.
 
-    An existing complete `ml-100k/` is reused; an incomplete one is never
+    An existing complete `ml-<variant>/` is reused; an incomplete one is never
     overwritten (it may hold someone's files), so that case raises.
     """
-    _check_archive(archive, sha256)
-    target = destination / FOLDER
-    if _has_files(target):
+    _check_archive(archive, sha256, release=release)
+    target = destination / release.folder
+    if _has_files(target, release):
         return target
     if target.exists():
         raise FileExistsError(
-            f"{target} exists but lacks some of {list(_REQUIRED_FILES)}, so {archive} "
+            f"{target} exists but lacks some of {list(release.files)}, so {archive} "
             "was not extracted over it. Remove or complete that folder."
         )
     destination.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".ml-100k-", dir=destination))
+    staging = Path(tempfile.mkdtemp(prefix=f".{release.folder}-", dir=destination))
     try:
         try:
             with zipfile.ZipFile(archive) as zipped:
@@ -168,11 +247,11 @@ def _extract(archive: Path, destination: Path, sha256: str | None) -> Path:
                 zipped.extractall(staging)
         except zipfile.BadZipFile as error:
             raise ValueError(f"{archive} is not a valid zip archive: {error}") from error
-        found = [p.parent for p in staging.rglob("u.data") if _has_files(p.parent)]
+        found = [p.parent for p in staging.rglob(release.files[0]) if _has_files(p.parent, release)]
         if not found:
             raise ValueError(
-                f"Archive {archive} does not contain the MovieLens 100K files "
-                f"{list(_REQUIRED_FILES)}."
+                f"Archive {archive} does not contain the {release.title} files "
+                f"{list(release.files)}."
             )
         os.replace(found[0], target)
     finally:
@@ -200,21 +279,26 @@ def _download(url: str, destination: Path, sha256: str) -> Path:
 def locate(
     data_dir: str | os.PathLike[str] | None = None,
     *,
+    variant: str = "100k",
     download: bool = True,
-    sha256: str | None = SHA256,
+    sha256: str | None = OFFICIAL,
 ) -> Path:
-    """Returns the folder holding the MovieLens 100K files, fetching them if needed.
+    """Returns the folder holding the MovieLens files, fetching them if needed.
 
     Args:
         data_dir: where to look first (see the module docstring). When it is not
             given, the cache root is used.
+        variant: `"100k"`, `"1m"`, `"20m"` or `"25m"`.
         download: download from GroupLens when no local copy is found.
-        sha256: the expected sha256 of a zip archive read from disk; None skips
-            the check (for archives you made yourself). A download is always
-            checked, against the official sha256 when this is None.
+        sha256: the expected sha256 of a zip archive read from disk: `"official"`
+            (the default) for the official release's, or None to skip the check
+            (for archives you made yourself). A download is always checked,
+            against the official sha256 when this is None.
 
     Returns:
-        The folder containing `u.data`, `u.item` and `u.user`.
+        The folder containing the release's files (`u.data`, `u.item` and
+        `u.user` for 100K; `ratings.dat`, `movies.dat`, `users.dat` for 1M;
+        `ratings.csv` and `movies.csv` for 20M and 25M).
 
     Raises:
         FileNotFoundError: nothing found and `download` is off or the download
@@ -224,55 +308,57 @@ def locate(
     Example:
     >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
     """
+    release = _release(variant)
+    sha256 = _expected_sha256(sha256, release)
     looked: list[str] = []
     if data_dir is not None:
         given = Path(data_dir).expanduser()
         if given.is_file() and not zipfile.is_zipfile(given):
-            if _has_files(given.parent):
+            if _has_files(given.parent, release):
                 return given.parent  # e.g. data_dir=".../ml-100k/u.data"
             raise ValueError(
                 f"{given} is not a valid zip archive, nor a file of a folder holding "
-                f"{list(_REQUIRED_FILES)}. Pass that folder, its parent, or ml-100k.zip."
+                f"{list(release.files)}. Pass that folder, its parent, or "
+                f"{release.archive}."
             )
         if given.is_file():
-            return _extract(given, given.parent, sha256)
-        for folder in (given, given / FOLDER):
+            return _extract(given, given.parent, sha256, release)
+        for folder in (given, given / release.folder):
             looked.append(str(folder))
-            if _has_files(folder):
+            if _has_files(folder, release):
                 return folder
-        if (given / ARCHIVE).is_file():
-            return _extract(given / ARCHIVE, given, sha256)
-        looked.append(str(given / ARCHIVE))
+        if (given / release.archive).is_file():
+            return _extract(given / release.archive, given, sha256, release)
+        looked.append(str(given / release.archive))
         raise FileNotFoundError(
-            f"MovieLens 100K not found at data_dir={str(data_dir)!r}. Looked for "
-            f"{list(_REQUIRED_FILES)} in: {', '.join(looked)}. Pass the folder "
-            "holding u.data (or its parent, or ml-100k.zip)."
+            f"{release.title} not found at data_dir={str(data_dir)!r}. Looked for "
+            f"{list(release.files)} in: {', '.join(looked)}. Pass the folder "
+            f"holding {release.files[0]} (or its parent, or {release.archive})."
         )
     root = cache_root()
-    folder = root / FOLDER
+    folder = root / release.folder
     looked.append(str(folder))
-    if _has_files(folder):
+    if _has_files(folder, release):
         return folder
-    archive = root / ARCHIVE
+    archive = root / release.archive
     looked.append(str(archive))
     if not archive.is_file():
         if not download:
-            raise FileNotFoundError(_not_found_message(looked, "download=False"))
+            raise FileNotFoundError(_not_found_message(looked, "download=False", release))
         try:
             # A download is always verified: against `sha256`, or the official one.
-            _download(URL, archive, SHA256 if sha256 is None else sha256)
+            _download(release.url, archive, release.sha256 if sha256 is None else sha256)
         except (urllib.error.URLError, OSError) as error:
-            raise FileNotFoundError(
-                _not_found_message(looked, f"downloading {URL} failed: {error}")
-            ) from error
-    return _extract(archive, root, sha256)
+            why = f"downloading {release.url} failed: {error}"
+            raise FileNotFoundError(_not_found_message(looked, why, release)) from error
+    return _extract(archive, root, sha256, release)
 
 
-def _not_found_message(looked: list[str], why: str) -> str:
+def _not_found_message(looked: list[str], why: str, release: _Release) -> str:
     return (
-        f"MovieLens 100K is not available ({why}). Looked in: {', '.join(looked)}. "
-        f"To use a local copy, pass data_dir='/path/to/ml-100k' or set "
-        f"{ENV_VAR} to a folder that holds ml-100k/ (or ml-100k.zip)."
+        f"{release.title} is not available ({why}). Looked in: {', '.join(looked)}. "
+        f"To use a local copy, pass data_dir='/path/to/{release.folder}' or set "
+        f"{ENV_VAR} to a folder that holds {release.folder}/ (or {release.archive})."
     )
 
 
@@ -446,13 +532,15 @@ def _movie_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     }
 
 
-def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
+def _tables_100k(folder: Path) -> MovieLensTables:
     declared = _declared_counts(folder)
     # The ratings first: a cut u.data is the likeliest damage, so name it first.
     path = folder / "u.data"
     rows = _read_counted(folder, "u.data", declared)
     movies = _parse_movies(folder, declared)
     users = _parse_users(folder, declared)
+    movie_index = {movie_id: index for index, movie_id in enumerate(movies)}
+    user_index = {user_id: index for index, user_id in enumerate(users)}
     for number, (user_id, movie_id, rating, timestamp) in enumerate(rows, start=1):
         if user_id not in users or movie_id not in movies:
             raise ValueError(
@@ -465,16 +553,13 @@ def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
                 f"found {rating!r}."
             )
         _as_int(timestamp, path, "timestamp")
-    user_rows = [users[row[0]] for row in rows]
-    movie_rows = [movies[row[1]] for row in rows]
-    ratings = _movie_arrays(movie_rows)
-    ratings.update(
-        {
-            "user_id": np.asarray([row[0] for row in rows], dtype=str),
-            "user_rating": np.asarray([row[2] for row in rows], dtype="int64").astype("float32"),
-            "timestamp": np.asarray([row[3] for row in rows], dtype="int64"),
-        }
-    )
+    ratings = {
+        "user_index": np.asarray([user_index[row[0]] for row in rows], dtype="int32"),
+        "movie_index": np.asarray([movie_index[row[1]] for row in rows], dtype="int32"),
+        "user_rating": np.asarray([row[2] for row in rows], dtype="int64").astype("float32"),
+        "timestamp": np.asarray([row[3] for row in rows], dtype="int64"),
+    }
+    user_table = {"user_id": np.asarray(list(users), dtype=str)}
     for key, dtype in (
         ("bucketized_user_age", "float32"),
         ("raw_user_age", "float32"),
@@ -483,8 +568,8 @@ def _read_grouplens_ratings(folder: Path) -> dict[str, np.ndarray]:
         ("user_occupation_text", "str"),
         ("user_zip_code", "str"),
     ):
-        ratings[key] = np.asarray([u[key] for u in user_rows], dtype=dtype)
-    return {key: ratings[key] for key in RATING_FEATURES}
+        user_table[key] = np.asarray([u[key] for u in users.values()], dtype=dtype)
+    return MovieLensTables("100k", ratings, _movie_arrays(list(movies.values())), user_table)
 
 
 # ----------------------------------------------------------------------- tfds
@@ -593,27 +678,90 @@ def _tfds_records(
 
 
 # --------------------------------------------------------------------- public
-def _check_source(source: str) -> None:
+def _check_source(source: str, variant: str) -> None:
     if source not in _SOURCES:
         raise ValueError(f"`source` must be one of {_SOURCES}. Received: {source!r}")
+    _release(variant)
+    if source == "tfds" and variant != "100k":
+        raise ValueError(
+            f"source='tfds' reads MovieLens 100K only; for variant={variant!r} use "
+            "source='grouplens' (the same records, parsed with pyarrow)."
+        )
+
+
+def load_tables(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    variant: str = "100k",
+    download: bool = True,
+    sha256: str | None = OFFICIAL,
+) -> MovieLensTables:
+    """Loads a MovieLens release in compact form: index columns plus entity tables.
+
+    The form for scale: MovieLens 25M's ratings take 0.5 GB as four columns.
+    See `MovieLensTables`; its `to_records` gives the tfds layout back.
+
+    Args:
+        data_dir: where to look first; see `locate`.
+        variant: `"100k"`, `"1m"`, `"20m"` or `"25m"`.
+        download: download from GroupLens if no local copy is found.
+        sha256: `"official"` checks an archive against the official sha256 and
+            (1M, 20M, 25M) the files against the official row counts; None
+            skips both, for files you made yourself. 100K's counts are checked
+            against `u.info` either way (see the module docstring).
+
+    Returns:
+        A `MovieLensTables`.
+
+    Raises:
+        FileNotFoundError: no data and no way to fetch it.
+        ValueError: a corrupt, truncated or mismatching file (a missing or
+            mistyped column, a rating of an unknown movie, a checksum
+            mismatch...), named in the message; or an unknown `variant`.
+
+    Example:
+    >>> tables = two_tower.datasets.movielens.load_tables(variant="1m")  # doctest: +SKIP
+    >>> model = two_tower.TwoTowerRetrieval.from_ids(
+    ...     tables.num_users, tables.num_movies)  # doctest: +SKIP
+    >>> x = {"query": tables.ratings["user_index"],
+    ...      "candidate": tables.ratings["movie_index"]}  # doctest: +SKIP
+    """
+    release = _release(variant)
+    folder = locate(data_dir, variant=variant, download=download, sha256=sha256)
+    if variant == "100k":
+        return _tables_100k(folder)
+    return _movielens_large.read_tables(
+        folder,
+        variant,
+        official=_expected_sha256(sha256, release) == release.sha256,
+        genre_names=GENRES,
+        occupation_labels=OCCUPATIONS,
+        age_buckets=_AGE_BUCKETS,
+    )
 
 
 def load_ratings(
     data_dir: str | os.PathLike[str] | None = None,
     *,
+    variant: str = "100k",
     source: str = "grouplens",
     download: bool = True,
-    sha256: str | None = SHA256,
+    sha256: str | None = OFFICIAL,
     tfds_data_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Loads the 100,000 ratings, joined with movie and user features.
+    """Loads the ratings, joined with movie and user features, in the tfds layout.
+
+    The layout repeats every movie and user feature in every rating, so it is
+    offered for 100K and 1M only; for 20M and 25M (tens of GB in this layout)
+    use `load_tables` and, for a subset of ratings, `MovieLensTables.to_records`.
 
     Args:
         data_dir: where to look first; see `locate`.
-        source: `"grouplens"` parses the GroupLens files with NumPy (file order);
-            `"tfds"` reads tfds `movielens/100k-ratings` (tfds order).
+        variant: `"100k"` (100,000 ratings) or `"1m"` (1,000,209).
+        source: `"grouplens"` parses the GroupLens files (file order);
+            `"tfds"` reads tfds `movielens/100k-ratings` (tfds order; 100K only).
         download: download from GroupLens if no local copy is found.
-        sha256: expected sha256 of a zip archive; None skips the check.
+        sha256: see `load_tables`.
         tfds_data_dir: tfds data folder for `source="tfds"`; defaults to
             `<cache root>/tfds`.
 
@@ -621,43 +769,55 @@ def load_ratings(
         A dict of equal-length NumPy arrays keyed by the tfds feature names:
         `user_id`, `movie_id`, `movie_title`, `user_zip_code` and
         `user_occupation_text` (str); `movie_genres` (object array of int64
-        arrays); `user_rating`, `bucketized_user_age`, `raw_user_age` (float32);
-        `timestamp`, `user_occupation_label` (int64); `user_gender` (bool, True
-        is male).
+        arrays); `user_rating`, `bucketized_user_age`, `raw_user_age` (100K
+        only) (float32); `timestamp`, `user_occupation_label` (int64);
+        `user_gender` (bool, True is male).
 
     Raises:
         FileNotFoundError: no data and no way to fetch it.
-        ValueError: a corrupt, truncated or mismatching file, named in the message.
+        ValueError: a corrupt, truncated or mismatching file, named in the
+            message; `variant="20m"` or `"25m"`.
 
     Example:
     >>> ratings = two_tower.datasets.movielens.load_ratings()  # doctest: +SKIP
     >>> ratings["user_id"][:3]  # doctest: +SKIP
     array(['196', '186', '22'], dtype='<U3')
     """
-    _check_source(source)
+    _check_source(source, variant)
+    if variant in ("20m", "25m"):
+        raise ValueError(
+            f"load_ratings(variant={variant!r}) would repeat every movie title, genre "
+            "list and user id in each of its 20M+ ratings (tens of GB). Use "
+            f"load_tables(variant={variant!r}): ratings as index columns plus movie and "
+            "user tables, and its to_records(rows) for the tfds layout of a subset."
+        )
     if source == "tfds":
         return _tfds_records("ratings", data_dir, tfds_data_dir, download)
-    return _read_grouplens_ratings(locate(data_dir, download=download, sha256=sha256))
+    return load_tables(data_dir, variant=variant, download=download, sha256=sha256).to_records()
 
 
 def load_movies(
     data_dir: str | os.PathLike[str] | None = None,
     *,
+    variant: str = "100k",
     source: str = "grouplens",
     download: bool = True,
-    sha256: str | None = SHA256,
+    sha256: str | None = OFFICIAL,
     tfds_data_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Loads the 1,682 movies: `movie_id`, `movie_title`, `movie_genres`.
+    """Loads the movies: `movie_id`, `movie_title`, `movie_genres`.
 
+    Every variant, 20M and 25M included (their movies tables are small).
     Args and Raises are those of `load_ratings`.
 
     Example:
     >>> movies = two_tower.datasets.movielens.load_movies()  # doctest: +SKIP
     """
-    _check_source(source)
+    _check_source(source, variant)
     if source == "tfds":
         return _tfds_records("movies", data_dir, tfds_data_dir, download)
+    if variant != "100k":
+        return load_tables(data_dir, variant=variant, download=download, sha256=sha256).movies
     folder = locate(data_dir, download=download, sha256=sha256)
     movies = _parse_movies(folder, _declared_counts(folder))
     return _movie_arrays(list(movies.values()))
@@ -721,12 +881,17 @@ def temporal_split(
 __all__ = [
     "GENRES",
     "OCCUPATIONS",
+    "OFFICIAL",
     "OFFICIAL_COUNTS",
+    "RELEASES",
     "SHA256",
     "URL",
+    "VARIANTS",
+    "MovieLensTables",
     "cache_root",
     "load_movies",
     "load_ratings",
+    "load_tables",
     "locate",
     "prime_tfds_cache",
     "random_split",
