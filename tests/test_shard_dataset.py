@@ -114,6 +114,18 @@ def test_bad_files_get_errors_naming_them(log_folder, tmp_path):
         ShardDataset(folder, batch_size=0)
 
 
+def test_an_id_column_of_floats_is_refused_naming_the_file(log_folder):
+    folder, _ = log_folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["columns"]["item"] = "float32"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        path = folder / shard / "item.npy"
+        np.save(path, np.load(path).astype("float32"))
+    with pytest.raises(ValueError, match=r"shard-00000.item\.npy holds float32 values.*integers"):
+        ShardDataset(folder, verify=False)
+
+
 def test_logq_probabilities_come_from_one_pass_and_train_like_in_memory(log_folder):
     folder, log = log_folder
     data = log.to_arrays(700, chunk_size=300)
@@ -144,3 +156,83 @@ def test_row_sparse_tables_train_from_a_shuffled_stream(log_folder):
     history = model.fit(ShardDataset(folder, batch_size=64), epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2 * 11
+
+
+def _epoch_batches(folder, epochs, **kwargs):
+    """Each epoch's batches as `PyDataset` indexing gives them (the reference order)."""
+    reference = ShardDataset(folder, batch_size=64, **kwargs)
+    out = []
+    for _ in range(epochs):
+        out.append([reference[i] for i in range(len(reference))])
+        reference.on_epoch_end()
+    return out
+
+
+def test_shuffled_epochs_train_in_the_datasets_order_across_fit_calls(log_folder):
+    # On TensorFlow `fit` reads the dataset through tf.data (one call per shard); on
+    # every backend the batches must be dataset[0], dataset[1], ... epoch after
+    # epoch, including across `fit` calls, and fit must not reorder them itself.
+    folder, _ = log_folder
+    epochs = _epoch_batches(folder, 3, sampling_probability="item")
+    models, initial = [], None
+    for streamed in (True, False):
+        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
+        model.compile(optimizer=keras.optimizers.SGD(0.5), steps_per_execution=1)
+        model.embed_queries(np.arange(2))
+        model.embed_candidates(np.arange(2))
+        initial = model.get_weights() if initial is None else initial
+        model.set_weights(initial)
+        if streamed:
+            dataset = ShardDataset(folder, batch_size=64, sampling_probability="item")
+            model.fit(dataset, epochs=2, verbose=0)  # shuffle left out: taken as False
+            model.fit(dataset, epochs=1, verbose=0)
+        else:
+            for batches in epochs:
+                x = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+                model.fit(x, batch_size=64, epochs=1, shuffle=False, verbose=0)
+        models.append(model)
+    for actual, expected in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"fit\(shuffle=True\) would reorder a ShardDataset"):
+        models[0].fit(ShardDataset(folder, batch_size=64), shuffle=True, verbose=0)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the tf.data pipeline of the TensorFlow backend"
+)
+def test_tensorflow_streams_the_same_batches_one_call_per_shard(log_folder):
+    from two_tower.backends import tensorflow as tf_backend
+
+    folder, _ = log_folder
+    expected = _epoch_batches(folder, 2)
+    dataset = ShardDataset(folder, batch_size=64)
+    calls = []
+    shard = dataset._epoch_shard
+    dataset._epoch_shard = lambda position: calls.append(position) or shard(position)
+    stream = tf_backend.fit_input(dataset)
+    assert int(stream.cardinality()) == len(dataset) == 11
+    for batches in expected:  # 700 rows in shards of 300, 300, 100: batches straddle shards
+        got = list(stream.as_numpy_iterator())
+        assert len(got) == len(batches)
+        for mine, theirs in zip(got, batches, strict=True):
+            assert sorted(mine) == sorted(theirs)
+            for key in theirs:
+                np.testing.assert_array_equal(mine[key], theirs[key])
+    assert len(calls) == 2 * 3
+    assert tf_backend.fit_input({"query": 1}) == {"query": 1}
+
+
+def test_an_epoch_ends_only_after_its_last_batch(log_folder):
+    folder, _ = log_folder
+    dataset = ShardDataset(folder, batch_size=64)
+    first = dataset[0]["query"]
+    dataset.on_epoch_end()  # not finished: Keras' extra calls do not skip an order
+    np.testing.assert_array_equal(dataset[0]["query"], first)
+    assert dataset.epoch == 0 and dataset.peek()["query"][0] == first[0]
+    for index in range(len(dataset)):
+        dataset[index]
+    assert dataset.epoch == 0
+    assert not np.array_equal(dataset[0]["query"], first)  # a new pass: epoch 1
+    assert dataset.epoch == 1
+    dataset.on_epoch_end()
+    assert dataset.epoch == 1

@@ -340,22 +340,49 @@ def _check_metric_query_ids(model: TwoTowerRetrieval, query_features: Any) -> No
             )
 
 
-def lists_as_arrays(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
+def replace_x(
+    args: tuple[Any, ...], kwargs: dict[str, Any], change: Any
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """`fit`/`evaluate` arguments with Python lists inside a pair dict made arrays.
+    """`fit`/`evaluate` arguments with `x` (first positional, or keyword) as `change(x)`."""
+    if args:
+        return (change(args[0]), *args[1:]), kwargs
+    if "x" in kwargs:
+        return args, {**kwargs, "x": change(kwargs["x"])}
+    return args, kwargs
+
+
+def fit_arguments(
+    what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`fit`/`evaluate` arguments with lists made arrays, and a `ShardDataset` unshuffled.
 
     Keras' data adapters take arrays but not lists inside a dict ("Unrecognized
     data type"), while `recommend` takes lists; this makes `fit` take them too.
+
+    A `ShardDataset` shuffles its shards and rows itself, seeded. Keras' `fit`
+    would also permute its batch order with Keras' own random state (its
+    default `shuffle=True`), and only for a `PyDataset`, so the batches would
+    differ between backends (TensorFlow reads it through `tf.data`, see
+    `backends.tensorflow.shard_stream`). So `fit` takes `shuffle=False` for it,
+    and refuses `shuffle=True`.
     """
+    from two_tower.datasets.shard_dataset import ShardDataset
 
     def arrays(structure: Any) -> Any:
         if isinstance(structure, Mapping):
             return {key: arrays(value) for key, value in structure.items()}
         return np.asarray(structure) if isinstance(structure, list) else structure
 
-    if args and is_pair(args[0]):
-        args = (arrays(args[0]), *args[1:])
-    elif is_pair(kwargs.get("x")):
-        kwargs = {**kwargs, "x": arrays(kwargs["x"])}
+    x = args[0] if args else kwargs.get("x")
+    if is_pair(x):
+        args, kwargs = replace_x(args, kwargs, arrays)
+    elif isinstance(x, ShardDataset) and what == "fit":
+        if kwargs.get("shuffle", False):
+            raise ValueError(
+                "fit(shuffle=True) would reorder a ShardDataset's batches with Keras' own "
+                "random state, differently on each backend. A ShardDataset shuffles its "
+                "shards and rows itself (ShardDataset(shuffle=..., seed=...)): leave "
+                "`shuffle` out or pass shuffle=False."
+            )
+        kwargs = {**kwargs, "shuffle": False}
     return args, kwargs

@@ -660,18 +660,19 @@ class TwoTowerRetrieval(keras.Model):
         return super().train_step(*args)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _input_checks.lists_as_arrays(args, kwargs)
-        _input_checks.check_fit_arguments(self, "fit", args, kwargs)
-        self._build_towers(args[0] if args else kwargs.get("x"))
-        with backend_module().keep_state_on_error(self):
-            return super().fit(*args, **kwargs)
+        return self._run_loop("fit", super().fit, args, kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _input_checks.lists_as_arrays(args, kwargs)
-        _input_checks.check_fit_arguments(self, "evaluate", args, kwargs)
+        return self._run_loop("evaluate", super().evaluate, args, kwargs)
+
+    def _run_loop(self, what: str, loop: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        """Checks and prepares `fit`/`evaluate` inputs, then runs Keras' `loop`."""
+        args, kwargs = _input_checks.fit_arguments(what, args, kwargs)
+        _input_checks.check_fit_arguments(self, what, args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
+        args, kwargs = _input_checks.replace_x(args, kwargs, backend_module().fit_input)
         with backend_module().keep_state_on_error(self):
-            return super().evaluate(*args, **kwargs)
+            return loop(*args, **kwargs)
 
     def predict(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(x, Mapping) and QUERY in x and not _is_pair(x):
@@ -696,7 +697,7 @@ class TwoTowerRetrieval(keras.Model):
         step; on TensorFlow, a step that then fails leaves them broken for good.
         """
         if isinstance(x, keras.utils.PyDataset) and x.num_batches:
-            x = x[0]  # its first batch: (x, y, ...) or x
+            x = x.peek() if hasattr(x, "peek") else x[0]  # a ShardDataset's first row
             x = x[0] if isinstance(x, tuple) else x
         if not isinstance(x, Mapping):
             return

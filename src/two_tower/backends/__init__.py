@@ -15,7 +15,10 @@ Every module provides:
   (torch), and does nothing elsewhere;
 - `sparse_train_step(model, *args)`: Keras' `train_step` for that backend (JAX
   takes `(state, data)`, the others `(data)`), with row-sparse gradients and
-  updates for `SparseEmbedding` tables (see `two_tower._sparse_training`).
+  updates for `SparseEmbedding` tables (see `two_tower._sparse_training`);
+- `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
+  `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
+  it through a Python generator, one call per batch); elsewhere `x` unchanged.
 """
 
 from __future__ import annotations

@@ -67,6 +67,11 @@ def serving_slot() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def fit_input(x: Any) -> Any:
+    """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
+    return x
+
+
 @contextlib.contextmanager
 def keep_state_on_error(model: keras.Model) -> Iterator[None]:
     """Puts the model's variable values back if `fit`/`evaluate`/`predict` raises.

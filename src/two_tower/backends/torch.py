@@ -81,6 +81,11 @@ def compile_inference(
     return run
 
 
+def fit_input(x: Any) -> Any:
+    """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
+    return x
+
+
 def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager[None]:
     """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
     del model

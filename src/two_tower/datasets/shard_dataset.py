@@ -30,13 +30,22 @@ class ShardDataset(keras.utils.PyDataset):
     order of rows inside each shard are permuted, seeded by `(seed, epoch)`: a
     shuffle buffer as large as a shard. Without it, rows come in log order, so
     the batches are those of `fit` on the concatenated arrays with
-    `shuffle=False` (and training gives the same weights). Pass
-    `fit(dataset, shuffle=False)`: Keras' default `shuffle=True` also permutes
-    the order of a `PyDataset`'s batches, with Keras' own random state.
+    `shuffle=False` (and training gives the same weights).
+    `TwoTowerRetrieval.fit` takes `shuffle=False` for a `ShardDataset` (Keras'
+    default `shuffle=True` would also permute the order of a `PyDataset`'s
+    batches, with Keras' own random state); with a plain `keras.Model`, pass it.
+
+    The epoch advances when batch 0 is asked for after the last batch of the
+    current epoch was served (or on `on_epoch_end` after it), so each full pass
+    is one epoch on every backend and across `fit` calls, however often Keras
+    calls `on_epoch_end` (once more per `fit` on JAX and torch than on
+    TensorFlow).
 
     Keras' `PyDataset` is used, rather than Grain or `tf.data`, because `fit`
     takes it on all three backends with nothing more installed; its `workers`
-    prefetch batches in threads.
+    prefetch batches in threads. On TensorFlow, `TwoTowerRetrieval.fit` reads
+    it through `tf.data`, one Python call per shard rather than per batch
+    (see `two_tower.backends.tensorflow.shard_stream`), with the same batches.
 
     Ids are checked on the host, once when the dataset is made (one pass over
     each shard) and again batch by batch: a value outside
@@ -100,6 +109,7 @@ class ShardDataset(keras.utils.PyDataset):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.epoch = 0
+        self._epoch_finished = False  # the current epoch's last batch was served
         manifest_path = self.folder / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(
@@ -124,6 +134,7 @@ class ShardDataset(keras.utils.PyDataset):
         limits = {k: v for k, v in defaults.items() if v is not None}
         limits.update(id_limits or {})
         self.id_limits = {c: int(limits[c]) for c in self.columns.values() if c in limits}
+        self._column_names = {column: name for name, column in self.columns.items()}
         self._shards: list[dict[str, np.ndarray]] = []
         self._names: list[str] = []
         for shard in shards:
@@ -144,6 +155,11 @@ class ShardDataset(keras.utils.PyDataset):
                     raise ValueError(
                         f"Shard file {path} holds {array.dtype} {array.shape}; the manifest "
                         f"says {dtypes[column]} ({shard['rows']},)."
+                    )
+                if column in self.id_limits and array.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"Shard file {path} holds {array.dtype} values, but column "
+                        f"{column!r} holds ids, which must be integers."
                     )
                 arrays[column] = array
             self._shards.append(arrays)
@@ -206,28 +222,49 @@ class ShardDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"Batch {index} is out of range [0, {self.num_batches}).")
+        if index == 0:
+            self.on_epoch_end()  # a new pass, if the last one was finished
+        self._epoch_finished = self._epoch_finished or index == self.num_batches - 1
         order, starts = self._plan
         first, last = index * self.batch_size, min((index + 1) * self.batch_size, starts[-1])
-        parts: dict[str, list[np.ndarray]] = {column: [] for column in self.columns.values()}
+        parts: list[dict[str, np.ndarray]] = []
         position = int(np.searchsorted(starts, first, side="right") - 1)
         while first < last:
             shard = int(order[position])
             low, high = first - starts[position], min(last, starts[position + 1]) - starts[position]
             permutation = self._rows_of(shard)
             rows = np.arange(low, high) if permutation is None else permutation[low:high]
-            for column in parts:
-                values = np.asarray(self._shards[shard][column][rows])
-                self._check_ids(values, column, shard, rows)
-                parts[column].append(values)
+            parts.append(self._columns(shard, rows))
             first += high - low
             position += 1
-        batch = {
-            name: np.concatenate(parts[column]) if len(parts[column]) > 1 else parts[column][0]
-            for name, column in self.columns.items()
-        }
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _epoch_shard(self, position: int) -> dict[str, np.ndarray]:
+        """All rows of this epoch's `position`-th shard, in this epoch's order.
+
+        Concatenated in the epoch's shard order and cut every `batch_size`
+        rows, these are exactly the batches `__getitem__` gives (the
+        TensorFlow backend streams them so, one Python call per shard).
+        """
+        if position == 0:
+            self.on_epoch_end()  # a new pass, if the last one was finished
+        self._epoch_finished = self._epoch_finished or position == len(self._shards) - 1
+        shard = int(self._plan[0][position])
+        return self._columns(shard, self._rows_of(shard))
+
+    def _columns(self, shard: int, rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The model inputs of `rows` (None: all, in order) of `shard`, ids checked."""
+        batch = {}
+        for name, column in self.columns.items():
+            stored = self._shards[shard][column]
+            values = np.asarray(stored if rows is None else stored[rows])
+            self._check_ids(values, column, shard, rows)
+            batch[name] = values
         if self._frequency is not None:
             assert self.sampling_probability is not None
-            ids = np.concatenate(parts[self.sampling_probability])
+            ids = batch[self._column_names[self.sampling_probability]]
             batch[SAMPLING_PROBABILITY] = self._frequency[ids].astype("float32")
         return batch
 
@@ -245,6 +282,20 @@ class ShardDataset(keras.utils.PyDataset):
             f"row {row}; ids must lie in [0, {limit})."
         )
 
+    def peek(self) -> dict[str, np.ndarray]:
+        """The first row of this epoch, as a batch of one; the epoch does not move.
+
+        For shapes and dtypes (building towers, a `tf.data` signature): reading
+        `dataset[0]` could count as the start of a pass.
+        """
+        shard = int(self._plan[0][0])
+        first = self._rows_of(shard)
+        return self._columns(shard, np.arange(1) if first is None else first[:1])
+
     def on_epoch_end(self) -> None:
+        """Starts the next epoch, if the current one's last batch was served."""
+        if not self._epoch_finished:
+            return
         self.epoch += 1
+        self._epoch_finished = False
         self._plan = self._epoch_plan()
