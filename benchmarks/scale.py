@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"{figure['peak_rss_gb']:.2f} | {ratio} |",
                     flush=True,
                 )
+    for backend, by_rows in results.items():
+        for rows, figures in by_rows.items():
+            if "floor" in figures:
+                ratio = figures["stream"]["seconds"] / figures["floor"]["seconds"]
+                print(f"{backend} {int(rows):,} rows: streamed fit / floor = {ratio:.2f}x (time)")
     if args.json:  # merged into an existing file: a 10^8 run can join earlier ones
         path = Path(args.json)
         merged = json.loads(path.read_text()) if path.is_file() else {}

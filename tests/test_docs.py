@@ -1,4 +1,4 @@
-"""The README quickstart, the getting-started subclass and the sparse-training guide run."""
+"""The README quickstart and the guides' examples run (getting started, sparse training, scale)."""
 
 import os
 import re
@@ -77,3 +77,12 @@ def test_sparse_training_guide_runs():
     model = namespace["model"]
     assert isinstance(model.candidate_tower.embedding, two_tower.SparseEmbedding)
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2 * 20
+
+
+@pytest.mark.slow
+def test_scale_guide_trains_from_disk():
+    (block,) = [b for b in python_blocks(ROOT / "docs" / "scale.md") if "ShardDataset(" in b]
+    namespace: dict = {}
+    exec(block, namespace)
+    history = namespace["model"].history.history
+    assert len(history["loss"]) == 2 and np.all(np.isfinite(history["loss"]))

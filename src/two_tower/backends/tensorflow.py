@@ -71,7 +71,7 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
         columns = {name: tf.reshape(value, [-1]) for name, value in zip(names, values, strict=True)}
         return tf.data.Dataset.from_tensor_slices(columns).batch(dataset.batch_size)
 
-    stream = tf.data.Dataset.range(len(dataset._shards)).flat_map(shard_batches)
+    stream = tf.data.Dataset.range(dataset.num_shards).flat_map(shard_batches)
     stream = stream.rebatch(dataset.batch_size)
     stream = stream.apply(tf.data.experimental.assert_cardinality(dataset.num_batches))
     return stream.prefetch(tf.data.AUTOTUNE)
