@@ -189,7 +189,9 @@ def _plot(results: dict[str, dict[str, dict[str, dict[str, float]]]], path: str)
 
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"stream": "-o", "memory": "--s", "floor": ":^"}
+    colours = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab:green"}
     for backend, by_rows in results.items():
+        colour = colours.get(backend)
         rows = sorted(int(r) for r in by_rows)
         for mode, style in styles.items():
             points = [
@@ -197,10 +199,10 @@ def _plot(results: dict[str, dict[str, dict[str, dict[str, float]]]], path: str)
             ]
             if points:
                 x, y = zip(*points, strict=True)
-                speed.plot(x, y, style, label=f"{backend} {mode}")
+                speed.plot(x, y, style, color=colour, label=f"{backend} {mode}")
         streamed = [(r, by_rows[str(r)]["stream"]["peak_rss_gb"]) for r in rows]
         x, y = zip(*streamed, strict=True)
-        memory.plot(x, y, "-o", label=f"{backend} stream")
+        memory.plot(x, y, "-o", color=colour, label=f"{backend} stream")
     speed.set(xscale="log", xlabel="interactions in the log", ylabel="examples / s (one epoch)",
               title="Training throughput, streamed from disk vs in memory")  # fmt: skip
     memory.set(xscale="log", xlabel="interactions in the log", ylabel="peak RSS (GB)",

@@ -20,11 +20,13 @@ def log_folder(tmp_path):
     return synthetic.write_shards(log, tmp_path / "log", 700, shard_size=300), log
 
 
-def _streamed_and_in_memory_weights(dataset, x, epochs):
+def _streamed_and_in_memory_weights(dataset, x, epochs, loss="softmax", y=None):
     """Weights after fitting the same model from `dataset` and from arrays `x` (batch 64)."""
     weights, initial = [], None
     for streamed in (False, True):
-        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
+        keras.utils.set_random_seed(3)  # the same negative sampler for both models
+        options = {"num_sampled_negatives": 5} if loss == "sampled_softmax" else {}
+        model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss=loss, **options)
         model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=1)
         model.embed_queries(np.arange(2))
         model.embed_candidates(np.arange(2))
@@ -34,18 +36,42 @@ def _streamed_and_in_memory_weights(dataset, x, epochs):
             # fit's own shuffle would permute the order of the dataset's batches.
             model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
         else:
-            model.fit(x, batch_size=64, epochs=epochs, shuffle=False, verbose=0)
+            model.fit(x, y, batch_size=64, epochs=epochs, shuffle=False, verbose=0)
         weights.append(model.get_weights())
     return weights
 
 
-def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder):
+def add_rating_column(folder):
+    """Writes a float `rating` column into every shard; returns it concatenated."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["columns"]["rating"] = "float32"
+    ratings = []
+    for shard in manifest["shards"]:
+        users = np.load(folder / shard["name"] / "user.npy")
+        items = np.load(folder / shard["name"] / "item.npy")
+        rating = ((users + items) % 5 + 1).astype("float32")
+        np.save(folder / shard["name"] / "rating.npy", rating)
+        shard["sha256"]["rating"] = two_tower.datasets._files.sha256(
+            folder / shard["name"] / "rating.npy"
+        )
+        ratings.append(rating)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return np.concatenate(ratings)
+
+
+@pytest.mark.parametrize("loss", two_tower.two_tower_retrieval.LOSSES)
+def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder, loss):
     folder, log = log_folder
     data = log.to_arrays(700, chunk_size=300)
+    ratings = add_rating_column(folder)  # mse trains on labels: ShardDataset(label=)
     weights = _streamed_and_in_memory_weights(
-        ShardDataset(folder, batch_size=64, shuffle=False),
+        ShardDataset(
+            folder, batch_size=64, shuffle=False, label="rating" if loss == "mse" else None
+        ),
         {"query": data["user"], "candidate": data["item"]},
         epochs=2,
+        loss=loss,
+        y=ratings if loss == "mse" else None,
     )
     for expected, actual in zip(*weights, strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)

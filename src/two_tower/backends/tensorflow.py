@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -58,7 +59,7 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
     epoch, as a pass over the `PyDataset` is. Memory: O(shard), as with the
     `PyDataset`.
     """
-    first = dataset.peek()
+    first = dataset._columns(int(dataset._plan[0][0]), np.arange(1))  # with any label
     names = sorted(first)
     dtypes = [tf.as_dtype(first[name].dtype) for name in names]
 
@@ -73,6 +74,8 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
 
     stream = tf.data.Dataset.range(dataset.num_shards).flat_map(shard_batches)
     stream = stream.rebatch(dataset.batch_size)
+    if dataset.label is not None:
+        stream = stream.map(dataset.split_label)
     stream = stream.apply(tf.data.experimental.assert_cardinality(dataset.num_batches))
     return stream.prefetch(tf.data.AUTOTUNE)
 

@@ -17,6 +17,9 @@ from two_tower._input_checks import SAMPLING_PROBABILITY
 from two_tower.datasets._files import sha256 as _sha256
 from two_tower.datasets.synthetic import MANIFEST
 
+# The key of the label column in `_columns`' dicts, split off as `y` for `fit`.
+LABEL = "__label__"
+
 
 class ShardDataset(keras.utils.PyDataset):
     """Batches of a sharded interaction log, read from disk as `fit` asks for them.
@@ -68,6 +71,8 @@ class ShardDataset(keras.utils.PyDataset):
             log is added to each batch as `x["candidate_sampling_probability"]`,
             for `TwoTowerRetrieval`'s logQ correction. The counts take one
             pass over the shards when the dataset is made, and O(ids) memory.
+        label: a column (e.g. a rating) given to `fit` as `y`: batches become
+            `(x, y)`, for `loss="mse"`.
         **kwargs: `keras.utils.PyDataset` arguments (`workers`,
             `use_multiprocessing`, `max_queue_size`).
 
@@ -98,6 +103,7 @@ class ShardDataset(keras.utils.PyDataset):
         id_limits: Mapping[str, int] | None = None,
         verify: bool = True,
         sampling_probability: str | None = None,
+        label: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,6 +112,9 @@ class ShardDataset(keras.utils.PyDataset):
         self.folder = Path(folder)
         self.batch_size = batch_size
         self.columns = dict(columns or {"query": "user", "candidate": "item"})
+        self.label = label
+        # Every column read: the model inputs', then the label's.
+        stored = list(dict.fromkeys([*self.columns.values(), *([label] if label else [])]))
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.epoch = 0
@@ -124,7 +133,7 @@ class ShardDataset(keras.utils.PyDataset):
         if not shards:
             raise ValueError(f"{manifest_path} lists no shards.")
         dtypes = dict(manifest.get("columns", {}))
-        missing = sorted(set(self.columns.values()) - set(dtypes))
+        missing = sorted(set(stored) - set(dtypes))
         if missing:
             raise ValueError(
                 f"The log in {self.folder} has no column(s) {missing}; it has {sorted(dtypes)}."
@@ -140,7 +149,7 @@ class ShardDataset(keras.utils.PyDataset):
         for shard in shards:
             self._paths.append({})
             self._names.append(str(self.folder / shard["name"]))
-            for column in self.columns.values():
+            for column in stored:
                 path = self.folder / shard["name"] / f"{column}.npy"
                 if not path.is_file():
                     raise FileNotFoundError(f"Shard file {path} is missing.")
@@ -228,7 +237,7 @@ class ShardDataset(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, epoch, shard, 1])
         return rng.permutation(int(self._rows[shard])).astype("int32")
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> Any:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"Batch {index} is out of range [0, {self.num_batches}).")
         if index == 0:
@@ -247,8 +256,16 @@ class ShardDataset(keras.utils.PyDataset):
             first += high - low
             position += 1
         if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+            return self.split_label(parts[0])
+        joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return self.split_label(joined)
+
+    def split_label(self, batch: dict[str, np.ndarray]) -> Any:
+        """`batch` as `fit` takes it: `x`, or `(x, y)` with a `label` column."""
+        if self.label is None:
+            return batch
+        x = dict(batch)
+        return x, x.pop(LABEL)
 
     def _epoch_shard(self, position: int) -> dict[str, np.ndarray]:
         """All rows of this epoch's `position`-th shard, in this epoch's order.
@@ -275,6 +292,9 @@ class ShardDataset(keras.utils.PyDataset):
             assert self.sampling_probability is not None
             ids = batch[self._column_names[self.sampling_probability]]
             batch[SAMPLING_PROBABILITY] = self._frequency[ids].astype("float32")
+        if self.label is not None:
+            stored = self._shard(shard)[self.label]
+            batch[LABEL] = np.asarray(stored if rows is None else stored[rows])
         return batch
 
     def _check_ids(
@@ -299,7 +319,9 @@ class ShardDataset(keras.utils.PyDataset):
         """
         shard = int(self._plan[0][0])
         first = self._rows_of(shard)
-        return self._columns(shard, np.arange(1) if first is None else first[:1])
+        batch = self._columns(shard, np.arange(1) if first is None else first[:1])
+        batch.pop(LABEL, None)
+        return batch
 
     def on_epoch_end(self) -> None:
         """Starts the next epoch, if the current one's last batch was served."""
