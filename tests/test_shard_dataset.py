@@ -262,3 +262,14 @@ def test_an_epoch_ends_only_after_its_last_batch(log_folder):
     assert dataset.epoch == 1
     dataset.on_epoch_end()
     assert dataset.epoch == 1
+
+
+def test_evaluate_reads_a_stream_like_arrays(log_folder):
+    folder, log = log_folder
+    data = log.to_arrays(700, chunk_size=300)
+    model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8, loss="softmax")
+    model.compile(optimizer="adam")
+    x = {"query": data["user"], "candidate": data["item"]}
+    expected = model.evaluate(x, batch_size=64, verbose=0)
+    streamed = model.evaluate(ShardDataset(folder, batch_size=64, shuffle=False), verbose=0)
+    np.testing.assert_allclose(streamed, expected, rtol=1e-5)
