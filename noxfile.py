@@ -19,7 +19,9 @@ import nox
 nox.needs_version = ">=2025.2.9"
 # pip, not uv: our CI machines serve the CPU torch wheel from a local pip index.
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests-jax", "tests-torch", "tests-tensorflow", "cross-backend"]
+nox.options.sessions = [
+    "lint", "tests-jax", "tests-torch", "tests-tensorflow", "tests-multidevice", "cross-backend",
+]  # fmt: skip
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
@@ -107,6 +109,15 @@ def cross_backend(session: nox.Session) -> None:
     session.install("-e", ".")
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", "tests/test_cross_backend.py", *session.posargs)
+
+
+@nox.session(name="tests-multidevice")
+def tests_multidevice(session: nox.Session) -> None:
+    """Runs the distribution tests on 8 simulated JAX devices."""
+    _install(session, "jax", "test")
+    env = _environment("jax")
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", TWO_TOWER_MULTIDEVICE="1")
+    session.run("pytest", "tests/test_multidevice.py", *session.posargs, env=env)
 
 
 @nox.session
