@@ -46,3 +46,13 @@ def real_data_dir() -> Path:
             pytest.fail(f"CI is set, so real-data tests must run, but {message}")
         pytest.skip(message)
     return folder
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty MovieLens cache root (`TWO_TOWER_DATA_DIR`), not yet created."""
+    from two_tower.datasets import movielens
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(movielens.ENV_VAR, str(cache))
+    return cache

@@ -1,6 +1,5 @@
 """The MovieLens loader, on tiny synthetic GroupLens fixtures and on the real data."""
 
-import hashlib
 import os
 import shutil
 import sys
@@ -9,31 +8,21 @@ import types
 import numpy as np
 import pytest
 
-from testing import MOVIES, RATINGS, USERS, write_movielens, zip_folder
+from testing import (
+    MOVIES,
+    RATINGS,
+    USERS,
+    serve_release,
+    sha256_of,
+    write_movielens,
+    zip_folder,
+)
 from two_tower.datasets import movielens
 
 
 @pytest.fixture
 def fixture_dir(tmp_path):
     return write_movielens(tmp_path / "ml-100k")
-
-
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(movielens.ENV_VAR, str(cache))
-    return cache
-
-
-def sha256_of(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def serve(monkeypatch, url, variant="100k", sha256=None):
-    """Points `variant`'s download at `url` (and its official sha256 at `sha256`)."""
-    release = movielens.RELEASES[variant]
-    changed = release._replace(url=url, sha256=sha256 or release.sha256)
-    monkeypatch.setitem(movielens.RELEASES, variant, changed)
 
 
 def test_ratings_match_the_tfds_feature_layout(fixture_dir):
@@ -175,7 +164,7 @@ def test_rating_of_unknown_movie_is_corrupt(tmp_path):
 
 def test_download_is_verified_then_extracted(fixture_dir, tmp_path, empty_cache, monkeypatch):
     archive = zip_folder(fixture_dir, tmp_path / "served.zip")
-    serve(monkeypatch, archive.as_uri(), sha256=sha256_of(archive))
+    serve_release(monkeypatch, archive.as_uri(), sha256=sha256_of(archive))
     ratings = movielens.load_ratings(sha256=sha256_of(archive))
     assert ratings["user_id"].tolist() == [r[0] for r in RATINGS]
     assert (empty_cache / "ml-100k.zip").is_file()
@@ -186,14 +175,14 @@ def test_corrupt_download_is_never_left_behind(fixture_dir, tmp_path, empty_cach
     archive = zip_folder(fixture_dir, tmp_path / "served.zip")
     expected = sha256_of(archive)
     archive.write_bytes(archive.read_bytes()[:-40])  # a truncated transfer
-    serve(monkeypatch, archive.as_uri())
+    serve_release(monkeypatch, archive.as_uri())
     with pytest.raises(ValueError, match="Checksum mismatch"):
         movielens.load_ratings(sha256=expected)
     assert list(empty_cache.iterdir()) == []
 
 
 def test_no_data_and_no_network_says_where_it_looked(empty_cache, monkeypatch):
-    serve(monkeypatch, "http://127.0.0.1:9/ml-100k.zip")
+    serve_release(monkeypatch, "http://127.0.0.1:9/ml-100k.zip")
     with pytest.raises(FileNotFoundError) as error:
         movielens.load_ratings()
     message = str(error.value)
@@ -347,7 +336,7 @@ def test_duplicate_user_ids_are_rejected(fixture_dir):
 
 def test_download_checksum_error_names_the_url(fixture_dir, tmp_path, empty_cache, monkeypatch):
     archive = zip_folder(fixture_dir, tmp_path / "served.zip")
-    serve(monkeypatch, archive.as_uri())
+    serve_release(monkeypatch, archive.as_uri())
     with pytest.raises(ValueError, match=r"download from file://.*served\.zip.*nothing was kept"):
         movielens.load_ratings(sha256=None)  # downloads are checked even so
     assert list(empty_cache.iterdir()) == []

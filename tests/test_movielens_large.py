@@ -8,12 +8,10 @@ headers and quoted titles, zipped under `ml-<variant>/` like the official zips.
 Expected values are joined here in plain Python from the rows written.
 """
 
-import hashlib
-import zipfile
-
 import numpy as np
 import pytest
 
+from testing import serve_release, sha256_of, zip_folder
 from two_tower.datasets import MovieLensTables, movielens
 
 # ml-1m: users.dat is UserID::Gender::Age::Occupation::Zip-code.
@@ -69,25 +67,11 @@ def write_release(variant, folder):
 
 
 def zip_release(variant, folder, archive):
-    with zipfile.ZipFile(archive, "w") as zipped:
-        for path in sorted(folder.iterdir()):
-            zipped.write(path, f"ml-{variant}/{path.name}")
-    return archive
-
-
-def sha256_of(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return zip_folder(folder, archive, f"ml-{variant}")
 
 
 def genre_names(text):
     return [name.replace("Children's", "Children") for name in text.split("|")]
-
-
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(movielens.ENV_VAR, str(cache))
-    return cache
 
 
 # ------------------------------------------------------------------------ 1M
@@ -203,14 +187,9 @@ def test_an_archive_that_is_not_the_official_zip_is_refused(tmp_path, empty_cach
     assert sorted(p.name for p in empty_cache.iterdir()) == [archive.name]  # nothing extracted
 
 
-def serve(monkeypatch, variant, url, sha256):
-    release = movielens.RELEASES[variant]
-    monkeypatch.setitem(movielens.RELEASES, variant, release._replace(url=url, sha256=sha256))
-
-
 def test_download_is_verified_then_extracted(tmp_path, empty_cache, monkeypatch):
     archive = zip_release("20m", write_csv(tmp_path / "s"), tmp_path / "served.zip")
-    serve(monkeypatch, "20m", archive.as_uri(), sha256_of(archive))
+    serve_release(monkeypatch, archive.as_uri(), "20m", sha256_of(archive))
     tables = movielens.load_tables(variant="20m", sha256=None)  # our files: no official counts
     assert tables.num_ratings == len(RATINGS_CSV)
     assert sorted(p.name for p in empty_cache.iterdir()) == ["ml-20m", "ml-20m.zip"]
@@ -220,7 +199,7 @@ def test_a_corrupt_download_leaves_nothing_behind(tmp_path, empty_cache, monkeyp
     archive = zip_release("1m", write_1m(tmp_path / "s"), tmp_path / "served.zip")
     expected = sha256_of(archive)
     archive.write_bytes(archive.read_bytes()[:-30])
-    serve(monkeypatch, "1m", archive.as_uri(), expected)
+    serve_release(monkeypatch, archive.as_uri(), "1m", expected)
     with pytest.raises(ValueError, match=r"download from file://.*served\.zip.*nothing was kept"):
         movielens.load_tables(variant="1m")
     assert not empty_cache.exists() or list(empty_cache.iterdir()) == []
@@ -255,15 +234,6 @@ BAD_1M = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "edit", "match"), BAD_1M)
-def test_corrupt_1m_files_are_named(tmp_path, name, edit, match):
-    folder = write_1m(tmp_path / "ml-1m")
-    path = folder / name
-    path.write_bytes(edit(path.read_bytes().decode("ISO-8859-1")).encode("ISO-8859-1"))
-    with pytest.raises(ValueError, match=match):
-        movielens.load_tables(folder, variant="1m", sha256=None)
-
-
 BAD_CSV = [
     ("ratings.csv", lambda t: t.replace("userId,movieId,rating", "userId,rating"),
      r"ratings\.csv has the header 'userId,rating,timestamp'; expected .*'userId,movieId,rating,timestamp'"),
@@ -276,13 +246,17 @@ BAD_CSV = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "edit", "match"), BAD_CSV)
-def test_corrupt_csv_files_are_named(tmp_path, name, edit, match):
-    folder = write_csv(tmp_path / "ml-20m")
+@pytest.mark.parametrize(
+    ("variant", "name", "edit", "match"),
+    [("1m", *case) for case in BAD_1M] + [("20m", *case) for case in BAD_CSV],
+)
+def test_corrupt_files_are_named(tmp_path, variant, name, edit, match):
+    folder = write_release(variant, tmp_path / f"ml-{variant}")
     path = folder / name
-    path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
+    encoding = "ISO-8859-1" if variant == "1m" else "utf-8"  # each release's own
+    path.write_bytes(edit(path.read_bytes().decode(encoding)).encode(encoding))
     with pytest.raises(ValueError, match=match):
-        movielens.load_tables(folder, variant="20m", sha256=None)
+        movielens.load_tables(folder, variant=variant, sha256=None)
 
 
 def test_a_header_only_file_holds_no_rows(tmp_path):

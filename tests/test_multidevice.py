@@ -42,7 +42,8 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,7 @@ def _data():
     return x, rng.uniform(1, 5, ROWS).astype("float32")
 
 
-def _train(loss, distribution, initial=None):
+def _train(loss, distribution, initial):
     keras.distribution.set_distribution(distribution)
     keras.utils.set_random_seed(1)  # the same negative sampler on both sides
     options = {
@@ -76,8 +77,7 @@ def _train(loss, distribution, initial=None):
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     model.embed_queries(np.arange(2))
     model.embed_candidates(np.arange(2))
-    if initial is not None:
-        model.set_weights(initial)
+    model.set_weights(initial)
     x, ratings = _data()
     if loss == "mse":
         x = {"query": x["query"], "candidate": x["candidate"]}

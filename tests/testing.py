@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -136,8 +137,24 @@ def write_movielens(folder: Path, ratings: list[tuple[str, ...]] | None = None) 
     return folder
 
 
-def zip_folder(folder: Path, archive: Path) -> Path:
+def zip_folder(folder: Path, archive: Path, inner: str = "ml-100k") -> Path:
+    """Zips `folder`'s files under `inner/`, as the official MovieLens zips are laid out."""
     with zipfile.ZipFile(archive, "w") as zipped:
         for path in sorted(folder.iterdir()):
-            zipped.write(path, f"ml-100k/{path.name}")
+            zipped.write(path, f"{inner}/{path.name}")
     return archive
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def serve_release(
+    monkeypatch: Any, url: str, variant: str = "100k", sha256: str | None = None
+) -> None:
+    """Points `variant`'s download at `url` (and its official sha256 at `sha256`)."""
+    from two_tower.datasets import movielens
+
+    release = movielens.RELEASES[variant]
+    changed = release._replace(url=url, sha256=sha256 or release.sha256)
+    monkeypatch.setitem(movielens.RELEASES, variant, changed)

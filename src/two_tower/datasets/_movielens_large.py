@@ -65,17 +65,6 @@ def _types() -> dict[str, Any]:
     }
 
 
-def _import_pyarrow() -> Any:
-    try:
-        import pyarrow.csv as csv
-    except ImportError as error:  # pragma: no cover - a dependency of two-tower
-        raise ImportError(
-            "Reading MovieLens 1M/20M/25M needs pyarrow (a dependency of two-tower): "
-            "pip install pyarrow"
-        ) from error
-    return csv
-
-
 def read_file(path: Path) -> dict[str, np.ndarray]:
     """The columns of one GroupLens file, as NumPy arrays, checked for shape and type.
 
@@ -83,9 +72,9 @@ def read_file(path: Path) -> dict[str, np.ndarray]:
     without quoting; `.csv` files (ml-20m, ml-25m) are UTF-8 with a header and
     quoted titles.
     """
-    import pyarrow as pa
+    import pyarrow as pa  # a dependency of two-tower, imported only when parsing
+    import pyarrow.csv as csv
 
-    csv = _import_pyarrow()
     dat = path.suffix == ".dat"
     names = _DAT_COLUMNS[path.name] if dat else _CSV_COLUMNS[path.name]
     if not path.is_file():
@@ -160,9 +149,9 @@ def _genre_labels(genres: np.ndarray, path: Path, genre_names: tuple[str, ...]) 
 def _positions(ids: np.ndarray, known: np.ndarray, path: Path, what: str) -> np.ndarray:
     """Row of each of `ids` in `known` (unique ids); raises naming the first unknown."""
     order = np.argsort(known, kind="stable")
-    found = np.searchsorted(known[order], ids)
-    found = np.minimum(found, len(known) - 1)
-    missing = known[order][found] != ids
+    ordered = known[order]
+    found = np.minimum(np.searchsorted(ordered, ids), len(known) - 1)
+    missing = ordered[found] != ids
     if missing.any():
         row = int(np.argmax(missing))
         raise ValueError(

@@ -113,8 +113,9 @@ class ShardDataset(keras.utils.PyDataset):
         self.batch_size = batch_size
         self.columns = dict(columns or {"query": "user", "candidate": "item"})
         self.label = label
-        # Every column read: the model inputs', then the label's.
-        stored = list(dict.fromkeys([*self.columns.values(), *([label] if label else [])]))
+        # What `_columns` reads: model input name (or LABEL) -> column.
+        self._reads = {**self.columns, **({LABEL: label} if label else {})}
+        stored = list(dict.fromkeys(self._reads.values()))
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.epoch = 0
@@ -144,6 +145,13 @@ class ShardDataset(keras.utils.PyDataset):
         limits.update(id_limits or {})
         self.id_limits = {c: int(limits[c]) for c in self.columns.values() if c in limits}
         self._column_names = {column: name for name, column in self.columns.items()}
+        self.sampling_probability = sampling_probability
+        if sampling_probability is not None and sampling_probability not in self._column_names:
+            raise ValueError(
+                f"`sampling_probability` must name one of the streamed columns "
+                f"{sorted(self.columns.values())}. Received {sampling_probability!r}"
+            )
+        counts = np.zeros(self.id_limits.get(sampling_probability or "", 0), dtype="int64")
         self._paths: list[dict[str, Path]] = []
         self._names: list[str] = []
         for shard in shards:
@@ -169,30 +177,16 @@ class ShardDataset(keras.utils.PyDataset):
                 # Once, here, so the error is a ValueError on every backend (inside
                 # `fit`, TensorFlow would wrap it in an InvalidArgumentError).
                 self._check_ids(array, column, len(self._paths) - 1, None)
+                if column == sampling_probability:  # logQ counts, in the same pass
+                    found = np.bincount(array, minlength=counts.shape[0])
+                    if found.shape[0] > counts.shape[0]:  # ids beyond any given limit
+                        counts = np.pad(counts, (0, found.shape[0] - counts.shape[0]))
+                    counts += found
                 self._paths[-1][column] = path
         self._rows = np.array([int(shard["rows"]) for shard in shards])
-        self.sampling_probability = sampling_probability
-        self._frequency: np.ndarray | None = None
-        if sampling_probability is not None:
-            self._frequency = self._frequencies(sampling_probability)
+        # Share of the log's rows holding each id of the `sampling_probability` column.
+        self._frequency = None if sampling_probability is None else counts / counts.sum()
         self._plan = self._epoch_plan()
-
-    def _frequencies(self, column: str) -> np.ndarray:
-        """Share of the log's rows holding each id of `column`, in one pass."""
-        if column not in self.columns.values():
-            raise ValueError(
-                f"`sampling_probability` must name one of the streamed columns "
-                f"{sorted(self.columns.values())}. Received {column!r}"
-            )
-        counts = np.zeros(self.id_limits.get(column, 0), dtype="int64")
-        for paths in self._paths:
-            found = np.bincount(_open(paths[column]), minlength=counts.shape[0])
-            if found.shape[0] > counts.shape[0]:
-                counts = np.concatenate(
-                    [counts, np.zeros(found.shape[0] - counts.shape[0], "int64")]
-                )
-            counts += found
-        return counts / counts.sum()
 
     @property
     def num_shards(self) -> int:
@@ -240,9 +234,7 @@ class ShardDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> Any:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"Batch {index} is out of range [0, {self.num_batches}).")
-        if index == 0:
-            self.on_epoch_end()  # a new pass, if the last one was finished
-        self._epoch_finished = self._epoch_finished or index == self.num_batches - 1
+        self._serve(index, self.num_batches)
         order, starts = self._plan
         first, last = index * self.batch_size, min((index + 1) * self.batch_size, starts[-1])
         parts: list[dict[str, np.ndarray]] = []
@@ -274,16 +266,24 @@ class ShardDataset(keras.utils.PyDataset):
         rows, these are exactly the batches `__getitem__` gives (the
         TensorFlow backend streams them so, one Python call per shard).
         """
-        if position == 0:
-            self.on_epoch_end()  # a new pass, if the last one was finished
-        self._epoch_finished = self._epoch_finished or position == self.num_shards - 1
+        self._serve(position, self.num_shards)
         shard = int(self._plan[0][position])
         return self._columns(shard, self._rows_of(shard))
 
+    def _serve(self, part: int, parts: int) -> None:
+        """Notes that batch (or shard) `part` of `parts` is read, moving the epoch.
+
+        Part 0 starts a new pass if the last one was finished; the last part
+        finishes this one.
+        """
+        if part == 0:
+            self.on_epoch_end()
+        self._epoch_finished = self._epoch_finished or part == parts - 1
+
     def _columns(self, shard: int, rows: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The model inputs of `rows` (None: all, in order) of `shard`, ids checked."""
+        """The inputs (and label) of `rows` (None: all, in order) of `shard`, ids checked."""
         batch = {}
-        for name, column in self.columns.items():
+        for name, column in self._reads.items():
             stored = self._shard(shard)[column]
             values = np.asarray(stored if rows is None else stored[rows])
             self._check_ids(values, column, shard, rows)
@@ -292,9 +292,6 @@ class ShardDataset(keras.utils.PyDataset):
             assert self.sampling_probability is not None
             ids = batch[self._column_names[self.sampling_probability]]
             batch[SAMPLING_PROBABILITY] = self._frequency[ids].astype("float32")
-        if self.label is not None:
-            stored = self._shard(shard)[self.label]
-            batch[LABEL] = np.asarray(stored if rows is None else stored[rows])
         return batch
 
     def _check_ids(
