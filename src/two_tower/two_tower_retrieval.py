@@ -590,7 +590,7 @@ class TwoTowerRetrieval(keras.Model):
         loss = self.compute_retrieval_loss(y, y_pred, sample_weight)
         for extra_loss in self.losses:
             loss = loss + ops.cast(extra_loss, loss.dtype)
-        return loss
+        return backend_module().replica_loss(loss)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("loss") is not None or (len(args) > 1 and args[1] is not None):

@@ -16,6 +16,9 @@ Every module provides:
 - `sparse_train_step(model, *args)`: Keras' `train_step` for that backend (JAX
   takes `(state, data)`, the others `(data)`), with row-sparse gradients and
   updates for `SparseEmbedding` tables (see `two_tower._sparse_training`);
+- `replica_loss(loss)`: the loss `compute_loss` returns, scaled as the
+  backend's trainer expects under data-parallel replicas (TensorFlow's
+  `tf.distribute`); unchanged elsewhere;
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.

@@ -67,6 +67,11 @@ def serving_slot() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def replica_loss(loss: Any) -> Any:
+    """`loss` unchanged: Keras on this backend has no per-replica step to scale for."""
+    return loss
+
+
 def fit_input(x: Any) -> Any:
     """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
     return x

@@ -38,6 +38,19 @@ def serving_slot() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def replica_loss(loss: Any) -> Any:
+    """`loss` divided by the replicas in sync under a `tf.distribute` strategy.
+
+    Keras' TensorFlow trainer sums the replicas' gradients and logs the loss
+    times the number of replicas, so it expects `compute_loss` to return each
+    replica's mean loss already divided by that number, as its own `Loss`
+    objects do. Without it, `MirroredStrategy` on 2 replicas logged twice the
+    loss and took steps twice too large.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss / replicas if replicas > 1 else loss
+
+
 def fit_input(x: Any) -> Any:
     """A `ShardDataset` as a `tf.data` pipeline (see `shard_stream`); other `x` unchanged."""
     from two_tower.datasets.shard_dataset import ShardDataset
