@@ -113,11 +113,16 @@ def cross_backend(session: nox.Session) -> None:
 
 @nox.session(name="tests-multidevice")
 def tests_multidevice(session: nox.Session) -> None:
-    """Runs the distribution tests on 8 simulated JAX devices."""
+    """Runs the distribution tests: 8 simulated JAX devices, 2 and 4 logical TF CPUs."""
+    session.install(*BACKEND_PACKAGES["tensorflow"])
     _install(session, "jax", "test")
     env = _environment("jax")
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", TWO_TOWER_MULTIDEVICE="1")
-    session.run("pytest", "tests/test_multidevice.py", *session.posargs, env=env)
+    session.run("pytest", "tests/test_multidevice_jax.py", *session.posargs, env=env)
+    for devices in ("2", "4"):  # one MirroredStrategy per process (see the test module)
+        env = _environment("tensorflow")
+        env.update(TWO_TOWER_LOGICAL_CPUS=devices, TWO_TOWER_MULTIDEVICE="1")
+        session.run("pytest", "tests/test_multidevice_tensorflow.py", *session.posargs, env=env)
 
 
 @nox.session

@@ -15,8 +15,19 @@ from pathlib import Path
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401
 
-import keras
-import pytest
+# The tests-multidevice session splits the CPU into logical TensorFlow devices,
+# which must happen before TensorFlow initialises its runtime (Keras' import).
+_LOGICAL_CPUS = int(os.environ.get("TWO_TOWER_LOGICAL_CPUS", "0"))
+if _LOGICAL_CPUS > 1 and os.environ.get("KERAS_BACKEND") == "tensorflow":
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * _LOGICAL_CPUS,
+    )
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -11,19 +11,12 @@ import numpy as np
 from keras import ops
 
 from two_tower import _input_checks, _serving, _sparse_training, losses
-from two_tower._input_checks import CANDIDATE, QUERY, SAMPLING_PROBABILITY
+from two_tower._input_checks import CANDIDATE, CATALOGUE_LOSSES, LOSSES, QUERY, SAMPLING_PROBABILITY
 from two_tower._input_checks import is_pair as _is_pair
 from two_tower.backends import backend_module
 from two_tower.brute_force_index import BruteForceIndex
 from two_tower.factorized_top_k import FactorizedTopK
 from two_tower.types import Tensor
-
-LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
-CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -112,7 +105,7 @@ class TwoTowerRetrieval(keras.Model):
         query_tower: layer or model mapping query features to `[batch, dim]`.
         candidate_tower: layer or model mapping candidate features to
             `[batch, dim]`, with the same `dim`.
-        loss: `"mse"` or `"softmax"`.
+        loss: one of `"mse"`, `"softmax"`, `"sampled_softmax"`, `"full_softmax"`.
         temperature: logits divisor of the softmax loss; must be > 0.
         remove_accidental_hits: mask in-batch duplicates of each row's positive
             (softmax only).
@@ -128,6 +121,12 @@ class TwoTowerRetrieval(keras.Model):
         query_id_key: with dict query features, the feature holding the query
             id (for `FactorizedTopK` exclusions).
         candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
+        cross_replica_negatives: under a `tf.distribute` strategy, each replica's
+            in-batch (and sampled-softmax batch) negatives are the whole global
+            batch's candidates, gathered across replicas, as on one device. False
+            keeps each replica's own candidates only: cheaper, but a different
+            loss (see `docs/distributed.md`). JAX distributions always see the
+            global batch.
         **kwargs: standard `keras.Model` arguments (`name`, ...).
 
     Raises:
@@ -162,6 +161,7 @@ class TwoTowerRetrieval(keras.Model):
         num_sampled_negatives: int | None = None,
         candidate_index: BruteForceIndex | None = None,
         query_id_key: str | None = None,
+        cross_replica_negatives: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -171,46 +171,16 @@ class TwoTowerRetrieval(keras.Model):
                     f"`{name}` must be a keras Layer or Model. "
                     f"Received: {tower!r} of type {type(tower).__name__}"
                 )
-        if loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
-        losses.check_temperature(temperature)
-        losses.check_num_hard_negatives(num_hard_negatives)
-        if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
-            raise ValueError(
-                f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
-                f"(ids run from 0 to catalogue_size - 1). Received: {catalogue_size!r}"
-            )
-        if catalogue_size is not None and not _is_positive_int(catalogue_size):
-            raise ValueError(
-                "`catalogue_size` must be a positive integer (ids run from 0 to "
-                f"catalogue_size - 1), or None. Received: {catalogue_size!r}"
-            )
-        limit = _input_checks.tower_id_limit(candidate_tower, CANDIDATE)
-        if catalogue_size is not None and limit is not None and catalogue_size > limit[0]:
-            raise ValueError(
-                f"`catalogue_size` (={catalogue_size}) must not exceed {limit[1]} "
-                f"(={limit[0]}): the catalogue losses and metrics embed every id below it."
-            )
-        if loss == "sampled_softmax" and not _is_positive_int(num_sampled_negatives):
-            raise ValueError(
-                "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
-                f"integer. Received: {num_sampled_negatives!r}"
-            )
-        if not isinstance(remove_accidental_hits, (bool, np.bool_)):
-            raise ValueError(
-                "`remove_accidental_hits` must be True or False. Received: "
-                f"{remove_accidental_hits!r}"
-            )
-        if num_sampled_negatives is not None and loss != "sampled_softmax":
-            raise ValueError(
-                "`num_sampled_negatives` applies to loss='sampled_softmax' only. Received "
-                f"loss={loss!r} and num_sampled_negatives={num_sampled_negatives!r}"
-            )
-        if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
-            raise ValueError(
-                "`remove_accidental_hits` and `num_hard_negatives` apply to "
-                "loss='softmax' only. Received loss='mse'."
-            )
+        _input_checks.check_model_arguments(
+            candidate_tower,
+            loss=loss,
+            temperature=temperature,
+            remove_accidental_hits=remove_accidental_hits,
+            num_hard_negatives=num_hard_negatives,
+            catalogue_size=catalogue_size,
+            num_sampled_negatives=num_sampled_negatives,
+            cross_replica_negatives=cross_replica_negatives,
+        )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         self.loss_name = loss
@@ -221,6 +191,7 @@ class TwoTowerRetrieval(keras.Model):
         self.catalogue_size = catalogue_size
         self.num_sampled_negatives = num_sampled_negatives
         self.query_id_key = query_id_key
+        self.cross_replica_negatives = bool(cross_replica_negatives)
         self._catalogue_features: dict[str, keras.Variable] = {}
         self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
         self.retrieval_metrics: list[FactorizedTopK] = []
@@ -541,26 +512,30 @@ class TwoTowerRetrieval(keras.Model):
             positive_positions = candidate_ids
             candidate_embeddings = outputs["catalogue_embeddings"]
             candidate_ids = log_q = None
-        elif self.loss_name == "sampled_softmax":
+        else:
+            if not self.remove_accidental_hits:
+                candidate_ids = None
+            if self.cross_replica_negatives:
+                # Every replica's batch candidates (unchanged off tf.distribute).
+                candidate_embeddings, candidate_ids, log_q, positive_positions = (
+                    backend_module().global_negatives(candidate_embeddings, candidate_ids, log_q)
+                )
+        if self.loss_name == "sampled_softmax":
             # Mixed negatives: the batch's candidates, then uniform samples.
             sampled_ids = outputs["sampled_candidate_ids"]
             candidate_embeddings = ops.concatenate(
                 [candidate_embeddings, outputs["sampled_candidate_embeddings"]], axis=0
             )
-            if self.remove_accidental_hits:
+            if candidate_ids is not None:
                 candidate_ids = ops.concatenate(
                     [ops.cast(candidate_ids, "int32"), sampled_ids], axis=0
                 )
-            else:
-                candidate_ids = None
             if log_q is not None:
                 assert self.num_sampled_negatives and self.catalogue_size
                 uniform = float(np.log(self.num_sampled_negatives / self.catalogue_size))
                 log_q = ops.concatenate(
                     [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
                 )
-        elif not self.remove_accidental_hits:
-            candidate_ids = None
         similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
         return losses.retrieval_softmax(
             similarities,
@@ -590,7 +565,8 @@ class TwoTowerRetrieval(keras.Model):
         loss = self.compute_retrieval_loss(y, y_pred, sample_weight)
         for extra_loss in self.losses:
             loss = loss + ops.cast(extra_loss, loss.dtype)
-        return backend_module().replica_loss(loss)
+        rows = ops.shape(y_pred["query_embeddings"])[0]
+        return backend_module().replica_loss(loss, rows)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("loss") is not None or (len(args) > 1 and args[1] is not None):
@@ -711,6 +687,10 @@ class TwoTowerRetrieval(keras.Model):
                 for leaf in leaves
             ):
                 _serving.build_eagerly(tower, embed, x[key])
+        if self.query_tower.built and self.candidate_tower.built:
+            # Keras' TensorFlow trainer otherwise builds the model under a
+            # tf.distribute strategy from the replicas' MEAN batch: float ids.
+            self.built = True
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras' default skips compiling on load when `compile` is overridden; ours
@@ -908,6 +888,7 @@ class TwoTowerRetrieval(keras.Model):
                 "catalogue_size": self.catalogue_size,
                 "num_sampled_negatives": self.num_sampled_negatives,
                 "query_id_key": self.query_id_key,
+                "cross_replica_negatives": self.cross_replica_negatives,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
             }
         )

@@ -16,9 +16,13 @@ Every module provides:
 - `sparse_train_step(model, *args)`: Keras' `train_step` for that backend (JAX
   takes `(state, data)`, the others `(data)`), with row-sparse gradients and
   updates for `SparseEmbedding` tables (see `two_tower._sparse_training`);
-- `replica_loss(loss)`: the loss `compute_loss` returns, scaled as the
-  backend's trainer expects under data-parallel replicas (TensorFlow's
-  `tf.distribute`); unchanged elsewhere;
+- `replica_loss(loss, rows)`: the loss `compute_loss` returns for a batch of
+  `rows`, scaled to its share of the global batch under data-parallel replicas
+  (TensorFlow's `tf.distribute`); unchanged elsewhere;
+- `global_negatives(candidate_embeddings, candidate_ids, log_q)`: the batch
+  candidates of every replica in sync, for in-batch softmax under TensorFlow's
+  `tf.distribute` (with the replica's positive columns); unchanged elsewhere,
+  where the step already sees the global batch;
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.

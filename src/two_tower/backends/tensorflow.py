@@ -38,17 +38,62 @@ def serving_slot() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def replica_loss(loss: Any) -> Any:
-    """`loss` divided by the replicas in sync under a `tf.distribute` strategy.
+def replica_loss(loss: Any, rows: Any) -> Any:
+    """A replica's mean `loss` over its `rows`, scaled to its share of the global batch.
 
-    Keras' TensorFlow trainer sums the replicas' gradients and logs the loss
-    times the number of replicas, so it expects `compute_loss` to return each
-    replica's mean loss already divided by that number, as its own `Loss`
-    objects do. Without it, `MirroredStrategy` on 2 replicas logged twice the
-    loss and took steps twice too large.
+    Under a `tf.distribute` strategy Keras' TensorFlow trainer sums the replicas'
+    gradients (and logs the loss times the number of replicas), so it expects
+    `compute_loss` to return each replica's share of the global mean. Keras' own
+    `Loss` objects divide by the number of replicas, which is exact only when
+    every replica holds as many rows; a last partial batch (e.g. 53 rows on 2
+    replicas: 27 and 26) then trains on a slightly different loss. Here the
+    factor is `rows / global rows` (one all-reduce of a scalar), so the summed
+    replica gradients are the single-device gradient for every batch. Without
+    any scaling, `MirroredStrategy` on 2 replicas logged twice the loss and
+    took steps twice too large.
     """
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss / replicas if replicas > 1 else loss
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return loss
+    rows = tf.cast(rows, loss.dtype)
+    return loss * rows / context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+
+
+def global_negatives(
+    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
+) -> tuple[Any, Any, Any, Any]:
+    """Each replica's batch candidates, gathered from every replica in sync.
+
+    Under a `tf.distribute` strategy Keras' step runs once per replica on its
+    share of the global batch, so in-batch negatives would come from that share
+    only (TFRS has done so since it removed its cross-replica gather in 2021).
+    Here the candidate embeddings, with their ids (accidental hits) and log
+    sampling probabilities (logQ), are all-gathered in replica order, and the
+    replica's positives are its own rows of the gathered batch: row i of replica
+    r is column `offset_r + i`, where `offset_r` counts the rows of replicas
+    before r (shares may differ by one row in a last partial batch).
+    `all_gather`'s gradient sums every replica's gradient by the gathered rows
+    and hands each replica its own slice, so together with `replica_loss` the
+    summed replica gradients equal the single-device gradient of the global
+    batch.
+
+    Returns:
+        `(candidate_embeddings, candidate_ids, log_q, positive_positions)`; the
+        arguments unchanged and None positions outside a multi-replica step.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return candidate_embeddings, candidate_ids, log_q, None
+    rows = tf.shape(candidate_embeddings)[:1]
+    replica_rows = context.all_gather(rows, axis=0)
+    before = tf.range(context.num_replicas_in_sync) < context.replica_id_in_sync_group
+    offset = tf.reduce_sum(tf.where(before, replica_rows, tf.zeros_like(replica_rows)))
+    positions = offset + tf.range(rows[0])
+
+    def gather(values: Any) -> Any:
+        return None if values is None else context.all_gather(values, axis=0)
+
+    return gather(candidate_embeddings), gather(candidate_ids), gather(log_q), positions
 
 
 def fit_input(x: Any) -> Any:

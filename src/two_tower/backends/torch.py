@@ -81,9 +81,17 @@ def compile_inference(
     return run
 
 
-def replica_loss(loss: Any) -> Any:
+def replica_loss(loss: Any, rows: Any) -> Any:
     """`loss` unchanged: Keras on this backend has no per-replica step to scale for."""
+    del rows
     return loss
+
+
+def global_negatives(
+    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
+) -> tuple[Any, Any, Any, None]:
+    """The arguments unchanged: this backend's step already sees the global batch."""
+    return candidate_embeddings, candidate_ids, log_q, None
 
 
 def fit_input(x: Any) -> Any:

@@ -1,0 +1,167 @@
+"""Training under `tf.distribute.MirroredStrategy` on logical CPUs equals one device.
+
+Runs in the `tests-multidevice` nox session, twice: with 2 and with 4 logical
+CPU devices (`TWO_TOWER_LOGICAL_CPUS`, which `conftest.py` applies before
+TensorFlow starts; Keras' own `tf_distribute_training_test.py` splits one CPU
+this way). One strategy per process: a second `MirroredStrategy` over the same
+devices in one process fails with mismatched collective instances. Every other
+session skips this file, saying why; in that session a missing device count fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import two_tower
+
+USERS, ITEMS, DIM = 40, 64, 8
+
+
+def _skip_reason() -> str | None:
+    if keras.backend.backend() != "tensorflow":
+        return "tf.distribute runs on TensorFlow only (the tests-multidevice session)"
+    import tensorflow as tf
+
+    devices = len(tf.config.list_logical_devices("CPU"))
+    if devices < 2:
+        message = (
+            f"needs 2 or more logical CPU devices, found {devices}: run the "
+            "tests-multidevice session (TWO_TOWER_LOGICAL_CPUS=2 or 4)"
+        )
+        if os.environ.get("TWO_TOWER_MULTIDEVICE"):
+            pytest.fail(message)
+        return message
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    import tensorflow as tf
+
+    devices = [device.name for device in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _data(rows: int):
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, ITEMS, rows)
+    frequency = np.bincount(items, minlength=ITEMS) / rows
+    x = {
+        "query": rng.integers(0, USERS, rows),
+        "candidate": items,
+        "candidate_sampling_probability": frequency[items].astype("float32"),
+    }
+    return x, rng.uniform(1, 5, rows).astype("float32")
+
+
+def _model(loss: str, initial=None, **options):
+    defaults = {
+        "mse": {},
+        "softmax": {"remove_accidental_hits": True},
+        "sampled_softmax": {"num_sampled_negatives": 8, "remove_accidental_hits": True},
+        "full_softmax": {},
+    }[loss]
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        USERS, ITEMS, DIM, loss=loss, **{**defaults, **options}
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    if initial is not None:
+        model.set_weights(initial)
+    return model
+
+
+def _fit(model, loss: str, rows: int):
+    x, ratings = _data(rows)
+    if loss == "mse":
+        x = {"query": x["query"], "candidate": x["candidate"]}
+    history = model.fit(
+        x, ratings if loss == "mse" else None, batch_size=64, epochs=1, shuffle=False, verbose=0
+    )
+    return history.history["loss"][-1]
+
+
+def _one_epoch(strategy, loss: str, rows: int):
+    """(single-device model, its loss, mirrored model, its loss) after one epoch."""
+    initial = _model(loss).get_weights()
+    single = _model(loss, initial)
+    single_loss = _fit(single, loss, rows)
+    with strategy.scope():
+        mirrored = _model(loss, initial)
+    mirrored_loss = _fit(mirrored, loss, rows)
+    assert not np.allclose(single.get_weights()[0], initial[0])  # it trained
+    return single, single_loss, mirrored, mirrored_loss
+
+
+def _max_difference(first: keras.Model, second: keras.Model) -> float:
+    return max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(first.get_weights(), second.get_weights(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("loss", two_tower.two_tower_retrieval.LOSSES)
+def test_mirrored_trains_like_one_device(strategy, loss):
+    # 512 rows in batches of 64: every replica holds as many rows.
+    single, single_loss, mirrored, mirrored_loss = _one_epoch(strategy, loss, 512)
+    assert strategy.num_replicas_in_sync >= 2
+    np.testing.assert_allclose(mirrored_loss, single_loss, atol=1e-5, rtol=0)
+    assert _max_difference(mirrored, single) <= 1e-5
+
+
+@pytest.mark.parametrize("loss", ["mse", "softmax"])
+def test_uneven_last_batch_trains_like_one_device(strategy, loss):
+    # 565 rows: the last batch of 53 splits unevenly (27 + 26, or 14 + 13 + 13 + 13).
+    # Each replica's loss is scaled by its share of the rows, not 1 / replicas.
+    single, _, mirrored, _ = _one_epoch(strategy, loss, 565)
+    assert _max_difference(mirrored, single) <= 1e-5
+
+
+def _numpy_in_batch_softmax(queries: np.ndarray, candidates: np.ndarray) -> float:
+    logits = queries.astype("float64") @ candidates.astype("float64").T
+    top = logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return float(np.mean(log_sum - np.diag(logits)))
+
+
+@pytest.mark.parametrize("cross_replica", [True, False])
+def test_negatives_are_global_unless_switched_off(strategy, cross_replica):
+    replicas = strategy.num_replicas_in_sync
+    batch = 16 * replicas
+    rng = np.random.default_rng(3)
+    x = {"query": rng.integers(0, USERS, batch), "candidate": rng.integers(0, ITEMS, batch)}
+
+    def plain_model():  # no bias column, no L2: the loss is the softmax alone
+        model = two_tower.TwoTowerRetrieval(
+            keras.layers.Embedding(USERS, DIM),
+            keras.layers.Embedding(ITEMS, DIM),
+            loss="softmax",
+            cross_replica_negatives=cross_replica,
+        )
+        model.compile(optimizer="sgd")
+        return model
+
+    initial = [rng.normal(size=(USERS, DIM)), rng.normal(size=(ITEMS, DIM))]
+    with strategy.scope():
+        model = plain_model()
+        model.embed_queries(np.arange(2))
+        model.embed_candidates(np.arange(2))
+        model.set_weights(initial)
+    loss = model.evaluate(x, batch_size=batch, verbose=0, return_dict=True)["loss"]
+    queries = initial[0][x["query"]]
+    candidates = initial[1][x["candidate"]]
+    if cross_replica:
+        expected = _numpy_in_batch_softmax(queries, candidates)
+    else:  # each replica's 16 rows against its own 16 candidates only
+        shares = [slice(16 * r, 16 * (r + 1)) for r in range(replicas)]
+        expected = np.mean([_numpy_in_batch_softmax(queries[s], candidates[s]) for s in shares])
+    np.testing.assert_allclose(loss, expected, atol=1e-5, rtol=0)
