@@ -1,4 +1,4 @@
-"""Training under `keras.distribution` on 8 simulated JAX devices equals one device.
+"""`keras.distribution` on 8 simulated JAX devices: the same results as one device.
 
 Runs in the `tests-multidevice` nox session, which starts JAX with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` (Keras' own CI simulates
@@ -95,17 +95,136 @@ def _initial_weights():
     return model.get_weights()
 
 
+def _model_parallel():
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], _devices())
+    return keras.distribution.ModelParallel(
+        layout_map=two_tower.distribution.layout_map(mesh), batch_dim_name="batch"
+    )
+
+
+def _rows_per_device(variable) -> set[int]:
+    return {shard.data.shape[0] for shard in variable.value.addressable_shards}
+
+
+@pytest.mark.parametrize("kind", ["data", "model"])
 @pytest.mark.parametrize("loss", two_tower.two_tower_retrieval.LOSSES)
-def test_data_parallel_trains_like_one_device(loss):
+def test_distribution_trains_like_one_device(loss, kind):
     initial = _initial_weights()
     single, single_loss = _train(loss, None, initial)
-    parallel, parallel_loss = _train(
-        loss, keras.distribution.DataParallel(devices=_devices()), initial
+    distribution = (
+        keras.distribution.DataParallel(devices=_devices()) if kind == "data" else _model_parallel()
     )
+    parallel, parallel_loss = _train(loss, distribution, initial)
     np.testing.assert_allclose(parallel_loss, single_loss, atol=1e-5, rtol=0)
     for actual, expected in zip(parallel.get_weights(), single.get_weights(), strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
     assert not np.allclose(single.get_weights()[0], initial[0])  # it trained
-    # Really distributed: the variables live on all 8 devices (replicated).
-    table = parallel.query_tower.trainable_variables[0].value
-    assert len(table.sharding.device_set) == DEVICES
+    tables = [
+        parallel.query_tower.embedding.embeddings,
+        parallel.candidate_tower.embedding.embeddings,
+        parallel.candidate_tower.bias_embedding.embeddings,
+    ]
+    for table in tables:  # really distributed: on all 8 devices
+        assert len(table.value.sharding.device_set) == DEVICES
+        # Replicated, or each device holding a quarter of the rows.
+        expected_rows = table.shape[0] if kind == "data" else table.shape[0] // 4
+        assert _rows_per_device(table) == {expected_rows}
+
+
+def _odd_sized(distribution):
+    keras.distribution.set_distribution(distribution)
+    model = two_tower.TwoTowerRetrieval.from_ids(943, 1683, 8, loss="softmax")
+    model.compile(optimizer=keras.optimizers.Adagrad(0.1))
+    return model
+
+
+def test_odd_table_sizes_train_and_serve_like_one_device():
+    rng = np.random.default_rng(5)
+    x = {"query": rng.integers(0, 943, 512), "candidate": rng.integers(0, 1683, 512)}
+    parallel = _odd_sized(_model_parallel())
+    history = parallel.fit(x, batch_size=64, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    query_table = parallel.query_tower.embedding.embeddings
+    candidate_table = parallel.candidate_tower.embedding.embeddings
+    # Rounded up to the model axis (4), sharded by rows, the extra row still zero.
+    assert query_table.shape == (944, 8) and candidate_table.shape == (1684, 8)
+    assert _rows_per_device(query_table) == {236}
+    assert _rows_per_device(candidate_table) == {421}
+    assert not np.any(np.asarray(candidate_table.value)[1683:])
+    assert parallel.query_tower.get_config()["table_rows"] == 944
+    parallel.index_candidates(np.arange(1683))
+    exclude = [np.array([0, 5]), np.array([], "int64"), np.array([7])] * 3
+
+    keras.distribution.set_distribution(None)
+    single = _odd_sized(None)
+    single.embed_queries(np.arange(2))
+    single.embed_candidates(np.arange(2))
+    single.set_weights(
+        [
+            weights[: len(target)]
+            for weights, target in zip(parallel.get_weights(), single.get_weights(), strict=True)
+        ]
+    )
+    single.index_candidates(np.arange(1683))
+    for queries in (1, 3, 7):
+        users = rng.integers(0, 943, queries)
+        keras.distribution.set_distribution(_model_parallel())
+        ids, scores = parallel.recommend(users, k=10, exclude=exclude[:queries], return_scores=True)
+        keras.distribution.set_distribution(None)
+        expected_ids, expected_scores = single.recommend(
+            users, k=10, exclude=exclude[:queries], return_scores=True
+        )
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5, rtol=0)
+        for row, excluded in zip(ids, exclude[:queries], strict=True):
+            assert not np.isin(row, excluded).any()
+
+
+def test_model_saved_under_model_parallel_loads_on_one_device(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(6)
+    x = {"query": rng.integers(0, 943, 256), "candidate": rng.integers(0, 1683, 256)}
+    model = _odd_sized(_model_parallel())
+    model.fit(x, batch_size=64, epochs=1, verbose=0)
+    model.index_candidates(np.arange(1683))
+    expected = model.recommend(np.arange(5), k=10)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "expected.npy", np.asarray(expected))
+    script = (
+        "import sys, numpy as np, keras, two_tower\n"
+        "model = keras.saving.load_model(sys.argv[1] + '/model.keras')\n"
+        "assert len(keras.distribution.list_devices()) == 1\n"
+        "np.testing.assert_array_equal(model.recommend(np.arange(5), k=10),"
+        " np.load(sys.argv[1] + '/expected.npy'))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_unshardable_table_is_named():
+    keras.distribution.set_distribution(_model_parallel())
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(943, 8, name="user_table"), keras.layers.Embedding(64, 8)
+    )
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(64) % 943, "candidate": np.arange(64)}
+    with pytest.raises(ValueError, match=r"'user_table'.*943 rows.*4 devices.*944"):
+        model.fit(x, batch_size=32, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "message"),
+    [(64, 30, r"batch size \(30 rows.*8 devices"), (70, 32, r"last batch \(6 rows.*8 devices")],
+)
+def test_batches_that_do_not_divide_are_refused(rows, batch_size, message):
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=_devices()))
+    model = two_tower.TwoTowerRetrieval.from_ids(USERS, ITEMS, 8)
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(rows) % USERS, "candidate": np.arange(rows) % ITEMS}
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, batch_size=batch_size, epochs=1, verbose=0)

@@ -4,7 +4,7 @@ from two_tower._backend import check_backend_installed
 
 check_backend_installed()
 
-from two_tower import datasets, defaults, evaluation, losses, saving  # noqa: E402
+from two_tower import datasets, defaults, distribution, evaluation, losses, saving  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = [
     "Vocabulary",
     "datasets",
     "defaults",
+    "distribution",
     "evaluation",
     "losses",
     "saving",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from two_tower import losses
+from two_tower import _distribution, losses
 
 if TYPE_CHECKING:
     from two_tower.two_tower_retrieval import TwoTowerRetrieval
@@ -336,8 +336,14 @@ def check_fit_arguments(
             "row i of each is one observed pair. Received x with keys "
             f"{sorted(map(str, x.keys()))}"
         )
+    if isinstance(x, keras.utils.PyDataset) and hasattr(x, "_rows"):  # a ShardDataset
+        _distribution.check_batches(what, int(x._rows.sum()), x.batch_size)  # noqa: SLF001
     if not is_pair(x):
         return
+    leaves = keras.tree.flatten(x[QUERY])
+    if leaves and _is_array_like(leaves[0]) and np.ndim(leaves[0]):
+        rows = len(leaves[0])
+        _distribution.check_batches(what, rows, 32 if batch_size is None else int(batch_size))
     check_rows(
         what,
         [

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from two_tower import _distribution
 from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
@@ -67,6 +68,11 @@ class FeatureTower(keras.layers.Layer):
             updates only the rows a batch looks up (`l2` then applies to those
             rows; padding positions of multi-valued features look up row 0 with
             a zero gradient). The Dense layers train as usual.
+        table_rows: table layer name -> rows, for tables given more rows than
+            their feature's size. Set when the tower builds under a
+            `keras.distribution.ModelParallel` (see `IdEmbeddingTower`); kept
+            in the config so a saved model reloads with the same shapes. Leave
+            it None.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -98,6 +104,7 @@ class FeatureTower(keras.layers.Layer):
         combiner: str = "concat",
         bias: str | None = None,
         sparse: bool = False,
+        table_rows: Mapping[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -140,6 +147,7 @@ class FeatureTower(keras.layers.Layer):
         self.combiner = combiner
         self.bias = bias
         self.sparse = sparse
+        self.table_rows = dict(table_rows) if table_rows else None
         tables = {**self.categorical, **self.multivalued}
 
         def table(feature: str, kind: str, width: int, initializer: str) -> keras.layers.Layer:
@@ -169,11 +177,30 @@ class FeatureTower(keras.layers.Layer):
             if bias == "learned" and self.numeric
             else None
         )
+        sizes = {layer.name: layer.input_dim for layer in self._tables()}
+        for name, rows in (self.table_rows or {}).items():
+            if name not in sizes:
+                raise ValueError(
+                    f"`table_rows` names an unknown table {name!r}. Tables: {sorted(sizes)}"
+                )
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < sizes[name]:
+                raise ValueError(
+                    f"`table_rows` of table {name!r} must be an integer >= {sizes[name]}, its "
+                    f"feature's size. Received: {rows!r}"
+                )
         self.hidden = [keras.layers.Dense(units, activation="relu") for units in hidden_units]
         self.output_layer = keras.layers.Dense(output_dim) if output_dim is not None else None
 
+    pads_tables = True  # see `two_tower._distribution`
+
+    def _tables(self) -> list[keras.layers.Layer]:
+        return [*self.embeddings.values(), *self.biases.values()]
+
     def build(self, input_shape: Any = None) -> None:
-        for layer in [*self.embeddings.values(), *self.biases.values()]:
+        padded = _distribution.pad_tables({t.name: t for t in self._tables()}, self.table_rows)
+        if padded:
+            self.table_rows = padded
+        for layer in self._tables():
             layer.build((None,))
         for layer in (self.numeric_projection, self.numeric_bias):
             if layer is not None:
@@ -319,6 +346,7 @@ class FeatureTower(keras.layers.Layer):
                 "combiner": self.combiner,
                 "bias": self.bias,
                 "sparse": self.sparse,
+                "table_rows": self.table_rows,
             }
         )
         return config

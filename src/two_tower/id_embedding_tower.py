@@ -7,6 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from two_tower import _distribution
 from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
@@ -35,6 +36,12 @@ class IdEmbeddingTower(keras.layers.Layer):
             `TwoTowerRetrieval.fit` updates only the rows a batch looks up (a
             step then costs O(batch), not O(vocabulary_size); see
             `SparseEmbedding` for the optimizers it takes).
+        table_rows: rows of the tables, if more than `vocabulary_size`. Set
+            when the tower builds under a `keras.distribution.ModelParallel`,
+            which shards tables by rows: the rows are rounded up to the model
+            axis, and the extra rows start at zero and are never looked up
+            (ids are checked against `vocabulary_size`). Kept in the config so
+            a saved model reloads with the same shapes. Leave it None.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -57,6 +64,7 @@ class IdEmbeddingTower(keras.layers.Layer):
         l2: float = 0.0,
         bias: str | None = None,
         sparse: bool = False,
+        table_rows: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -69,11 +77,21 @@ class IdEmbeddingTower(keras.layers.Layer):
             raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
         if not isinstance(sparse, bool):
             raise ValueError(f"`sparse` must be True or False. Received: sparse={sparse!r}")
+        if table_rows is not None and (
+            isinstance(table_rows, bool)
+            or not isinstance(table_rows, int)
+            or table_rows < vocabulary_size
+        ):
+            raise ValueError(
+                f"`table_rows` must be None or an integer >= vocabulary_size (={vocabulary_size})."
+                f" Received: table_rows={table_rows!r}"
+            )
         self.vocabulary_size = vocabulary_size
         self.embedding_dim = embedding_dim
         self.l2 = l2
         self.bias = bias
         self.sparse = sparse
+        self.table_rows = table_rows
         regularizer = keras.regularizers.L2(l2) if l2 else None
         table = SparseEmbedding if sparse else keras.layers.Embedding
         self.embedding = table(
@@ -91,7 +109,16 @@ class IdEmbeddingTower(keras.layers.Layer):
             else None
         )
 
+    pads_tables = True  # see `two_tower._distribution`
+
     def build(self, input_shape: Any) -> None:
+        tables = {"embedding": self.embedding}
+        if self.bias_embedding is not None:
+            tables["bias"] = self.bias_embedding
+        recorded = None if self.table_rows is None else dict.fromkeys(tables, self.table_rows)
+        padded = _distribution.pad_tables(tables, recorded)
+        if padded:
+            self.table_rows = padded["embedding"]
         self.embedding.build(input_shape)
         if self.bias_embedding is not None:
             self.bias_embedding.build(input_shape)
@@ -117,6 +144,7 @@ class IdEmbeddingTower(keras.layers.Layer):
                 "l2": self.l2,
                 "bias": self.bias,
                 "sparse": self.sparse,
+                "table_rows": self.table_rows,
             }
         )
         return config

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _input_checks, _serving, _sparse_training, losses
+from two_tower import _distribution, _input_checks, _serving, _sparse_training, losses
 from two_tower._input_checks import CANDIDATE, CATALOGUE_LOSSES, LOSSES, QUERY, SAMPLING_PROBABILITY
 from two_tower._input_checks import is_pair as _is_pair
 from two_tower.backends import backend_module
@@ -643,6 +643,7 @@ class TwoTowerRetrieval(keras.Model):
 
     def _run_loop(self, what: str, loop: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
         """Checks and prepares `fit`/`evaluate` inputs, then runs Keras' `loop`."""
+        backend_module().check_replicas()
         args, kwargs = _input_checks.fit_arguments(what, args, kwargs)
         _input_checks.check_fit_arguments(self, what, args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
@@ -675,6 +676,7 @@ class TwoTowerRetrieval(keras.Model):
         if isinstance(x, keras.utils.PyDataset) and x.num_batches:
             x = x.peek() if hasattr(x, "peek") else x[0]  # a ShardDataset's first row
             x = x[0] if isinstance(x, tuple) else x
+        _distribution.check_shardable([self.query_tower, self.candidate_tower])
         if not isinstance(x, Mapping):
             return
         for key, tower, embed in (
@@ -687,9 +689,10 @@ class TwoTowerRetrieval(keras.Model):
                 for leaf in leaves
             ):
                 _serving.build_eagerly(tower, embed, x[key])
-        if self.query_tower.built and self.candidate_tower.built:
-            # Keras' TensorFlow trainer otherwise builds the model under a
-            # tf.distribute strategy from the replicas' MEAN batch: float ids.
+        strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
+        if strategy is not None and self.query_tower.built and self.candidate_tower.built:
+            # Keras' TensorFlow trainer otherwise builds the model from the
+            # replicas' MEAN batch, where the ids are floats.
             self.built = True
 
     def compile_from_config(self, config: dict[str, Any]) -> None:

@@ -23,6 +23,8 @@ Every module provides:
   candidates of every replica in sync, for in-batch softmax under TensorFlow's
   `tf.distribute` (with the replica's positive columns); unchanged elsewhere,
   where the step already sees the global batch;
+- `check_replicas()`: raises where training would silently run as several
+  independent copies (a torch process group); nothing elsewhere;
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.

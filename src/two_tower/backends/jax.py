@@ -80,6 +80,10 @@ def global_negatives(
     return candidate_embeddings, candidate_ids, log_q, None
 
 
+def check_replicas() -> None:
+    """Nothing to refuse: this backend's distributed training is supported."""
+
+
 def fit_input(x: Any) -> Any:
     """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
     return x

@@ -96,6 +96,10 @@ def global_negatives(
     return gather(candidate_embeddings), gather(candidate_ids), gather(log_q), positions
 
 
+def check_replicas() -> None:
+    """Nothing to refuse: this backend's distributed training is supported."""
+
+
 def fit_input(x: Any) -> Any:
     """A `ShardDataset` as a `tf.data` pipeline (see `shard_stream`); other `x` unchanged."""
     from two_tower.datasets.shard_dataset import ShardDataset

@@ -94,6 +94,29 @@ def global_negatives(
     return candidate_embeddings, candidate_ids, log_q, None
 
 
+def check_replicas() -> None:
+    """Raises when `fit`/`evaluate` run in a torch process group of several processes.
+
+    Released Keras (3.15) has no `keras.distribution` for torch and does not
+    average gradients across processes, so each process would silently train
+    its own copy on its own data. Until Keras does, we refuse.
+
+    Raises:
+        RuntimeError: naming the world size, and what to use instead.
+    """
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        world_size = distributed.get_world_size()
+        if world_size > 1:
+            raise RuntimeError(
+                f"two_tower cannot train under a torch process group of {world_size} "
+                "processes: Keras 3.15 on torch has no distributed training, so each "
+                "process would train its own model on its own data without a word. Train "
+                "on one process, or use the JAX backend with keras.distribution or the "
+                "TensorFlow backend with tf.distribute (see docs/distributed.md)."
+            )
+
+
 def fit_input(x: Any) -> Any:
     """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
     return x

@@ -1,0 +1,101 @@
+"""Distribution pieces that run on one device, in every backend session.
+
+The multi-device behaviour itself is tested in `test_multidevice_jax.py` and
+`test_multidevice_tensorflow.py` (the `tests-multidevice` session).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from testing import assert_config_round_trip
+
+import two_tower
+
+MESH = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], [f"cpu:{i}" for i in range(8)])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "query_tower/embedding/embeddings",  # IdEmbeddingTower
+        "candidate_tower/bias/embeddings",  # its bias table
+        "tower/genres_embedding/embeddings",  # FeatureTower
+        "my_tower/user_table/embeddings",  # a plain keras.layers.Embedding
+    ],
+)
+def test_layout_map_shards_every_table_by_rows(path):
+    layouts = two_tower.distribution.layout_map(MESH)
+    assert layouts[path].axes == ("model", None)
+    # Everything else stays replicated (no entry: Keras' default layout).
+    assert layouts["tower/dense/kernel"] is None
+
+
+def test_layout_map_names_a_missing_axis():
+    with pytest.raises(ValueError, match=r"axes are \['batch', 'model'\].*'rows'"):
+        two_tower.distribution.layout_map(MESH, model_axis="rows")
+
+
+def test_table_rows_round_trip_and_build_the_padded_shape():
+    tower = two_tower.IdEmbeddingTower(943, embedding_dim=4, bias="learned", table_rows=944)
+    restored = assert_config_round_trip(tower)
+    assert restored.table_rows == 944
+    output = restored(np.array([0, 942]))
+    assert tuple(output.shape) == (2, 5)
+    assert tuple(restored.embedding.embeddings.shape) == (944, 4)
+    assert tuple(restored.bias_embedding.embeddings.shape) == (944, 1)
+    # The extra row starts at zero; the real rows are drawn as without padding.
+    assert not np.any(keras.ops.convert_to_numpy(restored.embedding.embeddings)[943:])
+
+
+def test_feature_tower_table_rows_round_trip():
+    tower = two_tower.FeatureTower(
+        categorical={"genre": 19}, table_rows={"genre_embedding": 20}, output_dim=None
+    )
+    restored = assert_config_round_trip(tower)
+    restored({"genre": np.array([0, 18])})
+    assert tuple(restored.embeddings["genre"].embeddings.shape) == (20, 32)
+
+
+@pytest.mark.parametrize("table_rows", [942, 0, 943.0, True])
+def test_table_rows_below_the_vocabulary_are_refused(table_rows):
+    with pytest.raises(
+        ValueError, match=r"`table_rows` must be None or an integer >= vocabulary_size \(=943\)"
+    ):
+        two_tower.IdEmbeddingTower(943, table_rows=table_rows)
+
+
+def test_feature_tower_table_rows_are_checked():
+    with pytest.raises(ValueError, match=r"`table_rows`.*'genre_embedding'.*>= 19"):
+        two_tower.FeatureTower(categorical={"genre": 19}, table_rows={"genre_embedding": 5})
+    with pytest.raises(ValueError, match=r"`table_rows` names an unknown table 'year'"):
+        two_tower.FeatureTower(categorical={"genre": 19}, table_rows={"year": 50})
+
+
+def test_cross_replica_negatives_is_stored_and_checked():
+    model = two_tower.TwoTowerRetrieval.from_ids(10, 20, 4, cross_replica_negatives=False)
+    assert model.get_config()["cross_replica_negatives"] is False
+    with pytest.raises(ValueError, match="`cross_replica_negatives` must be True or False"):
+        two_tower.TwoTowerRetrieval.from_ids(10, 20, 4, cross_replica_negatives="yes")
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torch process groups exist on torch only"
+)
+def test_torch_process_group_of_several_processes_is_refused(monkeypatch):
+    import torch.distributed
+
+    model = two_tower.TwoTowerRetrieval.from_ids(10, 20, 4)
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(8), "candidate": np.arange(8)}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    before = model.get_weights()
+    for run in (model.fit, model.evaluate):
+        with pytest.raises(RuntimeError, match="process group of 2 processes"):
+            run(x, verbose=0)
+    for weights, kept in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(weights, kept)  # refused before any step
