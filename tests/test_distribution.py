@@ -9,9 +9,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from testing import assert_config_round_trip
 
 import two_tower
+from testing import assert_config_round_trip
 
 MESH = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], [f"cpu:{i}" for i in range(8)])
 
