@@ -133,8 +133,9 @@ def test_distribution_trains_like_one_device(loss, kind):
 
 def _odd_sized(distribution):
     keras.distribution.set_distribution(distribution)
-    model = two_tower.TwoTowerRetrieval.from_ids(943, 1683, 8, loss="softmax")
-    model.compile(optimizer=keras.optimizers.Adagrad(0.1))
+    model = two_tower.TwoTowerRetrieval.from_ids(943, 1683, 8, loss="softmax", catalogue_size=1683)
+    metric = two_tower.FactorizedTopK(ks=(10, 100), catalogue_size=1683)
+    model.compile(optimizer=keras.optimizers.Adagrad(0.1), metrics=[metric])
     return model
 
 
@@ -166,6 +167,18 @@ def test_odd_table_sizes_train_and_serve_like_one_device():
         ]
     )
     single.index_candidates(np.arange(1683))
+    # evaluate with FactorizedTopK over the whole catalogue: the same metrics.
+    test = {"query": rng.integers(0, 943, 128), "candidate": rng.integers(0, 1683, 128)}
+    results = {}
+    for name, model, distribution in (
+        ("parallel", parallel, _model_parallel()),
+        ("single", single, None),
+    ):
+        keras.distribution.set_distribution(distribution)
+        results[name] = model.evaluate(test, batch_size=64, verbose=0, return_dict=True)
+    assert results["single"]["top_k_accuracy_at_100"] > 0
+    for key, value in results["single"].items():
+        np.testing.assert_allclose(results["parallel"][key], value, atol=1e-5, rtol=0)
     for queries in (1, 3, 7):
         users = rng.integers(0, 943, queries)
         keras.distribution.set_distribution(_model_parallel())
