@@ -191,6 +191,11 @@ def test_odd_table_sizes_train_and_serve_like_one_device():
         np.testing.assert_allclose(scores, expected_scores, atol=1e-5, rtol=0)
         for row, excluded in zip(ids, exclude[:queries], strict=True):
             assert not np.isin(row, excluded).any()
+        items = rng.integers(0, 1683, queries)
+        keras.distribution.set_distribution(_model_parallel())
+        similar = parallel.similar_items(items, k=10)
+        keras.distribution.set_distribution(None)
+        np.testing.assert_array_equal(similar, single.similar_items(items, k=10))
 
 
 def test_model_saved_under_model_parallel_loads_on_one_device(tmp_path):
