@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import two_tower
+from testing import missing_devices
 
 DEVICES = 8
 USERS, ITEMS, ROWS = 40, 64, 512
@@ -31,15 +32,12 @@ def _devices() -> list:
 def _skip_reason() -> str | None:
     if keras.backend.backend() != "jax":
         return "keras.distribution runs on JAX only (the tests-multidevice session)"
-    if len(_devices()) < DEVICES:
-        message = (
-            f"needs {DEVICES} JAX devices, found {len(_devices())}: run the "
-            "tests-multidevice session (XLA_FLAGS=--xla_force_host_platform_device_count=8)"
-        )
-        if os.environ.get("TWO_TOWER_MULTIDEVICE"):
-            pytest.fail(message)
-        return message
-    return None
+    return missing_devices(
+        len(_devices()),
+        DEVICES,
+        "JAX devices",
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    )
 
 
 _REASON = _skip_reason()

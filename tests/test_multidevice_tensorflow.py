@@ -10,13 +10,12 @@ session skips this file, saying why; in that session a missing device count fail
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 import pytest
 
 import two_tower
+from testing import missing_devices
 
 USERS, ITEMS, DIM = 40, 64, 8
 
@@ -26,16 +25,12 @@ def _skip_reason() -> str | None:
         return "tf.distribute runs on TensorFlow only (the tests-multidevice session)"
     import tensorflow as tf
 
-    devices = len(tf.config.list_logical_devices("CPU"))
-    if devices < 2:
-        message = (
-            f"needs 2 or more logical CPU devices, found {devices}: run the "
-            "tests-multidevice session (TWO_TOWER_LOGICAL_CPUS=2 or 4)"
-        )
-        if os.environ.get("TWO_TOWER_MULTIDEVICE"):
-            pytest.fail(message)
-        return message
-    return None
+    return missing_devices(
+        len(tf.config.list_logical_devices("CPU")),
+        2,
+        "logical CPU devices",
+        "TWO_TOWER_LOGICAL_CPUS=2 or 4",
+    )
 
 
 _REASON = _skip_reason()

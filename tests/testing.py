@@ -33,6 +33,22 @@ def assert_config_round_trip(obj: Any) -> Any:
     return restored
 
 
+def missing_devices(found: int, needed: int, what: str, how: str) -> str | None:
+    """Why a multi-device test module cannot run, or None when it can.
+
+    Outside the `tests-multidevice` session the reason becomes a skip; in it
+    (`TWO_TOWER_MULTIDEVICE` set) too few devices is a failure, not a skip.
+    """
+    if found >= needed:
+        return None
+    message = f"needs {needed} {what}, found {found}: run the tests-multidevice session ({how})"
+    if os.environ.get("TWO_TOWER_MULTIDEVICE"):
+        import pytest
+
+        pytest.fail(message)
+    return message
+
+
 def save_and_load(model: keras.Model, folder: Path) -> Any:
     path = os.path.join(folder, "model.keras")
     model.save(path)

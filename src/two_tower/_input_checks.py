@@ -336,8 +336,10 @@ def check_fit_arguments(
             "row i of each is one observed pair. Received x with keys "
             f"{sorted(map(str, x.keys()))}"
         )
-    if isinstance(x, keras.utils.PyDataset) and hasattr(x, "_rows"):  # a ShardDataset
-        _distribution.check_batches(what, int(x._rows.sum()), x.batch_size)  # noqa: SLF001
+    from two_tower.datasets.shard_dataset import ShardDataset
+
+    if isinstance(x, ShardDataset):
+        _distribution.check_batches(what, x.num_rows, x.batch_size)
     if not is_pair(x):
         return
     leaves = keras.tree.flatten(x[QUERY])

@@ -21,6 +21,11 @@ from typing import Any
 import jax
 import keras
 
+# Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import check_replicas as check_replicas
+from two_tower.backends._defaults import global_negatives as global_negatives
+from two_tower.backends._defaults import replica_loss as replica_loss
+
 
 def compile_inference(
     function: Callable[[Any], Any], variables: Callable[[], Sequence[keras.Variable]]
@@ -65,23 +70,6 @@ def compile_inference(
 def serving_slot() -> contextlib.AbstractContextManager[None]:
     """Nothing to wait for: concurrent serving calls run at once (see the module)."""
     return contextlib.nullcontext()
-
-
-def replica_loss(loss: Any, rows: Any) -> Any:
-    """`loss` unchanged: Keras on this backend has no per-replica step to scale for."""
-    del rows
-    return loss
-
-
-def global_negatives(
-    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
-) -> tuple[Any, Any, Any, None]:
-    """The arguments unchanged: this backend's step already sees the global batch."""
-    return candidate_embeddings, candidate_ids, log_q, None
-
-
-def check_replicas() -> None:
-    """Nothing to refuse: this backend's distributed training is supported."""
 
 
 def fit_input(x: Any) -> Any:

@@ -16,6 +16,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import check_replicas as check_replicas
+
 
 def compile_inference(
     function: Callable[[Any], Any], variables: Callable[[], Sequence[keras.Variable]]
@@ -94,10 +97,6 @@ def global_negatives(
         return None if values is None else context.all_gather(values, axis=0)
 
     return gather(candidate_embeddings), gather(candidate_ids), gather(log_q), positions
-
-
-def check_replicas() -> None:
-    """Nothing to refuse: this backend's distributed training is supported."""
 
 
 def fit_input(x: Any) -> Any:

@@ -24,6 +24,10 @@ from typing import Any
 import keras
 import torch
 
+# Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import global_negatives as global_negatives
+from two_tower.backends._defaults import replica_loss as replica_loss
+
 SERVING_SLOTS = 2
 """Serving calls (`recommend`, `similar_items`, `search`...) that run at once."""
 
@@ -79,19 +83,6 @@ def compile_inference(
             return function(inputs)
 
     return run
-
-
-def replica_loss(loss: Any, rows: Any) -> Any:
-    """`loss` unchanged: Keras on this backend has no per-replica step to scale for."""
-    del rows
-    return loss
-
-
-def global_negatives(
-    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
-) -> tuple[Any, Any, Any, None]:
-    """The arguments unchanged: this backend's step already sees the global batch."""
-    return candidate_embeddings, candidate_ids, log_q, None
 
 
 def check_replicas() -> None:

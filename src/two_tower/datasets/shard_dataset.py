@@ -205,8 +205,12 @@ class ShardDataset(keras.utils.PyDataset):
         return {column: _open(path) for column, path in self._paths[shard].items()}
 
     @property
+    def num_rows(self) -> int:
+        return int(self._rows.sum())
+
+    @property
     def num_batches(self) -> int:
-        return math.ceil(int(self._rows.sum()) / self.batch_size)
+        return math.ceil(self.num_rows / self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches
