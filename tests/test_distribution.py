@@ -99,3 +99,46 @@ def test_torch_process_group_of_several_processes_is_refused(monkeypatch):
             run(x, verbose=0)
     for weights, kept in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(weights, kept)  # refused before any step
+
+
+class _Counter(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+@pytest.mark.parametrize("how", ["keyword", "positional"])
+def test_backend_loop_callbacks_run_beside_the_users(monkeypatch, how):
+    from two_tower.backends import backend_module
+
+    added = _Counter()
+    monkeypatch.setattr(backend_module(), "loop_callbacks", lambda: [added])
+    model = two_tower.TwoTowerRetrieval.from_ids(8, 8, 4, loss="softmax")
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(64) % 8, "candidate": np.arange(64) % 8}
+    own = _Counter()
+    if how == "keyword":
+        model.fit(x, batch_size=16, epochs=1, verbose=0, callbacks=[own])
+        model.evaluate(x, batch_size=16, verbose=0, callbacks=[own])
+    else:  # fit(x, y, batch_size, epochs, verbose, callbacks), evaluate(..., callbacks)
+        model.fit(x, None, 16, 1, 0, [own])
+        model.evaluate(x, None, 16, 0, None, None, [own])
+    assert own.batches == 8  # 4 training batches, then 4 evaluation ones
+    assert added.batches == 8
+
+
+def test_backend_loop_callbacks_join_a_callback_list(monkeypatch):
+    from two_tower import _input_checks
+    from two_tower.backends import backend_module
+
+    added, own = _Counter(), _Counter()
+    monkeypatch.setattr(backend_module(), "loop_callbacks", lambda: [added])
+    given = keras.callbacks.CallbackList([own])
+    _, kwargs = _input_checks.for_backend("fit", (), {"callbacks": given}, backend_module())
+    assert kwargs["callbacks"] is given and given.callbacks == [own, added]

@@ -196,6 +196,89 @@ def test_odd_table_sizes_train_and_serve_like_one_device():
         np.testing.assert_array_equal(similar, single.similar_items(items, k=10))
 
 
+def _stable_top_k(queries, candidates, k, exclude):
+    """NumPy reference: best first, equal scores lower position first."""
+    scores = (queries.astype("float64") @ candidates.astype("float64").T).astype("float32")
+    for row, positions in enumerate(exclude):
+        scores[row, positions] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("kind", ["data", "model"])
+def test_sharded_index_is_exact_with_ties(kind, tmp_path):
+    rng = np.random.default_rng(7)
+    num_candidates = 1683
+    # Small integers: every score is exact in float32, and many are equal.
+    candidates = rng.integers(-2, 3, (num_candidates, 8)).astype("float32")
+    candidates[1000:1040] = candidates[:40]  # equal rows on different devices
+    queries = rng.integers(-2, 3, (7, 8)).astype("float32")
+    ids = np.arange(num_candidates) * 10 + 3
+    exclude = [rng.choice(num_candidates, 50, replace=False) for _ in range(7)]
+    exclude[2] = np.array([], "int64")
+    distribution = (
+        keras.distribution.DataParallel(devices=_devices()) if kind == "data" else _model_parallel()
+    )
+    keras.distribution.set_distribution(distribution)
+    index = two_tower.BruteForceIndex(chunk_size=64)  # 4 steps of 8 x 64 rows
+    index.index(candidates, ids)
+    sharded = index._catalogue.sharded  # private: how the rows are laid out
+    assert len(sharded.chunks) == 4 and sharded.width == 64
+    for chunk in sharded.chunks:  # each device holds 64 rows of each chunk, no more
+        assert len(chunk.sharding.device_set) == DEVICES
+        assert {shard.data.size // 8 for shard in chunk.addressable_shards} == {64}
+    for k in (1, 10, 100):  # 100 > 64: a device's whole chunk reaches the merge
+        expected_scores, expected = _stable_top_k(queries, candidates, k, [[]] * 7)
+        scores, found = index.search(queries, k)
+        np.testing.assert_array_equal(found, ids[expected])
+        np.testing.assert_array_equal(scores, expected_scores)
+        expected_scores, expected = _stable_top_k(queries, candidates, k, exclude)
+        scores, found = index.search(queries, k, exclude=[ids[e] for e in exclude])
+        np.testing.assert_array_equal(found, ids[expected])
+        np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(np.asarray(index.candidate_embeddings), candidates)
+    index.save_assets(str(tmp_path))
+    keras.distribution.set_distribution(None)
+    reloaded = two_tower.BruteForceIndex(chunk_size=64)
+    reloaded.load_assets(str(tmp_path))  # on one device
+    assert reloaded._catalogue.sharded is None
+    np.testing.assert_array_equal(reloaded.search(queries, 10)[1], index.search(queries, 10)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_movielens_default_on_8_devices_clears_the_bar(real_data_dir):
+    """The single-device bar of test_quality.py, trained and served on a 2 x 4 mesh."""
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(real_data_dir)
+    records = {
+        "user": ratings["user_id"].astype("int32"),
+        "movie": ratings["movie_id"].astype("int32"),
+    }
+    train, test = movielens.random_split(records, test_fraction=0.2, seed=42)
+    keras.distribution.set_distribution(_model_parallel())
+    keras.utils.set_random_seed(42)
+    model = two_tower.TwoTowerRetrieval.from_ids(944, 1683)
+    model.compile(
+        optimizer=two_tower.defaults.optimizer(),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    model.fit(
+        {"query": train["user"], "candidate": train["movie"]}, verbose=0, **two_tower.defaults.FIT
+    )
+    assert _rows_per_device(model.candidate_tower.embedding.embeddings) == {421}
+    movies = np.arange(1, 1683)
+    model.index_candidates(movies, candidate_ids=movies)  # sharded over the 8 devices
+    users = np.unique(test["user"])
+    seen = [train["movie"][train["user"] == user] for user in users]
+    top = model.recommend(users, k=100, exclude=seen)
+    row_of = np.searchsorted(users, test["user"])
+    hits = (top[row_of] == test["movie"][:, None]).any(axis=1)
+    print(f"top-100, train-seen excluded, 8 devices: {hits.mean():.4f}")
+    assert hits.mean() >= 0.60
+
+
 def test_model_saved_under_model_parallel_loads_on_one_device(tmp_path):
     import subprocess
     import sys
@@ -220,6 +303,101 @@ def test_model_saved_under_model_parallel_loads_on_one_device(tmp_path):
         [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+TWO_PROCESSES = """
+import os, sys
+role, port, out = sys.argv[1:]
+devices = "8" if role == "single" else "4"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + devices
+import jax
+import keras, numpy as np
+import two_tower
+
+if role != "single":  # two processes on this machine, 4 CPU devices each
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(role))
+devices = keras.distribution.list_devices()
+assert len(devices) == 8 and jax.process_count() == (1 if role == "single" else 2)
+mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+distribution = keras.distribution.ModelParallel(
+    layout_map=two_tower.distribution.layout_map(mesh), batch_dim_name="batch")
+distribution.auto_shard_dataset = False  # each process is handed its own rows below
+keras.distribution.set_distribution(distribution)
+rng = np.random.default_rng(0)
+items = rng.integers(0, 64, 512)
+frequency = (np.bincount(items, minlength=64) / 512).astype("float32")
+x = {"query": rng.integers(0, 40, 512), "candidate": items,
+     "candidate_sampling_probability": frequency[items]}
+ratings = rng.uniform(1, 5, 512).astype("float32")
+rows, batch_size = np.arange(512), 64
+if role != "single":  # its half of every global batch of 64
+    rows, batch_size = rows.reshape(8, 2, 32)[:, int(role)].reshape(-1), 32
+results = {}
+for loss, options in [("mse", {}), ("softmax", {"remove_accidental_hits": True}),
+                      ("sampled_softmax", {"num_sampled_negatives": 8}), ("full_softmax", {})]:
+    keras.utils.set_random_seed(1)
+    model = two_tower.TwoTowerRetrieval.from_ids(40, 64, 8, loss=loss, **options)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.embed_queries(np.arange(2))  # built, to keep the initial weights
+    model.embed_candidates(np.arange(2))
+    initial = [np.asarray(jax.experimental.multihost_utils.process_allgather(w.value, tiled=True))
+               for w in model.weights]
+    inputs = {key: value[rows] for key, value in x.items()}
+    if loss == "mse":
+        del inputs["candidate_sampling_probability"]
+    history = model.fit(inputs, ratings[rows] if loss == "mse" else None, batch_size=batch_size,
+                        epochs=1, shuffle=False, verbose=0)
+    results[f"{loss}/loss"] = np.array(history.history["loss"][-1])
+    for i, weight in enumerate(model.weights):
+        value = weight.value
+        if role != "single":  # gathered from both processes' devices
+            value = jax.experimental.multihost_utils.process_allgather(value, tiled=True)
+        results[f"{loss}/{i}"] = np.asarray(value)
+        results[f"{loss}/initial/{i}"] = initial[i]
+np.savez(out, **results)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process(tmp_path):
+    """2 processes x 4 CPU devices (gloo collectives over 127.0.0.1) = 1 process x 8."""
+    import subprocess
+    import sys
+
+    port = str(_free_port())
+
+    def start(role):
+        return subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESSES, role, port, str(tmp_path / f"{role}.npz")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    runs = [start("single")]
+    runs[0].wait(timeout=600)
+    runs += [start("0"), start("1")]
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
+    single = np.load(tmp_path / "single.npz")
+    assert len(single.files) == 4 * 7  # 4 losses: loss, 3 tables, 3 initial tables
+    for loss in ("mse", "softmax", "sampled_softmax", "full_softmax"):
+        for i in range(3):  # it trained
+            assert not np.allclose(single[f"{loss}/{i}"], single[f"{loss}/initial/{i}"])
+    for role in ("0", "1"):
+        both = np.load(tmp_path / f"{role}.npz")
+        for key in single.files:
+            np.testing.assert_allclose(both[key], single[key], atol=1e-5, rtol=0, err_msg=key)
 
 
 def test_unshardable_table_is_named():

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
+
+from two_tower.types import Tensor
 
 
 def active() -> Any:
@@ -146,3 +149,56 @@ def check_shardable(layers: list[keras.layers.Layer]) -> None:
                 "tables themselves."
             )
         check_shardable(layer._flatten_layers(include_self=False, recursive=False))  # noqa: SLF001
+
+
+class ShardedCatalogue(NamedTuple):
+    """A catalogue cut into chunks of `shards × width` rows, spread over devices.
+
+    Chunk `t` holds positions `t × shards × width` onwards (the last is padded
+    with zero rows); device `s` of the mesh (in row-major mesh order) holds its
+    rows `s × width .. (s + 1) × width - 1`, as a `[*mesh shape, width, dim]`
+    array laid out over every mesh axis.
+    """
+
+    chunks: tuple[Tensor, ...]
+    shards: int  # devices
+    width: int  # rows of each chunk on each device
+    mesh: Any  # the keras.distribution.DeviceMesh
+
+
+def shard_catalogue(embeddings: np.ndarray, chunk_size: int, block: int) -> ShardedCatalogue | None:
+    """The catalogue spread by rows over every device of the active distribution.
+
+    Each device gets `1 / devices` of the rows, in chunks of at most
+    `chunk_size` rows (a multiple of `block`), so that it scores and ranks its
+    own candidates; `jax.device_put` sends each device only its part. None
+    when no distribution (or a one-device mesh) is active.
+
+    Args:
+        embeddings: `[candidates, dim]` in the index's dtype.
+        chunk_size: most rows per device per search step.
+        block: the per-device width is a multiple of this.
+    """
+    distribution = active()
+    if distribution is None:
+        return None
+    mesh = distribution.device_mesh
+    shape = tuple(int(size) for size in mesh.shape)
+    shards = math.prod(shape)
+    if shards == 1:
+        return None
+    num_rows, dim = embeddings.shape
+    per_device = -(-num_rows // shards)
+    steps = -(-per_device // chunk_size)
+    rows_per_step = -(-per_device // steps)
+    width = -(-rows_per_step // block) * block
+    layout = keras.distribution.TensorLayout((*mesh.axis_names, None, None), mesh)
+    chunks = []
+    for start in range(0, num_rows, shards * width):
+        chunk = embeddings[start : start + shards * width]
+        if len(chunk) < shards * width:
+            padding = np.zeros((shards * width - len(chunk), dim), chunk.dtype)
+            chunk = np.concatenate([chunk, padding])
+        chunk = chunk.reshape(*shape, width, dim)
+        chunks.append(keras.distribution.distribute_tensor(chunk, layout))
+    return ShardedCatalogue(tuple(chunks), shards, width, mesh)

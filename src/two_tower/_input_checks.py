@@ -425,6 +425,30 @@ def replace_x(
     return args, kwargs
 
 
+_CALLBACKS_POSITION = {"fit": 5, "evaluate": 6}  # in Keras' signatures
+
+
+def for_backend(
+    what: str, args: tuple[Any, ...], kwargs: dict[str, Any], backend: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`fit`/`evaluate` arguments with the backend module's `fit_input(x)` and
+    its `loop_callbacks()` after the user's own callbacks."""
+    args, kwargs = replace_x(args, kwargs, backend.fit_input)
+    extra = backend.loop_callbacks()
+    if not extra:
+        return args, kwargs
+    position = _CALLBACKS_POSITION[what]
+    given = args[position] if len(args) > position else kwargs.get("callbacks")
+    if isinstance(given, keras.callbacks.CallbackList):
+        given.callbacks.extend(extra)  # Keras' CallbackList keeps them in a list
+        callbacks: Any = given
+    else:
+        callbacks = [*(given or []), *extra]
+    if len(args) > position:
+        return (*args[:position], callbacks, *args[position + 1 :]), kwargs
+    return args, {**kwargs, "callbacks": callbacks}
+
+
 def fit_arguments(
     what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

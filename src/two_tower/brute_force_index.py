@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
+from two_tower import _distribution
+from two_tower._distribution import ShardedCatalogue
 from two_tower.backends import backend_module
 from two_tower.types import SimilarityFn, Tensor
 
@@ -202,12 +205,20 @@ def check_catalogue(
 
 
 class _Catalogue(NamedTuple):
-    """One indexed catalogue, replaced as a whole so that readers see one version."""
+    """One indexed catalogue, replaced as a whole so that readers see one version.
 
-    embeddings: Tensor
+    On one device `embeddings` holds the `[candidates, dim]` tensor and the
+    search slices it into chunks. Under a `keras.distribution` distribution it
+    is None: `sharded` holds the chunks, each spread by rows over every device
+    of the mesh (see `_distribution.shard_catalogue`).
+    """
+
+    embeddings: Tensor | None
     ids: np.ndarray
     order: np.ndarray  # argsort of `ids`
     sorted_ids: np.ndarray
+    dim: int
+    sharded: ShardedCatalogue | None = None
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
@@ -237,6 +248,13 @@ class BruteForceIndex(keras.layers.Layer):
     thread-safe), and each call works on one snapshot of the catalogue, so a
     concurrent `index` makes a call see either the old or the new catalogue,
     never a mix.
+
+    **Distribution.** Indexed while a `keras.distribution` distribution is set
+    (JAX), the catalogue is kept sharded by rows over every device of its mesh:
+    each device holds and scores `1 / devices` of the candidates, takes its own
+    top k, and the per-device results are merged into the exact top k, ties
+    lower position first as on one device. No device holds the whole
+    catalogue.
 
     Candidate ids never enter the compiled graph: they are kept as a NumPy array
     and positions are mapped to ids on the host. So int64 ids of the full range
@@ -307,9 +325,15 @@ class BruteForceIndex(keras.layers.Layer):
 
     @property
     def candidate_embeddings(self) -> Tensor | None:
-        """The indexed `[candidates, dim]` embeddings as a backend tensor, or None."""
+        """The indexed `[candidates, dim]` embeddings as a backend tensor, or None.
+
+        A sharded catalogue (indexed under a distribution) is gathered into
+        one tensor for this: a copy of the whole catalogue.
+        """
         catalogue = self._catalogue
-        return None if catalogue is None else catalogue.embeddings
+        if catalogue is None or catalogue.sharded is None:
+            return None if catalogue is None else catalogue.embeddings
+        return ops.convert_to_tensor(_host_embeddings(catalogue))
 
     def _snapshot(self) -> _Catalogue:
         catalogue: _Catalogue | None = self._catalogue
@@ -332,12 +356,16 @@ class BruteForceIndex(keras.layers.Layer):
         """
         embeddings, ids, order = check_catalogue(candidate_embeddings, candidate_ids)
         ids = ids.copy()
+        embeddings = embeddings.astype(self.compute_dtype, copy=False)
+        sharded = _distribution.shard_catalogue(embeddings, self.chunk_size, BLOCK)
         catalogue = _Catalogue(
-            embeddings=ops.convert_to_tensor(embeddings.astype(self.compute_dtype, copy=False)),
+            embeddings=None if sharded else ops.convert_to_tensor(embeddings),
             ids=ids,
             order=order,
             # Sorted once here: `positions_of` runs once per query with exclusions.
             sorted_ids=ids[order],
+            dim=int(embeddings.shape[1]),
+            sharded=sharded,
         )
         object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
 
@@ -366,7 +394,7 @@ class BruteForceIndex(keras.layers.Layer):
                 f"`k` (={k}) must not exceed the number of candidates (={len(catalogue.ids)})."
             )
         query_shape = tuple(query_embeddings.shape)
-        dim = catalogue.embeddings.shape[-1]
+        dim = catalogue.dim
         if len(query_shape) != 2 or query_shape[-1] != dim:
             raise ValueError(
                 f"Query embeddings must have shape [queries, {dim}] to match the "
@@ -400,23 +428,20 @@ class BruteForceIndex(keras.layers.Layer):
         fused step. Shapes are padded to powers of two (queries) and to the chunk
         size (the last chunk), so a handful of compilations serve every call.
         """
-        candidates = catalogue.embeddings
         num_candidates = len(catalogue.ids)
         num_queries = int(queries.shape[0])
-        chunk_size = self._chunk_width(num_candidates)
-        rows = min(_next_power_of_two(num_queries), self._batch_rows(num_candidates))
+        shards, width = self._layout(catalogue)
+        columns = shards * width  # scored per step, `width` on each device
+        mesh = None if catalogue.sharded is None else catalogue.sharded.mesh
+        rows = min(_next_power_of_two(num_queries), self._batch_rows(catalogue))
         if rows != num_queries:
             padding = ops.zeros((rows - num_queries, queries.shape[1]), queries.dtype)
             queries = ops.concatenate([queries, padding], axis=0)
-        step = self._step(similarity_fn, k, chunk_size)
+        step = self._step(similarity_fn, k, columns, mesh)
         best_scores = ops.full((rows, k), float("-inf"), self.compute_dtype)
         best_positions = ops.full((rows, k), -1, "int32")
-        for start in range(0, num_candidates, chunk_size):
-            chunk = candidates[start : start + chunk_size]
-            num_valid = int(chunk.shape[0])
-            if num_valid < chunk_size:
-                padding = ops.zeros((chunk_size - num_valid, chunk.shape[1]), chunk.dtype)
-                chunk = ops.concatenate([chunk, padding], axis=0)
+        for start, chunk in _chunks(catalogue, columns):
+            num_valid = min(columns, num_candidates - start)
             inputs = {
                 "queries": queries,
                 "chunk": chunk,
@@ -424,7 +449,7 @@ class BruteForceIndex(keras.layers.Layer):
                 "best_scores": best_scores,
                 "best_positions": best_positions,
             }
-            if num_valid < chunk_size:
+            if num_valid < columns:
                 inputs["num_valid"] = np.array([num_valid], "int32")
             indices = _excluded_indices(excluded, start, num_valid)
             if indices is not None:
@@ -433,27 +458,30 @@ class BruteForceIndex(keras.layers.Layer):
             best_scores, best_positions = outputs["scores"], outputs["positions"]
         return best_scores[:num_queries], best_positions[:num_queries]
 
-    def _chunk_width(self, num_candidates: int) -> int:
-        """Candidates per step: a multiple of BLOCK (the tail scores -inf)."""
-        return -(-min(self.chunk_size, num_candidates) // BLOCK) * BLOCK
+    def _layout(self, catalogue: _Catalogue) -> tuple[int, int]:
+        """(devices, candidates per device per step); the tail scores -inf."""
+        if catalogue.sharded is not None:
+            return catalogue.sharded.shards, catalogue.sharded.width
+        num_candidates = len(catalogue.ids)
+        return 1, -(-min(self.chunk_size, num_candidates) // BLOCK) * BLOCK
 
-    def _batch_rows(self, num_candidates: int) -> int:
+    def _batch_rows(self, catalogue: _Catalogue) -> int:
         """Queries per step: the score budget of a full chunk, spent on rows."""
         budget = self.query_batch_size * self.chunk_size
-        return max(self.query_batch_size, budget // self._chunk_width(num_candidates))
+        return max(self.query_batch_size, budget // self._layout(catalogue)[1])
 
-    def _step(self, similarity_fn: SimilarityFn, k: int, chunk_size: int) -> _TopKStep:
-        """A cached compiled step for this scoring function and k."""
+    def _step(self, similarity_fn: SimilarityFn, k: int, chunk_size: int, mesh: Any) -> _TopKStep:
+        """A cached compiled step for this scoring function, k, chunk and mesh."""
         owner = getattr(similarity_fn, "__self__", None)
         function = getattr(similarity_fn, "__func__", similarity_fn)
-        key = (id(owner), function, k, chunk_size, self.compute_dtype)
+        key = (id(owner), function, k, chunk_size, mesh, self.compute_dtype)
         steps: dict[Any, _TopKStep] = self._steps
         with self._steps_lock:  # concurrent searches share the cache
             step = steps.get(key)
             if step is None:
                 if len(steps) >= 8:
                     steps.pop(next(iter(steps)))
-                step = steps[key] = _TopKStep(similarity_fn, k, chunk_size, owner)
+                step = steps[key] = _TopKStep(similarity_fn, k, chunk_size, owner, mesh)
         return step
 
     def search(
@@ -515,7 +543,7 @@ class BruteForceIndex(keras.layers.Layer):
             excluded = _exclusions(catalogue, exclude, len(queries), k, ignore_unknown_exclusions)
         similarity_fn = similarity_fn or dot_similarities
         all_scores, all_positions = [], []
-        batch_rows = self._batch_rows(len(catalogue.ids))
+        batch_rows = self._batch_rows(catalogue)
         for start in range(0, len(queries), batch_rows):
             stop = start + batch_rows
             batch_excluded = None
@@ -542,7 +570,7 @@ class BruteForceIndex(keras.layers.Layer):
             return
         np.save(
             os.path.join(dir_path, _EMBEDDINGS_FILE),
-            ops.convert_to_numpy(catalogue.embeddings),
+            _host_embeddings(catalogue),
             allow_pickle=False,
         )
         np.save(os.path.join(dir_path, _IDS_FILE), catalogue.ids, allow_pickle=False)
@@ -566,6 +594,57 @@ _EMPTY_INDEX = (
     "The index is empty. Call `index(candidate_embeddings, candidate_ids)` (or "
     "`TwoTowerRetrieval.index_candidates`) first."
 )
+
+
+def _chunks(catalogue: _Catalogue, columns: int) -> Iterator[tuple[int, Tensor]]:
+    """(first position, `columns` candidates) per step, the last padded with zeros."""
+    num_candidates = len(catalogue.ids)
+    if catalogue.sharded is not None:  # already cut and spread over the devices
+        yield from zip(range(0, num_candidates, columns), catalogue.sharded.chunks, strict=True)
+        return
+    candidates: Tensor = catalogue.embeddings
+    for start in range(0, num_candidates, columns):
+        chunk = candidates[start : start + columns]
+        if int(chunk.shape[0]) < columns:
+            padding = ops.zeros((columns - int(chunk.shape[0]), chunk.shape[1]), chunk.dtype)
+            chunk = ops.concatenate([chunk, padding], axis=0)
+        yield start, chunk
+
+
+def _host_embeddings(catalogue: _Catalogue) -> np.ndarray:
+    """The `[candidates, dim]` catalogue as one NumPy array."""
+    if catalogue.sharded is None:
+        return np.asarray(ops.convert_to_numpy(catalogue.embeddings))
+    rows = [np.asarray(ops.convert_to_numpy(chunk)) for chunk in catalogue.sharded.chunks]
+    return np.concatenate([chunk.reshape(-1, catalogue.dim) for chunk in rows])[
+        : len(catalogue.ids)
+    ]
+
+
+def _per_device_top_k(scores: Tensor, k: int, mesh: Any) -> tuple[Tensor, Tensor]:
+    """`blocked_top_k` of each device's `columns / devices` scores, side by side.
+
+    The columns of `scores` are one equal group per device of `mesh` (the
+    chunk's rows are spread that way). Each device ranks its own group
+    (`map_devices`) and only the `[rows, k]` results meet: `[rows, devices × k]`,
+    group after group, each in (score, column) order, with columns of the
+    whole chunk. Without a mesh this is plain `blocked_top_k`.
+    """
+    if mesh is None:
+        return blocked_top_k(scores, k)
+    shards = math.prod(mesh.shape)
+    rows, width = ops.shape(scores)[0], int(scores.shape[1]) // shards
+    grouped = ops.transpose(ops.reshape(scores, (rows, shards, width)), (1, 0, 2))
+    grouped = ops.reshape(grouped, (shards * rows, width))
+    values, columns = backend_module().map_devices(lambda own: blocked_top_k(own, k), grouped, mesh)
+    offsets = ops.reshape(ops.arange(shards, dtype="int32") * width, (shards, 1, 1))
+    columns = ops.reshape(columns, (shards, rows, k)) + offsets
+
+    def side_by_side(x: Tensor) -> Tensor:
+        x = ops.transpose(ops.reshape(x, (shards, rows, k)), (1, 0, 2))
+        return ops.reshape(x, (rows, shards * k))
+
+    return side_by_side(values), side_by_side(columns)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -694,10 +773,17 @@ class _TopKStep:
     """
 
     def __init__(
-        self, similarity_fn: SimilarityFn, k: int, chunk_size: int, owner: Any = None
+        self,
+        similarity_fn: SimilarityFn,
+        k: int,
+        chunk_size: int,
+        owner: Any = None,
+        mesh: Any = None,
     ) -> None:
         self.k = k
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # candidates per call, over all devices
+        self.mesh = mesh  # the DeviceMesh a sharded catalogue is spread over
+        self.shards = 1 if mesh is None else math.prod(mesh.shape)
         self.similarity_fn = similarity_fn
         if isinstance(owner, keras.layers.Layer):
             variables: Callable[[], Sequence[keras.Variable]] = lambda: owner.variables  # noqa: E731
@@ -710,7 +796,9 @@ class _TopKStep:
         return outputs
 
     def call(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        chunk = inputs["chunk"]
+        chunk = inputs["chunk"]  # [chunk_size, dim], or [*mesh shape, width, dim]
+        if len(chunk.shape) > 2:  # sharded (JAX): static shapes
+            chunk = ops.reshape(chunk, (self.chunk_size, chunk.shape[-1]))
         scores = self.similarity_fn(inputs["queries"], chunk)
         if "num_valid" in inputs:  # the last chunk, padded with zero rows
             # The chunk width is static (TensorFlow may relax traced shapes).
@@ -721,10 +809,12 @@ class _TopKStep:
             indices = inputs["excluded"]
             minus_inf = ops.full_like(indices[:, 0], float("-inf"), dtype=scores.dtype)
             scores = ops.scatter_update(scores, indices, minus_inf)
-        scores, columns = blocked_top_k(scores, min(self.k, self.chunk_size))
-        # Every running position is lower than this chunk's, and both halves are
-        # in (score, position) order, so the merged columns break ties by
-        # position. Placeholders (-inf, -1) lose to any real candidate.
+        width = self.chunk_size // self.shards
+        scores, columns = _per_device_top_k(scores, min(self.k, width), self.mesh)
+        # Every running position is lower than this chunk's, each device's
+        # positions lower than the next device's, and every part is in (score,
+        # position) order, so among equal scores the lower merged column is the
+        # lower position. Placeholders (-inf, -1) lose to any real candidate.
         merged_scores = ops.concatenate([inputs["best_scores"], scores], axis=1)
         merged_positions = ops.concatenate(
             [inputs["best_positions"], columns + inputs["start"][0]], axis=1

@@ -647,7 +647,7 @@ class TwoTowerRetrieval(keras.Model):
         args, kwargs = _input_checks.fit_arguments(what, args, kwargs)
         _input_checks.check_fit_arguments(self, what, args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
-        args, kwargs = _input_checks.replace_x(args, kwargs, backend_module().fit_input)
+        args, kwargs = _input_checks.for_backend(what, args, kwargs, backend_module())
         with backend_module().keep_state_on_error(self):
             return loop(*args, **kwargs)
 

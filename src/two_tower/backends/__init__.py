@@ -25,6 +25,13 @@ Every module provides:
   where the step already sees the global batch;
 - `check_replicas()`: raises where training would silently run as several
   independent copies (a torch process group); nothing elsewhere;
+- `map_devices(function, rows, mesh)`: a row-wise `function` applied on each
+  device to the rows it holds of `rows` (axis 0 spread over every axis of the
+  `keras.distribution.DeviceMesh`), inside a compiled step (JAX's `shard_map`:
+  XLA would otherwise gather the rows for ops it cannot split, such as
+  `top_k`); elsewhere `function(rows)`;
+- `loop_callbacks()`: callbacks `fit` and `evaluate` add (JAX on a mesh of CPU
+  devices: one compiled call in flight, see `backends/jax.py`); elsewhere none;
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.

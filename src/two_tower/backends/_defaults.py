@@ -5,6 +5,7 @@ Shared by the backend modules that re-export them (see `two_tower.backends`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -23,3 +24,14 @@ def global_negatives(
 
 def check_replicas() -> None:
     """Nothing to refuse: this backend's distributed training is supported."""
+
+
+def map_devices(function: Callable[[Any], Any], rows: Any, mesh: Any) -> Any:
+    """`function(rows)`: there is no device mesh to split the rows over on this backend."""
+    del mesh
+    return function(rows)
+
+
+def loop_callbacks() -> list[Any]:
+    """No callbacks to add to `fit` and `evaluate` on this backend."""
+    return []

@@ -18,6 +18,8 @@ import tensorflow as tf
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import check_replicas as check_replicas
+from two_tower.backends._defaults import loop_callbacks as loop_callbacks
+from two_tower.backends._defaults import map_devices as map_devices
 
 
 def compile_inference(

@@ -26,6 +26,8 @@ import torch
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import global_negatives as global_negatives
+from two_tower.backends._defaults import loop_callbacks as loop_callbacks
+from two_tower.backends._defaults import map_devices as map_devices
 from two_tower.backends._defaults import replica_loss as replica_loss
 
 SERVING_SLOTS = 2
