@@ -104,7 +104,8 @@ def example_tensorflow(session: nox.Session) -> None:
 
 @nox.session(name="cross-backend")
 def cross_backend(session: nox.Session) -> None:
-    """Saves a model under JAX and checks its top-k ids under torch and TensorFlow."""
+    """Saves models under JAX (one device; ModelParallel on 8) and checks their top-k
+    ids under torch and TensorFlow."""
     session.install(*BACKEND_PACKAGES["jax"], *BACKEND_PACKAGES["torch"], "tensorflow-cpu")
     session.install("-e", ".")
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"))

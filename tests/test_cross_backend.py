@@ -1,5 +1,8 @@
 """A model saved on one backend loads, serves and trains on every backend.
 
+One more is saved under JAX `ModelParallel` on 8 simulated devices (padded,
+row-sharded tables and a row-sharded index) and loads on one device everywhere.
+
 The model is compiled as the docs show (`two_tower.defaults.steps_per_execution()`,
 16 on JAX and TensorFlow, and `FactorizedTopK` metrics) and loaded with its
 compile config, as `keras.saving.load_model` does by default. Needs all three

