@@ -359,7 +359,7 @@ class BruteForceIndex(keras.layers.Layer):
         embeddings = embeddings.astype(self.compute_dtype, copy=False)
         sharded = _distribution.shard_catalogue(embeddings, self.chunk_size, BLOCK)
         catalogue = _Catalogue(
-            embeddings=None if sharded else ops.convert_to_tensor(embeddings),
+            embeddings=None if sharded is not None else ops.convert_to_tensor(embeddings),
             ids=ids,
             order=order,
             # Sorted once here: `positions_of` runs once per query with exclusions.
