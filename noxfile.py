@@ -12,6 +12,8 @@ without the other two; tensorflow-datasets goes only into the tensorflow session
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import nox
@@ -21,9 +23,11 @@ nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = [
     "lint", "tests-jax", "tests-torch", "tests-tensorflow", "tests-multidevice", "cross-backend",
+    "package",
 ]  # fmt: skip
 
 ROOT = Path(__file__).parent
+README = ROOT / "README.md"
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 # torch 2.13.0 is the CPU wheel on our CI machines; any other version pulls a CUDA
 # build of several GB there. Override with e.g. TWO_TOWER_TORCH_SPEC="torch>=2.5".
@@ -124,6 +128,35 @@ def tests_multidevice(session: nox.Session) -> None:
         env = _environment("tensorflow")
         env.update(TWO_TOWER_LOGICAL_CPUS=devices, TWO_TOWER_MULTIDEVICE="1")
         session.run("pytest", "tests/test_multidevice_tensorflow.py", *session.posargs, env=env)
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Builds the sdist and wheel, checks them, and runs the README quickstart from the
+    wheel in a fresh venv with only `[jax]`, outside the source tree."""
+    session.install("build", "twine", "check-wheel-contents")
+    work = Path(session.create_tmp()).resolve()
+    dist = work / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist), str(ROOT))
+    (wheel,) = dist.glob("*.whl")
+    session.run("twine", "check", "--strict", *map(str, dist.iterdir()))
+    session.run("check-wheel-contents", str(wheel))
+    venv = work / "wheel-venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / "bin" / "python")
+    session.run(python, "-m", "pip", "install", "--quiet", f"{wheel}[jax]", external=True)
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    quickstart = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                  if "TwoTowerRetrieval" in b]  # fmt: skip
+    (run / "quickstart.py").write_text(quickstart[0])
+    with session.chdir(run):
+        env = {"KERAS_BACKEND": "jax"}
+        session.run(python, str(ROOT / ".ci" / "check_installed.py"), str(ROOT), env=env,
+                    external=True)  # fmt: skip
+        session.run(python, "quickstart.py", env=env, external=True)
 
 
 @nox.session

@@ -1,6 +1,7 @@
 """two_tower: two-tower retrieval recommenders on Keras 3 (JAX, TensorFlow, PyTorch)."""
 
 from two_tower._backend import check_backend_installed
+from two_tower._version import __version__
 
 check_backend_installed()
 
@@ -14,8 +15,6 @@ from two_tower.row_wise_adagrad import RowWiseAdagrad  # noqa: E402
 from two_tower.sparse_embedding import SparseEmbedding  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 from two_tower.vocabulary import Vocabulary  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BruteForceIndex",

@@ -49,8 +49,8 @@ def check_model_arguments(
     """Checks `TwoTowerRetrieval`'s loss arguments together (see its docstring)."""
     if loss not in LOSSES:
         raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
-    losses.check_temperature(temperature)
-    losses.check_num_hard_negatives(num_hard_negatives)
+    losses._check_temperature(temperature)
+    losses._check_num_hard_negatives(num_hard_negatives)
     if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
         raise ValueError(
             f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "

@@ -22,14 +22,14 @@ _IDS_FILE = "candidate_ids.npy"
 
 
 _MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
-BLOCK = 32  # block width of `blocked_top_k`
+BLOCK = 32  # block width of `_blocked_top_k`
 
 
-def dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
+def _dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
     return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
 
 
-def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top k of each row, best first, equal scores in column order.
 
     `keras.ops.top_k` puts the lower index first on JAX and TensorFlow (both
@@ -53,8 +53,8 @@ def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _with_zeros_folded(_top_k, scores, k)
 
 
-def blocked_top_k(scores: Tensor, k: int, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """`stable_top_k` for long rows: top k of the block maxima first.
+def _blocked_top_k(scores: Tensor, k: int, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """`_stable_top_k` for long rows: top k of the block maxima first.
 
     The columns are cut into blocks of `block`; the true top k lie in at most k
     blocks, all among the k blocks with the highest maxima (ties: lower block
@@ -107,7 +107,7 @@ def _blocked(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
 
 
 def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`stable_top_k` for torch, whose `topk` leaves ties unspecified."""
+    """`_stable_top_k` for torch, whose `topk` leaves ties unspecified."""
     values, _ = ops.top_k(scores, k)
     threshold = values[:, k - 1 : k]
     above = ops.greater(scores, threshold)
@@ -151,7 +151,7 @@ def _normalise_ids(candidate_ids: Any) -> np.ndarray:
     return ids
 
 
-def check_catalogue(
+def _check_catalogue(
     candidate_embeddings: Any, candidate_ids: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validates a catalogue; returns (embeddings, ids, argsort of the ids).
@@ -232,7 +232,7 @@ class BruteForceIndex(keras.layers.Layer):
 
     Results equal the full computation, ties included: equal scores come back
     lower candidate position first, on JAX, TensorFlow and torch alike (see
-    `stable_top_k`).
+    `_stable_top_k`).
 
     We write our own instead of using `keras_rs.layers.BruteForceRetrieval`
     because, in keras-rs 0.4, that layer casts candidate ids to int32 (ids above
@@ -354,7 +354,7 @@ class BruteForceIndex(keras.layers.Layer):
                 embeddings, ids whose length differs from the embeddings, or
                 duplicate ids. The previous catalogue is kept when it raises.
         """
-        embeddings, ids, order = check_catalogue(candidate_embeddings, candidate_ids)
+        embeddings, ids, order = _check_catalogue(candidate_embeddings, candidate_ids)
         ids = ids.copy()
         embeddings = embeddings.astype(self.compute_dtype, copy=False)
         sharded = _distribution.shard_catalogue(embeddings, self.chunk_size, BLOCK)
@@ -410,7 +410,7 @@ class BruteForceIndex(keras.layers.Layer):
         catalogue = self._snapshot()
         query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
         self._check_ready(catalogue, query_embeddings, k)
-        return self._top_k(catalogue, query_embeddings, k, similarity_fn or dot_similarities, None)
+        return self._top_k(catalogue, query_embeddings, k, similarity_fn or _dot_similarities, None)
 
     def _top_k(
         self,
@@ -541,7 +541,7 @@ class BruteForceIndex(keras.layers.Layer):
         excluded = None
         if exclude is not None:
             excluded = _exclusions(catalogue, exclude, len(queries), k, ignore_unknown_exclusions)
-        similarity_fn = similarity_fn or dot_similarities
+        similarity_fn = similarity_fn or _dot_similarities
         all_scores, all_positions = [], []
         batch_rows = self._batch_rows(catalogue)
         for start in range(0, len(queries), batch_rows):
@@ -622,21 +622,23 @@ def _host_embeddings(catalogue: _Catalogue) -> np.ndarray:
 
 
 def _per_device_top_k(scores: Tensor, k: int, mesh: Any) -> tuple[Tensor, Tensor]:
-    """`blocked_top_k` of each device's `columns / devices` scores, side by side.
+    """`_blocked_top_k` of each device's `columns / devices` scores, side by side.
 
     The columns of `scores` are one equal group per device of `mesh` (the
     chunk's rows are spread that way). Each device ranks its own group
     (`map_devices`) and only the `[rows, k]` results meet: `[rows, devices × k]`,
     group after group, each in (score, column) order, with columns of the
-    whole chunk. Without a mesh this is plain `blocked_top_k`.
+    whole chunk. Without a mesh this is plain `_blocked_top_k`.
     """
     if mesh is None:
-        return blocked_top_k(scores, k)
+        return _blocked_top_k(scores, k)
     shards = math.prod(mesh.shape)
     rows, width = ops.shape(scores)[0], int(scores.shape[1]) // shards
     grouped = ops.transpose(ops.reshape(scores, (rows, shards, width)), (1, 0, 2))
     grouped = ops.reshape(grouped, (shards * rows, width))
-    values, columns = backend_module().map_devices(lambda own: blocked_top_k(own, k), grouped, mesh)
+    values, columns = backend_module().map_devices(
+        lambda own: _blocked_top_k(own, k), grouped, mesh
+    )
     offsets = ops.reshape(ops.arange(shards, dtype="int32") * width, (shards, 1, 1))
     columns = ops.reshape(columns, (shards, rows, k)) + offsets
 
@@ -819,6 +821,6 @@ class _TopKStep:
         merged_positions = ops.concatenate(
             [inputs["best_positions"], columns + inputs["start"][0]], axis=1
         )
-        best_scores, order = stable_top_k(merged_scores, self.k)
+        best_scores, order = _stable_top_k(merged_scores, self.k)
         best_positions = ops.take_along_axis(merged_positions, order, axis=1)
         return {"scores": best_scores, "positions": best_positions}

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower.brute_force_index import dot_similarities
+from two_tower.brute_force_index import _dot_similarities
 from two_tower.types import SimilarityFn, Tensor
 
 
@@ -215,7 +215,7 @@ class FactorizedTopK(keras.metrics.Metric):
                 "With TwoTowerRetrieval, the query input must be a tensor of int ids, "
                 "or a dict with the ids under the model's `query_id_key`."
             )
-        similarity_fn = similarity_fn or dot_similarities
+        similarity_fn = similarity_fn or _dot_similarities
         positive_positions = ops.reshape(ops.cast(positive_positions, "int32"), (-1,))
         positives = ops.take(catalogue_embeddings, positive_positions, axis=0)
         positive_scores = ops.diagonal(similarity_fn(query_embeddings, positives))[:, None]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from two_tower.brute_force_index import BruteForceIndex, check_catalogue
+from two_tower.brute_force_index import BruteForceIndex, _check_catalogue
 
 _FAISS_FILE = "index.faiss"
 _IDS_FILE = "candidate_ids.npy"
@@ -109,7 +109,7 @@ class FaissIndex:
                 duplicate or misaligned ids), or `nlist` above the catalogue size.
         """
         faiss = _faiss()
-        embeddings, ids, _ = check_catalogue(candidate_embeddings, candidate_ids)
+        embeddings, ids, _ = _check_catalogue(candidate_embeddings, candidate_ids)
         embeddings = np.ascontiguousarray(embeddings, dtype="float32")
         num, dim = embeddings.shape
         nlist = self.nlist or max(1, min(round(math.sqrt(num)), num // 39))

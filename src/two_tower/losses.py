@@ -55,7 +55,7 @@ def mean_squared_error(
     return _reduce(ops.square(labels - scores), sample_weight)
 
 
-def check_temperature(temperature: float) -> None:
+def _check_temperature(temperature: float) -> None:
     """Raises ValueError unless `temperature` is a finite number > 0."""
     # A string such as "1" would pass float(); a temperature is a number.
     valid = not isinstance(temperature, (bool, np.bool_, str, bytes))
@@ -69,7 +69,7 @@ def check_temperature(temperature: float) -> None:
         )
 
 
-def check_num_hard_negatives(num_hard_negatives: int | None) -> None:
+def _check_num_hard_negatives(num_hard_negatives: int | None) -> None:
     """Raises ValueError unless `num_hard_negatives` is None or a positive int."""
     if num_hard_negatives is not None and (
         isinstance(num_hard_negatives, bool)
@@ -138,8 +138,8 @@ def retrieval_softmax(
     >>> round(float(loss), 4)
     0.2201
     """
-    check_temperature(temperature)
-    check_num_hard_negatives(num_hard_negatives)
+    _check_temperature(temperature)
+    _check_num_hard_negatives(num_hard_negatives)
     shape = tuple(similarities.shape)
     if len(shape) != 2:
         raise ValueError(f"`similarities` must be [batch, columns]. Received shape: {shape}")
@@ -210,7 +210,7 @@ def in_batch_softmax(
     >>> round(float(loss), 4)
     0.5514
     """
-    check_temperature(temperature)
+    _check_temperature(temperature)
     shape = tuple(similarities.shape)
     if len(shape) != 2 or (shape[0] is not None and shape[1] is not None and shape[0] != shape[1]):
         raise ValueError(
@@ -220,8 +220,6 @@ def in_batch_softmax(
 
 
 __all__ = [
-    "check_num_hard_negatives",
-    "check_temperature",
     "in_batch_softmax",
     "mean_squared_error",
     "retrieval_softmax",
