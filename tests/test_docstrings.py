@@ -1,4 +1,4 @@
-"""Every `Example:` in the library's docstrings runs as written, on every backend."""
+"""Every `Examples:` section in the library's docstrings runs as written, on every backend."""
 
 import doctest
 import importlib

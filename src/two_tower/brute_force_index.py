@@ -231,8 +231,8 @@ class BruteForceIndex(keras.layers.Layer):
     of queries.
 
     Results equal the full computation, ties included: equal scores come back
-    lower candidate position first, on JAX, TensorFlow and torch alike (see
-    `_stable_top_k`).
+    lower candidate position first, on JAX, TensorFlow and torch alike, although
+    their `top_k` ops order ties differently.
 
     We write our own instead of using `keras_rs.layers.BruteForceRetrieval`
     because, in keras-rs 0.4, that layer casts candidate ids to int32 (ids above
@@ -273,23 +273,23 @@ class BruteForceIndex(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        query_embeddings: `[queries, dim]` tensor.
-        k: how many candidates to return per query.
+        - `query_embeddings`: `[queries, dim]` tensor.
+        - `k`: how many candidates to return per query.
 
-    Returns:
+    Call returns:
         From `call`: a `(scores, positions)` tuple of `[queries, k]` tensors, best
         first; positions index the indexed catalogue. `search` maps positions to
         candidate ids and takes exclusions.
 
-    Example:
-    >>> import numpy as np
-    >>> index = two_tower.BruteForceIndex()
-    >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
-    >>> scores, ids = index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)
-    >>> ids.tolist()
-    [[20, 10]]
-    >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2, exclude=[[20]])[1].tolist()
-    [[10, 30]]
+    Examples:
+        >>> import numpy as np
+        >>> index = two_tower.BruteForceIndex()
+        >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
+        >>> scores, ids = index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)
+        >>> ids.tolist()
+        [[20, 10]]
+        >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2, exclude=[[20]])[1].tolist()
+        [[10, 30]]
     """
 
     def __init__(self, chunk_size: int = 2**20, query_batch_size: int = 128, **kwargs: Any) -> None:

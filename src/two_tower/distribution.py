@@ -41,11 +41,11 @@ def layout_map(
     Raises:
         ValueError: if `model_axis` is not an axis of `device_mesh`.
 
-    Example:
-    >>> import keras
-    >>> mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], ["cpu:0", "cpu:1"])
-    >>> two_tower.distribution.layout_map(mesh)["user/embeddings"].axes
-    ('model', None)
+    Examples:
+        >>> import keras
+        >>> mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], ["cpu:0", "cpu:1"])
+        >>> two_tower.distribution.layout_map(mesh)["user/embeddings"].axes
+        ('model', None)
     """
     if model_axis not in device_mesh.axis_names:
         raise ValueError(

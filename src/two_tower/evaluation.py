@@ -54,13 +54,13 @@ def evaluate_retrieval(
         `{"all": {"accuracy_at_10": ..., ...}}`, plus `"unseen"` with the same
         keys when exclusions are given.
 
-    Example:
-    >>> import numpy as np
-    >>> results = two_tower.evaluation.evaluate_retrieval(
-    ...     np.eye(2, dtype="float32"), np.eye(2, dtype="float32"),
-    ...     np.array([0, 1]), np.array([0, 0]), ks=(1,))
-    >>> results["all"]["accuracy_at_1"]
-    0.5
+    Examples:
+        >>> import numpy as np
+        >>> results = two_tower.evaluation.evaluate_retrieval(
+        ...     np.eye(2, dtype="float32"), np.eye(2, dtype="float32"),
+        ...     np.array([0, 1]), np.array([0, 0]), ks=(1,))
+        >>> results["all"]["accuracy_at_1"]
+        0.5
     """
     queries = np.asarray(ops.convert_to_numpy(query_embeddings))
     catalogue = ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(catalogue_embeddings)))
@@ -117,11 +117,11 @@ def format_table(
         ks: the columns.
         stat: `"accuracy"`, `"recall"` or `"ndcg"`.
 
-    Example:
-    >>> print(two_tower.evaluation.format_table({"m": {"accuracy_at_10": 0.5}}, ks=(10,)))
-    | model | top-10 |
-    |---|---|
-    | m | 0.500 |
+    Examples:
+        >>> print(two_tower.evaluation.format_table({"m": {"accuracy_at_10": 0.5}}, ks=(10,)))
+        | model | top-10 |
+        |---|---|
+        | m | 0.500 |
     """
     if stat not in STATS:
         raise ValueError(f"`stat` must be one of {STATS}. Received: {stat!r}")
@@ -187,9 +187,9 @@ def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:
     Returns:
         The mean over queries of `|found ∩ exact| / k`, in [0, 1].
 
-    Example:
-    >>> recall_against_exact([[1, 2, 3]], [[3, 2, 9]])
-    0.6666666666666666
+    Examples:
+        >>> recall_against_exact([[1, 2, 3]], [[3, 2, 9]])
+        0.6666666666666666
     """
     found, exact = np.asarray(found_ids), np.asarray(exact_ids)
     if found.shape != exact.shape or found.ndim != 2 or found.shape[1] == 0:

@@ -33,6 +33,7 @@ class FactorizedTopK(keras.metrics.Metric):
     positive's favour, the same way on every backend.
 
     Reported, for each k in `ks`:
+
     - `{name}_accuracy_at_{k}`: the share of pairs whose positive ranks in the
       top k (TFRS's `FactorizedTopK` top-k categorical accuracy; the hit rate).
     - `{name}_ndcg_at_{k}`: `1 / log2(rank + 2)` when it ranks in the top k, else
@@ -67,14 +68,14 @@ class FactorizedTopK(keras.metrics.Metric):
         name: metric name, the prefix of every result key.
         **kwargs: standard `keras.metrics.Metric` arguments.
 
-    Example:
-    >>> import numpy as np
-    >>> metric = two_tower.FactorizedTopK(ks=(1, 2))
-    >>> catalogue = np.eye(3, dtype="float32")
-    >>> queries = np.array([[1.0, 0.5, 0.0], [0.0, 0.2, 1.0]], "float32")
-    >>> metric.update_state(queries, catalogue, np.array([1, 2]))
-    >>> {k: float(v) for k, v in metric.result().items()}["top_k_accuracy_at_1"]
-    0.5
+    Examples:
+        >>> import numpy as np
+        >>> metric = two_tower.FactorizedTopK(ks=(1, 2))
+        >>> catalogue = np.eye(3, dtype="float32")
+        >>> queries = np.array([[1.0, 0.5, 0.0], [0.0, 0.2, 1.0]], "float32")
+        >>> metric.update_state(queries, catalogue, np.array([1, 2]))
+        >>> {k: float(v) for k, v in metric.result().items()}["top_k_accuracy_at_1"]
+        0.5
     """
 
     def __init__(

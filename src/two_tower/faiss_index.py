@@ -48,15 +48,15 @@ class FaissIndex:
             to `64 × nlist`, capped at the catalogue size.
         seed: seed of the training sample and of faiss' k-means.
 
-    Example:
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> catalogue = rng.normal(size=(2000, 16)).astype("float32")
-    >>> ann = two_tower.FaissIndex(nprobe=8)
-    >>> ann.index(catalogue, np.arange(2000) + 10_000)
-    >>> scores, ids = ann.search(catalogue[:2], k=5)
-    >>> ids.shape
-    (2, 5)
+    Examples:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> catalogue = rng.normal(size=(2000, 16)).astype("float32")
+        >>> ann = two_tower.FaissIndex(nprobe=8)
+        >>> ann.index(catalogue, np.arange(2000) + 10_000)
+        >>> scores, ids = ann.search(catalogue[:2], k=5)
+        >>> ids.shape
+        (2, 5)
     """
 
     def __init__(

@@ -75,20 +75,20 @@ class FeatureTower(keras.layers.Layer):
             it None.
         **kwargs: standard `keras.layers.Layer` arguments.
 
-    Example:
-    >>> import numpy as np
-    >>> tower = two_tower.FeatureTower(
-    ...     categorical={"occupation": 21}, multivalued={"genres": 19},
-    ...     numeric=["age"], output_dim=8)
-    >>> features = {"occupation": np.array([3, 5]), "age": np.array([0.2, np.nan]),
-    ...             "genres": np.array([[1, 4, -1], [-1, -1, -1]])}
-    >>> tuple(tower(features).shape)
-    (2, 8)
-    >>> summed = two_tower.FeatureTower(
-    ...     categorical={"occupation": 21}, multivalued={"genres": 19},
-    ...     combiner="sum", output_dim=None, embedding_dim=4, bias="learned")
-    >>> tuple(summed(features).shape)
-    (2, 5)
+    Examples:
+        >>> import numpy as np
+        >>> tower = two_tower.FeatureTower(
+        ...     categorical={"occupation": 21}, multivalued={"genres": 19},
+        ...     numeric=["age"], output_dim=8)
+        >>> features = {"occupation": np.array([3, 5]), "age": np.array([0.2, np.nan]),
+        ...             "genres": np.array([[1, 4, -1], [-1, -1, -1]])}
+        >>> tuple(tower(features).shape)
+        (2, 8)
+        >>> summed = two_tower.FeatureTower(
+        ...     categorical={"occupation": 21}, multivalued={"genres": 19},
+        ...     combiner="sum", output_dim=None, embedding_dim=4, bias="learned")
+        >>> tuple(summed(features).shape)
+        (2, 5)
     """
 
     def __init__(

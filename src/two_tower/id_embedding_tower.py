@@ -45,16 +45,16 @@ class IdEmbeddingTower(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
-        ids: `[batch]` integer ids.
+        - `ids`: `[batch]` integer ids.
 
-    Returns:
+    Call returns:
         `[batch, embedding_dim]`, or `[batch, embedding_dim + 1]` with a bias.
 
-    Example:
-    >>> import numpy as np
-    >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4, bias="learned")
-    >>> tuple(tower(np.array([1, 2])).shape)
-    (2, 5)
+    Examples:
+        >>> import numpy as np
+        >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4, bias="learned")
+        >>> tuple(tower(np.array([1, 2])).shape)
+        (2, 5)
     """
 
     def __init__(

@@ -38,11 +38,11 @@ def mean_squared_error(
     Returns:
         A scalar tensor.
 
-    Example:
-    >>> import numpy as np
-    >>> float(two_tower.losses.mean_squared_error(np.array([1.0, 0.0]),
-    ...                                           np.array([0.5, 0.5])))
-    0.25
+    Examples:
+        >>> import numpy as np
+        >>> float(two_tower.losses.mean_squared_error(np.array([1.0, 0.0]),
+        ...                                           np.array([0.5, 0.5])))
+        0.25
     """
     label_shape, score_shape = tuple(labels.shape), tuple(scores.shape)
     if len(label_shape) > 1 and label_shape[1:] != (1,):
@@ -97,6 +97,7 @@ def retrieval_softmax(
 
     One function covers the softmax variants; they differ only in which
     candidates make the columns of `similarities`:
+
     - in-batch: the batch's own candidates (`[batch, batch]`, positive i at i);
     - mixed negatives: the batch's candidates followed by extra sampled ones;
     - full catalogue: every candidate, positives at their catalogue positions.
@@ -130,13 +131,13 @@ def retrieval_softmax(
             a `[batch, columns]` matrix with fewer columns than rows when
             `positive_positions` is not given.
 
-    Example:
-    >>> import numpy as np
-    >>> sims = np.array([[2.0, 2.0, 0.0], [0.0, 1.0, 0.0]], "float32")
-    >>> ids = np.array([7, 7, 9])  # column 1 duplicates row 0's positive
-    >>> loss = two_tower.losses.retrieval_softmax(sims, candidate_ids=ids)
-    >>> round(float(loss), 4)
-    0.2201
+    Examples:
+        >>> import numpy as np
+        >>> sims = np.array([[2.0, 2.0, 0.0], [0.0, 1.0, 0.0]], "float32")
+        >>> ids = np.array([7, 7, 9])  # column 1 duplicates row 0's positive
+        >>> loss = two_tower.losses.retrieval_softmax(sims, candidate_ids=ids)
+        >>> round(float(loss), 4)
+        0.2201
     """
     _check_temperature(temperature)
     _check_num_hard_negatives(num_hard_negatives)
@@ -204,11 +205,11 @@ def in_batch_softmax(
         ValueError: if `temperature` is not positive or `similarities` is not
             square.
 
-    Example:
-    >>> import numpy as np
-    >>> loss = two_tower.losses.in_batch_softmax(np.eye(3, dtype="float32"))
-    >>> round(float(loss), 4)
-    0.5514
+    Examples:
+        >>> import numpy as np
+        >>> loss = two_tower.losses.in_batch_softmax(np.eye(3, dtype="float32"))
+        >>> round(float(loss), 4)
+        0.5514
     """
     _check_temperature(temperature)
     shape = tuple(similarities.shape)

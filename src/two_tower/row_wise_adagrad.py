@@ -34,15 +34,15 @@ class RowWiseAdagrad(keras.optimizers.Optimizer):
         name: the optimizer's name.
         **kwargs: other `keras.optimizers.Optimizer` arguments.
 
-    Example:
-    >>> import keras, numpy as np
-    >>> model = two_tower.TwoTowerRetrieval(
-    ...     two_tower.SparseEmbedding(10, 4), two_tower.SparseEmbedding(50, 4))
-    >>> model.compile(optimizer=two_tower.RowWiseAdagrad(learning_rate=0.1))
-    >>> x = {"query": np.array([1, 2]), "candidate": np.array([3, 4])}
-    >>> history = model.fit(x, epochs=1, verbose=0)
-    >>> [tuple(v.shape) for v in model.optimizer.variables[2:]]
-    [(10, 1), (50, 1)]
+    Examples:
+        >>> import keras, numpy as np
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     two_tower.SparseEmbedding(10, 4), two_tower.SparseEmbedding(50, 4))
+        >>> model.compile(optimizer=two_tower.RowWiseAdagrad(learning_rate=0.1))
+        >>> x = {"query": np.array([1, 2]), "candidate": np.array([3, 4])}
+        >>> history = model.fit(x, epochs=1, verbose=0)
+        >>> [tuple(v.shape) for v in model.optimizer.variables[2:]]
+        [(10, 1), (50, 1)]
     """
 
     def __init__(

@@ -131,22 +131,23 @@ def save_model(
         FileNotFoundError: the folder of `filepath` does not exist.
         ValueError: as `keras.saving.save_model`, e.g. on an unsupported suffix.
 
-    Example:
-    >>> import os, tempfile, keras, numpy as np
-    >>> model = two_tower.TwoTowerRetrieval(
-    ...     keras.layers.Embedding(9, 4), keras.layers.Embedding(40, 4)
-    ... )
-    >>> _ = model.embed_queries(np.arange(2))  # builds the query tower's weights
-    >>> model.index_candidates(np.arange(40))
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = os.path.join(folder, "model.keras")
-    ...     two_tower.saving.save_model(model, path)
-    ...     restored = two_tower.saving.load_model(path)
-    ...     leftovers = sorted(os.listdir(folder))
-    >>> leftovers
-    ['model.keras']
-    >>> bool((restored.recommend(np.arange(3), k=5) == model.recommend(np.arange(3), k=5)).all())
-    True
+    Examples:
+        >>> import os, tempfile, keras, numpy as np
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     keras.layers.Embedding(9, 4), keras.layers.Embedding(40, 4)
+        ... )
+        >>> _ = model.embed_queries(np.arange(2))  # builds the query tower's weights
+        >>> model.index_candidates(np.arange(40))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "model.keras")
+        ...     two_tower.saving.save_model(model, path)
+        ...     restored = two_tower.saving.load_model(path)
+        ...     leftovers = sorted(os.listdir(folder))
+        >>> leftovers
+        ['model.keras']
+        >>> users = np.arange(3)
+        >>> bool((restored.recommend(users, k=5) == model.recommend(users, k=5)).all())
+        True
     """
     target = _local_keras_file(filepath, zipped)
     if target is None or (not overwrite and os.path.exists(target)):
@@ -226,16 +227,16 @@ def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
         FileNotFoundError: a `.keras` `filepath` that does not exist.
         ValueError: a `.keras` file that is truncated or corrupt.
 
-    Example:
-    >>> import os, tempfile
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = os.path.join(folder, "model.keras")
-    ...     with open(path, "wb") as handle:
-    ...         _ = handle.write(b"PK\\x03\\x04 cut short")
-    ...     two_tower.saving.load_model(path)
-    Traceback (most recent call last):
-    ...
-    ValueError: Cannot load a model from .../model.keras: the file is truncated or corrupt. ...
+    Examples:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "model.keras")
+        ...     with open(path, "wb") as handle:
+        ...         _ = handle.write(b"PK\\x03\\x04 cut short")
+        ...     two_tower.saving.load_model(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot load a model from .../model.keras: the file is truncated or corrupt. ...
     """
     path = _local_keras_file(filepath, zipped=None)
     if path is not None and os.path.isdir(path):

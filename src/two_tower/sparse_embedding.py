@@ -23,6 +23,7 @@ class SparseEmbedding(keras.layers.Layer):
     touches every row on every step (see `benchmarks/table_growth.py`).
 
     The model's optimizer drives the update (`docs/sparse-training.md`):
+
     - `keras.optimizers.SGD` (no momentum) and `keras.optimizers.Adagrad` give
       exactly what they give on a dense table, since rows a batch does not
       look up have a zero gradient;
@@ -36,6 +37,7 @@ class SparseEmbedding(keras.layers.Layer):
     and restored with the model.
 
     Differences from `keras.layers.Embedding`:
+
     - `embeddings_regularizer` applies to the looked-up rows (once per lookup,
       as a loss added in `call`), not to the whole table: a whole-table penalty
       costs O(rows) per step and moves every row.
@@ -57,20 +59,20 @@ class SparseEmbedding(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
-        ids: integer ids of any shape.
+        - `ids`: integer ids of any shape.
 
-    Returns:
+    Call returns:
         `[*ids.shape, output_dim]` rows.
 
-    Example:
-    >>> import keras, numpy as np
-    >>> model = two_tower.TwoTowerRetrieval(
-    ...     two_tower.SparseEmbedding(100, 8), two_tower.SparseEmbedding(1000, 8))
-    >>> model.compile(optimizer=keras.optimizers.Adagrad(0.1))
-    >>> x = {"query": np.array([1, 2, 2]), "candidate": np.array([7, 8, 9])}
-    >>> history = model.fit(x, epochs=1, verbose=0)
-    >>> tuple(model.candidate_tower(np.array([[7, 8]])).shape)
-    (1, 2, 8)
+    Examples:
+        >>> import keras, numpy as np
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     two_tower.SparseEmbedding(100, 8), two_tower.SparseEmbedding(1000, 8))
+        >>> model.compile(optimizer=keras.optimizers.Adagrad(0.1))
+        >>> x = {"query": np.array([1, 2, 2]), "candidate": np.array([7, 8, 9])}
+        >>> history = model.fit(x, epochs=1, verbose=0)
+        >>> tuple(model.candidate_tower(np.array([[7, 8]])).shape)
+        (1, 2, 8)
     """
 
     def __init__(

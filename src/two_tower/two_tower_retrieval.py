@@ -55,6 +55,7 @@ class TwoTowerRetrieval(keras.Model):
     pair dict and then returns both embeddings).
 
     **Losses.**
+
     - `"mse"`: squared error between a label `y` (e.g. a rating scaled to
       [0, 1]) and the pair's score; the keras-rs basic-retrieval tutorial's loss.
     - `"full_softmax"` / `"sampled_softmax"`: the positive against every
@@ -84,6 +85,7 @@ class TwoTowerRetrieval(keras.Model):
     Regularisation losses of the towers (`self.losses`) are added.
 
     **Overriding.** A subclass can change:
+
     - `compute_similarities(query_embeddings, candidate_embeddings)`: the
       `[queries, candidates]` score matrix used by the softmax loss and by
       retrieval (so training and serving score the same way).
@@ -133,19 +135,19 @@ class TwoTowerRetrieval(keras.Model):
         ValueError: on an unknown loss, a non-positive temperature, or (when the
             model is built) towers whose output dims differ.
 
-    Example:
-    >>> import keras, numpy as np
-    >>> model = two_tower.TwoTowerRetrieval(
-    ...     query_tower=keras.layers.Embedding(10, 4),
-    ...     candidate_tower=keras.layers.Embedding(20, 4),
-    ...     loss="softmax",
-    ... )
-    >>> model.compile(optimizer="adam")
-    >>> x = {"query": np.arange(8) % 10, "candidate": np.arange(8) % 20}
-    >>> history = model.fit(x, batch_size=4, epochs=1, verbose=0)
-    >>> model.index_candidates(np.arange(20), candidate_ids=np.arange(20) + 100)
-    >>> model.recommend(np.array([3]), k=5).shape
-    (1, 5)
+    Examples:
+        >>> import keras, numpy as np
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     query_tower=keras.layers.Embedding(10, 4),
+        ...     candidate_tower=keras.layers.Embedding(20, 4),
+        ...     loss="softmax",
+        ... )
+        >>> model.compile(optimizer="adam")
+        >>> x = {"query": np.arange(8) % 10, "candidate": np.arange(8) % 20}
+        >>> history = model.fit(x, batch_size=4, epochs=1, verbose=0)
+        >>> model.index_candidates(np.arange(20), candidate_ids=np.arange(20) + 100)
+        >>> model.recommend(np.array([3]), k=5).shape
+        (1, 5)
     """
 
     def __init__(
@@ -370,18 +372,18 @@ class TwoTowerRetrieval(keras.Model):
             ValueError: without `catalogue_size`, or on features that are not a
                 dict of numeric arrays with `catalogue_size` rows.
 
-        Example:
-        >>> import keras, numpy as np
-        >>> tower = two_tower.FeatureTower(
-        ...     categorical={"movie": 5, "decade": 3}, output_dim=4)
-        >>> model = two_tower.TwoTowerRetrieval(
-        ...     keras.layers.Embedding(10, 4), tower, loss="full_softmax",
-        ...     catalogue_size=5, candidate_id_key="movie")
-        >>> model.set_catalogue({"movie": np.arange(5), "decade": np.array([0, 1, 1, 2, 0])})
-        >>> model.compile(optimizer="adam")
-        >>> x = {"query": np.array([1, 2]),
-        ...      "candidate": {"movie": np.array([3, 4]), "decade": np.array([2, 0])}}
-        >>> history = model.fit(x, epochs=1, verbose=0)
+        Examples:
+            >>> import keras, numpy as np
+            >>> tower = two_tower.FeatureTower(
+            ...     categorical={"movie": 5, "decade": 3}, output_dim=4)
+            >>> model = two_tower.TwoTowerRetrieval(
+            ...     keras.layers.Embedding(10, 4), tower, loss="full_softmax",
+            ...     catalogue_size=5, candidate_id_key="movie")
+            >>> model.set_catalogue({"movie": np.arange(5), "decade": np.array([0, 1, 1, 2, 0])})
+            >>> model.compile(optimizer="adam")
+            >>> x = {"query": np.array([1, 2]),
+            ...      "candidate": {"movie": np.array([3, 4]), "decade": np.array([2, 0])}}
+            >>> history = model.fit(x, epochs=1, verbose=0)
         """
         if self.catalogue_size is None:
             raise ValueError(
@@ -850,12 +852,12 @@ class TwoTowerRetrieval(keras.Model):
                 of dict-featured items are not given, or the arguments are out of
                 range (see `recommend`).
 
-        Example:
-        >>> import numpy as np
-        >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
-        >>> model.index_candidates(np.arange(8))
-        >>> model.similar_items(np.array([3]), k=2).shape
-        (1, 2)
+        Examples:
+            >>> import numpy as np
+            >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
+            >>> model.index_candidates(np.arange(8))
+            >>> model.similar_items(np.array([3]), k=2).shape
+            (1, 2)
         """
         _serving.check_flags(
             return_scores=return_scores,

@@ -118,12 +118,12 @@ class Vocabulary(keras.layers.Layer):
         ValueError: on a bad option, or a bad `vocabulary` (see
             `set_vocabulary`).
 
-    Example:
-    >>> vocab = two_tower.Vocabulary(["drama", "comedy"], num_oov_buckets=1)
-    >>> vocab(np.array(["comedy", "horror", "drama"])).tolist()
-    [2, 0, 1]
-    >>> vocab.size
-    3
+    Examples:
+        >>> vocab = two_tower.Vocabulary(["drama", "comedy"], num_oov_buckets=1)
+        >>> vocab(np.array(["comedy", "horror", "drama"])).tolist()
+        [2, 0, 1]
+        >>> vocab.size
+        3
     """
 
     def __init__(

@@ -2,6 +2,7 @@
 
 `variant=` picks the release: `"100k"` (the default), `"1m"`, `"20m"` or
 `"25m"`. Two forms:
+
 - `load_ratings` / `load_movies`: the records have the feature names, dtypes
   and values of tfds `movielens/<variant>-ratings` and `-movies`, with two
   conveniences: strings are `str` (not `bytes`), and `movie_genres` is an
@@ -305,8 +306,8 @@ def locate(
             failed; the message lists where it looked.
         ValueError: an archive fails its checksum or is not a valid zip.
 
-    Example:
-    >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
+    Examples:
+        >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
     """
     release = _release(variant)
     sha256 = _expected_sha256(sha256, release)
@@ -600,8 +601,8 @@ def prime_tfds_cache(
         FileNotFoundError: no local copy is found.
         ValueError: a file of the local copy is truncated or corrupt.
 
-    Example:
-    >>> two_tower.datasets.movielens.prime_tfds_cache("/tmp/tfds")  # doctest: +SKIP
+    Examples:
+        >>> two_tower.datasets.movielens.prime_tfds_cache("/tmp/tfds")  # doctest: +SKIP
     """
     folder = locate(data_dir, download=False)
     _check_folder(folder)  # before anything is written for tfds
@@ -719,12 +720,12 @@ def load_tables(
             mistyped column, a rating of an unknown movie, a checksum
             mismatch...), named in the message; or an unknown `variant`.
 
-    Example:
-    >>> tables = two_tower.datasets.movielens.load_tables(variant="1m")  # doctest: +SKIP
-    >>> model = two_tower.TwoTowerRetrieval.from_ids(
-    ...     tables.num_users, tables.num_movies)  # doctest: +SKIP
-    >>> x = {"query": tables.ratings["user_index"],
-    ...      "candidate": tables.ratings["movie_index"]}  # doctest: +SKIP
+    Examples:
+        >>> tables = two_tower.datasets.movielens.load_tables(variant="1m")  # doctest: +SKIP
+        >>> model = two_tower.TwoTowerRetrieval.from_ids(
+        ...     tables.num_users, tables.num_movies)  # doctest: +SKIP
+        >>> x = {"query": tables.ratings["user_index"],
+        ...      "candidate": tables.ratings["movie_index"]}  # doctest: +SKIP
     """
     release = _release(variant)
     folder = locate(data_dir, variant=variant, download=download, sha256=sha256)
@@ -778,10 +779,10 @@ def load_ratings(
         ValueError: a corrupt, truncated or mismatching file, named in the
             message; `variant="20m"` or `"25m"`.
 
-    Example:
-    >>> ratings = two_tower.datasets.movielens.load_ratings()  # doctest: +SKIP
-    >>> ratings["user_id"][:3]  # doctest: +SKIP
-    array(['196', '186', '22'], dtype='<U3')
+    Examples:
+        >>> ratings = two_tower.datasets.movielens.load_ratings()  # doctest: +SKIP
+        >>> ratings["user_id"][:3]  # doctest: +SKIP
+        array(['196', '186', '22'], dtype='<U3')
     """
     _check_source(source, variant)
     if variant in ("20m", "25m"):
@@ -810,8 +811,8 @@ def load_movies(
     Every variant, 20M and 25M included (their movies tables are small).
     Args and Raises are those of `load_ratings`.
 
-    Example:
-    >>> movies = two_tower.datasets.movielens.load_movies()  # doctest: +SKIP
+    Examples:
+        >>> movies = two_tower.datasets.movielens.load_movies()  # doctest: +SKIP
     """
     _check_source(source, variant)
     if source == "tfds":
@@ -844,11 +845,11 @@ def random_split(
     The rows are permuted with `np.random.default_rng(seed)`; the first
     `round(n * (1 - test_fraction))` go to train, the rest to test.
 
-    Example:
-    >>> import numpy as np
-    >>> train, test = two_tower.datasets.movielens.random_split({"a": np.arange(10)})
-    >>> len(train["a"]), len(test["a"])
-    (8, 2)
+    Examples:
+        >>> import numpy as np
+        >>> train, test = two_tower.datasets.movielens.random_split({"a": np.arange(10)})
+        >>> len(train["a"]), len(test["a"])
+        (8, 2)
     """
     n = _check_split(records, test_fraction)
     order = np.random.default_rng(seed).permutation(n)
@@ -863,12 +864,12 @@ def temporal_split(
 
     Ties in time keep file order (a stable sort), so the split is deterministic.
 
-    Example:
-    >>> import numpy as np
-    >>> records = {"timestamp": np.array([5, 1, 4, 2, 3])}
-    >>> train, test = two_tower.datasets.movielens.temporal_split(records, 0.4)
-    >>> test["timestamp"].tolist()
-    [4, 5]
+    Examples:
+        >>> import numpy as np
+        >>> records = {"timestamp": np.array([5, 1, 4, 2, 3])}
+        >>> train, test = two_tower.datasets.movielens.temporal_split(records, 0.4)
+        >>> test["timestamp"].tolist()
+        [4, 5]
     """
     n = _check_split(records, test_fraction)
     if "timestamp" not in records:

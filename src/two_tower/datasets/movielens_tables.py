@@ -68,16 +68,16 @@ class MovieLensTables:
         ValueError: a table is not a dict of equal-length 1-D arrays, lacks a
             column, or an index points outside its table.
 
-    Example:
-    >>> import numpy as np
-    >>> tables = two_tower.datasets.MovieLensTables(
-    ...     variant="100k",
-    ...     ratings={"user_index": np.array([0, 1]), "movie_index": np.array([1, 1]),
-    ...              "user_rating": np.array([5.0, 3.0]), "timestamp": np.array([7, 9])},
-    ...     movies={"movie_id": np.array(["10", "20"])},
-    ...     users={"user_id": np.array(["1", "2"])})
-    >>> tables.to_records()["movie_id"].tolist()
-    ['20', '20']
+    Examples:
+        >>> import numpy as np
+        >>> tables = two_tower.datasets.MovieLensTables(
+        ...     variant="100k",
+        ...     ratings={"user_index": np.array([0, 1]), "movie_index": np.array([1, 1]),
+        ...              "user_rating": np.array([5.0, 3.0]), "timestamp": np.array([7, 9])},
+        ...     movies={"movie_id": np.array(["10", "20"])},
+        ...     users={"user_id": np.array(["1", "2"])})
+        >>> tables.to_records()["movie_id"].tolist()
+        ['20', '20']
     """
 
     variant: str
@@ -150,9 +150,9 @@ class MovieLensTables:
             A dict of equal-length arrays keyed by the tfds feature names, in
             sorted order, as `movielens.load_ratings` returns them.
 
-        Example:
-        >>> tables = two_tower.datasets.movielens.load_tables()  # doctest: +SKIP
-        >>> first = tables.to_records(slice(0, 1000))  # doctest: +SKIP
+        Examples:
+            >>> tables = two_tower.datasets.movielens.load_tables()  # doctest: +SKIP
+            >>> first = tables.to_records(slice(0, 1000))  # doctest: +SKIP
         """
         positions = self._rows(rows)
         users = self.ratings["user_index"][positions]

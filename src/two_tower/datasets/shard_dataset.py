@@ -82,15 +82,15 @@ class ShardDataset(keras.utils.PyDataset):
             missing column, a column of the wrong dtype or length, or a bad
             argument; each names the file.
 
-    Example:
-    >>> import tempfile, os
-    >>> from two_tower.datasets import synthetic
-    >>> folder = os.path.join(tempfile.mkdtemp(), "log")
-    >>> log = synthetic.SyntheticLog(num_users=20, num_items=30, num_clusters=3)
-    >>> _ = synthetic.write_shards(log, folder, 100, shard_size=40)
-    >>> data = two_tower.datasets.ShardDataset(folder, batch_size=32)
-    >>> len(data), sorted(data[0])
-    (4, ['candidate', 'query'])
+    Examples:
+        >>> import tempfile, os
+        >>> from two_tower.datasets import synthetic
+        >>> folder = os.path.join(tempfile.mkdtemp(), "log")
+        >>> log = synthetic.SyntheticLog(num_users=20, num_items=30, num_clusters=3)
+        >>> _ = synthetic.write_shards(log, folder, 100, shard_size=40)
+        >>> data = two_tower.datasets.ShardDataset(folder, batch_size=32)
+        >>> len(data), sorted(data[0])
+        (4, ['candidate', 'query'])
     """
 
     def __init__(

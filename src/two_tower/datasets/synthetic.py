@@ -59,11 +59,11 @@ class SyntheticLog:
         seed: the log's seed.
         start_time: timestamp of the first interaction (seconds).
 
-    Example:
-    >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=50, num_items=30)
-    >>> chunk = next(log.chunks(100, chunk_size=64))
-    >>> sorted(chunk), chunk["item"].shape
-    (['item', 'timestamp', 'user'], (64,))
+    Examples:
+        >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=50, num_items=30)
+        >>> chunk = next(log.chunks(100, chunk_size=64))
+        >>> sorted(chunk), chunk["item"].shape
+        (['item', 'timestamp', 'user'], (64,))
     """
 
     num_users: int
