@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import nox
@@ -153,21 +154,23 @@ def package(session: nox.Session) -> None:
     (wheel,) = dist.glob("*.whl")
     session.run("twine", "check", "--strict", *map(str, dist.iterdir()))
     session.run("check-wheel-contents", str(wheel))
-    venv = work / "wheel-venv"
-    session.run("python", "-m", "venv", "--clear", str(venv))
-    python = str(venv / "bin" / "python")
-    session.run(python, "-m", "pip", "install", "--quiet", f"{wheel}[jax]", external=True)
-    run = work / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir()
-    quickstart = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                  if "TwoTowerRetrieval" in b]  # fmt: skip
-    (run / "quickstart.py").write_text(quickstart[0])
-    with session.chdir(run):
-        env = {"KERAS_BACKEND": "jax"}
-        session.run(python, str(ROOT / ".ci" / "check_installed.py"), str(ROOT), env=env,
-                    external=True)  # fmt: skip
-        session.run(python, "quickstart.py", env=env, external=True)
+    # Outside the checkout: nothing of the source tree can be imported by accident.
+    outside = Path(tempfile.mkdtemp(prefix="two_tower-package-"))
+    try:
+        venv = outside / "venv"
+        session.run("python", "-m", "venv", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(python, "-m", "pip", "install", "--quiet", f"{wheel}[jax]", external=True)
+        quickstart = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                      if "TwoTowerRetrieval" in b]  # fmt: skip
+        (outside / "quickstart.py").write_text(quickstart[0])
+        shutil.copy(ROOT / ".ci" / "check_installed.py", outside)
+        with session.chdir(outside):
+            env = {"KERAS_BACKEND": "jax"}
+            session.run(python, "check_installed.py", str(ROOT), env=env, external=True)
+            session.run(python, "quickstart.py", env=env, external=True)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 @nox.session

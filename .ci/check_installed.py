@@ -17,8 +17,8 @@ import two_tower
 
 source = Path(sys.argv[1]).resolve()
 installed = Path(two_tower.__file__).resolve().parent
-if source in installed.parents or installed == source / "src" / "two_tower":
-    raise SystemExit(f"two_tower was imported from the checkout ({installed}), not the wheel")
+if source in installed.parents or "site-packages" not in installed.parts:
+    raise SystemExit(f"two_tower was imported from {installed}, not from the installed wheel")
 
 # The backend modules import their own backend: only the installed one (JAX) loads.
 skipped = {"two_tower.backends.torch", "two_tower.backends.tensorflow"}
