@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import missing_devices
+from testing import interactions, missing_devices
 
 DEVICES = 8
 USERS, ITEMS, ROWS = 40, 64, 512
@@ -52,18 +52,6 @@ def _no_distribution_left():
     keras.distribution.set_distribution(None)
 
 
-def _data():
-    rng = np.random.default_rng(0)
-    items = rng.integers(0, ITEMS, ROWS)
-    frequency = np.bincount(items, minlength=ITEMS) / ROWS
-    x = {
-        "query": rng.integers(0, USERS, ROWS),
-        "candidate": items,
-        "candidate_sampling_probability": frequency[items].astype("float32"),
-    }
-    return x, rng.uniform(1, 5, ROWS).astype("float32")
-
-
 def _train(loss, distribution, initial):
     keras.distribution.set_distribution(distribution)
     keras.utils.set_random_seed(1)  # the same negative sampler on both sides
@@ -78,7 +66,7 @@ def _train(loss, distribution, initial):
     model.embed_queries(np.arange(2))
     model.embed_candidates(np.arange(2))
     model.set_weights(initial)
-    x, ratings = _data()
+    x, ratings = interactions(ROWS, USERS, ITEMS)
     if loss == "mse":
         x = {"query": x["query"], "candidate": x["candidate"]}
     history = model.fit(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import missing_devices
+from testing import interactions, missing_devices
 
 USERS, ITEMS, DIM = 40, 64, 8
 
@@ -45,18 +45,6 @@ def strategy():
     return tf.distribute.MirroredStrategy(devices)
 
 
-def _data(rows: int):
-    rng = np.random.default_rng(0)
-    items = rng.integers(0, ITEMS, rows)
-    frequency = np.bincount(items, minlength=ITEMS) / rows
-    x = {
-        "query": rng.integers(0, USERS, rows),
-        "candidate": items,
-        "candidate_sampling_probability": frequency[items].astype("float32"),
-    }
-    return x, rng.uniform(1, 5, rows).astype("float32")
-
-
 def _model(loss: str, initial=None, **options):
     defaults = {
         "mse": {},
@@ -76,7 +64,7 @@ def _model(loss: str, initial=None, **options):
 
 
 def _fit(model, loss: str, rows: int):
-    x, ratings = _data(rows)
+    x, ratings = interactions(rows, USERS, ITEMS)
     if loss == "mse":
         x = {"query": x["query"], "candidate": x["candidate"]}
     history = model.fit(

@@ -33,6 +33,20 @@ def assert_config_round_trip(obj: Any) -> Any:
     return restored
 
 
+def interactions(rows: int, users: int, items: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Seeded `(x, ratings)`: query and candidate ids with the candidates' in-sample
+    frequency as `candidate_sampling_probability` (logQ), and ratings in [1, 5)."""
+    rng = np.random.default_rng(0)
+    candidates = rng.integers(0, items, rows)
+    frequency = np.bincount(candidates, minlength=items) / rows
+    x = {
+        "query": rng.integers(0, users, rows),
+        "candidate": candidates,
+        "candidate_sampling_probability": frequency[candidates].astype("float32"),
+    }
+    return x, rng.uniform(1, 5, rows).astype("float32")
+
+
 def missing_devices(found: int, needed: int, what: str, how: str) -> str | None:
     """Why a multi-device test module cannot run, or None when it can.
 
