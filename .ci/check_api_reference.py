@@ -1,5 +1,6 @@
 """Run by `nox -s docs`: the API reference documents exactly the public names, and
-every argument a docstring documents exists in the signature.
+every argument a docstring documents exists in the signature, and an `Args:`
+section names every argument.
 
 Reads the source statically with griffe (no backend needed), as mkdocstrings does.
 """
@@ -53,7 +54,7 @@ def main() -> int:
 
 
 def check_arguments(obj: griffe.Object | griffe.Alias) -> list[str]:
-    """Documented `Args:` that the signature does not have, for obj and its members."""
+    """`Args:` that differ from the signature (extra or missing), for obj and its members."""
     problems = []
     if obj.is_alias:  # e.g. two_tower.BruteForceIndex: its members are the real ones
         obj = obj.final_target
@@ -61,6 +62,12 @@ def check_arguments(obj: griffe.Object | griffe.Alias) -> list[str]:
     if obj.is_module or obj.is_class:
         own = [m for n, m in obj.members.items() if not n.startswith("_") and not m.is_alias]
         targets += [m for m in own if m.is_function or (obj.is_module and m.is_class)]
+        for cls in [m for m in own if obj.is_module and m.is_class]:  # and their methods
+            targets += [
+                m
+                for n, m in cls.members.items()
+                if not n.startswith("_") and not m.is_alias and m.is_function
+            ]
     for target in targets:
         if target.is_alias:
             target = target.final_target
@@ -76,13 +83,20 @@ def check_arguments(obj: griffe.Object | griffe.Alias) -> list[str]:
             continue
         parameters = {p.name for p in function.parameters}
         variadic = any(p.kind.value.startswith("variadic") for p in function.parameters)
+        named = {p.name for p in function.parameters if not p.kind.value.startswith("variadic")}
+        named -= {"self", "cls"}
         for section in docstring.parse("google"):
             if section.kind.value != "parameters":
                 continue
+            listed = set()
             for parameter in section.value:
                 name = parameter.name.lstrip("*")
+                listed.add(name)
                 if name not in parameters and not (variadic and name in ("args", "kwargs")):
                     problems.append(f"{target.path}: documents `{name}`, not in its signature")
+            # An `Args:` section names every argument: a dropped line is caught too.
+            for name in sorted(named - listed):
+                problems.append(f"{target.path}: has `{name}`, missing from its Args section")
     return problems
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import interactions, missing_devices
+from testing import doc_blocks, interactions, missing_devices, pairs_for
 
 DEVICES = 8
 USERS, ITEMS, ROWS = 40, 64, 512
@@ -67,8 +67,7 @@ def _train(loss, distribution, initial):
     model.embed_candidates(np.arange(2))
     model.set_weights(initial)
     x, ratings = interactions(ROWS, USERS, ITEMS)
-    if loss == "mse":
-        x = {"query": x["query"], "candidate": x["candidate"]}
+    x = pairs_for(loss, x)
     history = model.fit(
         x, ratings if loss == "mse" else None, batch_size=64, epochs=1, shuffle=False, verbose=0
     )
@@ -334,7 +333,7 @@ for loss, options in [("mse", {}), ("softmax", {"remove_accidental_hits": True})
     initial = [np.asarray(jax.experimental.multihost_utils.process_allgather(w.value, tiled=True))
                for w in model.weights]
     inputs = {key: value[rows] for key, value in x.items()}
-    if loss == "mse":
+    if loss in ("mse", "full_softmax"):  # the losses without logQ
         del inputs["candidate_sampling_probability"]
     history = model.fit(inputs, ratings[rows] if loss == "mse" else None, batch_size=batch_size,
                         epochs=1, shuffle=False, verbose=0)
@@ -412,3 +411,19 @@ def test_batches_that_do_not_divide_are_refused(rows, batch_size, message):
     x = {"query": np.arange(rows) % USERS, "candidate": np.arange(rows) % ITEMS}
     with pytest.raises(ValueError, match=message):
         model.fit(x, batch_size=batch_size, epochs=1, verbose=0)
+
+
+def test_distributed_guide_runs_on_jax():
+    x, _ = interactions(8192, USERS, ITEMS)
+    x = pairs_for("full_softmax", x)  # from_ids' default loss
+    namespace = {"x": x, "num_users": USERS, "num_items": ITEMS}
+    test = "test_multidevice_jax.py::test_distributed_guide_runs_on_jax"
+    first, second = doc_blocks("docs/distributed.md", test)
+    exec(compile(first, "distributed.md", "exec"), namespace)
+    history = namespace["model"].history.history["loss"]
+    assert len(history) == 10 and np.all(np.isfinite(history)) and history[-1] < history[0]
+    exec(compile(second, "distributed.md", "exec"), namespace)
+    model = namespace["model"]
+    model.embed_queries(np.arange(2))
+    table = model.query_tower.embedding.embeddings  # rounded up, sharded by rows
+    assert table.shape[0] == 944 and _rows_per_device(table) == {944 // 4}

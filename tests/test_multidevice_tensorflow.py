@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import interactions, missing_devices
+from testing import interactions, missing_devices, pairs_for
 
 USERS, ITEMS, DIM = 40, 64, 8
 
@@ -65,8 +65,7 @@ def _model(loss: str, initial=None, **options):
 
 def _fit(model, loss: str, rows: int):
     x, ratings = interactions(rows, USERS, ITEMS)
-    if loss == "mse":
-        x = {"query": x["query"], "candidate": x["candidate"]}
+    x = pairs_for(loss, x)
     history = model.fit(
         x, ratings if loss == "mse" else None, batch_size=64, epochs=1, shuffle=False, verbose=0
     )

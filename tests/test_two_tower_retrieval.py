@@ -349,12 +349,58 @@ def test_softmax_options_round_trip():
     ("kwargs", "match"),
     [
         ({"num_hard_negatives": 0}, "num_hard_negatives"),
-        ({"loss": "mse", "remove_accidental_hits": True}, "loss='softmax' only"),
+        ({"loss": "mse", "remove_accidental_hits": True}, "the softmax losses only"),
+        ({"loss": "mse", "num_hard_negatives": 2}, "the softmax losses only"),
+        (
+            {"loss": "full_softmax", "catalogue_size": 30, "remove_accidental_hits": True},
+            "'softmax' and 'sampled_softmax'.*nothing to remove",
+        ),
     ],
 )
 def test_bad_softmax_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_model(**kwargs)
+
+
+@pytest.mark.parametrize("loss", ["mse", "full_softmax"])
+def test_sampling_probability_is_refused_where_no_loss_uses_it(loss):
+    # Before: silently dropped, so a logQ-corrected run and a plain run looked alike.
+    model = make_model(loss, catalogue_size=NUM_CANDIDATES if loss == "full_softmax" else None)
+    model.compile(optimizer="sgd")
+    x, ratings = make_pairs(n=16)
+    x["candidate_sampling_probability"] = np.full(16, 0.1, "float32")
+    y = ratings if loss == "mse" else None
+    for method in (model.fit, model.evaluate):
+        with pytest.raises(ValueError, match=rf"logQ.*loss='{loss}' does not use it"):
+            method(x, y, batch_size=8, verbose=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "options"),
+    [
+        ("mse", {}),
+        ("softmax", {"remove_accidental_hits": True}),
+        ("sampled_softmax", {"num_sampled_negatives": 5}),
+        ("full_softmax", {}),
+    ],
+)
+def test_predict_on_pairs_returns_the_two_embeddings_only(loss, options):
+    # Before: every batch's catalogue embeddings and sampled negatives too, which
+    # Keras concatenated into [batches x catalogue, dim] for full_softmax.
+    model = make_model(loss, catalogue_size=NUM_CANDIDATES, **options)
+    metric = two_tower.FactorizedTopK(ks=(5,), catalogue_size=NUM_CANDIDATES)
+    model.compile(optimizer="sgd", metrics=[metric])
+    x, ratings = make_pairs(n=40)
+    pair = model.predict(x, batch_size=8, verbose=0)
+    assert sorted(pair) == ["candidate_embeddings", "query_embeddings"]
+    query_table, candidate_table = tables(model)
+    assert_all_close(pair["query_embeddings"], query_table[x["query"]])
+    assert_all_close(pair["candidate_embeddings"], candidate_table[x["candidate"]])
+    # Training and evaluation still get everything the loss and metrics need.
+    y = ratings if loss == "mse" else None
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    results = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    assert 0.0 <= results["top_k_accuracy_at_5"] <= 1.0
 
 
 def test_numpy_scalar_temperature_is_accepted():

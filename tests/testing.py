@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ def interactions(rows: int, users: int, items: int) -> tuple[dict[str, np.ndarra
         "candidate_sampling_probability": frequency[candidates].astype("float32"),
     }
     return x, rng.uniform(1, 5, rows).astype("float32")
+
+
+def pairs_for(loss: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`x` without the logQ entry when `loss` does not use it (fit refuses it there)."""
+    if loss in ("mse", "full_softmax"):
+        return {key: value for key, value in x.items() if key != "candidate_sampling_probability"}
+    return x
 
 
 def missing_devices(found: int, needed: int, what: str, how: str) -> str | None:
@@ -188,3 +196,54 @@ def serve_release(
     release = movielens.RELEASES[variant]
     changed = release._replace(url=url, sha256=sha256 or release.sha256)
     monkeypatch.setitem(movielens.RELEASES, variant, changed)
+
+
+# Every ```python block of the README and the guides runs in some test session.
+# A block is named by its file and its position there (0 = the first); each test
+# asks for its own blocks by its name, so this table is what runs. A new block
+# fails tests/test_docs.py::test_every_python_block_in_the_docs_runs until it is
+# listed here or in DOC_BLOCKS_NOT_RUN with the reason.
+_GUIDES = "test_docs.py::test_getting_started_and_serving_guides_run"
+DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
+    "README.md": {0: "test_docs.py::test_readme_quickstart_runs"},
+    "docs/getting-started.md": dict.fromkeys(range(7), _GUIDES),
+    "docs/serving.md": dict.fromkeys(range(3), _GUIDES),
+    "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
+    "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
+    "docs/scale.md": {
+        0: "test_docs.py::test_scale_guide_loads_tables",
+        1: "test_docs.py::test_scale_guide_trains_from_disk",
+    },
+    "docs/distributed.md": {
+        0: "test_multidevice_jax.py::test_distributed_guide_runs_on_jax",
+        1: "test_multidevice_jax.py::test_distributed_guide_runs_on_jax",
+        3: "test_docs.py::test_distributed_guide_runs_on_tensorflow",
+    },
+}
+DOC_BLOCKS_NOT_RUN: dict[tuple[str, int], str] = {
+    ("docs/distributed.md", 2): (
+        "two processes on two hosts; test_multidevice_jax.py::"
+        "test_two_processes_train_like_one_process makes the same calls on 127.0.0.1"
+    ),
+}
+REPOSITORY = Path(__file__).parents[1]
+
+
+def python_blocks(path: str) -> list[str]:
+    """The ```python blocks of a Markdown file of the repository, in order."""
+    return re.findall(r"```python\n(.*?)```", (REPOSITORY / path).read_text(), re.S)
+
+
+def doc_blocks(path: str, test: str) -> list[str]:
+    """The blocks of `path` that DOC_BLOCK_RUNNERS gives to `test`, in order."""
+    blocks = python_blocks(path)
+    mine = [blocks[i] for i, runner in sorted(DOC_BLOCK_RUNNERS[path].items()) if runner == test]
+    assert mine, f"DOC_BLOCK_RUNNERS gives no block of {path} to {test}"
+    return mine
+
+
+def run_doc_blocks(path: str, test: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Runs the blocks of `path` given to `test` in `namespace`, as one script."""
+    for block in doc_blocks(path, test):
+        exec(compile(block, path, "exec"), namespace)
+    return namespace

@@ -41,5 +41,5 @@ def check_backend_installed() -> None:
             + ("" if os.environ.get("KERAS_BACKEND") else " (its default)")
             + f", but {module} is not installed. Installed backends: {installed or 'none'}. "
             "Set KERAS_BACKEND (e.g. KERAS_BACKEND=jax) before importing two_tower, "
-            "or install a backend: pip install 'two-tower[jax]' (or [torch], [tensorflow])."
+            "or install a backend: pip install jax (or torch, or tensorflow)."
         )

@@ -83,8 +83,14 @@ def check_model_arguments(
         )
     if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
         raise ValueError(
-            "`remove_accidental_hits` and `num_hard_negatives` apply to "
-            "loss='softmax' only. Received loss='mse'."
+            "`remove_accidental_hits` and `num_hard_negatives` apply to the softmax "
+            "losses only. Received loss='mse'."
+        )
+    if loss == "full_softmax" and remove_accidental_hits:
+        raise ValueError(
+            "`remove_accidental_hits` applies to loss='softmax' and 'sampled_softmax', "
+            "whose negatives are other rows' candidates; loss='full_softmax' scores each "
+            "positive once against the catalogue, so there is nothing to remove."
         )
     if not isinstance(cross_replica_negatives, (bool, np.bool_)):
         raise ValueError(
@@ -340,6 +346,16 @@ def check_fit_arguments(
 
     if isinstance(x, ShardDataset):
         _distribution.check_batches(what, x.num_rows, x.batch_size)
+    if model.loss_name in ("mse", "full_softmax") and (
+        (isinstance(x, Mapping) and SAMPLING_PROBABILITY in x)
+        or (isinstance(x, ShardDataset) and x.sampling_probability is not None)
+    ):
+        raise ValueError(
+            f"`{SAMPLING_PROBABILITY}` (the logQ correction) applies to loss='softmax' "
+            f"and 'sampled_softmax', whose negatives are sampled; loss={model.loss_name!r} "
+            "does not use it. Leave it out of x (or the ShardDataset's "
+            "`sampling_probability`)."
+        )
     if not is_pair(x):
         return
     leaves = keras.tree.flatten(x[QUERY])

@@ -272,6 +272,10 @@ class BruteForceIndex(keras.layers.Layer):
             default, whatever the catalogue size).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
+    Raises:
+        ValueError: a `chunk_size` or `query_batch_size` that is not a positive
+            integer, or a `chunk_size` above 2**24.
+
     Call arguments:
         - `query_embeddings`: `[queries, dim]` tensor.
         - `k`: how many candidates to return per query.
@@ -346,13 +350,14 @@ class BruteForceIndex(keras.layers.Layer):
 
         Args:
             candidate_embeddings: `[candidates, dim]` array-like of floats.
-            candidate_ids: `[candidates]` ids of any NumPy dtype (int64 and
-                strings included); defaults to positions `0..candidates-1`.
+            candidate_ids: `[candidates]` unique ids, integers (the whole int64
+                range) or strings; defaults to positions `0..candidates-1`.
 
         Raises:
             ValueError: on an empty catalogue, a non-2D embedding matrix, non-finite
-                embeddings, ids whose length differs from the embeddings, or
-                duplicate ids. The previous catalogue is kept when it raises.
+                embeddings, ids whose length differs from the embeddings, ids
+                that are not all integers or all strings, or duplicate ids. The
+                previous catalogue is kept when it raises.
         """
         embeddings, ids, order = _check_catalogue(candidate_embeddings, candidate_ids)
         ids = ids.copy()

@@ -28,7 +28,7 @@ def layout_map(
     variable (Dense kernels, biases) stays replicated. The library's towers
     round their tables' rows up to the axis size; a plain
     `keras.layers.Embedding` whose rows do not divide by it is refused with an
-    error naming it when the model builds.
+    error naming it by `TwoTowerRetrieval.fit`, `evaluate` and `predict`.
 
     Args:
         device_mesh: a mesh with a batch axis and `model_axis`, e.g.

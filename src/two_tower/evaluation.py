@@ -3,7 +3,7 @@
 `evaluate_retrieval` runs `FactorizedTopK` over a test set, with and without
 leaving out each query's training items; `format_table` prints the results;
 `plot_recall` saves a recall@k chart as PNG (needs matplotlib:
-`pip install 'two-tower[plot]'`).
+`pip install matplotlib`, the `plot` extra).
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def evaluate_retrieval(
     Returns:
         `{"all": {"accuracy_at_10": ..., ...}}`, plus `"unseen"` with the same
         keys when exclusions are given.
+
+    Raises:
+        ValueError: test id arrays of different lengths, query ids outside
+            `[0, num_queries)`, or bad `ks` or exclusions (as `FactorizedTopK`).
 
     Examples:
         >>> import numpy as np
@@ -117,6 +121,12 @@ def format_table(
         ks: the columns.
         stat: `"accuracy"`, `"recall"` or `"ndcg"`.
 
+    Returns:
+        The table as one string; a k missing from a row's results prints `n/a`.
+
+    Raises:
+        ValueError: an unknown `stat`.
+
     Examples:
         >>> print(two_tower.evaluation.format_table({"m": {"accuracy_at_10": 0.5}}, ks=(10,)))
         | model | top-10 |
@@ -148,7 +158,7 @@ def plot_recall(
     """Saves a recall@k chart (one line per row) as PNG and returns its path.
 
     Raises:
-        ImportError: matplotlib is not installed (`pip install 'two-tower[plot]'`).
+        ImportError: matplotlib is not installed (`pip install matplotlib`).
     """
     try:
         import matplotlib
@@ -156,7 +166,9 @@ def plot_recall(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("plot_recall needs matplotlib: pip install 'two-tower[plot]'") from error
+        raise ImportError(
+            "plot_recall needs matplotlib: pip install matplotlib (the two_tower `plot` extra)"
+        ) from error
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, results in rows.items():
         points = [(k, results[f"recall_at_{k}"]) for k in ks if f"recall_at_{k}" in results]
@@ -187,8 +199,11 @@ def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:
     Returns:
         The mean over queries of `|found ∩ exact| / k`, in [0, 1].
 
+    Raises:
+        ValueError: shapes that differ, or are not `[queries, k]` with k >= 1.
+
     Examples:
-        >>> recall_against_exact([[1, 2, 3]], [[3, 2, 9]])
+        >>> two_tower.evaluation.recall_against_exact([[1, 2, 3]], [[3, 2, 9]])
         0.6666666666666666
     """
     found, exact = np.asarray(found_ids), np.asarray(exact_ids)

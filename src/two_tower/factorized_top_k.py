@@ -68,6 +68,12 @@ class FactorizedTopK(keras.metrics.Metric):
         name: metric name, the prefix of every result key.
         **kwargs: standard `keras.metrics.Metric` arguments.
 
+    Raises:
+        ValueError: `ks`, `num_queries`, `catalogue_size` or `chunk_size` that
+            are not positive integers; only one of the two exclusion arrays;
+            exclusions without `num_queries` and `catalogue_size`, of different
+            lengths, or with ids out of range.
+
     Examples:
         >>> import numpy as np
         >>> metric = two_tower.FactorizedTopK(ks=(1, 2))
@@ -209,6 +215,9 @@ class FactorizedTopK(keras.metrics.Metric):
             similarity_fn: scores `[queries, candidates]`; the dot product by
                 default.
             sample_weight: ignored; present for the Keras metric signature.
+
+        Raises:
+            ValueError: no `query_ids` when recall or exclusions need them.
         """
         if (self.excludes or self.num_queries is not None) and query_ids is None:
             raise ValueError(

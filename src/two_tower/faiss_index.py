@@ -20,7 +20,7 @@ def _faiss() -> Any:
         import faiss
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "FaissIndex needs faiss: `pip install 'two-tower[ann]'` (faiss-cpu)."
+            "FaissIndex needs faiss: pip install faiss-cpu (the two_tower `ann` extra)."
         ) from error
     return faiss
 
@@ -47,6 +47,10 @@ class FaissIndex:
         train_size: candidates sampled (seeded) to train the k-means; defaults
             to `64 × nlist`, capped at the catalogue size.
         seed: seed of the training sample and of faiss' k-means.
+
+    Raises:
+        ValueError: `nlist`, `nprobe` or `train_size` that is not a positive
+            integer.
 
     Examples:
         >>> import numpy as np
@@ -85,6 +89,13 @@ class FaissIndex:
         Args:
             exact: the index to export, e.g. `model.candidate_index`.
             **kwargs: `FaissIndex` arguments.
+
+        Returns:
+            A `FaissIndex` holding the same embeddings and ids.
+
+        Raises:
+            ValueError: `exact` is empty, or as `index`.
+            ImportError: faiss is not installed.
         """
         if exact.candidate_embeddings is None:
             raise ValueError("The exact index is empty: call `index_candidates` first.")
@@ -107,6 +118,7 @@ class FaissIndex:
         Raises:
             ValueError: as `BruteForceIndex.index` (empty, non-2D, non-finite,
                 duplicate or misaligned ids), or `nlist` above the catalogue size.
+            ImportError: faiss is not installed.
         """
         faiss = _faiss()
         embeddings, ids, _ = _check_catalogue(candidate_embeddings, candidate_ids)
@@ -170,7 +182,11 @@ class FaissIndex:
         return scores, ids
 
     def save(self, folder: str | os.PathLike[str]) -> None:
-        """Writes the faiss index and the ids into `folder` (created if needed)."""
+        """Writes the faiss index and the ids into `folder` (created if needed).
+
+        Raises:
+            ValueError: the index is empty.
+        """
         if self._index is None or self._candidate_ids is None:
             raise ValueError("Nothing to save: the index is empty.")
         path = Path(folder)
@@ -180,7 +196,13 @@ class FaissIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], **kwargs: Any) -> FaissIndex:
-        """Reads an index written by `save`; `kwargs` are `FaissIndex` arguments."""
+        """Reads an index written by `save`; `kwargs` are `FaissIndex` arguments.
+
+        Raises:
+            FileNotFoundError: `folder` lacks the faiss index or the ids file.
+            ValueError: the two files disagree on the number of candidates.
+            ImportError: faiss is not installed.
+        """
         path = Path(folder)
         for name in (_FAISS_FILE, _IDS_FILE):
             if not (path / name).exists():

@@ -32,7 +32,8 @@ class FeatureTower(keras.layers.Layer):
     `combiner="concat"` concatenates the feature embeddings and the numeric
     values. `combiner="sum"` adds the feature embeddings, plus a learned vector
     per numeric feature scaled by its value (a factorization-machine style
-    tower; with only an id feature it is a plain id embedding). The result goes
+    tower; with only an id feature and `output_dim=None` it is a plain id
+    embedding). The result goes
     through an optional MLP (`hidden_units`, ReLU), a final Dense to
     `output_dim` (skipped when `output_dim` is None), and optionally L2
     normalisation.
@@ -74,6 +75,10 @@ class FeatureTower(keras.layers.Layer):
             in the config so a saved model reloads with the same shapes. Leave
             it None.
         **kwargs: standard `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: no feature, a name used twice, or an option out of range
+            (sizes, `l2`, `combiner`, `bias`, `table_rows`).
 
     Examples:
         >>> import numpy as np

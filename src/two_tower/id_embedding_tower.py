@@ -16,7 +16,7 @@ BIASES = (None, "learned", "constant")
 
 @keras.saving.register_keras_serializable(package="two_tower")
 class IdEmbeddingTower(keras.layers.Layer):
-    """Embeds integer ids in `[0, vocabulary_size)`, L2-regularised.
+    """Embeds integer ids in `[0, vocabulary_size)`, with an optional L2 penalty.
 
     With `bias="learned"` a learned scalar per id is appended as a last column;
     with `bias="constant"` a column of ones is appended. Give the candidate tower
@@ -40,9 +40,12 @@ class IdEmbeddingTower(keras.layers.Layer):
             when the tower builds under a `keras.distribution.ModelParallel`,
             which shards tables by rows: the rows are rounded up to the model
             axis, and the extra rows start at zero and are never looked up
-            (ids are checked against `vocabulary_size`). Kept in the config so
+            (`TwoTowerRetrieval` checks ids against `vocabulary_size`). Kept in the config so
             a saved model reloads with the same shapes. Leave it None.
         **kwargs: standard `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: an option out of range (sizes, `l2`, `bias`, `table_rows`).
 
     Call arguments:
         - `ids`: `[batch]` integer ids.

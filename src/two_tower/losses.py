@@ -38,6 +38,9 @@ def mean_squared_error(
     Returns:
         A scalar tensor.
 
+    Raises:
+        ValueError: labels that are not `[batch]` or `[batch, 1]`.
+
     Examples:
         >>> import numpy as np
         >>> float(two_tower.losses.mean_squared_error(np.array([1.0, 0.0]),
@@ -127,9 +130,10 @@ def retrieval_softmax(
         A scalar tensor.
 
     Raises:
-        ValueError: on a non-positive temperature or `num_hard_negatives`, or
-            a `[batch, columns]` matrix with fewer columns than rows when
-            `positive_positions` is not given.
+        ValueError: a temperature that is not a finite number > 0; a
+            `num_hard_negatives` that is not None or a positive integer;
+            `similarities` that is not 2-D, or has fewer columns than rows
+            when `positive_positions` is not given.
 
     Examples:
         >>> import numpy as np

@@ -34,6 +34,10 @@ class RowWiseAdagrad(keras.optimizers.Optimizer):
         name: the optimizer's name.
         **kwargs: other `keras.optimizers.Optimizer` arguments.
 
+    Raises:
+        ValueError: an `initial_accumulator_value` or `epsilon` that is not a
+            number >= 0.
+
     Examples:
         >>> import keras, numpy as np
         >>> model = two_tower.TwoTowerRetrieval(

@@ -11,8 +11,8 @@ although the file exists. `load_model` here checks the archive first and names t
 file, saying that it is truncated or corrupt.
 
 Only local `.keras` files get this treatment. Other saves and loads (legacy `.h5`,
-`zipped=False` folders, remote paths such as `gs://` or `hf://`) are passed to
-Keras unchanged. `TwoTowerRetrieval.save` goes through `save_model`.
+`zipped=False` folders, remote paths such as `gs://` or `hf://`) go to Keras, after
+a check that a local path exists. `TwoTowerRetrieval.save` goes through `save_model`.
 """
 
 from __future__ import annotations
@@ -211,9 +211,10 @@ def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
 
     A local `.keras` file is read once through `zipfile` before Keras loads
     it: a truncated file, a damaged one (a member fails its CRC) or one that
-    is not a Keras archive raises a `ValueError` that names it. Other paths are
-    passed to `keras.saving.load_model` unchanged. The check reads the whole
-    file once more; its cost is small beside loading the weights.
+    is not a Keras archive raises a `ValueError` that names it. Other paths go
+    to `keras.saving.load_model` once a local one is known to exist. The check
+    reads the whole file once more; its cost is small beside loading the
+    weights.
 
     Args:
         filepath: the saved model: a `.keras` file, or what Keras accepts.
@@ -224,8 +225,9 @@ def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
         The loaded model.
 
     Raises:
-        FileNotFoundError: a `.keras` `filepath` that does not exist.
-        ValueError: a `.keras` file that is truncated or corrupt.
+        FileNotFoundError: a local `filepath` that does not exist.
+        ValueError: a `.keras` file that is truncated, corrupt or not a Keras
+            archive, or a `.keras` folder without `config.json`.
 
     Examples:
         >>> import os, tempfile

@@ -58,6 +58,10 @@ class SparseEmbedding(keras.layers.Layer):
             `keras.regularizers.L2(1e-5)`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
+    Raises:
+        ValueError: `input_dim` or `output_dim` that is not a positive integer,
+            or an `Embedding` option it does not support (e.g. `mask_zero`).
+
     Call arguments:
         - `ids`: integer ids of any shape.
 

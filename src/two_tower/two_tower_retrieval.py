@@ -52,7 +52,7 @@ class TwoTowerRetrieval(keras.Model):
     **Data.** `fit` and `evaluate` take `x = {"query": query_features,
     "candidate": candidate_features}`: row i of each is one observed pair.
     `predict` and `recommend` take query features alone (`predict` also accepts the
-    pair dict and then returns both embeddings).
+    pair dict and then returns `{"query_embeddings", "candidate_embeddings"}`).
 
     **Losses.**
 
@@ -69,7 +69,8 @@ class TwoTowerRetrieval(keras.Model):
       candidate id are masked out (ids come from the candidate input, or its
       `candidate_id_key` feature). An optional
       `x["candidate_sampling_probability"]` (`[batch]`, the chance of each
-      candidate appearing in a batch) applies the logQ correction.
+      candidate appearing in a batch) applies the logQ correction (also to the
+      batch part of `"sampled_softmax"`; `"mse"` and `"full_softmax"` refuse it).
       `num_hard_negatives` keeps only the hardest negatives of each row. It
       takes no labels. To weight pairs, feed a dataset or generator of
       `(x, None, sample_weight)`: Keras drops `sample_weight` passed beside
@@ -110,9 +111,9 @@ class TwoTowerRetrieval(keras.Model):
         loss: one of `"mse"`, `"softmax"`, `"sampled_softmax"`, `"full_softmax"`.
         temperature: logits divisor of the softmax loss; must be > 0.
         remove_accidental_hits: mask in-batch duplicates of each row's positive
-            (softmax only).
+            (`"softmax"` and `"sampled_softmax"`; the other losses refuse it).
         num_hard_negatives: keep only this many highest-scoring negatives per
-            row (softmax only); None keeps all.
+            row (the softmax losses; `"mse"` refuses it); None keeps all.
         candidate_id_key: with dict candidate features, the feature holding the
             candidate id (for `remove_accidental_hits`, the catalogue losses and
             `FactorizedTopK` metrics).
@@ -121,7 +122,7 @@ class TwoTowerRetrieval(keras.Model):
         num_sampled_negatives: uniform negatives per batch for
             `"sampled_softmax"`.
         query_id_key: with dict query features, the feature holding the query
-            id (for `FactorizedTopK` exclusions).
+            id (for `FactorizedTopK` recall and exclusions, and the id checks).
         candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
         cross_replica_negatives: under a `tf.distribute` strategy, each replica's
             in-batch (and sampled-softmax batch) negatives are the whole global
@@ -132,8 +133,12 @@ class TwoTowerRetrieval(keras.Model):
         **kwargs: standard `keras.Model` arguments (`name`, ...).
 
     Raises:
-        ValueError: on an unknown loss, a non-positive temperature, or (when the
-            model is built) towers whose output dims differ.
+        TypeError: a tower that is not a Keras layer.
+        ValueError: an unknown loss; a temperature that is not a finite number
+            > 0; a catalogue loss without `catalogue_size`, or a `catalogue_size`
+            above the candidate tower's ids; `"sampled_softmax"` without
+            `num_sampled_negatives`; options that the loss does not use. In `fit`,
+            `evaluate` and `predict` on pairs: towers whose output dims differ.
 
     Examples:
         >>> import keras, numpy as np
@@ -194,6 +199,7 @@ class TwoTowerRetrieval(keras.Model):
         self.num_sampled_negatives = num_sampled_negatives
         self.query_id_key = query_id_key
         self.cross_replica_negatives = bool(cross_replica_negatives)
+        self._predicting = False  # set by predict: pair inputs return the embeddings only
         self._catalogue_features: dict[str, keras.Variable] = {}
         self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
         self.retrieval_metrics: list[FactorizedTopK] = []
@@ -303,6 +309,8 @@ class TwoTowerRetrieval(keras.Model):
             "query_embeddings": query_embeddings,
             "candidate_embeddings": candidate_embeddings,
         }
+        if self._predicting:  # predict on pairs: the two embeddings, nothing per batch
+            return outputs
         # FactorizedTopK metrics rank against the catalogue in evaluation steps only.
         ranks_catalogue = bool(self.retrieval_metrics) and not training
         needs_catalogue = self.loss_name in CATALOGUE_LOSSES or ranks_catalogue
@@ -369,8 +377,11 @@ class TwoTowerRetrieval(keras.Model):
                 from `two_tower.Vocabulary`) or floats, `catalogue_size` rows.
 
         Raises:
-            ValueError: without `catalogue_size`, or on features that are not a
-                dict of numeric arrays with `catalogue_size` rows.
+            ValueError: without `catalogue_size`; features that are not a dict of
+                numeric arrays with `catalogue_size` rows; a `candidate_id_key`
+                feature other than `arange(catalogue_size)`; indices outside a
+                `FeatureTower`'s vocabularies; or shapes or dtypes that differ
+                from the catalogue set before.
 
         Examples:
             >>> import keras, numpy as np
@@ -666,8 +677,12 @@ class TwoTowerRetrieval(keras.Model):
         else:
             _input_checks.check_ids(self, x, QUERY, "x")
             self._build_towers({QUERY: x})
-        with backend_module().keep_state_on_error(self):
-            return super().predict(x, *args, **kwargs)
+        self._predicting = True
+        try:
+            with backend_module().keep_state_on_error(self):
+                return super().predict(x, *args, **kwargs)
+        finally:
+            self._predicting = False
 
     def _build_towers(self, x: Any) -> None:
         """Builds unbuilt towers eagerly on one row of NumPy-like inputs.
@@ -709,7 +724,11 @@ class TwoTowerRetrieval(keras.Model):
     def save(
         self, filepath: Any, overwrite: bool = True, zipped: bool | None = None, **kwargs: Any
     ) -> None:
-        """Saves the model as a `.keras` file, atomically (see `two_tower.saving.save_model`)."""
+        """Saves the model as a `.keras` file, atomically (see `two_tower.saving.save_model`).
+
+        Raises:
+            ValueError: an `.h5` / `.hdf5` path, which would lose the index.
+        """
         from two_tower import saving
 
         if isinstance(filepath, (str, os.PathLike)) and str(os.fspath(filepath)).endswith(
@@ -731,13 +750,14 @@ class TwoTowerRetrieval(keras.Model):
             candidates: candidate features (an array or a dict of arrays), one
                 row per candidate; defaults to the features given to
                 `set_catalogue`.
-            candidate_ids: one id per candidate, of any NumPy dtype (int64 ids
-                above 2**31 and strings included); defaults to row positions.
+            candidate_ids: one unique id per candidate, integers (the whole
+                int64 range) or strings; defaults to row positions.
             batch_size: rows embedded at once.
 
         Raises:
-            ValueError: without `candidates` when no catalogue was set, or on
-                malformed candidates.
+            ValueError: without `candidates` when no catalogue was set, on
+                malformed candidates, on ids that are not all integers or all
+                strings, or duplicated, or on a bad `batch_size`.
         """
         if candidates is None:
             if not self._catalogue_features:
@@ -790,9 +810,9 @@ class TwoTowerRetrieval(keras.Model):
 
         Raises:
             ValueError: if nothing is indexed, `queries` is empty or holds bad
-                ids, `k` is out of range, or `exclude` is malformed, names
-                unknown ids, or leaves fewer than `k` candidates (see
-                `BruteForceIndex.search`).
+                ids, `k` or `batch_size` is out of range, a flag is not a bool,
+                or `exclude` is malformed, names unknown ids, or leaves fewer
+                than `k` candidates (see `BruteForceIndex.search`).
         """
         _serving.require_index(self)
         _serving.check_flags(
@@ -848,9 +868,10 @@ class TwoTowerRetrieval(keras.Model):
             `[items, k]` ids, or `(ids, scores)` when `return_scores` is true.
 
         Raises:
-            ValueError: if nothing is indexed, `exclude_self` is set but the ids
-                of dict-featured items are not given, or the arguments are out of
-                range (see `recommend`).
+            ValueError: if nothing is indexed; `items` is not one row per item;
+                `exclude_self` is set but the ids of dict-featured items are not
+                given; `item_ids` is not one id per item; or the other arguments
+                are out of range (see `recommend`).
 
         Examples:
             >>> import numpy as np

@@ -119,6 +119,7 @@ class Vocabulary(keras.layers.Layer):
             `set_vocabulary`).
 
     Examples:
+        >>> import numpy as np
         >>> vocab = two_tower.Vocabulary(["drama", "comedy"], num_oov_buckets=1)
         >>> vocab(np.array(["comedy", "horror", "drama"])).tolist()
         [2, 0, 1]

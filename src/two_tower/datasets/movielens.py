@@ -12,17 +12,18 @@
 - `load_tables`: the compact form (`MovieLensTables`), ratings as index
   columns plus one feature table per entity, for every variant.
 
-100K is parsed in NumPy; 1M, 20M and 25M with pyarrow's CSV reader (ml-1m's
+100K is parsed line by line into NumPy arrays; 1M, 20M and 25M with pyarrow's CSV reader (ml-1m's
 `.dat` files are `::`-separated ISO-8859-1, ml-20m/ml-25m's are UTF-8 CSV).
 
-Where the data comes from, in order (`ml-100k` stands for `ml-<variant>`):
-1. `data_dir`, if given: a folder holding the GroupLens files (`u.data`, ...),
-   a folder holding `ml-100k/` or `ml-100k.zip`, or the zip itself. A zip is
-   extracted beside itself, into `ml-100k/`.
-2. The cache root, `$TWO_TOWER_DATA_DIR` or else `~/.keras/datasets`: its
+Where the data comes from (`ml-100k` stands for `ml-<variant>`):
+1. `data_dir`, if given, and nothing else: a folder holding the GroupLens files
+   (`u.data`, ...), a folder holding `ml-100k/` or `ml-100k.zip`, or the zip
+   itself. A zip is extracted beside itself, into `ml-100k/`. Not found there
+   raises; nothing is downloaded.
+2. Otherwise, the cache root, `$TWO_TOWER_DATA_DIR` or else `~/.keras/datasets`: its
    `ml-100k/` folder, or its `ml-100k.zip` (checked against the official
    sha256 and extracted).
-3. The official GroupLens download into the cache root, checked with sha256.
+3. Then the official GroupLens download into the cache root, checked with sha256.
    It is written to a temporary file and moved into place only once verified,
    so an interrupted or corrupt download is never used by a later run.
    (`keras.utils.get_file` is not used: it writes straight to the final path,
@@ -287,8 +288,9 @@ def locate(
     """Returns the folder holding the MovieLens files, fetching them if needed.
 
     Args:
-        data_dir: where to look first (see the module docstring). When it is not
-            given, the cache root is used.
+        data_dir: the only place looked when given (see the module docstring):
+            nothing is downloaded then. When it is not given, the cache root,
+            then a download.
         variant: `"100k"`, `"1m"`, `"20m"` or `"25m"`.
         download: download from GroupLens when no local copy is found.
         sha256: the expected sha256 of a zip archive read from disk: `"official"`
@@ -302,9 +304,12 @@ def locate(
         `ratings.csv` and `movies.csv` for 20M and 25M).
 
     Raises:
-        FileNotFoundError: nothing found and `download` is off or the download
-            failed; the message lists where it looked.
-        ValueError: an archive fails its checksum or is not a valid zip.
+        FileNotFoundError: nothing found (at `data_dir`, or in the cache root
+            with `download` off or failing); the message lists where it looked.
+        FileExistsError: an extraction folder exists but lacks some files, so
+            the archive is not extracted over it.
+        ValueError: an unknown `variant`; an archive that fails its checksum,
+            is not a valid zip or lacks the release's files.
 
     Examples:
         >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
@@ -640,7 +645,8 @@ def _tfds_records(
         import tensorflow_datasets as tfds
     except ImportError as error:
         raise ImportError(
-            "source='tfds' needs tensorflow-datasets: pip install 'two-tower[tfds]'"
+            "source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets "
+            "(the two_tower `tfds` extra)"
         ) from error
     root = Path(tfds_data_dir).expanduser() if tfds_data_dir else cache_root() / "tfds"
     try:
@@ -703,7 +709,7 @@ def load_tables(
     See `MovieLensTables`; its `to_records` gives the tfds layout back.
 
     Args:
-        data_dir: where to look first; see `locate`.
+        data_dir: where the files are (the only place looked when given); see `locate`.
         variant: `"100k"`, `"1m"`, `"20m"` or `"25m"`.
         download: download from GroupLens if no local copy is found.
         sha256: `"official"` checks an archive against the official sha256 and
@@ -716,6 +722,7 @@ def load_tables(
 
     Raises:
         FileNotFoundError: no data and no way to fetch it.
+        FileExistsError: see `locate`.
         ValueError: a corrupt, truncated or mismatching file (a missing or
             mistyped column, a rating of an unknown movie, a checksum
             mismatch...), named in the message; or an unknown `variant`.
@@ -757,7 +764,7 @@ def load_ratings(
     use `load_tables` and, for a subset of ratings, `MovieLensTables.to_records`.
 
     Args:
-        data_dir: where to look first; see `locate`.
+        data_dir: where the files are (the only place looked when given); see `locate`.
         variant: `"100k"` (100,000 ratings) or `"1m"` (1,000,209).
         source: `"grouplens"` parses the GroupLens files (file order);
             `"tfds"` reads tfds `movielens/100k-ratings` (tfds order; 100K only).
@@ -776,8 +783,11 @@ def load_ratings(
 
     Raises:
         FileNotFoundError: no data and no way to fetch it.
+        FileExistsError: see `locate`.
         ValueError: a corrupt, truncated or mismatching file, named in the
-            message; `variant="20m"` or `"25m"`.
+            message; an unknown `source` or `variant`; `source="tfds"` with a
+            variant other than 100K; `variant="20m"` or `"25m"`.
+        ImportError: `source="tfds"` without tensorflow-datasets installed.
 
     Examples:
         >>> ratings = two_tower.datasets.movielens.load_ratings()  # doctest: +SKIP
@@ -809,7 +819,11 @@ def load_movies(
     """Loads the movies: `movie_id`, `movie_title`, `movie_genres`.
 
     Every variant, 20M and 25M included (their movies tables are small).
-    Args and Raises are those of `load_ratings`.
+    Args and Raises are those of `load_ratings`, except that 20M and 25M load.
+
+    Returns:
+        A dict of equal-length NumPy arrays: `movie_id`, `movie_title` (str)
+        and `movie_genres` (object array of int64 arrays).
 
     Examples:
         >>> movies = two_tower.datasets.movielens.load_movies()  # doctest: +SKIP
@@ -845,6 +859,18 @@ def random_split(
     The rows are permuted with `np.random.default_rng(seed)`; the first
     `round(n * (1 - test_fraction))` go to train, the rest to test.
 
+    Args:
+        records: name -> array, all of one length (e.g. `load_ratings()`).
+        test_fraction: share of the rows in the test part, in (0, 1).
+        seed: seed of the permutation.
+
+    Returns:
+        `(train, test)`, dicts with the same keys as `records`.
+
+    Raises:
+        ValueError: arrays of different lengths, or `test_fraction` outside
+            (0, 1).
+
     Examples:
         >>> import numpy as np
         >>> train, test = two_tower.datasets.movielens.random_split({"a": np.arange(10)})
@@ -863,6 +889,17 @@ def temporal_split(
     """Train on the earliest ratings, test on the latest, by `timestamp`.
 
     Ties in time keep file order (a stable sort), so the split is deterministic.
+
+    Args:
+        records: name -> array, all of one length, with a `timestamp` array.
+        test_fraction: share of the rows (the latest) in the test part.
+
+    Returns:
+        `(train, test)`, dicts with the same keys as `records`.
+
+    Raises:
+        ValueError: no `timestamp`, arrays of different lengths, or
+            `test_fraction` outside (0, 1).
 
     Examples:
         >>> import numpy as np

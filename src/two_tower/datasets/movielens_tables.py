@@ -65,8 +65,9 @@ class MovieLensTables:
             have no users file: their users are those who rated, by id.
 
     Raises:
-        ValueError: a table is not a dict of equal-length 1-D arrays, lacks a
-            column, or an index points outside its table.
+        ValueError: an unknown `variant`; a table is not a dict of equal-length
+            1-D arrays or lacks a column; an index column is not integers, or
+            points outside its table.
 
     Examples:
         >>> import numpy as np
@@ -149,6 +150,9 @@ class MovieLensTables:
         Returns:
             A dict of equal-length arrays keyed by the tfds feature names, in
             sorted order, as `movielens.load_ratings` returns them.
+
+        Raises:
+            ValueError: `rows` that do not index the ratings.
 
         Examples:
             >>> tables = two_tower.datasets.movielens.load_tables()  # doctest: +SKIP

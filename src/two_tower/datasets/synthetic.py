@@ -59,6 +59,11 @@ class SyntheticLog:
         seed: the log's seed.
         start_time: timestamp of the first interaction (seconds).
 
+    Raises:
+        ValueError: counts that are not positive integers, more clusters than
+            items, a negative `popularity_exponent`, or an `affinity` outside
+            [0, 1].
+
     Examples:
         >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=50, num_items=30)
         >>> chunk = next(log.chunks(100, chunk_size=64))
@@ -198,7 +203,7 @@ def write_shards(
 ) -> Path:
     """Writes `log` to `folder` as shards of `.npy` columns, in bounded memory.
 
-    Shard k is `folder/shard-0000k/{user,item,timestamp}.npy` (one generator
+    Shard k is `folder/shard-{k:05d}/{user,item,timestamp}.npy` (one generator
     chunk each); `folder/manifest.json` lists the shards, their row counts and
     each file's sha256, and the generator's parameters. Everything is written
     into a temporary folder beside `folder` and renamed into place at the end,
