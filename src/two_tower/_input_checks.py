@@ -500,3 +500,47 @@ def fit_arguments(
             )
         kwargs = {**kwargs, "shuffle": False}
     return args, kwargs
+
+
+def catalogue_features(model: TwoTowerRetrieval, features: Any) -> dict[str, np.ndarray]:
+    """`set_catalogue`'s features as int32 / float32 arrays, once checked.
+
+    A non-empty dict of `catalogue_size`-row numeric arrays, within the candidate
+    tower's vocabularies, whose `candidate_id_key` feature is `arange`.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    assert model.catalogue_size is not None  # set_catalogue checked it
+    if not isinstance(features, Mapping) or not features:
+        raise ValueError(
+            "`features` must be a non-empty dict of arrays, one row per candidate "
+            f"id. Received {type(features).__name__}"
+        )
+    for name, raw in features.items():
+        array = np.asarray(raw)
+        if array.dtype.kind in "iu":
+            array = array.astype("int32")
+        elif array.dtype.kind == "f":
+            array = array.astype("float32")
+        else:
+            raise ValueError(
+                f"Catalogue feature {name!r} must hold integers (indices, e.g. from "
+                f"two_tower.Vocabulary) or floats. Received dtype {array.dtype}"
+            )
+        if array.ndim == 0 or array.shape[0] != model.catalogue_size:
+            raise ValueError(
+                f"Catalogue feature {name!r} must have catalogue_size="
+                f"{model.catalogue_size} rows (row i is candidate id i). Received "
+                f"shape {array.shape}"
+            )
+        arrays[name] = array
+    check_ranges = getattr(model.candidate_tower, "check_feature_ranges", None)
+    if check_ranges is not None:
+        check_ranges(arrays, "the catalogue features")
+    key = model.candidate_id_key
+    ids = arrays.get(key) if key is not None else None
+    if ids is not None and not np.array_equal(ids, np.arange(model.catalogue_size)):
+        raise ValueError(
+            f"Row i of the catalogue must describe candidate id i, so feature "
+            f"{key!r} (the candidate_id_key) must be arange({model.catalogue_size})."
+        )
+    return arrays

@@ -401,40 +401,7 @@ class TwoTowerRetrieval(keras.Model):
                 "set_catalogue needs the model's `catalogue_size` (the number of "
                 "candidate ids). Received catalogue_size=None"
             )
-        if not isinstance(features, Mapping) or not features:
-            raise ValueError(
-                "`features` must be a non-empty dict of arrays, one row per candidate "
-                f"id. Received {type(features).__name__}"
-            )
-        arrays = {}
-        for name, raw in features.items():
-            array = np.asarray(raw)
-            if array.dtype.kind in "iu":
-                array = array.astype("int32")
-            elif array.dtype.kind == "f":
-                array = array.astype("float32")
-            else:
-                raise ValueError(
-                    f"Catalogue feature {name!r} must hold integers (indices, e.g. from "
-                    f"two_tower.Vocabulary) or floats. Received dtype {array.dtype}"
-                )
-            if array.ndim == 0 or array.shape[0] != self.catalogue_size:
-                raise ValueError(
-                    f"Catalogue feature {name!r} must have catalogue_size="
-                    f"{self.catalogue_size} rows (row i is candidate id i). Received "
-                    f"shape {array.shape}"
-                )
-            arrays[name] = array
-        check_ranges = getattr(self.candidate_tower, "check_feature_ranges", None)
-        if check_ranges is not None:
-            check_ranges(arrays, "the catalogue features")
-        key = self.candidate_id_key
-        ids = arrays.get(key) if key is not None else None
-        if ids is not None and not np.array_equal(ids, np.arange(self.catalogue_size)):
-            raise ValueError(
-                f"Row i of the catalogue must describe candidate id i, so feature "
-                f"{key!r} (the candidate_id_key) must be arange({self.catalogue_size})."
-            )
+        arrays = _input_checks.catalogue_features(self, features)
         current = self._catalogue_features
         if current:
             expected = {n: (tuple(v.shape), v.dtype) for n, v in current.items()}
