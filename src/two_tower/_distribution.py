@@ -166,7 +166,7 @@ class ShardedCatalogue(NamedTuple):
     mesh: Any  # the keras.distribution.DeviceMesh
 
 
-def shard_catalogue(embeddings: np.ndarray, chunk_size: int, block: int) -> ShardedCatalogue | None:
+def shard_catalogue(embeddings: Any, chunk_size: int, block: int) -> ShardedCatalogue | None:
     """The catalogue spread by rows over every device of the active distribution.
 
     Each device gets `1 / devices` of the rows, in chunks of at most
@@ -175,7 +175,8 @@ def shard_catalogue(embeddings: np.ndarray, chunk_size: int, block: int) -> Shar
     when no distribution (or a one-device mesh) is active.
 
     Args:
-        embeddings: `[candidates, dim]` in the index's dtype.
+        embeddings: `[candidates, dim]` in the index's dtype: an array, or
+            anything with `shape` whose row slices are arrays (a `ChunkStore`).
         chunk_size: most rows per device per search step.
         block: the per-device width is a multiple of this.
     """

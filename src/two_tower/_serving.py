@@ -11,7 +11,7 @@ its catalogue per call.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -81,7 +81,12 @@ def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
     return features, leaves[0].shape[0]
 
 
-def embed_rows(
+def embed_rows(*args: Any) -> np.ndarray:
+    """`embedded_blocks(*args)` as one NumPy array."""
+    return np.concatenate(list(embedded_blocks(*args)), axis=0)
+
+
+def embedded_blocks(
     model: TwoTowerRetrieval,
     key: Any,
     features: Any,
@@ -91,8 +96,11 @@ def embed_rows(
     batch_size: int,
     what: str,
     side: str,
-) -> np.ndarray:
-    """Runs `function` over `features` in compiled batches; NumPy out.
+) -> Iterator[np.ndarray]:
+    """Runs `function` over `features` in compiled batches; NumPy blocks out.
+
+    A generator: the checks run and the rows are embedded as it is consumed,
+    one batch at a time, so `index_candidates` never holds the embeddings twice.
 
     Args:
         model: the model, for id checks and the compiled-function cache.
@@ -114,16 +122,17 @@ def embed_rows(
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
     if _is_batches(features):
         # A dataset or generator of batches (as `predict` takes): embed batch by batch.
-        parts = []
+        empty = True
         for batch in features:
             if isinstance(batch, tuple) and len(batch) == 1:
                 batch = batch[0]  # Keras' (x,) form
-            parts.append(
-                embed_rows(model, key, batch, function, owner, tower, batch_size, what, side)
+            empty = False
+            yield from embedded_blocks(
+                model, key, batch, function, owner, tower, batch_size, what, side
             )
-        if not parts:
+        if empty:
             raise ValueError(f"`{what}` yielded no batches: expected at least one row.")
-        return np.concatenate(parts, axis=0)
+        return
     features, num_rows = _as_arrays(features, what)
     if num_rows == 0:
         detail = {
@@ -135,7 +144,6 @@ def embed_rows(
     features = _input_checks.check_ids(model, features, side, f"`{what}`")
     build_eagerly(tower, function, features)
     compiled = _compiled(model, key, function, owner)
-    embeddings = []
     for start in range(0, num_rows, batch_size):
         batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
         rows = min(batch_size, num_rows - start)
@@ -145,8 +153,7 @@ def embed_rows(
             batch = keras.tree.map_structure(
                 lambda a, n=extra: np.concatenate([a, np.repeat(a[:1], n, axis=0)]), batch
             )
-        embeddings.append(np.asarray(ops.convert_to_numpy(compiled(batch)))[:rows])
-    return np.concatenate(embeddings, axis=0)
+        yield np.asarray(ops.convert_to_numpy(compiled(batch)))[:rows]
 
 
 def build_eagerly(
@@ -187,11 +194,12 @@ def embed_candidates(
     batch_size: int,
     what: str = "candidates",
     item_tower: keras.layers.Layer | None = None,
-) -> np.ndarray:
-    """Candidate embeddings through `embed_candidates`, or through `item_tower`."""
+) -> Iterator[np.ndarray]:
+    """Candidate embeddings through `embed_candidates`, or through `item_tower`,
+    as a generator of blocks (`embed_rows` joins them)."""
     if item_tower is not None:
         key = ("item_tower", id(item_tower))
-        return embed_rows(
+        return embedded_blocks(
             model,
             key,
             candidates,
@@ -202,7 +210,7 @@ def embed_candidates(
             what,
             "candidate",
         )
-    return embed_rows(
+    return embedded_blocks(
         model,
         "candidates",
         candidates,
@@ -246,7 +254,9 @@ def similar_items(
         items = np.asarray(items)
     # Integer-valued float ids become int64 here, so they also name the items' ids.
     items = _input_checks.check_ids(model, items, "candidate", "`items`")
-    embeddings = embed_candidates(model, items, batch_size, "items", item_tower)
+    embeddings = np.concatenate(
+        list(embed_candidates(model, items, batch_size, "items", item_tower))
+    )
     num_items = len(embeddings)
     entries = (
         [None] * num_items

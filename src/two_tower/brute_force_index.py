@@ -12,7 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _distribution
+from two_tower import _catalogue_store, _distribution
+from two_tower._catalogue_store import ChunkStore
 from two_tower._distribution import ShardedCatalogue
 from two_tower.backends import backend_module
 from two_tower.types import SimilarityFn, Tensor
@@ -182,38 +183,45 @@ def _check_catalogue(
         np.isfinite(embeddings[i : i + 2**16]).all() for i in range(0, len(embeddings), 2**16)
     ):
         raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
-    if candidate_ids is None:
-        ids = np.arange(embeddings.shape[0], dtype="int64")
-        order = ids
-    else:
-        ids = _normalise_ids(candidate_ids)
-        if ids.ndim != 1 or len(ids) != embeddings.shape[0]:
-            raise ValueError(
-                "`candidate_ids` must be 1D with one id per embedding row. "
-                f"Received ids of shape {ids.shape} for "
-                f"{embeddings.shape[0]} embeddings."
-            )
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
-        if len(repeated):
-            raise ValueError(
-                "`candidate_ids` must be unique. Received duplicates: "
-                f"{np.unique(repeated)[:5].tolist()}"
-            )
+    ids, order = _checked_ids(candidate_ids, embeddings.shape[0])
     return embeddings, ids, order
+
+
+def _checked_ids(candidate_ids: Any, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids, argsort of the ids)`: positions when None; unique, one per row."""
+    if candidate_ids is None:
+        ids = np.arange(num_rows, dtype="int64")
+        return ids, ids
+    ids = _normalise_ids(candidate_ids)
+    if ids.ndim != 1 or len(ids) != num_rows:
+        raise ValueError(
+            "`candidate_ids` must be 1D with one id per embedding row. "
+            f"Received ids of shape {ids.shape} for {num_rows} embeddings."
+        )
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if len(repeated):
+        raise ValueError(
+            "`candidate_ids` must be unique. Received duplicates: "
+            f"{np.unique(repeated)[:5].tolist()}"
+        )
+    return ids, order
 
 
 class _Catalogue(NamedTuple):
     """One indexed catalogue, replaced as a whole so that readers see one version.
 
-    On one device `embeddings` holds the `[candidates, dim]` tensor and the
-    search slices it into chunks. Under a `keras.distribution` distribution it
-    is None: `sharded` holds the chunks, each spread by rows over every device
-    of the mesh (see `_distribution.shard_catalogue`).
+    On one device `host` holds the rows in zero-padded chunks (the one copy of
+    the catalogue, see `two_tower._catalogue_store`) and `chunks` the backend
+    tensors of those chunks, sharing their memory on CPU. Under a
+    `keras.distribution` distribution both are None: `sharded` holds the chunks,
+    each spread by rows over every device of the mesh (see
+    `_distribution.shard_catalogue`).
     """
 
-    embeddings: Tensor | None
+    host: ChunkStore | None
+    chunks: tuple[Tensor, ...] | None
     ids: np.ndarray
     order: np.ndarray  # argsort of `ids`
     sorted_ids: np.ndarray
@@ -331,12 +339,15 @@ class BruteForceIndex(keras.layers.Layer):
     def candidate_embeddings(self) -> Tensor | None:
         """The indexed `[candidates, dim]` embeddings as a backend tensor, or None.
 
-        A sharded catalogue (indexed under a distribution) is gathered into
-        one tensor for this: a copy of the whole catalogue.
+        A catalogue of more than one chunk (`chunk_size` rows), or a sharded one
+        (indexed under a distribution), is gathered into one tensor for this: a
+        copy of the whole catalogue.
         """
         catalogue = self._catalogue
-        if catalogue is None or catalogue.sharded is None:
-            return None if catalogue is None else catalogue.embeddings
+        if catalogue is None:
+            return None
+        if catalogue.chunks is not None and len(catalogue.chunks) == 1:
+            return catalogue.chunks[0][: len(catalogue.ids)]
         return ops.convert_to_tensor(_host_embeddings(catalogue))
 
     def _snapshot(self) -> _Catalogue:
@@ -348,28 +359,48 @@ class BruteForceIndex(keras.layers.Layer):
     def index(self, candidate_embeddings: Any, candidate_ids: Any = None) -> None:
         """Replaces the catalogue.
 
+        The index holds one copy of the catalogue (in chunks of `chunk_size`
+        rows, which the backend shares on CPU), plus at most one block and one
+        chunk while it is built: give the catalogue as an iterable of row blocks
+        to never hold it whole elsewhere.
+
         Args:
-            candidate_embeddings: `[candidates, dim]` array-like of floats.
+            candidate_embeddings: `[candidates, dim]` array-like of floats, or an
+                iterable (a generator, a `tf.data.Dataset`, ...) of `[rows, dim]`
+                blocks in catalogue order, or of `(embeddings, ids)` pairs.
             candidate_ids: `[candidates]` unique ids, integers (the whole int64
-                range) or strings; defaults to positions `0..candidates-1`.
+                range) or strings; defaults to positions `0..candidates-1`
+                (or to the ids of the pairs).
 
         Raises:
-            ValueError: on an empty catalogue, a non-2D embedding matrix, non-finite
-                embeddings, ids whose length differs from the embeddings, ids
-                that are not all integers or all strings, or duplicate ids. The
-                previous catalogue is kept when it raises.
+            ValueError: on an empty catalogue, a non-2D embedding matrix (or
+                block), blocks of different dims, non-finite embeddings, ids
+                whose length differs from the embeddings, ids given twice (in
+                pairs and as `candidate_ids`), ids that are not all integers or
+                all strings, or duplicate ids. The previous catalogue is kept
+                when it raises.
         """
-        embeddings, ids, order = _check_catalogue(candidate_embeddings, candidate_ids)
-        ids = ids.copy()
-        embeddings = embeddings.astype(self.compute_dtype, copy=False)
-        sharded = _distribution.shard_catalogue(embeddings, self.chunk_size, BLOCK)
+        blocks, rows = _catalogue_store.blocks_of(candidate_embeddings)
+        if rows is not None and candidate_ids is not None:
+            _checked_ids(candidate_ids, rows)  # before copying anything
+        dtype = keras.backend.standardize_dtype(self.compute_dtype)
+        store, paired_ids = _catalogue_store.assemble(blocks, self.chunk_size, BLOCK, dtype, rows)
+        if paired_ids is not None and candidate_ids is not None:
+            raise ValueError(
+                "The catalogue blocks are (embeddings, ids) pairs, so `candidate_ids` must be None."
+            )
+        ids, order = _checked_ids(
+            paired_ids if paired_ids is not None else candidate_ids, store.num_rows
+        )
+        sharded = _distribution.shard_catalogue(store, self.chunk_size, BLOCK)
         catalogue = _Catalogue(
-            embeddings=None if sharded is not None else ops.convert_to_tensor(embeddings),
-            ids=ids,
+            host=None if sharded is not None else store,
+            chunks=None if sharded is not None else tuple(map(_chunk_tensor, store.chunks)),
+            ids=ids.copy(),
             order=order,
             # Sorted once here: `positions_of` runs once per query with exclusions.
             sorted_ids=ids[order],
-            dim=int(embeddings.shape[1]),
+            dim=store.dim,
             sharded=sharded,
         )
         object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
@@ -467,8 +498,8 @@ class BruteForceIndex(keras.layers.Layer):
         """(devices, candidates per device per step); the tail scores -inf."""
         if catalogue.sharded is not None:
             return catalogue.sharded.shards, catalogue.sharded.width
-        num_candidates = len(catalogue.ids)
-        return 1, -(-min(self.chunk_size, num_candidates) // BLOCK) * BLOCK
+        assert catalogue.host is not None
+        return 1, catalogue.host.width
 
     def _batch_rows(self, catalogue: _Catalogue) -> int:
         """Queries per step: the score budget of a full chunk, spent on rows."""
@@ -573,11 +604,11 @@ class BruteForceIndex(keras.layers.Layer):
         catalogue: _Catalogue | None = self._catalogue
         if catalogue is None:
             return
-        np.save(
-            os.path.join(dir_path, _EMBEDDINGS_FILE),
-            _host_embeddings(catalogue),
-            allow_pickle=False,
-        )
+        path = os.path.join(dir_path, _EMBEDDINGS_FILE)
+        if catalogue.host is not None:  # streamed, a chunk at a time
+            _catalogue_store.write_npy(path, catalogue.host)
+        else:
+            np.save(path, _host_embeddings(catalogue), allow_pickle=False)
         np.save(os.path.join(dir_path, _IDS_FILE), catalogue.ids, allow_pickle=False)
 
     def load_assets(self, dir_path: str) -> None:
@@ -585,7 +616,7 @@ class BruteForceIndex(keras.layers.Layer):
         if not os.path.exists(embeddings_path):
             return
         self.index(
-            np.load(embeddings_path, allow_pickle=False),
+            _catalogue_store.npy_blocks(embeddings_path),  # never the whole file at once
             np.load(os.path.join(dir_path, _IDS_FILE), allow_pickle=False),
         )
 
@@ -604,22 +635,24 @@ _EMPTY_INDEX = (
 def _chunks(catalogue: _Catalogue, columns: int) -> Iterator[tuple[int, Tensor]]:
     """(first position, `columns` candidates) per step, the last padded with zeros."""
     num_candidates = len(catalogue.ids)
-    if catalogue.sharded is not None:  # already cut and spread over the devices
-        yield from zip(range(0, num_candidates, columns), catalogue.sharded.chunks, strict=True)
-        return
-    candidates: Tensor = catalogue.embeddings
-    for start in range(0, num_candidates, columns):
-        chunk = candidates[start : start + columns]
-        if int(chunk.shape[0]) < columns:
-            padding = ops.zeros((columns - int(chunk.shape[0]), chunk.shape[1]), chunk.dtype)
-            chunk = ops.concatenate([chunk, padding], axis=0)
-        yield start, chunk
+    # Already cut (and padded with zeros, or spread over the devices) by `index`.
+    chunks = catalogue.chunks if catalogue.sharded is None else catalogue.sharded.chunks
+    assert chunks is not None
+    yield from zip(range(0, num_candidates, columns), chunks, strict=True)
+
+
+def _chunk_tensor(chunk: np.ndarray) -> Tensor:
+    """A backend tensor of one aligned chunk, sharing its memory where it can."""
+    if chunk.dtype.name in ("float16", "float32", "float64"):
+        return backend_module().host_tensor(chunk)
+    return ops.convert_to_tensor(chunk)  # e.g. bfloat16, which DLPack may not carry
 
 
 def _host_embeddings(catalogue: _Catalogue) -> np.ndarray:
     """The `[candidates, dim]` catalogue as one NumPy array."""
-    if catalogue.sharded is None:
-        return np.asarray(ops.convert_to_numpy(catalogue.embeddings))
+    if catalogue.host is not None:
+        return catalogue.host[0 : catalogue.host.num_rows]
+    assert catalogue.sharded is not None
     rows = [np.asarray(ops.convert_to_numpy(chunk)) for chunk in catalogue.sharded.chunks]
     return np.concatenate([chunk.reshape(-1, catalogue.dim) for chunk in rows])[
         : len(catalogue.ids)

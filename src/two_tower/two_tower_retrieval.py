@@ -736,9 +736,9 @@ class TwoTowerRetrieval(keras.Model):
                 name: ops.convert_to_numpy(variable.value)
                 for name, variable in self._catalogue_features.items()
             }
-        with backend_module().serving_slot():
-            embeddings = _serving.embed_candidates(self, candidates, batch_size)
-        self.candidate_index.index(embeddings, candidate_ids)
+        with backend_module().serving_slot():  # embedded block by block into the index
+            blocks = _serving.embed_candidates(self, candidates, batch_size)
+            self.candidate_index.index(blocks, candidate_ids)
 
     def recommend(
         self,

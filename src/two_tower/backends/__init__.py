@@ -35,6 +35,11 @@ Every module provides:
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.
+- `host_tensor(array)`: a tensor of a C-contiguous NumPy array aligned to 64
+  bytes that shares its memory on CPU (`jax.device_put`, `torch.from_numpy`,
+  TensorFlow's DLPack import), so an index holds one copy of its catalogue
+  (`keras.ops.convert_to_tensor` copies on every backend); a device copy on
+  accelerators. The array must not change afterwards.
 """
 
 from __future__ import annotations

@@ -108,6 +108,17 @@ class _OneCallInFlight(keras.callbacks.Callback):
         jax.block_until_ready(logs)
 
 
+def host_tensor(array: Any) -> jax.Array:
+    """`jax.device_put(array)`: on CPU it shares an aligned array's memory.
+
+    `jnp.asarray` and Keras' `convert_to_tensor` copy it; XLA's CPU client
+    adopts a 64-byte-aligned host buffer instead (measured: 0 bytes added for a
+    1 GB array, against 1 GB for `convert_to_tensor`). On a GPU or TPU it is
+    the one copy to the device.
+    """
+    return jax.device_put(array)
+
+
 def loop_callbacks() -> list[keras.callbacks.Callback]:
     """Callbacks `fit` and `evaluate` add: one call in flight on a CPU device mesh."""
     distribution = keras.distribution.distribution()

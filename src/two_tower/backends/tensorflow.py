@@ -108,6 +108,18 @@ def global_negatives(
     return gather(candidate_embeddings), gather(candidate_ids), gather(log_q), positions
 
 
+def host_tensor(array: Any) -> tf.Tensor:
+    """The array through DLPack on CPU (no copy); `convert_to_tensor` on a GPU.
+
+    `tf.convert_to_tensor` copies a NumPy array; `tf.experimental.dlpack`
+    adopts its memory, which TensorFlow requires to be 64-byte aligned (an
+    unaligned one aborts the process, so callers align it).
+    """
+    if tf.config.list_logical_devices("GPU"):
+        return keras.ops.convert_to_tensor(array)
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
 def fit_input(x: Any) -> Any:
     """A `ShardDataset` as a `tf.data` pipeline (see `shard_stream`); other `x` unchanged."""
     from two_tower.datasets.shard_dataset import ShardDataset

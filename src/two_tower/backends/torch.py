@@ -110,6 +110,14 @@ def check_replicas() -> None:
             )
 
 
+def host_tensor(array: Any) -> torch.Tensor:
+    """`torch.from_numpy(array)`, moved to Keras' device (no copy on CPU).
+
+    Keras' `convert_to_tensor` copies a NumPy array; `from_numpy` shares it.
+    """
+    return keras.ops.convert_to_tensor(torch.from_numpy(array))
+
+
 def fit_input(x: Any) -> Any:
     """`x` unchanged: Keras' `PyDataset` adapter already feeds this backend directly."""
     return x
