@@ -94,4 +94,93 @@ def test_bad_input_raises(tmp_path):
         "nprobe": 2,
         "train_size": None,
         "seed": 0,
+        "target_recall": None,
+        "calibration_k": 100,
+        "pq_subquantizers": None,
     }
+
+
+def test_default_nprobe_reads_about_64_candidates_per_result():
+    candidates = clustered(10_000, components=200)
+    ann = two_tower.FaissIndex()
+    ann.index(candidates)
+    nlist = ann._index.nlist
+    assert nlist == 100  # sqrt(10,000)
+    # 64 x k candidates over lists of 100: k=100 reads 64 lists, k=10 the floor of 16.
+    assert ann.nprobe_for(100) == 64 and ann.nprobe_for(10) == 16
+    assert ann.nprobe_for(1000) == nlist  # never more than every list
+    assert two_tower.FaissIndex(nprobe=8).get_config()["nprobe"] == 8
+
+
+def test_default_recall_holds_where_a_fixed_nprobe_did_not():
+    # 10,000 candidates from 1,000 components (10 each), the retrieval benchmark's
+    # smallest size: 16 of 100 lists found 0.64 of the top 100.
+    candidates = clustered(10_000, dim=32, components=1000, seed=3)
+    queries = clustered(64, dim=32, components=1000, seed=4)
+    exact = numpy_top_k_ids(queries, candidates, 100)
+    default = two_tower.FaissIndex()
+    default.index(candidates)
+    fixed = two_tower.FaissIndex(nprobe=16)
+    fixed.index(candidates)
+    assert recall_against_exact(default.search(queries, k=100)[1], exact) >= 0.95
+    assert recall_against_exact(fixed.search(queries, k=100)[1], exact) < 0.9
+
+
+@pytest.mark.parametrize("target", [0.8, 0.99])
+def test_target_recall_calibrates_the_smallest_nprobe(target):
+    candidates = clustered(4000, dim=16, components=400, seed=5)
+    queries = clustered(100, dim=16, components=400, seed=6)
+    ann = two_tower.FaissIndex(nlist=64, target_recall=target, calibration_k=20)
+    ann.index(candidates, calibration_queries=queries)
+    exact = numpy_top_k_ids(queries, candidates, 20)
+    nprobe = ann.calibrated_nprobe
+    assert ann.nprobe_for(20) == nprobe and 1 <= nprobe <= 64
+    # Reported honestly: the recall of a search with that nprobe, checked in NumPy.
+    measured = recall_against_exact(ann.search(queries, k=20)[1], exact)
+    assert ann.calibrated_recall == pytest.approx(measured, abs=1e-9)
+    assert measured >= target
+    if nprobe > 1:  # and it is the smallest: one list fewer misses the target
+        fewer = two_tower.FaissIndex(nlist=64, nprobe=nprobe - 1)
+        fewer.index(candidates)
+        assert recall_against_exact(fewer.search(queries, k=20)[1], exact) < target
+
+
+def test_ivf_pq_compresses_and_reports_its_recall():
+    candidates = clustered(6000, dim=16, components=60, seed=7)
+    queries = clustered(50, dim=16, components=60, seed=8)
+    ann = two_tower.FaissIndex(pq_subquantizers=8, target_recall=0.5, calibration_k=10)
+    ann.index(candidates, calibration_queries=queries)
+    assert ann._index.code_size == 8  # 8 bytes a vector instead of 64
+    measured = recall_against_exact(
+        ann.search(queries, k=10)[1], numpy_top_k_ids(queries, candidates, 10)
+    )
+    assert ann.calibrated_recall == pytest.approx(measured, abs=1e-9)
+    assert measured >= 0.5
+    with pytest.raises(ValueError, match=r"`pq_subquantizers` \(=5\) must divide"):
+        two_tower.FaissIndex(pq_subquantizers=5).index(candidates)
+    with pytest.warns(UserWarning, match="out of reach"):
+        two_tower.FaissIndex(pq_subquantizers=1, target_recall=1.0, calibration_k=10).index(
+            candidates, calibration_queries=queries
+        )
+
+
+def test_from_index_streams_a_multi_chunk_exact_index():
+    candidates = clustered(3000)
+    exact = two_tower.BruteForceIndex(chunk_size=512)
+    exact.index(candidates, np.arange(3000) * 7)
+    assert len(exact._catalogue.host.chunks) == 6
+    ann = two_tower.FaissIndex.from_index(exact, nlist=16, nprobe=16)
+    queries = clustered(20, seed=9)
+    np.testing.assert_array_equal(
+        ann.search(queries, k=10)[1], numpy_top_k_ids(queries, candidates, 10) * 7
+    )
+
+
+def test_bad_calibration_arguments_raise():
+    with pytest.raises(ValueError, match=r"`target_recall` must lie in \(0, 1\]"):
+        two_tower.FaissIndex(target_recall=1.5)
+    with pytest.raises(ValueError, match="`calibration_k` must be a positive integer"):
+        two_tower.FaissIndex(calibration_k=0)
+    ann = two_tower.FaissIndex(nlist=4, target_recall=0.9)
+    with pytest.raises(ValueError, match=r"`calibration_queries` must be \[queries, 3\]"):
+        ann.index(clustered(400, dim=3), calibration_queries=np.ones((2, 4)))

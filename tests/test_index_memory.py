@@ -40,7 +40,7 @@ def expected(queries, candidates, k):
     return scores.astype("float32"), positions
 
 
-@pytest.mark.parametrize("chunk_size", [64, 100, 2**20])
+@pytest.mark.parametrize("chunk_size", [64, 100, 2**18])
 @pytest.mark.parametrize("form", ["array", "blocks", "pairs", "dataset-like"])
 def test_block_wise_index_is_exact_and_equals_the_array_index(chunk_size, form):
     queries, candidates = tied()
