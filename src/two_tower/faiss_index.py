@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 from two_tower._catalogue_store import ChunkStore
 from two_tower.brute_force_index import BruteForceIndex, _check_catalogue
@@ -304,7 +305,9 @@ class FaissIndex:
             raise ValueError(
                 f"`k` must be an integer in [1, {self.num_candidates}]. Received: k={k!r}"
             )
-        queries = np.ascontiguousarray(np.asarray(query_embeddings, dtype="float32"))
+        if not isinstance(query_embeddings, np.ndarray):  # e.g. a torch tensor with grad
+            query_embeddings = ops.convert_to_numpy(query_embeddings)
+        queries = np.ascontiguousarray(query_embeddings, dtype="float32")
         if queries.ndim != 2 or queries.shape[1] != self._index.d:
             raise ValueError(
                 f"Query embeddings must have shape [queries, {self._index.d}]. "
