@@ -395,7 +395,9 @@ def _take_rows(rows: Any, positions: np.ndarray) -> np.ndarray:
 
 
 def _checked_queries(queries: Any, dim: int) -> np.ndarray:
-    array = np.ascontiguousarray(np.asarray(queries, dtype="float32"))
+    if not isinstance(queries, np.ndarray):  # e.g. a torch tensor with grad
+        queries = ops.convert_to_numpy(queries)
+    array = np.ascontiguousarray(queries, dtype="float32")
     if array.ndim != 2 or array.shape[1] != dim or not len(array):
         raise ValueError(
             f"`calibration_queries` must be [queries, {dim}] with at least one query. "
