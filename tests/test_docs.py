@@ -141,7 +141,8 @@ def test_getting_started_and_serving_guides_run(real_data_dir, tmp_path, monkeyp
         namespace["exact_ids"], model.recommend(namespace["requests"], k=100)
     )
     assert namespace["ann_ids"].shape == (3, 100)
-    assert 0.0 <= namespace["recall"] <= 1.0
+    assert namespace["ann"].calibrated_recall >= 0.95  # the target the guide sets
+    assert namespace["recall"] >= 0.95  # on the same queries, against the exact index
 
 
 @pytest.mark.slow

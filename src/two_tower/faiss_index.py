@@ -146,7 +146,9 @@ class FaissIndex:
         self._candidate_ids: np.ndarray | None = None
 
     @classmethod
-    def from_index(cls, exact: BruteForceIndex, **kwargs: Any) -> FaissIndex:
+    def from_index(
+        cls, exact: BruteForceIndex, calibration_queries: Any = None, **kwargs: Any
+    ) -> FaissIndex:
         """Exports the embeddings and ids of a filled `BruteForceIndex`.
 
         The rows are read from the exact index chunk by chunk, so the export
@@ -154,6 +156,7 @@ class FaissIndex:
 
         Args:
             exact: the index to export, e.g. `model.candidate_index`.
+            calibration_queries: queries for `target_recall`, as in `index`.
             **kwargs: `FaissIndex` arguments.
 
         Returns:
@@ -168,9 +171,9 @@ class FaissIndex:
             raise ValueError("The exact index is empty: call `index_candidates` first.")
         ann = cls(**kwargs)
         if catalogue.host is None:  # sharded over devices: gathered once
-            ann.index(exact.candidate_embeddings, exact.candidate_ids)
+            ann.index(exact.candidate_embeddings, exact.candidate_ids, calibration_queries)
         else:
-            ann._build(catalogue.host, catalogue.ids, None)
+            ann._build(catalogue.host, catalogue.ids, calibration_queries)
         return ann
 
     @property

@@ -713,10 +713,13 @@ class TwoTowerRetrieval(keras.Model):
     ) -> None:
         """Embeds the catalogue with the candidate tower and indexes it.
 
+        The embeddings go into the index batch by batch: the index's copy is
+        the only one (see `BruteForceIndex.index`).
+
         Args:
             candidates: candidate features (an array or a dict of arrays), one
-                row per candidate; defaults to the features given to
-                `set_catalogue`.
+                row per candidate, or a dataset or generator of such batches;
+                defaults to the features given to `set_catalogue`.
             candidate_ids: one unique id per candidate, integers (the whole
                 int64 range) or strings; defaults to row positions.
             batch_size: rows embedded at once.
