@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -663,17 +664,20 @@ class TwoTowerRetrieval(keras.Model):
         _distribution.check_shardable([self.query_tower, self.candidate_tower])
         if not isinstance(x, Mapping):
             return
-        for key, tower, embed in (
-            (QUERY, self.query_tower, self.embed_queries),
-            (CANDIDATE, self.candidate_tower, self.embed_candidates),
-        ):
-            leaves = keras.tree.flatten(x.get(key))
-            if leaves and all(
-                isinstance(leaf, (np.ndarray, list, tuple)) and np.ndim(leaf) > 0 and len(leaf)
-                for leaf in leaves
-            ):
-                _serving.build_eagerly(tower, embed, x[key])
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
+        # In the strategy's scope, as Keras' fit is: a model made in the scope
+        # may be fit outside it (the usual tf.distribute pattern).
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            for key, tower, embed in (
+                (QUERY, self.query_tower, self.embed_queries),
+                (CANDIDATE, self.candidate_tower, self.embed_candidates),
+            ):
+                leaves = keras.tree.flatten(x.get(key))
+                if leaves and all(
+                    isinstance(leaf, (np.ndarray, list, tuple)) and np.ndim(leaf) > 0 and len(leaf)
+                    for leaf in leaves
+                ):
+                    _serving.build_eagerly(tower, embed, x[key])
         if strategy is not None and self.query_tower.built and self.candidate_tower.built:
             # Keras' TensorFlow trainer otherwise builds the model from the
             # replicas' MEAN batch, where the ids are floats.
