@@ -144,7 +144,7 @@ def index_bytes_and_search(catalogue: int, dim: int, queries: int = 1024, k: int
         index = two_tower.BruteForceIndex()
         index.index(embeddings)
         sharded = index._catalogue.sharded  # noqa: SLF001  the arrays it holds
-        arrays = [index.candidate_embeddings] if sharded is None else list(sharded.chunks)
+        arrays = list(index._catalogue.chunks if sharded is None else sharded.chunks)  # noqa: SLF001
         per_device: dict[object, int] = {}
         for array in arrays:
             for shard in array.addressable_shards:

@@ -201,7 +201,7 @@ def test_index_candidates_defaults_to_the_catalogue():
     model = model_with()
     model.index_candidates()
     expected = model.candidate_tower(catalogue())
-    stored = keras.ops.convert_to_numpy(model.candidate_index.candidate_embeddings)
+    stored = model.candidate_index.embeddings()
     assert_all_close(stored, keras.ops.convert_to_numpy(expected), atol=1e-6)
     ids = model.recommend({"user": np.array([2])}, k=NUM_MOVIES)
     np.testing.assert_array_equal(np.sort(ids[0]), np.arange(NUM_MOVIES))

@@ -83,7 +83,7 @@ LOAD = textwrap.dedent(
     model = keras.saving.load_model(sys.argv[1])  # with its compile config
     found = model.recommend(np.arange({users}), k={k})
     tables = [keras.ops.convert_to_numpy(t).tolist() for t in
-              (model.query_tower.embeddings, model.candidate_index.candidate_embeddings)]
+              (model.query_tower.embeddings, model.candidate_index.embeddings())]
     # The loaded compile config trains and evaluates here too.
     rng = np.random.default_rng(1)
     x = {{"query": rng.integers(0, {users}, 400), "candidate": rng.integers(0, {items}, 400)}}

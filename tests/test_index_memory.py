@@ -65,9 +65,7 @@ def test_block_wise_index_is_exact_and_equals_the_array_index(chunk_size, form):
         np.testing.assert_array_equal(found, ids[positions])
         np.testing.assert_array_equal(scores, expected_scores)
     assert index.num_candidates == len(candidates)
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(index.candidate_embeddings), candidates
-    )
+    np.testing.assert_array_equal(index.embeddings(), candidates)
 
 
 class _Batches:
@@ -177,3 +175,25 @@ def test_index_candidates_embeds_block_by_block_into_the_index():
         np.testing.assert_array_equal(
             model.candidate_index.search(queries, k=k)[1], whole.search(queries, k=k)[1]
         )
+
+
+def test_saving_and_loading_never_gather_the_catalogue(tmp_path, monkeypatch):
+    # Keras' saving reads every public attribute of a layer; a property that
+    # gathered the catalogue (the old `candidate_embeddings`) held it 4 times.
+    _, candidates = tied(num_candidates=300)
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(40, 8),
+        keras.layers.Embedding(300, 8),
+        candidate_index=two_tower.BruteForceIndex(chunk_size=64),
+    )
+    model.embed_queries(np.arange(2))
+    model.candidate_index.index(candidates)
+
+    def refuse(catalogue):
+        raise AssertionError("the whole catalogue was gathered")
+
+    monkeypatch.setattr(two_tower.brute_force_index, "_host_embeddings", refuse)
+    loaded = save_and_load(model, tmp_path)
+    assert loaded.candidate_index.num_candidates == 300
+    monkeypatch.undo()
+    np.testing.assert_array_equal(loaded.candidate_index.embeddings(), candidates)

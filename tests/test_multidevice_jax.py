@@ -225,7 +225,7 @@ def test_sharded_index_is_exact_with_ties(kind, tmp_path):
         scores, found = index.search(queries, k, exclude=[ids[e] for e in exclude])
         np.testing.assert_array_equal(found, ids[expected])
         np.testing.assert_array_equal(scores, expected_scores)
-    np.testing.assert_array_equal(np.asarray(index.candidate_embeddings), candidates)
+    np.testing.assert_array_equal(index.embeddings(), candidates)
     index.save_assets(str(tmp_path))
     keras.distribution.set_distribution(None)
     reloaded = two_tower.BruteForceIndex(chunk_size=64)

@@ -171,7 +171,7 @@ class FaissIndex:
             raise ValueError("The exact index is empty: call `index_candidates` first.")
         ann = cls(**kwargs)
         if catalogue.host is None:  # sharded over devices: gathered once
-            ann.index(exact.candidate_embeddings, exact.candidate_ids, calibration_queries)
+            ann.index(exact.embeddings(), exact.candidate_ids, calibration_queries)
         else:
             ann._build(catalogue.host, catalogue.ids, calibration_queries)
         return ann
