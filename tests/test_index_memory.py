@@ -127,6 +127,20 @@ def test_bad_blocks_raise_and_keep_the_previous_catalogue():
     np.testing.assert_array_equal(after[0], before[0])
 
 
+@pytest.mark.parametrize("chunk_size", [64, 2**18])
+def test_embeddings_is_a_copy(chunk_size):
+    queries, candidates = tied(num_candidates=200)
+    index = two_tower.BruteForceIndex(chunk_size=chunk_size)
+    index.index(candidates)
+    before = index.search(queries, k=10)
+    returned = index.embeddings()
+    np.testing.assert_array_equal(returned, candidates)
+    returned[:] = 0.0  # must not reach the index
+    after = index.search(queries, k=10)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+
+
 def test_ids_are_checked_before_an_array_is_copied():
     index = two_tower.BruteForceIndex()
     with pytest.raises(ValueError, match="must be unique"):
