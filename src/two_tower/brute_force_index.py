@@ -655,9 +655,9 @@ def _chunk_tensor(chunk: np.ndarray) -> Tensor:
 def _host_embeddings(catalogue: _Catalogue) -> np.ndarray:
     """The `[candidates, dim]` catalogue as one NumPy array."""
     if catalogue.host is not None:
-        rows = catalogue.host[0 : catalogue.host.num_rows]
+        stored = catalogue.host[0 : catalogue.host.num_rows]
         # One chunk gives a view of the store, which the backend reads in place.
-        return rows.copy() if len(catalogue.host.chunks) == 1 else rows
+        return stored.copy() if len(catalogue.host.chunks) == 1 else stored
     assert catalogue.sharded is not None
     rows = [np.asarray(ops.convert_to_numpy(chunk)) for chunk in catalogue.sharded.chunks]
     return np.concatenate([chunk.reshape(-1, catalogue.dim) for chunk in rows])[
