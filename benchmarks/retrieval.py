@@ -111,8 +111,10 @@ def run_method(
     n = _rows_of(catalogue_path)
     started = time.perf_counter()
     if method == "two_tower":
+        from two_tower._catalogue_store import npy_blocks
+
         index = two_tower.BruteForceIndex()
-        index.index(_read_blocks(catalogue_path))  # never whole outside the index
+        index.index(npy_blocks(catalogue_path))  # plain reads: never whole outside the index
         search = lambda: index.search(queries, k=K)[1]  # noqa: E731
         catalogue = None
     else:
@@ -178,17 +180,6 @@ def _rows_of(path: Path) -> int:
         np.lib.format.read_magic(handle)
         shape, _, _ = np.lib.format.read_array_header_1_0(handle)
     return int(shape[0])
-
-
-def _read_blocks(path: Path, rows: int = 65_536) -> Any:
-    """The catalogue file's rows, a block at a time, with plain reads (a memory
-    map would leave every page it touched resident in this process)."""
-    with open(path, "rb") as handle:
-        np.lib.format.read_magic(handle)
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-        for start in range(0, shape[0], rows):
-            count = min(rows, shape[0] - start)
-            yield np.fromfile(handle, dtype=dtype, count=count * shape[1]).reshape(count, -1)
 
 
 def main(argv: list[str] | None = None) -> None:

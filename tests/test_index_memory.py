@@ -148,16 +148,22 @@ def test_ids_are_checked_before_an_array_is_copied():
     assert index.num_candidates == 0
 
 
-def test_save_and_load_stream_a_multi_chunk_index(tmp_path):
-    queries, candidates = tied(num_candidates=700)
+def chunked_model(candidates, chunk_size):
+    """Id towers whose candidate table is `candidates`, over a chunked index."""
     model = two_tower.TwoTowerRetrieval(
         keras.layers.Embedding(40, 8),
-        keras.layers.Embedding(700, 8),
-        candidate_index=two_tower.BruteForceIndex(chunk_size=96),
+        keras.layers.Embedding(len(candidates), 8),
+        candidate_index=two_tower.BruteForceIndex(chunk_size=chunk_size),
     )
     model.embed_queries(np.arange(2))
     model.embed_candidates(np.arange(2))
     model.candidate_tower.embeddings.assign(candidates)
+    return model
+
+
+def test_save_and_load_stream_a_multi_chunk_index(tmp_path):
+    queries, candidates = tied(num_candidates=700)
+    model = chunked_model(candidates, chunk_size=96)
     model.index_candidates(np.arange(700), candidate_ids=np.arange(700) + 5000)
     found = model.candidate_index.search(queries, k=50)
     assert len(model.candidate_index._catalogue.host.chunks) == 8  # 700 / 96
@@ -174,13 +180,7 @@ def test_index_candidates_embeds_block_by_block_into_the_index():
     # index_candidates streams the tower's batches; the result equals indexing
     # the whole embedding matrix at once.
     _, candidates = tied(num_candidates=500)
-    model = two_tower.TwoTowerRetrieval(
-        keras.layers.Embedding(40, 8),
-        keras.layers.Embedding(500, 8),
-        candidate_index=two_tower.BruteForceIndex(chunk_size=64),
-    )
-    model.embed_candidates(np.arange(2))
-    model.candidate_tower.embeddings.assign(candidates)
+    model = chunked_model(candidates, chunk_size=64)
     model.index_candidates(np.arange(500), batch_size=37)
     whole = two_tower.BruteForceIndex(chunk_size=64)
     whole.index(candidates)
@@ -195,12 +195,7 @@ def test_saving_and_loading_never_gather_the_catalogue(tmp_path, monkeypatch):
     # Keras' saving reads every public attribute of a layer; a property that
     # gathered the catalogue (the old `candidate_embeddings`) held it 4 times.
     _, candidates = tied(num_candidates=300)
-    model = two_tower.TwoTowerRetrieval(
-        keras.layers.Embedding(40, 8),
-        keras.layers.Embedding(300, 8),
-        candidate_index=two_tower.BruteForceIndex(chunk_size=64),
-    )
-    model.embed_queries(np.arange(2))
+    model = chunked_model(candidates, chunk_size=64)
     model.candidate_index.index(candidates)
 
     def refuse(catalogue):

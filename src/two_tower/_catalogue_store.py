@@ -144,7 +144,7 @@ def assemble(
         if is_pair:
             item, block_ids = item
             ids.append(np.asarray(ops.convert_to_numpy(block_ids)).reshape(-1))
-        array = _checked_block(item, number, dim)
+        array = checked_block(item, number, dim)
         if dim is None:
             dim = array.shape[1]
         if is_pair and len(ids[-1]) != len(array):
@@ -177,7 +177,8 @@ def assemble(
     return ChunkStore(tuple(chunks), rows), (np.concatenate(ids) if paired else None)
 
 
-def _checked_block(item: Any, number: int, dim: int | None) -> np.ndarray:
+def checked_block(item: Any, number: int, dim: int | None) -> np.ndarray:
+    """Block `number` as a numeric, 2-D, finite array of `dim` columns (if given)."""
     array = item if isinstance(item, np.ndarray) else np.asarray(ops.convert_to_numpy(item))
     if array.dtype.kind not in "iuf":
         raise ValueError(

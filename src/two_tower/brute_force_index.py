@@ -162,27 +162,10 @@ def _check_catalogue(
             embeddings, ids whose length differs from the embeddings, or
             duplicate ids.
     """
-    if isinstance(candidate_embeddings, np.ndarray):
-        embeddings = candidate_embeddings  # no copy: catalogues can be gigabytes
-    else:
-        embeddings = np.asarray(ops.convert_to_numpy(candidate_embeddings))
-    if embeddings.dtype.kind not in "iuf":
-        raise ValueError(
-            "`candidate_embeddings` must be a numeric [candidates, dim] array. Received "
-            f"dtype {embeddings.dtype}"
-        )
-    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
-        raise ValueError(
-            "`candidate_embeddings` must be a 2D [candidates, dim] array with dim >= 1. "
-            f"Received shape: {embeddings.shape}"
-        )
+    # The same checks as a block of `BruteForceIndex.index` (no copy of an array).
+    embeddings = _catalogue_store.checked_block(candidate_embeddings, 0, None)
     if embeddings.shape[0] == 0:
         raise ValueError("Cannot index an empty catalogue: 0 candidate embeddings.")
-    # Row blocks: a whole-catalogue boolean mask would cost n × dim bytes.
-    if not all(
-        np.isfinite(embeddings[i : i + 2**16]).all() for i in range(0, len(embeddings), 2**16)
-    ):
-        raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
     ids, order, _ = _checked_ids(candidate_ids, embeddings.shape[0])
     return embeddings, ids, order
 
