@@ -5,12 +5,14 @@ from two_tower._version import __version__
 
 check_backend_installed()
 
-from two_tower import datasets, defaults, distribution, evaluation, losses, saving  # noqa: E402
+from two_tower import baselines, datasets, defaults, distribution, evaluation, losses, saving  # noqa: E402
 from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
 from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.faiss_index import FaissIndex  # noqa: E402
 from two_tower.feature_tower import FeatureTower  # noqa: E402
+from two_tower.history_tower import HistoryTower  # noqa: E402
 from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
+from two_tower.interaction_log import InteractionLog  # noqa: E402
 from two_tower.row_wise_adagrad import RowWiseAdagrad  # noqa: E402
 from two_tower.sparse_embedding import SparseEmbedding  # noqa: E402
 from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
@@ -21,11 +23,14 @@ __all__ = [
     "FactorizedTopK",
     "FaissIndex",
     "FeatureTower",
+    "HistoryTower",
     "IdEmbeddingTower",
+    "InteractionLog",
     "RowWiseAdagrad",
     "SparseEmbedding",
     "TwoTowerRetrieval",
     "Vocabulary",
+    "baselines",
     "datasets",
     "defaults",
     "distribution",

@@ -34,11 +34,18 @@ def evaluate_retrieval(
     ks: Sequence[int] = KS,
     batch_size: int = 4096,
     similarity_fn: SimilarityFn | None = None,
+    num_queries: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-k accuracy, recall and NDCG of test pairs over the whole catalogue.
 
     Args:
-        query_embeddings: `[num_queries, dim]`, row q embeds query id q.
+        query_embeddings: `[num_queries, dim]`, row q embeds query id q; or a
+            function that takes a `[batch]` array of query ids and returns
+            their `[batch, dim]` embeddings, called once per batch of test
+            pairs (then `num_queries` is required). The function form keeps
+            memory at one batch: embed queries on the fly (a query tower over
+            request-time histories, a baseline's `embed_histories`) instead
+            of holding every query's embedding.
         catalogue_embeddings: `[catalogue_size, dim]`, row c embeds candidate c.
         test_query_ids: `[pairs]` query id of each test pair.
         test_candidate_ids: `[pairs]` candidate id (catalogue row) of each pair.
@@ -49,6 +56,8 @@ def evaluate_retrieval(
         batch_size: test pairs scored at once.
         similarity_fn: scores `[queries, candidates]`; the dot product by default
             (pass `model.compute_similarities` for a subclass that changes it).
+        num_queries: the number of query ids, with a function
+            `query_embeddings` (an array gives it by its rows).
 
     Returns:
         `{"all": {"accuracy_at_10": ..., ...}}`, plus `"unseen"` with the same
@@ -56,7 +65,9 @@ def evaluate_retrieval(
 
     Raises:
         ValueError: test id arrays of different lengths, query ids outside
-            `[0, num_queries)`, or bad `ks` or exclusions (as `FactorizedTopK`).
+            `[0, num_queries)`, a function `query_embeddings` without a positive
+            integer `num_queries` or returning the wrong number of rows, or bad
+            `ks` or exclusions (as `FactorizedTopK`).
 
     Examples:
         >>> import numpy as np
@@ -66,7 +77,22 @@ def evaluate_retrieval(
         >>> results["all"]["accuracy_at_1"]
         0.5
     """
-    queries = np.asarray(ops.convert_to_numpy(query_embeddings))
+    if callable(query_embeddings):
+        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+            raise ValueError(
+                "`num_queries` must be a positive integer when `query_embeddings` is a "
+                f"function. Received: num_queries={num_queries!r}"
+            )
+        embed = query_embeddings
+    else:
+        queries = np.asarray(ops.convert_to_numpy(query_embeddings))
+        if num_queries is not None and num_queries != queries.shape[0]:
+            raise ValueError(
+                f"`num_queries`={num_queries!r} differs from the {queries.shape[0]} rows of "
+                "`query_embeddings`. Leave it None with an array."
+            )
+        num_queries = queries.shape[0]
+        embed = queries.__getitem__
     catalogue = ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(catalogue_embeddings)))
     test_queries = np.asarray(test_query_ids).reshape(-1)
     test_candidates = np.asarray(test_candidate_ids).reshape(-1)
@@ -75,7 +101,7 @@ def evaluate_retrieval(
             "`test_query_ids` and `test_candidate_ids` must have the same length. "
             f"Received {test_queries.shape[0]} and {test_candidates.shape[0]}"
         )
-    num_queries, catalogue_size = queries.shape[0], int(catalogue.shape[0])
+    catalogue_size = int(catalogue.shape[0])
     check_id_range(test_queries, num_queries, "test_query_ids")
     check_id_range(test_candidates, catalogue_size, "test_candidate_ids")
     metrics = {
@@ -92,9 +118,15 @@ def evaluate_retrieval(
         )
     for start in range(0, test_queries.shape[0], batch_size):
         rows = slice(start, start + batch_size)
+        batch = np.asarray(ops.convert_to_numpy(embed(test_queries[rows])))
+        if batch.ndim != 2 or batch.shape[0] != len(test_queries[rows]):
+            raise ValueError(
+                f"`query_embeddings` must return [batch, dim] for a batch of "
+                f"{len(test_queries[rows])} query ids. Received shape {batch.shape}"
+            )
         for metric in metrics.values():
             metric.update_state(
-                queries[test_queries[rows]],
+                batch,
                 catalogue,
                 test_candidates[rows],
                 query_ids=test_queries[rows],

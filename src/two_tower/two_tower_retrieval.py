@@ -191,6 +191,9 @@ class TwoTowerRetrieval(keras.Model):
         )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
+        share = getattr(query_tower, "share_candidate_items", None)
+        if callable(share):  # a HistoryTower embeds its history with the candidates' table
+            share(candidate_tower, candidate_id_key)
         self.loss_name = loss
         self.temperature = float(temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)

@@ -1,0 +1,384 @@
+"""A query tower over the user's recent items, sharing the candidate tower's item table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from two_tower.types import Tensor
+
+POOLINGS = ("mean", "recency", "attention", "gru")
+BIASES = (None, "constant")
+
+
+@keras.saving.register_keras_serializable(package="two_tower")
+class HistoryTower(keras.layers.Layer):
+    """Embeds a query from the items its user interacted with before the request.
+
+    The input is a dict holding `history`: `[batch, max_length]` item indices,
+    the most recent first and padded with -1 after the last item (what
+    `two_tower.InteractionLog.history` returns). The items are embedded with an
+    item table, pooled into one vector, and projected:
+
+    - `pooling="mean"`: the mean of the present items.
+    - `"recency"`: a softmax-weighted mean with one learned weight per position
+      (position 0 is the most recent item), so recent items can count more.
+    - `"attention"`: as `"recency"`, plus a learned score of each item's
+      embedding, so the weights depend on what the items are.
+    - `"gru"`: a GRU read from the oldest to the most recent item; its last
+      state is the pooled vector.
+
+    With `age_key`, the dict also holds `[batch, max_length]` ages (request time
+    minus interaction time, `InteractionLog.history(..., ages=True)`), and the
+    weights of `"recency"` and `"attention"` get a learned term in
+    `log(1 + age)`: items from long ago can count less than the position alone
+    says. An empty history pools to zeros.
+
+    **The item table.** With `num_items=None` the tower has no table of its own:
+    `TwoTowerRetrieval` gives it the candidate tower's id table (the table of
+    an `IdEmbeddingTower`, a `keras.layers.Embedding`, or the
+    `candidate_id_key` table of a `FeatureTower`). A history item is then
+    embedded by the same row that scores it as a candidate, so a new user with
+    a few interactions gets a query from rows trained on every user. With
+    `num_items` set, the tower owns a table of that many rows.
+
+    `context`, a tower over the other query features (a `FeatureTower` on
+    user features, say), is added to the projected history. `bias="constant"`
+    appends a column of ones, to meet a candidate tower's learned bias column
+    (`IdEmbeddingTower(bias="learned")`).
+
+    Args:
+        num_items: rows of the tower's own item table; None shares the
+            candidate tower's table (set by `TwoTowerRetrieval`).
+        embedding_dim: width of the own item table; with a shared table, None
+            or the shared table's width.
+        max_length: columns of the history input (the `width` given to
+            `InteractionLog.history`).
+        pooling: `"mean"`, `"recency"`, `"attention"` or `"gru"`.
+        history_key: the feature holding the history.
+        age_key: the feature holding the ages, or None to use positions only.
+        context: a layer over the query features whose `[batch, dim]` output is
+            added to the pooled history; None adds nothing.
+        project: pass the pooled vector through a learned square matrix
+            (initialised to the identity), so that a history need not score
+            its own items highest.
+        bias: None, or `"constant"` to append a column of ones.
+        l2: L2 penalty on the own item table (a shared table keeps its own).
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: an option out of range (`num_items`, `embedding_dim`,
+            `max_length`, `pooling`, `bias`, `l2`, keys), or, when the model
+            shares the candidate table, a candidate tower without one table of
+            ids or whose width differs from `embedding_dim`.
+
+    Call arguments:
+        - `features`: a dict with `history_key` (`[batch, max_length]` integer
+          indices, -1 for padding), `age_key` when set, and what `context`
+          reads.
+
+    Call returns:
+        `[batch, dim]`, or `[batch, dim + 1]` with `bias="constant"`.
+
+    Examples:
+        >>> import numpy as np
+        >>> tower = two_tower.HistoryTower(num_items=10, embedding_dim=4, max_length=3)
+        >>> history = np.array([[3, 1, -1], [-1, -1, -1]])
+        >>> tuple(tower({"history": history}).shape)
+        (2, 4)
+        >>> items = two_tower.IdEmbeddingTower(10, embedding_dim=4, bias="learned")
+        >>> model = two_tower.TwoTowerRetrieval(
+        ...     two_tower.HistoryTower(max_length=3, bias="constant"), items,
+        ...     loss="full_softmax", catalogue_size=10)
+        >>> model.query_tower.item_table is items.embedding
+        True
+    """
+
+    def __init__(
+        self,
+        num_items: int | None = None,
+        embedding_dim: int | None = None,
+        max_length: int = 32,
+        pooling: str = "recency",
+        history_key: str = "history",
+        age_key: str | None = None,
+        context: keras.layers.Layer | None = None,
+        project: bool = True,
+        bias: str | None = None,
+        l2: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value, optional in (
+            ("num_items", num_items, True),
+            ("embedding_dim", embedding_dim, True),
+            ("max_length", max_length, False),
+        ):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                none = " or None" if optional else ""
+                raise ValueError(f"`{name}` must be a positive integer{none}. Received: {value!r}")
+        if num_items is not None and embedding_dim is None:
+            raise ValueError("`embedding_dim` is required with `num_items` (the own table).")
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: {pooling!r}")
+        if bias not in BIASES:
+            raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
+        if not isinstance(l2, (int, float)) or isinstance(l2, bool) or l2 < 0:
+            raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+        for name, key in (("history_key", history_key), ("age_key", age_key)):
+            if not (isinstance(key, str) and key) and not (key is None and name == "age_key"):
+                raise ValueError(f"`{name}` must be a non-empty string. Received: {key!r}")
+        if age_key == history_key:
+            raise ValueError(f"`age_key` and `history_key` must differ. Both are {age_key!r}")
+        if context is not None and not isinstance(context, keras.layers.Layer):
+            raise ValueError(
+                f"`context` must be a Keras layer or None. Received {type(context).__name__}"
+            )
+        self.num_items = num_items
+        self.embedding_dim = embedding_dim
+        self.max_length = max_length
+        self.pooling = pooling
+        self.history_key = history_key
+        self.age_key = age_key
+        self.context = context
+        self.project = bool(project)
+        self.bias = bias
+        self.l2 = l2
+        own = None
+        if num_items is not None:
+            assert embedding_dim is not None
+            own = keras.layers.Embedding(
+                num_items,
+                embedding_dim,
+                embeddings_regularizer=keras.regularizers.L2(l2) if l2 else None,
+                name="item_embedding",
+            )
+        self.own_table = own
+        # A shared table belongs to the candidate tower: kept out of this layer's
+        # tracking so that its weights are saved, loaded and trained once.
+        object.__setattr__(self, "_shared", None)
+        self.gru = (
+            keras.layers.GRU(embedding_dim or 1, go_backwards=True, name="gru")
+            if pooling == "gru" and embedding_dim
+            else None
+        )
+        self.projection: keras.layers.Dense | None = None
+
+    @property
+    def item_table(self) -> keras.layers.Layer | None:
+        """The layer that embeds history items: the own table or the shared one."""
+        if self.own_table is not None:
+            return self.own_table
+        return None if self._shared is None else self._shared[1]
+
+    def share_candidate_items(
+        self, candidate_tower: keras.layers.Layer, candidate_id_key: str | None = None
+    ) -> None:
+        """Takes the candidate tower's id table as the item table (`num_items=None`).
+
+        `TwoTowerRetrieval` calls this when it is given the towers. A tower with
+        its own table (`num_items` set) ignores the call.
+
+        Args:
+            candidate_tower: an `IdEmbeddingTower`, a `keras.layers.Embedding`,
+                or a `FeatureTower` whose `candidate_id_key` feature is
+                categorical.
+            candidate_id_key: the candidate id feature of a `FeatureTower`.
+
+        Raises:
+            ValueError: a candidate tower with no such table, a sparse table,
+                or a table whose width is not `embedding_dim`.
+        """
+        if self.own_table is not None:
+            return
+        from two_tower.feature_tower import FeatureTower
+        from two_tower.id_embedding_tower import IdEmbeddingTower
+        from two_tower.sparse_embedding import SparseEmbedding
+
+        table: Any = None
+        if isinstance(candidate_tower, IdEmbeddingTower):
+            table = candidate_tower.embedding
+        elif isinstance(candidate_tower, keras.layers.Embedding):
+            table = candidate_tower
+        elif (
+            isinstance(candidate_tower, FeatureTower)
+            and candidate_id_key is not None
+            and candidate_id_key in candidate_tower.categorical
+        ):
+            table = candidate_tower.embeddings[candidate_id_key]
+        if table is None:
+            raise ValueError(
+                "HistoryTower(num_items=None) embeds history items with the candidate tower's "
+                "id table: the candidate tower must be an IdEmbeddingTower, a "
+                "keras.layers.Embedding, or a FeatureTower with `candidate_id_key` among its "
+                f"categorical features. Received {type(candidate_tower).__name__} with "
+                f"candidate_id_key={candidate_id_key!r}. Give the HistoryTower its own table "
+                "with `num_items`."
+            )
+        if isinstance(table, SparseEmbedding):
+            raise ValueError(
+                "HistoryTower cannot share a sparse candidate table (sparse=True): sparse "
+                "training updates the rows the candidate tower looks up only. Give the "
+                "HistoryTower its own table with `num_items`, or use a dense candidate table."
+            )
+        width = int(table.output_dim)
+        if self.embedding_dim is not None and self.embedding_dim != width:
+            raise ValueError(
+                f"`embedding_dim`={self.embedding_dim} differs from the shared candidate "
+                f"table's width {width}. Leave embedding_dim None to use the table's."
+            )
+        object.__setattr__(self, "_shared", (candidate_tower, table))
+        if self.pooling == "gru" and self.gru is None:
+            self.gru = keras.layers.GRU(width, go_backwards=True, name="gru")
+
+    def _table(self) -> keras.layers.Layer:
+        table = self.item_table
+        if table is None:
+            raise ValueError(
+                "This HistoryTower shares the candidate tower's item table (num_items=None) "
+                "but has none yet: give it to two_tower.TwoTowerRetrieval with its candidate "
+                "tower, or call `share_candidate_items(candidate_tower)`."
+            )
+        return table
+
+    @property
+    def _width(self) -> int:
+        return int(self._table().output_dim)
+
+    def build(self, input_shape: Any = None) -> None:
+        table = self._table()
+        if self._shared is not None and not self._shared[0].built:
+            # The candidate tower builds its table (and pads it under a
+            # ModelParallel layout) before the history reads it.
+            self._shared[0].build((None,))
+        elif not table.built:
+            table.build((None,))
+        width = self._width
+        if self.pooling in ("recency", "attention"):
+            self.position_logits = self.add_weight(
+                shape=(self.max_length,), initializer="zeros", name="position_logits"
+            )
+        if self.pooling == "attention":
+            self.content_logits = self.add_weight(
+                shape=(width,), initializer="zeros", name="content_logits"
+            )
+        if self.age_key is not None and self.pooling in ("recency", "attention"):
+            self.age_slope = self.add_weight(shape=(), initializer="zeros", name="age_slope")
+        if self.gru is not None:
+            self.gru.build((None, self.max_length, width))
+        if self.project:
+            self.projection = keras.layers.Dense(
+                width, use_bias=False, kernel_initializer="identity", name="projection"
+            )
+            self.projection.build((None, width))
+        self.built = True
+
+    def __call__(self, features: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(features, Mapping):
+            self.check_feature_ranges(features)
+        return super().__call__(features, *args, **kwargs)
+
+    def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:
+        """Checks a NumPy history on the host: its shape, and item indices in range.
+
+        JAX clamps out-of-range gathers silently, while TensorFlow and torch
+        raise inside the step; this raises the same error on every backend
+        first. Tensors are skipped.
+
+        Args:
+            features: feature name -> array.
+            where: how the caller names `features` in the error.
+
+        Raises:
+            ValueError: a missing history, a history that is not
+                `[batch, max_length]` integers, or an index at or above the
+                table's rows.
+        """
+        if self.history_key not in features:
+            raise ValueError(
+                f"The history feature {self.history_key!r} is missing from {where}. "
+                f"Received features: {sorted(map(str, features))}"
+            )
+        history = features[self.history_key]
+        if not isinstance(history, (np.ndarray, list, tuple)):
+            return
+        array = np.asarray(history)
+        if array.ndim != 2 or array.shape[1] != self.max_length or array.dtype.kind not in "iu":
+            raise ValueError(
+                f"Feature {self.history_key!r} in {where} must be [batch, {self.max_length}] "
+                f"integer item indices (max_length={self.max_length}), -1 for padding. Received "
+                f"shape {array.shape}, dtype {array.dtype}"
+            )
+        table = self.item_table
+        rows = None if table is None else int(table.input_dim)
+        if rows is not None and array.size and int(array.max()) >= rows:
+            raise ValueError(
+                f"Feature {self.history_key!r} in {where} must hold item indices in [0, {rows}) "
+                f"or -1 padding. Received values up to {int(array.max())}."
+            )
+
+    def call(self, features: Mapping[str, Any], training: bool = False) -> Tensor:
+        if not isinstance(features, Mapping):
+            raise ValueError(
+                f"HistoryTower takes a dict of features. Received {type(features).__name__}"
+            )
+        history = ops.convert_to_tensor(features[self.history_key])
+        present = ops.greater_equal(history, 0)
+        mask = ops.cast(present, "float32")
+        embedded = self._table()(ops.maximum(history, 0))
+        if self.pooling == "gru":
+            assert self.gru is not None
+            pooled = self.gru(embedded, mask=present, training=training)
+            pooled = pooled * ops.minimum(ops.sum(mask, axis=1, keepdims=True), 1.0)
+        else:
+            logits = ops.zeros_like(mask)
+            if self.pooling in ("recency", "attention"):
+                logits = logits + self.position_logits[None, :]
+            if self.pooling == "attention":
+                logits = logits + ops.einsum("bld,d->bl", embedded, self.content_logits)
+            if self.age_key is not None and self.pooling in ("recency", "attention"):
+                ages = ops.maximum(ops.cast(features[self.age_key], "float32"), 0.0)
+                logits = logits - self.age_slope * ops.log1p(ages)
+            logits = ops.where(present, logits, ops.full_like(logits, -1e9))
+            weights = ops.softmax(logits, axis=-1) * mask
+            pooled = ops.einsum("bl,bld->bd", weights, embedded)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.context is not None:
+            pooled = pooled + ops.cast(self.context(features, training=training), pooled.dtype)
+        if self.bias == "constant":
+            pooled = ops.concatenate([pooled, ops.ones_like(pooled[:, :1])], axis=-1)
+        return pooled
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "num_items": self.num_items,
+                "embedding_dim": self.embedding_dim,
+                "max_length": self.max_length,
+                "pooling": self.pooling,
+                "history_key": self.history_key,
+                "age_key": self.age_key,
+                "context": None
+                if self.context is None
+                else keras.saving.serialize_keras_object(self.context),
+                "project": self.project,
+                "bias": self.bias,
+                "l2": self.l2,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HistoryTower:
+        config = dict(config)
+        if config.get("context") is not None:
+            config["context"] = keras.saving.deserialize_keras_object(config["context"])
+        return cls(**config)
