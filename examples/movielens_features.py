@@ -1,4 +1,4 @@
-"""Feature-rich towers on MovieLens 100K, against the id-only softmax default.
+"""Feature-rich and history towers on MovieLens 100K, against the default and baselines.
 
 Two feature models, both `two_tower.FeatureTower`s over indices from
 `two_tower.Vocabulary`, trained with the full-catalogue softmax (the catalogue's
@@ -8,6 +8,11 @@ features are given to the model with `set_catalogue`):
   request); the candidate tower embeds the movie's id, title words, genres and
   release year.
 - "features: id, history": the user's id and history; the movie's id.
+One history model: "history tower (recency), user id", a `two_tower.HistoryTower`
+(the last 32 movies, weighted by learned recency weights, plus the user's id)
+that embeds the history with the candidate tower's own movie table.
+Three baselines on the same protocol (`two_tower.baselines`): popularity, and
+EASE scored from the request-time history or from the user's training profile.
 A history holds only ratings strictly before the request: a training rating
 never sees itself or anything later, and training sees training ratings only.
 A test query, like a live request, sees every earlier rating of its user,
@@ -17,8 +22,8 @@ row) were chosen on validation parts cut from the training data of each split,
 never the test.
 
 It prints the results table (top-k accuracy over all 1,682 movies, leaving out
-the movies each user rated in training) of the id-only default and the feature
-models on two splits:
+the movies each user rated in training) of the baselines, the id-only default,
+and the feature and history models on two splits:
 - random: the seed tutorial's 80/20 random split (seed 42);
 - temporal: train on the earliest 80% of ratings, test on the latest 20%.
 Every test rating is one query (its user at its time).
@@ -51,6 +56,13 @@ HISTORY_L2 = 1e-3
 EPOCHS = 10
 BATCH_SIZE = 1000
 ID_DROPOUT = 0.02
+# The history model (`two_tower.HistoryTower` over the candidate table, plus the
+# user id), chosen on the same validation parts: width, learning rate, epochs.
+HISTORY_DIM = 64
+HISTORY_EPOCHS = 20
+HISTORY_LEARNING_RATE = 3e-3
+HISTORY_POOLING = "recency"
+EASE_L2 = 400.0
 # The feature models of the split comparison (their `feature_model` arguments).
 MODELS: dict[str, dict[str, Any]] = {
     "features: all": {"user_features": USER_FEATURES},
@@ -73,12 +85,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--history-epochs", type=int, default=HISTORY_EPOCHS)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--splits", default=",".join(SPLITS), help="Comma-separated.")
     parser.add_argument("--skip-cold-start", action="store_true")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    for flag, value in (("--epochs", args.epochs), ("--history-epochs", args.history_epochs)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     args.splits = [s for s in args.splits.split(",") if s]
     unknown = sorted(set(args.splits) - set(SPLITS))
     if unknown or not args.splits:
@@ -128,32 +142,6 @@ def unique_users(users: dict[str, Any]) -> dict[str, Any]:
 
     _, first = np.unique(users["user"], return_index=True)
     return {name: values[first] for name, values in users.items()}
-
-
-def recent_history(
-    users: Any, movies: Any, times: Any, query_users: Any, query_times: Any, width: int
-) -> Any:
-    """For each query, the last `width` movies its user rated strictly before its time.
-
-    `users`, `movies` and `times` are the ratings known to the system. Only
-    what the user rated before the request is used (a rating never sees itself,
-    anything at the same second, or anything later), padded with -1.
-    """
-    import numpy as np
-
-    out = np.full((len(query_users), width), -1, "int32")
-    order = np.lexsort((times, users))  # by user, then time
-    sorted_users, sorted_times, sorted_movies = users[order], times[order], movies[order]
-    first = np.searchsorted(sorted_users, query_users, "left")
-    last = np.searchsorted(sorted_users, query_users, "right")
-    for query in range(len(query_users)):
-        start, stop = first[query], last[query]
-        if start == stop:
-            continue
-        earlier = start + np.searchsorted(sorted_times[start:stop], query_times[query], "left")
-        recent = sorted_movies[max(start, earlier - width) : earlier]
-        out[query, : len(recent)] = recent
-    return out
 
 
 class Features:
@@ -291,6 +279,8 @@ def train_feature_model(
     import keras
     import numpy as np
 
+    import two_tower
+
     keras.utils.set_random_seed(seed)
     model = feature_model(features, **choices)
     history = choices.get("history", HISTORY)
@@ -299,11 +289,10 @@ def train_feature_model(
     if "user" in query:
         query["user"] = np.where(dropped, 0, query["user"]).astype("int32")
     if history:
-        movies = features.movie_vocabulary(train["movie_id"])
-        times = train["timestamp"]
-        query["history"] = recent_history(
-            train["user_id"], movies, times, train["user_id"], times, history
+        log = two_tower.InteractionLog(
+            train["user_id"], features.movie_vocabulary(train["movie_id"]), train["timestamp"]
         )
+        query["history"] = log.history(train["user_id"], train["timestamp"], history)
     x = {"query": query, "candidate": features.movies(train)}
     model.fit(x, verbose=0, batch_size=BATCH_SIZE, epochs=epochs)
     return model
@@ -330,6 +319,58 @@ def train_id_model(features: Features, train: dict[str, Any], epochs: int, seed:
     return model
 
 
+def train_history_model(
+    features: Features, train: dict[str, Any], epochs: int = HISTORY_EPOCHS, seed: int = 42
+) -> Any:
+    """A `HistoryTower` query (recent movies, plus the user id) over the movie id table.
+
+    The history's movies are embedded with the candidate tower's own table
+    (shared by `TwoTowerRetrieval`), so a user who rated a few movies after
+    training gets a query from rows every user trained. The user id is added
+    as context, with `ID_DROPOUT` of the training rows on the unknown id, as in
+    the feature models.
+    """
+    import keras
+    import numpy as np
+
+    import two_tower
+
+    keras.utils.set_random_seed(seed)
+    user_index, movie_index = features.user_vocabularies["user"], features.movie_vocabulary
+    context = two_tower.FeatureTower(
+        categorical={"user": user_index.size},
+        embedding_dim=HISTORY_DIM,
+        output_dim=None,
+        combiner="sum",
+        l2={"user": L2},
+    )
+    model = two_tower.TwoTowerRetrieval(
+        query_tower=two_tower.HistoryTower(
+            max_length=HISTORY, pooling=HISTORY_POOLING, context=context, bias="constant"
+        ),
+        candidate_tower=two_tower.IdEmbeddingTower(
+            movie_index.size, embedding_dim=HISTORY_DIM, bias="learned"
+        ),
+        loss="full_softmax",
+        catalogue_size=movie_index.size,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(HISTORY_LEARNING_RATE),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    movies = movie_index(train["movie_id"])
+    log = two_tower.InteractionLog(train["user_id"], movies, train["timestamp"])
+    dropped = np.random.default_rng(seed).random(len(movies)) < ID_DROPOUT
+    query = {
+        "history": log.history(train["user_id"], train["timestamp"], HISTORY),
+        "user": np.where(dropped, 0, user_index(train["user_id"])).astype("int32"),
+    }
+    model.fit(
+        {"query": query, "candidate": movies}, verbose=0, batch_size=BATCH_SIZE, epochs=epochs
+    )
+    return model
+
+
 def embed(tower: Any, inputs: Any) -> Any:
     import keras
 
@@ -342,81 +383,101 @@ def compare_on_split(
     train_rows: Any,
     test_rows: Any,
     epochs: int = EPOCHS,
+    history_epochs: int = HISTORY_EPOCHS,
 ) -> dict[str, dict[str, float]]:
-    """Id-only default vs feature model: top-k over the movies unseen in training.
+    """Baselines, the id-only default, the feature and history models: top-k over unseen movies.
 
-    Every user gets a query row from their features (users absent from the
-    training part map to the out-of-vocabulary id row).
+    One query per test rating: its user at its time. Users absent from the
+    training part map to the out-of-vocabulary id row. Histories come from
+    `two_tower.InteractionLog`: training rows see earlier training ratings; a
+    test query, like a live request, sees every earlier rating of its user,
+    test ones included. The baselines rank on the same protocol:
+    - "popularity": training counts;
+    - "EASE (request time)": EASE fitted on the training ratings, scoring from
+      the same request-time history as the models (every earlier rating);
+    - "EASE (train profile)": scoring from all of the user's training ratings
+      (on the random split these include ratings made after the request).
     """
     import numpy as np
 
+    import two_tower
     from two_tower.evaluation import evaluate_retrieval
 
     train = {k: v[train_rows] for k, v in ratings.items()}
     test = {k: v[test_rows] for k, v in ratings.items()}
     features = Features(raw_users(train), movies)
-    everyone = np.unique(ratings["user_id"])
-    position = lambda ids: np.searchsorted(everyone, ids)  # noqa: E731
     movie_index = features.movie_vocabulary
     catalogue_size = movie_index.size
-
-    # One query per test rating (its history depends on the time of the request),
-    # leaving out the movies its user rated in training and catalogue row 0.
-    test_users = position(test["user_id"])
-    train_users = position(train["user_id"])
-    train_movies = movie_index(train["movie_id"])
-    order = np.argsort(train_users, kind="stable")
-    starts = np.searchsorted(train_users[order], np.arange(len(everyone)))
-    counts = np.bincount(train_users, minlength=len(everyone))[test_users]
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    pairs = np.arange(len(test_users))
-    exclude_queries = np.concatenate([np.repeat(pairs, counts), pairs])
-    exclude_movies = np.concatenate(
-        [train_movies[order][np.repeat(starts[test_users], counts) + within], 0 * pairs]
+    train_movies, test_movies = movie_index(train["movie_id"]), movie_index(test["movie_id"])
+    train_log = two_tower.InteractionLog(train["user_id"], train_movies, train["timestamp"])
+    known_log = two_tower.InteractionLog(  # everything known at a test request
+        np.concatenate([train["user_id"], test["user_id"]]),
+        np.concatenate([train_movies, test_movies]),
+        np.concatenate([train["timestamp"], test["timestamp"]]),
     )
+    after_training = np.full(len(test_movies), np.inf)
+
+    # Leave out the movies each query's user rated in training, and catalogue row 0.
+    pairs = np.arange(len(test_movies))
+    seen_queries, seen_movies = train_log.interactions_before(test["user_id"], after_training)
+    exclude_queries = np.concatenate([seen_queries, pairs])
+    exclude_movies = np.concatenate([seen_movies, 0 * pairs])
 
     def rank(queries: Any, catalogue: Any) -> dict[str, float]:
         return evaluate_retrieval(
             queries,
             catalogue,
             pairs,
-            movie_index(test["movie_id"]),
+            test_movies,
             exclude_query_ids=exclude_queries,
             exclude_candidate_ids=exclude_movies,
             ks=KS,
+            num_queries=len(pairs) if callable(queries) else None,
         )["unseen"]
+
+    popularity = two_tower.baselines.Popularity(catalogue_size).fit(train_movies)
+    ease = two_tower.baselines.EASE(catalogue_size, l2=EASE_L2).fit(train["user_id"], train_movies)
+    request_time = known_log.history(test["user_id"], test["timestamp"], width=None)
+    train_profile = train_log.history(test["user_id"], after_training, width=None)
+    results = {
+        "popularity": rank(
+            popularity.embed_histories(pairs[:, None]), popularity.catalogue_embeddings()
+        ),
+        # Embedded a batch at a time: a [queries, catalogue] multi-hot is never held.
+        "EASE (train profile)": rank(
+            lambda rows: ease.embed_histories(train_profile[rows]), ease.catalogue_embeddings()
+        ),
+        "EASE (request time)": rank(
+            lambda rows: ease.embed_histories(request_time[rows]), ease.catalogue_embeddings()
+        ),
+    }
 
     id_model = train_id_model(features, train, epochs)
     user_rows = features.user_vocabularies["user"](test["user_id"])
-    results = {
-        "id-only softmax (default)": rank(
-            embed(id_model.query_tower, user_rows),
-            embed(id_model.candidate_tower, np.arange(catalogue_size)),
-        )
-    }
+    results["id-only softmax (default)"] = rank(
+        embed(id_model.query_tower, user_rows),
+        embed(id_model.candidate_tower, np.arange(catalogue_size)),
+    )
     test_queries = features.users(raw_users(test))
-    histories: dict[int, Any] = {}  # by width, shared by the models
+    histories = {  # by width, shared by the models
+        width: known_log.history(test["user_id"], test["timestamp"], width)
+        for width in {choices.get("history", HISTORY) for choices in MODELS.values()} - {0}
+    }
     for name, choices in MODELS.items():
         model = train_feature_model(features, train, epochs, **choices)
         queries = dict(test_queries)
         width = choices.get("history", HISTORY)
-        if width and width not in histories:
-            # At request time every earlier rating is known, test ones included;
-            # training only ever saw training ratings.
-            histories[width] = recent_history(
-                np.concatenate([train["user_id"], test["user_id"]]),
-                np.concatenate([train_movies, movie_index(test["movie_id"])]),
-                np.concatenate([train["timestamp"], test["timestamp"]]),
-                test["user_id"],
-                test["timestamp"],
-                width,
-            )
         if width:
             queries["history"] = histories[width]
         results[name] = rank(
             embed(model.query_tower, queries),
             embed(model.candidate_tower, features.catalogue),
         )
+    model = train_history_model(features, train, history_epochs)
+    queries = {"history": histories[HISTORY], "user": user_rows}
+    results[f"history tower ({HISTORY_POOLING}), user id"] = rank(
+        embed(model.query_tower, queries), embed(model.candidate_tower, np.arange(catalogue_size))
+    )
     return results
 
 
@@ -508,7 +569,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             order = np.argsort(ratings["timestamp"], kind="stable")
         cut = round(len(order) * 0.8)
-        tables[split] = compare_on_split(ratings, movies, order[:cut], order[cut:], args.epochs)
+        tables[split] = compare_on_split(
+            ratings, movies, order[:cut], order[cut:], args.epochs, args.history_epochs
+        )
         print(f"\n{split} split, top-k accuracy over the movies unseen in training:")
         print(two_tower.evaluation.format_table(tables[split], ks=KS))
     if not args.skip_cold_start:

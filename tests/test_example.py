@@ -85,6 +85,8 @@ def test_movielens_features_example_runs(real_data_dir):
             str(example),
             "--epochs",
             "1",
+            "--history-epochs",
+            "1",
             "--splits",
             "temporal",
             "--data-dir",
@@ -101,9 +103,13 @@ def test_movielens_features_example_runs(real_data_dir):
     table = out.split("temporal split")[1].split("cold start")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == [
+        "popularity",
+        "EASE (train profile)",
+        "EASE (request time)",
         "id-only softmax (default)",
         "features: all",
         "features: id, history",
+        "history tower (recency), user id",
     ]
     for row in rows:
         values = [float(cell) for cell in row.split("|")[2:-1]]
@@ -124,40 +130,3 @@ def test_features_example_rejects_bad_splits():
     )
     assert completed.returncode == 2
     assert "--splits takes names from ('random', 'temporal'), got ['daily']" in completed.stderr
-
-
-def _features_example():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "movielens_features", EXAMPLE.parent / "movielens_features.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_recent_history_holds_only_earlier_ratings():
-    import numpy as np
-
-    example = _features_example()
-    rng = np.random.default_rng(1)
-    users = rng.choice(np.array(["7", "12", "3"]), size=50)
-    times = rng.integers(0, 20, size=50)  # repeated times: ties must not leak
-    movies = np.arange(50) + 100
-    query_users = np.array(["7", "12", "3", "99", "7"])
-    query_times = np.array([10, 25, 0, 5, 19])
-    width = 4
-    history = example.recent_history(users, movies, times, query_users, query_times, width)
-    assert history.shape == (5, width)
-    for row, (user, time) in enumerate(zip(query_users, query_times, strict=True)):
-        earlier = np.flatnonzero((users == user) & (times < time))
-        earlier = earlier[np.lexsort((earlier, times[earlier]))][-width:]  # by time, then row
-        found = history[row][history[row] >= 0]
-        assert sorted(found) == sorted(movies[earlier])
-    # A training rating's own history never holds it, nor anything at or after its time.
-    own = example.recent_history(users, movies, times, users, times, width)
-    for row in range(50):
-        found = own[row][own[row] >= 0]
-        assert movies[row] not in found
-        assert all(times[found - 100] < times[row])

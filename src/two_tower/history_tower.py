@@ -236,6 +236,18 @@ class HistoryTower(keras.layers.Layer):
         object.__setattr__(self, "_shared", (candidate_tower, table))
         if self.pooling == "gru" and self.gru is None:
             self.gru = keras.layers.GRU(width, go_backwards=True, name="gru")
+        pending = getattr(self, "_pending_build", None)
+        if pending is not None:  # (deserialization marks the tower built regardless)
+            object.__setattr__(self, "_pending_build", None)
+            super().build_from_config(pending)
+
+    def build_from_config(self, config: dict[str, Any]) -> None:
+        # Loading a model deserializes this tower before `TwoTowerRetrieval`
+        # hands it the candidate table: the build waits for the table.
+        if self.item_table is None:
+            object.__setattr__(self, "_pending_build", config)
+            return
+        super().build_from_config(config)
 
     def _table(self) -> keras.layers.Layer:
         table = self.item_table
