@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = [
     "two_tower.losses",
     "two_tower.evaluation",
+    "two_tower.baselines",
     "two_tower.defaults",
     "two_tower.saving",
     "two_tower.distribution",

@@ -109,6 +109,7 @@ def test_movielens_features_example_runs(real_data_dir):
         "id-only softmax (default)",
         "features: all",
         "features: id, history",
+        "history tower (recency)",
         "history tower (recency), user id",
     ]
     for row in rows:

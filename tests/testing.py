@@ -208,6 +208,9 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     "README.md": {0: "test_docs.py::test_readme_quickstart_runs"},
     "docs/getting-started.md": dict.fromkeys(range(7), _GUIDES),
     "docs/serving.md": dict.fromkeys(range(3), _GUIDES),
+    "docs/history.md": dict.fromkeys(
+        range(3), "test_docs.py::test_history_guide_beats_ease_on_the_temporal_split"
+    ),
     "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
     "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
     "docs/scale.md": {
