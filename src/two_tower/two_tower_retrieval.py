@@ -11,7 +11,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _distribution, _input_checks, _serving, _sparse_training, losses
+from two_tower import (
+    _array_training,
+    _distribution,
+    _input_checks,
+    _serving,
+    _sparse_training,
+    losses,
+)
 from two_tower._input_checks import CANDIDATE, CATALOGUE_LOSSES, LOSSES, QUERY, SAMPLING_PROBABILITY
 from two_tower._input_checks import is_pair as _is_pair
 from two_tower.backends import backend_module
@@ -581,6 +588,7 @@ class TwoTowerRetrieval(keras.Model):
         if len(set(names)) != len(names):
             raise ValueError(f"FactorizedTopK metrics need distinct names. Received: {names}")
         super().compile(*args, **kwargs)
+        self._array_trainer = None  # `fit` on arrays compiles its steps again
         _sparse_training.check_model(self)
         # Assigned after compile so that Keras tracks them as this model's metrics.
         self.retrieval_metrics = retrieval_metrics
@@ -614,10 +622,11 @@ class TwoTowerRetrieval(keras.Model):
 
     def train_step(self, *args: Any) -> Any:
         # `SparseEmbedding` tables need the backend's row-sparse step (JAX passes
-        # `(state, data)`, the others `(data)`); everything else is Keras' own.
+        # `(state, data)`, the others `(data)`); otherwise the backend's step,
+        # Keras' own or a leaner copy of it (see `two_tower.backends`).
         if _sparse_training.sparse_tables(self):
             return backend_module().sparse_train_step(self, *args)
-        return super().train_step(*args)
+        return backend_module().train_step(self, super().train_step, *args)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         return self._run_loop("fit", super().fit, args, kwargs)
@@ -632,7 +641,15 @@ class TwoTowerRetrieval(keras.Model):
         _input_checks.check_fit_arguments(self, what, args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
         args, kwargs = _input_checks.for_backend(what, args, kwargs, backend_module())
-        with backend_module().keep_state_on_error(self):
+        train_function = None
+        if what == "fit":
+            args, kwargs, train_function = _array_training.prepare(
+                self, args, kwargs, backend_module()
+            )
+        with (
+            backend_module().keep_state_on_error(self),
+            _array_training.installed(self, train_function),
+        ):
             return loop(*args, **kwargs)
 
     def predict(self, x: Any, *args: Any, **kwargs: Any) -> Any:
