@@ -8,16 +8,19 @@ Adagrad(0.1), batch 1000, 50 epochs) on the same 80,000 MovieLens ratings:
 - library: `TwoTowerRetrieval` fed NumPy arrays, with
   `two_tower.defaults.steps_per_execution()` (16 on JAX and TensorFlow; torch
   rejects more than 1).
-Three protocols per backend:
+- floor: the same training written by hand for the backend, with the data on
+  the device: JAX one `lax.scan` per epoch, TensorFlow one `tf.function` per
+  epoch (a `tf.range` loop), torch a plain eager loop with `torch.optim.Adagrad`.
+  No input pipeline, no callbacks, no metrics: no Keras `fit` can beat it.
+Protocols per backend:
 - warm: in one process, each side is warmed up with one epoch (tracing,
   compilation, the tf.data cache), then timed over 50 epochs, with the tutorial's
-  validation every 5 epochs (its `fit` call as written) and training only;
-- cold: each side in a fresh process, timing its first `fit` call (validation
-  every 5 epochs), compilation and the first pass over the input pipeline
-  included. This is how ANCHORS.md timed the tutorial (28.3 s on JAX);
-- floor (JAX only): the same training written by hand in JAX, with the data on
-  the device and one `lax.scan` per epoch, timed warm. No Keras `fit` loop can
-  beat it; it shows how much of the time is Keras' per-step input path.
+  validation every 5 epochs (its `fit` call as written; no floor) and training only;
+- cold: each side in a fresh process, timing its first `fit` call (compilation
+  and the first pass over the input pipeline included), with validation every 5
+  epochs (how ANCHORS.md timed the tutorial: 28.3 s on JAX; no floor) and
+  training only (the floor's first 50 epochs, tracing included).
+The ratio columns are two_tower / floor and seed / two_tower.
 Needs TensorFlow and tensorflow-datasets installed beside each backend (for the
 seed).
 
@@ -37,7 +40,9 @@ import time
 EPOCHS = 50
 
 
-def seed_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> dict[str, float]:
+def seed_fit_seconds(
+    data_dir: str | None, epochs: int, cold: str | None = None
+) -> dict[str, float]:
     """The tutorial's pipeline and model: warm (both protocols) or cold."""
     import keras
     import keras_rs
@@ -107,16 +112,20 @@ def seed_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> d
     model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.1))
     fit = lambda **kw: model.fit(train, epochs=epochs, verbose=0, **kw)  # noqa: E731
     if cold:
-        return _time_cold(fit, test)
+        return _time_cold(fit, test, cold)
     # Warm-up: tracing, compilation, filling the tf.data caches.
     model.fit(train, validation_data=test, validation_freq=1, epochs=1, verbose=0)
     return _time_both(fit, test)
 
 
-def _time_cold(fit, validation_data) -> dict[str, float]:
+def _time_cold(fit, validation_data, cold: str) -> dict[str, float]:
+    """The first `fit` in the process: with validation every 5 epochs, or training only."""
     started = time.perf_counter()
-    fit(validation_data=validation_data, validation_freq=5)
-    return {"cold": time.perf_counter() - started}
+    if cold == "validation":
+        fit(validation_data=validation_data, validation_freq=5)
+        return {"cold": time.perf_counter() - started}
+    fit()
+    return {"cold_train_only": time.perf_counter() - started}
 
 
 def _time_both(fit, validation_data) -> dict[str, float]:
@@ -128,7 +137,9 @@ def _time_both(fit, validation_data) -> dict[str, float]:
     return {"with_validation": with_validation, "train_only": time.perf_counter() - started}
 
 
-def library_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> dict[str, float]:
+def library_fit_seconds(
+    data_dir: str | None, epochs: int, cold: str | None = None
+) -> dict[str, float]:
     """The same configuration on TwoTowerRetrieval with NumPy inputs."""
     import keras
 
@@ -156,7 +167,7 @@ def library_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -
         return model.fit(x, train["rating"], batch_size=1000, epochs=epochs, verbose=0, **kw)
 
     if cold:
-        return _time_cold(fit, validation)
+        return _time_cold(fit, validation, cold)
     model.fit(  # warm-up: tracing and compilation of the train and test steps
         x, train["rating"], batch_size=1000, epochs=1, verbose=0, validation_data=validation
     )
@@ -166,36 +177,27 @@ def library_fit_seconds(data_dir: str | None, epochs: int, cold: bool = False) -
     )
 
 
-def jax_floor_seconds(data_dir: str | None, epochs: int) -> float:
-    """The same training written by hand in JAX: the floor for any Keras loop.
+def jax_floor_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> float:
+    """The same training written by hand in JAX: one `lax.scan` per epoch.
 
     All data on the device, one `lax.scan` over each epoch's 80 batches, Keras'
     Adagrad update (accumulator 0.1, epsilon 1e-7) and MSE: no input pipeline,
-    no callbacks, no per-step Python. Timed after a warm-up epoch, training only.
+    no callbacks, no per-step Python. `cold` times the first `epochs` epochs,
+    compilation included; otherwise they follow a warm-up epoch.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from two_tower.datasets import movielens
-
-    ratings = movielens.load_ratings(data_dir)
-    records = {
-        "query": ratings["user_id"].astype("int32"),
-        "candidate": ratings["movie_id"].astype("int32"),
-        "rating": ((ratings["user_rating"] - 1.0) / 4.0).astype("float32"),
-    }
-    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    train, batches = _floor_data(data_dir)
+    started = time.perf_counter()
     rng = np.random.default_rng(42)
     tables = (
         jnp.asarray(rng.uniform(-0.05, 0.05, (944, 32)), jnp.float32),
         jnp.asarray(rng.uniform(-0.05, 0.05, (1683, 32)), jnp.float32),
     )
     state = (tables, tuple(jnp.full_like(t, 0.1) for t in tables))
-    batches = len(train["rating"]) // 1000
-    data = tuple(
-        jnp.asarray(train[key][: batches * 1000]) for key in ("query", "candidate", "rating")
-    )
+    data = tuple(jnp.asarray(train[key]) for key in ("query", "candidate", "rating"))
 
     def loss(params, users, movies, labels):
         scores = jnp.sum(params[0][users] * params[1][movies], axis=-1)
@@ -206,7 +208,7 @@ def jax_floor_seconds(data_dir: str | None, epochs: int) -> float:
         grads = jax.grad(loss)(params, *batch)
         accumulators = tuple(a + g * g for a, g in zip(accumulators, grads, strict=True))
         params = tuple(
-            p - 0.1 * g / (jnp.sqrt(a) + 1e-7)
+            p - 0.1 * g / jnp.sqrt(a + 1e-7)
             for p, g, a in zip(params, grads, accumulators, strict=True)
         )
         return (params, accumulators), None
@@ -217,12 +219,124 @@ def jax_floor_seconds(data_dir: str | None, epochs: int) -> float:
         return jax.lax.scan(step, carry, shuffled)[0]
 
     orders = [jnp.asarray(rng.permutation(batches * 1000)) for _ in range(epochs + 1)]
-    state = jax.block_until_ready(epoch(state, orders[0]))
-    started = time.perf_counter()
+    if not cold:
+        state = jax.block_until_ready(epoch(state, orders[0]))
+        started = time.perf_counter()
     for order in orders[1:]:
         state = epoch(state, order)
     jax.block_until_ready(state)
     return time.perf_counter() - started
+
+
+def _floor_data(data_dir: str | None) -> tuple[dict, int]:
+    """The library's 80,000 training ratings, whole batches of 1000 only."""
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(data_dir)
+    records = {
+        "query": ratings["user_id"].astype("int32"),
+        "candidate": ratings["movie_id"].astype("int32"),
+        "rating": ((ratings["user_rating"] - 1.0) / 4.0).astype("float32"),
+    }
+    train, _ = movielens.random_split(records, test_fraction=0.2, seed=42)
+    batches = len(train["rating"]) // 1000
+    return {key: train[key][: batches * 1000] for key in train}, batches
+
+
+def tensorflow_floor_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> float:
+    """The same training written by hand in TensorFlow: one `tf.function` per epoch.
+
+    The columns on the device, a `tf.range` loop over the epoch's batches (a
+    `tf.while_loop`), dense gradients and Keras' Adagrad formula (accumulator
+    0.1, epsilon 1e-7). `cold` times the first `epochs` epochs, tracing
+    included; otherwise they follow a warm-up epoch.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    data, batches = _floor_data(data_dir)
+    started = time.perf_counter()
+    rng = np.random.default_rng(42)
+    columns = [tf.constant(data[key]) for key in ("query", "candidate", "rating")]
+    tables = [
+        tf.Variable(rng.uniform(-0.05, 0.05, shape).astype("float32"))
+        for shape in ((944, 32), (1683, 32))
+    ]
+    accumulators = [tf.Variable(tf.fill(table.shape, 0.1)) for table in tables]
+
+    @tf.function
+    def epoch(order: tf.Tensor) -> None:
+        for i in tf.range(batches):
+            rows = order[i * 1000 : (i + 1) * 1000]
+            users, movies, labels = (tf.gather(column, rows) for column in columns)
+            with tf.GradientTape() as tape:
+                scores = tf.reduce_sum(
+                    tf.gather(tables[0], users) * tf.gather(tables[1], movies), axis=1
+                )
+                loss = tf.reduce_mean(tf.square(labels - scores))
+            gradients = [tf.convert_to_tensor(g) for g in tape.gradient(loss, tables)]
+            for table, accumulator, gradient in zip(tables, accumulators, gradients, strict=True):
+                accumulator.assign_add(gradient * gradient)
+                table.assign_sub(0.1 * gradient / tf.sqrt(accumulator + 1e-7))
+
+    def order() -> tf.Tensor:
+        return tf.constant(rng.permutation(batches * 1000))
+
+    if not cold:
+        epoch(order())
+        started = time.perf_counter()
+    for _ in range(epochs):
+        epoch(order())
+    tables[0].numpy()
+    return time.perf_counter() - started
+
+
+def torch_floor_seconds(data_dir: str | None, epochs: int, cold: bool = False) -> float:
+    """The same training written by hand in torch: a plain eager loop.
+
+    The columns as tensors, `torch.randperm` per epoch, two `nn.Embedding`
+    tables, MSE, `torch.optim.Adagrad` (accumulator 0.1, epsilon 1e-7). `cold`
+    times the first `epochs` epochs; otherwise they follow a warm-up epoch.
+    """
+    import torch
+
+    data, batches = _floor_data(data_dir)
+    started = time.perf_counter()
+    users, movies, labels = (
+        torch.from_numpy(data[key]) for key in ("query", "candidate", "rating")
+    )
+    users, movies = users.long(), movies.long()
+    tables = [torch.nn.Embedding(944, 32), torch.nn.Embedding(1683, 32)]
+    for table in tables:
+        torch.nn.init.uniform_(table.weight, -0.05, 0.05)
+    optimizer = torch.optim.Adagrad(
+        [table.weight for table in tables], lr=0.1, initial_accumulator_value=0.1, eps=1e-7
+    )
+
+    def epoch() -> None:
+        order = torch.randperm(batches * 1000)
+        for start in range(0, batches * 1000, 1000):
+            rows = order[start : start + 1000]
+            optimizer.zero_grad(set_to_none=True)
+            scores = (tables[0](users[rows]) * tables[1](movies[rows])).sum(dim=1)
+            loss = (labels[rows] - scores).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+
+    if not cold:
+        epoch()
+        started = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    return time.perf_counter() - started
+
+
+COLD = ("validation", "train")
+FLOORS = {
+    "jax": ("jax.lax.scan", jax_floor_seconds),
+    "tensorflow": ("tf.function", tensorflow_floor_seconds),
+    "torch": ("eager torch", torch_floor_seconds),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,51 +348,54 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        os.environ["KERAS_BACKEND"] = args.worker
-        import keras
-
-        keras.utils.set_random_seed(42)
-        if args.mode == "warm":
-            times = {
-                "seed": seed_fit_seconds(args.data_dir, args.epochs),
-                "library": library_fit_seconds(args.data_dir, args.epochs),
-            }
-            if args.worker == "jax":
-                times["floor"] = {"train_only": jax_floor_seconds(args.data_dir, args.epochs)}
-        elif args.mode == "seed-cold":
-            times = {"seed": seed_fit_seconds(args.data_dir, args.epochs, cold=True)}
-        else:
-            times = {"library": library_fit_seconds(args.data_dir, args.epochs, cold=True)}
-        print("RESULTS " + json.dumps(times))
+        print("RESULTS " + json.dumps(_worker(args)))
         return
 
     print(f"fit time for {args.epochs} epochs (see the docstring for the protocols)")
-    print("| backend | protocol | seed (tf.data + keras-rs) | two_tower (NumPy) | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| backend | protocol | seed (tf.data + keras-rs) | two_tower (NumPy) | floor "
+          "| two_tower / floor | seed / two_tower |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         times: dict[str, dict[str, float]] = {"seed": {}, "library": {}, "floor": {}}
-        for mode in ("warm", "seed-cold", "library-cold"):
-            result = _run_worker(backend, mode, args)
-            for side, figures in result.items():
+        modes = ["warm", "floor-cold"]
+        modes += [f"{side}-cold-{cold}" for side in ("seed", "library") for cold in COLD]
+        for mode in modes:
+            for side, figures in _run_worker(backend, mode, args).items():
                 times[side].update(figures)
         for protocol, label in (
             ("with_validation", "warm, validation every 5 epochs"),
             ("train_only", "warm, training only"),
-            ("cold", "cold, first fit in the process"),
+            ("cold", "cold, validation every 5 epochs"),
+            ("cold_train_only", "cold, training only"),
         ):
             seed, library = times["seed"][protocol], times["library"][protocol]
+            floor = times["floor"].get(protocol)
+            floor_text = "" if floor is None else f"{floor:.1f} s ({FLOORS[backend][0]})"
+            ratio = "" if floor is None else f"{library / floor:.2f}x"
             print(
-                f"| {backend} | {label} | {seed:.1f} s | {library:.1f} s | {seed / library:.1f}x |",
+                f"| {backend} | {label} | {seed:.1f} s | {library:.1f} s | {floor_text} "
+                f"| {ratio} | {seed / library:.1f}x |",
                 flush=True,
             )
-        if "train_only" in times["floor"]:
-            floor = times["floor"]["train_only"]
-            seed = times["seed"]["train_only"]
-            print(
-                f"| {backend} | floor: hand-written jax.lax.scan, training only | "
-                f"{seed:.1f} s | {floor:.1f} s | {seed / floor:.1f}x |",
-                flush=True,
-            )
+
+
+def _worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    os.environ["KERAS_BACKEND"] = args.worker
+    import keras
+
+    keras.utils.set_random_seed(42)
+    floor = FLOORS[args.worker][1]
+    if args.mode == "warm":
+        return {
+            "seed": seed_fit_seconds(args.data_dir, args.epochs),
+            "library": library_fit_seconds(args.data_dir, args.epochs),
+            "floor": {"train_only": floor(args.data_dir, args.epochs)},
+        }
+    if args.mode == "floor-cold":
+        return {"floor": {"cold_train_only": floor(args.data_dir, args.epochs, cold=True)}}
+    side, _, cold = args.mode.split("-")
+    fit_seconds = seed_fit_seconds if side == "seed" else library_fit_seconds
+    return {side: fit_seconds(args.data_dir, args.epochs, cold=cold)}
 
 
 def _run_worker(backend: str, mode: str, args: argparse.Namespace) -> dict:

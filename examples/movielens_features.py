@@ -75,12 +75,16 @@ MODELS: dict[str, dict[str, Any]] = {
 # Cold start: a query tower of the features a new user has (no id, no history).
 # With the zip prefix and the movie's title words, genres and year as well, it
 # ranked worse on a tuning draw of held-out users (seed 1; the reported draw is 42).
+# On that draw, one tower's top-100 moved by up to 0.004 with its batch order (within
+# the margin over popularity); feature L2 1e-2 (against 1e-3, 1e-4, 1e-5, 3e-3, 3e-2,
+# 0.1) and an ensemble of `COLD_START_MODELS` towers (summed scores) steadied it.
 COLD_START = {
     "user_features": ("age", "gender", "occupation"),
     "movie_features": ("movie",),
     "history": 0,
-    "feature_l2": 1e-3,
+    "feature_l2": 1e-2,
 }
+COLD_START_MODELS = 3
 TITLE_WORDS = 8
 MAX_GENRES = 6
 
@@ -541,9 +545,14 @@ def cold_start(
         test_movies,
         ks=KS,
     )["all"]
-    model = train_feature_model(features, train, epochs, seed, **COLD_START)
-    queries = embed(model.query_tower, features.users(newcomers))
-    catalogue = embed(model.candidate_tower, features.catalogue)
+    # An ensemble: concatenated embeddings score the sum of the models' scores.
+    models = [
+        train_feature_model(features, train, epochs, seed + i, **COLD_START)
+        for i in range(COLD_START_MODELS)
+    ]
+    model = models[0]
+    queries = np.concatenate([embed(m.query_tower, features.users(newcomers)) for m in models], 1)
+    catalogue = np.concatenate([embed(m.candidate_tower, features.catalogue) for m in models], 1)
     found = evaluate_retrieval(
         queries,
         catalogue,

@@ -301,3 +301,32 @@ def test_what_keras_own_path_keeps() -> None:
         assert args == () and given["y"] is None and given["batch_size"] is None
         history = model.fit(x, y, batch_size=BATCH, validation_split=0.2, epochs=1, verbose=0)
         assert "val_loss" in history.history
+
+
+class WithActivityLoss(two_tower.TwoTowerRetrieval):
+    """A subclass whose own `call` adds a loss (cleared before each step's call)."""
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        outputs = super().call(inputs, training=training)
+        if isinstance(outputs, dict) and "query_embeddings" in outputs:
+            self.add_loss(0.01 * keras.ops.mean(keras.ops.square(outputs["query_embeddings"])))
+        return outputs
+
+
+class PlainWithActivityLoss(WithActivityLoss):
+    def train_step(self, *args: Any) -> Any:
+        return keras.Model.train_step(self, *args)
+
+
+def test_losses_added_in_a_subclass_call_count_once_per_step() -> None:
+    model = _model("softmax", WithActivityLoss)
+    plain = _model("softmax", PlainWithActivityLoss)
+    x, _ = _data("softmax")
+    for each in (model, plain):
+        each.predict({"query": x["query"][:2], "candidate": x["candidate"][:2]}, verbose=0)
+    plain.set_weights(model.get_weights())
+    history = model.fit(x, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    plain_history = plain.fit(
+        Batches(_batches(x, None, np.arange(ROWS))), epochs=3, shuffle=False, verbose=0
+    )
+    _assert_same_training(model, plain, history, plain_history)

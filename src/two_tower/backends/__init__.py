@@ -35,6 +35,15 @@ Every module provides:
 - `fit_input(x)`: the `x` that `fit` and `evaluate` hand to Keras: a
   `ShardDataset` becomes a `tf.data` pipeline on TensorFlow (Keras would feed
   it through a Python generator, one call per batch); elsewhere `x` unchanged.
+- `train_step(model, keras_train_step, *args)`: the model's `train_step` when it
+  has no `SparseEmbedding` table: Keras' own on JAX (`keras_train_step`), a copy
+  of it on TensorFlow whose table gradients have repeated ids summed (dense for
+  small tables) and on torch one with less Python per step;
+- `step_counter(steps)` and `array_train_function(model, columns)` (TensorFlow
+  and torch only): what `fit` on NumPy arrays hands Keras instead of the arrays
+  (the epoch's step numbers) and the train function that gathers each step's
+  batch from device-resident columns (see `two_tower._array_training`); None
+  where Keras' own path must run;
 - `host_tensor(array)`: a tensor of a C-contiguous NumPy array aligned to 64
   bytes that shares its memory on CPU (`jax.device_put`, `torch.from_numpy`,
   TensorFlow's DLPack import), so an index holds one copy of its catalogue

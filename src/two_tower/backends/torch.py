@@ -217,7 +217,7 @@ def step_counter(steps: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(_Steps(steps), batch_size=None, shuffle=False)
 
 
-def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], Any]:
+def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], Any] | None:
     """Keras' train function for `fit` on arrays: batches cut from device-resident columns.
 
     Keras' array adapter on torch slices each batch out of the NumPy arrays
@@ -225,7 +225,13 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
     time, then converts it; here the columns become tensors once per `fit`, and
     each step takes its rows with one `index_select` per column by the epoch's
     order (a NumPy permutation drawn at step 0 of each pass when shuffling).
+
+    Returns:
+        The train function, or None with `steps_per_execution` above 1, which
+        Keras' torch trainer refuses (its own path then raises).
     """
+    if model.steps_per_execution > 1:
+        return None  # Keras' own path raises its error: torch runs one step per call
     # What Keras' torch `fit` does with its first batch, which it no longer sees.
     first = keras.tree.map_structure(lambda column: column[: columns.batch_size], columns.data)
     model._symbolic_build(data_batch=first)  # noqa: SLF001
@@ -263,8 +269,11 @@ def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data:
     variables = model.trainable_weights
     for variable in variables:
         variable.value.grad = None
-    call = model.call if _calls_directly(model) else model
-    y_pred = call(x, training=True)
+    if _calls_directly(model):
+        model._clear_losses()  # noqa: SLF001  # what the outermost `__call__` does
+        y_pred = model.call(x, training=True)
+    else:
+        y_pred = model(x, training=True)
     loss = model._compute_loss(  # noqa: SLF001
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
