@@ -282,7 +282,7 @@ class _ArrayTrainer:
         batch = keras.tree.map_structure(lambda column: tf.gather(column, indices), data)
         return self.model.train_step(batch)
 
-    def _execution(self, iterator: Any, data: Any, order: Any) -> Any:
+    def _execution(self, data: Any, order: Any, start: Any, count: Any) -> Any:
         step_spec = tf.TensorSpec([], tf.int64)
         order_spec = tf.TensorSpec([None], tf.int64)
         data_spec = keras.tree.map_structure(
@@ -298,16 +298,12 @@ class _ArrayTrainer:
         )
 
         def body(done: Any, logs: Any) -> Any:
-            following = iterator.get_next_as_optional()
-            return tf.cond(
-                following.has_value(),
-                lambda: (done + 1, self._one_step(following.get_value(), data, order)),
-                lambda: (tf.constant(self.steps_per_execution), logs),
-            )
+            return done + 1, self._one_step(start + done, data, order)
 
-        return tf.while_loop(
-            lambda done, _: done < self.steps_per_execution, body, (tf.constant(0), zeros)
+        _, logs = tf.while_loop(
+            lambda done, _: done < count, body, (tf.constant(0, tf.int64), zeros)
         )
+        return logs
 
 
 def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], Any] | None:
@@ -317,11 +313,12 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
     a `tf.while_loop` of `Optional`s and calls the step as a nested function;
     measured on the seed's configuration that loop and the array adapter's
     shuffled gather cost about 1.4 ms of a 1.9 ms step. Here each execution of
-    `steps_per_execution` steps is one `tf.function` call that reads only the
-    step numbers from Keras' iterator (`step_counter`), gathers each batch from
-    the columns with `tf.gather` by the epoch's order (reshuffled at step 0 of
-    each pass), and runs `model.train_step` on it. The logs are the last step's,
-    as in Keras.
+    `steps_per_execution` steps is one `tf.function` call, a `tf.while_loop`
+    that gathers each batch from the columns with `tf.gather` by the pass's
+    order (drawn when Keras opens a new iterator over `step_counter`) and runs
+    `model.train_step` on it. Keras' iterator is not read: the steps are
+    counted here, as Keras counts them (reading it cost 0.15 ms per step). The
+    logs are the last step's, as in Keras.
 
     Returns:
         The train function, or None under a `tf.distribute` strategy (Keras'
@@ -334,18 +331,31 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
         trainer = _ArrayTrainer(model, columns)
         model._array_trainer = trainer  # noqa: SLF001
     data = keras.tree.map_structure(tf.convert_to_tensor, columns.data)
-    passes: list[Any] = [None, tf.range(columns.rows, dtype=tf.int64)]  # iterator, order
+    # The current pass over the steps: Keras' iterator, the rows' order, steps done.
+    current: dict[str, Any] = {"iterator": None}
 
     def train_function(iterator: Any) -> Any:
-        if iterator is not passes[0]:
+        if iterator is not current["iterator"]:
             # Keras opens a new iterator for each pass over the step counter
-            # (each epoch, or each time `steps_per_epoch` runs it out).
-            passes[0] = iterator
-            if columns.shuffle:
-                passes[1] = tf.constant(trainer.random.permutation(columns.rows))
-        done, logs = trainer.execution(iterator, data, passes[1])
-        if int(done) == 0:
-            raise StopIteration
+            # (each epoch, or when `steps_per_epoch` has run a pass out).
+            order = trainer.random.permutation(columns.rows) if columns.shuffle else None
+            current.update(
+                iterator=iterator,
+                done=0,
+                order=tf.range(columns.rows, dtype=tf.int64)
+                if order is None
+                else tf.constant(order),
+            )
+        count = min(trainer.steps_per_execution, columns.steps - current["done"])
+        if count <= 0:
+            raise StopIteration  # as from Keras' own iterator, run out
+        logs = trainer.execution(
+            data,
+            current["order"],
+            tf.constant(current["done"], tf.int64),
+            tf.constant(count, tf.int64),
+        )
+        current["done"] += count
         return logs
 
     return train_function
