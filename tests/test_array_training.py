@@ -184,6 +184,9 @@ class Counter(keras.callbacks.Callback):
         self.events.append(("batch", batch))
         assert set(logs) == {"loss"}
 
+    def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.events.append(("validation batch", batch))
+
 
 @pytest.mark.parametrize("steps_per_epoch", [None, 2])
 def test_callbacks_and_steps_count_as_keras_does(steps_per_epoch: int | None) -> None:
@@ -194,25 +197,30 @@ def test_callbacks_and_steps_count_as_keras_does(steps_per_epoch: int | None) ->
     model.fit(
         x,
         y,
-        batch_size=BATCH,
+        batch_size=20,
         epochs=3,
         shuffle=False,
         steps_per_epoch=steps_per_epoch,
         callbacks=[ours],
+        validation_data=(x, y),
         verbose=0,
     )
     # Keras' array path on the same arrays, with Keras' own step.
     plain.fit(
         x,
         y,
-        batch_size=BATCH,
+        batch_size=20,
         epochs=3,
         shuffle=False,
         steps_per_epoch=steps_per_epoch,
         callbacks=[theirs],
+        validation_data=(x, y),
         verbose=0,
     )
     assert ours.events == theirs.events
+    # Validation in batches of `batch_size` rows, as Keras cuts them (not its default 32).
+    # (5 batches of 20 rows: the last callback's index is at least 4; 3 with 32 rows).
+    assert max(index for event, index in ours.events if event == "validation batch") >= 4
     assert int(model.optimizer.iterations) == int(plain.optimizer.iterations)
     for mine, reference in zip(model.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)

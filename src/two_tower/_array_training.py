@@ -128,6 +128,9 @@ def prepare(
     train_function = backend.array_train_function(model, columns)
     if train_function is None:
         return args, kwargs, None
+    if arguments.get("validation_batch_size") is None:
+        # Keras' default is `batch_size`, which Keras no longer sees.
+        arguments["validation_batch_size"] = columns.batch_size
     arguments.update(
         x=backend.step_counter(columns.steps), y=None, sample_weight=None, batch_size=None
     )
