@@ -194,29 +194,19 @@ def test_callbacks_and_steps_count_as_keras_does(steps_per_epoch: int | None) ->
     model, plain = _pair("mse", steps_per_execution=execution)
     x, y = _data("mse")
     ours, theirs = Counter(), Counter()
-    model.fit(
-        x,
-        y,
-        batch_size=20,
-        epochs=3,
-        shuffle=False,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=[ours],
-        validation_data=(x, y),
-        verbose=0,
-    )
-    # Keras' array path on the same arrays, with Keras' own step.
-    plain.fit(
-        x,
-        y,
-        batch_size=20,
-        epochs=3,
-        shuffle=False,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=[theirs],
-        validation_data=(x, y),
-        verbose=0,
-    )
+    # The second is Keras' array path on the same arrays, with Keras' own step.
+    for each, counter in ((model, ours), (plain, theirs)):
+        each.fit(
+            x,
+            y,
+            batch_size=20,
+            epochs=3,
+            shuffle=False,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=[counter],
+            validation_data=(x, y),
+            verbose=0,
+        )
     assert ours.events == theirs.events
     # Validation in batches of `batch_size` rows, as Keras cuts them (not its default 32).
     # (5 batches of 20 rows: the last callback's index is at least 4; 3 with 32 rows).

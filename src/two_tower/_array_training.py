@@ -4,15 +4,15 @@ Keras feeds NumPy arrays to `fit` through its array data adapter: on
 TensorFlow a `tf.data` pipeline that gathers each shuffled batch and hands it to
 a step loop one element at a time, on torch a `DataLoader` whose sampler
 yields the epoch's indices one by one before NumPy slices each batch. For small
-models that costs more than the step itself (`benchmarks/train_speed.py`: 1.9
-ms/step on TensorFlow and 3.5 on torch, where a hand-written loop takes 0.44 and
-0.98).
+models that costs more than the step itself (`benchmarks/train_speed.py`, the
+seed's configuration: 3.7 s for 50 epochs on TensorFlow through the adapter, 1.0
+to 1.1 s here, 0.7 to 0.9 s by hand).
 
 Here, where the backend module provides `array_train_function`, `fit` on
 arrays instead:
 - puts the columns on the device once per `fit` call (floats cast to `floatx`,
-  as Keras' adapter does), with the epoch's order of rows (a permutation drawn
-  with Keras' seeded random state when `shuffle=True`);
+  as Keras' adapter does), with each pass's order of rows (a NumPy permutation,
+  `random_generator`, when `shuffle=True`);
 - hands Keras a step counter as its data (`backend.step_counter(steps)`: one
   element per batch of the epoch, so progress bars, callbacks,
   `steps_per_epoch` and `steps_per_execution` count exactly as for arrays);
@@ -131,10 +131,13 @@ def prepare(
     if arguments.get("validation_batch_size") is None:
         # Keras' default is `batch_size`, which Keras no longer sees.
         arguments["validation_batch_size"] = columns.batch_size
-    arguments.update(
-        x=backend.step_counter(columns.steps), y=None, sample_weight=None, batch_size=None
+    arguments.update(  # the train function takes the rows and shuffles them
+        x=backend.step_counter(columns.steps),
+        y=None,
+        sample_weight=None,
+        batch_size=None,
+        shuffle=False,
     )
-    arguments["shuffle"] = False  # the train function shuffles the rows
     return (), arguments, train_function
 
 
