@@ -2,7 +2,7 @@
 
     nox -s tests-jax tests-torch tests-tensorflow   # the test matrix
     nox -s cross-backend                            # save under JAX, load under all
-    nox -s example-jax -- --epochs 50               # the main example, full length
+    nox -s example-jax                              # the main example (-- --help for its flags)
     nox -s lint
 
 Each test session installs only its own backend, which proves the package imports
@@ -63,10 +63,11 @@ def _tests(session: nox.Session, backend: str) -> None:
 
 
 def _example(session: nox.Session, backend: str) -> None:
+    # With no arguments: the full example (the softmax default's tuned epochs, and the
+    # comparison with popularity and the keras-rs tutorial's model).
     _install(session, backend)
-    arguments = session.posargs or ["--epochs", "5"]
     session.run(
-        "python", "examples/movielens_retrieval.py", "--backend", backend, *arguments,
+        "python", "examples/movielens_retrieval.py", "--backend", backend, *session.posargs,
         env=_environment(backend),
     )  # fmt: skip
 
@@ -91,19 +92,19 @@ def tests_tensorflow(session: nox.Session) -> None:
 
 @nox.session(name="example-jax", default=False)
 def example_jax(session: nox.Session) -> None:
-    """Runs examples/movielens_retrieval.py on JAX (5 epochs unless given args)."""
+    """Runs the main example, examples/movielens_retrieval.py, on JAX (args go to it)."""
     _example(session, "jax")
 
 
 @nox.session(name="example-torch", default=False)
 def example_torch(session: nox.Session) -> None:
-    """Runs examples/movielens_retrieval.py on PyTorch."""
+    """Runs the main example, examples/movielens_retrieval.py, on PyTorch."""
     _example(session, "torch")
 
 
 @nox.session(name="example-tensorflow", default=False)
 def example_tensorflow(session: nox.Session) -> None:
-    """Runs examples/movielens_retrieval.py on TensorFlow."""
+    """Runs the main example, examples/movielens_retrieval.py, on TensorFlow."""
     _example(session, "tensorflow")
 
 
