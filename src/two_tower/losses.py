@@ -28,7 +28,9 @@ def _reduce(per_example: Tensor, sample_weight: Tensor | None) -> Tensor:
 def mean_squared_error(
     labels: Tensor, scores: Tensor, sample_weight: Tensor | None = None
 ) -> Tensor:
-    """Mean squared error between labels and paired scores (the seed's loss).
+    """Mean squared error between labels and paired scores.
+
+    The loss of the keras-rs basic retrieval tutorial, on ratings scaled to [0, 1].
 
     Args:
         labels: `[batch]` or `[batch, 1]` targets, e.g. ratings scaled to [0, 1].

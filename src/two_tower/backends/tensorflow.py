@@ -312,7 +312,8 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
 
     Keras' own TensorFlow loop takes each batch from a `tf.data` iterator inside
     a `tf.while_loop` of `Optional`s and calls the step as a nested function;
-    measured on the seed's configuration that loop and the array adapter's
+    measured on the keras-rs basic retrieval tutorial's configuration (MSE,
+    Adagrad, batch 1000), that loop and the array adapter's
     shuffled gather cost about 1.4 ms of a 1.9 ms step. Here each execution of
     `steps_per_execution` steps is one `tf.function` call, a `tf.while_loop`
     that gathers each batch from the columns with `tf.gather` by the pass's
@@ -365,9 +366,9 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
 DENSE_GRADIENT_ROWS = 16_384
 """Tables of at most this many rows get dense gradients in `train_step`; larger
 ones keep row-sparse gradients with their duplicate ids summed. Measured on the
-seed's step with Adagrad, batch 1000 (ms/step, dense / summed sparse / Keras'
-own): 1,683 rows 0.15 / 0.34 / 0.30; 16,000 rows 0.57 / 0.59 / 0.51; 160,000
-rows 6.4 / 3.6 / 3.7."""
+keras-rs basic retrieval tutorial's step (Adagrad, batch 1000; ms/step, dense /
+summed sparse / Keras' own): 1,683 rows 0.15 / 0.34 / 0.30; 16,000 rows 0.57 /
+0.59 / 0.51; 160,000 rows 6.4 / 3.6 / 3.7."""
 
 
 def _summed_gradient(gradient: Any, variable: keras.Variable) -> Any:
@@ -397,8 +398,8 @@ def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data:
     tracker, `scale_loss`, `apply_gradients`, `compute_metrics`), except that
     gradients pass through `_summed_gradient` first. So the optimizer sees the
     gradients JAX and torch compute, and for tables up to `DENSE_GRADIENT_ROWS`
-    rows a dense one, which on the seed's configuration halves the step (0.42
-    to 0.18 ms; `benchmarks/train_speed.py`). `keras_train_step` is unused.
+    rows a dense one, which on the keras-rs tutorial's configuration halves the
+    step (0.42 to 0.18 ms; `benchmarks/train_speed.py`). `keras_train_step` is unused.
     """
     del keras_train_step
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

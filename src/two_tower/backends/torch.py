@@ -256,8 +256,8 @@ def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data:
 
     The same computation as `keras.Model.train_step` on torch (forward, loss,
     loss tracker, `scale_loss`, `backward`, `optimizer.apply`,
-    `compute_metrics`), with two shortcuts measured on the seed's configuration
-    (`benchmarks/train_speed.py`):
+    `compute_metrics`), with two shortcuts measured on the keras-rs basic
+    retrieval tutorial's configuration (`benchmarks/train_speed.py`):
     - gradients are cleared by setting the trainable variables' `.grad` to None
       (`Module.zero_grad` walks every submodule);
     - the model's own `call` runs without `Layer.__call__` around it where that
@@ -297,7 +297,7 @@ def _calls_directly(model: keras.Model) -> bool:
     For a built model whose compute and variable dtypes agree, `Layer.__call__`
     adds nothing to a call on a dict of tensors but its bookkeeping (input
     conversion, a signature binding, name and autocast scopes, masks), 0.16 ms
-    of the seed's 1.1 ms step. The towers inside are still called as layers,
+    of the keras-rs tutorial's 1.1 ms step. The towers inside are still called as layers,
     with `training` passed explicitly.
     """
     policy = model.dtype_policy
