@@ -1,8 +1,8 @@
-"""Training speed: the seed tutorial's own code against the library, per backend.
+"""Training speed: the keras-rs basic retrieval tutorial's own code against the library.
 
 Both train the same model (Embedding(32) towers, MSE on (rating-1)/4,
 Adagrad(0.1), batch 1000, 50 epochs) on the same 80,000 MovieLens ratings:
-- seed: the keras-rs tutorial as written: tfds `movielens/100k-ratings` (built
+- tutorial: the keras-rs basic retrieval tutorial as written: tfds `movielens/100k-ratings` (built
   offline from the local copy), its tf.data pipeline (map, shuffle, take, batch,
   cache) and its `RetrievalModel` with `keras_rs.layers.BruteForceRetrieval`;
 - library: `TwoTowerRetrieval` fed NumPy arrays, with
@@ -20,9 +20,9 @@ Protocols per backend:
   and the first pass over the input pipeline included), with validation every 5
   epochs (how ANCHORS.md timed the tutorial: 28.3 s on JAX; no floor) and
   training only (the floor's first 50 epochs, tracing included).
-The ratio columns are two_tower / floor and seed / two_tower.
+The ratio columns are two_tower / floor and tutorial / two_tower.
 Needs TensorFlow and tensorflow-datasets installed beside each backend (for the
-seed).
+tutorial's own code).
 
     python benchmarks/train_speed.py --backends jax,tensorflow,torch
 """
@@ -40,7 +40,7 @@ import time
 EPOCHS = 50
 
 
-def seed_fit_seconds(
+def tutorial_fit_seconds(
     data_dir: str | None, epochs: int, cold: str | None = None
 ) -> dict[str, float]:
     """The tutorial's pipeline and model: warm (both protocols) or cold."""
@@ -352,13 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     print(f"fit time for {args.epochs} epochs (see the docstring for the protocols)")
-    print("| backend | protocol | seed (tf.data + keras-rs) | two_tower (NumPy) | floor "
-          "| two_tower / floor | seed / two_tower |")  # fmt: skip
+    print("| backend | protocol | keras-rs tutorial (tf.data + keras-rs) | two_tower (NumPy) "
+          "| floor | two_tower / floor | tutorial / two_tower |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
-        times: dict[str, dict[str, float]] = {"seed": {}, "library": {}, "floor": {}}
+        times: dict[str, dict[str, float]] = {"tutorial": {}, "library": {}, "floor": {}}
         modes = ["warm", "floor-cold"]
-        modes += [f"{side}-cold-{cold}" for side in ("seed", "library") for cold in COLD]
+        modes += [f"{side}-cold-{cold}" for side in ("tutorial", "library") for cold in COLD]
         for mode in modes:
             for side, figures in _run_worker(backend, mode, args).items():
                 times[side].update(figures)
@@ -368,13 +368,13 @@ def main(argv: list[str] | None = None) -> None:
             ("cold", "cold, validation every 5 epochs"),
             ("cold_train_only", "cold, training only"),
         ):
-            seed, library = times["seed"][protocol], times["library"][protocol]
+            tutorial, library = times["tutorial"][protocol], times["library"][protocol]
             floor = times["floor"].get(protocol)
             floor_text = "" if floor is None else f"{floor:.1f} s ({FLOORS[backend][0]})"
             ratio = "" if floor is None else f"{library / floor:.2f}x"
             print(
-                f"| {backend} | {label} | {seed:.1f} s | {library:.1f} s | {floor_text} "
-                f"| {ratio} | {seed / library:.1f}x |",
+                f"| {backend} | {label} | {tutorial:.1f} s | {library:.1f} s | {floor_text} "
+                f"| {ratio} | {tutorial / library:.1f}x |",
                 flush=True,
             )
 
@@ -387,14 +387,14 @@ def _worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     floor = FLOORS[args.worker][1]
     if args.mode == "warm":
         return {
-            "seed": seed_fit_seconds(args.data_dir, args.epochs),
+            "tutorial": tutorial_fit_seconds(args.data_dir, args.epochs),
             "library": library_fit_seconds(args.data_dir, args.epochs),
             "floor": {"train_only": floor(args.data_dir, args.epochs)},
         }
     if args.mode == "floor-cold":
         return {"floor": {"cold_train_only": floor(args.data_dir, args.epochs, cold=True)}}
     side, _, cold = args.mode.split("-")
-    fit_seconds = seed_fit_seconds if side == "seed" else library_fit_seconds
+    fit_seconds = tutorial_fit_seconds if side == "tutorial" else library_fit_seconds
     return {side: fit_seconds(args.data_dir, args.epochs, cold=cold)}
 
 
