@@ -442,6 +442,24 @@ def replace_x(
 
 
 _CALLBACKS_POSITION = {"fit": 5, "evaluate": 6}  # in Keras' signatures
+_VALIDATION_DATA_POSITION = 7  # in Keras' `fit`
+
+
+def replace_validation_x(
+    args: tuple[Any, ...], kwargs: dict[str, Any], change: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`fit` arguments with the `x` of a `(x, y[, sample_weight])` `validation_data`
+    as `change(x)`; other validation data (a dataset, None) as it is."""
+    position = _VALIDATION_DATA_POSITION
+    by_position = len(args) > position
+    data = args[position] if by_position else kwargs.get("validation_data")
+    if not isinstance(data, tuple) or not data:
+        return args, kwargs
+    data = (change(data[0]), *data[1:])
+    if by_position:
+        return (*args[:position], data, *args[position + 1 :]), kwargs
+    return args, {**kwargs, "validation_data": data}
+
 
 
 def for_backend(

@@ -265,8 +265,6 @@ def similar_items(
     )
     rows: list[list[Any]] = [[] if entry is None else list(entry) for entry in entries]
     index = model.candidate_index
-    for row in rows:  # validate the caller's exclusions before adding ours
-        index.positions_of(row, ignore_unknown=ignore_unknown_exclusions)
     if exclude_self:
         if item_ids is None:
             ids = np.asarray(items) if not isinstance(items, Mapping) else None
@@ -291,6 +289,7 @@ def similar_items(
         k=k,
         similarity_fn=model.compute_similarities,
         exclude=rows,
-        ignore_unknown_exclusions=True,
+        # Only indexed ids of the items themselves were added: unknown ids are the caller's.
+        ignore_unknown_exclusions=ignore_unknown_exclusions,
     )
     return scores, found

@@ -740,7 +740,18 @@ def _exclusion_lists(
     return entries
 
 
-def _positions_of(catalogue: _Catalogue, ids: Any, ignore_unknown: bool) -> np.ndarray:
+def _positions_of(
+    catalogue: _Catalogue,
+    ids: Any,
+    ignore_unknown: bool,
+    flag: str = "ignore_unknown",
+    what: str = "ids",
+) -> np.ndarray:
+    """Catalogue positions of `ids`; -1 for unknown ids when `ignore_unknown`.
+
+    `flag` and `what` name the caller's own argument and input in the error
+    (`positions_of(ignore_unknown=...)`, `search(ignore_unknown_exclusions=...)`).
+    """
     values = np.asarray(ids).reshape(-1)
     if values.dtype.kind == "b":
         raise ValueError(
@@ -763,8 +774,8 @@ def _positions_of(catalogue: _Catalogue, ids: Any, ignore_unknown: bool) -> np.n
     if not ignore_unknown and not np.all(found):
         unknown = np.unique(values[~found])[:5].tolist()
         raise ValueError(
-            f"{int(np.sum(~found))} id(s) are not in the indexed catalogue, e.g. "
-            f"{unknown}. Pass ignore_unknown=True to skip them."
+            f"{int(np.sum(~found))} {what} are not in the indexed catalogue, e.g. "
+            f"{unknown}. Pass {flag}=True to skip them."
         )
     return np.where(found, catalogue.order[slots], -1).astype("int64")
 
@@ -778,7 +789,9 @@ def _exclusions(
     for row, ids in enumerate(_exclusion_lists(exclude, num_queries)):
         if ids is None:
             continue
-        found = _positions_of(catalogue, ids, ignore_unknown)
+        found = _positions_of(
+            catalogue, ids, ignore_unknown, "ignore_unknown_exclusions", "excluded id(s)"
+        )
         found = np.unique(found[found >= 0])
         if num_candidates - len(found) < k:
             raise ValueError(

@@ -227,6 +227,14 @@ class FeatureTower(keras.layers.Layer):
         if isinstance(features, Mapping):
             features = {name: _rectangular(name, value) for name, value in features.items()}
             self.check_feature_ranges(features)
+        else:
+            # Keras would convert it first, failing in each backend's own words.
+            names = [*self.categorical, *self.multivalued, *self.numeric]
+            kind = getattr(features, "dtype", type(features).__name__)
+            raise ValueError(
+                f"FeatureTower {self.name!r} takes a dict of features {names}. Received "
+                f"{type(features).__name__} of {kind}."
+            )
         return super().__call__(features, *args, **kwargs)
 
     def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:

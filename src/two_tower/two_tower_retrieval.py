@@ -17,6 +17,7 @@ from two_tower import (
     _input_checks,
     _serving,
     _sparse_training,
+    _vocabularies,
     losses,
 )
 from two_tower._input_checks import CANDIDATE, CATALOGUE_LOSSES, LOSSES, QUERY, SAMPLING_PROBABILITY
@@ -25,6 +26,7 @@ from two_tower.backends import backend_module
 from two_tower.brute_force_index import BruteForceIndex
 from two_tower.factorized_top_k import FactorizedTopK
 from two_tower.types import Tensor
+from two_tower.vocabulary import Vocabulary
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -84,6 +86,23 @@ class TwoTowerRetrieval(keras.Model):
       `(x, None, sample_weight)`: Keras drops `sample_weight` passed beside
       `y=None` as arrays, so `fit`/`evaluate` raise on that instead.
 
+    **Raw ids.** With `query_vocabulary` / `candidate_vocabulary`, the model
+    carries its `two_tower.Vocabulary` lookups, saved in the `.keras` file, and
+    takes raw values (strings, int64 ids) wherever it takes NumPy-like
+    features: `fit`, `evaluate`, `predict`, `recommend`, `similar_items`,
+    `index_candidates` and `set_catalogue`. Datasets, generators and
+    `PyDataset`s are read as they come: they must yield the towers' inputs
+    (indices), e.g. from `encode_queries` / `encode_candidates`.
+    `index_candidates()` then indexes every known candidate under its raw id, so
+    `recommend` and `similar_items` return raw ids (and take raw ids in
+    `exclude`). Unknown values follow the vocabulary's rule: an unknown query
+    value goes to its OOV bucket (a learned row: with `adapt(min_count=2)` it is
+    trained on the rare users); an unknown candidate id raises in
+    `index_candidates` and `similar_items` when the candidate tower takes ids
+    alone, since it has no embedding of its own (with dict features it goes to
+    its OOV bucket like any feature value, and the other features describe it).
+    `FactorizedTopK` metrics and their exclusions work in indices.
+
     **Row-sparse tables.** When the towers hold `two_tower.SparseEmbedding` tables
     (e.g. `IdEmbeddingTower(sparse=True)`), `fit` runs the backend's row-sparse
     step: those tables' gradients and optimizer updates touch the looked-up rows
@@ -132,6 +151,12 @@ class TwoTowerRetrieval(keras.Model):
         query_id_key: with dict query features, the feature holding the query
             id (for `FactorizedTopK` recall and exclusions, and the id checks).
         candidate_index: the top-k index; defaults to a new `BruteForceIndex`.
+        query_vocabulary: a `two_tower.Vocabulary` of raw query ids (for a
+            query tower over one id array), or a dict feature name ->
+            `Vocabulary` (for a tower over a dict of features; other features
+            pass through). Its values must be set (`adapt` first).
+        candidate_vocabulary: the same for candidates. For an id tower its
+            `size` must not exceed the tower's ids (nor `catalogue_size`).
         cross_replica_negatives: under a `tf.distribute` strategy, each replica's
             in-batch (and sampled-softmax batch) negatives are the whole global
             batch's candidates, gathered across replicas, as on one device. False
@@ -142,8 +167,8 @@ class TwoTowerRetrieval(keras.Model):
 
     Raises:
         TypeError: a tower that is not a Keras layer.
-        ValueError: an unknown loss; a temperature that is not a finite number
-            > 0; a catalogue loss without `catalogue_size`, or a `catalogue_size`
+        ValueError: an unknown loss; a temperature that is not a finite
+            positive number; a catalogue loss without `catalogue_size`, or a `catalogue_size`
             above the candidate tower's ids; `"sampled_softmax"` without
             `num_sampled_negatives`; options that the loss does not use. In `fit`,
             `evaluate` and `predict` on pairs: towers whose output dims differ.
@@ -177,6 +202,8 @@ class TwoTowerRetrieval(keras.Model):
         candidate_index: BruteForceIndex | None = None,
         query_id_key: str | None = None,
         cross_replica_negatives: bool = True,
+        query_vocabulary: Vocabulary | Mapping[str, Vocabulary] | None = None,
+        candidate_vocabulary: Vocabulary | Mapping[str, Vocabulary] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -196,6 +223,24 @@ class TwoTowerRetrieval(keras.Model):
             num_sampled_negatives=num_sampled_negatives,
             cross_replica_negatives=cross_replica_negatives,
         )
+        self.query_vocabulary = _vocabularies.check(
+            query_vocabulary, "query_vocabulary", _input_checks.tower_id_limit(query_tower, QUERY)
+        )
+        self.candidate_vocabulary = _vocabularies.check(
+            candidate_vocabulary,
+            "candidate_vocabulary",
+            _input_checks.tower_id_limit(candidate_tower, CANDIDATE),
+        )
+        candidate_ids = _vocabularies.id_vocabulary(self.candidate_vocabulary, candidate_id_key)
+        if (
+            candidate_ids is not None
+            and catalogue_size is not None
+            and (candidate_ids.size > catalogue_size)
+        ):
+            raise ValueError(
+                f"`candidate_vocabulary` maps to {candidate_ids.size} indices (OOV buckets "
+                f"included), more than catalogue_size={catalogue_size}."
+            )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         share = getattr(query_tower, "share_candidate_items", None)
@@ -228,12 +273,14 @@ class TwoTowerRetrieval(keras.Model):
     @classmethod
     def from_ids(
         cls,
-        num_queries: int,
-        num_candidates: int,
+        num_queries: int | None = None,
+        num_candidates: int | None = None,
         embedding_dim: int | None = None,
         l2: float | None = None,
         temperature: float | None = None,
         sparse: bool | None = None,
+        query_vocabulary: Vocabulary | None = None,
+        candidate_vocabulary: Vocabulary | None = None,
         **kwargs: Any,
     ) -> TwoTowerRetrieval:
         """The tuned softmax configuration over integer query and candidate ids.
@@ -243,22 +290,60 @@ class TwoTowerRetrieval(keras.Model):
         Train it with `compile(optimizer=two_tower.defaults.optimizer())` and
         `fit(x, **two_tower.defaults.FIT)`.
 
+        With vocabularies, the model takes raw ids (see "Raw ids" above) and
+        the table sizes default to the vocabularies' `size`.
+
         Args:
-            num_queries: query ids run from 0 to `num_queries - 1`.
-            num_candidates: candidate ids run from 0 to `num_candidates - 1`.
+            num_queries: query ids run from 0 to `num_queries - 1`; defaults
+                to `query_vocabulary.size`.
+            num_candidates: candidate ids run from 0 to `num_candidates - 1`;
+                defaults to `candidate_vocabulary.size`.
             embedding_dim: defaults to `defaults.EMBEDDING_DIM`.
             l2: defaults to `defaults.L2`.
             temperature: defaults to `defaults.TEMPERATURE`.
             sparse: row-sparse tables (`IdEmbeddingTower(sparse=True)`);
                 defaults to `defaults.SPARSE`.
+            query_vocabulary: a `two_tower.Vocabulary` of raw query ids.
+            candidate_vocabulary: a `two_tower.Vocabulary` of raw candidate ids.
             **kwargs: other `TwoTowerRetrieval` arguments (e.g. `loss`).
 
         Returns:
             An uncompiled `TwoTowerRetrieval`.
+
+        Raises:
+            ValueError: a size that is neither given nor implied by a
+                vocabulary, or the arguments' own errors.
+
+        Examples:
+            >>> import numpy as np
+            >>> users = two_tower.Vocabulary(["ann", "bob"])
+            >>> items = two_tower.Vocabulary(["x", "y", "z"])
+            >>> model = two_tower.TwoTowerRetrieval.from_ids(
+            ...     query_vocabulary=users, candidate_vocabulary=items)
+            >>> model.compile(optimizer=two_tower.defaults.optimizer())
+            >>> x = {"query": np.array(["ann", "bob"]), "candidate": np.array(["y", "z"])}
+            >>> history = model.fit(x, epochs=1, verbose=0)
+            >>> model.index_candidates()
+            >>> model.recommend(["ann"], k=2, exclude=[["y"]]).dtype.kind
+            'U'
         """
         from two_tower import defaults
         from two_tower.id_embedding_tower import IdEmbeddingTower
 
+        sizes = {}
+        for name, size, vocabulary in (
+            ("num_queries", num_queries, query_vocabulary),
+            ("num_candidates", num_candidates, candidate_vocabulary),
+        ):
+            if size is None and isinstance(vocabulary, Vocabulary):
+                size = vocabulary.size
+            if size is None:
+                raise ValueError(
+                    f"from_ids needs `{name}`, or a vocabulary whose size gives it. Received "
+                    f"{name}=None and no vocabulary."
+                )
+            sizes[name] = size
+        num_queries, num_candidates = sizes["num_queries"], sizes["num_candidates"]
         dim = defaults.EMBEDDING_DIM if embedding_dim is None else embedding_dim
         penalty = defaults.L2 if l2 is None else l2
         sparse = defaults.SPARSE if sparse is None else sparse
@@ -278,10 +363,90 @@ class TwoTowerRetrieval(keras.Model):
                 name="candidate_tower",
             ),
             temperature=defaults.TEMPERATURE if temperature is None else temperature,
+            query_vocabulary=query_vocabulary,
+            candidate_vocabulary=candidate_vocabulary,
             **kwargs,
         )
 
     # ----------------------------------------------------------------- towers
+    def encode_queries(self, query_features: Any) -> Any:
+        """Raw query features as the query tower's inputs, through `query_vocabulary`.
+
+        The model does this itself for NumPy-like inputs; call it to prepare
+        the batches of a dataset or generator, which are read as they come.
+
+        Args:
+            query_features: an array-like of raw values, or a dict of them.
+
+        Returns:
+            NumPy indices (int32) for the looked-up features; the other
+            features, and everything without a `query_vocabulary`, unchanged.
+
+        Raises:
+            ValueError: features of the wrong structure or kind for the
+                vocabularies (see `two_tower.Vocabulary`).
+        """
+        return _vocabularies.encode(
+            self.query_vocabulary, query_features, "`query_features`", "query_vocabulary"
+        )
+
+    def encode_candidates(self, candidate_features: Any) -> Any:
+        """Raw candidate features as the candidate tower's inputs (see `encode_queries`).
+
+        Args:
+            candidate_features: an array-like of raw values, or a dict of them.
+
+        Returns:
+            The features with `candidate_vocabulary`'s looked up.
+
+        Raises:
+            ValueError: features of the wrong structure or kind for the
+                vocabularies.
+        """
+        return _vocabularies.encode(
+            self.candidate_vocabulary,
+            candidate_features,
+            "`candidate_features`",
+            "candidate_vocabulary",
+        )
+
+    def _encoded_pairs(self, x: Any) -> Any:
+        """A pair dict of NumPy-like raw features, encoded; anything else as it is."""
+        if not _is_pair(x) or (self.query_vocabulary is None and self.candidate_vocabulary is None):
+            return x
+        leaves = keras.tree.flatten({key: x[key] for key in (QUERY, CANDIDATE)})
+        if not all(isinstance(leaf, (np.ndarray, list, tuple)) for leaf in leaves):
+            return x
+        encoded = dict(x)
+        encoded[QUERY] = _vocabularies.encode(
+            self.query_vocabulary, x[QUERY], "x['query']", "query_vocabulary"
+        )
+        encoded[CANDIDATE] = _vocabularies.encode(
+            self.candidate_vocabulary, x[CANDIDATE], "x['candidate']", "candidate_vocabulary"
+        )
+        return encoded
+
+    def _check_structure(self, features: Any, side: str, argument: str, hint: str = "") -> None:
+        """Host-side: a dict where the built tower took an array, or the reverse.
+
+        Otherwise each backend fails in its own words inside the compiled call.
+        """
+        spec = self._query_input_spec if side == QUERY else self._candidate_input_spec
+        if spec is None or _serving._is_batches(features):
+            return
+        if isinstance(spec, Mapping) and not isinstance(features, Mapping):
+            received = np.asarray(features) if isinstance(features, (list, tuple)) else features
+            kind = getattr(received, "dtype", type(received).__name__)
+            raise ValueError(
+                f"{argument} must be a dict of features {sorted(spec)}, as the {side} tower "
+                f"takes. Received an array of {kind}.{hint}"
+            )
+        if not isinstance(spec, Mapping) and isinstance(features, Mapping):
+            raise ValueError(
+                f"{argument} must be one array, as the {side} tower takes. Received a dict "
+                f"of features {sorted(map(str, features))}."
+            )
+
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
         query_features = _input_checks.check_ids(self, query_features, QUERY, "query_features")
@@ -383,9 +548,16 @@ class TwoTowerRetrieval(keras.Model):
         Calling it again replaces the values; the shapes and dtypes must stay
         the same (pad multi-valued features to the same width).
 
+        With a `candidate_vocabulary` the features are raw values, looked up
+        first. When it maps the `candidate_id_key` feature, the rows may come in
+        any order and need not cover every index: each row goes to its id's
+        index, and the rest (the OOV buckets, known ids without a row) get 0,
+        or -1 (empty) in multi-valued features.
+
         Args:
             features: feature name -> NumPy array of integers (indices, e.g.
-                from `two_tower.Vocabulary`) or floats, `catalogue_size` rows.
+                from `two_tower.Vocabulary`) or floats, `catalogue_size` rows;
+                or raw values for the features `candidate_vocabulary` maps.
 
         Raises:
             ValueError: without `catalogue_size`; features that are not a dict of
@@ -412,6 +584,9 @@ class TwoTowerRetrieval(keras.Model):
                 "set_catalogue needs the model's `catalogue_size` (the number of "
                 "candidate ids). Received catalogue_size=None"
             )
+        features = _vocabularies.catalogue_rows(
+            self.candidate_vocabulary, features, self.candidate_id_key, self.catalogue_size
+        )
         arrays = _input_checks.catalogue_features(self, features)
         current = self._catalogue_features
         if current:
@@ -638,6 +813,11 @@ class TwoTowerRetrieval(keras.Model):
         """Checks and prepares `fit`/`evaluate` inputs, then runs Keras' `loop`."""
         backend_module().check_replicas()
         args, kwargs = _input_checks.fit_arguments(what, args, kwargs)
+        if not kwargs.get("_use_cached_eval_dataset"):
+            # (Keras' fit evaluates its validation data, already encoded, that way.)
+            args, kwargs = _input_checks.replace_x(args, kwargs, self._encoded_pairs)
+        if what == "fit":
+            args, kwargs = _input_checks.replace_validation_x(args, kwargs, self._encoded_pairs)
         _input_checks.check_fit_arguments(self, what, args, kwargs)
         self._build_towers(args[0] if args else kwargs.get("x"))
         args, kwargs = _input_checks.for_backend(what, args, kwargs, backend_module())
@@ -659,10 +839,14 @@ class TwoTowerRetrieval(keras.Model):
                 f"for both embeddings. Received x with keys {sorted(map(str, x))}"
             )
         if _is_pair(x):
+            x = self._encoded_pairs(x)
             _input_checks.check_ids(self, x[QUERY], QUERY, "x['query']")
             _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
             self._build_towers(x)
         else:
+            if not _serving._is_batches(x):
+                x = self.encode_queries(x)
+                self._check_structure(x, QUERY, "x")
             _input_checks.check_ids(self, x, QUERY, "x")
             self._build_towers({QUERY: x})
         self._predicting = True
@@ -740,29 +924,70 @@ class TwoTowerRetrieval(keras.Model):
         The embeddings go into the index batch by batch: the index's copy is
         the only one (see `BruteForceIndex.index`).
 
+        With a `candidate_vocabulary`, `candidates` are raw values, and the ids
+        default to the raw ids; without `candidates`, every known candidate is
+        indexed (not the OOV rows), under its raw id.
+
         Args:
             candidates: candidate features (an array or a dict of arrays), one
-                row per candidate, or a dataset or generator of such batches;
-                defaults to the features given to `set_catalogue`.
+                row per candidate, or a dataset or generator of such batches
+                (of tower inputs); defaults to the features given to
+                `set_catalogue`, or with a candidate vocabulary of ids, to
+                every id it knows.
             candidate_ids: one unique id per candidate, integers (the whole
-                int64 range) or strings; defaults to row positions.
+                int64 range) or strings; defaults to the raw ids with a
+                candidate vocabulary, else to row positions.
             batch_size: rows embedded at once.
 
         Raises:
-            ValueError: without `candidates` when no catalogue was set, on
-                malformed candidates, on ids that are not all integers or all
-                strings, or duplicated, or on a bad `batch_size`.
+            ValueError: without `candidates` when no catalogue was set (and no
+                candidate vocabulary of ids), on malformed candidates or raw
+                ids the candidate vocabulary does not know (see "Raw ids"), on
+                ids that are not all integers or all strings, or duplicated, or
+                on a bad `batch_size`.
         """
+        vocabulary = _vocabularies.id_vocabulary(self.candidate_vocabulary, self.candidate_id_key)
         if candidates is None:
-            if not self._catalogue_features:
+            if not self._catalogue_features and not isinstance(
+                self.candidate_vocabulary, Vocabulary
+            ):
                 raise ValueError(
                     "index_candidates needs `candidates` (the features of every "
                     "candidate), or a catalogue given earlier with `set_catalogue`."
                 )
-            candidates = {
-                name: ops.convert_to_numpy(variable.value)
-                for name, variable in self._catalogue_features.items()
-            }
+            known = slice(None)
+            if vocabulary is not None:  # every known id, under its raw id
+                assert vocabulary.vocabulary is not None
+                known = slice(vocabulary.num_oov_buckets, vocabulary.size)
+                if candidate_ids is None:
+                    candidate_ids = vocabulary.vocabulary
+            if self._catalogue_features:
+                candidates = {
+                    name: ops.convert_to_numpy(variable.value)[known]
+                    for name, variable in self._catalogue_features.items()
+                }
+            else:
+                candidates = np.arange(known.start, known.stop, dtype="int32")
+        elif not _serving._is_batches(candidates):
+            raw = candidates
+            candidates = self.encode_candidates(candidates)
+            self._check_structure(
+                candidates,
+                CANDIDATE,
+                "`candidates`",
+                " To index the catalogue given to `set_catalogue`, call index_candidates() "
+                "without `candidates`.",
+            )
+            if isinstance(self.candidate_vocabulary, Vocabulary):
+                _vocabularies.require_known(
+                    self.candidate_vocabulary, candidates, raw, "`candidates`"
+                )
+            if vocabulary is not None and candidate_ids is None:
+                candidate_ids = (
+                    raw
+                    if isinstance(self.candidate_vocabulary, Vocabulary)
+                    else (raw[self.candidate_id_key])
+                )
         with backend_module().serving_slot():  # embedded block by block into the index
             blocks = _serving.embed_candidates(self, candidates, batch_size)
             self.candidate_index.index(blocks, candidate_ids)
@@ -784,10 +1009,14 @@ class TwoTowerRetrieval(keras.Model):
         the variables without Keras' stateful `predict`; see `docs/serving.md`).
         Query ids for an id tower are checked first: strings, non-integer floats
         and out-of-range ids raise; integer-valued floats are used as integers.
+        With a `query_vocabulary`, `queries` are raw values (an unknown one goes
+        to its OOV bucket), and the ids returned and excluded are the ids the
+        catalogue was indexed with (raw ids, with a candidate vocabulary).
 
         Args:
             queries: query features (an array or a dict of arrays), or a
-                dataset or generator of such batches (e.g. a `tf.data.Dataset`).
+                dataset or generator of such batches (e.g. a `tf.data.Dataset`)
+                of query tower inputs.
             k: results per query; `1 <= k <= ` the number of indexed candidates.
             exclude: one sequence of candidate ids (or None) per query to leave
                 out, e.g. what each user already watched: `[[3, 5], None]`. A
@@ -812,6 +1041,9 @@ class TwoTowerRetrieval(keras.Model):
         _serving.check_flags(
             return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
         )
+        if not _serving._is_batches(queries):
+            queries = self.encode_queries(queries)
+            self._check_structure(queries, QUERY, "`queries`")
         with backend_module().serving_slot():
             query_embeddings = _serving.embed_queries(self, queries, batch_size)
             scores, ids = self.candidate_index.search(
@@ -840,7 +1072,9 @@ class TwoTowerRetrieval(keras.Model):
 
         Each item is embedded with the candidate tower (or `item_tower`, for a
         second tower trained for item queries) and scored against the index with
-        `compute_similarities`.
+        `compute_similarities`. With a `candidate_vocabulary`, `items` are raw
+        values and `item_ids` default to their raw ids; an unknown raw id raises
+        when the candidate tower takes ids alone (see "Raw ids").
 
         Args:
             items: item features (an array or a dict of arrays), one row per item.
@@ -879,6 +1113,22 @@ class TwoTowerRetrieval(keras.Model):
             exclude_self=exclude_self,
             ignore_unknown_exclusions=ignore_unknown_exclusions,
         )
+        if not _serving._is_batches(items):
+            raw = items
+            items = self.encode_candidates(items)
+            if item_tower is None:
+                self._check_structure(items, CANDIDATE, "`items`")
+            vocabulary = _vocabularies.id_vocabulary(
+                self.candidate_vocabulary, self.candidate_id_key
+            )
+            if isinstance(self.candidate_vocabulary, Vocabulary):
+                _vocabularies.require_known(self.candidate_vocabulary, items, raw, "`items`")
+            if vocabulary is not None and item_ids is None:
+                item_ids = (
+                    raw
+                    if isinstance(self.candidate_vocabulary, Vocabulary)
+                    else (raw[self.candidate_id_key])
+                )
         with backend_module().serving_slot():
             scores, found = _serving.similar_items(
                 self,
@@ -910,6 +1160,8 @@ class TwoTowerRetrieval(keras.Model):
                 "query_id_key": self.query_id_key,
                 "cross_replica_negatives": self.cross_replica_negatives,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
+                "query_vocabulary": _vocabularies.serialize(self.query_vocabulary),
+                "candidate_vocabulary": _vocabularies.serialize(self.candidate_vocabulary),
             }
         )
         return config
@@ -919,6 +1171,8 @@ class TwoTowerRetrieval(keras.Model):
         config = dict(config)
         for key in ("query_tower", "candidate_tower", "candidate_index"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
+        for key in ("query_vocabulary", "candidate_vocabulary"):
+            config[key] = _vocabularies.deserialize(config.get(key))
         return cls(**config)
 
     def get_build_config(self) -> dict[str, Any]:

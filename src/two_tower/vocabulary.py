@@ -91,8 +91,15 @@ class Vocabulary(keras.layers.Layer):
     the vocabulary in the order given (or, from `adapt`, by descending count,
     ties by value). A value never seen goes to bucket `crc32(value) %
     num_oov_buckets`, the same in every process and on every backend (Python's
-    `hash` is salted per process, so it is not used). Empty strings always go to
-    bucket 0, and so never to a learned row by accident.
+    `hash` is salted per process, so it is not used).
+
+    Padding: the `padding` value (e.g. `""` or `-1`) maps to index -1, which
+    `FeatureTower` and `HistoryTower` read as an empty position: it never
+    reaches a table row. Pad multi-valued features (genres, histories) with it.
+    The empty string is never a known value (`set_vocabulary` refuses it and
+    `adapt` skips it). Unless it is the `padding` value, `""` is an unknown value
+    like any other and goes to OOV bucket 0, which is a learned row shared with
+    the unknown values: so lists padded with `""` need `padding=""`.
 
     An empty vocabulary (`Vocabulary([])`, or `adapt` keeping no value because
     of `min_count`) is valid: every value, integer or string, goes to its OOV
@@ -112,6 +119,8 @@ class Vocabulary(keras.layers.Layer):
         max_size: with `adapt`, keep at most this many of the most frequent
             values.
         min_count: with `adapt`, keep values seen at least this many times.
+        padding: a value that maps to -1 (padding) instead of an index, or
+            None. It must not be a known value; `adapt` does not count it.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Raises:
@@ -125,6 +134,9 @@ class Vocabulary(keras.layers.Layer):
         [2, 0, 1]
         >>> vocab.size
         3
+        >>> genres = two_tower.Vocabulary(["drama", "comedy"], padding="")
+        >>> genres(np.array([["comedy", ""], ["horror", "drama"]])).tolist()
+        [[2, -1], [0, 1]]
     """
 
     def __init__(
@@ -133,6 +145,7 @@ class Vocabulary(keras.layers.Layer):
         num_oov_buckets: int = 1,
         max_size: int | None = None,
         min_count: int = 1,
+        padding: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -148,6 +161,16 @@ class Vocabulary(keras.layers.Layer):
         self.num_oov_buckets = num_oov_buckets
         self.max_size = max_size
         self.min_count = min_count
+        if padding is not None:
+            if isinstance(padding, (bytes, np.bytes_)):
+                padding = _decode(bytes(padding), "padding")
+            if isinstance(padding, bool) or not isinstance(padding, (str, int, np.integer)):
+                raise ValueError(
+                    "`padding` must be a string, an integer or None. Received: "
+                    f"padding={padding!r} of type {type(padding).__name__}"
+                )
+            padding = _values([padding], "padding").tolist()[0]
+        self.padding = padding
         self._vocabulary: np.ndarray | None = None
         self._sorted: np.ndarray | None = None
         self._order: np.ndarray | None = None
@@ -179,7 +202,22 @@ class Vocabulary(keras.layers.Layer):
         values = _values(vocabulary, "vocabulary").reshape(-1)
         if values.dtype.kind == "U" and np.any(values == ""):
             raise ValueError(
-                "`vocabulary` must not contain the empty string (it always maps to OOV bucket 0)."
+                "`vocabulary` must not contain the empty string: it is padding "
+                '(with padding="") or an unknown value (OOV bucket 0), never a known value.'
+            )
+        if (
+            self.padding is not None
+            and len(values)
+            and (values.dtype.kind == "U") != isinstance(self.padding, str)
+        ):
+            raise ValueError(
+                f"`padding` ({self.padding!r}) must be of the vocabulary's kind: "
+                f"{'a string' if values.dtype.kind == 'U' else 'an integer'}."
+            )
+        if self.padding is not None and len(values) and np.any(values == self.padding):
+            raise ValueError(
+                f"`vocabulary` must not contain the padding value {self.padding!r}: it "
+                "maps to -1, not to an index."
             )
         order = np.argsort(values, kind="stable")
         ordered = values[order]
@@ -196,8 +234,8 @@ class Vocabulary(keras.layers.Layer):
 
         Args:
             data: an array-like of raw values (any shape; all are counted).
-                Empty strings are never kept. If no value is seen `min_count`
-                times, the vocabulary is empty and every value maps to its OOV
+                Empty strings and the `padding` value are never kept. If no value
+                is seen `min_count` times, the vocabulary is empty and every value maps to its OOV
                 bucket.
 
         Raises:
@@ -207,6 +245,10 @@ class Vocabulary(keras.layers.Layer):
         values = _values(data, "data").reshape(-1)
         if values.dtype.kind == "U":
             values = values[values != ""]
+        if self.padding is not None and len(values):
+            same_kind = (values.dtype.kind == "U") == isinstance(self.padding, str)
+            if same_kind:
+                values = values[values != self.padding]
         unique, counts = np.unique(values, return_counts=True)
         keep = counts >= self.min_count
         unique, counts = unique[keep], counts[keep]
@@ -222,6 +264,9 @@ class Vocabulary(keras.layers.Layer):
 
     def call(self, inputs: Any) -> np.ndarray:
         """Indices of `inputs` (any shape), as a NumPy int32 array.
+
+        Known values get their index, unknown values their OOV bucket, and
+        the `padding` value -1.
 
         Raises:
             ValueError: before `adapt` or `set_vocabulary`, when the values are
@@ -248,10 +293,47 @@ class Vocabulary(keras.layers.Layer):
         else:
             found = np.zeros(flat.shape, dtype=bool)
             indices = np.zeros(flat.shape, dtype="int64")
-        unseen = np.flatnonzero(~found)
+        padded = np.zeros(flat.shape, dtype=bool)
+        if (
+            self.padding is not None
+            and flat.size
+            and (flat.dtype.kind == "U") == isinstance(self.padding, str)
+        ):
+            padded = flat == self.padding
+        unseen = np.flatnonzero(~found & ~padded)
         if len(unseen) and self.num_oov_buckets > 1:
             indices[unseen] = [self._bucket(v) for v in flat[unseen].tolist()]
+        indices[padded] = -1
         return indices.astype("int32").reshape(values.shape)
+
+    def values_of(self, indices: Any) -> np.ndarray:
+        """The known values at `indices` (the inverse of a lookup of known values).
+
+        Args:
+            indices: integer indices of known values, in
+                `[num_oov_buckets, size)`, any shape.
+
+        Returns:
+            The values, an int64 or unicode array of the shape of `indices`.
+
+        Raises:
+            ValueError: before the vocabulary is set, or on an index that is an
+                OOV bucket, padding, or out of range (they name no one value).
+        """
+        if self._vocabulary is None:
+            raise ValueError(
+                "The vocabulary is not set: call `adapt(data)` or pass `vocabulary` first."
+            )
+        positions = np.asarray(indices)
+        if positions.dtype.kind not in "iu":
+            raise ValueError(f"`indices` must be integers. Received dtype {positions.dtype}")
+        bad = (positions < self.num_oov_buckets) | (positions >= self.size)
+        if np.any(bad):
+            raise ValueError(
+                f"`indices` must name known values, in [{self.num_oov_buckets}, {self.size}) "
+                f"(below are the OOV buckets). Received {np.unique(positions[bad])[:5].tolist()}"
+            )
+        return self._vocabulary[positions - self.num_oov_buckets]
 
     def _bucket(self, value: Any) -> int:
         if value == "":
@@ -270,6 +352,7 @@ class Vocabulary(keras.layers.Layer):
                 "num_oov_buckets": self.num_oov_buckets,
                 "max_size": self.max_size,
                 "min_count": self.min_count,
+                "padding": self.padding,
             }
         )
         return config
