@@ -24,7 +24,7 @@ nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = [
     "lint", "tests-jax", "tests-torch", "tests-tensorflow", "tests-multidevice", "cross-backend",
-    "docs", "package",
+    "docs", "docs-browser", "package",
 ]  # fmt: skip
 
 ROOT = Path(__file__).parent
@@ -141,6 +141,37 @@ def docs(session: nox.Session) -> None:
     env = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its successor
     session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=env)
     session.run("python", ".ci/check_api_reference.py")
+    # Lists glued to the sentence before them, docstring blockquotes: the built HTML shows
+    # them, --strict does not. The self-test builds a broken page that must fail the check.
+    session.run("python", ".ci/check_rendered_docs.py", "--self-test", env=env)
+    session.run("python", ".ci/check_rendered_docs.py", "site")
+
+
+@nox.session(name="docs-browser")
+def docs_browser(session: nox.Session) -> None:
+    """Opens site/ in headless Chromium: screenshots of the home, getting-started, your-data
+    and TwoTowerRetrieval pages, a search for "Vocabulary" over http, and index.html browsed
+    from disk. Builds site/ unless it is newer than its sources (after `docs`, it is);
+    installs Debian's chromium with apt when missing (as root, as CI runs)."""
+    index = ROOT / "site" / "index.html"
+    sources = [ROOT / "mkdocs.yml", README, ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*")]
+    sources += (ROOT / "src").rglob("*.py")
+    newest = max(path.stat().st_mtime for path in sources if path.exists())
+    if index.exists() and index.stat().st_mtime > newest:
+        session.log("site/ is newer than docs/, src/ and mkdocs.yml: using it as built")
+    else:
+        session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+        env = {"NO_MKDOCS_2_WARNING": "1"}
+        session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=env)
+    if shutil.which("chromium") is None:
+        if os.geteuid() != 0:
+            session.error("chromium is missing: `sudo apt-get install chromium` (Debian)")
+        apt = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-qq", env=apt, external=True)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", env=apt, external=True)
+    screenshots = Path(session.create_tmp()).resolve() / "screenshots"
+    shutil.rmtree(screenshots, ignore_errors=True)
+    session.run("python", ".ci/docs_browser.py", "site", "--out", str(screenshots))
 
 
 @nox.session
