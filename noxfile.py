@@ -135,8 +135,9 @@ def tests_multidevice(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Builds the documentation site into site/ (`mkdocs build --strict`: broken links,
-    cross-references or docstrings fail) and checks that the API reference documents
-    every public name and every documented argument exists."""
+    cross-references or docstrings fail), checks that the API reference documents every
+    public name and every documented argument exists, and that the built pages show every
+    list as a list and no docstring as a blockquote (.ci/check_rendered_docs.py)."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
     env = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its successor
     session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=env)
