@@ -194,12 +194,14 @@ def package(session: nox.Session) -> None:
         session.run("python", "-m", "venv", str(venv))
         python = str(venv / "bin" / "python")
         session.run(python, "-m", "pip", "install", "--quiet", f"{wheel}[jax]", external=True)
-        quickstart = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                      if "TwoTowerRetrieval" in b]  # fmt: skip
-        (outside / "quickstart.py").write_text(quickstart[0])
+        # The quickstart and its save/load block, as one script (the README's only
+        # Python blocks; tests/test_docs.py checks that there are no others).
+        blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+        assert "TwoTowerRetrieval" in blocks[0], "the README's first block is the quickstart"
+        (outside / "quickstart.py").write_text("\n".join(blocks))
         shutil.copy(ROOT / ".ci" / "check_installed.py", outside)
         with session.chdir(outside):
-            env = {"KERAS_BACKEND": "jax"}
+            env = _environment("jax")  # the quickstart reads MovieLens 100K
             session.run(python, "check_installed.py", str(ROOT), env=env, external=True)
             session.run(python, "quickstart.py", env=env, external=True)
     finally:

@@ -4,7 +4,9 @@
 distributed guide's JAX blocks run in the tests-multidevice session.
 """
 
+import collections
 import os
+import re
 import subprocess
 import sys
 
@@ -43,22 +45,91 @@ def test_every_python_block_in_the_docs_runs():
             assert f"def {name}(" in (REPOSITORY / "tests" / module).read_text(), runner
 
 
+def movielens_titles(folder):
+    """Movie id -> title, and user 42's rated movie ids, read from the raw files."""
+    items = (folder / "u.item").read_text(encoding="latin-1").splitlines()
+    titles = {line.split("|")[0]: line.split("|")[1] for line in items}
+    ratings = np.loadtxt(folder / "u.data", dtype=np.int64)
+    seen = {str(movie) for movie in ratings[ratings[:, 0] == 42, 1]}
+    return titles, seen
+
+
+def unique_titles(titles, movies):
+    """The titles of `movies` that no other movie shares (titles are not unique)."""
+    counts = collections.Counter(titles.values())
+    return {titles[movie] for movie in movies if counts[titles[movie]] == 1}
+
+
+def readme_fenced_blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", (REPOSITORY / "README.md").read_text(), re.S)
+
+
 @pytest.mark.slow
-def test_readme_quickstart_runs(tmp_path):
-    (quickstart,) = doc_blocks("README.md", "test_docs.py::test_readme_quickstart_runs")
+@pytest.mark.real_data
+def test_readme_quickstart_runs(real_data_dir, tmp_path):
+    # The quickstart and the save/load block, run as one script in a fresh process
+    # (as `nox -s package` runs them from the wheel), then a check of the reload.
+    blocks = doc_blocks("README.md", "test_docs.py::test_readme_quickstart_runs")
+    assert len(blocks) == len(python_blocks("README.md")) == 2
+    check = (
+        'again = model.recommend(["42"], k=10, exclude=[seen])\n'
+        'print("RELOADED", "|".join(again[0]), "|".join(ids[0]))\n'
+    )
     script = tmp_path / "quickstart.py"
-    script.write_text(quickstart)
+    script.write_text("\n".join(blocks) + "\n" + check)
     completed = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        env=dict(
+            os.environ,
+            KERAS_BACKEND=keras.backend.backend(),
+            TWO_TOWER_DATA_DIR=str(real_data_dir.parent),
+        ),
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (tmp_path / "retrieval.keras").is_file()
+    *printed, reloaded = completed.stdout.splitlines()
+
+    # Ten titles, of ten different movies, none of which user 42 has rated.
+    titles, seen = movielens_titles(real_data_dir)
+    assert len(printed) == 10, completed.stdout
+    assert set(printed) <= set(titles.values()), completed.stdout
+    assert len(set(printed)) == 10
+    assert not set(printed) & unique_titles(titles, seen), completed.stdout
+
+    # The reloaded model recommends the same raw ids, and those are the printed titles.
+    word, again, before = reloaded.split(" ")
+    assert word == "RELOADED" and again == before
+    assert [titles[movie] for movie in again.split("|")] == printed
+    assert not set(again.split("|")) & seen
+    assert (tmp_path / "movielens.keras").is_file()
+
+
+@pytest.mark.real_data
+def test_readme_shows_ten_real_titles_as_the_quickstart_output(real_data_dir):
+    # The first text block, right after the quickstart, is what it printed in a real
+    # run: ten different movies' titles, none of which user 42 has rated.
+    text = (REPOSITORY / "README.md").read_text()
+    output = readme_fenced_blocks("text")[0]
+    assert text.index(python_blocks("README.md")[0]) < text.index(output)
+    titles, seen = movielens_titles(real_data_dir)
+    printed = output.splitlines()
+    assert len(printed) == len(set(printed)) == 10, output
+    assert set(printed) <= set(titles.values()), output
+    assert not set(printed) & unique_titles(titles, seen), output
+
+
+def test_readme_test_command_is_what_ci_runs():
+    (ci_command,) = [
+        line for line in (REPOSITORY / ".ci" / "run").read_text().splitlines()
+        if re.search(r"\bnox -s ", line)
+    ]  # fmt: skip
+    sessions = ci_command.split("nox -s ", 1)[1].split()
+    readme = "\n".join(readme_fenced_blocks("bash"))
+    assert f"pip install nox && nox -s {' '.join(sessions)}   # the tests" in readme
 
 
 def load_subclass_from_getting_started():
