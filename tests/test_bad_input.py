@@ -357,3 +357,50 @@ def test_loading_a_path_that_is_not_a_model_says_so(tmp_path):
         two_tower.saving.load_model(tmp_path / "folder.keras")
     index = two_tower.BruteForceIndex(chunk_size=np.int64(64), query_batch_size=np.int32(8))
     assert index.get_config()["chunk_size"] == 64
+
+
+def test_ids_given_to_a_dict_feature_tower_raise_on_the_host():
+    """Each backend failed in its own words inside the compiled call (JAX "Error
+    interpreting argument", torch "Invalid dtype: str384", TensorFlow a trace)."""
+    unbuilt = feature_model()
+    with pytest.raises(ValueError, match=r"takes a dict of features \['movie', 'decade'\]"):
+        unbuilt.index_candidates(np.array(["a", "b"]))
+    model = feature_model()
+    rows = np.arange(16) % NUM_CANDIDATES
+    model.fit(
+        {"query": np.arange(16) % NUM_QUERIES, "candidate": {"movie": rows, "decade": rows % 3}},
+        epochs=1,
+        verbose=0,
+    )
+    catalogue = {"movie": np.arange(NUM_CANDIDATES), "decade": np.arange(NUM_CANDIDATES) % 3}
+    for ids in (np.array(["a", "b"]), np.arange(4)):
+        with pytest.raises(
+            ValueError,
+            match=r"`candidates` must be a dict of features \['decade', 'movie'\], as the "
+            r"candidate tower takes\. Received an array of .*call index_candidates\(\) without",
+        ):
+            model.index_candidates(ids)
+    model.index_candidates(catalogue)
+    with pytest.raises(ValueError, match=r"`items` must be a dict of features"):
+        model.similar_items(np.array([1, 2]), k=3)
+    with pytest.raises(ValueError, match=r"`queries` must be one array, as the query tower"):
+        model.recommend({"movie": np.array([1])}, k=3)
+
+
+def test_unknown_exclusions_name_the_argument_that_skips_them():
+    model = indexed_model()
+    for call in (
+        lambda: model.recommend(np.array([1]), k=3, exclude=[[999]]),
+        lambda: model.similar_items(np.array([1]), k=3, exclude=[[999]]),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"excluded id\(s\) .*\[999\]\. Pass "
+            r"ignore_unknown_exclusions=True to skip them\.",
+        ):
+            call()
+    assert model.similar_items(
+        np.array([1]), k=3, exclude=[[999]], ignore_unknown_exclusions=True
+    ).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"Pass ignore_unknown=True"):
+        model.candidate_index.positions_of([999])

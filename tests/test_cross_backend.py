@@ -70,7 +70,28 @@ SAVE = textwrap.dedent(
     ids = np.array([f"movie-{{i}}" for i in range({items})])
     model.index_candidates(np.arange({items}), ids)
     model.save(path)
-    print(json.dumps(model.recommend(np.arange({users}), k={k}).tolist()))
+    found = model.recommend(np.arange({users}), k={k}).tolist()
+
+    # A model that carries its vocabularies: raw ids in and out after loading.
+    users = two_tower.Vocabulary([f"user-{{i}}" for i in range({users})], num_oov_buckets=2)
+    movies = two_tower.Vocabulary(ids.tolist())
+    raw = two_tower.TwoTowerRetrieval.from_ids(
+        embedding_dim={dim}, query_vocabulary=users, candidate_vocabulary=movies
+    )
+    raw.compile(optimizer="adam")
+    named = {{"query": np.array([f"user-{{i}}" for i in x["query"]]),
+             "candidate": ids[x["candidate"]]}}
+    raw.fit(named, batch_size=200, epochs=1, verbose=0)
+    for tower in (raw.query_tower, raw.candidate_tower):
+        for variable in tower.weights:
+            variable.assign(np.round(keras.ops.convert_to_numpy(variable) * 8) / 8)
+    raw.index_candidates()
+    raw.save(path + ".raw.keras")
+    requests = ["user-3", "user-0", "someone new"]
+    exclude = [["movie-5", "movie-9"], None, ["movie-1"]]
+    print(json.dumps({{"found": found,
+                      "raw": raw.recommend(requests, k={k}, exclude=exclude).tolist(),
+                      "similar": raw.similar_items(["movie-7"], k={k}).tolist()}}))
     """
 ).format(users=NUM_USERS, items=NUM_ITEMS, dim=DIM, k=K)
 
@@ -89,7 +110,12 @@ LOAD = textwrap.dedent(
     x = {{"query": rng.integers(0, {users}, 400), "candidate": rng.integers(0, {items}, 400)}}
     logs = model.evaluate(x, batch_size=200, verbose=0, return_dict=True)
     history = model.fit(x, batch_size=200, epochs=1, verbose=0)
+    raw = keras.saving.load_model(sys.argv[1] + ".raw.keras")
+    requests = ["user-3", "user-0", "someone new"]
+    exclude = [["movie-5", "movie-9"], None, ["movie-1"]]
     print(json.dumps({{"found": found.tolist(), "tables": tables,
+                      "raw": raw.recommend(requests, k={k}, exclude=exclude).tolist(),
+                      "similar": raw.similar_items(["movie-7"], k={k}).tolist(),
                       "ids": model.candidate_index.candidate_ids.tolist(),
                       "logged": sorted(logs),
                       "loss": history.history["loss"][-1]}}))
@@ -112,11 +138,15 @@ def run(backend, script, *args, env=None):
 
 @pytest.mark.parametrize("saved_on", BACKENDS)
 def test_saved_on_one_backend_same_top_k_on_every_backend(tmp_path, saved_on):
+    """Also a model with vocabularies: raw ids in and out, the same on every backend."""
     path = str(tmp_path / "model.keras")
     saved = run(saved_on, SAVE, path)
     for backend in BACKENDS:
         loaded = run(backend, LOAD, path)
-        assert loaded["found"] == saved, f"{backend} differs from the {saved_on} results"
+        assert loaded["found"] == saved["found"], f"{backend} differs from the {saved_on} results"
+        # Raw ids: the vocabularies came with the file, and give the same raw ids.
+        assert loaded["raw"] == saved["raw"] and loaded["similar"] == saved["similar"], backend
+        assert isinstance(loaded["raw"][0][0], str) and "movie-5" not in loaded["raw"][0]
         assert loaded["logged"] == ["loss"]  # the metrics are not saved (a warning says so)
         assert np.isfinite(loaded["loss"])
         # And all equal a NumPy reference: (score desc, position asc).

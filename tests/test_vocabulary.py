@@ -192,3 +192,58 @@ def test_bytes_that_are_not_utf8_raise_naming_the_value(bad):
         two_tower.Vocabulary().adapt(bad)
     with pytest.raises(ValueError, match=match.format("inputs")):
         two_tower.Vocabulary(["x"])(bad)
+
+
+def test_padding_maps_to_minus_one_and_is_never_a_value():
+    vocab = two_tower.Vocabulary(num_oov_buckets=2, padding="")
+    vocab.adapt(np.array([["drama", ""], ["comedy", "drama"], ["", ""]]))
+    assert vocab.vocabulary.tolist() == ["drama", "comedy"]  # "" is not counted
+    raw = np.array([["comedy", ""], ["western", "drama"]])
+    expected = [[3, -1], [zlib.crc32(b"western") % 2, 2]]
+    assert vocab(raw).tolist() == expected
+    ids = two_tower.Vocabulary(padding=-1)
+    ids.adapt(np.array([7, -1, -1, -1, 7, 9]))
+    assert ids.vocabulary.tolist() == [7, 9]
+    assert ids(np.array([9, -1, 8])).tolist() == [2, -1, 0]
+    restored = keras.saving.deserialize_keras_object(
+        json.loads(json.dumps(keras.saving.serialize_keras_object(vocab)))
+    )
+    assert restored.padding == "" and restored(raw).tolist() == expected
+
+
+def test_the_empty_string_without_padding_is_an_unknown_value():
+    """The documented rule: `""` shares OOV bucket 0 (a learned row) unless it is padding."""
+    vocab = two_tower.Vocabulary(["a"], num_oov_buckets=3)
+    assert vocab(np.array(["", "a"])).tolist() == [0, 3]
+    tower = two_tower.FeatureTower(
+        multivalued={"genre": vocab.size}, combiner="sum", output_dim=None, embedding_dim=2
+    )
+    padded = two_tower.Vocabulary(["a"], num_oov_buckets=3, padding="")
+    table = np.arange(8, dtype="float32").reshape(4, 2)
+    tower({"genre": np.array([[3, 3]])})
+    tower.embeddings["genre"].embeddings.assign(table)
+    with_oov = keras.ops.convert_to_numpy(tower({"genre": vocab(np.array([["a", ""]]))}))
+    with_padding = keras.ops.convert_to_numpy(tower({"genre": padded(np.array([["a", ""]]))}))
+    np.testing.assert_allclose(with_oov, [(table[3] + table[0]) / 2])
+    np.testing.assert_allclose(with_padding, [table[3]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"vocabulary": ["a", "b"], "padding": "b"}, "padding value 'b'"),
+        ({"vocabulary": ["a"], "padding": -1}, "must be of the vocabulary's kind"),
+        ({"padding": 1.5}, "`padding` must be a string, an integer or None"),
+        ({"padding": True}, "`padding` must be a string, an integer or None"),
+    ],
+)
+def test_bad_padding_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        two_tower.Vocabulary(**kwargs)
+
+
+def test_values_of_inverts_known_lookups():
+    vocab = two_tower.Vocabulary(["x", "y", "z"], num_oov_buckets=2)
+    assert vocab.values_of(vocab(np.array(["z", "x"]))).tolist() == ["z", "x"]
+    with pytest.raises(ValueError, match=r"in \[2, 5\).*\[0, 5\]"):
+        vocab.values_of(np.array([0, 5]))

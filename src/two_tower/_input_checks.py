@@ -461,7 +461,6 @@ def replace_validation_x(
     return args, {**kwargs, "validation_data": data}
 
 
-
 def for_backend(
     what: str, args: tuple[Any, ...], kwargs: dict[str, Any], backend: Any
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -60,7 +60,7 @@ def check(vocabularies: Any, argument: str, id_limit: tuple[int, str] | None) ->
         if id_limit is not None and vocabularies.size > id_limit[0]:
             raise ValueError(
                 f"`{argument}` maps to {vocabularies.size} indices (OOV buckets included), "
-                f"more than the tower's {id_limit[1]} (={id_limit[0]}). Size the tower's "
+                f"more than {id_limit[1]} (={id_limit[0]}). Size the tower's "
                 "table with the vocabulary's `size`."
             )
         return vocabularies

@@ -386,9 +386,7 @@ class TwoTowerRetrieval(keras.Model):
             ValueError: features of the wrong structure or kind for the
                 vocabularies (see `two_tower.Vocabulary`).
         """
-        return _vocabularies.encode(
-            self.query_vocabulary, query_features, "`query_features`", "query_vocabulary"
-        )
+        return self._encode(QUERY, query_features, "`query_features`")
 
     def encode_candidates(self, candidate_features: Any) -> Any:
         """Raw candidate features as the candidate tower's inputs (see `encode_queries`).
@@ -403,11 +401,16 @@ class TwoTowerRetrieval(keras.Model):
             ValueError: features of the wrong structure or kind for the
                 vocabularies.
         """
+        return self._encode(CANDIDATE, candidate_features, "`candidate_features`")
+
+    def _encode(self, side: str, features: Any, argument: str) -> Any:
+        """`side`'s raw features looked up, errors naming the caller's `argument`."""
+        if side == QUERY:
+            return _vocabularies.encode(
+                self.query_vocabulary, features, argument, "query_vocabulary"
+            )
         return _vocabularies.encode(
-            self.candidate_vocabulary,
-            candidate_features,
-            "`candidate_features`",
-            "candidate_vocabulary",
+            self.candidate_vocabulary, features, argument, "candidate_vocabulary"
         )
 
     def _encoded_pairs(self, x: Any) -> Any:
@@ -418,12 +421,8 @@ class TwoTowerRetrieval(keras.Model):
         if not all(isinstance(leaf, (np.ndarray, list, tuple)) for leaf in leaves):
             return x
         encoded = dict(x)
-        encoded[QUERY] = _vocabularies.encode(
-            self.query_vocabulary, x[QUERY], "x['query']", "query_vocabulary"
-        )
-        encoded[CANDIDATE] = _vocabularies.encode(
-            self.candidate_vocabulary, x[CANDIDATE], "x['candidate']", "candidate_vocabulary"
-        )
+        encoded[QUERY] = self._encode(QUERY, x[QUERY], "x['query']")
+        encoded[CANDIDATE] = self._encode(CANDIDATE, x[CANDIDATE], "x['candidate']")
         return encoded
 
     def _check_structure(self, features: Any, side: str, argument: str, hint: str = "") -> None:
@@ -450,18 +449,20 @@ class TwoTowerRetrieval(keras.Model):
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
         query_features = _input_checks.check_ids(self, query_features, QUERY, "query_features")
-        if self._query_input_spec is None:
+        embeddings = self.query_tower(query_features, training=training)
+        if self._query_input_spec is None:  # once the tower took them
             self._query_input_spec = _input_spec(query_features)
-        return self.query_tower(query_features, training=training)
+        return embeddings
 
     def embed_candidates(self, candidate_features: Any, training: bool = False) -> Tensor:
         """Runs the candidate tower; records the input spec used to rebuild on load."""
         candidate_features = _input_checks.check_ids(
             self, candidate_features, CANDIDATE, "candidate_features"
         )
-        if self._candidate_input_spec is None:
+        embeddings = self.candidate_tower(candidate_features, training=training)
+        if self._candidate_input_spec is None:  # once the tower took them
             self._candidate_input_spec = _input_spec(candidate_features)
-        return self.candidate_tower(candidate_features, training=training)
+        return embeddings
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         if not _is_pair(inputs):
@@ -845,7 +846,7 @@ class TwoTowerRetrieval(keras.Model):
             self._build_towers(x)
         else:
             if not _serving._is_batches(x):
-                x = self.encode_queries(x)
+                x = self._encode(QUERY, x, "x")
                 self._check_structure(x, QUERY, "x")
             _input_checks.check_ids(self, x, QUERY, "x")
             self._build_towers({QUERY: x})
@@ -970,7 +971,7 @@ class TwoTowerRetrieval(keras.Model):
                 candidates = np.arange(known.start, known.stop, dtype="int32")
         elif not _serving._is_batches(candidates):
             raw = candidates
-            candidates = self.encode_candidates(candidates)
+            candidates = self._encode(CANDIDATE, candidates, "`candidates`")
             self._check_structure(
                 candidates,
                 CANDIDATE,
@@ -1042,7 +1043,7 @@ class TwoTowerRetrieval(keras.Model):
             return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
         )
         if not _serving._is_batches(queries):
-            queries = self.encode_queries(queries)
+            queries = self._encode(QUERY, queries, "`queries`")
             self._check_structure(queries, QUERY, "`queries`")
         with backend_module().serving_slot():
             query_embeddings = _serving.embed_queries(self, queries, batch_size)
@@ -1115,7 +1116,7 @@ class TwoTowerRetrieval(keras.Model):
         )
         if not _serving._is_batches(items):
             raw = items
-            items = self.encode_candidates(items)
+            items = self._encode(CANDIDATE, items, "`items`")
             if item_tower is None:
                 self._check_structure(items, CANDIDATE, "`items`")
             vocabulary = _vocabularies.id_vocabulary(
