@@ -16,6 +16,7 @@
 `.dat` files are `::`-separated ISO-8859-1, ml-20m/ml-25m's are UTF-8 CSV).
 
 Where the data comes from (`ml-100k` stands for `ml-<variant>`):
+
 1. `data_dir`, if given, and nothing else: a folder holding the GroupLens files
    (`u.data`, ...), a folder holding `ml-100k/` or `ml-100k.zip`, or the zip
    itself. A zip is extracted beside itself, into `ml-100k/`. Not found there
