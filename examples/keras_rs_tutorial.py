@@ -10,8 +10,8 @@ definition).
 
 This model loses to recommending the most-rated movies to everyone. The main
 example, `examples/movielens_retrieval.py`, trains the library's softmax default
-on the same split and compares the three (it reuses `load_data`, `build_model`
-and `fit_model` from this file).
+on the same split and compares the three (it builds and trains this model with
+`build_model` and `fit_model` from this file).
 
 Data is fed as NumPy arrays, not a tf.data pipeline, which costs 2.5-7x on JAX and
 torch.
@@ -84,8 +84,8 @@ def load_data(data_dir: str | None, seed: int = SPLIT_SEED) -> dict[str, Any]:
         seed: seed of the split's permutation (the tutorial's is 42).
 
     Returns:
-        `train` and `test` (dicts of int32 `user` and `movie` ids and `rating`
-        scaled to [0, 1] as (rating - 1) / 4), `titles` (movie id -> title),
+        `train` and `test` (dicts of int32 `user` and `movie` ids and float
+        `rating`, 1 to 5 stars), `titles` (movie id -> title),
         `movie_ids` (int64, every movie), `num_users` and `num_movies` (table
         sizes: ids start at 1 and have no gaps, so they index the tables
         directly and row 0 is unused).
@@ -97,7 +97,7 @@ def load_data(data_dir: str | None, seed: int = SPLIT_SEED) -> dict[str, Any]:
     records = {
         "user": ratings["user_id"].astype("int32"),
         "movie": ratings["movie_id"].astype("int32"),
-        "rating": (ratings["user_rating"] - 1.0) / 4.0,
+        "rating": ratings["user_rating"],
     }
     train, test = movielens.random_split(records, test_fraction=0.2, seed=seed)
     movie_ids = movies["movie_id"].astype("int64")
@@ -111,8 +111,14 @@ def load_data(data_dir: str | None, seed: int = SPLIT_SEED) -> dict[str, Any]:
     }
 
 
-def build_model(num_users: int, num_movies: int) -> Any:
-    """The tutorial's model, compiled: Embedding(32) towers, MSE, Adagrad(0.1)."""
+def build_model(num_users: int, num_movies: int, **kwargs: Any) -> Any:
+    """The tutorial's model, compiled: Embedding(32) towers, MSE, Adagrad(0.1).
+
+    Args:
+        num_users: rows of the user table.
+        num_movies: rows of the movie table.
+        **kwargs: other `TwoTowerRetrieval` arguments (e.g. vocabularies).
+    """
     import keras
 
     import two_tower
@@ -121,6 +127,7 @@ def build_model(num_users: int, num_movies: int) -> Any:
         query_tower=keras.layers.Embedding(num_users, EMBEDDING_DIM),
         candidate_tower=keras.layers.Embedding(num_movies, EMBEDDING_DIM),
         loss="mse",
+        **kwargs,
     )
     model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=LEARNING_RATE))
     return model
@@ -135,18 +142,21 @@ def fit_model(
     test: dict[str, Any] | None = None,
     verbose: int = 0,
 ) -> float:
-    """Trains on `train`'s ratings (validating on `test` every 5 epochs if given).
+    """Regresses the score of each (`user`, `movie`) pair on (`rating` - 1) / 4.
+
+    Validates on `test` every 5 epochs if given.
 
     Returns:
         The seconds `fit` took.
     """
-    validation = None
-    if test is not None:
-        validation = ({"query": test["user"], "candidate": test["movie"]}, test["rating"])
+
+    def pairs(part: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        return {"query": part["user"], "candidate": part["movie"]}, (part["rating"] - 1.0) / 4.0
+
+    validation = None if test is None else pairs(test)
     started = time.perf_counter()
     model.fit(
-        {"query": train["user"], "candidate": train["movie"]},
-        train["rating"],
+        *pairs(train),
         batch_size=batch_size,
         epochs=epochs,
         validation_data=validation,

@@ -3,10 +3,14 @@
 Trains `TwoTowerRetrieval.from_ids`, the configuration tuned for id towers
 (full-catalogue softmax, a learned movie bias, Adam, `two_tower.defaults`), on
 the keras-rs basic retrieval tutorial's protocol: MovieLens 100K split 80/20 at
-random with NumPy seed 42. It prints the top-10 movie titles for one user,
-leaving out the movies that user rated in training, then a table of test top-10
-and top-100 accuracy (for every test rating, is the rated movie in the user's
-top k, the user's training movies left out?) for:
+random with NumPy seed 42. The model takes MovieLens' raw string ids ("42",
+"196"): `two_tower.Vocabulary` maps them to table rows and is saved with the
+model, and `recommend(["42"], exclude=[...])` returns raw movie ids.
+
+It prints the top-10 movie titles for one user, leaving out the movies that user
+rated in training, then a table of test top-10 and top-100 accuracy (for every
+test rating, is the rated movie in the user's top k, the user's training movies
+left out?) for:
 
 - popularity: the most-rated training movies, the same for everyone
   (`two_tower.baselines.Popularity`);
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Folder holding ml-100k/ (or the GroupLens files, or ml-100k.zip); "
         "defaults to $TWO_TOWER_DATA_DIR, else ~/.keras/datasets (downloading).",
     )
-    parser.add_argument("--user", type=int, default=42, help="User id to recommend for.")
+    parser.add_argument("--user", default="42", help="MovieLens user id to recommend for.")
     parser.add_argument(
         "--seed",
         type=int,
@@ -91,41 +95,61 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     tutorial.select_backend(args.backend)  # before Keras is first imported
 
     import keras
-    import numpy as np
 
     import two_tower
+    from two_tower.datasets import movielens
     from two_tower.evaluation import evaluate_retrieval
 
-    data = tutorial.load_data(args.data_dir, args.seed)
-    train, test, titles = data["train"], data["test"], data["titles"]
-    num_users, movie_ids = data["num_users"], data["movie_ids"]
-    known_users = np.unique(np.concatenate([train["user"], test["user"]]))
-    if args.user not in known_users:
+    # Raw MovieLens ids are strings ("196"); the vocabularies turn them into table rows.
+    ratings = movielens.load_ratings(args.data_dir)
+    catalogue = movielens.load_movies(args.data_dir)
+    titles = dict(
+        zip(catalogue["movie_id"].tolist(), catalogue["movie_title"].tolist(), strict=True)
+    )
+    records = {
+        "user": ratings["user_id"],
+        "movie": ratings["movie_id"],
+        "rating": ratings["user_rating"],
+    }
+    train, test = movielens.random_split(records, test_fraction=0.2, seed=args.seed)
+    users = two_tower.Vocabulary()  # the users seen in training
+    users.adapt(train["user"])
+    movies = two_tower.Vocabulary()  # every movie in the catalogue
+    movies.adapt(catalogue["movie_id"])
+    if args.user not in users.vocabulary:
         sys.exit(
-            f"--user must be a MovieLens 100K user id, from {known_users.min()} to "
-            f"{known_users.max()}; got {args.user}"
+            f"--user must be the MovieLens id of a user with training ratings (such as 42); "
+            f"got {args.user!r}"
         )
     print(
-        f"{len(train['user']) + len(test['user']):,} ratings of {len(movie_ids):,} movies by "
-        f"{len(known_users):,} users. The models learn from a random 80%\n"
+        f"{len(ratings['user_id']):,} ratings of {len(catalogue['movie_id']):,} movies by "
+        f"{len(users.vocabulary):,} users. The models learn from a random 80%\n"
         f"({len(train['user']):,} ratings) and are tested on the other 20%. "
         f"Keras backend: {keras.backend.backend()}.\n"
     )
 
-    def test_accuracy(query_embeddings: Any, movie_embeddings: Any) -> dict[str, float]:
+    # The metrics take positions in the catalogue: `movies` maps a movie id to its
+    # table row, where row 0 is the bucket for unknown movies, so position = row - 1.
+    def movie_rows(movie_ids: Any) -> Any:
+        return movies(movie_ids) - movies.num_oov_buckets
+
+    def test_accuracy(embed_users: Any, catalogue_embeddings: Any) -> dict[str, float]:
         """Test top-k accuracy over every movie, each user's training movies left out."""
-        # Movie ids run from 1: movie id m is row m - 1 of `movie_embeddings`.
         results = evaluate_retrieval(
-            query_embeddings,
-            movie_embeddings,
-            test["user"],
-            test["movie"] - 1,
-            exclude_query_ids=train["user"],
-            exclude_candidate_ids=train["movie"] - 1,
+            embed_users,
+            catalogue_embeddings,
+            users(test["user"]),
+            movie_rows(test["movie"]),
+            exclude_query_ids=users(train["user"]),
+            exclude_candidate_ids=movie_rows(train["movie"]),
             ks=KS,
-            num_queries=num_users,
+            num_queries=users.size,
         )
         return {f"top_{k}": results["unseen"][f"accuracy_at_{k}"] for k in KS}
+
+    def model_accuracy(model: Any) -> dict[str, float]:
+        known_movies = movies(movies.vocabulary)  # table rows 1, 2, ...: every movie
+        return test_accuracy(model.embed_queries, model.embed_candidates(known_movies))
 
     rows: dict[str, dict[str, float]] = {}
 
@@ -133,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     epochs = two_tower.defaults.FIT["epochs"] if args.epochs is None else args.epochs
     print(f"Training the two_tower default ({epochs} epochs):")
     keras.utils.set_random_seed(args.seed)
-    model = two_tower.TwoTowerRetrieval.from_ids(num_users, data["num_movies"])
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        query_vocabulary=users, candidate_vocabulary=movies
+    )
     model.compile(optimizer=two_tower.defaults.optimizer())
     started = time.perf_counter()
     model.fit(
@@ -143,30 +169,28 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     seconds = time.perf_counter() - started
     print(f"Trained in {seconds:.1f} s.\n")
-    rows[DEFAULT] = {
-        **test_accuracy(model.embed_queries, model.embed_candidates(movie_ids)),
-        "train_seconds": seconds,
-    }
+    rows[DEFAULT] = {**model_accuracy(model), "train_seconds": seconds}
 
-    model.index_candidates(movie_ids, candidate_ids=movie_ids)
-    seen = np.unique(train["movie"][train["user"] == args.user])
+    model.index_candidates()  # every movie, under its raw id
+    seen = train["movie"][train["user"] == args.user]
     print(
         f"Top 10 movies for user {args.user}, leaving out the {len(seen)} movies they rated "
         "in the training part:"
     )
-    recommended = model.recommend(np.array([args.user]), k=10, exclude=[seen])[0]
+    recommended = model.recommend([args.user], k=10, exclude=[seen])[0]
     for rank, movie_id in enumerate(recommended, start=1):
-        print(f"  {rank:2d}. {titles[int(movie_id)]}")
+        print(f"  {rank:2d}. {titles[movie_id]}")
     print()
 
     # Popularity: every user gets the movies with the most training ratings.
     started = time.perf_counter()
-    popularity = two_tower.baselines.Popularity(len(movie_ids)).fit(train["movie"] - 1)
+    popularity = two_tower.baselines.Popularity(len(movies.vocabulary))
+    popularity.fit(movie_rows(train["movie"]))
     seconds = time.perf_counter() - started
     rows[POPULARITY] = {
         # The same query embedding (a 1) for every user: the score is the count.
         **test_accuracy(
-            lambda users: popularity.embed_histories(users[:, None]),
+            lambda user_rows: popularity.embed_histories(user_rows[:, None]),
             popularity.catalogue_embeddings(),
         ),
         "train_seconds": seconds,
@@ -175,13 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if not args.no_compare:
         print(f"Training the keras-rs tutorial's model ({tutorial.EPOCHS} epochs)...")
         keras.utils.set_random_seed(args.seed)
-        mse_model = tutorial.build_model(num_users, data["num_movies"])
+        mse_model = tutorial.build_model(
+            users.size, movies.size, query_vocabulary=users, candidate_vocabulary=movies
+        )
         seconds = tutorial.fit_model(mse_model, train)
         print(f"Trained in {seconds:.1f} s.\n")
-        rows[TUTORIAL] = {
-            **test_accuracy(mse_model.embed_queries, mse_model.embed_candidates(movie_ids)),
-            "train_seconds": seconds,
-        }
+        rows[TUTORIAL] = {**model_accuracy(mse_model), "train_seconds": seconds}
 
     print(
         "Test accuracy: how often the movie of a test rating is among the user's top 10 or\n"
@@ -197,9 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 f"{row['train_seconds']:11.1f} s"
             )
     print(
-        f"\nThe default finds the test movie in a user's top 100 for "
-        f"{rows[DEFAULT]['top_100']:.0%} of test ratings; recommending the most-rated movies "
-        f"does so for {rows[POPULARITY]['top_100']:.0%}."
+        f"\nThe default finds the test movie in the user's top 100 for "
+        f"{rows[DEFAULT]['top_100']:.0%} of test ratings;\n"
+        f"recommending the most-rated movies does so for {rows[POPULARITY]['top_100']:.0%}."
     )
     return rows
 

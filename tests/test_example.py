@@ -126,6 +126,14 @@ def test_keras_rs_tutorial_example_runs(real_data_dir):
     assert 0.0 < accuracy <= 1.0
 
 
+@pytest.mark.real_data
+def test_main_example_rejects_an_unknown_user(real_data_dir):
+    completed = _run(EXAMPLE, "--user", "u42", "--data-dir", str(real_data_dir), timeout=300)
+    assert completed.returncode == 1
+    assert "--user must be the MovieLens id of a user with training ratings" in completed.stderr
+    assert "got 'u42'" in completed.stderr
+
+
 @pytest.mark.parametrize("script", [EXAMPLE, TUTORIAL], ids=["main", "tutorial"])
 def test_examples_reject_bad_epochs(script):
     completed = _run(script, "--epochs", "0", timeout=120)
