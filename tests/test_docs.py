@@ -128,8 +128,8 @@ def test_readme_test_command_is_what_ci_runs():
         if re.search(r"\bnox -s ", line)
     ]  # fmt: skip
     sessions = ci_command.split("nox -s ", 1)[1].split()
-    readme = "\n".join(readme_fenced_blocks("bash"))
-    assert f"pip install nox && nox -s {' '.join(sessions)}   # the tests" in readme
+    readme = "\n".join(readme_fenced_blocks("bash")).splitlines()
+    assert f"nox -s {' '.join(sessions)}" in readme
 
 
 def load_subclass_from_getting_started():
