@@ -209,6 +209,9 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     "README.md": dict.fromkeys(range(2), "test_docs.py::test_readme_quickstart_runs"),
     "docs/getting-started.md": dict.fromkeys(range(7), _GUIDES),
     "docs/serving.md": dict.fromkeys(range(3), _GUIDES),
+    "docs/your-data.md": dict.fromkeys(
+        range(10), "test_your_data_guide.py::test_your_data_guide_runs"
+    ),
     "docs/history.md": dict.fromkeys(
         range(3), "test_docs.py::test_history_guide_beats_ease_on_the_temporal_split"
     ),
