@@ -17,7 +17,10 @@ arrays instead:
   element per batch of the epoch, so progress bars, callbacks,
   `steps_per_epoch` and `steps_per_execution` count exactly as for arrays);
 - sets the model's `train_function` to the backend's, which gathers each step's
-  batch from the device columns and runs the model's own `train_step` on it.
+  batch from the device columns and runs the model's own `train_step` on it
+  (torch on the CPU gathers with NumPy, on the calling thread: a gather large
+  enough for torch to parallelise waits on every OpenMP thread, which a busy
+  CPU makes slow; see `backends/torch.py`).
 
 The batches are those Keras would cut from the arrays in the same row order:
 `batch_size` rows each, the last one shorter. Anything else (`validation_split`,

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import keras
+import numpy as np
 import torch
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
@@ -218,13 +219,14 @@ def step_counter(steps: int) -> torch.utils.data.DataLoader:
 
 
 def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], Any] | None:
-    """Keras' train function for `fit` on arrays: batches cut from device-resident columns.
+    """Keras' train function for `fit` on arrays: batches cut from columns converted once.
 
     Keras' array adapter on torch slices each batch out of the NumPy arrays
     behind a `DataLoader` whose sampler yields the epoch's indices one at a
     time, then converts it; here the columns become tensors once per `fit`, and
-    each step takes its rows with one `index_select` per column by the epoch's
-    order (a NumPy permutation drawn at step 0 of each pass when shuffling).
+    each step takes its rows by the epoch's order (a NumPy permutation drawn at
+    step 0 of each pass when shuffling) with `_row_taker`'s gather: NumPy's on
+    the CPU, `index_select` on an accelerator.
 
     Returns:
         The train function, or None with `steps_per_execution` above 1, which
@@ -237,18 +239,43 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
     model._symbolic_build(data_batch=first)  # noqa: SLF001
     data = keras.tree.map_structure(keras.ops.convert_to_tensor, columns.data)
     device = keras.tree.flatten(data)[0].device
+    takers = keras.tree.map_structure(_row_taker, data)
+    on_host = device.type == "cpu"
     random = _array_training.random_generator()
-    order = [torch.arange(columns.rows, device=device)]
+    order = [np.arange(columns.rows) if on_host else torch.arange(columns.rows, device=device)]
 
     def train_function(steps: Any) -> Any:
         step = int(steps[0])
         if step == 0 and columns.shuffle:
-            order[0] = torch.from_numpy(random.permutation(columns.rows)).to(device)
+            permutation = random.permutation(columns.rows)
+            order[0] = permutation if on_host else torch.from_numpy(permutation).to(device)
         indices = _array_training.batch_rows(order[0], step, columns.batch_size)
-        batch = keras.tree.map_structure(lambda column: column.index_select(0, indices), data)
+        batch = keras.tree.map_structure(lambda take: take(indices), takers)
         return model.train_step(batch)
 
     return train_function
+
+
+def _row_taker(column: torch.Tensor) -> Callable[[Any], torch.Tensor]:
+    """How a step takes its rows of `column`: rows in, `[batch, ...]` tensor out.
+
+    On the CPU, NumPy's `take` on the tensor's memory, wrapped without a copy:
+    the same values as `column.index_select(0, rows)`, but NumPy gathers on the
+    calling thread, where torch's gather may run in parallel once a batch holds
+    more than 32,768 elements (1000 rows of a 50-wide history do). Each
+    parallel region ends in a barrier that waits for every OpenMP thread, so on
+    a CPU shared with other work one region can cost a whole scheduler slice
+    (`benchmarks/torch_contention.py`); Keras' own path slices NumPy arrays
+    too. The rows are a NumPy array there, and a tensor on the column's device
+    elsewhere.
+    """
+    if column.device.type == "cpu":
+        try:
+            array = column.numpy()
+        except TypeError:  # a dtype NumPy lacks (bfloat16)
+            return lambda rows: column.index_select(0, torch.from_numpy(rows))
+        return lambda rows: torch.from_numpy(array.take(rows, axis=0))
+    return lambda rows: column.index_select(0, rows)
 
 
 def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data: Any) -> Any:
