@@ -377,7 +377,7 @@ def test_ids_given_to_a_dict_feature_tower_raise_on_the_host():
         with pytest.raises(
             ValueError,
             match=r"`candidates` must be a dict of features \['decade', 'movie'\], as the "
-            r"candidate tower takes\. Received an array of .*call index_candidates\(\) without",
+            r"candidate tower takes\. Received an array of .*features to `set_catalogue` first",
         ):
             model.index_candidates(ids)
     model.index_candidates(catalogue)

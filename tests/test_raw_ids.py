@@ -208,8 +208,26 @@ def test_set_catalogue_places_raw_rows_at_their_indices():
     items = {"movie": np.array(["m-a"]), "genres": np.array([["drama", ""]])}
     found = model.similar_items(items, k=3)
     assert found.shape == (1, 3) and "m-a" not in found[0]  # its raw id is left out
-    with pytest.raises(ValueError, match="must be a dict of features"):
-        model.similar_items(np.array(["m-a"]), k=3)
+    # Ids alone take their catalogue rows (raw ids through the id vocabulary).
+    by_id = model.similar_items(["m-a", "m-d"], k=3, return_scores=True)
+    rows = {
+        "movie": np.array(["m-a", "m-d"]),
+        "genres": np.array([["drama", "comedy"], ["horror", ""]]),
+    }
+    by_features = model.similar_items(rows, item_ids=["m-a", "m-d"], k=3, return_scores=True)
+    np.testing.assert_array_equal(by_id[0], by_features[0])
+    np.testing.assert_allclose(by_id[1], by_features[1], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`items` holds 1 id\(s\) .* e.g. \['m-z'\]"):
+        model.similar_items(["m-z"], k=3)
+    model.index_candidates(["m-c", "m-a"])  # ids alone: their catalogue rows
+    assert model.candidate_index.candidate_ids.tolist() == ["m-c", "m-a"]
+    np.testing.assert_allclose(
+        model.candidate_index.embeddings(),
+        keras.ops.convert_to_numpy(
+            model.embed_candidates({"movie": np.array([3, 1]), "genres": expected_genres[[3, 1]]})
+        ),
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError, match=r"Repeated: \['m-a'\]"):
         model.set_catalogue({"movie": np.array(["m-a", "m-a"]), "genres": np.zeros((2, 1), "U1")})
 
@@ -243,10 +261,18 @@ def test_bad_vocabularies_raise_when_the_model_is_made(make, match):
 
 def test_raw_inputs_of_the_wrong_shape_or_kind_raise_naming_the_argument(pair):
     raw, _, _, _ = pair
-    with pytest.raises(ValueError, match=r"`queries`: `inputs` of dtype int64 cannot be looked"):
+    with pytest.raises(ValueError, match=r"`queries` of dtype int64 cannot be looked up"):
         raw.recommend(np.array([3, 4]), k=2)
     with pytest.raises(ValueError, match=r"`queries` is a dict of features \['user'\]"):
         raw.recommend({"user": np.array(["user-1"])}, k=2)
     model = feature_model()
     with pytest.raises(ValueError, match=r"lacks feature\(s\) \['genres'\]"):
         model.encode_candidates({"movie": np.array(["m-a"])})
+    ragged = {"movie": ["m-a", "m-b"], "genres": [["drama"], ["comedy", "horror"]]}
+    encoded = model.encode_candidates(ragged)  # padded with the vocabulary's padding: -1
+    np.testing.assert_array_equal(encoded["genres"], [[1, -1], [2, 3]])
+    users = two_tower.Vocabulary(["u1"])
+    with pytest.raises(
+        ValueError, match=r"`x\['query'\]` has rows of different lengths \(1 to 2\)"
+    ):
+        users.lookup([["u1"], ["u1", "u1"]], "x['query']")

@@ -76,10 +76,6 @@ def id_vocabulary(vocabularies: Vocabularies, id_key: str | None) -> Vocabulary 
     return None
 
 
-def _as_array(values: Any) -> Any:
-    return np.asarray(values) if isinstance(values, (list, tuple)) else values
-
-
 def encode(vocabularies: Vocabularies, features: Any, argument: str, vocabulary_name: str) -> Any:
     """`features` with raw values looked up in `vocabularies` (NumPy in, NumPy out).
 
@@ -107,7 +103,7 @@ def encode(vocabularies: Vocabularies, features: Any, argument: str, vocabulary_
                 "of ids. Pass the raw ids, or give the model a dict feature name -> "
                 "Vocabulary."
             )
-        return _lookup(vocabularies, _as_array(features), argument)
+        return _lookup(vocabularies, features, argument)
     if not isinstance(features, Mapping):
         raise ValueError(
             f"{argument} must be a dict of features: `{vocabulary_name}` maps features "
@@ -121,15 +117,12 @@ def encode(vocabularies: Vocabularies, features: Any, argument: str, vocabulary_
         )
     encoded = dict(features)
     for name, vocabulary in vocabularies.items():
-        encoded[name] = _lookup(vocabulary, _as_array(features[name]), f"{argument}[{name!r}]")
+        encoded[name] = _lookup(vocabulary, features[name], f"{argument}[{name!r}]")
     return encoded
 
 
 def _lookup(vocabulary: Vocabulary, values: Any, argument: str) -> np.ndarray:
-    try:
-        return vocabulary(values)
-    except ValueError as error:
-        raise ValueError(f"{argument}: {error}") from None
+    return vocabulary.lookup(values, argument.replace("`", ""))
 
 
 def require_known(vocabulary: Vocabulary, indices: np.ndarray, raw: Any, argument: str) -> None:

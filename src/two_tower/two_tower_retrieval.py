@@ -425,6 +425,33 @@ class TwoTowerRetrieval(keras.Model):
         encoded[CANDIDATE] = self._encode(CANDIDATE, x[CANDIDATE], "x['candidate']")
         return encoded
 
+    def _catalogue_rows(self, ids: Any, argument: str) -> tuple[dict[str, np.ndarray], Any]:
+        """The `set_catalogue` rows of candidate `ids` (raw ids with a vocabulary of
+        the `candidate_id_key`, else indices), and the ids; O(len(ids)) on the device."""
+        ids = np.asarray(ids)
+        vocabulary = _vocabularies.id_vocabulary(self.candidate_vocabulary, self.candidate_id_key)
+        if vocabulary is not None:
+            positions = vocabulary.lookup(ids, argument.replace("`", ""))
+            _vocabularies.require_known(vocabulary, positions, ids, argument)
+        else:
+            positions = _input_checks.check_ids(
+                self, {self.candidate_id_key: ids}, CANDIDATE, argument
+            )[self.candidate_id_key]
+        rows = {
+            name: ops.convert_to_numpy(ops.take(variable.value, positions, axis=0))
+            for name, variable in self._catalogue_features.items()
+        }
+        return rows, ids
+
+    def _takes_catalogue_rows(self, features: Any) -> bool:
+        """Ids (not a dict) for a candidate tower over the dict features of a catalogue."""
+        return (
+            bool(self._catalogue_features)
+            and self.candidate_id_key in self._catalogue_features
+            and not isinstance(features, Mapping)
+            and not _serving._is_batches(features)
+        )
+
     def _check_structure(self, features: Any, side: str, argument: str, hint: str = "") -> None:
         """Host-side: a dict where the built tower took an array, or the reverse.
 
@@ -932,9 +959,10 @@ class TwoTowerRetrieval(keras.Model):
         Args:
             candidates: candidate features (an array or a dict of arrays), one
                 row per candidate, or a dataset or generator of such batches
-                (of tower inputs); defaults to the features given to
-                `set_catalogue`, or with a candidate vocabulary of ids, to
-                every id it knows.
+                (of tower inputs); or, for a tower over the dict features given
+                to `set_catalogue`, candidate ids, which index their catalogue
+                rows. Defaults to the features given to `set_catalogue`, or with
+                a candidate vocabulary of ids, to every id it knows.
             candidate_ids: one unique id per candidate, integers (the whole
                 int64 range) or strings; defaults to the raw ids with a
                 candidate vocabulary, else to row positions.
@@ -969,6 +997,10 @@ class TwoTowerRetrieval(keras.Model):
                 }
             else:
                 candidates = np.arange(known.start, known.stop, dtype="int32")
+        elif self._takes_catalogue_rows(candidates):  # ids: their catalogue rows
+            candidates, ids = self._catalogue_rows(candidates, "`candidates`")
+            if candidate_ids is None:
+                candidate_ids = ids
         elif not _serving._is_batches(candidates):
             raw = candidates
             candidates = self._encode(CANDIDATE, candidates, "`candidates`")
@@ -976,8 +1008,7 @@ class TwoTowerRetrieval(keras.Model):
                 candidates,
                 CANDIDATE,
                 "`candidates`",
-                " To index the catalogue given to `set_catalogue`, call index_candidates() "
-                "without `candidates`.",
+                " To index candidates by id, give their features to `set_catalogue` first.",
             )
             if isinstance(self.candidate_vocabulary, Vocabulary):
                 _vocabularies.require_known(
@@ -1078,7 +1109,10 @@ class TwoTowerRetrieval(keras.Model):
         when the candidate tower takes ids alone (see "Raw ids").
 
         Args:
-            items: item features (an array or a dict of arrays), one row per item.
+            items: item features (an array or a dict of arrays), one row per
+                item; or, for a tower over the dict features given to
+                `set_catalogue`, the items' ids (raw ids with a vocabulary of
+                the `candidate_id_key`), which take their catalogue rows.
             k: results per item.
             item_ids: the items' ids in the index, used to leave each item out of
                 its own results. Defaults to `items` when it is a 1D array of ids;
@@ -1114,7 +1148,11 @@ class TwoTowerRetrieval(keras.Model):
             exclude_self=exclude_self,
             ignore_unknown_exclusions=ignore_unknown_exclusions,
         )
-        if not _serving._is_batches(items):
+        if item_tower is None and self._takes_catalogue_rows(items):  # ids: their rows
+            items, ids = self._catalogue_rows(items, "`items`")
+            if item_ids is None:
+                item_ids = ids
+        elif not _serving._is_batches(items):
             raw = items
             items = self._encode(CANDIDATE, items, "`items`")
             if item_tower is None:

@@ -59,6 +59,32 @@ def _values(raw: Any, name: str) -> np.ndarray:
     raise ValueError(f"`{name}` must hold integers or strings. Received dtype {values.dtype}")
 
 
+def _rectangular(raw: Any, padding: Any, name: str) -> Any:
+    """Rows of different lengths padded at the end with `padding`; anything else as it is.
+
+    Rows are the items of a list or tuple, or of a 1D object array, that are
+    themselves lists, tuples or arrays (NumPy cannot make one array of them).
+    """
+    is_rows = isinstance(raw, (list, tuple)) or (
+        isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 1
+    )
+    if not is_rows or not len(raw):
+        return raw
+    if not all(isinstance(row, (list, tuple, np.ndarray)) for row in raw):
+        return raw
+    lengths = {len(row) for row in raw}
+    if len(lengths) == 1:
+        return [list(row) for row in raw]
+    if padding is None:
+        raise ValueError(
+            f"`{name}` has rows of different lengths ({min(lengths)} to {max(lengths)}). Pad "
+            "them to one width, or give the vocabulary a `padding` value (e.g. "
+            'Vocabulary(padding="")), which pads them and maps the padding to -1.'
+        )
+    width = max(lengths)
+    return [[*row, *[padding] * (width - len(row))] for row in raw]
+
+
 def _int64_error(integers: list[int], name: str) -> ValueError:
     """The error for `integers`, some of which fall outside int64."""
     outside = [v for v in integers if not _INT64_MIN <= v <= _INT64_MAX]
@@ -266,23 +292,30 @@ class Vocabulary(keras.layers.Layer):
         """Indices of `inputs` (any shape), as a NumPy int32 array.
 
         Known values get their index, unknown values their OOV bucket, and
-        the `padding` value -1.
+        the `padding` value -1. Rows of different lengths (a list of lists, or
+        an object array of arrays, e.g. each movie's genres) are padded at the
+        end to the longest with the `padding` value, so they map to -1.
 
         Raises:
             ValueError: before `adapt` or `set_vocabulary`, when the values are
                 of another kind (integer vs string) than a non-empty vocabulary,
-                or on floats, integers outside int64 or bytes that are not UTF-8.
+                on rows of different lengths without a `padding` value, or on
+                floats, integers outside int64 or bytes that are not UTF-8.
         """
+        return self.lookup(inputs)
+
+    def lookup(self, inputs: Any, name: str = "inputs") -> np.ndarray:
+        """`call`, with errors naming the values `name` (e.g. the caller's argument)."""
         if self._sorted is None or self._order is None or self._vocabulary is None:
             raise ValueError(
                 "The vocabulary is not set: call `adapt(data)` or pass `vocabulary` first."
             )
-        values = _values(inputs, "inputs")
+        values = _values(_rectangular(inputs, self.padding, name), name)
         known = len(self._sorted)
         # An empty vocabulary has no kind to mismatch: everything is simply unknown.
         if known and values.size and (values.dtype.kind == "U") != (self._sorted.dtype.kind == "U"):
             raise ValueError(
-                f"`inputs` of dtype {values.dtype} cannot be looked up in a vocabulary of "
+                f"`{name}` of dtype {values.dtype} cannot be looked up in a vocabulary of "
                 f"dtype {self._vocabulary.dtype}."
             )
         flat = values.reshape(-1)
