@@ -1,6 +1,6 @@
 """PyTorch on a shared CPU: ms/step quiet and under load, by torch thread setting.
 
-Three ways to train the README quickstart's model (`Embedding(1000, 64)` and
+Ways to train the README quickstart's model (`Embedding(1000, 64)` and
 `Embedding(5000, 64)` towers each followed by `Dense(32)`, in-batch softmax at
 temperature 0.1, Adam(1e-3), batch 256, 10,000 random pairs, so 40 steps an
 epoch, the last of 16 rows):
@@ -9,7 +9,10 @@ epoch, the last of 16 rows):
   is the in-batch softmax in `keras.ops`, trained with `keras.Model.fit` on the
   same arrays (Keras' own array adapter and train step);
 - torch: a hand-written loop (`torch.nn.Embedding`, `torch.nn.Linear`,
-  `torch.optim.Adam`, a `torch.randperm` per epoch, `F.cross_entropy`).
+  `torch.optim.Adam`, a `torch.randperm` per epoch, `F.cross_entropy`);
+- two_tower_sparse (only when named in `--paths`): two_tower with
+  `two_tower.SparseEmbedding` tables, whose optimizer updates only the rows a
+  batch looks up (Adam becomes lazy Adam, a different algorithm).
 
 Settings: torch's default (one OpenMP thread per core), `torch.set_num_threads(1)`,
 and the default thread count with `OMP_WAIT_POLICY=PASSIVE` (OpenMP threads
@@ -64,7 +67,8 @@ NUM_QUERIES, NUM_CANDIDATES, ROWS = 1000, 5000, 10_000
 EMBEDDING_DIM, OUTPUT_DIM = 64, 32
 BATCH_SIZE, TEMPERATURE, LEARNING_RATE = 256, 0.1, 1e-3
 STEPS_PER_EPOCH = -(-ROWS // BATCH_SIZE)
-PATHS = ("two_tower", "keras", "torch")
+PATHS = ("two_tower", "keras", "torch", "two_tower_sparse")
+DEFAULT_PATHS = PATHS[:3]
 WAIT_POLICIES = ("default", "PASSIVE")
 
 # Counts GOMP_parallel calls (libgomp's entry for `#pragma omp parallel`, which
@@ -92,6 +96,20 @@ def quickstart_towers() -> tuple[keras.Model, keras.Model]:
     )
     candidate_tower = keras.Sequential(
         [keras.layers.Embedding(NUM_CANDIDATES, EMBEDDING_DIM), keras.layers.Dense(OUTPUT_DIM)]
+    )
+    return query_tower, candidate_tower
+
+
+def sparse_towers() -> tuple[keras.Model, keras.Model]:
+    """The same towers with `two_tower.SparseEmbedding` tables (Adam becomes lazy Adam)."""
+    query_tower = keras.Sequential(
+        [two_tower.SparseEmbedding(NUM_QUERIES, EMBEDDING_DIM), keras.layers.Dense(OUTPUT_DIM)]
+    )
+    candidate_tower = keras.Sequential(
+        [
+            two_tower.SparseEmbedding(NUM_CANDIDATES, EMBEDDING_DIM),
+            keras.layers.Dense(OUTPUT_DIM),
+        ]
     )
     return query_tower, candidate_tower
 
@@ -197,6 +215,10 @@ def make_trainers(paths: list[str]) -> dict[str, Callable[[int], float]]:
             ),
             data,
         ),
+        "two_tower_sparse": lambda: keras_trainer(
+            two_tower.TwoTowerRetrieval(*sparse_towers(), loss="softmax", temperature=TEMPERATURE),
+            data,
+        ),
         "keras": lambda: keras_trainer(PlainKerasRetrieval(), data),
         "torch": lambda: torch_trainer(data),
     }
@@ -261,8 +283,10 @@ def count_once(paths: list[str]) -> None:
             self.operators += 1
             if counter() > before:
                 tensors = [a for arg in args for a in (arg if isinstance(arg, list) else [arg])]
-                shapes = [list(a.shape) for a in tensors if isinstance(a, torch.Tensor)]
-                self.regions[f"{func}{shapes[:2]}"] += counter() - before
+                tensors = [a for a in tensors if isinstance(a, torch.Tensor)]
+                largest = sorted(tensors, key=lambda tensor: -tensor.numel())[:2]
+                shapes = [list(tensor.shape) for tensor in largest]
+                self.regions[f"{func}{shapes}"] += counter() - before
             return result
 
     results = {}
@@ -308,9 +332,9 @@ def print_counts(paths: list[str]) -> None:
         )
         counts = _child(["--count-child", "--paths", ",".join(paths)], {"LD_PRELOAD": library})
     print(f"\nPer training step (quiet, default threads, mean of {STEPS_PER_EPOCH} steps):")
-    print(f"{'path':10} {'torch ops':>9} {'parallel regions':>17}")
+    print(f"{'path':16} {'torch ops':>9} {'parallel regions':>17}")
     for path, count in counts.items():
-        print(f"{path:10} {count['operators']:9.0f} {count['regions']:17.1f}")
+        print(f"{path:16} {count['operators']:9.0f} {count['regions']:17.1f}")
     for path, count in counts.items():
         print(f"  {path}: regions per step by operator")
         for name, regions in count["top"]:
@@ -324,7 +348,7 @@ def main() -> None:
     parser.add_argument(
         "--load-processes", type=int, default=os.cpu_count() or 2, help="busy loops under load"
     )
-    parser.add_argument("--paths", default=",".join(PATHS), help=f"a subset of {PATHS}")
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"some of {PATHS}")
     parser.add_argument("--count", action="store_true", help="also count ops and regions")
     parser.add_argument("--time-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--all-threads", action="store_true", help=argparse.SUPPRESS)
@@ -360,14 +384,14 @@ def main() -> None:
                 results[policy, path, threads, loaded].append(ms_per_step)
         print(f"  repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
-    print(f"\n{'OMP_WAIT_POLICY':15} {'threads':>7} {'path':10} {'quiet ms/step':>14} ", end="")
+    print(f"\n{'OMP_WAIT_POLICY':15} {'threads':>7} {'path':16} {'quiet ms/step':>14} ", end="")
     print(f"{'loaded ms/step':>15} {'loaded/quiet':>12}")
     for policy in WAIT_POLICIES:
         for threads in sorted({key[2] for key in results if key[0] == policy}, reverse=True):
             for path in paths:
                 quiet = statistics.median(results[policy, path, threads, False])
                 loaded = statistics.median(results[policy, path, threads, True])
-                print(f"{policy:15} {threads:7d} {path:10} {quiet:14.2f} {loaded:15.2f} ", end="")
+                print(f"{policy:15} {threads:7d} {path:16} {quiet:14.2f} {loaded:15.2f} ", end="")
                 print(f"{loaded / quiet:12.1f}")
     print("load average after: " + " ".join(f"{load:.1f}" for load in os.getloadavg()))
     if args.count:
