@@ -153,7 +153,8 @@ def retrieval_softmax(
     logits = ops.cast(similarities, "float32") / temperature
     # Dynamic sizes: under tf.function the batch dimension may be unknown.
     batch_size, num_columns = ops.shape(logits)[0], ops.shape(logits)[1]
-    if positive_positions is None:
+    in_batch = positive_positions is None
+    if in_batch:
         if shape[0] is not None and shape[1] is not None and shape[1] < shape[0]:
             raise ValueError(
                 "In-batch positives need at least as many columns as rows. "
@@ -161,18 +162,25 @@ def retrieval_softmax(
             )
         positive_positions = ops.arange(batch_size, dtype="int32")
     positive_positions = ops.cast(ops.reshape(positive_positions, (-1, 1)), "int32")
-    is_positive = ops.arange(num_columns, dtype="int32")[None, :] == positive_positions
     if log_candidate_probability is not None:
         log_q = ops.cast(ops.reshape(log_candidate_probability, (1, -1)), "float32")
         logits = logits - log_q
-    lowest = ops.full_like(logits, np.finfo("float32").min)
+    # The masks are [batch, columns] ops of their own (each a parallel region on a
+    # CPU backend): built only for the options that need them.
+    masked = candidate_ids is not None or num_hard_negatives is not None
+    if masked:
+        is_positive = ops.arange(num_columns, dtype="int32")[None, :] == positive_positions
+        lowest = ops.full_like(logits, np.finfo("float32").min)
     if candidate_ids is not None:
         candidate_ids = ops.reshape(candidate_ids, (-1,))
         if positive_ids is None:
             positive_ids = ops.take(candidate_ids, positive_positions[:, 0], axis=0)
         same_id = ops.reshape(positive_ids, (-1, 1)) == candidate_ids[None, :]
         logits = ops.where(ops.logical_and(same_id, ops.logical_not(is_positive)), lowest, logits)
-    positive_logits = ops.take_along_axis(logits, positive_positions, axis=1)
+    if in_batch:  # a view on the diagonal (a gather's backward scatters into [batch, columns])
+        positive_logits = ops.expand_dims(ops.diagonal(logits), 1)
+    else:
+        positive_logits = ops.take_along_axis(logits, positive_positions, axis=1)
     if num_hard_negatives is not None:
         negatives = ops.where(is_positive, lowest, logits)
         # Padding keeps top_k valid when a row has fewer negatives than asked for;
