@@ -5,10 +5,7 @@ distributed guide's JAX blocks run in the tests-multidevice session.
 """
 
 import collections
-import os
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -24,6 +21,7 @@ from testing import (
     pairs_for,
     python_blocks,
     run_doc_blocks,
+    run_script,
     save_and_load,
 )
 
@@ -77,20 +75,7 @@ def test_readme_quickstart_runs(real_data_dir, tmp_path):
     )
     script = tmp_path / "quickstart.py"
     script.write_text("\n".join(blocks) + "\n" + check)
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=dict(
-            os.environ,
-            KERAS_BACKEND=keras.backend.backend(),
-            TWO_TOWER_DATA_DIR=str(real_data_dir.parent),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_script(script, real_data_dir)
     *printed, reloaded = completed.stdout.splitlines()
 
     # Ten titles, of ten different movies, none of which user 42 has rated.

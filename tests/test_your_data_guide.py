@@ -5,16 +5,14 @@ written where the guide says to put it, and `serve.py` runs in a fresh process
 that loads the saved model, as a service would.
 """
 
-import os
 import re
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
-from testing import REPOSITORY, doc_blocks
+from testing import REPOSITORY, doc_blocks, run_script
 
 GUIDE = "docs/your-data.md"
 TEST = "test_your_data_guide.py::test_your_data_guide_runs"
@@ -113,20 +111,7 @@ def test_your_data_guide_runs(real_data_dir, tmp_path, monkeypatch, capsys):
     assert before.shape == (1, 10) and before.dtype.kind == "U"
     script = tmp_path / "serve.py"
     script.write_text(serve + '\nprint("RELOADED", "|".join(ids[0]))\n')
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=dict(
-            os.environ,
-            KERAS_BACKEND=keras.backend.backend(),
-            TWO_TOWER_DATA_DIR=str(real_data_dir.parent),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_script(script, real_data_dir)
     lines = completed.stdout.splitlines()
     word, reloaded = lines[-1].split(" ")
     assert word == "RELOADED"

@@ -71,6 +71,30 @@ def missing_devices(found: int, needed: int, what: str, how: str) -> str | None:
     return message
 
 
+def run_script(script: Path, data_dir: Path) -> Any:
+    """Runs `script` in a fresh Python process, in its folder, on this session's
+    backend, with the MovieLens folder `data_dir` (the one holding `u.data`); it
+    must succeed. Returns the `subprocess.CompletedProcess`, output as text."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=script.parent,
+        env=dict(
+            os.environ,
+            KERAS_BACKEND=keras.backend.backend(),
+            TWO_TOWER_DATA_DIR=str(Path(data_dir).parent),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
 def save_and_load(model: keras.Model, folder: Path) -> Any:
     path = os.path.join(folder, "model.keras")
     model.save(path)

@@ -443,6 +443,33 @@ class TwoTowerRetrieval(keras.Model):
         }
         return rows, ids
 
+    def _candidate_inputs(
+        self, features: Any, ids: Any, argument: str, own_tower: bool = True, hint: str = ""
+    ) -> tuple[Any, Any]:
+        """Candidates given to `index_candidates` / `similar_items` as tower inputs,
+        with their ids (the raw ids by default, with a candidate vocabulary).
+
+        Ids alone, for a tower over catalogue features, take their catalogue rows;
+        NumPy-like raw features are looked up; datasets and generators pass as
+        they are. `own_tower` is False for another tower (`item_tower`), whose
+        inputs the structure check does not know.
+        """
+        if own_tower and self._takes_catalogue_rows(features):
+            rows, raw_ids = self._catalogue_rows(features, argument)
+            return rows, raw_ids if ids is None else ids
+        if _serving._is_batches(features):
+            return features, ids
+        encoded = self._encode(CANDIDATE, features, argument)
+        if own_tower:
+            self._check_structure(encoded, CANDIDATE, argument, hint)
+        if isinstance(self.candidate_vocabulary, Vocabulary):
+            _vocabularies.require_known(self.candidate_vocabulary, encoded, features, argument)
+            return encoded, features if ids is None else ids
+        vocabulary = _vocabularies.id_vocabulary(self.candidate_vocabulary, self.candidate_id_key)
+        if vocabulary is not None and ids is None:
+            ids = features[self.candidate_id_key]
+        return encoded, ids
+
     def _takes_catalogue_rows(self, features: Any) -> bool:
         """Ids (not a dict) for a candidate tower over the dict features of a catalogue."""
         return (
@@ -975,8 +1002,10 @@ class TwoTowerRetrieval(keras.Model):
                 ids that are not all integers or all strings, or duplicated, or
                 on a bad `batch_size`.
         """
-        vocabulary = _vocabularies.id_vocabulary(self.candidate_vocabulary, self.candidate_id_key)
         if candidates is None:
+            vocabulary = _vocabularies.id_vocabulary(
+                self.candidate_vocabulary, self.candidate_id_key
+            )
             if not self._catalogue_features and not isinstance(
                 self.candidate_vocabulary, Vocabulary
             ):
@@ -997,29 +1026,13 @@ class TwoTowerRetrieval(keras.Model):
                 }
             else:
                 candidates = np.arange(known.start, known.stop, dtype="int32")
-        elif self._takes_catalogue_rows(candidates):  # ids: their catalogue rows
-            candidates, ids = self._catalogue_rows(candidates, "`candidates`")
-            if candidate_ids is None:
-                candidate_ids = ids
-        elif not _serving._is_batches(candidates):
-            raw = candidates
-            candidates = self._encode(CANDIDATE, candidates, "`candidates`")
-            self._check_structure(
+        else:
+            candidates, candidate_ids = self._candidate_inputs(
                 candidates,
-                CANDIDATE,
+                candidate_ids,
                 "`candidates`",
-                " To index candidates by id, give their features to `set_catalogue` first.",
+                hint=" To index candidates by id, give their features to `set_catalogue` first.",
             )
-            if isinstance(self.candidate_vocabulary, Vocabulary):
-                _vocabularies.require_known(
-                    self.candidate_vocabulary, candidates, raw, "`candidates`"
-                )
-            if vocabulary is not None and candidate_ids is None:
-                candidate_ids = (
-                    raw
-                    if isinstance(self.candidate_vocabulary, Vocabulary)
-                    else (raw[self.candidate_id_key])
-                )
         with backend_module().serving_slot():  # embedded block by block into the index
             blocks = _serving.embed_candidates(self, candidates, batch_size)
             self.candidate_index.index(blocks, candidate_ids)
@@ -1148,26 +1161,9 @@ class TwoTowerRetrieval(keras.Model):
             exclude_self=exclude_self,
             ignore_unknown_exclusions=ignore_unknown_exclusions,
         )
-        if item_tower is None and self._takes_catalogue_rows(items):  # ids: their rows
-            items, ids = self._catalogue_rows(items, "`items`")
-            if item_ids is None:
-                item_ids = ids
-        elif not _serving._is_batches(items):
-            raw = items
-            items = self._encode(CANDIDATE, items, "`items`")
-            if item_tower is None:
-                self._check_structure(items, CANDIDATE, "`items`")
-            vocabulary = _vocabularies.id_vocabulary(
-                self.candidate_vocabulary, self.candidate_id_key
-            )
-            if isinstance(self.candidate_vocabulary, Vocabulary):
-                _vocabularies.require_known(self.candidate_vocabulary, items, raw, "`items`")
-            if vocabulary is not None and item_ids is None:
-                item_ids = (
-                    raw
-                    if isinstance(self.candidate_vocabulary, Vocabulary)
-                    else (raw[self.candidate_id_key])
-                )
+        items, item_ids = self._candidate_inputs(
+            items, item_ids, "`items`", own_tower=item_tower is None
+        )
         with backend_module().serving_slot():
             scores, found = _serving.similar_items(
                 self,
