@@ -174,11 +174,7 @@ def catalogue_rows(
     if np.any(repeats > 1):
         doubled = vocabulary.values_of(unique[repeats > 1])[:5].tolist()
         raise ValueError(f"Each candidate id may appear once in `features`. Repeated: {doubled}")
-    if vocabulary.size > catalogue_size:
-        raise ValueError(
-            f"The candidate vocabulary maps to {vocabulary.size} indices, more than "
-            f"catalogue_size={catalogue_size}."
-        )
+    # (TwoTowerRetrieval checked vocabulary.size <= catalogue_size when it was made.)
     rows: dict[str, np.ndarray] = {}
     for name, array in arrays.items():
         if name == id_key:
