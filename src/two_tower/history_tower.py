@@ -9,9 +9,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from two_tower import _arguments
 from two_tower.types import Tensor
 
 POOLINGS = ("mean", "recency", "attention", "gru")
+AGE_POOLINGS = ("recency", "attention")  # the poolings that read `age_key`
 BIASES = (None, "constant")
 
 
@@ -32,11 +34,14 @@ class HistoryTower(keras.layers.Layer):
     - `"gru"`: a GRU read from the oldest to the most recent item; its last
       state is the pooled vector.
 
-    With `age_key`, the dict also holds `[batch, max_length]` ages (request time
-    minus interaction time, `InteractionLog.history(..., ages=True)`), and the
-    weights of `"recency"` and `"attention"` get a learned term in
-    `log(1 + age)`: items from long ago can count less than the position alone
-    says. An empty history pools to zeros.
+    With `age_key` (`"recency"` and `"attention"` only: the other poolings
+    would ignore it), the dict also holds `[batch, max_length]` ages (request
+    time minus interaction time, `InteractionLog.history(..., ages=True)`),
+    and the weights get a learned term in `log(1 + age)`: items from long ago
+    can count less than the position alone says. Ages must be finite and
+    >= 0 where the history holds an item; at padded positions they may hold
+    anything, NaN included (they are masked before use). An empty history
+    pools to zeros.
 
     **The item table.** With `num_items=None` the tower has no table of its own:
     `TwoTowerRetrieval` gives it the candidate tower's id table (the table of
@@ -61,25 +66,32 @@ class HistoryTower(keras.layers.Layer):
         pooling: `"mean"`, `"recency"`, `"attention"` or `"gru"`.
         history_key: the feature holding the history.
         age_key: the feature holding the ages, or None to use positions only.
+            Only with `pooling="recency"` or `"attention"`.
         context: a layer over the query features whose `[batch, dim]` output is
             added to the pooled history; None adds nothing.
         project: pass the pooled vector through a learned square matrix
             (initialised to the identity), so that a history need not score
             its own items highest.
         bias: None, or `"constant"` to append a column of ones.
-        l2: L2 penalty on the own item table (a shared table keeps its own).
+        l2: L2 penalty on the own item table; 0 with a shared table (which
+            keeps its own candidate-tower penalty).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Raises:
         ValueError: an option out of range (`num_items`, `embedding_dim`,
-            `max_length`, `pooling`, `bias`, `l2`, keys), or, when the model
-            shares the candidate table, a candidate tower without one table of
-            ids or whose width differs from `embedding_dim`.
+            `max_length`, `pooling`, `bias`, `l2`, `project`, keys; Python and
+            NumPy numbers are accepted), an option the configuration would
+            ignore (`age_key` with `pooling="mean"` or `"gru"`, `l2` > 0 with
+            `num_items=None`), or, when the model shares the candidate table,
+            a candidate tower without one table of ids or whose width differs
+            from `embedding_dim`.
 
     Call arguments:
-        - `features`: a dict with `history_key` (`[batch, max_length]` integer
-          indices, -1 for padding), `age_key` when set, and what `context`
-          reads.
+        - `features`: a dict (not a bare array) with `history_key`
+          (`[batch, max_length]` integer indices, the most recent first, -1
+          padding after the last item), `age_key` when set, and what
+          `context` reads. NumPy arrays and rectangular lists are checked on
+          the host (`check_feature_ranges`), the same on every backend.
 
     Call returns:
         `[batch, dim]`, or `[batch, dim + 1]` with `bias="constant"`.
@@ -113,32 +125,53 @@ class HistoryTower(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value, optional in (
-            ("num_items", num_items, True),
-            ("embedding_dim", embedding_dim, True),
-            ("max_length", max_length, False),
-        ):
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                none = " or None" if optional else ""
-                raise ValueError(f"`{name}` must be a positive integer{none}. Received: {value!r}")
+        owner = "HistoryTower"
+        if num_items is not None:
+            num_items = _arguments.integer("num_items", num_items, owner=owner)
+        if embedding_dim is not None:
+            embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
+        max_length = _arguments.integer("max_length", max_length, owner=owner)
         if num_items is not None and embedding_dim is None:
-            raise ValueError("`embedding_dim` is required with `num_items` (the own table).")
-        if pooling not in POOLINGS:
-            raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: {pooling!r}")
+            raise ValueError(
+                "HistoryTower: `embedding_dim` is required with `num_items` (the own table). "
+                f"Received: num_items={num_items}, embedding_dim=None"
+            )
+        pooling = _arguments.choice("pooling", pooling, POOLINGS, owner=owner)
         if bias not in BIASES:
-            raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
-        if not isinstance(l2, (int, float)) or isinstance(l2, bool) or l2 < 0:
-            raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+            raise ValueError(
+                f"HistoryTower: `bias` must be None or 'constant'. Received: bias={bias!r} "
+                f"({type(bias).__name__})"
+            )
+        l2 = _arguments.number("l2", l2, minimum=0.0, owner=owner)
+        project = _arguments.boolean("project", project, owner=owner)
         for name, key in (("history_key", history_key), ("age_key", age_key)):
             if not (isinstance(key, str) and key) and not (key is None and name == "age_key"):
-                raise ValueError(f"`{name}` must be a non-empty string. Received: {key!r}")
+                raise ValueError(
+                    f"HistoryTower: `{name}` must be a non-empty string. Received: {key!r}"
+                )
         if age_key == history_key:
-            raise ValueError(f"`age_key` and `history_key` must differ. Both are {age_key!r}")
+            raise ValueError(
+                f"HistoryTower: `age_key` and `history_key` must differ. Both are {age_key!r}"
+            )
+        if age_key is not None and pooling not in AGE_POOLINGS:
+            raise ValueError(
+                f"HistoryTower: `age_key` applies to pooling='recency' and 'attention', whose "
+                f"weights get a learned term in the ages; pooling={pooling!r} would ignore the "
+                f"ages. Received: age_key={age_key!r}, pooling={pooling!r}. Use "
+                "pooling='recency' or 'attention', or leave age_key None."
+            )
+        if l2 and num_items is None:
+            raise ValueError(
+                "HistoryTower: `l2` penalises the tower's own item table (num_items set); with "
+                "num_items=None the tower shares the candidate tower's table, which keeps its "
+                f"own penalty, so l2 would be ignored. Received: l2={l2}. Set the penalty on the "
+                "candidate tower (e.g. IdEmbeddingTower(l2=...)), or give this tower its own "
+                "table with `num_items`."
+            )
         if context is not None and not isinstance(context, keras.layers.Layer):
             raise ValueError(
-                f"`context` must be a Keras layer or None. Received {type(context).__name__}"
+                "HistoryTower: `context` must be a Keras layer or None. Received "
+                f"{type(context).__name__}"
             )
         self.num_items = num_items
         self.embedding_dim = embedding_dim
@@ -147,7 +180,7 @@ class HistoryTower(keras.layers.Layer):
         self.history_key = history_key
         self.age_key = age_key
         self.context = context
-        self.project = bool(project)
+        self.project = project
         self.bias = bias
         self.l2 = l2
         own = None
@@ -292,35 +325,64 @@ class HistoryTower(keras.layers.Layer):
         self.built = True
 
     def __call__(self, features: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(features, Mapping):
-            self.check_feature_ranges(features)
+        # Before Keras converts the inputs: it fails on a bare array, ragged
+        # lists or missing ages with messages that name no feature.
+        self.check_feature_ranges(features)
+        features = {
+            name: _rectangular(value) if name in (self.history_key, self.age_key) else value
+            for name, value in features.items()
+        }
         return super().__call__(features, *args, **kwargs)
 
-    def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:
-        """Checks a NumPy history on the host: its shape, and item indices in range.
+    def _expected(self) -> str:
+        ages = "" if self.age_key is None else f", {self.age_key!r}: ages"
+        return f"{{{self.history_key!r}: [batch, {self.max_length}] item indices{ages}}}"
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None:
+        """Checks the features on the host: a dict with the history (and ages), in range.
 
         JAX clamps out-of-range gathers silently, while TensorFlow and torch
-        raise inside the step; this raises the same error on every backend
-        first. Tensors are skipped.
+        raise inside the step, each in its own words; this raises the same
+        error on every backend first. NumPy-like values (arrays, lists) are
+        checked; tensors only for being in a dict.
 
         Args:
             features: feature name -> array.
             where: how the caller names `features` in the error.
 
         Raises:
-            ValueError: a missing history, a history that is not
-                `[batch, max_length]` integers, or an index at or above the
-                table's rows.
+            ValueError: features that are not a dict; a missing history; a
+                history that is not `[batch, max_length]` integers (ragged
+                rows included), an index at or above the table's rows or below
+                -1, or -1 padding before an item of its row. With `age_key`:
+                missing ages, ages that are not numbers of the history's
+                shape, or ages that are negative, NaN or infinite where the
+                history holds an item.
         """
+        if not isinstance(features, Mapping):
+            received = np.asarray(features) if isinstance(features, (list, tuple)) else features
+            shape = getattr(received, "shape", None)
+            described = type(features).__name__ + ("" if shape is None else f" of shape {shape}")
+            raise ValueError(
+                f"HistoryTower takes a dict of features, {self._expected()}. Received a bare "
+                f"{described} in {where}: pass {{{self.history_key!r}: history}}."
+            )
         if self.history_key not in features:
             raise ValueError(
                 f"The history feature {self.history_key!r} is missing from {where}. "
                 f"Received features: {sorted(map(str, features))}"
             )
+        if self.age_key is not None and self.age_key not in features:
+            raise ValueError(
+                f"HistoryTower(age_key={self.age_key!r}) reads each item's age, but {where} "
+                f"holds no {self.age_key!r}. Received features: {sorted(map(str, features))}. "
+                "Pass the ages (InteractionLog.history(..., ages=True)), or build the tower "
+                "with age_key=None."
+            )
         history = features[self.history_key]
         if not isinstance(history, (np.ndarray, list, tuple)):
             return
-        array = np.asarray(history)
+        array = _rectangular(history, f"Feature {self.history_key!r} in {where}", self.max_length)
         if array.ndim != 2 or array.shape[1] != self.max_length or array.dtype.kind not in "iu":
             raise ValueError(
                 f"Feature {self.history_key!r} in {where} must be [batch, {self.max_length}] "
@@ -329,16 +391,55 @@ class HistoryTower(keras.layers.Layer):
             )
         table = self.item_table
         rows = None if table is None else int(table.input_dim)
-        if rows is not None and array.size and int(array.max()) >= rows:
+        if array.size and (int(array.min()) < -1 or (rows is not None and array.max() >= rows)):
+            allowed = f"[0, {rows})" if rows is not None else "[0, ...)"
             raise ValueError(
-                f"Feature {self.history_key!r} in {where} must hold item indices in [0, {rows}) "
-                f"or -1 padding. Received values up to {int(array.max())}."
+                f"Feature {self.history_key!r} in {where} must hold item indices in {allowed} "
+                f"or -1 padding. Received values from {int(array.min())} to {int(array.max())}."
+            )
+        present = array >= 0
+        gaps = present[:, 1:] & ~present[:, :-1]
+        if gaps.any():
+            row = int(np.flatnonzero(gaps.any(axis=1))[0])
+            raise ValueError(
+                f"Feature {self.history_key!r} in {where} must hold each row's items first, the "
+                "most recent in column 0, then -1 padding after the last item (as "
+                f"InteractionLog.history returns). Row {row} has padding before an item: "
+                f"{array[row].tolist()}. keras.utils.pad_sequences pads in front unless "
+                "padding='post'."
+            )
+        if self.age_key is not None:
+            self._check_ages(features[self.age_key], present, where)
+
+    def _check_ages(self, ages: Any, present: np.ndarray, where: str) -> None:
+        """Ages of the history's shape, finite and >= 0 where an item is present."""
+        if not isinstance(ages, (np.ndarray, list, tuple)):
+            return
+        name = f"Feature {self.age_key!r} in {where}"
+        array = _rectangular(ages, name, self.max_length)
+        if array.dtype.kind not in "iuf" or array.shape != present.shape:
+            raise ValueError(
+                f"{name} must hold one age (a number) per history entry, shape "
+                f"{present.shape} like {self.history_key!r}. Received shape {array.shape}, "
+                f"dtype {array.dtype}"
+            )
+        values = array.astype("float64")
+        bad = present & ~(np.isfinite(values) & (values >= 0))
+        if bad.any():
+            row, column = (int(i[0]) for i in np.nonzero(bad))
+            raise ValueError(
+                f"{name} must be finite and >= 0 where the history holds an item: an age is "
+                "the request time minus the interaction time (InteractionLog.history(..., "
+                f"ages=True)). Received {values[row, column]} at row {row}, column {column}. "
+                "A negative age usually means the subtraction was reversed. Padded positions "
+                "(-1 in the history) may hold anything."
             )
 
     def call(self, features: Mapping[str, Any], training: bool = False) -> Tensor:
         if not isinstance(features, Mapping):
             raise ValueError(
-                f"HistoryTower takes a dict of features. Received {type(features).__name__}"
+                f"HistoryTower takes a dict of features, {self._expected()}. Received "
+                f"{type(features).__name__}"
             )
         history = ops.convert_to_tensor(features[self.history_key])
         present = ops.greater_equal(history, 0)
@@ -355,7 +456,10 @@ class HistoryTower(keras.layers.Layer):
             if self.pooling == "attention":
                 logits = logits + ops.einsum("bld,d->bl", embedded, self.content_logits)
             if self.age_key is not None and self.pooling in ("recency", "attention"):
-                ages = ops.maximum(ops.cast(features[self.age_key], "float32"), 0.0)
+                # Padded positions may hold anything (NaN too): zeroed before the
+                # log, so that no NaN reaches the weights or their gradients.
+                ages = ops.cast(features[self.age_key], "float32")
+                ages = ops.maximum(ops.where(present, ages, ops.zeros_like(ages)), 0.0)
                 logits = logits - self.age_slope * ops.log1p(ages)
             logits = ops.where(present, logits, ops.full_like(logits, -1e9))
             weights = ops.softmax(logits, axis=-1) * mask
@@ -394,3 +498,22 @@ class HistoryTower(keras.layers.Layer):
         if config.get("context") is not None:
             config["context"] = keras.saving.deserialize_keras_object(config["context"])
         return cls(**config)
+
+
+def _rectangular(value: Any, name: str = "", width: int | None = None) -> Any:
+    """Lists and tuples as a NumPy array; ragged rows raise, naming the feature.
+
+    Without `name`, anything else is returned as it is (a tensor, for Keras).
+    """
+    if not isinstance(value, (list, tuple)):
+        return np.asarray(value) if name else value
+    try:
+        return np.asarray(value)
+    except ValueError:
+        lengths = sorted({len(row) for row in value if hasattr(row, "__len__")})
+        raise ValueError(
+            f"{name or 'A HistoryTower feature'} must be a rectangular [batch, "
+            f"{width or 'max_length'}] array. Received ragged rows of lengths {lengths}: pad "
+            "each row to the same width (InteractionLog.history returns the items, most "
+            "recent first, then -1 padding, and with ages=True their ages, 0 where padded)."
+        ) from None
