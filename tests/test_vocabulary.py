@@ -99,11 +99,12 @@ def adapted(data, **kwargs):
     "make",
     [
         lambda: adapted(np.array([1, 2]), num_oov_buckets=3, min_count=5),  # nothing frequent
-        lambda: adapted(np.array(["", ""]), num_oov_buckets=3),  # "" is never a value
         lambda: two_tower.Vocabulary([], num_oov_buckets=3),
         lambda: two_tower.Vocabulary(np.array([], dtype="int64"), num_oov_buckets=3),
     ],
-    ids=["adapt_min_count", "adapt_only_empty_strings", "empty_list", "empty_int_array"],
+    # adapt() on data with no values at all (only "", or nothing) is refused since issue 30
+    # (tests/test_bad_input_model.py): pure hashing is asked for with `Vocabulary([])`.
+    ids=["adapt_min_count", "empty_list", "empty_int_array"],
 )
 def test_an_empty_vocabulary_maps_every_value_to_its_oov_bucket(make):
     vocab = make()

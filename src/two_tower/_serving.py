@@ -120,6 +120,7 @@ def embedded_blocks(
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
     if batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    batch_size = int(batch_size)  # a NumPy integer too
     if _is_batches(features):
         # A dataset or generator of batches (as `predict` takes): embed batch by batch.
         empty = True

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
+from two_tower import _arguments
 from two_tower.factorized_top_k import FactorizedTopK, check_id_range
 from two_tower.types import SimilarityFn
 
@@ -52,7 +53,8 @@ def evaluate_retrieval(
         exclude_query_ids: with `exclude_candidate_ids`, pairs to leave out of
             the ranking (usually the training pairs).
         exclude_candidate_ids: see `exclude_query_ids`.
-        ks: cut-offs.
+        ks: cut-offs. A k at or above the catalogue's size counts every pair
+            as a hit (the top k then holds the whole catalogue).
         batch_size: test pairs scored at once.
         similarity_fn: scores `[queries, candidates]`; the dot product by default
             (pass `model.compute_similarities` for a subclass that changes it).
@@ -64,7 +66,9 @@ def evaluate_retrieval(
         keys when exclusions are given.
 
     Raises:
-        ValueError: test id arrays of different lengths, query ids outside
+        ValueError: empty or non-integer test ids, NaN or infinite embeddings
+            (the row is named), query and catalogue embeddings of different
+            dimensions, test id arrays of different lengths, query ids outside
             `[0, num_queries)`, a function `query_embeddings` without a positive
             integer `num_queries` or returning the wrong number of rows, or bad
             `ks` or exclusions (as `FactorizedTopK`).
@@ -78,11 +82,16 @@ def evaluate_retrieval(
         0.5
     """
     if callable(query_embeddings):
-        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+        if (
+            isinstance(num_queries, (bool, np.bool_))
+            or not isinstance(num_queries, (int, np.integer))
+            or num_queries < 1
+        ):
             raise ValueError(
                 "`num_queries` must be a positive integer when `query_embeddings` is a "
                 f"function. Received: num_queries={num_queries!r}"
             )
+        num_queries = int(num_queries)
         embed = query_embeddings
     else:
         queries = np.asarray(ops.convert_to_numpy(query_embeddings))
@@ -93,13 +102,26 @@ def evaluate_retrieval(
             )
         num_queries = queries.shape[0]
         embed = queries.__getitem__
-    catalogue = ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(catalogue_embeddings)))
-    test_queries = np.asarray(test_query_ids).reshape(-1)
-    test_candidates = np.asarray(test_candidate_ids).reshape(-1)
+    batch_size = _arguments.integer("batch_size", batch_size, owner="evaluate_retrieval")
+    catalogue_array = np.asarray(ops.convert_to_numpy(catalogue_embeddings))
+    if catalogue_array.ndim != 2 or catalogue_array.shape[0] == 0:
+        raise ValueError(
+            "`catalogue_embeddings` must be [catalogue_size, dim] with at least one row. "
+            f"Received shape {catalogue_array.shape}"
+        )
+    _check_finite(catalogue_array, "catalogue_embeddings")
+    catalogue = ops.convert_to_tensor(catalogue_array)
+    test_queries = _ids(test_query_ids, "test_query_ids")
+    test_candidates = _ids(test_candidate_ids, "test_candidate_ids")
     if test_queries.shape != test_candidates.shape:
         raise ValueError(
             "`test_query_ids` and `test_candidate_ids` must have the same length. "
             f"Received {test_queries.shape[0]} and {test_candidates.shape[0]}"
+        )
+    if test_queries.size == 0:
+        raise ValueError(
+            "`test_query_ids` and `test_candidate_ids` are empty: expected at least one "
+            "test pair (an empty test set has no accuracy)."
         )
     catalogue_size = int(catalogue.shape[0])
     check_id_range(test_queries, num_queries, "test_query_ids")
@@ -124,6 +146,13 @@ def evaluate_retrieval(
                 f"`query_embeddings` must return [batch, dim] for a batch of "
                 f"{len(test_queries[rows])} query ids. Received shape {batch.shape}"
             )
+        if similarity_fn is None and batch.shape[1] != catalogue_array.shape[1]:
+            raise ValueError(
+                f"Query embeddings have {batch.shape[1]} dimensions and "
+                f"`catalogue_embeddings` {catalogue_array.shape[1]}: the dot product needs "
+                "the same dimension on both sides."
+            )
+        _check_finite(batch, "query_embeddings", test_queries[rows])
         for metric in metrics.values():
             metric.update_state(
                 batch,
@@ -139,6 +168,37 @@ def evaluate_retrieval(
         }
         for name, metric in metrics.items()
     }
+
+
+def _ids(values: Any, name: str) -> np.ndarray:
+    """`values` as a flat int64 array; integer-valued floats accepted, others refused."""
+    array = np.asarray(values).reshape(-1)
+    if array.dtype.kind in "iu":
+        return array.astype("int64", copy=False)
+    if array.size == 0 and array.dtype.kind == "f":
+        return array.astype("int64")
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        return array.astype("int64")
+    example = ""
+    if array.dtype.kind == "f":
+        bad = array[~np.isfinite(array) | (array != np.round(array))]
+        example = f", e.g. {bad[0].item()!r}"
+    raise ValueError(
+        f"`{name}` must hold integer ids (catalogue rows / query ids). Received dtype "
+        f"{array.dtype}{example}"
+    )
+
+
+def _check_finite(values: np.ndarray, name: str, ids: np.ndarray | None = None) -> None:
+    """Raises ValueError naming the first non-finite row (by its id when `ids` is given)."""
+    if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
+        rows = np.unique(np.nonzero(~np.isfinite(values))[0])
+        where = f"query id {ids[rows[0]]}" if ids is not None else f"row {rows[0]}"
+        raise ValueError(
+            f"`{name}` holds NaN or infinite values (in {rows.size} row(s) here, e.g. "
+            f"{where}): every score with them would be meaningless. Check the model's "
+            "training (a diverged loss) or the embeddings passed."
+        )
 
 
 def format_table(

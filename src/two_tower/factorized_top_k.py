@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from two_tower import _arguments
 from two_tower.brute_force_index import _dot_similarities
 from two_tower.types import SimilarityFn, Tensor
 
@@ -30,7 +31,8 @@ class FactorizedTopK(keras.metrics.Metric):
     many catalogue candidates score strictly higher than it, not counting
     excluded ones. The catalogue is scored `chunk_size` candidates at a time, so
     memory grows with the chunk, not with the catalogue. Ties count in the
-    positive's favour, the same way on every backend.
+    positive's favour, the same way on every backend; a NaN score counts
+    against it (a NaN query or positive embedding is a miss at every k).
 
     Reported, for each k in `ks`:
 
@@ -110,11 +112,10 @@ class FactorizedTopK(keras.metrics.Metric):
                 raise ValueError(
                     f"`{name}` must be a positive integer or None. Received: {name}={value!r}"
                 )
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size!r}")
+        chunk_size = _arguments.integer("chunk_size", chunk_size, owner="FactorizedTopK")
         self.ks = ks
-        self.num_queries = num_queries
-        self.catalogue_size = catalogue_size
+        self.num_queries = None if num_queries is None else int(num_queries)
+        self.catalogue_size = None if catalogue_size is None else int(catalogue_size)
         self.chunk_size = chunk_size
         # Compressed sparse rows: query q's excluded candidates are
         # `_exclusion_candidates[_exclusion_offsets[q]:_exclusion_offsets[q + 1]]`.
@@ -241,8 +242,11 @@ class FactorizedTopK(keras.metrics.Metric):
             stop = min(start + self.chunk_size, num_candidates)
             scores = similarity_fn(query_embeddings, catalogue_embeddings[start:stop])
             columns = ops.arange(start, stop, dtype="int32")[None, :]
+            # `not <=` rather than `>`: a NaN score (either side) counts against the
+            # positive, so NaN embeddings give misses, never perfect ranks.
             beats = ops.logical_and(
-                scores > positive_scores, columns != positive_positions[:, None]
+                ops.logical_not(scores <= positive_scores),
+                columns != positive_positions[:, None],
             )
             if excluded is not None:
                 mask = self._chunk_mask(excluded, start, stop)

@@ -77,8 +77,8 @@ def _check_temperature(temperature: float) -> None:
 def _check_num_hard_negatives(num_hard_negatives: int | None) -> None:
     """Raises ValueError unless `num_hard_negatives` is None or a positive int."""
     if num_hard_negatives is not None and (
-        isinstance(num_hard_negatives, bool)
-        or not isinstance(num_hard_negatives, int)
+        isinstance(num_hard_negatives, (bool, np.bool_))
+        or not isinstance(num_hard_negatives, (int, np.integer))
         or num_hard_negatives <= 0
     ):
         raise ValueError(

@@ -48,6 +48,10 @@ def _symbolic_inputs(spec: Any) -> Any:
     return keras.tree.map_structure(leaf, spec)
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 @keras.saving.register_keras_serializable(package="two_tower")
 class TwoTowerRetrieval(keras.Model):
     """A two-tower retrieval model: a query tower, a candidate tower and a top-k index.
@@ -249,10 +253,11 @@ class TwoTowerRetrieval(keras.Model):
         self.loss_name = loss
         self.temperature = float(temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)
-        self.num_hard_negatives = num_hard_negatives
+        # NumPy scalars are accepted; stored as Python numbers so the config is JSON.
+        self.num_hard_negatives = _optional_int(num_hard_negatives)
         self.candidate_id_key = candidate_id_key
-        self.catalogue_size = catalogue_size
-        self.num_sampled_negatives = num_sampled_negatives
+        self.catalogue_size = _optional_int(catalogue_size)
+        self.num_sampled_negatives = _optional_int(num_sampled_negatives)
         self.query_id_key = query_id_key
         self.cross_replica_negatives = bool(cross_replica_negatives)
         self._predicting = False  # set by predict: pair inputs return the embeddings only
@@ -335,6 +340,13 @@ class TwoTowerRetrieval(keras.Model):
             ("num_queries", num_queries, query_vocabulary),
             ("num_candidates", num_candidates, candidate_vocabulary),
         ):
+            side = "query" if name == "num_queries" else "candidate"
+            if vocabulary is not None and not isinstance(vocabulary, Vocabulary):
+                raise ValueError(
+                    f"from_ids: `{side}_vocabulary` must be a two_tower.Vocabulary (adapted "
+                    f"to the raw ids) or None. Received {type(vocabulary).__name__}: "
+                    f"{vocabulary!r:.80}. Build one with `Vocabulary()` and `adapt(ids)`."
+                )
             if size is None and isinstance(vocabulary, Vocabulary):
                 size = vocabulary.size
             if size is None:

@@ -9,6 +9,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from two_tower import _arguments
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -180,13 +182,11 @@ class Vocabulary(keras.layers.Layer):
             ("max_size", max_size, 1),
             ("min_count", min_count, 1),
         ):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {value!r}")
-        self.num_oov_buckets = num_oov_buckets
-        self.max_size = max_size
-        self.min_count = min_count
+            if value is not None:  # NumPy integers accepted, stored as Python ints
+                _arguments.integer(name, value, minimum=minimum, owner="Vocabulary")
+        self.num_oov_buckets = int(num_oov_buckets)
+        self.max_size = None if max_size is None else int(max_size)
+        self.min_count = int(min_count)
         if padding is not None:
             if isinstance(padding, (bytes, np.bytes_)):
                 padding = _decode(bytes(padding), "padding")
@@ -266,7 +266,7 @@ class Vocabulary(keras.layers.Layer):
 
         Raises:
             ValueError: on floats, a mix of integers and strings, integers
-                outside int64, or bytes that are not UTF-8.
+                outside int64, bytes that are not UTF-8, or no values at all.
         """
         values = _values(data, "data").reshape(-1)
         if values.dtype.kind == "U":
@@ -275,6 +275,11 @@ class Vocabulary(keras.layers.Layer):
             same_kind = (values.dtype.kind == "U") == isinstance(self.padding, str)
             if same_kind:
                 values = values[values != self.padding]
+        if not len(values):
+            raise ValueError(
+                "`data` holds no values to adapt to (empty, or only empty strings and the "
+                f"`padding` value). Received {np.size(data)} value(s). Pass the column's values."
+            )
         unique, counts = np.unique(values, return_counts=True)
         keep = counts >= self.min_count
         unique, counts = unique[keep], counts[keep]
