@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -13,9 +12,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from two_tower import _arguments
 from two_tower._input_checks import SAMPLING_PROBABILITY
+from two_tower.datasets import _shard_log
 from two_tower.datasets._files import sha256 as _sha256
-from two_tower.datasets.synthetic import MANIFEST
+from two_tower.datasets._shard_log import MANIFEST
 
 # The key of the label column in `_columns`' dicts, split off as `y` for `fit`.
 LABEL = "__label__"
@@ -107,86 +108,114 @@ class ShardDataset(keras.utils.PyDataset):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+        owner = "ShardDataset"
         self.folder = Path(folder)
-        self.batch_size = batch_size
-        self.columns = dict(columns or {"query": "user", "candidate": "item"})
-        self.label = label
+        self.batch_size = _arguments.integer("batch_size", batch_size, owner=owner)
+        self.columns = _column_map(columns)
+        self.label = _optional_name("label", label)
+        self.shuffle = _arguments.boolean("shuffle", shuffle, owner=owner)
+        seed = _arguments.seed("seed", seed, owner=owner)
+        # A drawn seed is kept: every epoch of this dataset permutes from it.
+        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
+        verify = _arguments.boolean("verify", verify, owner=owner)
+        self.sampling_probability = _optional_name("sampling_probability", sampling_probability)
         # What `_columns` reads: model input name (or LABEL) -> column.
-        self._reads = {**self.columns, **({LABEL: label} if label else {})}
+        self._reads = {**self.columns, **({LABEL: self.label} if self.label else {})}
         stored = list(dict.fromkeys(self._reads.values()))
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
         self.epoch = 0
         self._epoch_finished = False  # the current epoch's last batch was served
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"No {MANIFEST} in {self.folder}: expected a sharded log as "
-                "two_tower.datasets.synthetic.write_shards writes it."
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            shards = manifest["shards"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{manifest_path} is not a valid manifest: {error}") from error
-        if not shards:
-            raise ValueError(f"{manifest_path} lists no shards.")
-        dtypes = dict(manifest.get("columns", {}))
+        manifest = _shard_log.read_manifest(self.folder)
+        shards = manifest["shards"]
+        dtypes = dict(manifest["columns"])
         missing = sorted(set(stored) - set(dtypes))
         if missing:
             raise ValueError(
                 f"The log in {self.folder} has no column(s) {missing}; it has {sorted(dtypes)}."
             )
-        generator = manifest.get("generator", {})
-        defaults = {"user": generator.get("num_users"), "item": generator.get("num_items")}
-        limits = {k: v for k, v in defaults.items() if v is not None}
-        limits.update(id_limits or {})
-        self.id_limits = {c: int(limits[c]) for c in self.columns.values() if c in limits}
         self._column_names = {column: name for name, column in self.columns.items()}
-        self.sampling_probability = sampling_probability
-        if sampling_probability is not None and sampling_probability not in self._column_names:
+        if (
+            self.sampling_probability is not None
+            and self.sampling_probability not in self._column_names
+        ):
             raise ValueError(
                 f"`sampling_probability` must name one of the streamed columns "
-                f"{sorted(self.columns.values())}. Received {sampling_probability!r}"
+                f"{sorted(self.columns.values())}. Received {self.sampling_probability!r}"
             )
-        counts = np.zeros(self.id_limits.get(sampling_probability or "", 0), dtype="int64")
+        self.id_limits = self._limits(manifest, id_limits)
+        if self.sampling_probability is not None and self.sampling_probability not in (
+            self.id_limits
+        ):
+            raise ValueError(
+                f"`sampling_probability={self.sampling_probability!r}` needs that column's "
+                "number of ids, to count each id's share of the log: pass "
+                f"id_limits={{{self.sampling_probability!r}: <number of ids>}}."
+            )
+        _shard_log.check_shard_folders(self.folder, manifest)
+        counts = np.zeros(self.id_limits.get(self.sampling_probability or "", 0), dtype="int64")
         self._paths: list[dict[str, Path]] = []
         self._names: list[str] = []
+        # Every member first, cheaply (headers and sizes), then the reading passes.
         for shard in shards:
             self._paths.append({})
             self._names.append(str(self.folder / shard["name"]))
-            for column in stored:
+            for column, dtype in dtypes.items():
                 path = self.folder / shard["name"] / f"{column}.npy"
-                if not path.is_file():
-                    raise FileNotFoundError(f"Shard file {path} is missing.")
-                if verify and _sha256(path) != shard["sha256"][column]:
-                    raise ValueError(f"Shard file {path} does not match its sha256 in {MANIFEST}.")
-                array = _open(path)
-                if str(array.dtype) != dtypes[column] or array.shape != (shard["rows"],):
-                    raise ValueError(
-                        f"Shard file {path} holds {array.dtype} {array.shape}; the manifest "
-                        f"says {dtypes[column]} ({shard['rows']},)."
-                    )
+                size = (shard.get("bytes") or {}).get(column)
+                array = _open(path, dtype, shard["rows"], size)
                 if column in self.id_limits and array.dtype.kind not in "iu":
                     raise ValueError(
                         f"Shard file {path} holds {array.dtype} values, but column "
                         f"{column!r} holds ids, which must be integers."
                     )
+                if column in stored:
+                    self._paths[-1][column] = path
+        for index, shard in enumerate(shards):
+            for column, path in self._paths[index].items():
+                if verify and _sha256(path) != shard["sha256"][column]:
+                    raise ValueError(
+                        f"Shard file {path} does not match its sha256 in {MANIFEST}: it was "
+                        "changed or damaged after the log was written. Rewrite the log."
+                    )
+                array = _open(path)
                 # Once, here, so the error is a ValueError on every backend (inside
                 # `fit`, TensorFlow would wrap it in an InvalidArgumentError).
-                self._check_ids(array, column, len(self._paths) - 1, None)
-                if column == sampling_probability:  # logQ counts, in the same pass
-                    found = np.bincount(array, minlength=counts.shape[0])
-                    if found.shape[0] > counts.shape[0]:  # ids beyond any given limit
-                        counts = np.pad(counts, (0, found.shape[0] - counts.shape[0]))
-                    counts += found
-                self._paths[-1][column] = path
+                self._check_ids(array, column, index, None)
+                if column == self.sampling_probability:  # logQ counts, in the same pass
+                    counts += np.bincount(array, minlength=counts.shape[0])
         self._rows = np.array([int(shard["rows"]) for shard in shards])
         # Share of the log's rows holding each id of the `sampling_probability` column.
-        self._frequency = None if sampling_probability is None else counts / counts.sum()
+        self._frequency = None if self.sampling_probability is None else counts / counts.sum()
         self._plan = self._epoch_plan()
+
+    def _limits(
+        self, manifest: dict[str, Any], id_limits: Mapping[str, int] | None
+    ) -> dict[str, int]:
+        """Column -> number of ids: the generator's, then `id_limits`, for streamed columns."""
+        streamed = set(self.columns.values())
+        generator = manifest.get("generator")
+        generator = generator if isinstance(generator, dict) else {}
+        limits = {}
+        for column, key in (("user", "num_users"), ("item", "num_items")):
+            if column in streamed and _is_count(generator.get(key)):
+                limits[column] = int(generator[key])
+        if id_limits is None:
+            return limits
+        if not isinstance(id_limits, Mapping):
+            raise ValueError(
+                "`id_limits` must be a dict of column -> number of ids, e.g. "
+                f"{{'item': 1000}}. Received: {id_limits!r} ({type(id_limits).__name__})"
+            )
+        for column, limit in id_limits.items():
+            if column not in streamed:
+                raise ValueError(
+                    f"`id_limits` names column {column!r}, which is not streamed: the "
+                    f"streamed columns are {sorted(streamed)} (`columns`). A limit on "
+                    "another column would check nothing."
+                )
+            limits[column] = _arguments.integer(
+                f"id_limits[{column!r}]", limit, owner="ShardDataset"
+            )
+        return limits
 
     @property
     def num_shards(self) -> int:
@@ -333,9 +362,74 @@ class ShardDataset(keras.utils.PyDataset):
         self._plan = self._epoch_plan()
 
 
-def _open(path: Path) -> np.ndarray:
-    """A `.npy` file, memory-mapped; a ValueError naming it when it is damaged."""
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _column_map(columns: Any) -> dict[str, str]:
+    """`columns` as a dict of model input name -> column, or a ValueError saying why not."""
+    if columns is None:
+        return {"query": "user", "candidate": "item"}
+    example = "e.g. {'query': 'user', 'candidate': 'item'}"
+    if not isinstance(columns, Mapping) or not columns:
+        raise ValueError(
+            f"`columns` must be a non-empty dict of model input name -> column, {example}. "
+            f"Received: {columns!r} ({type(columns).__name__})"
+        )
+    for name, column in columns.items():
+        if not isinstance(name, str) or not isinstance(column, str) or name == LABEL:
+            raise ValueError(
+                f"`columns` must map input names (str) to column names (str), {example}. "
+                f"Received the entry {name!r}: {column!r}"
+            )
+    return dict(columns)
+
+
+def _optional_name(argument: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"`{argument}` must be a column name (str) or None. "
+            f"Received: {argument}={value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _open(
+    path: Path, dtype: str | None = None, rows: int | None = None, size: int | None = None
+) -> np.ndarray:
+    """A `.npy` file, memory-mapped; a ValueError naming it when it is damaged.
+
+    With `dtype`, `rows` and `size` (from the manifest), also checks that the file
+    holds `rows` values of `dtype` and nothing more, and has `size` bytes: a stat
+    and a header read, so every member of a log of 10^8 rows is checked in
+    milliseconds. (`np.load` alone maps a file with bytes past its data, or
+    another file's rows of the same dtype, without a word.)
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"Shard file {path} is missing.")
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise ValueError(
+            f"Shard file {path} has {actual} bytes; the manifest says {size}. It was "
+            "truncated, emptied or replaced after the log was written: rewrite the log."
+        )
     try:
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as error:
-        raise ValueError(f"Shard file {path} is corrupt or truncated: {error}") from error
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"Shard file {path} is corrupt or truncated ({actual} bytes): {error}"
+        ) from error
+    if dtype is None:
+        return array
+    if str(array.dtype) != dtype or array.shape != (rows,):
+        raise ValueError(
+            f"Shard file {path} holds {array.dtype} {array.shape}; the manifest "
+            f"says {dtype} ({rows},)."
+        )
+    expected = getattr(array, "offset", 0) + array.nbytes
+    if actual != expected:
+        raise ValueError(
+            f"Shard file {path} has {actual} bytes, but its header declares {expected} "
+            f"({rows} {dtype} values): it was damaged after the log was written."
+        )
+    return array

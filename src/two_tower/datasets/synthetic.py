@@ -21,10 +21,7 @@ the baseline, so a test can check that a model learns the clusters.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from two_tower import _arguments
+from two_tower.datasets import _shard_log
 from two_tower.datasets._files import sha256 as _sha256
 
-MANIFEST = "manifest.json"
+MANIFEST = _shard_log.MANIFEST
+_WRITE = "write_shards"
 COLUMNS = ("user", "item", "timestamp")
 _DTYPES = {"user": "int32", "item": "int32", "timestamp": "int64"}
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -56,13 +50,17 @@ class SyntheticLog:
         popularity_exponent: power-law exponent of item popularity (>= 0; 0 is
             uniform).
         affinity: probability that an interaction stays in the user's cluster.
-        seed: the log's seed.
+        seed: the log's seed, an integer >= 0.
         start_time: timestamp of the first interaction (seconds).
+
+    Numbers may be Python or NumPy scalars (`np.int64(20)`); they are stored
+    as Python values.
 
     Raises:
         ValueError: counts that are not positive integers, more clusters than
-            items, a negative `popularity_exponent`, or an `affinity` outside
-            [0, 1].
+            items, a `popularity_exponent` that is negative or not finite, an
+            `affinity` outside [0, 1], a negative or non-integer `seed`, or a
+            non-integer `start_time`.
 
     Examples:
         >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=50, num_items=30)
@@ -80,18 +78,30 @@ class SyntheticLog:
     start_time: int = 1_600_000_000
 
     def __post_init__(self) -> None:
-        for name in ("num_users", "num_items", "num_clusters"):
-            _positive_int(name, getattr(self, name))
+        # Python values, so that `config()` (the manifest) is JSON whatever was passed.
+        owner = "SyntheticLog"
+        checked = {
+            "num_users": _arguments.integer("num_users", self.num_users, owner=owner),
+            "num_items": _arguments.integer("num_items", self.num_items, owner=owner),
+            "num_clusters": _arguments.integer("num_clusters", self.num_clusters, owner=owner),
+            "popularity_exponent": _arguments.number(
+                "popularity_exponent", self.popularity_exponent, minimum=0.0, owner=owner
+            ),
+            "affinity": _arguments.number(
+                "affinity", self.affinity, minimum=0.0, maximum=1.0, owner=owner
+            ),
+            "seed": _arguments.integer("seed", self.seed, minimum=0, owner=owner),
+            "start_time": _arguments.integer(
+                "start_time", self.start_time, minimum=None, owner=owner
+            ),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
         if self.num_clusters > self.num_items:
             raise ValueError(
                 f"`num_clusters` (={self.num_clusters}) must not exceed `num_items` "
                 f"(={self.num_items}): every cluster needs an item."
             )
-        exponent = self.popularity_exponent
-        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or exponent < 0:
-            raise ValueError(f"`popularity_exponent` must be a number >= 0. Received: {exponent!r}")
-        if isinstance(self.affinity, bool) or not 0 <= self.affinity <= 1:
-            raise ValueError(f"`affinity` must lie in [0, 1]. Received: {self.affinity!r}")
 
     # ------------------------------------------------------------ ground truth
     @functools.cached_property
@@ -121,9 +131,20 @@ class SyntheticLog:
         return self._truth[2]
 
     def ideal_scores(self, users: Any) -> np.ndarray:
-        """`[len(users), num_items]` true probability of each item for each user."""
+        """`[len(users), num_items]` true probability of each item for each user.
+
+        Raises:
+            ValueError: `users` that are not integer ids in `[0, num_users)`.
+        """
         user_clusters, item_clusters, weights = self._truth
         users = np.asarray(users).reshape(-1)
+        if users.size and (
+            users.dtype.kind not in "iu" or users.min() < 0 or users.max() >= self.num_users
+        ):
+            raise ValueError(
+                f"`users` must be integer ids in [0, {self.num_users}). Received "
+                f"{users.dtype} values from {users.min()} to {users.max()}."
+            )
         cluster_mass = np.bincount(item_clusters, weights=weights, minlength=self.num_clusters)
         own = item_clusters[None, :] == user_clusters[users][:, None]
         in_cluster = np.where(own, weights[None, :] / cluster_mass[item_clusters][None, :], 0.0)
@@ -142,8 +163,8 @@ class SyntheticLog:
         Yields:
             `{"user": int32, "item": int32, "timestamp": int64}` arrays.
         """
-        total = _positive_int("num_interactions", num_interactions)
-        chunk_size = _positive_int("chunk_size", chunk_size)
+        total = _arguments.integer("num_interactions", num_interactions, owner="chunks")
+        chunk_size = _arguments.integer("chunk_size", chunk_size, owner="chunks")
         user_clusters, item_clusters, weights = self._truth
         order = np.argsort(item_clusters, kind="stable")  # items grouped by cluster
         bounds = np.searchsorted(item_clusters[order], np.arange(self.num_clusters + 1))
@@ -203,56 +224,86 @@ def write_shards(
 ) -> Path:
     """Writes `log` to `folder` as shards of `.npy` columns, in bounded memory.
 
-    Shard k is `folder/shard-{k:05d}/{user,item,timestamp}.npy` (one generator
-    chunk each); `folder/manifest.json` lists the shards, their row counts and
-    each file's sha256, and the generator's parameters. Everything is written
-    into a temporary folder beside `folder` and renamed into place at the end,
-    so an interrupted write never leaves a partial log at `folder`.
+    Shard k is `folder/generation-<hex>/shard-{k:05d}/{user,item,timestamp}.npy`
+    (one generator chunk each); `folder/manifest.json` lists the shards, their row
+    counts, each file's size and sha256, and the generator's parameters.
+
+    The write is atomic: a kill or an error at any moment leaves `folder` holding
+    the old log or the new one, loadable, never neither and never a mix. A new
+    folder is written beside `folder` and renamed into place. Over an existing log
+    (`overwrite=True`) the new shards go into a new generation folder beside the old
+    ones, and the manifest is swapped in with one `os.replace`; the old shards are
+    deleted after (see `two_tower.datasets._shard_log` for why). What killed writes
+    leave behind (a hidden `.<folder>.staging-*` folder beside it, a generation
+    folder the manifest does not name) is removed by the next write to `folder`.
+    Write each folder from one process at a time. Files and the manifest are
+    fsynced before the swap, so the manifest never names data still in flight.
 
     Args:
-        log: the generator.
+        log: the generator, a `SyntheticLog`.
         folder: where the log goes; must not exist unless `overwrite`.
-        num_interactions: total interactions.
+        num_interactions: total interactions, a positive integer.
         shard_size: interactions per shard (the generator's chunk size).
-        overwrite: replace an existing `folder`.
+        overwrite: replace an existing `folder`: a log (atomically, as above) or,
+            if it holds no log, the whole folder.
 
     Returns:
         `folder` as a `Path`.
 
     Raises:
-        FileExistsError: if `folder` exists and `overwrite` is False.
+        FileExistsError: `folder` exists and `overwrite` is False, or it is a file.
+        ValueError: `log` is not a `SyntheticLog`, or a count or `overwrite` is
+            not what it must be.
+
+    Examples:
+        >>> import tempfile, os
+        >>> folder = os.path.join(tempfile.mkdtemp(), "log")
+        >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=5, num_items=8)
+        >>> _ = two_tower.datasets.synthetic.write_shards(log, folder, 30, shard_size=20)
+        >>> _ = two_tower.datasets.synthetic.write_shards(log, folder, 50, overwrite=True)
+        >>> two_tower.datasets.ShardDataset(folder).num_rows
+        50
     """
-    target = Path(folder)
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True to replace it, or choose another folder."
+    if not isinstance(log, SyntheticLog):
+        raise ValueError(
+            "`log` must be a two_tower.datasets.synthetic.SyntheticLog. Received: "
+            f"{type(log).__name__}. To stream arrays of your own, write them as shards "
+            "in the same layout (one folder of .npy columns per shard, and a manifest)."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    num_interactions = _arguments.integer("num_interactions", num_interactions, owner=_WRITE)
+    shard_size = _arguments.integer("shard_size", shard_size, owner=_WRITE)
+    overwrite = _arguments.boolean("overwrite", overwrite, owner=_WRITE)
+
+    def fill(generation_folder: Path, generation: str) -> dict[str, Any]:
+        generation_folder.mkdir()
         shards = []
         for index, chunk in enumerate(log.chunks(num_interactions, shard_size)):
             name = f"shard-{index:05d}"
-            (staging / name).mkdir()
-            files = {}
+            (generation_folder / name).mkdir()
+            hashes, sizes = {}, {}
             for column in COLUMNS:
-                path = staging / name / f"{column}.npy"
-                np.save(path, chunk[column].astype(_DTYPES[column]))
-                files[column] = _sha256(path)
-            shards.append({"name": name, "rows": int(chunk["user"].shape[0]), "sha256": files})
-        manifest = {
-            "format": "two_tower.synthetic/1",
-            "rows": int(num_interactions),
+                path = generation_folder / name / f"{column}.npy"
+                with open(path, "wb") as handle:
+                    np.save(handle, chunk[column].astype(_DTYPES[column]))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                hashes[column] = _sha256(path)
+                sizes[column] = path.stat().st_size
+            shards.append(
+                {
+                    "name": f"{generation}/{name}",
+                    "rows": int(chunk["user"].shape[0]),
+                    "sha256": hashes,
+                    "bytes": sizes,
+                }
+            )
+        return {
+            "format": _shard_log.FORMAT,
+            "rows": num_interactions,
             "columns": dict(_DTYPES),
             "generator": log.config(),
-            "shard_size": int(shard_size),
+            "shard_size": shard_size,
             "shards": shards,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return _shard_log.replace_log(Path(folder), overwrite, fill)
