@@ -145,13 +145,17 @@ def test_ease_refuses_large_catalogues_before_allocating():
     assert two_tower.baselines.EASE(11, max_items=11).num_items == 11
 
 
+def fitted_ease():
+    return two_tower.baselines.EASE(5).fit(np.array([0, 1]), np.array([2, 3]))
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: two_tower.baselines.EASE(0), "`num_items` must be a positive integer"),
+        (lambda: two_tower.baselines.EASE(0), "`num_items` must be an integer >= 1"),
         (lambda: two_tower.baselines.EASE(5, l2=0.0), "`l2` must be a finite number > 0"),
         (lambda: two_tower.baselines.EASE(5, l2=np.nan), "`l2` must be a finite number > 0"),
-        (lambda: two_tower.baselines.Popularity(True), "`num_items` must be a positive integer"),
+        (lambda: two_tower.baselines.Popularity(True), "`num_items` must be an integer >= 1"),
         (
             lambda: two_tower.baselines.EASE(5).fit(np.array([1, 2]), np.array([1])),
             "same length",
@@ -165,11 +169,11 @@ def test_ease_refuses_large_catalogues_before_allocating():
             "integer item indices",
         ),
         (
-            lambda: two_tower.baselines.EASE(5).embed_histories(np.array([1, 2])),
+            lambda: fitted_ease().embed_histories(np.array([1, 2])),
             r"must be \[queries, width\] integer",
         ),
         (
-            lambda: two_tower.baselines.EASE(5).embed_histories(np.array([[5]])),
+            lambda: fitted_ease().embed_histories(np.array([[5]])),
             r"in \[0, 5\) or -1 padding",
         ),
     ],

@@ -128,7 +128,7 @@ def test_bad_queries_are_refused():
     with pytest.raises(ValueError, match="finite or \\+inf"):
         log.counts(np.array([1]), np.array([-np.inf]))
     for width in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="`width` must be a positive integer"):
+        with pytest.raises(ValueError, match="`width` must be an integer >= 1"):
             log.history(np.array([1]), np.array([3]), width)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         log.history(np.array([1]), np.array([3]), 2, batch_size=0)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from two_tower import _arguments
+
 
 class InteractionLog:
     """A log of (user, item, time) interactions, sorted once, that answers history queries.
@@ -26,16 +28,19 @@ class InteractionLog:
     not with the number of queries.
 
     Args:
-        users: `[n]` user of each interaction: integers or strings.
+        users: `[n]` user of each interaction: integers or strings (an object
+            array of strings, as pandas gives, is accepted).
         items: `[n]` item index of each interaction, integers in `[0, 2**31)`
             (e.g. from `two_tower.Vocabulary`).
         times: `[n]` time of each interaction: integers or finite floats, in
-            any unit (seconds, days).
+            any unit (seconds, days). Empty arrays or lists of any dtype make
+            an empty log.
 
     Raises:
         ValueError: arrays that are not 1-D or of different lengths; users that
             are neither integers nor strings; items that are not integers in
-            `[0, 2**31)`; times that are not numbers, or NaN or infinite.
+            `[0, 2**31)`; times that are not numbers (datetimes included:
+            convert them to numbers), or NaN or infinite.
 
     Examples:
         >>> import numpy as np
@@ -51,9 +56,11 @@ class InteractionLog:
 
     def __init__(self, users: Any, items: Any, times: Any) -> None:
         users = _users(users, "users")
-        items = np.asarray(items)
+        items = _empty_as_int(np.asarray(items))
         times = _times(times, "times")
-        if items.ndim != 1 or not len(users) == len(items) == len(times):
+        if not users.ndim == items.ndim == times.ndim == 1 or not len(users) == len(items) == len(
+            times
+        ):
             raise ValueError(
                 "`users`, `items` and `times` must be 1-D arrays of the same length. Received "
                 f"shapes {users.shape}, {items.shape} and {times.shape}"
@@ -153,7 +160,8 @@ class InteractionLog:
                 most recent `width` items. None: as wide as the longest history
                 among these queries (at least 1).
             ages: also return each entry's age, the request time minus the
-                interaction's time (always > 0 for a present entry).
+                interaction's time (always > 0 for a present entry). Needs
+                finite request times (a request at `np.inf` has no age).
             batch_size: queries answered at once (bounds temporary memory).
 
         Returns:
@@ -164,8 +172,9 @@ class InteractionLog:
         Raises:
             ValueError: query arrays that are not 1-D or of different lengths;
                 users of another kind than the log's; times that are NaN,
-                -inf or not numbers; a `width` or `batch_size` that is not
-                a positive integer.
+                -inf or not numbers, or +inf with `ages=True`; a `width` or
+                `batch_size` that is not a positive integer (Python or NumPy);
+                an `ages` that is not True or False.
 
         Examples:
             >>> import numpy as np
@@ -175,13 +184,20 @@ class InteractionLog:
             >>> items.tolist(), ages.tolist()
             ([[6, 5, -1]], [[2.0, 3.0, 0.0]])
         """
-        for name, value in (("width", width), ("batch_size", batch_size)):
-            if value is None and name == "width":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        owner = "InteractionLog.history"
+        if width is not None:
+            width = _arguments.integer("width", width, owner=owner)
+        batch_size = _arguments.integer("batch_size", batch_size, owner=owner)
+        ages = _arguments.boolean("ages", ages, owner=owner)
         start, end = self._bounds(users, times)
         query_times = _times(times, "times", request=True)
+        if ages and query_times.dtype.kind == "f" and np.any(np.isinf(query_times)):
+            position = int(np.flatnonzero(np.isinf(query_times))[0])
+            raise ValueError(
+                f"{owner}(ages=True) needs finite request `times`: a request at +inf (after "
+                f"everything in the log) has infinite ages. Received inf at position {position}. "
+                "Pass the request times, or ages=False."
+            )
         if width is None:
             width = max(int((end - start).max(initial=0)), 1)
         items = np.full((len(start), width), -1, np.int32)
@@ -230,10 +246,26 @@ def _batches(count: int, batch_size: int) -> Iterator[slice]:
         yield slice(begin, min(begin + batch_size, count))
 
 
+def _empty_as_int(array: np.ndarray) -> np.ndarray:
+    """An empty array of any dtype (`np.array([])` is float64) as int64."""
+    return array.astype(np.int64) if array.size == 0 and array.dtype.kind not in "iuU" else array
+
+
 def _users(users: Any, name: str) -> np.ndarray:
-    array = np.asarray(users)
+    array = _empty_as_int(np.asarray(users))
     if array.dtype.kind == "S":
         array = array.astype(str)
+    if array.dtype.kind == "O":
+        flat = array.reshape(-1)
+        not_text = [i for i, user in enumerate(flat) if not isinstance(user, str)]
+        if not not_text:  # strings in an object array, as pandas gives them
+            array = array.astype(str)
+        else:
+            raise ValueError(
+                f"`{name}` must hold integer or string user ids. Received an object array "
+                f"holding {flat[not_text[0]]!r} ({type(flat[not_text[0]]).__name__}) at "
+                f"position {not_text[0]}"
+            )
     if array.dtype.kind not in "iuU":
         raise ValueError(
             f"`{name}` must hold integer or string user ids. Received dtype {array.dtype}"
@@ -243,9 +275,15 @@ def _users(users: Any, name: str) -> np.ndarray:
 
 def _times(times: Any, name: str, request: bool = False) -> np.ndarray:
     """Times as a NumPy array; NaN raises, and infinities too except a request's +inf."""
-    array = np.asarray(times)
+    array = _empty_as_int(np.asarray(times))
     if array.dtype.kind not in "iuf":
-        raise ValueError(f"`{name}` must hold numbers. Received dtype {array.dtype}")
+        hint = (
+            " Convert datetimes to numbers first, e.g. seconds: "
+            "times.astype('datetime64[s]').astype('int64')."
+            if array.dtype.kind in "mM"
+            else ""
+        )
+        raise ValueError(f"`{name}` must hold numbers. Received dtype {array.dtype}.{hint}")
     if array.dtype.kind == "f":
         bad = np.isnan(array) | (array == -np.inf) | ((array == np.inf) & (not request))
         if np.any(bad):

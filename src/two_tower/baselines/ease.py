@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from two_tower.baselines.popularity import check_items, check_num_items
+from two_tower import _arguments
+from two_tower.baselines.popularity import (
+    check_fitted,
+    check_histories,
+    check_items,
+    check_num_items,
+)
 
 DEFAULT_MAX_ITEMS = 20_000
 _USER_BLOCK = 1024
@@ -39,6 +45,9 @@ class EASE:
             MovieLens 100K). Must be > 0.
         max_items: the largest `num_items` accepted.
 
+    Python and NumPy numbers (`np.int64(1682)`, `np.float32(400)`) are
+    accepted alike.
+
     Raises:
         ValueError: `num_items` not a positive integer or above `max_items`
             (naming the memory it would need), or `l2` not a finite number > 0.
@@ -55,13 +64,9 @@ class EASE:
     def __init__(
         self, num_items: int, l2: float = 400.0, max_items: int = DEFAULT_MAX_ITEMS
     ) -> None:
-        self.num_items = check_num_items(num_items)
-        self.max_items = check_num_items(max_items)
-        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not np.isfinite(l2):
-            raise ValueError(f"`l2` must be a finite number > 0. Received: l2={l2!r}")
-        if l2 <= 0:
-            raise ValueError(f"`l2` must be a finite number > 0. Received: l2={l2!r}")
-        self.l2 = float(l2)
+        self.num_items = check_num_items(num_items, owner="EASE")
+        self.max_items = check_num_items(max_items, "max_items", owner="EASE")
+        self.l2 = _arguments.number("l2", l2, minimum=0.0, open_minimum=True, owner="EASE")
         if self.num_items > self.max_items:
             needed = 16 * self.num_items**2 / 1e9
             raise ValueError(
@@ -72,13 +77,15 @@ class EASE:
             )
         self.weights = np.zeros((self.num_items, self.num_items), np.float32)
         self.counts = np.zeros(self.num_items, np.int64)
+        self._fitted = False
 
     def fit(self, users: Any, items: Any) -> EASE:
         """Fits the item-item weights on training interactions.
 
         Args:
-            users: `[interactions]` user of each interaction (integers or
-                strings; only which rows share a user matters).
+            users: `[interactions]` user of each interaction (integers,
+                strings, or finite floats; only which rows share a user
+                matters).
             items: `[interactions]` item indices in `[0, num_items)`. A
                 repeated (user, item) pair counts once.
 
@@ -86,11 +93,12 @@ class EASE:
             This baseline, fitted.
 
         Raises:
-            ValueError: arrays of different lengths, items that are not 1-D
-                integers in `[0, num_items)`, or users that are not 1-D.
+            ValueError: empty arrays, arrays of different lengths, items that
+                are not 1-D integers in `[0, num_items)`, or users that are not
+                1-D integers, strings or finite floats (NaN, None).
         """
-        items = check_items(items, self.num_items)
-        users = np.asarray(users)
+        items = check_items(items, self.num_items, owner="EASE.fit")
+        users = _users(users)
         if users.shape != items.shape:
             raise ValueError(
                 "`users` and `items` must be 1-D arrays of the same length. Received shapes "
@@ -116,13 +124,18 @@ class EASE:
         weights[np.diag_indices_from(weights)] = 0.0
         self.weights = weights.astype(np.float32)
         self.counts = np.bincount(items, minlength=self.num_items)
+        self._fitted = True
         return self
 
     def catalogue_embeddings(self) -> np.ndarray:
         """`[num_items, num_items + 1]` float32: row j is column j of B, then j's popularity.
 
         The popularity column is the training count scaled into [0, 1].
+
+        Raises:
+            ValueError: before `fit`.
         """
+        check_fitted(self, "catalogue_embeddings")
         popularity = self.counts / max(int(self.counts.max(initial=0)), 1)
         return np.concatenate([self.weights.T, popularity[:, None].astype(np.float32)], axis=1)
 
@@ -131,27 +144,20 @@ class EASE:
 
         Args:
             histories: `[queries, width]` item indices, -1 for padding (from
-                `two_tower.InteractionLog.history`).
+                `two_tower.InteractionLog.history`), anywhere in a row: a
+                history is read as a set.
 
         Returns:
             Each query's multi-hot row (repeats count once) with a last column
             that is 1 for an empty history (popularity ranks it) and 0 otherwise.
 
         Raises:
-            ValueError: histories that are not 2-D integers, or items at or
-                above `num_items`.
+            ValueError: before `fit`; histories that are not 2-D integers
+                (ragged lists included), or values at or above `num_items` or
+                below -1.
         """
-        array = np.asarray(histories)
-        if array.ndim != 2 or array.dtype.kind not in "iu":
-            raise ValueError(
-                "`histories` must be [queries, width] integer item indices, -1 for padding. "
-                f"Received shape {array.shape}, dtype {array.dtype}"
-            )
-        if array.size and array.max() >= self.num_items:
-            raise ValueError(
-                f"`histories` must hold item indices in [0, {self.num_items}) or -1 padding. "
-                f"Received values up to {array.max()}"
-            )
+        check_fitted(self, "embed_histories")
+        array = check_histories(histories, self.num_items)
         rows, columns = np.nonzero(array >= 0)
         out = np.zeros((len(array), self.num_items + 1), np.float32)
         out[rows, array[rows, columns]] = 1.0
@@ -160,3 +166,32 @@ class EASE:
 
     def get_config(self) -> dict[str, Any]:
         return {"num_items": self.num_items, "l2": self.l2, "max_items": self.max_items}
+
+
+def _users(users: Any) -> np.ndarray:
+    """Users as a 1-D NumPy array whose equal values are one user; NaN and None raise."""
+    try:
+        array = np.asarray(users)
+    except ValueError:
+        raise ValueError("`users` must be a 1-D array, one user per interaction.") from None
+    if array.dtype.kind == "O":
+        flat = array.reshape(-1)
+        odd = [i for i, user in enumerate(flat) if not isinstance(user, (str, int, np.integer))]
+        if odd:
+            raise ValueError(
+                "`users` must hold integer or string user ids. Received an object array "
+                f"holding {flat[odd[0]]!r} at position {odd[0]}"
+            )
+        array = array.astype(str)
+    if array.dtype.kind not in "iuUSf":
+        raise ValueError(
+            f"`users` must hold integer or string user ids. Received dtype {array.dtype}"
+        )
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        position = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
+        raise ValueError(
+            "`users` must not hold NaN or infinity (a missing user id would group unrelated "
+            f"interactions as one user). Received {array.reshape(-1)[position]} at position "
+            f"{position}. Drop those interactions first."
+        )
+    return array

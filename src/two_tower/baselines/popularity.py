@@ -6,27 +6,77 @@ from typing import Any
 
 import numpy as np
 
+from two_tower import _arguments
 
-def check_items(items: Any, num_items: int, name: str = "items") -> np.ndarray:
-    """`items` as a 1-D int64 array of indices in `[0, num_items)`, or ValueError."""
-    array = np.asarray(items)
+
+def _array(values: Any, name: str, shape: str) -> np.ndarray:
+    """`values` as a NumPy array; ragged lists raise, naming the argument."""
+    try:
+        return np.asarray(values)
+    except ValueError:
+        raise ValueError(
+            f"`{name}` must be a rectangular {shape} array. Received ragged rows: pad each "
+            "row to one width with -1 (two_tower.InteractionLog.history does)."
+        ) from None
+
+
+def check_items(items: Any, num_items: int, name: str = "items", owner: str = "") -> np.ndarray:
+    """`items` as a 1-D int64 array of indices in `[0, num_items)`, or ValueError.
+
+    An empty array or list, of any dtype, is refused: there is nothing to fit.
+    """
+    where = f"{owner}: " if owner else ""
+    array = _array(items, name, "[interactions]")
+    if array.ndim == 1 and array.size == 0:
+        raise ValueError(
+            f"{where}`{name}` is empty: fitting needs at least one interaction. Received shape "
+            f"{array.shape}"
+        )
     if array.ndim != 1 or array.dtype.kind not in "iu":
         raise ValueError(
-            f"`{name}` must be a 1-D array of integer item indices. Received shape "
+            f"{where}`{name}` must be a 1-D array of integer item indices. Received shape "
             f"{array.shape}, dtype {array.dtype}"
         )
-    if array.size and (array.min() < 0 or array.max() >= num_items):
+    if array.min() < 0 or array.max() >= num_items:
         raise ValueError(
-            f"`{name}` must lie in [0, {num_items}) (num_items={num_items}). Received values "
-            f"from {array.min()} to {array.max()}"
+            f"{where}`{name}` must lie in [0, {num_items}) (num_items={num_items}). Received "
+            f"values from {array.min()} to {array.max()}"
         )
     return array.astype(np.int64, copy=False)
 
 
-def check_num_items(num_items: Any) -> int:
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
-        raise ValueError(f"`num_items` must be a positive integer. Received: {num_items!r}")
-    return int(num_items)
+def check_num_items(num_items: Any, name: str = "num_items", owner: str | None = None) -> int:
+    """A positive Python `int` (NumPy integers accepted), or ValueError."""
+    return _arguments.integer(name, num_items, owner=owner)
+
+
+def check_histories(histories: Any, num_items: int) -> np.ndarray:
+    """`[queries, width]` integer item indices in `[0, num_items)` or -1 padding, or ValueError.
+
+    Padding may sit anywhere in a row: the baselines read a history as a set.
+    """
+    array = _array(histories, "histories", "[queries, width]")
+    if array.ndim != 2 or (array.dtype.kind not in "iu" and array.size):
+        raise ValueError(
+            "`histories` must be [queries, width] integer item indices, -1 for padding. "
+            f"Received shape {array.shape}, dtype {array.dtype}"
+        )
+    if array.size and (array.min() < -1 or array.max() >= num_items):
+        raise ValueError(
+            f"`histories` must hold item indices in [0, {num_items}) or -1 padding "
+            f"(num_items={num_items}). Received values from {array.min()} to {array.max()}"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+def check_fitted(baseline: Any, method: str) -> None:
+    """Raises unless `baseline.fit` has run: before, every score would be 0."""
+    if not baseline._fitted:
+        name = type(baseline).__name__
+        raise ValueError(
+            f"{name}.{method} was called before {name}.fit: an unfitted baseline scores "
+            f"every item 0. Call fit on the training interactions first."
+        )
 
 
 class Popularity:
@@ -36,7 +86,8 @@ class Popularity:
     `FactorizedTopK` counts ties in the positive's favour, as for any model).
 
     Args:
-        num_items: catalogue size; items are indices in `[0, num_items)`.
+        num_items: catalogue size; items are indices in `[0, num_items)`
+            (a Python or NumPy integer).
 
     Raises:
         ValueError: a `num_items` that is not a positive integer.
@@ -53,8 +104,9 @@ class Popularity:
     """
 
     def __init__(self, num_items: int) -> None:
-        self.num_items = check_num_items(num_items)
+        self.num_items = check_num_items(num_items, owner="Popularity")
         self.counts = np.zeros(self.num_items, np.int64)
+        self._fitted = False
 
     def fit(self, items: Any) -> Popularity:
         """Counts each item's interactions (every row counts, repeats included).
@@ -66,25 +118,46 @@ class Popularity:
             This baseline, fitted.
 
         Raises:
-            ValueError: items that are not 1-D integers in `[0, num_items)`.
+            ValueError: items that are empty, or not 1-D integers in
+                `[0, num_items)`.
         """
-        self.counts = np.bincount(check_items(items, self.num_items), minlength=self.num_items)
+        items = check_items(items, self.num_items, owner="Popularity.fit")
+        self.counts = np.bincount(items, minlength=self.num_items)
+        self._fitted = True
         return self
 
     def catalogue_embeddings(self) -> np.ndarray:
-        """`[num_items, 1]` float32: each item's count."""
+        """`[num_items, 1]` float32: each item's count.
+
+        Raises:
+            ValueError: before `fit`.
+        """
+        check_fitted(self, "catalogue_embeddings")
         return self.counts.astype(np.float32)[:, None]
 
     def embed_histories(self, histories: Any) -> np.ndarray:
         """`[queries, 1]` ones: every query scores the catalogue by its counts.
 
         Args:
-            histories: `[queries, width]` item indices (only the row count is read).
+            histories: `[queries, width]` item indices, -1 for padding. Only
+                the row count is read, so any 2-D array of that many rows
+                serves (the values are not checked: they cannot change the
+                scores).
 
         Returns:
             `[queries, 1]` float32 ones.
+
+        Raises:
+            ValueError: before `fit`, or histories that are not a 2-D array.
         """
-        return np.ones((len(np.asarray(histories)), 1), np.float32)
+        check_fitted(self, "embed_histories")
+        array = _array(histories, "histories", "[queries, width]")
+        if array.ndim != 2:
+            raise ValueError(
+                "`histories` must be a 2-D [queries, width] array (only its row count is "
+                f"read). Received shape {array.shape}"
+            )
+        return np.ones((len(array), 1), np.float32)
 
     def get_config(self) -> dict[str, Any]:
         return {"num_items": self.num_items}
