@@ -180,3 +180,37 @@ def test_index_candidates_and_recommend_take_numpy_integer_sizes():
     query = keras.ops.convert_to_numpy(model.query_tower(np.array([1])))
     expected = np.argsort(-(query @ embeddings.T)[0], kind="stable")[:3]
     np.testing.assert_array_equal(ids[0], expected)
+
+
+def test_tables_and_plots_name_rows_that_are_not_results(tmp_path):
+    from two_tower import evaluation
+
+    for function, arguments in (
+        (evaluation.format_table, ()),
+        (evaluation.plot_recall, (tmp_path / "recall.png",)),
+    ):
+        name = function.__name__
+        with pytest.raises(ValueError, match=rf"{name}: `rows` must be a dict.*Received list"):
+            function([0.5], *arguments)
+        with pytest.raises(ValueError, match=rf"{name}: `rows` is empty"):
+            function({}, *arguments)
+        with pytest.raises(ValueError, match=rf"{name}: `ks` must be an integer >= 1"):
+            function({"m": {"recall_at_10": 0.5}}, *arguments, ks=(10.0,))
+    with pytest.raises(ValueError, match=r"row 'm' has no `recall_at_k` for ks=\[10\]"):
+        evaluation.plot_recall({"m": {"accuracy_at_10": 0.5}}, tmp_path / "r.png", ks=(10,))
+
+
+def test_plot_recall_writes_png_whole_or_refuses_the_path(tmp_path):
+    pytest.importorskip("matplotlib")
+    from two_tower import evaluation
+
+    rows = {"m": {"recall_at_10": 0.5, "recall_at_100": 0.8}}
+    with pytest.raises(ValueError, match=r"must end in \.png\. Received: '.*recall\.jpg'"):
+        evaluation.plot_recall(rows, tmp_path / "recall.jpg", ks=(10, 100))
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*missing' of `path` does not"):
+        evaluation.plot_recall(rows, tmp_path / "missing" / "recall.png", ks=(10, 100))
+    target = tmp_path / "recall.png"
+    target.write_bytes(b"an older chart")
+    evaluation.plot_recall(rows, target, ks=(10, 100))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recall.png"]  # no temporary left

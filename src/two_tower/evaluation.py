@@ -217,7 +217,8 @@ def format_table(
         The table as one string; a k missing from a row's results prints `n/a`.
 
     Raises:
-        ValueError: an unknown `stat`.
+        ValueError: an unknown `stat`, `rows` that is empty or not a dict of
+            dicts, or `ks` that are not positive integers.
 
     Examples:
         >>> print(two_tower.evaluation.format_table({"m": {"accuracy_at_10": 0.5}}, ks=(10,)))
@@ -227,6 +228,8 @@ def format_table(
     """
     if stat not in STATS:
         raise ValueError(f"`stat` must be one of {STATS}. Received: {stat!r}")
+    _check_rows(rows, "format_table")
+    ks = _checked_ks(ks, "format_table")
     label = {"accuracy": "top-{}", "recall": "recall@{}", "ndcg": "ndcg@{}"}[stat]
     lines = [
         "| model | " + " | ".join(label.format(k) for k in ks) + " |",
@@ -249,9 +252,40 @@ def plot_recall(
 ) -> Path:
     """Saves a recall@k chart (one line per row) as PNG and returns its path.
 
+    Args:
+        rows: row label → results holding `recall_at_{k}` keys (a dict like
+            `evaluate_retrieval(...)["all"]`).
+        path: where the PNG goes; its suffix must be `.png`. Written to a
+            temporary file beside it and renamed in, so an existing chart is
+            replaced whole or not at all.
+        ks: the k to plot, where a row has them.
+        title: the chart's title.
+
     Raises:
         ImportError: matplotlib is not installed (`pip install matplotlib`).
+        ValueError: `rows` empty or not a dict of dicts, a row without any
+            `recall_at_{k}` for `ks`, or a `path` whose suffix is not `.png`.
+        FileNotFoundError: the folder of `path` does not exist.
     """
+    _check_rows(rows, "plot_recall")
+    ks = _checked_ks(ks, "plot_recall")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(
+            f"plot_recall writes PNG: `path` must end in .png. Received: {str(path)!r}"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"plot_recall: the folder {str(path.parent)!r} of `path` does not exist; create it "
+            "first."
+        )
+    for name, results in rows.items():
+        if not any(f"recall_at_{k}" in results for k in ks):
+            raise ValueError(
+                f"plot_recall: row {name!r} has no `recall_at_k` for ks={list(ks)}. Received "
+                f"keys {sorted(results)[:6]}; pass results of `evaluate_retrieval` (recall needs "
+                "query ids)."
+            )
     try:
         import matplotlib
 
@@ -275,10 +309,35 @@ def plot_recall(
     axes.set_title(title)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, format="png")
-    plt.close(figure)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
     return path
+
+
+def _check_rows(rows: Any, owner: str) -> None:
+    if not isinstance(rows, Mapping) or not all(
+        isinstance(results, Mapping) for results in rows.values()
+    ):
+        raise ValueError(
+            f"{owner}: `rows` must be a dict of row label -> results dict (e.g. "
+            f"{{'model': evaluate_retrieval(...)['all']}}). Received {type(rows).__name__}: "
+            f"{rows!r:.80}"
+        )
+    if not rows:
+        raise ValueError(f"{owner}: `rows` is empty: expected at least one row of results.")
+
+
+def _checked_ks(ks: Any, owner: str) -> tuple[int, ...]:
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
+        raise ValueError(
+            f"{owner}: `ks` must be a non-empty sequence of positive integers. Received: ks={ks!r}"
+        )
+    return tuple(_arguments.integer("ks", k, owner=owner) for k in ks)
 
 
 def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:
