@@ -87,9 +87,32 @@ class ChunkStore:
 
 
 def blocks_of(candidate_embeddings: Any) -> tuple[Iterable[Any], int | None]:
-    """`(blocks, rows if known)`: an array cut into views, or the iterable as is."""
+    """`(blocks, rows if known)`: an array cut into views, or the iterable as is.
+
+    A Python list or tuple whose first item is a 2-D block (or an `(embeddings,
+    ids)` pair) is a list of blocks, not one array: a 3-D catalogue is never
+    valid, and NumPy would stack equal blocks into one (or fail on ragged ones).
+
+    Raises:
+        ValueError: `candidate_embeddings` is one `(embeddings, ids)` pair.
+    """
     if _is_iterable_of_blocks(candidate_embeddings):
         return candidate_embeddings, None
+    if isinstance(candidate_embeddings, (list, tuple)) and candidate_embeddings:
+        first = candidate_embeddings[0]
+        if (
+            isinstance(candidate_embeddings, tuple)
+            and len(candidate_embeddings) == 2
+            and _ndim(first) == 2
+            and _ndim(candidate_embeddings[1]) == 1
+        ):
+            raise ValueError(
+                "`candidate_embeddings` is one (embeddings, ids) pair. Pass "
+                "`index(embeddings, candidate_ids=ids)`, or a list of such pairs, one per "
+                "block of rows."
+            )
+        if _ndim(first) == 2 or (isinstance(first, tuple) and len(first) == 2):
+            return iter(candidate_embeddings), None
     if isinstance(candidate_embeddings, np.ndarray):
         array = candidate_embeddings  # no copy: catalogues can be gigabytes
     else:
@@ -98,6 +121,16 @@ def blocks_of(candidate_embeddings: Any) -> tuple[Iterable[Any], int | None]:
         return [array], None  # `assemble` names the shape
     rows = len(array)
     return (array[i : i + BLOCK_ROWS] for i in range(0, rows, BLOCK_ROWS)), rows
+
+
+def _ndim(value: Any) -> int:
+    """Dimensions of an array, tensor or nested list, read from its first items only."""
+    ndim = getattr(value, "ndim", None)
+    if isinstance(ndim, int):
+        return ndim
+    if isinstance(value, (list, tuple)):
+        return 1 + (_ndim(value[0]) if value else 0)
+    return 0
 
 
 def _is_iterable_of_blocks(value: Any) -> bool:
@@ -124,7 +157,8 @@ def assemble(
     Raises:
         ValueError: no rows; a block that is not numeric, not 2-D, of another
             dim than the first, or holds NaN or infinity; pairs mixed with
-            plain blocks.
+            plain blocks; pairs whose ids are integers in one block and strings
+            in another.
     """
     full_width = -(-chunk_size // block) * block
     chunks: list[np.ndarray] = []
@@ -143,7 +177,7 @@ def assemble(
         paired = is_pair
         if is_pair:
             item, block_ids = item
-            ids.append(np.asarray(ops.convert_to_numpy(block_ids)).reshape(-1))
+            ids.append(_block_ids(block_ids, number, next((i for i in ids if len(i)), None)))
         array = checked_block(item, number, dim)
         if dim is None:
             dim = array.shape[1]
@@ -177,13 +211,44 @@ def assemble(
     return ChunkStore(tuple(chunks), rows), (np.concatenate(ids) if paired else None)
 
 
+def _block_ids(block_ids: Any, number: int, first: np.ndarray | None) -> np.ndarray:
+    """The ids of block `number`, 1-D; integers as int64, of the first block's kind.
+
+    Concatenating integer and string ids would silently turn the integers into
+    strings, and int64 with uint64 ids into floats.
+    """
+    if not isinstance(block_ids, np.ndarray):
+        block_ids = ops.convert_to_numpy(block_ids)
+    array = np.asarray(block_ids).reshape(-1)
+    if array.dtype.kind == "u":
+        if len(array) and array.max() > np.iinfo("int64").max:
+            raise ValueError(
+                f"Integer ids must fit in int64. Catalogue block {number} has ids up to "
+                f"{array.max()}."
+            )
+        array = array.astype("int64")
+    elif array.dtype.kind == "i":
+        array = array.astype("int64", copy=False)
+    if first is not None and len(array):
+        kinds = {"U": "string", "i": "integer"}
+        kind, first_kind = array.dtype.kind, first.dtype.kind
+        if kind != first_kind and {kind, first_kind} <= set(kinds):
+            raise ValueError(
+                f"Catalogue block {number} has {kinds[kind]} ids but the blocks before it "
+                f"have {kinds[first_kind]} ids: the ids of every block must be of one kind."
+            )
+    return array
+
+
 def checked_block(item: Any, number: int, dim: int | None) -> np.ndarray:
     """Block `number` as a numeric, 2-D, finite array of `dim` columns (if given)."""
     array = item if isinstance(item, np.ndarray) else np.asarray(ops.convert_to_numpy(item))
     if array.dtype.kind not in "iuf":
+        kind = "" if isinstance(item, np.ndarray) else f" (a {type(item).__name__})"
         raise ValueError(
-            "`candidate_embeddings` must be a numeric [candidates, dim] array. Received "
-            f"dtype {array.dtype}" + (f" in block {number}" if number else "")
+            "`candidate_embeddings` must be a numeric [candidates, dim] array, or row "
+            f"blocks of one. Received dtype {array.dtype}{kind}"
+            + (f" in block {number}" if number else "")
         )
     if array.ndim != 2 or array.shape[1] == 0:
         raise ValueError(

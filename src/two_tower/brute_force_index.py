@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _catalogue_store, _distribution
+from two_tower import _arguments, _catalogue_store, _distribution
 from two_tower._catalogue_store import ChunkStore
 from two_tower._distribution import ShardedCatalogue
 from two_tower.backends import backend_module
@@ -129,6 +129,12 @@ def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _normalise_ids(candidate_ids: Any) -> np.ndarray:
     """Ids as an integer or string NumPy array; mixed or other kinds raise."""
+    if not isinstance(candidate_ids, np.ndarray) and hasattr(candidate_ids, "__next__"):
+        raise ValueError(
+            "`candidate_ids` must be an array-like of ids (a list or an array), not an "
+            f"iterator. Received: {type(candidate_ids).__name__}. Pass list(ids), or give "
+            "the catalogue as (embeddings, ids) pairs."
+        )
     ids = np.asarray(candidate_ids)
     if ids.dtype == object:
         values = ids.reshape(-1).tolist()
@@ -272,7 +278,7 @@ class BruteForceIndex(keras.layers.Layer):
 
     Raises:
         ValueError: a `chunk_size` or `query_batch_size` that is not a positive
-            integer, or a `chunk_size` above 2**24.
+            integer (Python or NumPy), or a `chunk_size` above 2**24.
 
     Call arguments:
         - `query_embeddings`: `[queries, dim]` tensor.
@@ -296,16 +302,13 @@ class BruteForceIndex(keras.layers.Layer):
 
     def __init__(self, chunk_size: int = 2**18, query_batch_size: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name, value, limit in (
-            ("chunk_size", chunk_size, _MAX_CHUNK),
-            ("query_batch_size", query_batch_size, None),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
-            if limit is not None and value > limit:
-                raise ValueError(f"`{name}` must be at most {limit}. Received: {value}")
-        self.chunk_size = int(chunk_size)  # a NumPy integer would not serialise
-        self.query_batch_size = int(query_batch_size)
+        # Python ints (a NumPy integer would not serialise in `get_config`).
+        self.chunk_size = _arguments.integer(
+            "chunk_size", chunk_size, maximum=_MAX_CHUNK, owner="BruteForceIndex"
+        )
+        self.query_batch_size = _arguments.integer(
+            "query_batch_size", query_batch_size, owner="BruteForceIndex"
+        )
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
         object.__setattr__(self, "_catalogue", None)
@@ -353,8 +356,10 @@ class BruteForceIndex(keras.layers.Layer):
 
         Args:
             candidate_embeddings: `[candidates, dim]` array-like of floats, or an
-                iterable (a generator, a `tf.data.Dataset`, ...) of `[rows, dim]`
-                blocks in catalogue order, or of `(embeddings, ids)` pairs.
+                iterable (a generator, a `tf.data.Dataset`, a Python list, ...) of
+                `[rows, dim]` blocks in catalogue order, or of `(embeddings, ids)`
+                pairs. Blocks may differ in rows and dtype (they are cast to the
+                index's dtype), not in dim; empty blocks are skipped.
             candidate_ids: `[candidates]` unique ids, integers (the whole int64
                 range) or strings; defaults to positions `0..candidates-1`
                 (or to the ids of the pairs).
@@ -364,8 +369,9 @@ class BruteForceIndex(keras.layers.Layer):
                 block), blocks of different dims, non-finite embeddings, ids
                 whose length differs from the embeddings, ids given twice (in
                 pairs and as `candidate_ids`), ids that are not all integers or
-                all strings, or duplicate ids. The previous catalogue is kept
-                when it raises.
+                all strings (within and across pairs), ids given as an iterator,
+                one `(embeddings, ids)` pair instead of a list of pairs, or
+                duplicate ids. The previous catalogue is kept when it raises.
         """
         blocks, rows = _catalogue_store.blocks_of(candidate_embeddings)
         if rows is not None and candidate_ids is not None:

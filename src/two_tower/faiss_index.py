@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
+import re
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,11 +16,23 @@ from typing import Any
 import numpy as np
 from keras import ops
 
+from two_tower import _arguments, _catalogue_store
 from two_tower._catalogue_store import ChunkStore
-from two_tower.brute_force_index import BruteForceIndex, _check_catalogue
+from two_tower.brute_force_index import BruteForceIndex, _check_catalogue, _checked_ids
 
+# Written by `save` before this version (no manifest): still loaded, unchecked.
 _FAISS_FILE = "index.faiss"
 _IDS_FILE = "candidate_ids.npy"
+# The manifest names the current files (`index-<token>.faiss`,
+# `candidate_ids-<token>.npy`) with their sizes and SHA-256; replacing it is the
+# one rename that commits a save.
+_MANIFEST = "faiss_index.json"
+_FORMAT = "two_tower.FaissIndex"
+_OURS = re.compile(
+    r"(index-[0-9a-f]+\.faiss|candidate_ids-[0-9a-f]+\.npy|\.faiss_index\.json\.tmp-[0-9a-f]+)"
+)
+_PQ_CENTROIDS = 256  # 8-bit codes: each subquantizer trains 256 centroids
+_SEED_RANGE = 2**31  # faiss' k-means seed is a C int
 MIN_NPROBE = 16  # lists read at least, by default
 SCAN_PER_RESULT = 64  # candidates read per requested result, by default
 
@@ -76,7 +93,8 @@ class FaissIndex:
             to `64 × nlist` (at least 9,984 with IVF-PQ, 39 per codebook
             centroid), capped at the catalogue size.
         seed: seed of the training sample, faiss' k-means and the calibration
-            sample.
+            sample: a non-negative integer (faiss' k-means takes it modulo
+            2**31), or None for a fresh seed at each `index`.
         target_recall: if set, in (0, 1]: `index` calibrates `nprobe` to the
             smallest value whose recall@`calibration_k` against the exact top k
             reaches it (all lists if none does; see `calibrated_recall`).
@@ -85,10 +103,14 @@ class FaissIndex:
             subquantizers (a divisor of the dim): `pq_subquantizers` bytes per
             vector instead of `4 × dim`.
 
+    Integer and float arguments may be Python or NumPy scalars (`np.int64(16)`,
+    `np.float32(0.9)`); they are kept as Python numbers.
+
     Raises:
         ValueError: `nlist`, `nprobe`, `train_size`, `calibration_k` or
-            `pq_subquantizers` that is not a positive integer, or a
-            `target_recall` outside (0, 1].
+            `pq_subquantizers` that is not a positive integer, a `seed` that
+            is not None or a non-negative integer, or a `target_recall` that is
+            not a number in (0, 1].
 
     Examples:
         >>> import numpy as np
@@ -108,36 +130,32 @@ class FaissIndex:
         nlist: int | None = None,
         nprobe: int | None = None,
         train_size: int | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         *,
         target_recall: float | None = None,
         calibration_k: int = 100,
         pq_subquantizers: int | None = None,
     ) -> None:
-        for name, value in (
-            ("nlist", nlist),
-            ("nprobe", nprobe),
-            ("train_size", train_size),
-            ("calibration_k", calibration_k),
-            ("pq_subquantizers", pq_subquantizers),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
-        if target_recall is not None and (
-            isinstance(target_recall, bool)
-            or not isinstance(target_recall, (int, float))
-            or not 0 < target_recall <= 1
-        ):
-            raise ValueError(f"`target_recall` must lie in (0, 1]. Received: {target_recall!r}")
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.train_size = train_size
-        self.seed = seed
-        self.target_recall = target_recall
-        self.calibration_k = calibration_k
-        self.pq_subquantizers = pq_subquantizers
+        owner = "FaissIndex"
+
+        def optional(name: str, value: Any) -> int | None:
+            return None if value is None else _arguments.integer(name, value, owner=owner)
+
+        # Python values (NumPy scalars accepted), so that `get_config` is JSON.
+        self.nlist = optional("nlist", nlist)
+        self.nprobe = optional("nprobe", nprobe)
+        self.train_size = optional("train_size", train_size)
+        self.seed = _arguments.seed("seed", seed, owner=owner)
+        self.target_recall = (
+            None
+            if target_recall is None
+            else _arguments.number(
+                "target_recall", target_recall, minimum=0, maximum=1, open_minimum=True,
+                owner=owner,
+            )
+        )  # fmt: skip
+        self.calibration_k = _arguments.integer("calibration_k", calibration_k, owner=owner)
+        self.pq_subquantizers = optional("pq_subquantizers", pq_subquantizers)
         self.calibrated_nprobe: int | None = None
         """The `nprobe` that `target_recall` chose (None without one)."""
         self.calibrated_recall: float | None = None
@@ -187,8 +205,12 @@ class FaissIndex:
         """Trains the lists on a sample of the catalogue and adds all of it.
 
         Args:
-            candidate_embeddings: `[candidates, dim]` array-like of floats.
-            candidate_ids: unique ids (integers or strings); default positions.
+            candidate_embeddings: `[candidates, dim]` array-like of floats, or row
+                blocks as `BruteForceIndex.index` takes them (an iterable or a
+                list of `[rows, dim]` blocks, or of `(embeddings, ids)` pairs),
+                copied once into float32 chunks.
+            candidate_ids: unique ids (integers or strings); default positions
+                (or the ids of the pairs).
             calibration_queries: `[queries, dim]` queries for `target_recall`;
                 defaults to 256 catalogue rows drawn with `seed` (pass real
                 queries when they differ from the candidates, e.g. user
@@ -196,14 +218,29 @@ class FaissIndex:
 
         Raises:
             ValueError: as `BruteForceIndex.index` (empty, non-2D, non-finite,
-                duplicate or misaligned ids), `nlist` above the catalogue size,
-                a dim that `pq_subquantizers` does not divide, or fewer than
-                256 candidates for IVF-PQ.
+                duplicate or misaligned ids, blocks of different dims), `nlist`
+                above the catalogue size, a dim that `pq_subquantizers` does not
+                divide, fewer than 256 candidates for IVF-PQ, or a `train_size`
+                below `nlist` (or below 256 with IVF-PQ).
             ImportError: faiss is not installed.
         """
-        embeddings, ids, _ = _check_catalogue(candidate_embeddings, candidate_ids)
-        store = np.ascontiguousarray(embeddings, dtype="float32")
-        self._build(store, ids.copy(), calibration_queries)
+        blocks, rows = _catalogue_store.blocks_of(candidate_embeddings)
+        if rows is not None:  # one array
+            embeddings, ids, _ = _check_catalogue(candidate_embeddings, candidate_ids)
+            store: Any = np.ascontiguousarray(embeddings, dtype="float32")
+        else:
+            store, paired_ids = _catalogue_store.assemble(
+                blocks, _catalogue_store.BLOCK_ROWS, 1, "float32"
+            )
+            if paired_ids is not None and candidate_ids is not None:
+                raise ValueError(
+                    "The catalogue blocks are (embeddings, ids) pairs, so `candidate_ids` "
+                    "must be None."
+                )
+            ids, _, _ = _checked_ids(
+                paired_ids if paired_ids is not None else candidate_ids, store.num_rows
+            )
+        self._build(store, ids, calibration_queries)
 
     def _build(self, rows: Any, ids: np.ndarray, calibration_queries: Any) -> None:
         """Trains and fills the faiss index from `rows` (an array or a `ChunkStore`)."""
@@ -211,22 +248,42 @@ class FaissIndex:
         num, dim = rows.shape
         nlist = self.nlist or max(1, min(round(math.sqrt(num)), num // 39))
         if nlist > num:
-            raise ValueError(f"`nlist` (={nlist}) must not exceed the candidates (={num}).")
+            raise ValueError(
+                f"`nlist` (={nlist}) must not exceed the candidates (={num}): k-means "
+                "needs a training row per list. Pass a smaller `nlist`, or None."
+            )
         pq = self.pq_subquantizers
         if pq is not None and dim % pq:
             raise ValueError(f"`pq_subquantizers` (={pq}) must divide the embedding dim (={dim}).")
-        if pq is not None and num < 256:
-            raise ValueError(f"IVF-PQ needs at least 256 candidates to train. Received {num}.")
-        default_size = 64 * nlist if pq is None else max(64 * nlist, 256 * 39)
+        if pq is not None and num < _PQ_CENTROIDS:
+            raise ValueError(
+                f"IVF-PQ needs at least {_PQ_CENTROIDS} candidates to train its codebooks "
+                f"({_PQ_CENTROIDS} centroids per subquantizer). Received {num}: use IVF-Flat "
+                "(`pq_subquantizers=None`) for a catalogue this small."
+            )
+        default_size = 64 * nlist if pq is None else max(64 * nlist, _PQ_CENTROIDS * 39)
         train_size = min(num, self.train_size or default_size)
-        rng = np.random.default_rng(self.seed)
+        needed = nlist if pq is None else max(nlist, _PQ_CENTROIDS)
+        if train_size < needed:
+            what = (
+                f"`nlist` (={nlist})"
+                if pq is None or nlist >= _PQ_CENTROIDS
+                else (f"the {_PQ_CENTROIDS} centroids of each IVF-PQ codebook")
+            )
+            raise ValueError(
+                f"`train_size` (={self.train_size}) must be at least {needed}: k-means needs a "
+                f"training row for each of {what}. Pass a larger `train_size`, or None "
+                f"(the default, {default_size} rows capped at the catalogue)."
+            )
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        rng = np.random.default_rng(seed)
         sample = _take_rows(rows, np.sort(rng.choice(num, size=train_size, replace=False)))
         quantizer = faiss.IndexFlatIP(dim)
         if pq is None:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq, 8, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = self.seed
+        index.cp.seed = seed % _SEED_RANGE
         index.train(sample)
         for piece in _pieces(rows):
             index.add(np.ascontiguousarray(piece, dtype="float32"))
@@ -270,9 +327,15 @@ class FaissIndex:
             )
 
     def nprobe_for(self, k: int) -> int:
-        """The lists a top-`k` search reads: `nprobe`, the calibrated value, or the size rule."""
+        """The lists a top-`k` search reads: `nprobe`, the calibrated value, or the size rule.
+
+        Raises:
+            ValueError: the index is empty, or `k` is not an integer in
+                `[1, num_candidates]`.
+        """
         if self._index is None:
             raise ValueError("The index is empty. Call `index(candidate_embeddings)` first.")
+        k = self._checked_k(k)
         nlist = int(self._index.nlist)
         if self.nprobe is not None:
             return min(self.nprobe, nlist)
@@ -295,29 +358,14 @@ class FaissIndex:
             read are `nprobe_for(k)`.
 
         Raises:
-            ValueError: if the index is empty, `k` is out of range, or the queries
+            ValueError: if the index is empty, `k` is not an integer (Python or
+                NumPy) in `[1, num_candidates]`, or the queries are not numeric,
                 have the wrong dim or contain NaN or infinity.
         """
         if self._index is None or self._candidate_ids is None:
             raise ValueError("The index is empty. Call `index(candidate_embeddings)` first.")
-        if (
-            isinstance(k, bool)
-            or not isinstance(k, (int, np.integer))
-            or not (0 < k <= self.num_candidates)
-        ):
-            raise ValueError(
-                f"`k` must be an integer in [1, {self.num_candidates}]. Received: k={k!r}"
-            )
-        if not isinstance(query_embeddings, np.ndarray):  # e.g. a torch tensor with grad
-            query_embeddings = ops.convert_to_numpy(query_embeddings)
-        queries = np.ascontiguousarray(query_embeddings, dtype="float32")
-        if queries.ndim != 2 or queries.shape[1] != self._index.d:
-            raise ValueError(
-                f"Query embeddings must have shape [queries, {self._index.d}]. "
-                f"Received shape: {queries.shape}"
-            )
-        if not np.all(np.isfinite(queries)):
-            raise ValueError("Query embeddings contain NaN or infinite values.")
+        k = self._checked_k(k)
+        queries = _checked_queries(query_embeddings, int(self._index.d), "query_embeddings")
         # A parameter object, not `self._index.nprobe`: searches may run concurrently.
         parameters = _faiss().SearchParametersIVF(nprobe=self.nprobe_for(k))
         scores, positions = self._index.search(queries, k, params=parameters)
@@ -328,39 +376,135 @@ class FaissIndex:
             scores = np.where(missing, -np.inf, scores)
         return scores, ids
 
+    def _checked_k(self, k: Any) -> int:
+        return _arguments.integer("k", k, maximum=self.num_candidates, owner="FaissIndex")
+
     def save(self, folder: str | os.PathLike[str]) -> None:
-        """Writes the faiss index and the ids into `folder` (created if needed).
+        """Writes the faiss index and the ids into `folder` (created if needed), atomically.
+
+        The index and the ids go to new files named with a random token
+        (`index-<token>.faiss`, `candidate_ids-<token>.npy`), flushed to disk;
+        then `faiss_index.json`, which names them with their sizes and SHA-256,
+        replaces the previous one in one rename. A save that fails or is killed
+        leaves the previous index loadable; its files are removed by the next
+        save into the folder, as are the files of the index it replaces.
+        One process at a time may save into a folder.
 
         Raises:
-            ValueError: the index is empty.
+            ValueError: the index is empty, or `folder` is an existing file.
+            ImportError: faiss is not installed.
         """
         if self._index is None or self._candidate_ids is None:
             raise ValueError("Nothing to save: the index is empty.")
         path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"FaissIndex.save: {path} is a file; pass a folder (it is created if needed)."
+            )
         path.mkdir(parents=True, exist_ok=True)
-        _faiss().write_index(self._index, str(path / _FAISS_FILE))
-        np.save(path / _IDS_FILE, self._candidate_ids, allow_pickle=False)
+        token = secrets.token_hex(8)
+        names = {"index": f"index-{token}.faiss", "ids": f"candidate_ids-{token}.npy"}
+        written = []
+        try:
+            written.append(path / names["index"])
+            _faiss().write_index(self._index, str(written[-1]))
+            written.append(path / names["ids"])
+            with open(written[-1], "wb") as handle:
+                np.save(handle, self._candidate_ids, allow_pickle=False)
+            files = {}
+            for role, name in names.items():
+                _fsync(path / name)
+                files[role] = {"name": name, **_size_and_hash(path / name)}
+            manifest = {
+                "format": _FORMAT,
+                "version": 1,
+                "num_candidates": self.num_candidates,
+                "dim": int(self._index.d),
+                "files": files,
+            }
+            temporary = path / f".{_MANIFEST}.tmp-{token}"
+            written.append(temporary)
+            temporary.write_text(json.dumps(manifest, indent=1))
+            _fsync(temporary)
+            os.replace(temporary, path / _MANIFEST)  # the commit
+        except BaseException:
+            for leftover in written:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise
+        if os.name == "posix":  # records the rename; folders cannot be opened on Windows
+            with contextlib.suppress(OSError):
+                _fsync(path, os.O_RDONLY)
+        _remove_stale_files(path)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], **kwargs: Any) -> FaissIndex:
         """Reads an index written by `save`; `kwargs` are `FaissIndex` arguments.
 
+        The files named by `faiss_index.json` must have the sizes and SHA-256
+        recorded at save, and the ids must be integers or strings, unique, one
+        per vector: a damaged or edited file raises, named, before faiss reads
+        it. A folder saved before the manifest existed (`index.faiss` and
+        `candidate_ids.npy` only) still loads, with the ids checked but without
+        the size and hash checks.
+
         Raises:
-            FileNotFoundError: `folder` lacks the faiss index or the ids file.
-            ValueError: the two files disagree on the number of candidates.
+            FileNotFoundError: `folder` is not a folder, or lacks the manifest's
+                files (or, without a manifest, `index.faiss` or the ids file).
+            ValueError: a file is truncated, damaged or edited (named), or the
+                files disagree on the number of candidates.
             ImportError: faiss is not installed.
         """
         path = Path(folder)
-        for name in (_FAISS_FILE, _IDS_FILE):
-            if not (path / name).exists():
-                raise FileNotFoundError(f"{path / name} is missing: not a saved FaissIndex.")
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"Cannot load a FaissIndex from {path}: "
+                + ("it is a file, not a folder." if path.exists() else "no such folder.")
+            )
         ann = cls(**kwargs)
-        index = _faiss().read_index(str(path / _FAISS_FILE))
-        ids = np.load(path / _IDS_FILE, allow_pickle=False)
-        if index.ntotal != len(ids):
+        advice = "Save the index again, or restore the folder from a copy."
+        if (path / _MANIFEST).exists():
+            faiss_file, ids_file, manifest = _checked_manifest(path, advice)
+        else:
+            faiss_file, ids_file, manifest = path / _FAISS_FILE, path / _IDS_FILE, None
+            for file in (faiss_file, ids_file):
+                if not file.exists():
+                    raise FileNotFoundError(
+                        f"{file} is missing: not a saved FaissIndex (it has no {_MANIFEST} either)."
+                    )
+        try:
+            index = _faiss().read_index(str(faiss_file))
+        except RuntimeError as error:
             raise ValueError(
-                f"{path}: the faiss index holds {index.ntotal} vectors but "
-                f"{_IDS_FILE} has {len(ids)} ids."
+                f"Cannot load a FaissIndex from {path}: {faiss_file.name} is truncated or "
+                f"corrupt (faiss: {_faiss_reason(error)}). {advice}"
+            ) from error
+        try:
+            ids = np.load(ids_file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(
+                f"Cannot load a FaissIndex from {path}: {ids_file.name} is not a readable "
+                f"array of ids ({error}). {advice}"
+            ) from error
+        if ids.ndim != 1 or index.ntotal != len(ids):
+            raise ValueError(
+                f"Cannot load a FaissIndex from {path}: the faiss index holds "
+                f"{index.ntotal} vectors but {ids_file.name} holds ids of shape {ids.shape} "
+                f"(one per vector expected). {advice}"
+            )
+        try:
+            ids, _, _ = _checked_ids(ids, len(ids))
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot load a FaissIndex from {path}: {ids_file.name}: {error}. {advice}"
+            ) from error
+        if manifest is not None and (
+            manifest.get("num_candidates") != len(ids) or manifest.get("dim") != index.d
+        ):
+            raise ValueError(
+                f"Cannot load a FaissIndex from {path}: {_MANIFEST} records "
+                f"{manifest.get('num_candidates')} candidates of dim {manifest.get('dim')}, "
+                f"the files hold {len(ids)} of dim {index.d}. {advice}"
             )
         ann._index, ann._candidate_ids = index, ids
         return ann
@@ -397,18 +541,102 @@ def _take_rows(rows: Any, positions: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype="float32")
 
 
-def _checked_queries(queries: Any, dim: int) -> np.ndarray:
+def _checked_queries(queries: Any, dim: int, name: str = "calibration_queries") -> np.ndarray:
+    """`queries` as a float32 `[queries, dim]` array of finite numbers, or raises.
+
+    `calibration_queries` needs at least one row; `query_embeddings` may have none.
+    """
     if not isinstance(queries, np.ndarray):  # e.g. a torch tensor with grad
         queries = ops.convert_to_numpy(queries)
-    array = np.ascontiguousarray(queries, dtype="float32")
-    if array.ndim != 2 or array.shape[1] != dim or not len(array):
+    array = np.asarray(queries)
+    if array.dtype.kind not in "iuf":
         raise ValueError(
-            f"`calibration_queries` must be [queries, {dim}] with at least one query. "
-            f"Received shape: {array.shape}"
+            f"`{name}` must be a numeric [queries, {dim}] array. Received dtype {array.dtype}"
         )
+    if (
+        array.ndim != 2
+        or array.shape[1] != dim
+        or (name == "calibration_queries" and not len(array))
+    ):
+        least = " with at least one query" if name == "calibration_queries" else ""
+        raise ValueError(
+            f"`{name}` must have shape [queries, {dim}]{least}, the dim of the indexed "
+            f"candidates. Received shape: {array.shape}"
+        )
+    array = np.ascontiguousarray(array, dtype="float32")
     if not np.all(np.isfinite(array)):
-        raise ValueError("`calibration_queries` contain NaN or infinite values.")
+        raise ValueError(f"`{name}` contain NaN or infinite values (or overflow float32).")
     return array
+
+
+def _faiss_reason(error: Exception) -> str:
+    """The reason in a faiss error, without its C++ function and source location."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    found = re.search(r" at \S+:\d+: (.*)", text)
+    return found.group(1) if found else text
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    handle = os.open(path, flags)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _size_and_hash(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _checked_manifest(path: Path, advice: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The faiss and ids files that `faiss_index.json` names, checked against it."""
+    where = f"Cannot load a FaissIndex from {path}"
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest["format"] != _FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {manifest['format']!r}, files {type(files).__name__}")
+        entries = {role: files[role] for role in ("index", "ids")}
+        names = {role: Path(str(entry["name"])).name for role, entry in entries.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{where}: {_MANIFEST} is damaged or not a FaissIndex manifest ({error!r}). {advice}"
+        ) from error
+    for role, name in names.items():
+        file = path / name
+        if not file.exists():
+            raise FileNotFoundError(f"{where}: {name}, named in {_MANIFEST}, is missing. {advice}")
+        found = _size_and_hash(file)
+        expected = entries[role]
+        if found["size"] != expected.get("size"):
+            raise ValueError(
+                f"{where}: {name} is truncated or damaged: {found['size']} bytes, "
+                f"{expected.get('size')} recorded at save. {advice}"
+            )
+        if found["sha256"] != expected.get("sha256"):
+            raise ValueError(
+                f"{where}: {name} is damaged or was edited: its SHA-256 differs from the one "
+                f"recorded at save. {advice}"
+            )
+    return path / names["index"], path / names["ids"], manifest
+
+
+def _remove_stale_files(path: Path) -> None:
+    """Removes our files that the folder's manifest does not name (older or killed saves)."""
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text())
+        current = {str(entry["name"]) for entry in manifest["files"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # another writer, or damage: remove nothing
+    for name in os.listdir(path):
+        stale = _OURS.fullmatch(name) or name in (_FAISS_FILE, _IDS_FILE)
+        if stale and name not in current:
+            with contextlib.suppress(OSError):
+                os.unlink(path / name)
 
 
 def _exact_positions(queries: np.ndarray, rows: Any, k: int) -> np.ndarray:

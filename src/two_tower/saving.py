@@ -7,8 +7,11 @@ file in the same folder and renames it over the target only once it is complete,
 so the target always holds either the previous model or the new one.
 
 `keras.saving.load_model` reports a truncated `.keras` file as "File not found"
-although the file exists. `load_model` here checks the archive first and names the
-file, saying that it is truncated or corrupt.
+although the file exists, and a damaged member (a cut `config.json`, garbage
+weights, a truncated index asset) with messages that do not name it. `save_model`
+here records a manifest in the archive's comment (every member's size and
+SHA-256; Keras ignores the comment), and `load_model` checks the whole archive
+against it before Keras reads anything, naming the damaged member.
 
 Only local `.keras` files get this treatment. Other saves and loads (legacy `.h5`,
 `zipped=False` folders, remote paths such as `gs://` or `hf://`) go to Keras, after
@@ -18,6 +21,8 @@ a check that a local path exists. `TwoTowerRetrieval.save` goes through `save_mo
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import secrets
@@ -25,9 +30,13 @@ import stat
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
+
+from two_tower import brute_force_index
 
 # Keras' `file_utils.is_remote_path`: paths that are not on the local file system.
 _REMOTE_PATH = re.compile(r"^(/cns|/cfs|/gcs|/hdfs|/readahead|/placer|/tfhub|.*://)")
@@ -47,6 +56,12 @@ _ZIP_DATA_ERRORS = (
     OverflowError,
 )
 _ATTEMPTS = 100
+# The manifest, in the zip comment: {"two_tower_manifest": 1, "members": {name: [size, sha256]}}.
+_MANIFEST_KEY = "two_tower_manifest"
+_MAX_COMMENT = 65535  # the zip format's limit
+_WEIGHTS_MEMBERS = ("model.weights.h5", "model.weights.npz")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_READ_BLOCK = 2**20
 
 
 def _local_keras_file(filepath: Any, zipped: bool | None) -> str | None:
@@ -113,7 +128,9 @@ def save_model(
     Saving through a symbolic link replaces the file it points to, and a
     replaced file keeps its permissions.
 
-    Only local `.keras` files are saved atomically. Other paths (legacy
+    The archive's comment records a manifest: the size and SHA-256 of every
+    member, which `load_model` checks (it costs one more read of the new
+    file). Only local `.keras` files are saved atomically. Other paths (legacy
     `.h5`, `zipped=False` folders, remote paths) are passed to
     `keras.saving.save_model` unchanged, and so is `overwrite=False` when
     `filepath` exists: Keras then asks whether to overwrite, and writes in
@@ -164,6 +181,7 @@ def save_model(
     temporary = _create_temporary(target)
     try:
         keras.saving.save_model(model, temporary, overwrite=True, zipped=zipped, **kwargs)
+        _write_manifest(temporary)
         # Flushed before the rename, so that a crash cannot leave a renamed but empty file.
         _fsync(temporary, os.O_RDWR)
         os.replace(temporary, target)
@@ -176,45 +194,288 @@ def save_model(
             _fsync(folder, os.O_RDONLY)
 
 
+def _write_manifest(path: str) -> None:
+    """Records every member's size and SHA-256 in the zip comment of `path`."""
+    with zipfile.ZipFile(path, "a") as archive:
+        members = {}
+        for info in archive.infolist():
+            digest = hashlib.sha256()
+            with archive.open(info) as member:
+                while block := member.read(_READ_BLOCK):
+                    digest.update(block)
+            members[info.filename] = [info.file_size, digest.hexdigest()]
+        comment = json.dumps({_MANIFEST_KEY: 1, "members": members}, separators=(",", ":")).encode()
+        if len(comment) > _MAX_COMMENT:  # about 700 members
+            warnings.warn(
+                f"{path}: {len(members)} members do not fit a manifest in the zip comment "
+                f"({len(comment)} bytes, at most {_MAX_COMMENT}); saved without one, so "
+                "load_model cannot check their hashes.",
+                stacklevel=3,
+            )
+            return
+        archive.comment = comment
+
+
+def _read_manifest(
+    comment: bytes, damaged: Callable[[str], ValueError]
+) -> dict[str, list[Any]] | None:
+    """The members recorded at save, or None for a file without a manifest."""
+    if not comment.lstrip().startswith(b'{"' + _MANIFEST_KEY.encode()):
+        return None  # saved before manifests, or by Keras itself
+    try:
+        manifest = json.loads(comment)
+        members = manifest["members"]
+        if not isinstance(members, dict) or not all(
+            isinstance(v, list) and len(v) == 2 for v in members.values()
+        ):
+            raise ValueError("members must map names to [size, sha256]")
+    except (ValueError, KeyError, TypeError) as error:
+        raise damaged(
+            f"its manifest (the zip comment written by save_model) is damaged ({error})"
+        ) from error
+    return members
+
+
 def _check_archive(path: str) -> None:
-    """Raises unless `path` is a complete zip archive holding a Keras config."""
+    """Raises unless `path` is a complete, undamaged `.keras` archive.
+
+    Every member is read once (its CRC checked by `zipfile`) and hashed; with a
+    manifest (files saved by `save_model`), the members must be exactly those
+    recorded, with the recorded sizes and SHA-256. In every case `config.json`
+    must be a JSON object, the weights a readable HDF5 (or npz) member, each
+    `.npy` asset a complete non-object array, and each index asset pair (the
+    embeddings and ids of a `BruteForceIndex`) must agree: one unique integer
+    or string id per finite embedding row.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"Cannot load a model from {path}: no such file.")
     advice = "Save the model again, or restore the file from a copy."
+
+    def damaged(reason: str) -> ValueError:
+        return ValueError(
+            f"Cannot load a model from {path}: the file is truncated or corrupt (or was "
+            f"edited): {reason}. {advice}"
+        )
+
     # Opened first, so that an unreadable file (permissions, a folder) raises as itself.
     with open(path, "rb") as handle:
         try:
-            with zipfile.ZipFile(handle) as archive:
-                bad_member = archive.testzip()
-                members = archive.namelist()
+            archive = zipfile.ZipFile(handle)
         except _ZIP_DATA_ERRORS as error:
             raise ValueError(
                 f"Cannot load a model from {path}: the file is truncated or corrupt. A "
                 f"`.keras` file is a zip archive, and this is not a valid one ({error}). "
                 f"{advice}"
             ) from error
-    if bad_member is not None:
-        raise ValueError(
-            f"Cannot load a model from {path}: the file is truncated or corrupt. Its member "
-            f"{bad_member!r} fails its CRC check. {advice}"
+        with archive:
+            manifest = _read_manifest(archive.comment, damaged)
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names):
+                twice = sorted({name for name in names if names.count(name) > 1})
+                raise damaged(f"it holds the members {twice} twice")
+            if manifest is not None:
+                missing = sorted(set(manifest) - set(names))
+                if missing:
+                    raise damaged(f"its member {missing[0]!r} is missing")
+                extra = sorted(set(names) - set(manifest))
+                if extra:
+                    raise damaged(
+                        f"its member {extra[0]!r} was not written by save_model (added later)"
+                    )
+            for info in infos:
+                _check_member(archive, info, manifest, damaged)
+            if _CONFIG_MEMBER not in names:
+                raise ValueError(
+                    f"Cannot load a model from {path}: it is a zip archive but not a Keras "
+                    f"model file: it lacks {_CONFIG_MEMBER!r} (members: {sorted(names)}). It "
+                    f"may be truncated or corrupt. {advice}"
+                )
+            _check_structure(archive, names, hashed=manifest is not None, damaged=damaged)
+
+
+def _check_member(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    manifest: dict[str, Any] | None,
+    damaged: Callable[[str], ValueError],
+) -> None:
+    """Reads one member whole (checking its CRC) and compares it with the manifest."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with archive.open(info) as member:
+            while block := member.read(_READ_BLOCK):
+                digest.update(block)
+                size += len(block)
+    except _ZIP_DATA_ERRORS as error:
+        raise damaged(f"its member {info.filename!r} cannot be read whole ({error})") from error
+    if manifest is None:
+        return
+    recorded_size, recorded_hash = manifest[info.filename]
+    if size != recorded_size:
+        raise damaged(
+            f"its member {info.filename!r} holds {size} bytes, {recorded_size} recorded at save"
         )
-    if _CONFIG_MEMBER not in members:
-        raise ValueError(
-            f"Cannot load a model from {path}: it is a zip archive but not a Keras model "
-            f"file: it lacks {_CONFIG_MEMBER!r} (members: {sorted(members)}). It may be "
-            f"truncated or corrupt. {advice}"
+    if digest.hexdigest() != recorded_hash:
+        raise damaged(
+            f"its member {info.filename!r} differs from what was saved (SHA-256 mismatch)"
         )
+
+
+def _check_structure(
+    archive: zipfile.ZipFile, names: list[str], hashed: bool, damaged: Callable[[str], ValueError]
+) -> None:
+    """Checks that Keras can read the config, the weights and the `.npy` assets."""
+    try:
+        config = json.loads(archive.read(_CONFIG_MEMBER))
+    except ValueError as error:
+        raise damaged(f"its member {_CONFIG_MEMBER!r} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise damaged(
+            f"its member {_CONFIG_MEMBER!r} holds a {type(config).__name__}, not a model config"
+        )
+    weights = [name for name in _WEIGHTS_MEMBERS if name in names]
+    if not weights:
+        raise damaged(f"it has no weights member (one of {list(_WEIGHTS_MEMBERS)})")
+    if weights[0].endswith(".h5"):
+        _check_hdf5(archive, weights[0], damaged)
+    arrays = {}
+    for name in names:
+        if name.endswith(".npy"):
+            arrays[name] = _npy_header(archive, name, damaged)
+    embeddings_suffix = "/" + brute_force_index._EMBEDDINGS_FILE
+    ids_suffix = "/" + brute_force_index._IDS_FILE
+    folders = {
+        name[: -len(suffix)]
+        for name in arrays
+        for suffix in (embeddings_suffix, ids_suffix)
+        if name.endswith(suffix)
+    }
+    for folder in sorted(folders):
+        _check_index_assets(
+            archive, folder + embeddings_suffix, folder + ids_suffix, arrays, hashed, damaged
+        )
+
+
+def _check_hdf5(archive: zipfile.ZipFile, name: str, damaged: Callable[[str], ValueError]) -> None:
+    with archive.open(name) as member:
+        if member.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+            raise damaged(f"its weights member {name!r} is not an HDF5 file")
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - Keras depends on h5py
+        return
+    try:
+        with archive.open(name) as member, h5py.File(member, "r"):
+            pass  # opening reads the superblock, which records the file's length
+    except (OSError, ValueError) as error:
+        raise damaged(
+            f"its weights member {name!r} is not a readable HDF5 file ({error})"
+        ) from error
+
+
+def _npy_header(
+    archive: zipfile.ZipFile, name: str, damaged: Callable[[str], ValueError]
+) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a `.npy` member, after checking its length matches them."""
+    info = archive.getinfo(name)
+    try:
+        with archive.open(name) as member:
+            shape, _, dtype = _read_npy_header(member)
+            header_bytes = member.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        raise damaged(f"its member {name!r} is not a NumPy array file ({error})") from error
+    if dtype.hasobject:
+        raise damaged(f"its member {name!r} holds Python objects, not numbers or strings")
+    expected = header_bytes + int(np.prod(shape, dtype="int64")) * dtype.itemsize
+    if info.file_size != expected:
+        raise damaged(
+            f"its member {name!r} holds {info.file_size} bytes but its header, an array of "
+            f"shape {shape} and dtype {dtype}, needs {expected}"
+        )
+    return tuple(shape), dtype
+
+
+def _check_index_assets(
+    archive: zipfile.ZipFile,
+    embeddings_name: str,
+    ids_name: str,
+    arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+    hashed: bool,
+    damaged: Callable[[str], ValueError],
+) -> None:
+    """The saved catalogue of a `BruteForceIndex`: rows and ids that agree."""
+    for name, other in ((embeddings_name, ids_name), (ids_name, embeddings_name)):
+        if name not in arrays:
+            raise damaged(f"its member {name!r} is missing (its pair {other!r} is there)")
+    shape, dtype = arrays[embeddings_name]
+    if len(shape) != 2 or dtype.kind not in "iuf" or shape[1] == 0:
+        raise damaged(
+            f"its member {embeddings_name!r} must hold a numeric [candidates, dim] array; it "
+            f"holds shape {shape}, dtype {dtype}"
+        )
+    with archive.open(ids_name) as member:
+        ids = np.load(member, allow_pickle=False)
+    if ids.ndim != 1 or len(ids) != shape[0]:
+        raise damaged(
+            f"its member {ids_name!r} holds ids of shape {ids.shape} for the {shape[0]} rows "
+            f"of {embeddings_name!r} (one id per row expected)"
+        )
+    try:
+        brute_force_index._checked_ids(ids, shape[0])
+    except ValueError as error:
+        raise damaged(f"its member {ids_name!r} is not a valid id list: {error}") from error
+    if not hashed:  # with a manifest, the rows are those saved, which were finite
+        _check_finite(archive, embeddings_name, shape, dtype, damaged)
+
+
+def _read_npy_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from the header of an open `.npy` stream."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)  # type: ignore[no-any-return]
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)  # type: ignore[no-any-return]
+    raise ValueError(f".npy format version {version} is not one NumPy writes for numbers")
+
+
+def _check_finite(
+    archive: zipfile.ZipFile,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    damaged: Callable[[str], ValueError],
+) -> None:
+    """Streams the rows of a `.npy` member, a block at a time, for NaN or infinity."""
+    with archive.open(name) as member:
+        _read_npy_header(member)
+        row_bytes = shape[1] * dtype.itemsize
+        rows_per_block = max(1, _READ_BLOCK // row_bytes)
+        while block := member.read(rows_per_block * row_bytes):
+            if not np.isfinite(np.frombuffer(block, dtype)).all():
+                raise damaged(f"its member {name!r} holds NaN or infinite embeddings")
 
 
 def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Loads a model like `keras.saving.load_model`, checking `.keras` files first.
 
-    A local `.keras` file is read once through `zipfile` before Keras loads
-    it: a truncated file, a damaged one (a member fails its CRC) or one that
-    is not a Keras archive raises a `ValueError` that names it. Other paths go
-    to `keras.saving.load_model` once a local one is known to exist. The check
-    reads the whole file once more; its cost is small beside loading the
-    weights.
+    A local `.keras` file is checked as a whole before Keras reads it, and a
+    `ValueError` names the file and the damaged member:
+
+    - the file is not a complete zip archive, or a member fails its CRC;
+    - (files saved by `save_model`, which records a manifest) a member is
+      missing, added, or differs in size or SHA-256 from what was saved;
+    - `config.json` is not a JSON object; the weights are not a readable
+      HDF5 member; a `.npy` asset is cut, holds objects, or an index's ids
+      and embeddings disagree (count, unique integer or string ids, finite
+      rows).
+
+    Files saved without a manifest (by `keras.saving.save_model`, or by
+    two_tower before manifests) still load, with every check but the
+    manifest's. Other paths go to `keras.saving.load_model` once a local one
+    is known to exist. The check reads the whole file once more; its cost is
+    small beside loading the weights.
 
     Args:
         filepath: the saved model: a `.keras` file, or what Keras accepts.
@@ -226,8 +487,9 @@ def load_model(filepath: str | os.PathLike[str], **kwargs: Any) -> Any:
 
     Raises:
         FileNotFoundError: a local `filepath` that does not exist.
-        ValueError: a `.keras` file that is truncated, corrupt or not a Keras
-            archive, or a `.keras` folder without `config.json`.
+        ValueError: a `.keras` file that is truncated, corrupt, edited or not
+            a Keras archive (the message names the member), or a `.keras`
+            folder without `config.json`.
 
     Examples:
         >>> import os, tempfile
