@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from two_tower.datasets._files import check_last_line
 from two_tower.datasets.movielens_tables import MovieLensTables
 
 # The official row counts (the GroupLens READMEs): ratings, movies (rows of the
@@ -111,6 +112,8 @@ def read_file(path: Path) -> dict[str, np.ndarray]:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise ValueError(f"Corrupt or truncated MovieLens file {path}: {error}") from None
+    # A last line cut after its last separator parses, as shorter numbers.
+    check_last_line(path, "MovieLens")
     columns = {}
     for name in names:
         column = table.column(name)

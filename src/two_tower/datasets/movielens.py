@@ -36,7 +36,9 @@ tfds's order; when a local copy is found, the tfds download cache is primed
 from it so tfds builds without network.
 
 Every file read is checked, so that a damaged copy raises (naming the file)
-instead of loading as fewer records: each line must have all its fields, and
+instead of loading as fewer records: each line must have all its fields, each
+file must end with a line break (a file cut inside its last line would load that
+line as shorter numbers, with or without `sha256`), and
 u.data, u.user and u.item must have as many lines as `u.info` declares, or,
 without `u.info`, as the official MovieLens 100K has (`OFFICIAL_COUNTS`:
 100,000 ratings, 943 users, 1,682 movies). A local copy is checked the same way
@@ -57,12 +59,15 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from two_tower import _arguments
 from two_tower.datasets import _movielens_large
+from two_tower.datasets._files import check_last_line as _check_last_line
 from two_tower.datasets._files import sha256 as _sha256
 from two_tower.datasets.movielens_tables import VARIANTS, MovieLensTables
 
@@ -181,6 +186,29 @@ def _release(variant: str) -> _Release:
     if variant not in RELEASES:
         raise ValueError(f"`variant` must be one of {VARIANTS}. Received: {variant!r}")
     return RELEASES[variant]
+
+
+def _check_options(data_dir: Any, download: Any, sha256: Any) -> str | None:
+    """Raises on a mistyped `data_dir`, `download` or `sha256`; returns `sha256` normalized."""
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ValueError(
+            "`data_dir` must be a path (str or pathlib.Path) or None. "
+            f"Received: data_dir={data_dir!r} ({type(data_dir).__name__})"
+        )
+    _arguments.boolean("download", download)
+    if sha256 is None or sha256 == OFFICIAL:
+        return sha256
+    if not isinstance(sha256, str) or len(sha256) != 64 or not _is_hex(sha256):
+        raise ValueError(
+            f"`sha256` must be {OFFICIAL!r} (the official release's), None (no check, for "
+            "files you made yourself) or the 64 hex digits of your archive's sha256. "
+            f"Received: sha256={sha256!r}"
+        )
+    return sha256.lower()
+
+
+def _is_hex(text: str) -> bool:
+    return all(character in "0123456789abcdefABCDEF" for character in text)
 
 
 def _expected_sha256(sha256: str | None, release: _Release) -> str | None:
@@ -310,13 +338,14 @@ def locate(
         FileExistsError: an extraction folder exists but lacks some files, so
             the archive is not extracted over it.
         ValueError: an unknown `variant`; an archive that fails its checksum,
-            is not a valid zip or lacks the release's files.
+            is not a valid zip or lacks the release's files; a mistyped
+            `data_dir`, `download` or `sha256` (see `load_tables`).
 
     Examples:
         >>> folder = two_tower.datasets.movielens.locate()  # doctest: +SKIP
     """
     release = _release(variant)
-    sha256 = _expected_sha256(sha256, release)
+    sha256 = _expected_sha256(_check_options(data_dir, download, sha256), release)
     looked: list[str] = []
     if data_dir is not None:
         given = Path(data_dir).expanduser()
@@ -389,6 +418,8 @@ def _read_rows(path: Path, separator: str, fields: int) -> list[list[str]]:
         rows.append(row)
     if not rows:
         raise ValueError(f"MovieLens file {path} is empty.")
+    # A last line cut after its last separator still has all its fields.
+    _check_last_line(path, "MovieLens")
     return rows
 
 
@@ -725,8 +756,11 @@ def load_tables(
         FileNotFoundError: no data and no way to fetch it.
         FileExistsError: see `locate`.
         ValueError: a corrupt, truncated or mismatching file (a missing or
-            mistyped column, a rating of an unknown movie, a checksum
-            mismatch...), named in the message; or an unknown `variant`.
+            mistyped column, a rating of an unknown movie, a last line cut
+            short, a checksum mismatch...), named in the message; an unknown
+            `variant`; a `data_dir` that is not a path, a `download` that is
+            not True or False, or a `sha256` that is not "official", None or
+            64 hex digits.
 
     Examples:
         >>> tables = two_tower.datasets.movielens.load_tables(variant="1m")  # doctest: +SKIP
@@ -843,34 +877,67 @@ def _take(records: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndar
     return {key: values[rows] for key, values in records.items()}
 
 
-def _check_split(records: dict[str, np.ndarray], test_fraction: float) -> int:
-    lengths = {len(v) for v in records.values()}
+def _check_split(
+    records: Any, test_fraction: Any, owner: str
+) -> tuple[dict[str, np.ndarray], int, int]:
+    """`records` as arrays, their length, and the number of train rows; or a ValueError."""
+    if not isinstance(records, Mapping) or not records:
+        raise ValueError(
+            f"{owner}: `records` must be a non-empty dict of name -> array, as load_ratings "
+            f"returns. Received: {type(records).__name__}"
+        )
+    arrays = {key: np.asarray(values) for key, values in records.items()}
+    shapes = {key: values.shape for key, values in arrays.items()}
+    if any(len(shape) == 0 for shape in shapes.values()):
+        raise ValueError(
+            f"{owner}: every value of `records` must be an array of rows (at least 1-D). "
+            f"Received shapes {shapes}"
+        )
+    lengths = {shape[0] for shape in shapes.values()}
     if len(lengths) != 1:
-        raise ValueError(f"All arrays must have the same length. Received lengths {lengths}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"`test_fraction` must be in (0, 1). Received: {test_fraction}")
-    return lengths.pop()
+        raise ValueError(
+            f"{owner}: all arrays must have the same length. Received lengths "
+            f"{ {key: shape[0] for key, shape in shapes.items()} }"
+        )
+    fraction = _arguments.number("test_fraction", test_fraction, owner=owner)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"{owner}: `test_fraction` must be in (0, 1). Received: test_fraction={test_fraction!r}"
+        )
+    n = lengths.pop()
+    cut = round(n * (1.0 - fraction))
+    if not 0 < cut < n:
+        raise ValueError(
+            f"{owner}: test_fraction={fraction} of {n} rows leaves {cut} rows to train and "
+            f"{n - cut} to test; both parts need at least one row. Pass more rows or "
+            "another test_fraction."
+        )
+    return arrays, n, cut
 
 
 def random_split(
-    records: dict[str, np.ndarray], test_fraction: float = 0.2, seed: int = 42
+    records: dict[str, np.ndarray], test_fraction: float = 0.2, seed: int | None = 42
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A seeded random split (the seed tutorial's 80/20 protocol by default).
+    """A seeded random split (by default the 80/20 protocol of the keras-rs tutorial).
 
     The rows are permuted with `np.random.default_rng(seed)`; the first
     `round(n * (1 - test_fraction))` go to train, the rest to test.
 
     Args:
-        records: name -> array, all of one length (e.g. `load_ratings()`).
-        test_fraction: share of the rows in the test part, in (0, 1).
-        seed: seed of the permutation.
+        records: name -> array (or list), all of one length (e.g. `load_ratings()`);
+            lists come back as arrays.
+        test_fraction: share of the rows in the test part, in (0, 1); a Python or
+            NumPy number.
+        seed: seed of the permutation, an integer >= 0; None draws a fresh one
+            (a different split each call).
 
     Returns:
         `(train, test)`, dicts with the same keys as `records`.
 
     Raises:
-        ValueError: arrays of different lengths, or `test_fraction` outside
-            (0, 1).
+        ValueError: `records` that is not a non-empty dict of arrays of one
+            length, `test_fraction` outside (0, 1) or leaving a part empty, or a
+            `seed` that is not an integer >= 0.
 
     Examples:
         >>> import numpy as np
@@ -878,10 +945,11 @@ def random_split(
         >>> len(train["a"]), len(test["a"])
         (8, 2)
     """
-    n = _check_split(records, test_fraction)
-    order = np.random.default_rng(seed).permutation(n)
-    cut = round(n * (1.0 - test_fraction))
-    return _take(records, order[:cut]), _take(records, order[cut:])
+    arrays, n, cut = _check_split(records, test_fraction, "random_split")
+    order = np.random.default_rng(_arguments.seed("seed", seed, owner="random_split")).permutation(
+        n
+    )
+    return _take(arrays, order[:cut]), _take(arrays, order[cut:])
 
 
 def temporal_split(
@@ -892,15 +960,18 @@ def temporal_split(
     Ties in time keep file order (a stable sort), so the split is deterministic.
 
     Args:
-        records: name -> array, all of one length, with a `timestamp` array.
+        records: name -> array, all of one length, with a `timestamp` array of
+            numbers (or `datetime64`), one per row.
         test_fraction: share of the rows (the latest) in the test part.
 
     Returns:
         `(train, test)`, dicts with the same keys as `records`.
 
     Raises:
-        ValueError: no `timestamp`, arrays of different lengths, or
-            `test_fraction` outside (0, 1).
+        ValueError: no `timestamp`, or one that is not a 1-D array of numbers
+            without NaN (strings would sort as text: "10" before "9"); arrays of
+            different lengths; or `test_fraction` outside (0, 1) or leaving a
+            part empty.
 
     Examples:
         >>> import numpy as np
@@ -909,12 +980,27 @@ def temporal_split(
         >>> test["timestamp"].tolist()
         [4, 5]
     """
-    n = _check_split(records, test_fraction)
-    if "timestamp" not in records:
-        raise ValueError("temporal_split needs a 'timestamp' array in the records.")
-    order = np.argsort(records["timestamp"], kind="stable")
-    cut = round(n * (1.0 - test_fraction))
-    return _take(records, order[:cut]), _take(records, order[cut:])
+    if isinstance(records, Mapping) and "timestamp" not in records:
+        raise ValueError(
+            "temporal_split needs a 'timestamp' array in the records. Received the keys "
+            f"{sorted(map(str, records))}"
+        )
+    arrays, _, cut = _check_split(records, test_fraction, "temporal_split")
+    timestamp = arrays["timestamp"]
+    if timestamp.ndim != 1 or timestamp.dtype.kind not in "iufM":
+        raise ValueError(
+            "temporal_split: records['timestamp'] must be a 1-D array of numbers (or "
+            f"datetime64). Received {timestamp.dtype} of shape {timestamp.shape}; convert "
+            "text timestamps with .astype('int64') first (as text, '10' sorts before '9')."
+        )
+    if timestamp.dtype.kind in "fM" and np.isnan(timestamp).any():
+        row = int(np.flatnonzero(np.isnan(timestamp))[0])
+        raise ValueError(
+            f"temporal_split: records['timestamp'] holds NaN (or NaT) at row {row}; a row "
+            "without a time cannot be placed in time. Drop or fill those rows first."
+        )
+    order = np.argsort(timestamp, kind="stable")
+    return _take(arrays, order[:cut]), _take(arrays, order[cut:])
 
 
 __all__ = [
