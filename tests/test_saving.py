@@ -132,6 +132,13 @@ def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path):
     assert restored.recommend(np.arange(NUM_USERS), k=K).tolist() == version_1_ids
     with pytest.raises(ValueError, match="truncated or corrupt"):
         saving.load_model(temporary)
+    # The next save of the same path removes the killed save's leftover.
+    model, users, items = build_model(seed=3)
+    model.save(path)
+    assert temporaries(tmp_path) == [] and os.listdir(tmp_path) == ["model.keras"]
+    np.testing.assert_array_equal(
+        saving.load_model(path).recommend(np.arange(NUM_USERS), k=K), numpy_top_k(users, items)
+    )
 
 
 @pytest.mark.parametrize("had_a_file", [True, False])

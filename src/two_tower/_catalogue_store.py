@@ -94,8 +94,14 @@ def blocks_of(candidate_embeddings: Any) -> tuple[Iterable[Any], int | None]:
     valid, and NumPy would stack equal blocks into one (or fail on ragged ones).
 
     Raises:
-        ValueError: `candidate_embeddings` is one `(embeddings, ids)` pair.
+        ValueError: `candidate_embeddings` is one `(embeddings, ids)` pair, a
+            mapping, a string or None.
     """
+    if isinstance(candidate_embeddings, (Mapping, str, bytes)) or candidate_embeddings is None:
+        raise ValueError(
+            "`candidate_embeddings` must be a numeric [candidates, dim] array, or row blocks "
+            f"of one. Received a {type(candidate_embeddings).__name__}"
+        )
     if _is_iterable_of_blocks(candidate_embeddings):
         return candidate_embeddings, None
     if isinstance(candidate_embeddings, (list, tuple)) and candidate_embeddings:

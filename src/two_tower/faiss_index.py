@@ -563,7 +563,8 @@ def _checked_queries(queries: Any, dim: int, name: str = "calibration_queries") 
             f"`{name}` must have shape [queries, {dim}]{least}, the dim of the indexed "
             f"candidates. Received shape: {array.shape}"
         )
-    array = np.ascontiguousarray(array, dtype="float32")
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf, refused below
+        array = np.ascontiguousarray(array, dtype="float32")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"`{name}` contain NaN or infinite values (or overflow float32).")
     return array

@@ -124,7 +124,9 @@ def save_model(
     (`.<name>.tmp-<random>.keras`), flushed to disk, then renamed over
     `filepath` with `os.replace`. If saving fails or the process dies on the
     way, `filepath` still holds the previous file, unchanged; on an exception
-    the temporary file is removed (a killed process can leave it behind, hidden).
+    the temporary file is removed. A killed process leaves it behind, hidden;
+    the next successful save of `filepath` removes it (so one process at a
+    time may save to a path).
     Saving through a symbolic link replaces the file it points to, and a
     replaced file keeps its permissions.
 
@@ -192,6 +194,17 @@ def save_model(
     if os.name == "posix":  # records the rename itself; folders cannot be opened on Windows
         with contextlib.suppress(OSError):
             _fsync(folder, os.O_RDONLY)
+    _remove_temporaries(target)
+
+
+def _remove_temporaries(target: str) -> None:
+    """Removes the hidden temporaries that killed saves of `target` left behind."""
+    folder, name = os.path.split(target)
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"[0-9a-f]{8}\.keras")
+    for leftover in os.listdir(folder):
+        if pattern.fullmatch(leftover):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, leftover))
 
 
 def _write_manifest(path: str) -> None:
