@@ -447,9 +447,9 @@ def _read_npy_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran order, dtype) from the header of an open `.npy` stream."""
     version = np.lib.format.read_magic(member)
     if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(member)  # type: ignore[no-any-return]
+        return np.lib.format.read_array_header_1_0(member)
     if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(member)  # type: ignore[no-any-return]
+        return np.lib.format.read_array_header_2_0(member)
     raise ValueError(f".npy format version {version} is not one NumPy writes for numbers")
 
 
