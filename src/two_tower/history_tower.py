@@ -110,6 +110,10 @@ class HistoryTower(keras.layers.Layer):
         True
     """
 
+    # A tower over a dict of features: a model's host-side checks hand it a bare
+    # array too (`check_feature_ranges` refuses it in its own words).
+    takes_feature_dict = True
+
     def __init__(
         self,
         num_items: int | None = None,
