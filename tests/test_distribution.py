@@ -16,6 +16,14 @@ from testing import assert_config_round_trip
 MESH = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], [f"cpu:{i}" for i in range(8)])
 
 
+JAX_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="Keras implements keras.distribution on JAX only; layout_map refuses other "
+    "backends (tests/test_bad_input_sparse.py)",
+)
+
+
+@JAX_ONLY
 @pytest.mark.parametrize(
     "path",
     [
@@ -32,6 +40,7 @@ def test_layout_map_shards_every_table_by_rows(path):
     assert layouts["tower/dense/kernel"] is None
 
 
+@JAX_ONLY
 def test_layout_map_names_a_missing_axis():
     with pytest.raises(ValueError, match=r"axes are \['batch', 'model'\].*'rows'"):
         two_tower.distribution.layout_map(MESH, model_axis="rows")

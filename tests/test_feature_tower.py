@@ -153,10 +153,13 @@ def test_constant_bias_and_per_feature_l2():
     [
         ({"combiner": "mean"}, "`combiner` must be one of"),
         ({"bias": "yes"}, "`bias` must be one of"),
-        ({"l2": -1.0}, "`l2` must be a number >= 0"),
-        ({"l2": {"occupation": "big"}}, "`l2` must be a number >= 0"),
+        ({"l2": -1.0}, "`l2` must be a finite number >= 0"),
+        ({"l2": {"occupation": "big"}}, "`l2` must be a finite number >= 0"),
+        ({"l2": float("nan")}, "`l2` must be a finite number >= 0"),
         ({"l2": {"zip": 0.1}}, "unknown feature 'zip'"),
-        ({"output_dim": 0}, "`output_dim` must be a positive integer"),
+        ({"output_dim": 0}, r"`output_dim` must be an integer >= 1\. Received: output_dim=0"),
+        ({"hidden_units": [8.0]}, r"`hidden_units` must be an integer >= 1"),
+        ({"l2_normalize": "yes"}, r"`l2_normalize` must be True or False"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

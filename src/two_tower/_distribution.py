@@ -1,5 +1,8 @@
 """Backend-free glue to `keras.distribution` (implemented by Keras for JAX only).
 
+A distribution set on TensorFlow or torch is refused (`check_supported`) wherever
+the library reads it: fitting, evaluating, predicting, building a tower, indexing.
+
 A `ModelParallel` distribution shards a variable by the `LayoutMap` entry its path
 matches (`two_tower.distribution.layout_map` shards every `embeddings` table by
 rows), and JAX refuses a table whose rows do not divide by the model axis. The
@@ -24,8 +27,46 @@ from two_tower.types import Tensor
 
 
 def active() -> Any:
-    """The `keras.distribution` distribution in effect, or None (always None off JAX)."""
-    return keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    """The `keras.distribution` distribution in effect, or None.
+
+    Raises:
+        ValueError: when one is set on TensorFlow or torch, where Keras does not
+            implement it: the variables and batches would stay on one device
+            without a word (see `check_supported`).
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        check_supported(f"keras.distribution.set_distribution({type(distribution).__name__})")
+    return distribution
+
+
+def check_supported(what: str) -> None:
+    """Raises unless Keras implements `keras.distribution` on this backend (JAX only).
+
+    Keras 3 accepts a distribution on every backend, but only its JAX backend
+    reads it: on TensorFlow variables take no layout and batches are not split
+    (its `keras.distribution` code is an unfinished DTensor prototype), and on
+    torch Keras has no distribution code at all. Training, evaluating, building
+    a tower or indexing under one would run on one device.
+
+    Raises:
+        ValueError: naming `what` and the backend, and what to use instead.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return
+    instead = {
+        "tensorflow": "On TensorFlow use tf.distribute (e.g. MirroredStrategy) for data "
+        "parallel training; tables cannot be sharded by rows there.",
+        "torch": "On torch two_tower trains on one process and device.",
+    }.get(backend, "")
+    raise ValueError(
+        f"{what} needs the JAX backend: Keras implements keras.distribution on JAX only, "
+        f"and on {backend} it would leave every variable and batch on one device without "
+        f"a word. {instead} Run with KERAS_BACKEND=jax to shard, or call "
+        "keras.distribution.set_distribution(None) to run on one device "
+        "(see docs/distributed.md)."
+    )
 
 
 def data_axis_size() -> int:

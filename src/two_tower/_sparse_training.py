@@ -13,11 +13,13 @@ backend's in-place row write, and hands every other variable to the optimizer.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import keras
+import numpy as np
 from keras import ops
 
 from two_tower.types import Tensor
@@ -29,6 +31,44 @@ SUPPORTED_OPTIMIZERS = (
     "keras.optimizers.SGD (without momentum), keras.optimizers.Adagrad, "
     "keras.optimizers.Adam (applied as lazy Adam) and two_tower.RowWiseAdagrad"
 )
+
+
+ID_RANGE_MARKER = "takes ids in [0, "
+"""Part of every out-of-range id message, also of the in-graph (TensorFlow) check's."""
+
+
+def id_range_error(layer_name: str, rows: int, low: Any, high: Any) -> ValueError:
+    """The error for ids outside `[0, rows)` of the `SparseEmbedding` named `layer_name`."""
+    return ValueError(
+        f"SparseEmbedding {layer_name!r} {ID_RANGE_MARKER}{rows}) (its input_dim). Received "
+        f"ids from {low} to {high}. Map ids to indices first (e.g. with two_tower.Vocabulary), "
+        "or give the table more rows."
+    )
+
+
+def check_host_ids(ids: np.ndarray, layer_name: str, rows: int) -> None:
+    """Raises unless the concrete `ids` are integers (or integer-valued floats) in `[0, rows)`.
+
+    The check `SparseEmbedding` makes wherever its ids have values (eager calls on
+    every backend, each torch step), so every backend raises the same error.
+    """
+    if ids.size == 0:
+        return
+    if ids.dtype.kind == "f":
+        finite = np.isfinite(ids)
+        whole = finite & (ids == np.round(np.where(finite, ids, 0)))
+        if not np.all(whole):
+            value = ids.reshape(-1)[int(np.flatnonzero(~whole.reshape(-1))[0])].item()
+            raise ValueError(
+                f"SparseEmbedding {layer_name!r} takes integer ids. Received {ids.dtype} ids "
+                f"with non-integer values, e.g. {value!r}. Integer-valued floats (3.0) are "
+                "accepted."
+            )
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= rows:
+        if isinstance(low, float):
+            low, high = int(low), int(high)
+        raise id_range_error(layer_name, rows, low, high)
 
 
 class Recorder(Protocol):
@@ -99,7 +139,7 @@ def check_optimizer(optimizer: Any) -> str:
     """The sparse rule for `optimizer`; raises on one the sparse path cannot apply.
 
     Raises:
-        ValueError: on another optimizer, or on an option whose dense meaning
+        ValueError: on another optimizer, on an option whose dense meaning
             touches every row (momentum, weight decay, gradient clipping by
             norm, EMA, gradient accumulation, loss scaling, AMSGrad).
     """
@@ -132,10 +172,31 @@ def check_optimizer(optimizer: Any) -> str:
     return kind
 
 
+def _check_learning_rate(optimizer: keras.optimizers.Optimizer) -> None:
+    """Raises on a fixed learning rate that is NaN, infinite, zero or negative.
+
+    Read on the host when the model is compiled (not in the step, where the
+    variable is traced); a schedule or callable is left alone.
+    """
+    value = getattr(optimizer, "_learning_rate", None)
+    if not isinstance(value, keras.Variable):
+        return
+    learning_rate = float(ops.convert_to_numpy(value.value))
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(
+            f"SparseEmbedding tables need a finite learning rate > 0. Received "
+            f"{type(optimizer).__name__} with learning_rate={learning_rate!r}: the looked-up "
+            "rows would become NaN, stay still or climb the loss. Pass a positive number "
+            "(or a keras.optimizers.schedules schedule)."
+        )
+
+
 def check_model(model: keras.Model) -> None:
-    """Raises when `model` has `SparseEmbedding` tables and an unsupported optimizer."""
+    """Raises when `model` has `SparseEmbedding` tables and an optimizer (or a
+    learning rate) that the sparse step cannot apply (see `check_optimizer`)."""
     if getattr(model, "optimizer", None) is not None and sparse_tables(model):
         check_optimizer(model.optimizer)
+        _check_learning_rate(model.optimizer)
 
 
 def _sorted_sums(ids: Tensor, gradients: Tensor) -> tuple[Tensor, Tensor]:

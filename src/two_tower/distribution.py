@@ -1,6 +1,7 @@
 """Sharding two-tower models with `keras.distribution` (JAX).
 
-Keras implements `keras.distribution` for JAX only: on JAX, `fit` compiles one
+Keras implements `keras.distribution` for JAX only (TensorFlow and torch accept
+a distribution and ignore it, so two_tower refuses one there): on JAX, `fit` compiles one
 step over global arrays, so the loss (and in-batch softmax) sees the whole
 global batch on any mesh. `layout_map` gives the `LayoutMap` that a
 `keras.distribution.ModelParallel` needs to shard every embedding table by rows;
@@ -11,6 +12,8 @@ included.
 from __future__ import annotations
 
 import keras
+
+from two_tower import _distribution
 
 TABLES = ".*embeddings"
 """The `LayoutMap` key of every table: Keras' `Embedding`, `SparseEmbedding`,
@@ -39,14 +42,28 @@ def layout_map(
         A `keras.distribution.LayoutMap` for `ModelParallel(layout_map=...)`.
 
     Raises:
-        ValueError: if `model_axis` is not an axis of `device_mesh`.
+        ValueError: if `model_axis` is not an axis of `device_mesh`, or on
+            TensorFlow and torch, where Keras does not implement
+            `keras.distribution` (the tables would not be sharded).
+        TypeError: if `device_mesh` is not a `keras.distribution.DeviceMesh`.
 
     Examples:
         >>> import keras
         >>> mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], ["cpu:0", "cpu:1"])
-        >>> two_tower.distribution.layout_map(mesh)["user/embeddings"].axes
-        ('model', None)
+        >>> try:
+        ...     axes = two_tower.distribution.layout_map(mesh)["user/embeddings"].axes
+        ... except ValueError:  # TensorFlow and torch: keras.distribution is JAX's only
+        ...     axes = None
+        >>> axes == ("model", None) or keras.backend.backend() != "jax"
+        True
     """
+    _distribution.check_supported("two_tower.distribution.layout_map")
+    if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+        raise TypeError(
+            "`device_mesh` must be a keras.distribution.DeviceMesh, e.g. "
+            "DeviceMesh((2, 4), ['batch', 'model'], keras.distribution.list_devices()). "
+            f"Received: device_mesh={device_mesh!r} ({type(device_mesh).__name__})"
+        )
     if model_axis not in device_mesh.axis_names:
         raise ValueError(
             f"`model_axis` must be an axis of the device mesh, whose axes are "

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _distribution
+from two_tower import _arguments, _distribution
 from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
@@ -77,8 +77,11 @@ class FeatureTower(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Raises:
-        ValueError: no feature, a name used twice, or an option out of range
-            (sizes, `l2`, `combiner`, `bias`, `table_rows`).
+        ValueError: no feature, a name used twice, an option out of range
+            (sizes, `l2`, `combiner`, `bias`, `table_rows`) or of the wrong
+            type (`sparse`, `l2_normalize` that are not True or False), or
+            `sparse=True` on a tower with no table (numeric features only). NumPy
+            scalars (`np.int64(21)`) are accepted as numbers.
 
     Examples:
         >>> import numpy as np
@@ -121,34 +124,53 @@ class FeatureTower(keras.layers.Layer):
             raise ValueError("FeatureTower needs at least one feature.")
         if len(set(names)) != len(names):
             raise ValueError(f"Feature names must be distinct. Received: {names}")
-        for name, size in {**self.categorical, **self.multivalued}.items():
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(
-                    f"Vocabulary size of feature {name!r} must be a positive integer. "
-                    f"Received: {size!r}"
-                )
-        for name, value in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
-            if value is None and name == "output_dim":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        owner = "FeatureTower"
+        # Python values (NumPy scalars accepted), so that the config stays JSON.
+        for table_features in (self.categorical, self.multivalued):
+            for name, size in table_features.items():
+                try:
+                    table_features[name] = _arguments.integer(f"{name!r} size", size)
+                except ValueError:
+                    raise ValueError(
+                        f"Vocabulary size of feature {name!r} must be a positive integer. "
+                        f"Received: {size!r}"
+                    ) from None
+        embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
+        if output_dim is not None:
+            output_dim = _arguments.integer("output_dim", output_dim, owner=owner)
+        hidden_units = [
+            _arguments.integer("hidden_units", units, owner=owner) for units in hidden_units
+        ]
+        l2_normalize = _arguments.boolean("l2_normalize", l2_normalize, owner=owner)
         penalties = dict(l2) if isinstance(l2, Mapping) else dict.fromkeys(names, l2)
         for name, penalty in penalties.items():
-            if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or penalty < 0:
-                raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+            try:
+                penalties[name] = _arguments.number("l2", penalty, minimum=0)
+            except ValueError:
+                raise ValueError(
+                    f"`l2` must be a finite number >= 0. Received: l2={l2!r}"
+                ) from None
             if name not in names:
                 raise ValueError(f"`l2` names an unknown feature {name!r}. Features: {names}")
+        if not isinstance(l2, Mapping):
+            l2 = penalties[names[0]]
         if combiner not in COMBINERS:
             raise ValueError(f"`combiner` must be one of {COMBINERS}. Received: {combiner!r}")
         if bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
-        if not isinstance(sparse, bool):
-            raise ValueError(f"`sparse` must be True or False. Received: sparse={sparse!r}")
+        sparse = _arguments.boolean("sparse", sparse, owner=owner)
+        if sparse and not (self.categorical or self.multivalued):
+            raise ValueError(
+                "FeatureTower: `sparse=True` makes the embedding tables of categorical and "
+                "multivalued features row-sparse, but this tower has none (numeric "
+                f"features {self.numeric} only), so it would change nothing. Leave `sparse` "
+                "out, or add a categorical feature."
+            )
         self.embedding_dim = embedding_dim
         self.hidden_units = list(hidden_units)
         self.output_dim = output_dim
         self.l2_normalize = l2_normalize
-        self.l2 = dict(l2) if isinstance(l2, Mapping) else l2
+        self.l2 = dict(penalties) if isinstance(l2, Mapping) else l2
         self.combiner = combiner
         self.bias = bias
         self.sparse = sparse
@@ -183,16 +205,19 @@ class FeatureTower(keras.layers.Layer):
             else None
         )
         sizes = {layer.name: layer.input_dim for layer in self._tables()}
-        for name, rows in (self.table_rows or {}).items():
+        table_rows = self.table_rows or {}
+        for name, rows in table_rows.items():
             if name not in sizes:
                 raise ValueError(
                     f"`table_rows` names an unknown table {name!r}. Tables: {sorted(sizes)}"
                 )
-            if isinstance(rows, bool) or not isinstance(rows, int) or rows < sizes[name]:
+            try:
+                table_rows[name] = _arguments.integer(name, rows, minimum=sizes[name])
+            except ValueError:
                 raise ValueError(
                     f"`table_rows` of table {name!r} must be an integer >= {sizes[name]}, its "
                     f"feature's size. Received: {rows!r}"
-                )
+                ) from None
         self.hidden = [keras.layers.Dense(units, activation="relu") for units in hidden_units]
         self.output_layer = keras.layers.Dense(output_dim) if output_dim is not None else None
 

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from two_tower import _distribution
+from two_tower import _arguments, _distribution
 from two_tower.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
@@ -45,7 +45,9 @@ class IdEmbeddingTower(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Raises:
-        ValueError: an option out of range (sizes, `l2`, `bias`, `table_rows`).
+        ValueError: an option out of range (sizes, `l2`, `bias`, `table_rows`),
+            or of the wrong type (`sparse` that is not True or False). NumPy
+            scalars (`np.int64(943)`) are accepted as numbers.
 
     Call arguments:
         - `ids`: `[batch]` integer ids.
@@ -71,24 +73,24 @@ class IdEmbeddingTower(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value in (("vocabulary_size", vocabulary_size), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
-        if not isinstance(l2, (int, float)) or isinstance(l2, bool) or l2 < 0:
-            raise ValueError(f"`l2` must be a number >= 0. Received: l2={l2!r}")
+        owner = "IdEmbeddingTower"
+        # Python values (NumPy scalars accepted), so that the config stays JSON.
+        vocabulary_size = _arguments.integer("vocabulary_size", vocabulary_size, owner=owner)
+        embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
+        l2 = _arguments.number("l2", l2, minimum=0, owner=owner)
         if bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}. Received: bias={bias!r}")
-        if not isinstance(sparse, bool):
-            raise ValueError(f"`sparse` must be True or False. Received: sparse={sparse!r}")
-        if table_rows is not None and (
-            isinstance(table_rows, bool)
-            or not isinstance(table_rows, int)
-            or table_rows < vocabulary_size
-        ):
-            raise ValueError(
-                f"`table_rows` must be None or an integer >= vocabulary_size (={vocabulary_size})."
-                f" Received: table_rows={table_rows!r}"
-            )
+        sparse = _arguments.boolean("sparse", sparse, owner=owner)
+        if table_rows is not None:
+            try:
+                table_rows = _arguments.integer(
+                    "table_rows", table_rows, minimum=vocabulary_size, owner=owner
+                )
+            except ValueError:
+                raise ValueError(
+                    "`table_rows` must be None or an integer >= vocabulary_size "
+                    f"(={vocabulary_size}). Received: table_rows={table_rows!r}"
+                ) from None
         self.vocabulary_size = vocabulary_size
         self.embedding_dim = embedding_dim
         self.l2 = l2

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
+from two_tower import _arguments
 from two_tower.types import Tensor
 
 
@@ -28,15 +30,18 @@ class RowWiseAdagrad(keras.optimizers.Optimizer):
     formula.
 
     Args:
-        learning_rate: a float or a `keras.optimizers.schedules` schedule.
+        learning_rate: a number > 0 (NumPy scalars accepted) or a
+            `keras.optimizers.schedules` schedule.
         initial_accumulator_value: starting value of every accumulator (>= 0).
-        epsilon: added to the square root, for stability.
+        epsilon: added to the square root, for stability (>= 0; not 0 when
+            `initial_accumulator_value` is 0).
         name: the optimizer's name.
         **kwargs: other `keras.optimizers.Optimizer` arguments.
 
     Raises:
-        ValueError: an `initial_accumulator_value` or `epsilon` that is not a
-            number >= 0.
+        ValueError: a numeric `learning_rate` that is not a finite number > 0;
+            an `initial_accumulator_value` or `epsilon` that is not a finite
+            number >= 0; both of them 0 (a zero gradient would give 0 / 0).
 
     Examples:
         >>> import keras, numpy as np
@@ -57,13 +62,24 @@ class RowWiseAdagrad(keras.optimizers.Optimizer):
         name: str = "row_wise_adagrad",
         **kwargs: Any,
     ) -> None:
+        owner = "RowWiseAdagrad"
+        if isinstance(learning_rate, (int, float, np.integer, np.floating)):
+            # A Python float (Keras refuses NumPy scalars), finite and > 0: NaN
+            # makes every updated row NaN, 0 trains nothing, < 0 climbs the loss.
+            learning_rate = _arguments.number(
+                "learning_rate", learning_rate, minimum=0, open_minimum=True, owner=owner
+            )
+        initial_accumulator_value = _arguments.number(
+            "initial_accumulator_value", initial_accumulator_value, minimum=0, owner=owner
+        )
+        epsilon = _arguments.number("epsilon", epsilon, minimum=0, owner=owner)
+        if epsilon == 0 and initial_accumulator_value == 0:
+            raise ValueError(
+                f"{owner}: `epsilon` and `initial_accumulator_value` cannot both be 0: a row "
+                "whose gradient is still 0 would be updated by 0 / 0 = NaN. Received: "
+                "epsilon=0, initial_accumulator_value=0. Keep the default epsilon (1e-8)."
+            )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        for argument, value in (
-            ("initial_accumulator_value", initial_accumulator_value),
-            ("epsilon", epsilon),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"`{argument}` must be a number >= 0. Received: {value!r}")
         self.initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon
 

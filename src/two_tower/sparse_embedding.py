@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
-from two_tower import _sparse_training
+from two_tower import _arguments, _sparse_training
+from two_tower.backends import backend_module
 from two_tower.types import Tensor
 
 
@@ -95,11 +97,9 @@ class SparseEmbedding(keras.layers.Layer):
                 )
             kwargs.pop(name, None)
         super().__init__(**kwargs)
-        for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
-        self.input_dim = input_dim
-        self.output_dim = output_dim
+        # Python ints (NumPy integers accepted), so that the config stays JSON.
+        self.input_dim = _arguments.integer("input_dim", input_dim, owner="SparseEmbedding")
+        self.output_dim = _arguments.integer("output_dim", output_dim, owner="SparseEmbedding")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.autocast = False
@@ -113,8 +113,36 @@ class SparseEmbedding(keras.layers.Layer):
         )
         self.built = True
 
+    def __call__(self, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        # Keras converts NumPy inputs before `call`, and fails on strings in each
+        # backend's own words; refuse them here in ours.
+        if isinstance(ids, (np.ndarray, list, tuple)):
+            array = np.asarray(ids)
+            self._check_dtype(array.dtype)
+            _sparse_training.check_host_ids(array, self.name, self.input_dim)
+        return super().__call__(ids, *args, **kwargs)
+
+    def _check_dtype(self, dtype: Any) -> None:
+        kind = keras.backend.standardize_dtype(dtype) if not isinstance(dtype, np.dtype) else ""
+        numeric = (
+            dtype.kind in "iuf"
+            if isinstance(dtype, np.dtype)
+            else kind.startswith(("int", "uint", "float", "bfloat"))
+        )
+        if not numeric:
+            raise ValueError(
+                f"SparseEmbedding {self.name!r} takes integer ids in [0, {self.input_dim}). "
+                f"Received ids of dtype {dtype}. Map raw ids to indices first, e.g. with "
+                "two_tower.Vocabulary."
+            )
+
     def call(self, ids: Tensor) -> Tensor:
         dtype = keras.backend.standardize_dtype(ids.dtype)
+        self._check_dtype(dtype)
+        # Ids with values (eager calls, torch steps) are checked on the host; in
+        # compiled steps TensorFlow checks them in the graph, and JAX maps
+        # negative ids out of range, so that every out-of-range id gives NaN.
+        ids = backend_module().check_ids(ids, self.input_dim, self.name)
         if dtype not in ("int32", "int64"):
             ids = ops.cast(ids, "int32")
         recorder = _sparse_training.active_recorder()

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import keras
+import numpy as np
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import check_replicas as check_replicas
@@ -192,6 +193,25 @@ class _Recorder:
             self.shapes.append((*tuple(ids.shape), layer.output_dim))
             return rows
         return rows + self.deltas[position]
+
+
+def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
+    """`SparseEmbedding`'s ids, checked on the host when they have values.
+
+    Inside a compiled step (`jax.jit`: `fit`, `evaluate`, `predict`, serving) the
+    ids are traced, and JAX has no in-graph error short of a host callback on
+    every step; there, negative ids are mapped past the last row, so that every
+    id outside `[0, rows)` gathers a row of NaN (JAX fills out-of-range gathers
+    with NaN and drops out-of-range scatters) and the loss or scores are NaN,
+    never another id's row. Concrete ids (eager calls) raise the same
+    `ValueError` as on TensorFlow and torch.
+    """
+    from two_tower import _sparse_training
+
+    if isinstance(ids, jax.core.Tracer):
+        return jax.numpy.where(ids < 0, rows, ids)
+    _sparse_training.check_host_ids(np.asarray(ids), layer_name, rows)
+    return ids
 
 
 def _read_rows(variable: keras.Variable, ids: Any) -> Any:

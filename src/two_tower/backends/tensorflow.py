@@ -9,8 +9,9 @@ machines (its `jit_compile="auto"`), where it is slower for these steps.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -165,10 +166,66 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
     return stream.prefetch(tf.data.AUTOTUNE)
 
 
-def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager[None]:
-    """Nothing to keep: this backend's trainer leaves the variables in place on errors."""
+@contextlib.contextmanager
+def keep_state_on_error(model: keras.Model) -> Iterator[None]:
+    """Nothing to keep (this backend's trainer leaves the variables in place on
+    errors); the in-graph id check of `check_ids` is raised as its `ValueError`."""
     del model
-    return contextlib.nullcontext()
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        found = _ID_CHECK.search(error.message)
+        if found is None:
+            raise
+        from two_tower import _sparse_training
+
+        low, high = (_whole(found.group(name)) for name in ("low", "high"))
+        raise _sparse_training.id_range_error(
+            found.group("name"), int(found.group("rows")), low, high
+        ) from None
+
+
+_ID_CHECK = re.compile(
+    # TensorFlow escapes the quotes around the name in a graph error's message.
+    r"SparseEmbedding \\?'(?P<name>[^'\\]*)\\?' takes ids in \[0, (?P<rows>\d+)\)[^\]]*\] "
+    r"\[(?P<low>[^\]]*)\] \[(?P<high>[^\]]*)\]"
+)
+
+
+def _whole(text: str) -> Any:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
+def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
+    """`SparseEmbedding`'s ids, checked on the host or, in a `tf.function`, in the graph.
+
+    Eager ids raise the same `ValueError` as on the other backends. In a graph
+    (`fit`, `evaluate`, `predict`, serving) an assertion runs before the lookup,
+    and `keep_state_on_error` turns its error into that `ValueError` for `fit`,
+    `evaluate` and `predict` (TensorFlow's own error is an obscure one from the
+    gather on CPU, and a silent row of zeros on GPU). XLA drops assertions, so
+    a step compiled with `jit_compile=True` is not checked.
+    """
+    from two_tower import _sparse_training
+
+    if not isinstance(ids, tf.Tensor):
+        return ids
+    if tf.executing_eagerly():
+        _sparse_training.check_host_ids(ids.numpy(), layer_name, rows)
+        return ids
+    flat = tf.reshape(ids, (-1,))
+    empty = tf.equal(tf.size(flat), 0)
+    low = tf.reduce_min(flat)
+    high = tf.reduce_max(flat)
+    valid = tf.logical_or(empty, tf.logical_and(low >= 0, high < tf.cast(rows, high.dtype)))
+    message = (
+        f"SparseEmbedding {layer_name!r} {_sparse_training.ID_RANGE_MARKER}{rows}) (its "
+        "input_dim). Received ids from (low, high)"
+    )
+    check = tf.debugging.Assert(valid, [message, low, high], summarize=1)
+    with tf.control_dependencies([check]):
+        return tf.identity(ids)
 
 
 class _Recorder:

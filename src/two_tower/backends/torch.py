@@ -132,6 +132,27 @@ def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
+    """`SparseEmbedding`'s ids, checked on the host (Keras runs torch steps eagerly).
+
+    The same `ValueError` as on the other backends, instead of torch's
+    `IndexError` (on CUDA, a device-side assert that leaves the process unusable).
+    One min/max reduction per lookup; on an accelerator, reading it waits for the
+    device. Symbolic (`meta`) tensors, which Keras uses to infer shapes, pass.
+    """
+    from two_tower import _sparse_training
+
+    if not isinstance(ids, torch.Tensor) or ids.device.type == "meta" or ids.numel() == 0:
+        return ids
+    if ids.is_floating_point():
+        _sparse_training.check_host_ids(ids.detach().cpu().numpy(), layer_name, rows)
+        return ids
+    low, high = torch.aminmax(ids.detach())
+    if int(low) < 0 or int(high) >= rows:
+        raise _sparse_training.id_range_error(layer_name, rows, int(low), int(high))
+    return ids
+
+
 class _Recorder:
     """Rows copied out of the table as leaf tensors whose `.grad` the step reads."""
 
