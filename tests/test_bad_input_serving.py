@@ -528,8 +528,8 @@ KILLED_FAISS_SAVES = textwrap.dedent(
 @posix_only
 def test_a_faiss_save_killed_at_any_point_leaves_the_old_or_the_new_index(tmp_path):
     folder = tmp_path / "ann"
-    # The numpy backend: the child forks, which JAX, torch and TensorFlow threads do not allow.
-    env = dict(os.environ, KERAS_BACKEND="numpy")
+    # One thread: the child forks a process for each kill point.
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), OMP_NUM_THREADS="1")
     child = subprocess.run(
         [sys.executable, "-c", KILLED_FAISS_SAVES, str(folder)],
         env=env,
