@@ -48,9 +48,21 @@ class SparseEmbedding(keras.layers.Layer):
       is an ordinary embedding lookup, and a plain Keras `fit` of another model
       would train it densely.
 
-    Ids must lie in `[0, input_dim)`. `TwoTowerRetrieval` checks them on the
-    host when this layer is a whole tower (or the first layer of a Sequential
-    one); JAX clamps out-of-range gathers silently elsewhere.
+    Ids must be integers (integer-valued floats are taken) in `[0, input_dim)`,
+    and the layer checks them itself, wherever it sits in a tower:
+
+    - ids with values (any eager call, every torch step, NumPy input) raise a
+      `ValueError` naming the layer, its range and the ids received, on every
+      backend;
+    - in a compiled TensorFlow step an in-graph assertion raises that same
+      `ValueError` from `TwoTowerRetrieval.fit`, `evaluate` and `predict`
+      (XLA, `jit_compile=True`, drops assertions);
+    - in a compiled JAX step no error can be raised without a host callback
+      on every step, so there an out-of-range id, negative ones included,
+      gathers a row of NaN (the loss or scores are NaN), never another id's row.
+
+    `TwoTowerRetrieval` also checks ids on the host, before any step, when this
+    layer is a whole tower or the first layer of a Sequential one.
 
     Args:
         input_dim: number of rows; ids run from 0 to `input_dim - 1`.
@@ -61,8 +73,11 @@ class SparseEmbedding(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Raises:
-        ValueError: `input_dim` or `output_dim` that is not a positive integer,
-            or an `Embedding` option it does not support (e.g. `mask_zero`).
+        ValueError: `input_dim` or `output_dim` that is not a positive integer
+            (NumPy integers are accepted), an `Embedding` option it does not
+            support (e.g. `mask_zero`); when called, ids that are not numbers,
+            floats that are not whole, or ids outside `[0, input_dim)` (see
+            above for compiled steps).
 
     Call arguments:
         - `ids`: integer ids of any shape.
