@@ -214,3 +214,36 @@ def test_plot_recall_writes_png_whole_or_refuses_the_path(tmp_path):
     evaluation.plot_recall(rows, target, ks=(10, 100))
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recall.png"]  # no temporary left
+
+
+def _history_model():
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.HistoryTower(embedding_dim=4, max_length=3), two_tower.IdEmbeddingTower(10, 4)
+    )
+    model.compile(optimizer="sgd")
+    return model
+
+
+def test_a_bare_history_array_is_named_by_fit_and_predict():
+    """Before, the id checks read the bare array as query ids ("must lie in [0, ...)")."""
+    model = _history_model()
+    histories = np.array([[1, 2, -1], [3, -1, -1]])
+    expected = r"HistoryTower takes a dict of features.*bare ndarray of shape \(2, 3\) in {}"
+    with pytest.raises(ValueError, match=expected.format(r"x\['query'\]")):
+        model.fit({"query": histories, "candidate": np.array([1, 2])}, verbose=0)
+    with pytest.raises(ValueError, match=expected.format("x: pass")):
+        model.predict(histories, verbose=0)
+
+
+def test_ragged_lists_are_named_and_rectangular_lists_accepted_by_predict():
+    model = _history_model()
+    ragged = {"history": [[1, 2], [3]]}
+    message = r"x\['query'\]\['history'\] must be a rectangular array.*lengths \[1, 2\]"
+    with pytest.raises(ValueError, match=message):
+        model.fit({"query": ragged, "candidate": np.array([1, 2])}, verbose=0)
+    with pytest.raises(ValueError, match=r"x\['history'\] must be a rectangular array"):
+        model.predict(ragged, verbose=0)
+    lists = {"history": [[1, 2, -1], [3, -1, -1]]}
+    from_lists = model.predict(lists, verbose=0)  # before: Keras' "Unrecognized data type"
+    from_array = model.predict({"history": np.array(lists["history"])}, verbose=0)
+    np.testing.assert_allclose(from_lists, from_array)

@@ -163,8 +163,12 @@ def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
 
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
-    checked = _check_ids(model, features, side, argument)
     tower = model.query_tower if side == QUERY else model.candidate_tower
+    if not isinstance(features, Mapping) and getattr(tower, "takes_feature_dict", False):
+        # A bare array for a tower that reads a dict (a HistoryTower): its own message,
+        # before the id checks below would read the array as ids.
+        tower.check_feature_ranges(features, argument)
+    checked = _check_ids(model, features, side, argument)
     check_ranges = getattr(tower, "check_feature_ranges", None)
     if check_ranges is not None and isinstance(checked, Mapping):
         check_ranges(checked, argument)
@@ -482,6 +486,29 @@ def for_backend(
     return args, {**kwargs, "callbacks": callbacks}
 
 
+def lists_as_arrays(structure: Any, argument: str) -> Any:
+    """`structure` (a dict, possibly nested) with every Python list made a NumPy array.
+
+    Keras' data adapters refuse lists inside a dict ("Unrecognized data type"). Rows
+    of different lengths are named here, instead of NumPy's "inhomogeneous shape".
+    """
+    if isinstance(structure, Mapping):
+        return {
+            key: lists_as_arrays(value, f"{argument}[{key!r}]") for key, value in structure.items()
+        }
+    if not isinstance(structure, list):
+        return structure
+    try:
+        return np.asarray(structure)
+    except ValueError as error:
+        lengths = sorted({len(row) for row in structure if isinstance(row, (list, tuple))})
+        raise ValueError(
+            f"{argument} must be a rectangular array. Received a list of rows of lengths "
+            f"{lengths[:5]}: pad each row to the same length (with the padding the feature's "
+            "tower expects), or pass a NumPy array."
+        ) from error
+
+
 def fit_arguments(
     what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -499,14 +526,9 @@ def fit_arguments(
     """
     from two_tower.datasets.shard_dataset import ShardDataset
 
-    def arrays(structure: Any) -> Any:
-        if isinstance(structure, Mapping):
-            return {key: arrays(value) for key, value in structure.items()}
-        return np.asarray(structure) if isinstance(structure, list) else structure
-
     x = args[0] if args else kwargs.get("x")
     if is_pair(x):
-        args, kwargs = replace_x(args, kwargs, arrays)
+        args, kwargs = replace_x(args, kwargs, lambda x: lists_as_arrays(x, "x"))
     elif isinstance(x, ShardDataset) and what == "fit":
         if kwargs.get("shuffle", False):
             raise ValueError(

@@ -906,13 +906,13 @@ class TwoTowerRetrieval(keras.Model):
                 f"for both embeddings. Received x with keys {sorted(map(str, x))}"
             )
         if _is_pair(x):
-            x = self._encoded_pairs(x)
+            x = _input_checks.lists_as_arrays(self._encoded_pairs(x), "x")
             _input_checks.check_ids(self, x[QUERY], QUERY, "x['query']")
             _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
             self._build_towers(x)
         else:
             if not _serving._is_batches(x):
-                x = self._encode(QUERY, x, "x")
+                x = _input_checks.lists_as_arrays(self._encode(QUERY, x, "x"), "x")
                 self._check_structure(x, QUERY, "x")
             _input_checks.check_ids(self, x, QUERY, "x")
             self._build_towers({QUERY: x})
