@@ -2,9 +2,10 @@
 
 Each check raises the same `ValueError` on every backend, naming the argument,
 what was received and what was expected. Without them the backends disagree:
-JAX clamps out-of-range gathers silently (TensorFlow and torch raise, each in its
-own words), an Embedding casts 1.5 to 1 and -1.0 to the last row, and Keras'
-data adapters fail on empty or ragged arrays with errors from deep inside.
+JAX gathers out-of-range ids silently, as NaN rows or (negative ids) rows wrapped
+from the end (TensorFlow and torch raise, each in its own words), an Embedding
+casts 1.5 to 1 and -1.0 to the last row, and Keras' data adapters fail on empty or
+ragged arrays with errors from deep inside.
 
 Only NumPy-like inputs (arrays, lists, tuples) are checked; tf.data datasets,
 generators and `keras.utils.PyDataset`s are passed through unchecked.

@@ -265,7 +265,7 @@ class FeatureTower(keras.layers.Layer):
     def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:
         """Checks NumPy-like features on the host: indices in range, one row count.
 
-        JAX clamps out-of-range gathers silently (a NaN or a wrong row), while
+        JAX gathers out-of-range ids silently (a NaN or a wrong row), while
         TensorFlow and torch raise deep inside the step, each in its own words;
         this raises the same error on every backend first. Tensors are skipped.
 

@@ -345,9 +345,10 @@ class HistoryTower(keras.layers.Layer):
     def check_feature_ranges(self, features: Any, where: str = "features") -> None:
         """Checks the features on the host: a dict with the history (and ages), in range.
 
-        JAX clamps out-of-range gathers silently, while TensorFlow and torch
-        raise inside the step, each in its own words; this raises the same
-        error on every backend first. NumPy-like values (arrays, lists) are
+        JAX gathers out-of-range ids silently (NaN rows, or negative ids wrapped
+        to rows from the end), while TensorFlow and torch raise inside the
+        step, each in its own words; this raises the same error on every
+        backend first. NumPy-like values (arrays, lists) are
         checked; tensors only for being in a dict.
 
         Args:

@@ -44,6 +44,12 @@ Every module provides:
   (the epoch's step numbers) and the train function that gathers each step's
   batch from device-resident columns (see `two_tower._array_training`); None
   where Keras' own path must run;
+- `check_ids(ids, rows, layer_name)`: a `SparseEmbedding`'s ids checked against
+  `[0, rows)` wherever the layer sits in its tower: on the host when they have
+  values (every backend, and every torch step), in the graph on TensorFlow (its
+  error re-raised as the same `ValueError` by `keep_state_on_error`), and inside a
+  compiled JAX step mapped to rows of NaN (JAX has no in-graph error), never to
+  another id's row;
 - `host_tensor(array)`: a tensor of a C-contiguous NumPy array aligned to 64
   bytes that shares its memory on CPU (`jax.device_put`, `torch.from_numpy`,
   TensorFlow's DLPack import), so an index holds one copy of its catalogue
