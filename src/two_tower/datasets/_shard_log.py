@@ -100,8 +100,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if not isinstance(shard, dict):
             raise _invalid(path, f"{where} is {shard!r}, not an object")
         name = shard.get("name")
-        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-        if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        relative = PurePosixPath(name) if isinstance(name, str) else None
+        parts = relative.parts if relative is not None else ()
+        if relative is None or not parts or relative.is_absolute() or ".." in parts:
             raise _invalid(path, f"{where} has name {name!r}, not a folder inside the log")
         match = _SHARD_NAME.fullmatch(parts[-1])
         if match is None or int(match.group(1)) != position:

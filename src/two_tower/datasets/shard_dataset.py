@@ -136,9 +136,9 @@ class ShardDataset(keras.utils.PyDataset):
         self.columns = _column_map(columns)
         self.label = _optional_name("label", label)
         self.shuffle = _arguments.boolean("shuffle", shuffle, owner=owner)
-        seed = _arguments.seed("seed", seed, owner=owner)
+        given = _arguments.seed("seed", seed, owner=owner)
         # A drawn seed is kept: every epoch of this dataset permutes from it.
-        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
+        self.seed = int(np.random.default_rng().integers(2**63)) if given is None else given
         verify = _arguments.boolean("verify", verify, owner=owner)
         self.sampling_probability = _optional_name("sampling_probability", sampling_probability)
         # What `_columns` reads: model input name (or LABEL) -> column.

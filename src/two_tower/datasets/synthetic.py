@@ -258,7 +258,7 @@ def write_shards(
     Examples:
         >>> import tempfile, os
         >>> folder = os.path.join(tempfile.mkdtemp(), "log")
-        >>> log = two_tower.datasets.synthetic.SyntheticLog(num_users=5, num_items=8)
+        >>> log = two_tower.datasets.synthetic.SyntheticLog(5, 8, num_clusters=2)
         >>> _ = two_tower.datasets.synthetic.write_shards(log, folder, 30, shard_size=20)
         >>> _ = two_tower.datasets.synthetic.write_shards(log, folder, 50, overwrite=True)
         >>> two_tower.datasets.ShardDataset(folder).num_rows
