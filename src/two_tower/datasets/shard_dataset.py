@@ -65,7 +65,8 @@ class ShardDataset(keras.utils.PyDataset):
     Ids are checked on the host, once when the dataset is made (one pass over
     each shard) and again batch by batch: a value outside
     `[0, id_limits[column])` raises the same `ValueError` on every backend,
-    naming the shard and the row (JAX would clamp it silently).
+    naming the shard and the row (JAX would gather it silently, as a NaN or a
+    wrapped row).
 
     Args:
         folder: the log's folder.
