@@ -55,3 +55,8 @@ def test_booleans_choices_and_seeds():
     assert _arguments.seed("seed", np.int64(3)) == 3
     with pytest.raises(ValueError, match="`seed` must be an integer >= 0"):
         _arguments.seed("seed", 1.0)
+
+
+def test_an_unbounded_integer_reads_without_a_stray_space():
+    with pytest.raises(ValueError, match=r"`start_time` must be an integer\. Received: "):
+        _arguments.integer("start_time", 1.5, minimum=None)

@@ -36,17 +36,12 @@ def integer(
 
     Accepts Python and NumPy integers; refuses `bool`, floats (even `16.0`) and strings.
     """
+    expected = f"an integer {_range_text(minimum, maximum)}".rstrip()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        expected = _range_text(minimum, maximum)
-        raise ValueError(
-            f"{_where(owner)}`{name}` must be an integer {expected}. {_received(name, value)}"
-        )
+        raise ValueError(f"{_where(owner)}`{name}` must be {expected}. {_received(name, value)}")
     result = int(value)
     if (minimum is not None and result < minimum) or (maximum is not None and result > maximum):
-        raise ValueError(
-            f"{_where(owner)}`{name}` must be an integer {_range_text(minimum, maximum)}. "
-            f"{_received(name, value)}"
-        )
+        raise ValueError(f"{_where(owner)}`{name}` must be {expected}. {_received(name, value)}")
     return result
 
 
