@@ -38,10 +38,10 @@ class HistoryTower(keras.layers.Layer):
     would ignore it), the dict also holds `[batch, max_length]` ages (request
     time minus interaction time, `InteractionLog.history(..., ages=True)`),
     and the weights get a learned term in `log(1 + age)`: items from long ago
-    can count less than the position alone says. Ages must be finite and
-    >= 0 where the history holds an item; at padded positions they may hold
-    anything, NaN included (they are masked before use). An empty history
-    pools to zeros.
+    can count less than the position alone says. Ages must be finite and not
+    negative where the history holds an item; at padded positions they may
+    hold anything, NaN included (they are masked before use). An empty
+    history pools to zeros.
 
     **The item table.** With `num_items=None` the tower has no table of its own:
     `TwoTowerRetrieval` gives it the candidate tower's id table (the table of
