@@ -132,6 +132,20 @@ def test_out_of_range_ids_deeper_in_a_tower(kind, method):
             run(X, batch_size=4, verbose=0)
 
 
+def test_out_of_range_ids_deeper_in_a_tower_when_serving():
+    """Serving's compiled tower functions raise the table's error too (NaN scores on JAX)."""
+    model = two_tower.TwoTowerRetrieval(_not_first("sequential"), SparseEmbedding(10, 4))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.fit({"query": np.array([0, 1, 2]), "candidate": np.array([0, 1, 2])}, verbose=0)
+    model.index_candidates(np.arange(10))
+    if BACKEND == "jax":
+        with pytest.raises(ValueError, match="NaN"):
+            model.recommend(np.array([5]), k=2)
+    else:
+        with pytest.raises(ValueError, match=RANGE + r" 5 to 5\."):
+            model.recommend(np.array([5]), k=2)
+
+
 def test_negative_ids_deeper_in_a_tower_never_wrap():
     tower = keras.Sequential(
         [keras.layers.Lambda(lambda ids: ids - 2), SparseEmbedding(3, 4, name="table")]

@@ -55,8 +55,9 @@ class SparseEmbedding(keras.layers.Layer):
       `ValueError` naming the layer, its range and the ids received, on every
       backend;
     - in a compiled TensorFlow step an in-graph assertion raises that same
-      `ValueError` from `TwoTowerRetrieval.fit`, `evaluate` and `predict`
-      (XLA, `jit_compile=True`, drops assertions);
+      `ValueError` from `TwoTowerRetrieval.fit`, `evaluate`, `predict` and the
+      serving calls (`recommend`, `index_candidates`); XLA
+      (`jit_compile=True`) drops assertions;
     - in a compiled JAX step no error can be raised without a host callback
       on every step, so there an out-of-range id, negative ones included,
       gathers a row of NaN (the loss or scores are NaN), never another id's row.

@@ -39,7 +39,14 @@ def compile_inference(
         A thread-safe callable with the same inputs and outputs as `function`.
     """
     del variables
-    return tf.function(function, reduce_retracing=True)
+    compiled = tf.function(function, reduce_retracing=True)
+
+    def call(inputs: Any) -> Any:
+        # A `SparseEmbedding`'s in-graph id check raises its `ValueError` here too.
+        with _id_check_errors():
+            return compiled(inputs)
+
+    return call
 
 
 def serving_slot() -> contextlib.AbstractContextManager[None]:
@@ -166,11 +173,16 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
     return stream.prefetch(tf.data.AUTOTUNE)
 
 
-@contextlib.contextmanager
-def keep_state_on_error(model: keras.Model) -> Iterator[None]:
+def keep_state_on_error(model: keras.Model) -> contextlib.AbstractContextManager[None]:
     """Nothing to keep (this backend's trainer leaves the variables in place on
     errors); the in-graph id check of `check_ids` is raised as its `ValueError`."""
     del model
+    return _id_check_errors()
+
+
+@contextlib.contextmanager
+def _id_check_errors() -> Iterator[None]:
+    """Raises the in-graph id check of `check_ids` as its `ValueError` (fit, serving)."""
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
@@ -202,8 +214,9 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
 
     Eager ids raise the same `ValueError` as on the other backends. In a graph
     (`fit`, `evaluate`, `predict`, serving) an assertion runs before the lookup,
-    and `keep_state_on_error` turns its error into that `ValueError` for `fit`,
-    `evaluate` and `predict` (TensorFlow's own error is an obscure one from the
+    and `keep_state_on_error` (and every function of `compile_inference`) turns
+    its error into that `ValueError` for `fit`, `evaluate`, `predict` and serving
+    (TensorFlow's own error is an obscure one from the
     gather on CPU, and a silent row of zeros on GPU). XLA drops assertions, so
     a step compiled with `jit_compile=True` is not checked.
     """
