@@ -189,10 +189,21 @@ def _ids(values: Any, name: str) -> np.ndarray:
     )
 
 
+_FINITE_BLOCK = 2**16  # rows checked at once: a catalogue's check needs no mask of its size
+
+
 def _check_finite(values: np.ndarray, name: str, ids: np.ndarray | None = None) -> None:
     """Raises ValueError naming the first non-finite row (by its id when `ids` is given)."""
-    if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
-        rows = np.unique(np.nonzero(~np.isfinite(values))[0])
+    if values.dtype.kind not in "fc":
+        return
+    bad = []
+    for start in range(0, len(values), _FINITE_BLOCK):
+        part = values[start : start + _FINITE_BLOCK]
+        finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
+        if not finite.all():
+            bad.append(start + np.flatnonzero(~finite))
+    if bad:
+        rows = np.concatenate(bad)
         where = f"query id {ids[rows[0]]}" if ids is not None else f"row {rows[0]}"
         raise ValueError(
             f"`{name}` holds NaN or infinite values (in {rows.size} row(s) here, e.g. "
