@@ -198,6 +198,28 @@ def test_bad_histories_are_refused_before_a_step_of_a_model():
         )
 
 
+def test_a_bare_history_array_is_refused_but_batches_of_dicts_pass_to_predict():
+    """The bare-array message is for arrays; a PyDataset (or tf.data) of dicts is batches."""
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.HistoryTower(max_length=3), two_tower.IdEmbeddingTower(10, embedding_dim=4)
+    )
+    with pytest.raises(ValueError, match=r"Received a bare ndarray of shape \(2, 3\) in x"):
+        model.predict(HISTORY, verbose=0)
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return ({"history": HISTORY},)
+
+    predicted = model.predict(Batches(), verbose=0)
+    # An unfitted tower: the projection is the identity, so the mean of the item rows.
+    table = keras.ops.convert_to_numpy(model.candidate_tower.embedding.embeddings)
+    expected = np.stack([table[row[row >= 0]].mean(axis=0) for row in HISTORY])
+    np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------
 # Accepted on purpose, with NumPy expected values.
 

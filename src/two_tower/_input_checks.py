@@ -165,9 +165,10 @@ def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
     tower = model.query_tower if side == QUERY else model.candidate_tower
-    if not isinstance(features, Mapping) and getattr(tower, "takes_feature_dict", False):
+    if _is_array_like(features) and getattr(tower, "takes_feature_dict", False):
         # A bare array for a tower that reads a dict (a HistoryTower): its own message,
-        # before the id checks below would read the array as ids.
+        # before the id checks below would read the array as ids. (Batches, a
+        # tf.data.Dataset or a PyDataset of dicts, pass: each batch is a dict.)
         tower.check_feature_ranges(features, argument)
     checked = _check_ids(model, features, side, argument)
     check_ranges = getattr(tower, "check_feature_ranges", None)
