@@ -311,3 +311,9 @@ def test_logs_of_format_1_are_read_and_replaced(tmp_path):
     synthetic.write_shards(log, folder, 70, shard_size=20, overwrite=True)
     assert not any(p.name.startswith("shard-") for p in folder.iterdir())
     assert ShardDataset(folder).num_rows == 70
+    # That write killed after its manifest swap: the old shards stay, until the next write.
+    (folder / "shard-00000").mkdir()
+    (folder / "shard-00000" / "item.npy").write_bytes(b"old")
+    synthetic.write_shards(log, folder, 30, shard_size=20, overwrite=True)
+    assert not any(p.name.startswith("shard-") for p in folder.iterdir())
+    assert ShardDataset(folder).num_rows == 30

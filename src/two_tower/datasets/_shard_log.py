@@ -233,8 +233,10 @@ def clean_leftovers(target: Path) -> list[Path]:
     """Removes what killed writes of the log at `target` left behind; returns what it removed.
 
     Beside `target`: staging folders (`.<name>.staging-*`, and those of older
-    versions). Inside it, when it holds a log: generation folders its manifest does not
-    name, and manifests never swapped in. Nothing else is touched.
+    versions). Inside it, when it holds a log: generation folders and `shard-*`
+    folders its manifest does not name (a write over a format-1 log killed after its
+    swap leaves the old shards), and manifests never swapped in. Nothing else is
+    touched.
     """
     removed = []
     parent = target.parent
@@ -246,8 +248,8 @@ def clean_leftovers(target: Path) -> list[Path]:
     if manifest is not None:
         named = {PurePosixPath(shard["name"]).parts[0] for shard in manifest["shards"]}
         for entry in target.iterdir():
-            unnamed_generation = entry.name.startswith(GENERATION) and entry.name not in named
-            if unnamed_generation or _MANIFEST_TEMPORARY.fullmatch(entry.name):
+            ours = entry.name.startswith(GENERATION) or _SHARD_NAME.fullmatch(entry.name)
+            if (ours and entry.name not in named) or _MANIFEST_TEMPORARY.fullmatch(entry.name):
                 removed.append(entry)
     for entry in removed:
         _remove(entry)
