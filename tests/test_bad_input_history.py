@@ -104,6 +104,11 @@ CASES = [
         r"`users` must hold integer or string user ids. Received an object array holding None",
     ),
     (
+        lambda: EASE(3, l2=1.0).fit(np.array([1, "1"], object), np.array([0, 1])),
+        r"`users` must hold integer or string user ids, not both: as one kind, 1 and '1' would "
+        r"be one user. Received 1 at position 0 and '1' at position 1",
+    ),
+    (
         lambda: two_tower.InteractionLog([7], [1], np.array(["2020-01-01"], "datetime64[s]")),
         r"`times` must hold numbers. Received dtype datetime64\[s\]. Convert datetimes",
     ),

@@ -182,6 +182,15 @@ def _users(users: Any) -> np.ndarray:
                 "`users` must hold integer or string user ids. Received an object array "
                 f"holding {flat[odd[0]]!r} at position {odd[0]}"
             )
+        texts = [isinstance(user, str) for user in flat]
+        if any(texts) and not all(texts):
+            # As text, 1 and "1" would be one user.
+            position = texts.index(not texts[0])
+            raise ValueError(
+                "`users` must hold integer or string user ids, not both: as one kind, 1 and "
+                f"'1' would be one user. Received {flat[0]!r} at position 0 and "
+                f"{flat[position]!r} at position {position}. Convert the column to one kind."
+            )
         array = array.astype(str)
     if array.dtype.kind not in "iuUSf":
         raise ValueError(
