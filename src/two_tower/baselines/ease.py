@@ -95,7 +95,8 @@ class EASE:
         Raises:
             ValueError: empty arrays, arrays of different lengths, items that
                 are not 1-D integers in `[0, num_items)`, or users that are not
-                1-D integers, strings or finite floats (NaN, None).
+                1-D integers, strings or finite floats (NaN, None), or that mix
+                integers and strings (1 and "1" would be one user).
         """
         items = check_items(items, self.num_items, owner="EASE.fit")
         users = _users(users)
