@@ -214,6 +214,15 @@ def test_blocks_give_the_same_index_as_one_array(kind):
     np.testing.assert_array_equal(approximate.search(rows[:5], k=6)[1], expected)
 
 
+def test_a_list_of_number_pairs_is_one_dim_2_catalogue_not_blocks():
+    """Only a pair whose first item is 2-D is an (embeddings, ids) block."""
+    rows = [(1.0, 0.0), (0.0, 1.0), (0.6, 0.8)]
+    expected = numpy_top_k(np.array([[1.0, 1.0]]), np.array(rows), 2)
+    index = two_tower.BruteForceIndex()
+    index.index(rows)
+    np.testing.assert_array_equal(index.search(np.array([[1.0, 1.0]]), k=2)[1], expected)
+
+
 @pytest.mark.parametrize(
     "blocks, ids, message",
     [

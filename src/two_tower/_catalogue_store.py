@@ -117,7 +117,9 @@ def blocks_of(candidate_embeddings: Any) -> tuple[Iterable[Any], int | None]:
                 "`index(embeddings, candidate_ids=ids)`, or a list of such pairs, one per "
                 "block of rows."
             )
-        if _ndim(first) == 2 or (isinstance(first, tuple) and len(first) == 2):
+        # A pair's embeddings are 2-D: a list of 2-tuples of numbers is one dim-2 array.
+        is_pair = isinstance(first, tuple) and len(first) == 2 and _ndim(first[0]) == 2
+        if _ndim(first) == 2 or is_pair:
             return iter(candidate_embeddings), None
     if isinstance(candidate_embeddings, np.ndarray):
         array = candidate_embeddings  # no copy: catalogues can be gigabytes
