@@ -271,7 +271,11 @@ def checked_block(item: Any, number: int, dim: int | None) -> np.ndarray:
     if not all(
         np.isfinite(array[i : i + BLOCK_ROWS]).all() for i in range(0, len(array), BLOCK_ROWS)
     ):
-        raise ValueError("`candidate_embeddings` contains NaN or infinite values.")
+        raise ValueError(
+            "`candidate_embeddings` contains NaN or infinite values: a diverged model, or, on "
+            "JAX, an id outside a table's range inside a tower, which JAX gathers as a row "
+            "of NaN (see the backends guide)."
+        )
     return array
 
 

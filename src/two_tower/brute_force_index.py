@@ -566,7 +566,11 @@ class BruteForceIndex(keras.layers.Layer):
             raise ValueError(f"Query embeddings must be numeric. Received dtype {queries.dtype}")
         self._check_ready(catalogue, queries, k)
         if not np.all(np.isfinite(queries)):
-            raise ValueError("Query embeddings contain NaN or infinite values.")
+            raise ValueError(
+                "Query embeddings contain NaN or infinite values: a diverged model, or, on "
+                "JAX, an id outside a table's range inside a tower, which JAX gathers as a "
+                "row of NaN (see the backends guide)."
+            )
         excluded = None
         if exclude is not None:
             excluded = _exclusions(catalogue, exclude, len(queries), k, ignore_unknown_exclusions)
