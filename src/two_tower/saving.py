@@ -27,10 +27,11 @@ import os
 import re
 import secrets
 import stat
+import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -62,6 +63,9 @@ _MAX_COMMENT = 65535  # the zip format's limit
 _WEIGHTS_MEMBERS = ("model.weights.h5", "model.weights.npz")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _READ_BLOCK = 2**20
+# A zip local file header: signature, versions, flags, method, time, date, CRC,
+# sizes, then the lengths of the name and of the extra field that follow it.
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
 def _local_keras_file(filepath: Any, zipped: bool | None) -> str | None:
@@ -209,14 +213,12 @@ def _remove_temporaries(target: str) -> None:
 
 def _write_manifest(path: str) -> None:
     """Records every member's size and SHA-256 in the zip comment of `path`."""
-    with zipfile.ZipFile(path, "a") as archive:
-        members = {}
+    members = {}
+    with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
         for info in archive.infolist():
-            digest = hashlib.sha256()
-            with archive.open(info) as member:
-                while block := member.read(_READ_BLOCK):
-                    digest.update(block)
-            members[info.filename] = [info.file_size, digest.hexdigest()]
+            _, digest = _member_digest(handle, archive, info, direct=True)
+            members[info.filename] = [info.file_size, digest]
+    with zipfile.ZipFile(path, "a") as archive:
         comment = json.dumps({_MANIFEST_KEY: 1, "members": members}, separators=(",", ":")).encode()
         if len(comment) > _MAX_COMMENT:  # about 700 members
             warnings.warn(
@@ -297,7 +299,7 @@ def _check_archive(path: str) -> None:
                         f"its member {extra[0]!r} was not written by save_model (added later)"
                     )
             for info in infos:
-                _check_member(archive, info, manifest, damaged)
+                _check_member(handle, archive, info, manifest, damaged)
             if _CONFIG_MEMBER not in names:
                 raise ValueError(
                     f"Cannot load a model from {path}: it is a zip archive but not a Keras "
@@ -307,20 +309,63 @@ def _check_archive(path: str) -> None:
             _check_structure(archive, names, hashed=manifest is not None, damaged=damaged)
 
 
+def _stored_blocks(handle: Any, info: zipfile.ZipInfo) -> Iterator[bytes] | None:
+    """The bytes of a stored (uncompressed) member read straight from the file, or None.
+
+    `zipfile` computes each member's CRC-32 as it reads, which costs more than the
+    SHA-256 itself (0.24 s against 0.16 s for 300 MB here); where the manifest's
+    SHA-256 is checked, the CRC adds nothing. None where the local header is not
+    as expected: the caller then reads through `zipfile`.
+    """
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    handle.seek(info.header_offset)
+    header = handle.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size:
+        return None
+    fields = _LOCAL_HEADER.unpack(header)
+    if fields[0] != b"PK\x03\x04":
+        return None
+    handle.seek(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])
+
+    def blocks() -> Iterator[bytes]:
+        left = info.file_size
+        while left > 0 and (block := handle.read(min(_READ_BLOCK, left))):
+            left -= len(block)
+            yield block
+
+    return blocks()
+
+
+def _member_digest(
+    handle: Any, archive: zipfile.ZipFile, info: zipfile.ZipInfo, direct: bool
+) -> tuple[int, str]:
+    """(bytes read, SHA-256) of a member: straight from the file where `direct` and it
+    is stored, else through `zipfile` (which also checks its CRC)."""
+    digest = hashlib.sha256()
+    size = 0
+    with contextlib.ExitStack() as stack:
+        blocks = _stored_blocks(handle, info) if direct else None
+        if blocks is None:
+            member = stack.enter_context(archive.open(info))
+            blocks = iter(lambda: member.read(_READ_BLOCK), b"")
+        for block in blocks:
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 def _check_member(
+    handle: Any,
     archive: zipfile.ZipFile,
     info: zipfile.ZipInfo,
     manifest: dict[str, Any] | None,
     damaged: Callable[[str], ValueError],
 ) -> None:
-    """Reads one member whole (checking its CRC) and compares it with the manifest."""
-    digest = hashlib.sha256()
-    size = 0
+    """Reads one member whole and compares it with the manifest (without a manifest,
+    through `zipfile`, which checks its CRC)."""
     try:
-        with archive.open(info) as member:
-            while block := member.read(_READ_BLOCK):
-                digest.update(block)
-                size += len(block)
+        size, digest = _member_digest(handle, archive, info, direct=manifest is not None)
     except _ZIP_DATA_ERRORS as error:
         raise damaged(f"its member {info.filename!r} cannot be read whole ({error})") from error
     if manifest is None:
@@ -330,7 +375,7 @@ def _check_member(
         raise damaged(
             f"its member {info.filename!r} holds {size} bytes, {recorded_size} recorded at save"
         )
-    if digest.hexdigest() != recorded_hash:
+    if digest != recorded_hash:
         raise damaged(
             f"its member {info.filename!r} differs from what was saved (SHA-256 mismatch)"
         )
@@ -352,7 +397,9 @@ def _check_structure(
     if not weights:
         raise damaged(f"it has no weights member (one of {list(_WEIGHTS_MEMBERS)})")
     if weights[0].endswith(".h5"):
-        _check_hdf5(archive, weights[0], damaged)
+        # With a manifest the SHA-256 already matched the bytes Keras wrote: the
+        # signature suffices (opening it with h5py reads the member through once more).
+        _check_hdf5(archive, weights[0], damaged, open_it=not hashed)
     arrays = {}
     for name in names:
         if name.endswith(".npy"):
@@ -371,10 +418,14 @@ def _check_structure(
         )
 
 
-def _check_hdf5(archive: zipfile.ZipFile, name: str, damaged: Callable[[str], ValueError]) -> None:
+def _check_hdf5(
+    archive: zipfile.ZipFile, name: str, damaged: Callable[[str], ValueError], open_it: bool
+) -> None:
     with archive.open(name) as member:
         if member.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
             raise damaged(f"its weights member {name!r} is not an HDF5 file")
+    if not open_it:
+        return
     try:
         import h5py
     except ImportError:  # pragma: no cover - Keras depends on h5py
