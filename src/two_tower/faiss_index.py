@@ -444,8 +444,8 @@ class FaissIndex:
         The files named by `faiss_index.json` must have the sizes and SHA-256
         recorded at save, and the ids must be integers or strings, unique, one
         per vector: a damaged or edited file raises, named, before faiss reads
-        it. The hashes read both files once more (0.17 s of a 0.97 s load for
-        10^6 vectors of dim 64, 259 MiB, from the page cache). A folder saved
+        it. The hashes read both files once more (their cost beside the load:
+        "Integrity checks" on the benchmarks page). A folder saved
         before the manifest existed (`index.faiss` and `candidate_ids.npy`
         only) still loads, with the ids checked but without the size and hash
         checks.

@@ -83,9 +83,10 @@ class ShardDataset(keras.utils.PyDataset):
             limit would check nothing).
         verify: also check the sha256 of every streamed column against the
             manifest. This reads those columns once more when the dataset is
-            made: 8 bytes a row for `user` and `item` (0.8 GB at 10^8 rows),
-            hashed at about 1 GB/s on one core, plus the disk read. With
-            False, a column changed without changing its size goes unseen.
+            made: 8 bytes a row for `user` and `item` (0.8 GB at 10^8 rows)
+            hashed on one core, plus the disk read (its cost beside an epoch:
+            "Integrity checks" on the benchmarks page). With False, a column
+            changed without changing its size goes unseen.
         sampling_probability: a column (e.g. `"item"`) whose frequency in the
             log is added to each batch as `x["candidate_sampling_probability"]`,
             for `TwoTowerRetrieval`'s logQ correction. The column needs an id
