@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from keras import ops
 from two_tower import _arguments, _catalogue_store
 from two_tower._catalogue_store import ChunkStore
 from two_tower.brute_force_index import BruteForceIndex, _check_catalogue, _checked_ids
+from two_tower.datasets._files import sha256
+from two_tower.saving import _fsync
 
 # Written by `save` before this version (no manifest): still loaded, unchecked.
 _FAISS_FILE = "index.faiss"
@@ -413,7 +414,7 @@ class FaissIndex:
                 np.save(handle, self._candidate_ids, allow_pickle=False)
             files = {}
             for role, name in names.items():
-                _fsync(path / name)
+                _fsync(str(path / name), os.O_RDONLY)
                 files[role] = {"name": name, **_size_and_hash(path / name)}
             manifest = {
                 "format": _FORMAT,
@@ -425,7 +426,7 @@ class FaissIndex:
             temporary = path / f".{_MANIFEST}.tmp-{token}"
             written.append(temporary)
             temporary.write_text(json.dumps(manifest, indent=1))
-            _fsync(temporary)
+            _fsync(str(temporary), os.O_RDONLY)
             os.replace(temporary, path / _MANIFEST)  # the commit
         except BaseException:
             for leftover in written:
@@ -434,7 +435,7 @@ class FaissIndex:
             raise
         if os.name == "posix":  # records the rename; folders cannot be opened on Windows
             with contextlib.suppress(OSError):
-                _fsync(path, os.O_RDONLY)
+                _fsync(str(path), os.O_RDONLY)
         _remove_stale_files(path)
 
     @classmethod
@@ -579,20 +580,8 @@ def _faiss_reason(error: Exception) -> str:
     return found.group(1) if found else text
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    handle = os.open(path, flags)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def _size_and_hash(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
 def _checked_manifest(path: Path, advice: str) -> tuple[Path, Path, dict[str, Any]]:

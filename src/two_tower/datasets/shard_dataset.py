@@ -220,7 +220,7 @@ class ShardDataset(keras.utils.PyDataset):
         generator = generator if isinstance(generator, dict) else {}
         limits = {}
         for column, key in (("user", "num_users"), ("item", "num_items")):
-            if column in streamed and _is_count(generator.get(key)):
+            if column in streamed and _shard_log._is_count(generator.get(key)):
                 limits[column] = int(generator[key])
         if id_limits is None:
             return limits
@@ -384,10 +384,6 @@ class ShardDataset(keras.utils.PyDataset):
         self.epoch += 1
         self._epoch_finished = False
         self._plan = self._epoch_plan()
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _column_map(columns: Any) -> dict[str, str]:
