@@ -111,7 +111,7 @@ def run_method(
     n = _rows_of(catalogue_path)
     started = time.perf_counter()
     if method == "two_tower":
-        from two_tower._catalogue_store import npy_blocks
+        from two_tower.retrieval._catalogue_store import npy_blocks
 
         index = two_tower.BruteForceIndex()
         index.index(npy_blocks(catalogue_path))  # plain reads: never whole outside the index

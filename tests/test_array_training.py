@@ -2,7 +2,7 @@
 
 On TensorFlow and torch `TwoTowerRetrieval.fit` on arrays gathers each batch
 from device-resident columns and runs the backend's `train_step`
-(`two_tower._array_training`, `two_tower.backends`); on JAX it is Keras' own
+(`two_tower.models._array_training`, `two_tower.backends`); on JAX it is Keras' own
 path. The reference here is Keras' plain path: `keras.Model.train_step` fed the
 same batches through a `keras.utils.PyDataset`. Losses and weights must agree
 within 1e-5 for every loss. Where ids repeat in a batch, the reference is dense
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import two_tower
-from two_tower import _array_training
 from two_tower.backends import backend_module
+from two_tower.models import _array_training
 
 ROWS, BATCH, TABLE, DIM = 100, 32, 120, 8
 LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")

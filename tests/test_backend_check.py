@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from two_tower import _backend
+from two_tower.backends import _installed
 
 MISSING = [
     name for name in ("jax", "tensorflow", "torch") if importlib.util.find_spec(name) is None
@@ -35,9 +35,9 @@ def test_missing_backend_raises_a_clear_import_error():
 
 def test_configured_backend_reads_env_then_keras_json(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "torch")
-    assert _backend.configured_backend() == "torch"
+    assert _installed.configured_backend() == "torch"
     monkeypatch.delenv("KERAS_BACKEND")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    assert _backend.configured_backend() == "tensorflow"  # Keras' own default
+    assert _installed.configured_backend() == "tensorflow"  # Keras' own default
     (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
-    assert _backend.configured_backend() == "jax"
+    assert _installed.configured_backend() == "jax"

@@ -469,8 +469,8 @@ KILLED_FAISS_SAVES = textwrap.dedent(
     """
     import json, os, signal, sys
     import numpy as np
-    from two_tower import faiss_index
-    from two_tower.faiss_index import FaissIndex
+    from two_tower.retrieval import faiss_index
+    from two_tower.retrieval.faiss_index import FaissIndex
 
     folder = sys.argv[1]
     rng = np.random.default_rng(0)

@@ -159,7 +159,7 @@ def test_negative_zero_ties_with_zero():
 
 
 def test_stable_top_k_against_numpy():
-    from two_tower.brute_force_index import _stable_top_k
+    from two_tower.retrieval.brute_force_index import _stable_top_k
 
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, size=(9, 50)).astype("float32")

@@ -143,8 +143,8 @@ def test_backend_loop_callbacks_run_beside_the_users(monkeypatch, how):
 
 
 def test_backend_loop_callbacks_join_a_callback_list(monkeypatch):
-    from two_tower import _input_checks
     from two_tower.backends import backend_module
+    from two_tower.models import _input_checks
 
     added, own = _Counter(), _Counter()
     monkeypatch.setattr(backend_module(), "loop_callbacks", lambda: [added])

@@ -1,22 +1,22 @@
 """two_tower: two-tower retrieval recommenders on Keras 3 (JAX, TensorFlow, PyTorch)."""
 
-from two_tower._backend import check_backend_installed
 from two_tower._version import __version__
+from two_tower.backends._installed import check_backend_installed
 
 check_backend_installed()
 
 from two_tower import baselines, datasets, defaults, distribution, evaluation, losses, saving  # noqa: E402
-from two_tower.brute_force_index import BruteForceIndex  # noqa: E402
-from two_tower.factorized_top_k import FactorizedTopK  # noqa: E402
-from two_tower.faiss_index import FaissIndex  # noqa: E402
-from two_tower.feature_tower import FeatureTower  # noqa: E402
-from two_tower.history_tower import HistoryTower  # noqa: E402
-from two_tower.id_embedding_tower import IdEmbeddingTower  # noqa: E402
-from two_tower.interaction_log import InteractionLog  # noqa: E402
-from two_tower.row_wise_adagrad import RowWiseAdagrad  # noqa: E402
-from two_tower.sparse_embedding import SparseEmbedding  # noqa: E402
-from two_tower.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
-from two_tower.vocabulary import Vocabulary  # noqa: E402
+from two_tower.metrics.factorized_top_k import FactorizedTopK  # noqa: E402
+from two_tower.models.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
+from two_tower.preprocessing.interaction_log import InteractionLog  # noqa: E402
+from two_tower.preprocessing.vocabulary import Vocabulary  # noqa: E402
+from two_tower.retrieval.brute_force_index import BruteForceIndex  # noqa: E402
+from two_tower.retrieval.faiss_index import FaissIndex  # noqa: E402
+from two_tower.sparse.row_wise_adagrad import RowWiseAdagrad  # noqa: E402
+from two_tower.sparse.sparse_embedding import SparseEmbedding  # noqa: E402
+from two_tower.towers.feature_tower import FeatureTower  # noqa: E402
+from two_tower.towers.history_tower import HistoryTower  # noqa: E402
+from two_tower.towers.id_embedding_tower import IdEmbeddingTower  # noqa: E402
 
 __all__ = [
     "BruteForceIndex",

@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
-from two_tower.factorized_top_k import FactorizedTopK, check_id_range
+from two_tower.metrics.factorized_top_k import FactorizedTopK, check_id_range
 from two_tower.types import SimilarityFn
 
 KS = (1, 5, 10, 50, 100)

@@ -15,7 +15,7 @@ Every module provides:
   (torch), and does nothing elsewhere;
 - `sparse_train_step(model, *args)`: Keras' `train_step` for that backend (JAX
   takes `(state, data)`, the others `(data)`), with row-sparse gradients and
-  updates for `SparseEmbedding` tables (see `two_tower._sparse_training`);
+  updates for `SparseEmbedding` tables (see `two_tower.sparse._sparse_training`);
 - `replica_loss(loss, rows)`: the loss `compute_loss` returns for a batch of
   `rows`, scaled to its share of the global batch under data-parallel replicas
   (TensorFlow's `tf.distribute`); unchanged elsewhere;
@@ -42,7 +42,7 @@ Every module provides:
 - `step_counter(steps)` and `array_train_function(model, columns)` (TensorFlow
   and torch only): what `fit` on NumPy arrays hands Keras instead of the arrays
   (the epoch's step numbers) and the train function that gathers each step's
-  batch from device-resident columns (see `two_tower._array_training`); None
+  batch from device-resident columns (see `two_tower.models._array_training`); None
   where Keras' own path must run;
 - `check_ids(ids, rows, layer_name)`: a `SparseEmbedding`'s ids checked against
   `[0, rows)` wherever the layer sits in its tower: on the host when they have
@@ -62,8 +62,6 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-import keras
-
 _MODULES = {
     "jax": "two_tower.backends.jax",
     "tensorflow": "two_tower.backends.tensorflow",
@@ -77,6 +75,8 @@ def backend_module() -> ModuleType:
     Raises:
         NotImplementedError: on a backend two_tower does not support (e.g. numpy).
     """
+    import keras  # not at import time: `_installed` must run before Keras is imported
+
     backend = keras.backend.backend()
     if backend not in _MODULES:
         raise NotImplementedError(

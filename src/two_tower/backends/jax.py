@@ -206,7 +206,7 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     never another id's row. Concrete ids (eager calls) raise the same
     `ValueError` as on TensorFlow and torch.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     if isinstance(ids, jax.core.Tracer):
         return jax.numpy.where(ids < 0, rows, ids)
@@ -232,7 +232,7 @@ def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
     the gradient by the looked-up rows. `_sparse_training.apply_updates` then
     writes those rows and hands the other variables to the optimizer.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

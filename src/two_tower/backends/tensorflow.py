@@ -19,11 +19,12 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-# Hooks with nothing to do on this backend (see two_tower.backends).
-from two_tower import _array_training
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
+
+# Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.models import _array_training
 
 
 def compile_inference(
@@ -189,7 +190,7 @@ def _id_check_errors() -> Iterator[None]:
         found = _ID_CHECK.search(error.message)
         if found is None:
             raise
-        from two_tower import _sparse_training
+        from two_tower.sparse import _sparse_training
 
         low, high = (_whole(found.group(name)) for name in ("low", "high"))
         raise _sparse_training.id_range_error(
@@ -220,7 +221,7 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     gather on CPU, and a silent row of zeros on GPU). XLA drops assertions, so
     a step compiled with `jit_compile=True` is not checked.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     if not isinstance(ids, tf.Tensor):
         return ids
@@ -281,7 +282,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
         NotImplementedError: under a `tf.distribute` strategy, whose gradient
             aggregation this step does not do.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     if tf.distribute.has_strategy():
         raise NotImplementedError(

@@ -26,12 +26,13 @@ import keras
 import numpy as np
 import torch
 
-# Hooks with nothing to do on this backend (see two_tower.backends).
-from two_tower import _array_training
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
 from two_tower.backends._defaults import replica_loss as replica_loss
+
+# Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.models import _array_training
 
 SERVING_SLOTS = 2
 """Serving calls (`recommend`, `similar_items`, `search`...) that run at once."""
@@ -140,7 +141,7 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     One min/max reduction per lookup; on an accelerator, reading it waits for the
     device. Symbolic (`meta`) tensors, which Keras uses to infer shapes, pass.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     if not isinstance(ids, torch.Tensor) or ids.device.type == "meta" or ids.numel() == 0:
         return ids
@@ -189,7 +190,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
     `[rows, dim]` one, and `_sparse_training.apply_updates` writes those rows
     with `index_copy_`.
     """
-    from two_tower import _sparse_training
+    from two_tower.sparse import _sparse_training
 
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     recorder = _Recorder()

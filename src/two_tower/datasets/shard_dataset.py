@@ -13,10 +13,10 @@ import keras
 import numpy as np
 
 from two_tower import _arguments
-from two_tower._input_checks import SAMPLING_PROBABILITY
 from two_tower.datasets import _shard_log
 from two_tower.datasets._files import sha256 as _sha256
 from two_tower.datasets._shard_log import MANIFEST
+from two_tower.models._input_checks import SAMPLING_PROBABILITY
 
 # The key of the label column in `_columns`' dicts, split off as `y` for `fit`.
 LABEL = "__label__"

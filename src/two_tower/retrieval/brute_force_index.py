@@ -12,10 +12,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _arguments, _catalogue_store, _distribution
-from two_tower._catalogue_store import ChunkStore
-from two_tower._distribution import ShardedCatalogue
+from two_tower import _arguments
 from two_tower.backends import backend_module
+from two_tower.distribution import _sharding
+from two_tower.distribution._sharding import ShardedCatalogue
+from two_tower.retrieval import _catalogue_store
+from two_tower.retrieval._catalogue_store import ChunkStore
 from two_tower.types import SimilarityFn, Tensor
 
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
@@ -206,11 +208,11 @@ class _Catalogue(NamedTuple):
     """One indexed catalogue, replaced as a whole so that readers see one version.
 
     On one device `host` holds the rows in zero-padded chunks (the one copy of
-    the catalogue, see `two_tower._catalogue_store`) and `chunks` the backend
+    the catalogue, see `two_tower.retrieval._catalogue_store`) and `chunks` the backend
     tensors of those chunks, sharing their memory on CPU. Under a
     `keras.distribution` distribution both are None: `sharded` holds the chunks,
     each spread by rows over every device of the mesh (see
-    `_distribution.shard_catalogue`).
+    `_sharding.shard_catalogue`).
     """
 
     host: ChunkStore | None
@@ -385,7 +387,7 @@ class BruteForceIndex(keras.layers.Layer):
         ids, order, sorted_ids = _checked_ids(
             paired_ids if paired_ids is not None else candidate_ids, store.num_rows
         )
-        sharded = _distribution.shard_catalogue(store, self.chunk_size, BLOCK)
+        sharded = _sharding.shard_catalogue(store, self.chunk_size, BLOCK)
         catalogue = _Catalogue(
             host=None if sharded is not None else store,
             chunks=None if sharded is not None else tuple(map(_chunk_tensor, store.chunks)),

@@ -37,7 +37,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from two_tower import brute_force_index
+from two_tower.retrieval import brute_force_index
 
 # Keras' `file_utils.is_remote_path`: paths that are not on the local file system.
 _REMOTE_PATH = re.compile(r"^(/cns|/cfs|/gcs|/hdfs|/readahead|/placer|/tfhub|.*://)")

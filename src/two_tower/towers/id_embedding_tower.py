@@ -7,8 +7,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from two_tower import _arguments, _distribution
-from two_tower.sparse_embedding import SparseEmbedding
+from two_tower import _arguments
+from two_tower.distribution import _sharding
+from two_tower.sparse.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
 BIASES = (None, "learned", "constant")
@@ -114,14 +115,14 @@ class IdEmbeddingTower(keras.layers.Layer):
             else None
         )
 
-    pads_tables = True  # see `two_tower._distribution`
+    pads_tables = True  # see `two_tower.distribution._sharding`
 
     def build(self, input_shape: Any) -> None:
         tables = {"embedding": self.embedding}
         if self.bias_embedding is not None:
             tables["bias"] = self.bias_embedding
         recorded = None if self.table_rows is None else dict.fromkeys(tables, self.table_rows)
-        padded = _distribution.pad_tables(tables, recorded)
+        padded = _sharding.pad_tables(tables, recorded)
         if padded:
             self.table_rows = padded["embedding"]
         self.embedding.build(input_shape)

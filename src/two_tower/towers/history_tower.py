@@ -234,9 +234,9 @@ class HistoryTower(keras.layers.Layer):
         """
         if self.own_table is not None:
             return
-        from two_tower.feature_tower import FeatureTower
-        from two_tower.id_embedding_tower import IdEmbeddingTower
-        from two_tower.sparse_embedding import SparseEmbedding
+        from two_tower.sparse.sparse_embedding import SparseEmbedding
+        from two_tower.towers.feature_tower import FeatureTower
+        from two_tower.towers.id_embedding_tower import IdEmbeddingTower
 
         table: Any = None
         if isinstance(candidate_tower, IdEmbeddingTower):

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from two_tower import _arguments, _catalogue_store
-from two_tower._catalogue_store import ChunkStore
-from two_tower.brute_force_index import BruteForceIndex, _check_catalogue, _checked_ids
+from two_tower import _arguments
 from two_tower.datasets._files import sha256
+from two_tower.retrieval import _catalogue_store
+from two_tower.retrieval._catalogue_store import ChunkStore
+from two_tower.retrieval.brute_force_index import BruteForceIndex, _check_catalogue, _checked_ids
 from two_tower.saving import _fsync
 
 # Written by `save` before this version (no manifest): still loaded, unchecked.

@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
-from two_tower.brute_force_index import _dot_similarities
+from two_tower.retrieval.brute_force_index import _dot_similarities
 from two_tower.types import SimilarityFn, Tensor
 
 

@@ -25,7 +25,7 @@ from keras import ops
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
-    from two_tower.sparse_embedding import SparseEmbedding
+    from two_tower.sparse.sparse_embedding import SparseEmbedding
 
 SUPPORTED_OPTIMIZERS = (
     "keras.optimizers.SGD (without momentum), keras.optimizers.Adagrad, "
@@ -100,7 +100,7 @@ def recording(recorder: Recorder) -> Iterator[None]:
 
 def sparse_tables(model: keras.layers.Layer) -> list[SparseEmbedding]:
     """The trainable `SparseEmbedding` layers inside `model`, each once."""
-    from two_tower.sparse_embedding import SparseEmbedding
+    from two_tower.sparse.sparse_embedding import SparseEmbedding
 
     layers = model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
     found = {id(layer): layer for layer in layers if isinstance(layer, SparseEmbedding)}
@@ -122,7 +122,7 @@ def split_variables(model: keras.Model) -> tuple[list[SparseEmbedding], list[ker
 
 
 def _kind(optimizer: keras.optimizers.Optimizer) -> str | None:
-    from two_tower.row_wise_adagrad import RowWiseAdagrad
+    from two_tower.sparse.row_wise_adagrad import RowWiseAdagrad
 
     for kind, cls in (
         ("row_wise_adagrad", RowWiseAdagrad),

@@ -8,8 +8,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _arguments, _sparse_training
+from two_tower import _arguments
 from two_tower.backends import backend_module
+from two_tower.sparse import _sparse_training
 from two_tower.types import Tensor
 
 

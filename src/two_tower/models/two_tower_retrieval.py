@@ -11,22 +11,23 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import (
-    _array_training,
-    _distribution,
-    _input_checks,
-    _serving,
-    _sparse_training,
-    _vocabularies,
-    losses,
-)
-from two_tower._input_checks import CANDIDATE, CATALOGUE_LOSSES, LOSSES, QUERY, SAMPLING_PROBABILITY
-from two_tower._input_checks import is_pair as _is_pair
+from two_tower import losses
 from two_tower.backends import backend_module
-from two_tower.brute_force_index import BruteForceIndex
-from two_tower.factorized_top_k import FactorizedTopK
+from two_tower.distribution import _sharding
+from two_tower.metrics.factorized_top_k import FactorizedTopK
+from two_tower.models import _array_training, _input_checks, _serving, _vocabularies
+from two_tower.models._input_checks import (
+    CANDIDATE,
+    CATALOGUE_LOSSES,
+    LOSSES,
+    QUERY,
+    SAMPLING_PROBABILITY,
+)
+from two_tower.models._input_checks import is_pair as _is_pair
+from two_tower.preprocessing.vocabulary import Vocabulary
+from two_tower.retrieval.brute_force_index import BruteForceIndex
+from two_tower.sparse import _sparse_training
 from two_tower.types import Tensor
-from two_tower.vocabulary import Vocabulary
 
 
 def _input_spec(inputs: Any) -> Any:
@@ -333,7 +334,7 @@ class TwoTowerRetrieval(keras.Model):
             'U'
         """
         from two_tower import defaults
-        from two_tower.id_embedding_tower import IdEmbeddingTower
+        from two_tower.towers.id_embedding_tower import IdEmbeddingTower
 
         sizes = {}
         for name, size, vocabulary in (
@@ -932,7 +933,7 @@ class TwoTowerRetrieval(keras.Model):
         if isinstance(x, keras.utils.PyDataset) and x.num_batches:
             x = x.peek() if hasattr(x, "peek") else x[0]  # a ShardDataset's first row
             x = x[0] if isinstance(x, tuple) else x
-        _distribution.check_shardable([self.query_tower, self.candidate_tower])
+        _sharding.check_shardable([self.query_tower, self.candidate_tower])
         if not isinstance(x, Mapping):
             return
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute

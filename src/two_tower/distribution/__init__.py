@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import keras
 
-from two_tower import _distribution
+from two_tower.distribution import _sharding
 
 TABLES = ".*embeddings"
 """The `LayoutMap` key of every table: Keras' `Embedding`, `SparseEmbedding`,
@@ -57,7 +57,7 @@ def layout_map(
         >>> axes == ("model", None) or keras.backend.backend() != "jax"
         True
     """
-    _distribution.check_supported("two_tower.distribution.layout_map")
+    _sharding.check_supported("two_tower.distribution.layout_map")
     if not isinstance(device_mesh, keras.distribution.DeviceMesh):
         raise TypeError(
             "`device_mesh` must be a keras.distribution.DeviceMesh, e.g. "

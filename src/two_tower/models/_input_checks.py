@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from two_tower import _distribution, losses
+from two_tower import losses
+from two_tower.distribution import _sharding
 
 if TYPE_CHECKING:
-    from two_tower.two_tower_retrieval import TwoTowerRetrieval
+    from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
 
 QUERY = "query"
 CANDIDATE = "candidate"
@@ -142,8 +143,8 @@ def id_limit(model: TwoTowerRetrieval, side: str) -> tuple[int, str] | None:
 
 def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | None:
     """The id range of a tower known to take ids (an Embedding first, an IdEmbeddingTower)."""
-    from two_tower.id_embedding_tower import IdEmbeddingTower
-    from two_tower.sparse_embedding import SparseEmbedding
+    from two_tower.sparse.sparse_embedding import SparseEmbedding
+    from two_tower.towers.id_embedding_tower import IdEmbeddingTower
 
     if isinstance(tower, keras.Sequential) and tower.layers:
         tower = tower.layers[0]
@@ -156,8 +157,8 @@ def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | No
 
 def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
     """Towers that map `[batch]` ids to `[batch, dim]`: an Embedding, an IdEmbeddingTower."""
-    from two_tower.id_embedding_tower import IdEmbeddingTower
-    from two_tower.sparse_embedding import SparseEmbedding
+    from two_tower.sparse.sparse_embedding import SparseEmbedding
+    from two_tower.towers.id_embedding_tower import IdEmbeddingTower
 
     return isinstance(tower, (keras.layers.Embedding, SparseEmbedding, IdEmbeddingTower))
 
@@ -351,7 +352,7 @@ def check_fit_arguments(
     from two_tower.datasets.shard_dataset import ShardDataset
 
     if isinstance(x, ShardDataset):
-        _distribution.check_batches(what, x.num_rows, x.batch_size)
+        _sharding.check_batches(what, x.num_rows, x.batch_size)
     if model.loss_name in ("mse", "full_softmax") and (
         (isinstance(x, Mapping) and SAMPLING_PROBABILITY in x)
         or (isinstance(x, ShardDataset) and x.sampling_probability is not None)
@@ -367,7 +368,7 @@ def check_fit_arguments(
     leaves = keras.tree.flatten(x[QUERY])
     if leaves and _is_array_like(leaves[0]) and np.ndim(leaves[0]):
         rows = len(leaves[0])
-        _distribution.check_batches(what, rows, 32 if batch_size is None else int(batch_size))
+        _sharding.check_batches(what, rows, 32 if batch_size is None else int(batch_size))
     check_rows(
         what,
         [

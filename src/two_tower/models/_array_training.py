@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from two_tower._input_checks import is_pair
+from two_tower.models._input_checks import is_pair
 
 if TYPE_CHECKING:
-    from two_tower.two_tower_retrieval import TwoTowerRetrieval
+    from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
 
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 _DEFAULT_BATCH_SIZE = 32  # Keras' own, for arrays

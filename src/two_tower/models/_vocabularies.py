@@ -14,7 +14,7 @@ from typing import Any, Union  # noqa: UP035 (a runtime alias on Python 3.10)
 import keras
 import numpy as np
 
-from two_tower.vocabulary import Vocabulary
+from two_tower.preprocessing.vocabulary import Vocabulary
 
 Vocabularies = Union[Vocabulary, Mapping[str, Vocabulary], None]  # noqa: UP007
 

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _arguments, _distribution
-from two_tower.sparse_embedding import SparseEmbedding
+from two_tower import _arguments
+from two_tower.distribution import _sharding
+from two_tower.sparse.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
 
 COMBINERS = ("concat", "sum")
@@ -221,13 +222,13 @@ class FeatureTower(keras.layers.Layer):
         self.hidden = [keras.layers.Dense(units, activation="relu") for units in hidden_units]
         self.output_layer = keras.layers.Dense(output_dim) if output_dim is not None else None
 
-    pads_tables = True  # see `two_tower._distribution`
+    pads_tables = True  # see `two_tower.distribution._sharding`
 
     def _tables(self) -> list[keras.layers.Layer]:
         return [*self.embeddings.values(), *self.biases.values()]
 
     def build(self, input_shape: Any = None) -> None:
-        padded = _distribution.pad_tables({t.name: t for t in self._tables()}, self.table_rows)
+        padded = _sharding.pad_tables({t.name: t for t in self._tables()}, self.table_rows)
         if padded:
             self.table_rows = padded
         for layer in self._tables():

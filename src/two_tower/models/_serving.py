@@ -18,13 +18,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import _input_checks
 from two_tower.backends import backend_module
-from two_tower.brute_force_index import _exclusion_lists, _next_power_of_two
+from two_tower.models import _input_checks
+from two_tower.retrieval.brute_force_index import _exclusion_lists, _next_power_of_two
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
-    from two_tower.two_tower_retrieval import TwoTowerRetrieval
+    from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
 
 _BUILD_LOCK = threading.Lock()
 _MAX_COMPILED = 8

@@ -1,0 +1,1 @@
+"""Keras metrics over the full catalogue."""

@@ -1,0 +1,1 @@
+"""The retrieval model and the components it orchestrates."""

@@ -1,0 +1,1 @@
+"""Raw values to ids (vocabularies) and request-time histories."""

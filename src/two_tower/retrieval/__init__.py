@@ -1,0 +1,1 @@
+"""Indexes over embedded candidates: exact top-k search and approximate (faiss)."""

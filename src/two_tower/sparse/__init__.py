@@ -1,0 +1,1 @@
+"""Row-sparse embedding tables and the optimizers and steps that update them."""

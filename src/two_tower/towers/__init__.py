@@ -1,0 +1,1 @@
+"""Query and candidate towers: Keras layers that embed features."""
