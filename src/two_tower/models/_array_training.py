@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from two_tower.models._input_checks import is_pair
+from two_tower.models.retrieval_outputs import is_pair
 
 if TYPE_CHECKING:
     from two_tower.models.two_tower_retrieval import TwoTowerRetrieval

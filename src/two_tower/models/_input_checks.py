@@ -19,94 +19,16 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from two_tower import losses
 from two_tower.distribution import _sharding
+from two_tower.models.retrieval_outputs import (
+    CANDIDATE,
+    QUERY,
+    SAMPLING_PROBABILITY,
+    is_pair,
+)
 
 if TYPE_CHECKING:
     from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
-
-QUERY = "query"
-CANDIDATE = "candidate"
-SAMPLING_PROBABILITY = "candidate_sampling_probability"
-PAIR_KEYS = (QUERY, CANDIDATE)
-LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
-CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
-
-
-def check_model_arguments(
-    candidate_tower: keras.layers.Layer,
-    *,
-    loss: str,
-    temperature: float,
-    remove_accidental_hits: bool,
-    num_hard_negatives: int | None,
-    catalogue_size: int | None,
-    num_sampled_negatives: int | None,
-    cross_replica_negatives: bool,
-) -> None:
-    """Checks `TwoTowerRetrieval`'s loss arguments together (see its docstring)."""
-    if loss not in LOSSES:
-        raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
-    losses._check_temperature(temperature)
-    losses._check_num_hard_negatives(num_hard_negatives)
-    if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
-        raise ValueError(
-            f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
-            f"(ids run from 0 to catalogue_size - 1). Received: {catalogue_size!r}"
-        )
-    if catalogue_size is not None and not _is_positive_int(catalogue_size):
-        raise ValueError(
-            "`catalogue_size` must be a positive integer (ids run from 0 to "
-            f"catalogue_size - 1), or None. Received: {catalogue_size!r}"
-        )
-    limit = tower_id_limit(candidate_tower, CANDIDATE)
-    if catalogue_size is not None and limit is not None and catalogue_size > limit[0]:
-        raise ValueError(
-            f"`catalogue_size` (={catalogue_size}) must not exceed {limit[1]} "
-            f"(={limit[0]}): the catalogue losses and metrics embed every id below it."
-        )
-    if loss == "sampled_softmax" and not _is_positive_int(num_sampled_negatives):
-        raise ValueError(
-            "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
-            f"integer. Received: {num_sampled_negatives!r}"
-        )
-    if not isinstance(remove_accidental_hits, (bool, np.bool_)):
-        raise ValueError(
-            f"`remove_accidental_hits` must be True or False. Received: {remove_accidental_hits!r}"
-        )
-    if num_sampled_negatives is not None and loss != "sampled_softmax":
-        raise ValueError(
-            "`num_sampled_negatives` applies to loss='sampled_softmax' only. Received "
-            f"loss={loss!r} and num_sampled_negatives={num_sampled_negatives!r}"
-        )
-    if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
-        raise ValueError(
-            "`remove_accidental_hits` and `num_hard_negatives` apply to the softmax "
-            "losses only. Received loss='mse'."
-        )
-    if loss == "full_softmax" and remove_accidental_hits:
-        raise ValueError(
-            "`remove_accidental_hits` applies to loss='softmax' and 'sampled_softmax', "
-            "whose negatives are other rows' candidates; loss='full_softmax' scores each "
-            "positive once against the catalogue, so there is nothing to remove."
-        )
-    if not isinstance(cross_replica_negatives, (bool, np.bool_)):
-        raise ValueError(
-            "`cross_replica_negatives` must be True or False. Received: "
-            f"{cross_replica_negatives!r}"
-        )
-
-
-def is_pair(inputs: Any) -> bool:
-    """Whether `inputs` is `{"query": ..., "candidate": ...}` (plus the logQ entry)."""
-    if not isinstance(inputs, Mapping):
-        return False
-    keys = set(inputs.keys())
-    return {QUERY, CANDIDATE} <= keys <= {QUERY, CANDIDATE, SAMPLING_PROBABILITY}
 
 
 def _is_array_like(values: Any) -> bool:

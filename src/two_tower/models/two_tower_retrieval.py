@@ -11,19 +11,18 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower import losses
 from two_tower.backends import backend_module
 from two_tower.distribution import _sharding
 from two_tower.metrics.factorized_top_k import FactorizedTopK
 from two_tower.models import _array_training, _input_checks, _serving, _vocabularies
-from two_tower.models._input_checks import (
+from two_tower.models.retrieval_outputs import (
     CANDIDATE,
-    CATALOGUE_LOSSES,
-    LOSSES,
     QUERY,
     SAMPLING_PROBABILITY,
+    RetrievalOutputs,
 )
-from two_tower.models._input_checks import is_pair as _is_pair
+from two_tower.models.retrieval_outputs import is_pair as _is_pair
+from two_tower.models.retrieval_task import CATALOGUE_LOSSES, LOSSES, RetrievalTask
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.retrieval.brute_force_index import BruteForceIndex
 from two_tower.sparse import _sparse_training
@@ -47,10 +46,6 @@ def _symbolic_inputs(spec: Any) -> Any:
         return keras.KerasTensor((None, *shape), dtype=dtype)
 
     return keras.tree.map_structure(leaf, spec)
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
@@ -218,8 +213,8 @@ class TwoTowerRetrieval(keras.Model):
                     f"`{name}` must be a keras Layer or Model. "
                     f"Received: {tower!r} of type {type(tower).__name__}"
                 )
-        _input_checks.check_model_arguments(
-            candidate_tower,
+        # The loss and its negatives (the model keeps the sampler's seed, a variable).
+        self.task = RetrievalTask(
             loss=loss,
             temperature=temperature,
             remove_accidental_hits=remove_accidental_hits,
@@ -227,6 +222,8 @@ class TwoTowerRetrieval(keras.Model):
             catalogue_size=catalogue_size,
             num_sampled_negatives=num_sampled_negatives,
             cross_replica_negatives=cross_replica_negatives,
+            candidate_id_key=candidate_id_key,
+            candidate_id_limit=_input_checks.tower_id_limit(candidate_tower, CANDIDATE),
         )
         self.query_vocabulary = _vocabularies.check(
             query_vocabulary, "query_vocabulary", _input_checks.tower_id_limit(query_tower, QUERY)
@@ -251,16 +248,8 @@ class TwoTowerRetrieval(keras.Model):
         share = getattr(query_tower, "share_candidate_items", None)
         if callable(share):  # a HistoryTower embeds its history with the candidates' table
             share(candidate_tower, candidate_id_key)
-        self.loss_name = loss
-        self.temperature = float(temperature)
-        self.remove_accidental_hits = bool(remove_accidental_hits)
-        # NumPy scalars are accepted; stored as Python numbers so the config is JSON.
-        self.num_hard_negatives = _optional_int(num_hard_negatives)
         self.candidate_id_key = candidate_id_key
-        self.catalogue_size = _optional_int(catalogue_size)
-        self.num_sampled_negatives = _optional_int(num_sampled_negatives)
         self.query_id_key = query_id_key
-        self.cross_replica_negatives = bool(cross_replica_negatives)
         self._predicting = False  # set by predict: pair inputs return the embeddings only
         self._catalogue_features: dict[str, keras.Variable] = {}
         self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
@@ -270,6 +259,15 @@ class TwoTowerRetrieval(keras.Model):
         self._candidate_input_spec: Any = None
         # Serving's compiled tower functions (see `_serving`); not tracked by Keras.
         object.__setattr__(self, "_serving_functions", {})
+
+    # The task's options, read-only here (set them through the constructor).
+    loss_name = property(lambda self: self.task.loss, doc="The loss (`loss=`).")
+    temperature = property(lambda self: self.task.temperature)
+    remove_accidental_hits = property(lambda self: self.task.remove_accidental_hits)
+    num_hard_negatives = property(lambda self: self.task.num_hard_negatives)
+    catalogue_size = property(lambda self: self.task.catalogue_size)
+    num_sampled_negatives = property(lambda self: self.task.num_sampled_negatives)
+    cross_replica_negatives = property(lambda self: self.task.cross_replica_negatives)
 
     def build(self, input_shape: Any = None) -> None:
         # The towers build themselves on their first call, which sees the real
@@ -549,44 +547,63 @@ class TwoTowerRetrieval(keras.Model):
                 f"The query tower's output dim (={query_shape[-1]}) must equal the "
                 f"candidate tower's output dim (={candidate_shape[-1]})."
             )
-        outputs = {
+        if self._predicting:  # predict on pairs: the two embeddings, nothing per batch
+            return {
+                "query_embeddings": query_embeddings,
+                "candidate_embeddings": candidate_embeddings,
+            }
+        return self.retrieval_outputs(inputs, query_embeddings, candidate_embeddings, training)
+
+    def retrieval_outputs(
+        self,
+        inputs: Mapping[str, Any],
+        query_embeddings: Tensor,
+        candidate_embeddings: Tensor,
+        training: bool = False,
+    ) -> RetrievalOutputs:
+        """The two embeddings, plus what the loss and metrics need beyond them.
+
+        `call` returns this for pair inputs. A subclass that overrides `call`
+        returns it too (or the loss raises, naming what is missing): candidate
+        ids, the catalogue's embeddings, sampled negatives, as the configuration
+        needs (see `two_tower.models.retrieval_outputs.RetrievalOutputs`). They
+        are made here, not in the loss or the metrics, so that every backend's
+        step tracks the sampler's seed and the tower's variables.
+
+        Args:
+            inputs: the pair inputs `{"query": ..., "candidate": ...}`.
+            query_embeddings: `[batch, dim]` query tower output.
+            candidate_embeddings: `[batch, dim]` candidate tower output.
+            training: whether this is a training step.
+
+        Returns:
+            A `RetrievalOutputs` dict.
+        """
+        outputs: RetrievalOutputs = {
             "query_embeddings": query_embeddings,
             "candidate_embeddings": candidate_embeddings,
         }
-        if self._predicting:  # predict on pairs: the two embeddings, nothing per batch
-            return outputs
-        # FactorizedTopK metrics rank against the catalogue in evaluation steps only.
-        ranks_catalogue = bool(self.retrieval_metrics) and not training
-        needs_catalogue = self.loss_name in CATALOGUE_LOSSES or ranks_catalogue
-        if self.remove_accidental_hits or needs_catalogue:
-            outputs["candidate_ids"] = self._candidate_ids_of(inputs[CANDIDATE])
-        if needs_catalogue:
-            # Made here, not in the loss or the metrics, so that the sampler's seed
-            # state and the tower's variables are tracked by every backend's step.
+        needed = self.task.required_outputs(
+            training=training, ranks_catalogue=bool(self.retrieval_metrics)
+        )
+        if "candidate_ids" in needed:
+            outputs["candidate_ids"] = self.task.candidate_ids_of(inputs[CANDIDATE])
+        catalogue = None
+        if "catalogue_embeddings" in needed or "sampled_candidate_ids" in needed:
             catalogue = self._catalogue_inputs(inputs[CANDIDATE])
-            if self.loss_name == "sampled_softmax":
-                assert self.catalogue_size is not None
-                sampled_ids = keras.random.randint(
-                    (self.num_sampled_negatives,),
-                    0,
-                    self.catalogue_size,
-                    dtype="int32",
-                    seed=self._negative_seed,
-                )
-                outputs["sampled_candidate_ids"] = sampled_ids
-                outputs["sampled_candidate_embeddings"] = self.candidate_tower(
-                    keras.tree.map_structure(
-                        lambda rows: ops.take(rows, sampled_ids, axis=0), catalogue
-                    ),
-                    training=training,
-                )
-            if self.loss_name == "full_softmax" or ranks_catalogue:
-                outputs["catalogue_embeddings"] = self.candidate_tower(catalogue, training=training)
-            if ranks_catalogue:
-                # Marks an evaluation step: FactorizedTopK metrics update only then.
-                outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
+        if "sampled_candidate_ids" in needed:
+            ids, embeddings = self.task.sample_negatives(
+                self.candidate_tower, catalogue, self._negative_seed, training
+            )
+            outputs["sampled_candidate_ids"] = ids
+            outputs["sampled_candidate_embeddings"] = embeddings
+        if "catalogue_embeddings" in needed:
+            outputs["catalogue_embeddings"] = self.candidate_tower(catalogue, training=training)
+        if "metrics_catalogue_embeddings" in needed:
+            # Marks an evaluation step: FactorizedTopK metrics update only then.
+            outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
         if SAMPLING_PROBABILITY in inputs:
-            outputs[SAMPLING_PROBABILITY] = inputs[SAMPLING_PROBABILITY]
+            outputs["candidate_sampling_probability"] = inputs[SAMPLING_PROBABILITY]
         return outputs
 
     def _catalogue_inputs(self, candidate_features: Any) -> Any:
@@ -686,24 +703,6 @@ class TwoTowerRetrieval(keras.Model):
         # Compiled steps traced before now do not read the new variables.
         self.train_function = self.test_function = self.predict_function = None
 
-    def _candidate_ids_of(self, candidate_features: Any) -> Tensor:
-        """The batch's candidate ids (positives' catalogue rows, accidental hits)."""
-        if isinstance(candidate_features, Mapping):
-            if self.candidate_id_key is None or self.candidate_id_key not in candidate_features:
-                raise ValueError(
-                    "With dict candidate features, remove_accidental_hits, the catalogue "
-                    "losses and FactorizedTopK metrics need `candidate_id_key` naming "
-                    f"the id feature. Received candidate_id_key={self.candidate_id_key!r} "
-                    f"and features {sorted(candidate_features)}"
-                )
-            candidate_features = candidate_features[self.candidate_id_key]
-        dtype = keras.backend.standardize_dtype(candidate_features.dtype)
-        if "int" not in dtype:
-            raise ValueError(
-                f"Candidate ids must be integers. Received candidate ids of dtype {dtype}"
-            )
-        return ops.reshape(candidate_features, (-1,))
-
     # ---------------------------------------------------------------- scoring
     def compute_similarities(
         self, query_embeddings: Tensor, candidate_embeddings: Tensor
@@ -722,63 +721,17 @@ class TwoTowerRetrieval(keras.Model):
         outputs: Mapping[str, Tensor],
         sample_weight: Tensor | None,
     ) -> Tensor:
-        """The retrieval loss of one batch, from what `call` returned for pairs."""
-        query_embeddings = outputs["query_embeddings"]
-        candidate_embeddings = outputs["candidate_embeddings"]
-        if self.loss_name == "mse":
-            if labels is None:
-                raise ValueError(
-                    "loss='mse' needs labels: pass `y` (e.g. ratings) to fit/evaluate."
-                )
-            scores = self.compute_scores(query_embeddings, candidate_embeddings)
-            return losses.mean_squared_error(labels, scores, sample_weight)
-        if labels is not None:
-            raise ValueError(
-                f"loss={self.loss_name!r} takes no labels, but `y` was given. Every pair in x "
-                "is a positive; use `sample_weight` to weight pairs."
-            )
-        probability = outputs.get(SAMPLING_PROBABILITY)
-        log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
-        candidate_ids = outputs.get("candidate_ids")
-        positive_positions = None
-        if self.loss_name == "full_softmax":
-            # Columns are the whole catalogue; each positive sits at its id.
-            positive_positions = candidate_ids
-            candidate_embeddings = outputs["catalogue_embeddings"]
-            candidate_ids = log_q = None
-        else:
-            if not self.remove_accidental_hits:
-                candidate_ids = None
-            if self.cross_replica_negatives:
-                # Every replica's batch candidates (unchanged off tf.distribute).
-                candidate_embeddings, candidate_ids, log_q, positive_positions = (
-                    backend_module().global_negatives(candidate_embeddings, candidate_ids, log_q)
-                )
-        if self.loss_name == "sampled_softmax":
-            # Mixed negatives: the batch's candidates, then uniform samples.
-            sampled_ids = outputs["sampled_candidate_ids"]
-            candidate_embeddings = ops.concatenate(
-                [candidate_embeddings, outputs["sampled_candidate_embeddings"]], axis=0
-            )
-            if candidate_ids is not None:
-                candidate_ids = ops.concatenate(
-                    [ops.cast(candidate_ids, "int32"), sampled_ids], axis=0
-                )
-            if log_q is not None:
-                assert self.num_sampled_negatives and self.catalogue_size
-                uniform = float(np.log(self.num_sampled_negatives / self.catalogue_size))
-                log_q = ops.concatenate(
-                    [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
-                )
-        similarities = self.compute_similarities(query_embeddings, candidate_embeddings)
-        return losses.retrieval_softmax(
-            similarities,
-            positive_positions,
-            temperature=self.temperature,
-            candidate_ids=candidate_ids,
-            log_candidate_probability=log_q,
-            num_hard_negatives=self.num_hard_negatives,
-            sample_weight=sample_weight,
+        """The retrieval loss of one batch, from what `call` returned for pairs.
+
+        The model's `RetrievalTask` computes it, scoring with `compute_similarities`
+        (the softmax losses) or `compute_scores` (`"mse"`).
+        """
+        return self.task.compute_loss(
+            labels,
+            outputs,  # type: ignore[arg-type]
+            sample_weight,
+            similarity_fn=self.compute_similarities,
+            score_fn=self.compute_scores,
         )
 
     def compute_loss(
@@ -795,6 +748,19 @@ class TwoTowerRetrieval(keras.Model):
                 "'candidate': candidate_features}. "
                 f"Received x of type {type(x).__name__}"
                 + (f" with keys {sorted(x.keys())}" if isinstance(x, Mapping) else "")
+            )
+        needed = self.task.required_outputs(
+            training=training, ranks_catalogue=bool(self.retrieval_metrics)
+        )
+        missing = sorted(needed - set(y_pred))
+        if missing:
+            raise ValueError(
+                f"`call` returned no {missing}, which loss={self.loss_name!r} "
+                f"(remove_accidental_hits={self.remove_accidental_hits}"
+                + (", FactorizedTopK metrics" if self.retrieval_metrics else "")
+                + ") needs. A `call` override must return "
+                "`self.retrieval_outputs(inputs, query_embeddings, candidate_embeddings, "
+                f"training)`. Received outputs {sorted(y_pred)}"
             )
         loss = self.compute_retrieval_loss(y, y_pred, sample_weight)
         for extra_loss in self.losses:
@@ -1198,15 +1164,9 @@ class TwoTowerRetrieval(keras.Model):
             {
                 "query_tower": keras.saving.serialize_keras_object(self.query_tower),
                 "candidate_tower": keras.saving.serialize_keras_object(self.candidate_tower),
-                "loss": self.loss_name,
-                "temperature": self.temperature,
-                "remove_accidental_hits": self.remove_accidental_hits,
-                "num_hard_negatives": self.num_hard_negatives,
+                **self.task.get_config(),
                 "candidate_id_key": self.candidate_id_key,
-                "catalogue_size": self.catalogue_size,
-                "num_sampled_negatives": self.num_sampled_negatives,
                 "query_id_key": self.query_id_key,
-                "cross_replica_negatives": self.cross_replica_negatives,
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
                 "query_vocabulary": _vocabularies.serialize(self.query_vocabulary),
                 "candidate_vocabulary": _vocabularies.serialize(self.candidate_vocabulary),

@@ -1,0 +1,59 @@
+"""What `TwoTowerRetrieval` takes and returns: the input keys and the typed output dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+from two_tower.types import Tensor
+
+QUERY = "query"
+CANDIDATE = "candidate"
+SAMPLING_PROBABILITY = "candidate_sampling_probability"
+PAIR_KEYS = (QUERY, CANDIDATE)
+
+
+def is_pair(inputs: Any) -> bool:
+    """Whether `inputs` is `{"query": ..., "candidate": ...}` (plus the logQ entry)."""
+    if not isinstance(inputs, Mapping):
+        return False
+    keys = set(inputs.keys())
+    return {QUERY, CANDIDATE} <= keys <= {QUERY, CANDIDATE, SAMPLING_PROBABILITY}
+
+
+class _Embeddings(TypedDict):
+    query_embeddings: Tensor
+    candidate_embeddings: Tensor
+
+
+class RetrievalOutputs(_Embeddings, total=False):
+    """What `TwoTowerRetrieval.call` returns for pair inputs, and the loss reads.
+
+    A `dict` at run time (Keras' steps pass it through `keras.tree`), typed here so
+    that what each entry means, and who needs it, is written down once.
+
+    Always present:
+
+    - `query_embeddings`, `candidate_embeddings`: `[batch, dim]` tower outputs.
+
+    Present when the configuration needs them (`RetrievalTask.required_outputs`
+    says which; the loss raises naming any that a custom `call` left out):
+
+    - `candidate_ids`: `[batch]` int candidate ids, for `remove_accidental_hits`,
+      the catalogue losses (each positive's column) and `FactorizedTopK`.
+    - `catalogue_embeddings`: `[catalogue_size, dim]`, every candidate id
+      embedded (`"full_softmax"`, and evaluation steps with `FactorizedTopK`).
+    - `sampled_candidate_ids`, `sampled_candidate_embeddings`: the uniform
+      negatives of `"sampled_softmax"`.
+    - `candidate_sampling_probability`: `[batch]`, passed through from the input
+      for the logQ correction.
+    - `metrics_catalogue_embeddings`: the catalogue embeddings again, present in
+      evaluation steps only, where `FactorizedTopK` metrics update.
+    """
+
+    candidate_ids: Tensor
+    catalogue_embeddings: Tensor
+    sampled_candidate_ids: Tensor
+    sampled_candidate_embeddings: Tensor
+    candidate_sampling_probability: Tensor
+    metrics_catalogue_embeddings: Tensor

@@ -1,0 +1,326 @@
+"""The retrieval task: a loss, its negatives, and the options that go with them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from two_tower import losses
+from two_tower.backends import backend_module
+from two_tower.models.retrieval_outputs import SAMPLING_PROBABILITY, RetrievalOutputs
+from two_tower.types import SimilarityFn, Tensor
+
+LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
+CATALOGUE_LOSSES = ("sampled_softmax", "full_softmax")
+
+
+class RetrievalTask:
+    """A `TwoTowerRetrieval`'s loss options, checked together, and the loss they define.
+
+    Built by the model from its own constructor arguments (see `TwoTowerRetrieval`
+    for each one's meaning), so the model's config is unchanged; TensorFlow
+    Recommenders' `tasks.Retrieval` plays the same part. It is plain Python, not a
+    layer: the variables it uses (the candidate tower, the negative sampler's seed)
+    stay the model's.
+
+    Args:
+        loss: `"mse"`, `"softmax"`, `"sampled_softmax"` or `"full_softmax"`.
+        temperature: logits divisor of the softmax losses.
+        remove_accidental_hits: mask in-batch duplicates of each row's positive.
+        num_hard_negatives: keep this many highest-scoring negatives per row.
+        catalogue_size: the number of candidate ids.
+        num_sampled_negatives: uniform negatives per batch (`"sampled_softmax"`).
+        cross_replica_negatives: under `tf.distribute`, negatives from every replica.
+        candidate_id_key: the id feature of dict candidate features.
+        candidate_id_limit: `(bound, where it comes from)` of the candidate
+            tower's ids, or None when the tower does not declare one.
+
+    Raises:
+        ValueError: an unknown loss, an option out of range, or an option the
+            loss does not use.
+
+    Example:
+        >>> from two_tower.models.retrieval_task import RetrievalTask
+        >>> task = RetrievalTask(loss="full_softmax", catalogue_size=10)
+        >>> sorted(task.required_outputs(training=True, ranks_catalogue=False))
+        ['candidate_ids', 'catalogue_embeddings', 'candidate_embeddings', 'query_embeddings']
+    """
+
+    def __init__(
+        self,
+        loss: str = "softmax",
+        temperature: float = 1.0,
+        remove_accidental_hits: bool = False,
+        num_hard_negatives: int | None = None,
+        catalogue_size: int | None = None,
+        num_sampled_negatives: int | None = None,
+        cross_replica_negatives: bool = True,
+        candidate_id_key: str | None = None,
+        candidate_id_limit: tuple[int, str] | None = None,
+    ) -> None:
+        _check(
+            loss=loss,
+            temperature=temperature,
+            remove_accidental_hits=remove_accidental_hits,
+            num_hard_negatives=num_hard_negatives,
+            catalogue_size=catalogue_size,
+            num_sampled_negatives=num_sampled_negatives,
+            cross_replica_negatives=cross_replica_negatives,
+            candidate_id_limit=candidate_id_limit,
+        )
+        self.loss = loss
+        self.temperature = float(temperature)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        # NumPy scalars are accepted; stored as Python numbers so the config is JSON.
+        self.num_hard_negatives = _optional_int(num_hard_negatives)
+        self.catalogue_size = _optional_int(catalogue_size)
+        self.num_sampled_negatives = _optional_int(num_sampled_negatives)
+        self.cross_replica_negatives = bool(cross_replica_negatives)
+        self.candidate_id_key = candidate_id_key
+        self.candidate_id_limit = candidate_id_limit
+
+    @property
+    def uses_catalogue(self) -> bool:
+        """Whether the loss embeds catalogue candidates (all of them, or samples)."""
+        return self.loss in CATALOGUE_LOSSES
+
+    def required_outputs(self, *, training: bool, ranks_catalogue: bool) -> frozenset[str]:
+        """The `RetrievalOutputs` keys a step of this task needs from `call`.
+
+        Args:
+            training: a training step (else evaluation).
+            ranks_catalogue: the model has `FactorizedTopK` metrics.
+        """
+        keys = {"query_embeddings", "candidate_embeddings"}
+        evaluating_metrics = ranks_catalogue and not training
+        if self.remove_accidental_hits or self.uses_catalogue or evaluating_metrics:
+            keys.add("candidate_ids")
+        if self.loss == "full_softmax" or evaluating_metrics:
+            keys.add("catalogue_embeddings")
+        if self.loss == "sampled_softmax":
+            keys |= {"sampled_candidate_ids", "sampled_candidate_embeddings"}
+        if evaluating_metrics:
+            keys.add("metrics_catalogue_embeddings")
+        return frozenset(keys)
+
+    def candidate_ids_of(self, candidate_features: Any) -> Tensor:
+        """The batch's `[batch]` candidate ids, from the input or its id feature."""
+        if isinstance(candidate_features, Mapping):
+            key = self.candidate_id_key
+            if key is None or key not in candidate_features:
+                raise ValueError(
+                    "With dict candidate features, remove_accidental_hits, the catalogue "
+                    "losses and FactorizedTopK metrics need `candidate_id_key` naming "
+                    f"the id feature. Received candidate_id_key={key!r} "
+                    f"and features {sorted(candidate_features)}"
+                )
+            candidate_features = candidate_features[key]
+        dtype = keras.backend.standardize_dtype(candidate_features.dtype)
+        if "int" not in dtype:
+            raise ValueError(
+                f"Candidate ids must be integers. Received candidate ids of dtype {dtype}"
+            )
+        return ops.reshape(candidate_features, (-1,))
+
+    def sample_negatives(
+        self,
+        candidate_tower: keras.layers.Layer,
+        catalogue: Any,
+        seed: keras.random.SeedGenerator,
+        training: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """`"sampled_softmax"`'s uniform negatives: `[num_sampled_negatives]` ids and
+        their embeddings."""
+        assert self.catalogue_size is not None and self.num_sampled_negatives is not None
+        ids = keras.random.randint(
+            (self.num_sampled_negatives,), 0, self.catalogue_size, dtype="int32", seed=seed
+        )
+        rows = keras.tree.map_structure(lambda column: ops.take(column, ids, axis=0), catalogue)
+        return ids, candidate_tower(rows, training=training)
+
+    def compute_loss(
+        self,
+        labels: Tensor | None,
+        outputs: RetrievalOutputs,
+        sample_weight: Tensor | None,
+        *,
+        similarity_fn: SimilarityFn,
+        score_fn: Callable[[Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """The loss of one batch.
+
+        Args:
+            labels: `y` (for `"mse"`), or None.
+            outputs: what the model's `call` returned for the batch.
+            sample_weight: `[batch]` weights or None.
+            similarity_fn: `[queries, dim] x [candidates, dim] -> [queries,
+                candidates]` scores (the model's `compute_similarities`).
+            score_fn: `[batch]` scores of aligned pairs (`compute_scores`).
+
+        Raises:
+            ValueError: labels missing for `"mse"` or given to a softmax loss.
+        """
+        if self.loss == "mse":
+            if labels is None:
+                raise ValueError(
+                    "loss='mse' needs labels: pass `y` (e.g. ratings) to fit/evaluate."
+                )
+            scores = score_fn(outputs["query_embeddings"], outputs["candidate_embeddings"])
+            return losses.mean_squared_error(labels, scores, sample_weight)
+        if labels is not None:
+            raise ValueError(
+                f"loss={self.loss!r} takes no labels, but `y` was given. Every pair in x "
+                "is a positive; use `sample_weight` to weight pairs."
+            )
+        if self.loss == "full_softmax":
+            # Columns are the whole catalogue; each positive sits at its id.
+            return self._softmax(
+                outputs, outputs["catalogue_embeddings"], similarity_fn, sample_weight,
+                positive_positions=outputs["candidate_ids"],
+            )  # fmt: skip
+        return self._batch_softmax(outputs, similarity_fn, sample_weight)
+
+    def _batch_softmax(
+        self,
+        outputs: RetrievalOutputs,
+        similarity_fn: SimilarityFn,
+        sample_weight: Tensor | None,
+    ) -> Tensor:
+        """`"softmax"` and `"sampled_softmax"`: the batch's candidates as negatives
+        (every replica's, with `cross_replica_negatives`), then any uniform samples."""
+        probability = outputs.get(SAMPLING_PROBABILITY)
+        log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
+        ids = outputs.get("candidate_ids") if self.remove_accidental_hits else None
+        embeddings = outputs["candidate_embeddings"]
+        positives = None
+        if self.cross_replica_negatives:  # (unchanged off tf.distribute)
+            embeddings, ids, log_q, positives = backend_module().global_negatives(
+                embeddings, ids, log_q
+            )
+        if self.loss == "sampled_softmax":
+            embeddings = ops.concatenate(
+                [embeddings, outputs["sampled_candidate_embeddings"]], axis=0
+            )
+            if ids is not None:
+                ids = ops.concatenate(
+                    [ops.cast(ids, "int32"), outputs["sampled_candidate_ids"]], axis=0
+                )
+            if log_q is not None:
+                assert self.num_sampled_negatives and self.catalogue_size
+                uniform = float(np.log(self.num_sampled_negatives / self.catalogue_size))
+                log_q = ops.concatenate(
+                    [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
+                )
+        return self._softmax(
+            outputs, embeddings, similarity_fn, sample_weight,
+            positive_positions=positives, candidate_ids=ids, log_q=log_q,
+        )  # fmt: skip
+
+    def _softmax(
+        self,
+        outputs: RetrievalOutputs,
+        columns: Tensor,
+        similarity_fn: SimilarityFn,
+        sample_weight: Tensor | None,
+        *,
+        positive_positions: Tensor | None,
+        candidate_ids: Tensor | None = None,
+        log_q: Tensor | None = None,
+    ) -> Tensor:
+        return losses.retrieval_softmax(
+            similarity_fn(outputs["query_embeddings"], columns),
+            positive_positions,
+            temperature=self.temperature,
+            candidate_ids=candidate_ids,
+            log_candidate_probability=log_q,
+            num_hard_negatives=self.num_hard_negatives,
+            sample_weight=sample_weight,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        """The model's constructor arguments this task stands for."""
+        return {
+            "loss": self.loss,
+            "temperature": self.temperature,
+            "remove_accidental_hits": self.remove_accidental_hits,
+            "num_hard_negatives": self.num_hard_negatives,
+            "catalogue_size": self.catalogue_size,
+            "num_sampled_negatives": self.num_sampled_negatives,
+            "cross_replica_negatives": self.cross_replica_negatives,
+        }
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
+
+
+def _check(
+    *,
+    loss: str,
+    temperature: float,
+    remove_accidental_hits: bool,
+    num_hard_negatives: int | None,
+    catalogue_size: int | None,
+    num_sampled_negatives: int | None,
+    cross_replica_negatives: bool,
+    candidate_id_limit: tuple[int, str] | None,
+) -> None:
+    """Checks the task's arguments together (see `TwoTowerRetrieval`)."""
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
+    losses._check_temperature(temperature)
+    losses._check_num_hard_negatives(num_hard_negatives)
+    if loss in CATALOGUE_LOSSES and not _is_positive_int(catalogue_size):
+        raise ValueError(
+            f"loss={loss!r} needs `catalogue_size`, the number of candidate ids "
+            f"(ids run from 0 to catalogue_size - 1). Received: {catalogue_size!r}"
+        )
+    if catalogue_size is not None and not _is_positive_int(catalogue_size):
+        raise ValueError(
+            "`catalogue_size` must be a positive integer (ids run from 0 to "
+            f"catalogue_size - 1), or None. Received: {catalogue_size!r}"
+        )
+    limit = candidate_id_limit
+    if catalogue_size is not None and limit is not None and catalogue_size > limit[0]:
+        raise ValueError(
+            f"`catalogue_size` (={catalogue_size}) must not exceed {limit[1]} "
+            f"(={limit[0]}): the catalogue losses and metrics embed every id below it."
+        )
+    if loss == "sampled_softmax" and not _is_positive_int(num_sampled_negatives):
+        raise ValueError(
+            "loss='sampled_softmax' needs `num_sampled_negatives`, a positive "
+            f"integer. Received: {num_sampled_negatives!r}"
+        )
+    if not isinstance(remove_accidental_hits, (bool, np.bool_)):
+        raise ValueError(
+            f"`remove_accidental_hits` must be True or False. Received: {remove_accidental_hits!r}"
+        )
+    if num_sampled_negatives is not None and loss != "sampled_softmax":
+        raise ValueError(
+            "`num_sampled_negatives` applies to loss='sampled_softmax' only. Received "
+            f"loss={loss!r} and num_sampled_negatives={num_sampled_negatives!r}"
+        )
+    if loss == "mse" and (remove_accidental_hits or num_hard_negatives is not None):
+        raise ValueError(
+            "`remove_accidental_hits` and `num_hard_negatives` apply to the softmax "
+            "losses only. Received loss='mse'."
+        )
+    if loss == "full_softmax" and remove_accidental_hits:
+        raise ValueError(
+            "`remove_accidental_hits` applies to loss='softmax' and 'sampled_softmax', "
+            "whose negatives are other rows' candidates; loss='full_softmax' scores each "
+            "positive once against the catalogue, so there is nothing to remove."
+        )
+    if not isinstance(cross_replica_negatives, (bool, np.bool_)):
+        raise ValueError(
+            "`cross_replica_negatives` must be True or False. Received: "
+            f"{cross_replica_negatives!r}"
+        )
