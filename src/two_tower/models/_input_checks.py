@@ -26,6 +26,7 @@ from two_tower.models.retrieval_outputs import (
     SAMPLING_PROBABILITY,
     is_pair,
 )
+from two_tower.towers.tower_ids import tower_ids
 
 if TYPE_CHECKING:
     from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
@@ -64,39 +65,23 @@ def id_limit(model: TwoTowerRetrieval, side: str) -> tuple[int, str] | None:
 
 
 def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | None:
-    """The id range of a tower known to take ids (an Embedding first, an IdEmbeddingTower)."""
-    from two_tower.sparse.sparse_embedding import SparseEmbedding
-    from two_tower.towers.id_embedding_tower import IdEmbeddingTower
-
-    if isinstance(tower, keras.Sequential) and tower.layers:
-        tower = tower.layers[0]
-    if isinstance(tower, (keras.layers.Embedding, SparseEmbedding)):
-        return int(tower.input_dim), f"the {side} tower's Embedding input_dim"
-    if isinstance(tower, IdEmbeddingTower):
-        return tower.vocabulary_size, f"the {side} tower's vocabulary_size"
-    return None
-
-
-def _takes_id_vectors(tower: keras.layers.Layer) -> bool:
-    """Towers that map `[batch]` ids to `[batch, dim]`: an Embedding, an IdEmbeddingTower."""
-    from two_tower.sparse.sparse_embedding import SparseEmbedding
-    from two_tower.towers.id_embedding_tower import IdEmbeddingTower
-
-    return isinstance(tower, (keras.layers.Embedding, SparseEmbedding, IdEmbeddingTower))
+    """The id range a tower declares (`two_tower.towers.tower_ids`), or None."""
+    declared = tower_ids(tower)
+    bound = None if declared is None else declared.id_range()
+    return None if bound is None else (bound.size, f"the {side} tower's {bound.source}")
 
 
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
-    tower = model.query_tower if side == QUERY else model.candidate_tower
-    if _is_array_like(features) and getattr(tower, "takes_feature_dict", False):
-        # A bare array for a tower that reads a dict (a HistoryTower): its own message,
-        # before the id checks below would read the array as ids. (Batches, a
-        # tf.data.Dataset or a PyDataset of dicts, pass: each batch is a dict.)
-        tower.check_feature_ranges(features, argument)
+    declared = tower_ids(model.query_tower if side == QUERY else model.candidate_tower)
+    if declared is not None and declared.id_range() is None and _is_array_like(features):
+        # A bare array for a tower that reads a dict: its own message, before the id
+        # checks below would read the array as ids. (Batches, a tf.data.Dataset or a
+        # PyDataset of dicts, pass: each batch is a dict.)
+        declared.check_feature_ranges(features, argument)
     checked = _check_ids(model, features, side, argument)
-    check_ranges = getattr(tower, "check_feature_ranges", None)
-    if check_ranges is not None and isinstance(checked, Mapping):
-        check_ranges(checked, argument)
+    if declared is not None and isinstance(checked, Mapping):
+        declared.check_feature_ranges(checked, argument)
     return checked
 
 
@@ -143,7 +128,11 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
     if not _is_array_like(ids):
         return features
     array, converted = np.asarray(ids), False
-    if _takes_id_vectors(tower) and not isinstance(features, Mapping) and array.ndim != 1:
+    if (
+        tower_id_limit(tower, side) is not None
+        and not isinstance(features, Mapping)
+        and array.ndim != 1
+    ):
         raise ValueError(
             f"{name} ids in {where} must be a 1D array, one id per row: the {side} tower "
             f"maps [batch] ids to [batch, dim] embeddings. Received shape {array.shape}"
@@ -497,9 +486,9 @@ def catalogue_features(model: TwoTowerRetrieval, features: Any) -> dict[str, np.
                 f"shape {array.shape}"
             )
         arrays[name] = array
-    check_ranges = getattr(model.candidate_tower, "check_feature_ranges", None)
-    if check_ranges is not None:
-        check_ranges(arrays, "the catalogue features")
+    declared = tower_ids(model.candidate_tower)
+    if declared is not None:
+        declared.check_feature_ranges(arrays, "the catalogue features")
     key = model.candidate_id_key
     ids = arrays.get(key) if key is not None else None
     if ids is not None and not np.array_equal(ids, np.arange(model.catalogue_size)):

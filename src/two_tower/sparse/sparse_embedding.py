@@ -11,6 +11,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower.backends import backend_module
 from two_tower.sparse import _sparse_training
+from two_tower.towers.tower_ids import IdRange
 from two_tower.types import Tensor
 
 
@@ -170,6 +171,14 @@ class SparseEmbedding(keras.layers.Layer):
         if self.embeddings_regularizer is not None:
             self.add_loss(self.embeddings_regularizer(rows))
         return ops.cast(rows, self.compute_dtype)
+
+    def id_range(self) -> IdRange:
+        """Ids in `[0, input_dim)`, as a tower (see `two_tower.towers.tower_ids`)."""
+        return IdRange(self.input_dim, "Embedding input_dim")
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None:
+        """Nothing beyond `id_range`: the model checks the ids against it."""
+        del features, where
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         return (*tuple(input_shape), self.output_dim)

@@ -255,15 +255,22 @@ class FeatureTower(keras.layers.Layer):
             self.check_feature_ranges(features)
         else:
             # Keras would convert it first, failing in each backend's own words.
-            names = [*self.categorical, *self.multivalued, *self.numeric]
-            kind = getattr(features, "dtype", type(features).__name__)
-            raise ValueError(
-                f"FeatureTower {self.name!r} takes a dict of features {names}. Received "
-                f"{type(features).__name__} of {kind}."
-            )
+            self._refuse_array(features)
         return super().__call__(features, *args, **kwargs)
 
-    def check_feature_ranges(self, features: Mapping[str, Any], where: str = "features") -> None:
+    def _refuse_array(self, features: Any) -> None:
+        names = [*self.categorical, *self.multivalued, *self.numeric]
+        kind = getattr(features, "dtype", type(features).__name__)
+        raise ValueError(
+            f"FeatureTower {self.name!r} takes a dict of features {names}. Received "
+            f"{type(features).__name__} of {kind}."
+        )
+
+    def id_range(self) -> None:
+        """None: the tower takes a dict of features (see `two_tower.towers.tower_ids`)."""
+        return None
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None:
         """Checks NumPy-like features on the host: indices in range, one row count.
 
         JAX gathers out-of-range ids silently (a NaN or a wrong row), while
@@ -275,10 +282,12 @@ class FeatureTower(keras.layers.Layer):
             where: how the caller names `features` in the error.
 
         Raises:
-            ValueError: on a categorical index outside `[0, size)`, a
+            ValueError: features that are not a dict; a categorical index outside `[0, size)`, a
                 multi-valued index of `size` or more (negative values are
                 padding), or features with different row counts.
         """
+        if not isinstance(features, Mapping):
+            self._refuse_array(features)
         rows: dict[str, int] = {}
         for name, value in features.items():
             if not isinstance(value, (np.ndarray, list, tuple)):

@@ -110,10 +110,6 @@ class HistoryTower(keras.layers.Layer):
         True
     """
 
-    # A tower over a dict of features: a model's host-side checks hand it a bare
-    # array too (`check_feature_ranges` refuses it in its own words).
-    takes_feature_dict = True
-
     def __init__(
         self,
         num_items: int | None = None,
@@ -341,6 +337,10 @@ class HistoryTower(keras.layers.Layer):
     def _expected(self) -> str:
         ages = "" if self.age_key is None else f", {self.age_key!r}: ages"
         return f"{{{self.history_key!r}: [batch, {self.max_length}] item indices{ages}}}"
+
+    def id_range(self) -> None:
+        """None: the tower takes a dict of features (see `two_tower.towers.tower_ids`)."""
+        return None
 
     def check_feature_ranges(self, features: Any, where: str = "features") -> None:
         """Checks the features on the host: a dict with the history (and ages), in range.

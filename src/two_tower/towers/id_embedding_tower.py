@@ -10,6 +10,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower.distribution import _sharding
 from two_tower.sparse.sparse_embedding import SparseEmbedding
+from two_tower.towers.tower_ids import IdRange
 from two_tower.types import Tensor
 
 BIASES = (None, "learned", "constant")
@@ -137,6 +138,14 @@ class IdEmbeddingTower(keras.layers.Layer):
         if self.bias == "constant":
             return ops.concatenate([embedded, ops.ones_like(embedded[..., :1])], axis=-1)
         return embedded
+
+    def id_range(self) -> IdRange:
+        """Ids in `[0, vocabulary_size)` (see `two_tower.towers.tower_ids`)."""
+        return IdRange(self.vocabulary_size, "vocabulary_size")
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None:
+        """Nothing beyond `id_range`: the model checks the ids against it."""
+        del features, where
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         return (*tuple(input_shape), self.embedding_dim + (self.bias is not None))

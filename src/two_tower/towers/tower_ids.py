@@ -1,0 +1,72 @@
+"""What a tower declares about its inputs, so the model can check them on the host."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import keras
+
+
+class IdRange(NamedTuple):
+    """Ids in `[0, size)`; `source` names where the bound comes from, for errors."""
+
+    size: int
+    source: str
+
+
+@runtime_checkable
+class TowerIds(Protocol):
+    """A tower that declares its id range and checks its own features.
+
+    `TwoTowerRetrieval` checks NumPy-like inputs on the host before any compiled
+    step, because JAX gathers out-of-range ids silently while TensorFlow and torch
+    raise in their own words. It asks the tower through this protocol, never by
+    its type, so a new tower only implements these two methods:
+
+    - `id_range()`: the `IdRange` of a tower that maps `[batch]` integer ids to
+      `[batch, dim]` (`IdEmbeddingTower`, `SparseEmbedding`); None for a tower
+      over a dict of features (`FeatureTower`, `HistoryTower`), whose id feature,
+      if any, the model names with `query_id_key` / `candidate_id_key`.
+    - `check_feature_ranges(features, where)`: raises `ValueError` on inputs the
+      tower would gather out of range; given a bare array, a tower over a dict
+      raises saying so. `where` is how the caller names `features`.
+
+    A tower that does not implement it (a custom layer) gets the checks that hold
+    for any tower: only negative integer ids raise. Keras' own `Embedding` (alone,
+    or first in a `Sequential`) is read through `tower_ids`.
+
+    Example:
+        >>> from two_tower.towers.tower_ids import tower_ids
+        >>> tower_ids(two_tower.IdEmbeddingTower(50, 8)).id_range()
+        IdRange(size=50, source='vocabulary_size')
+        >>> tower_ids(keras.layers.Embedding(7, 4)).id_range().size
+        7
+    """
+
+    def id_range(self) -> IdRange | None: ...
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None: ...
+
+
+class _KerasEmbedding:
+    """`TowerIds` of Keras' own `Embedding`, which cannot implement it itself."""
+
+    def __init__(self, layer: keras.layers.Embedding) -> None:
+        self.size = int(layer.input_dim)
+
+    def id_range(self) -> IdRange:
+        return IdRange(self.size, "Embedding input_dim")
+
+    def check_feature_ranges(self, features: Any, where: str = "features") -> None:
+        del features, where  # its ids are checked against `id_range`
+
+
+def tower_ids(tower: keras.layers.Layer) -> TowerIds | None:
+    """What `tower` declares about its inputs, or None for a tower that declares nothing."""
+    if isinstance(tower, keras.Sequential) and tower.layers:
+        tower = tower.layers[0]
+    if isinstance(tower, TowerIds):
+        return tower
+    if isinstance(tower, keras.layers.Embedding):
+        return _KerasEmbedding(tower)
+    return None
