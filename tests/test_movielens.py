@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,7 +296,7 @@ def test_env_var_sets_the_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv(movielens.ENV_VAR, str(tmp_path))
     assert movielens.cache_root() == tmp_path
     monkeypatch.delenv(movielens.ENV_VAR)
-    assert movielens.cache_root() == movielens.Path(os.path.expanduser("~/.keras/datasets"))
+    assert movielens.cache_root() == Path(os.path.expanduser("~/.keras/datasets"))
 
 
 def test_a_grouplens_file_as_data_dir_uses_its_folder(fixture_dir):

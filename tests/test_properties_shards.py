@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from two_tower.datasets import ShardDataset, synthetic
-from two_tower.datasets._files import sha256
+from two_tower.saving._files import sha256
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev")

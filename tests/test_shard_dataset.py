@@ -57,7 +57,7 @@ def add_rating_column(folder):
         items = np.load(folder / shard["name"] / "item.npy")
         rating = ((users + items) % 5 + 1).astype("float32")
         np.save(folder / shard["name"] / "rating.npy", rating)
-        shard["sha256"]["rating"] = two_tower.datasets._files.sha256(
+        shard["sha256"]["rating"] = two_tower.saving._files.sha256(
             folder / shard["name"] / "rating.npy"
         )
         ratings.append(rating)
@@ -247,8 +247,8 @@ def test_tensorflow_streams_the_same_batches_one_call_per_shard(log_folder):
     expected = _epoch_batches(folder, 2)
     dataset = ShardDataset(folder, batch_size=64)
     calls = []
-    shard = dataset._epoch_shard
-    dataset._epoch_shard = lambda position: calls.append(position) or shard(position)
+    shard = dataset.epoch_shard
+    dataset.epoch_shard = lambda position: calls.append(position) or shard(position)
     stream = tf_backend.fit_input(dataset)
     assert int(stream.cardinality()) == len(dataset) == 11
     for batches in expected:  # 700 rows in shards of 300, 300, 100: batches straddle shards

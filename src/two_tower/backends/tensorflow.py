@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
@@ -153,12 +152,12 @@ def shard_stream(dataset: Any) -> tf.data.Dataset:
     epoch, as a pass over the `PyDataset` is. Memory: O(shard), as with the
     `PyDataset`.
     """
-    first = dataset._columns(int(dataset._plan[0][0]), np.arange(1))  # with any label
-    names = sorted(first)
-    dtypes = [tf.as_dtype(first[name].dtype) for name in names]
+    column_dtypes = dataset.column_dtypes()  # with any label
+    names = sorted(column_dtypes)
+    dtypes = [tf.as_dtype(column_dtypes[name]) for name in names]
 
     def shard_rows(position: Any) -> list[Any]:
-        columns = dataset._epoch_shard(int(position))
+        columns = dataset.epoch_shard(int(position))
         return [columns[name] for name in names]
 
     def shard_batches(position: Any) -> tf.data.Dataset:

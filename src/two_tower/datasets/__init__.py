@@ -1,7 +1,7 @@
 """Datasets as plain NumPy dicts of arrays, and sharded logs streamed from disk."""
 
 from two_tower.datasets import movielens, synthetic
-from two_tower.datasets.movielens_tables import MovieLensTables
+from two_tower.datasets.movielens.tables import MovieLensTables
 from two_tower.datasets.shard_dataset import ShardDataset
 
 __all__ = ["MovieLensTables", "ShardDataset", "movielens", "synthetic"]

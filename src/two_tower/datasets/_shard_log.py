@@ -21,7 +21,6 @@ the shards are written once, so this costs nothing at 10^8 rows.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from two_tower.saving._files import fsync_folder
 
 MANIFEST = "manifest.json"
 FORMAT = "two_tower.synthetic/2"
@@ -178,16 +179,6 @@ def check_shard_folders(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------- writing
-def _fsync_folder(folder: Path) -> None:
-    """Makes a rename inside `folder` durable (where the OS can open a folder)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
 def _swap_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Writes `folder/manifest.json` in one `os.replace`: the old one or the new, never half."""
     temporary = folder / f".{MANIFEST}.{secrets.token_hex(4)}.tmp"
@@ -199,7 +190,7 @@ def _swap_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         os.replace(temporary, folder / MANIFEST)
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _current_manifest(target: Path) -> dict[str, Any] | None:
@@ -308,6 +299,6 @@ def replace_log(target: Path, overwrite: bool, fill: Callable[[Path, str], dict[
             os.rename(aside, target)  # put the replaced folder back
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return target

@@ -14,12 +14,14 @@ import numpy as np
 
 from two_tower import _arguments
 from two_tower.datasets import _shard_log
-from two_tower.datasets._files import sha256 as _sha256
 from two_tower.datasets._shard_log import MANIFEST
-from two_tower.models._input_checks import SAMPLING_PROBABILITY
+from two_tower.saving._files import sha256 as _sha256
 
 # The key of the label column in `_columns`' dicts, split off as `y` for `fit`.
 LABEL = "__label__"
+# The model input that carries each candidate's share of the log, for the logQ
+# correction: `TwoTowerRetrieval` reads `x["candidate_sampling_probability"]`.
+SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 
 class ShardDataset(keras.utils.PyDataset):
@@ -316,16 +318,39 @@ class ShardDataset(keras.utils.PyDataset):
         x = dict(batch)
         return x, x.pop(LABEL)
 
-    def _epoch_shard(self, position: int) -> dict[str, np.ndarray]:
+    def epoch_shard(self, position: int) -> dict[str, np.ndarray]:
         """All rows of this epoch's `position`-th shard, in this epoch's order.
 
         Concatenated in the epoch's shard order and cut every `batch_size`
         rows, these are exactly the batches `__getitem__` gives (the
-        TensorFlow backend streams them so, one Python call per shard).
+        TensorFlow backend streams them so, one Python call per shard). Reading
+        position 0 starts the next epoch when the current one was finished,
+        and the last position finishes it, as batch 0 and the last batch do.
+
+        Args:
+            position: the shard's position in this epoch's order, in
+                `[0, num_shards)`.
+
+        Returns:
+            The shard's inputs keyed by model input name, ids checked; with a
+            `label`, also the label column under the key `"__label__"`, which
+            `split_label` splits off.
         """
         self._serve(position, self.num_shards)
         shard = int(self._plan[0][position])
         return self._columns(shard, self._rows_of(shard))
+
+    def column_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype of each array `epoch_shard` returns, by key; the epoch does not move.
+
+        For a `tf.data` signature. Unlike `peek`, the label is included (under
+        `"__label__"`) when there is one.
+
+        Returns:
+            Key -> NumPy dtype, with the keys of `epoch_shard`'s dicts.
+        """
+        first = self._columns(int(self._plan[0][0]), np.arange(1))  # with any label
+        return {name: values.dtype for name, values in first.items()}
 
     def _serve(self, part: int, parts: int) -> None:
         """Notes that batch (or shard) `part` of `parts` is read, moving the epoch.

@@ -31,7 +31,7 @@ import numpy as np
 
 from two_tower import _arguments
 from two_tower.datasets import _shard_log
-from two_tower.datasets._files import sha256 as _sha256
+from two_tower.saving._files import sha256 as _sha256
 
 MANIFEST = _shard_log.MANIFEST
 _WRITE = "write_shards"

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from two_tower.datasets._files import check_last_line
-from two_tower.datasets.movielens_tables import MovieLensTables
+from two_tower.datasets.movielens._grouplens import check_last_line
+from two_tower.datasets.movielens._releases import FILES
+from two_tower.datasets.movielens.tables import MovieLensTables
 
 # The official row counts (the GroupLens READMEs): ratings, movies (rows of the
 # movies file) and users (rows of users.dat, or distinct raters without one).
@@ -23,11 +24,6 @@ OFFICIAL_COUNTS = {
     "1m": {"ratings": 1_000_209, "movies": 3_883, "users": 6_040},
     "20m": {"ratings": 20_000_263, "movies": 27_278, "users": 138_493},
     "25m": {"ratings": 25_000_095, "movies": 62_423, "users": 162_541},
-}
-FILES = {
-    "1m": ("ratings.dat", "movies.dat", "users.dat"),
-    "20m": ("ratings.csv", "movies.csv"),
-    "25m": ("ratings.csv", "movies.csv"),
 }
 # ml-1m's users.dat occupation codes, as its README lists them (tfds's texts).
 OCCUPATIONS_1M = (
