@@ -159,11 +159,11 @@ def test_negative_zero_ties_with_zero():
 
 
 def test_stable_top_k_against_numpy():
-    from two_tower.retrieval.brute_force_index import _stable_top_k
+    from two_tower.retrieval.top_k import stable_top_k
 
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, size=(9, 50)).astype("float32")
-    values, columns = _stable_top_k(scores, 20)
+    values, columns = stable_top_k(scores, 20)
     expected = np.array([np.lexsort((np.arange(50), -row))[:20] for row in scores])
     np.testing.assert_array_equal(np.asarray(columns), expected)
     np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(scores, expected, 1))

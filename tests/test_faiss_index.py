@@ -60,6 +60,28 @@ def test_export_from_a_model_and_save_load(tmp_path):
     assert ids.dtype.kind == "U"
 
 
+def test_exclusions_with_string_ids_and_a_partial_probe():
+    # Exclusions fetch more results from faiss and drop the excluded ones; with
+    # every list probed the result is the exact top k among the rest.
+    candidates = clustered(600)
+    queries = clustered(6, seed=2)
+    names = np.array([f"item{i}" for i in range(600)])
+    ann = two_tower.FaissIndex(nlist=8, nprobe=8)
+    ann.index(candidates, names)
+    best = numpy_top_k_ids(queries, candidates, 20)
+    exclude = [list(names[row[:15]]) for row in best[:3]] + [None, [], {names[best[5, 0]]}]
+    _, ids = ann.search(queries, k=5, exclude=exclude)
+    expected = [row[15:20] for row in best[:3]] + [best[3, :5], best[4, :5], best[5, 1:6]]
+    np.testing.assert_array_equal(ids, names[np.array(expected)])
+    np.testing.assert_array_equal(ann.positions_of(names[[5, 0]]), [5, 0])
+    with pytest.raises(ValueError, match=r"2 ids are not in the indexed catalogue"):
+        ann.positions_of(["nope", "gone"])
+    with pytest.raises(ValueError, match="each entry of `exclude` must be a sequence"):
+        ann.search(queries, k=5, exclude=["item1"] * 6)
+    with pytest.raises(ValueError, match=r"leaves fewer than k=5"):
+        ann.search(queries[:1], k=5, exclude=[list(names[:596])])
+
+
 def test_recall_against_exact():
     assert recall_against_exact([[1, 2, 3], [4, 5, 6]], [[3, 2, 1], [4, 0, 9]]) == pytest.approx(
         (3 + 1) / 6
@@ -89,7 +111,8 @@ def test_bad_input_raises(tmp_path):
         two_tower.FaissIndex(nprobe=0)
     with pytest.raises(FileNotFoundError, match="nothing: no such folder"):
         two_tower.FaissIndex.load(tmp_path / "nothing")
-    assert two_tower.FaissIndex(nlist=3, nprobe=2).get_config() == {
+    config = two_tower.FaissIndex(nlist=3, nprobe=2).get_config()
+    expected = {
         "nlist": 3,
         "nprobe": 2,
         "train_size": None,
@@ -98,13 +121,16 @@ def test_bad_input_raises(tmp_path):
         "calibration_k": 100,
         "pq_subquantizers": None,
     }
+    # Plus the Keras layer's own keys (name, trainable, dtype).
+    assert {key: config[key] for key in expected} == expected
+    assert two_tower.FaissIndex.from_config(config).get_config() == config
 
 
 def test_default_nprobe_reads_about_64_candidates_per_result():
     candidates = clustered(10_000, components=200)
     ann = two_tower.FaissIndex()
     ann.index(candidates)
-    nlist = ann._index.nlist
+    nlist = ann._catalogue.index.nlist
     assert nlist == 100  # sqrt(10,000)
     # 64 x k candidates over lists of 100: k=100 reads 64 lists, k=10 the floor of 16.
     assert ann.nprobe_for(100) == 64 and ann.nprobe_for(10) == 16
@@ -150,7 +176,7 @@ def test_ivf_pq_compresses_and_reports_its_recall():
     queries = clustered(50, dim=16, components=60, seed=8)
     ann = two_tower.FaissIndex(pq_subquantizers=8, target_recall=0.5, calibration_k=10)
     ann.index(candidates, calibration_queries=queries)
-    assert ann._index.code_size == 8  # 8 bytes a vector instead of 64
+    assert ann._catalogue.index.code_size == 8  # 8 bytes a vector instead of 64
     measured = recall_against_exact(
         ann.search(queries, k=10)[1], numpy_top_k_ids(queries, candidates, 10)
     )

@@ -201,7 +201,7 @@ def test_saving_and_loading_never_gather_the_catalogue(tmp_path, monkeypatch):
     def refuse(catalogue):
         raise AssertionError("the whole catalogue was gathered")
 
-    monkeypatch.setattr(two_tower.retrieval.brute_force_index, "_host_embeddings", refuse)
+    monkeypatch.setattr(two_tower.retrieval._indexed_catalogue, "host_embeddings", refuse)
     loaded = save_and_load(model, tmp_path)
     assert loaded.candidate_index.num_candidates == 300
     monkeypatch.undo()

@@ -319,3 +319,19 @@ def npy_blocks(path: str | os.PathLike[str], rows: int = BLOCK_ROWS) -> Iterator
             if block.size != count:
                 raise ValueError(f"{path} is truncated: it ends inside row {start}.")
             yield block.reshape(-1, dim)
+
+
+def row_pieces(rows: Any) -> Iterator[np.ndarray]:
+    """Row blocks of an array or a `ChunkStore`, without copying."""
+    if isinstance(rows, ChunkStore):
+        return rows.pieces()
+    return (rows[i : i + BLOCK_ROWS] for i in range(0, len(rows), BLOCK_ROWS))
+
+
+def take_rows(rows: Any, positions: np.ndarray) -> np.ndarray:
+    """`rows[positions]` (sorted positions) from an array or a `ChunkStore`, as float32."""
+    if not isinstance(rows, ChunkStore):
+        return np.ascontiguousarray(rows[positions], dtype="float32")
+    chunk_of = positions // rows.width
+    parts = [rows.chunks[c][positions[chunk_of == c] - c * rows.width] for c in np.unique(chunk_of)]
+    return np.ascontiguousarray(np.concatenate(parts), dtype="float32")

@@ -6,37 +6,39 @@ import contextlib
 import json
 import math
 import os
-import re
 import secrets
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
-from keras import ops
 
 from two_tower import _arguments
-from two_tower.datasets._files import sha256
-from two_tower.retrieval import _catalogue_store
-from two_tower.retrieval._catalogue_store import ChunkStore
-from two_tower.retrieval.brute_force_index import BruteForceIndex, _check_catalogue, _checked_ids
-from two_tower.saving import _fsync
-
-# Written by `save` before this version (no manifest): still loaded, unchecked.
-_FAISS_FILE = "index.faiss"
-_IDS_FILE = "candidate_ids.npy"
-# The manifest names the current files (`index-<token>.faiss`,
-# `candidate_ids-<token>.npy`) with their sizes and SHA-256; replacing it is the
-# one rename that commits a save.
-_MANIFEST = "faiss_index.json"
-_FORMAT = "two_tower.FaissIndex"
-_OURS = re.compile(
-    r"(index-[0-9a-f]+\.faiss|candidate_ids-[0-9a-f]+\.npy|\.faiss_index\.json\.tmp-[0-9a-f]+)"
+from two_tower.retrieval import _candidate_ids, _catalogue_store
+from two_tower.retrieval._candidate_ids import CandidateIds, check_catalogue, checked_ids
+from two_tower.retrieval._faiss_folder import (
+    FAISS_FILE,
+    FORMAT,
+    IDS_FILE,
+    MANIFEST,
+    OURS,
+    read_folder,
 )
-_PQ_CENTROIDS = 256  # 8-bit codes: each subquantizer trains 256 centroids
-_SEED_RANGE = 2**31  # faiss' k-means seed is a C int
+
+# `save` calls `_fsync`, `_size_and_hash` and `_remove_stale_files` by their names
+# in this module: tests/test_bad_input_serving.py kills a save at each of them.
+from two_tower.retrieval._faiss_folder import size_and_hash as _size_and_hash
+from two_tower.retrieval._faiss_search import check_inner_product, checked_queries, without_excluded
+from two_tower.retrieval._faiss_training import calibrated_nprobe, trained_index
+from two_tower.retrieval.brute_force_index import BruteForceIndex
+from two_tower.retrieval.candidate_index import CandidateIndex
+from two_tower.saving import _fsync
+from two_tower.types import SimilarityFn
+
 MIN_NPROBE = 16  # lists read at least, by default
 SCAN_PER_RESULT = 64  # candidates read per requested result, by default
+_CALIBRATION_FILE = "calibration.json"  # beside the saved folder, in a `.keras` file
 
 
 def _faiss() -> Any:
@@ -49,7 +51,8 @@ def _faiss() -> Any:
     return faiss
 
 
-class FaissIndex:
+@keras.saving.register_keras_serializable(package="two_tower")
+class FaissIndex(keras.layers.Layer, CandidateIndex):
     """Approximate inner-product top-k with a faiss inverted-file (IVF) index.
 
     The exact `BruteForceIndex` reads every candidate for every query. Past a
@@ -83,7 +86,15 @@ class FaissIndex:
     shows.
 
     Ids stay in NumPy as in `BruteForceIndex` (int64 or strings); faiss sees
-    only positions.
+    only positions. The first exclusion or `positions_of` also sorts them (16
+    more bytes per candidate, as `BruteForceIndex` holds from the start).
+
+    **As a model's index.** It is a `two_tower.retrieval.CandidateIndex`,
+    so `TwoTowerRetrieval(..., candidate_index=two_tower.FaissIndex())` serves
+    `recommend` and `similar_items` approximately, exclusions included, and a
+    `.keras` save holds the faiss index (and the calibrated `nprobe`) as assets.
+    Scores are inner products: a model whose `compute_similarities` scores
+    otherwise raises at search.
 
     Args:
         nlist: number of inverted lists; defaults to about `sqrt(candidates)`
@@ -104,6 +115,7 @@ class FaissIndex:
         pq_subquantizers: if set, an IVF-PQ index with this many 8-bit
             subquantizers (a divisor of the dim): `pq_subquantizers` bytes per
             vector instead of `4 × dim`.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, ...).
 
     Integer and float arguments may be Python or NumPy scalars (`np.int64(16)`,
     `np.float32(0.9)`); they are kept as Python numbers.
@@ -137,7 +149,9 @@ class FaissIndex:
         target_recall: float | None = None,
         calibration_k: int = 100,
         pq_subquantizers: int | None = None,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         owner = "FaissIndex"
 
         def optional(name: str, value: Any) -> int | None:
@@ -162,8 +176,9 @@ class FaissIndex:
         """The `nprobe` that `target_recall` chose (None without one)."""
         self.calibrated_recall: float | None = None
         """The recall@`calibration_k` it reached on the calibration queries."""
-        self._index: Any = None
-        self._candidate_ids: np.ndarray | None = None
+        # Not tracked by Keras: the faiss index is saved as assets.
+        object.__setattr__(self, "_catalogue", None)
+        self.built = True
 
     @classmethod
     def from_index(
@@ -199,7 +214,20 @@ class FaissIndex:
     @property
     def num_candidates(self) -> int:
         """How many candidates are indexed (0 before `index`)."""
-        return 0 if self._candidate_ids is None else len(self._candidate_ids)
+        catalogue = self._catalogue
+        return 0 if catalogue is None else len(catalogue.ids)
+
+    @property
+    def candidate_ids(self) -> np.ndarray | None:
+        """The indexed candidate ids as a NumPy array, or None."""
+        catalogue = self._catalogue
+        return None if catalogue is None else catalogue.ids
+
+    def _snapshot(self) -> _FaissCatalogue:
+        catalogue: _FaissCatalogue | None = self._catalogue
+        if catalogue is None:
+            raise ValueError("The index is empty. Call `index(candidate_embeddings)` first.")
+        return catalogue
 
     def index(
         self, candidate_embeddings: Any, candidate_ids: Any = None, calibration_queries: Any = None
@@ -228,7 +256,7 @@ class FaissIndex:
         """
         blocks, rows = _catalogue_store.blocks_of(candidate_embeddings)
         if rows is not None:  # one array
-            embeddings, ids, _ = _check_catalogue(candidate_embeddings, candidate_ids)
+            embeddings, ids, _ = check_catalogue(candidate_embeddings, candidate_ids)
             store: Any = np.ascontiguousarray(embeddings, dtype="float32")
         else:
             store, paired_ids = _catalogue_store.assemble(
@@ -239,7 +267,7 @@ class FaissIndex:
                     "The catalogue blocks are (embeddings, ids) pairs, so `candidate_ids` "
                     "must be None."
                 )
-            ids, _, _ = _checked_ids(
+            ids, _, _ = checked_ids(
                 paired_ids if paired_ids is not None else candidate_ids, store.num_rows
             )
         self._build(store, ids, calibration_queries)
@@ -248,84 +276,21 @@ class FaissIndex:
         """Trains and fills the faiss index from `rows` (an array or a `ChunkStore`)."""
         faiss = _faiss()
         num, dim = rows.shape
-        nlist = self.nlist or max(1, min(round(math.sqrt(num)), num // 39))
-        if nlist > num:
-            raise ValueError(
-                f"`nlist` (={nlist}) must not exceed the candidates (={num}): k-means "
-                "needs a training row per list. Pass a smaller `nlist`, or None."
-            )
-        pq = self.pq_subquantizers
-        if pq is not None and dim % pq:
-            raise ValueError(f"`pq_subquantizers` (={pq}) must divide the embedding dim (={dim}).")
-        if pq is not None and num < _PQ_CENTROIDS:
-            raise ValueError(
-                f"IVF-PQ needs at least {_PQ_CENTROIDS} candidates to train its codebooks "
-                f"({_PQ_CENTROIDS} centroids per subquantizer). Received {num}: use IVF-Flat "
-                "(`pq_subquantizers=None`) for a catalogue this small."
-            )
-        default_size = 64 * nlist if pq is None else max(64 * nlist, _PQ_CENTROIDS * 39)
-        train_size = min(num, self.train_size or default_size)
-        needed = nlist if pq is None else max(nlist, _PQ_CENTROIDS)
-        if train_size < needed:
-            what = (
-                f"`nlist` (={nlist})"
-                if pq is None or nlist >= _PQ_CENTROIDS
-                else (f"the {_PQ_CENTROIDS} centroids of each IVF-PQ codebook")
-            )
-            raise ValueError(
-                f"`train_size` (={self.train_size}) must be at least {needed}: k-means needs a "
-                f"training row for each of {what}. Pass a larger `train_size`, or None "
-                f"(the default, {default_size} rows capped at the catalogue)."
-            )
         seed = self.seed if self.seed is not None else secrets.randbits(63)
-        rng = np.random.default_rng(seed)
-        sample = _take_rows(rows, np.sort(rng.choice(num, size=train_size, replace=False)))
-        quantizer = faiss.IndexFlatIP(dim)
-        if pq is None:
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq, 8, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed % _SEED_RANGE
-        index.train(sample)
-        for piece in _pieces(rows):
-            index.add(np.ascontiguousarray(piece, dtype="float32"))
-        self._index, self._candidate_ids = index, ids
+        rng = np.random.default_rng(seed)  # the training sample, then the calibration's
+        index = trained_index(
+            faiss, rows, self.nlist, self.pq_subquantizers, self.train_size, seed, rng
+        )
+        object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids))  # one swap
         self.calibrated_nprobe = self.calibrated_recall = None
         if self.target_recall is not None:
             if calibration_queries is None:
                 picked = np.sort(rng.choice(num, size=min(num, 256), replace=False))
-                calibration_queries = _take_rows(rows, picked)
-            self._calibrate(rows, _checked_queries(calibration_queries, dim))
-
-    def _calibrate(self, rows: Any, queries: np.ndarray) -> None:
-        """The smallest `nprobe` reaching `target_recall` (binary search over 1..nlist)."""
-        assert self.target_recall is not None
-        k = min(self.calibration_k, self.num_candidates)
-        exact = _exact_positions(queries, rows, k)
-        nlist = int(self._index.nlist)
-
-        def recall(nprobe: int) -> float:
-            parameters = _faiss().SearchParametersIVF(nprobe=nprobe)
-            _, found = self._index.search(queries, k, params=parameters)
-            hits = [len(np.intersect1d(f, e)) for f, e in zip(found, exact, strict=True)]
-            return float(np.mean(hits) / k)
-
-        low, high = 0, nlist  # recall(low) < target <= recall(high), or high = nlist
-        reached = {nlist: recall(nlist)}
-        while high - low > 1:
-            middle = (low + high) // 2
-            reached[middle] = recall(middle)
-            if reached[middle] >= self.target_recall:
-                high = middle
-            else:
-                low = middle
-        self.calibrated_nprobe, self.calibrated_recall = high, reached[high]
-        if reached[high] < self.target_recall:
-            warnings.warn(
-                f"FaissIndex: target_recall={self.target_recall} is out of reach; probing "
-                f"all {nlist} lists gives recall@{k} {reached[high]:.3f} (IVF-PQ loses "
-                "precision in its codes: raise `pq_subquantizers`, or use IVF-Flat).",
-                stacklevel=3,
+                calibration_queries = _catalogue_store.take_rows(rows, picked)
+            queries = checked_queries(calibration_queries, dim)
+            k = min(self.calibration_k, num)
+            self.calibrated_nprobe, self.calibrated_recall = calibrated_nprobe(
+                faiss, index, rows, queries, k, self.target_recall
             )
 
     def nprobe_for(self, k: int) -> int:
@@ -335,48 +300,97 @@ class FaissIndex:
             ValueError: the index is empty, or `k` is not an integer in
                 `[1, num_candidates]`.
         """
-        if self._index is None:
-            raise ValueError("The index is empty. Call `index(candidate_embeddings)` first.")
-        k = self._checked_k(k)
-        nlist = int(self._index.nlist)
+        catalogue = self._snapshot()
+        return self._nprobe(catalogue, self._checked_k(k))
+
+    def _nprobe(self, catalogue: _FaissCatalogue, k: int) -> int:
+        nlist = int(catalogue.index.nlist)
         if self.nprobe is not None:
             return min(self.nprobe, nlist)
         if self.calibrated_nprobe is not None:
             return self.calibrated_nprobe
-        per_list = self.num_candidates / nlist
+        per_list = len(catalogue.ids) / nlist
         return min(nlist, max(MIN_NPROBE, math.ceil(SCAN_PER_RESULT * k / per_list)))
 
-    def search(self, query_embeddings: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        query_embeddings: Any,
+        k: int = 10,
+        similarity_fn: SimilarityFn | None = None,
+        *,
+        exclude: Sequence[Any] | None = None,
+        ignore_unknown_exclusions: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-k ids for each query, best first.
 
         Args:
             query_embeddings: `[queries, dim]` array-like.
             k: results per query; `1 <= k <= num_candidates`.
+            similarity_fn: None, or a scoring function that must give the inner
+                product (e.g. an unchanged `TwoTowerRetrieval.compute_similarities`):
+                faiss scores nothing else. It is checked on a small random probe.
+            exclude: one sequence of candidate ids (or None) per query, left out
+                of that query's results, as in `BruteForceIndex.search`. The
+                search asks faiss for `k` more results per excluded id, and keeps
+                the best `k` that are not excluded.
+            ignore_unknown_exclusions: skip excluded ids that are not in the
+                catalogue instead of raising.
 
         Returns:
             `(scores, ids)`, NumPy arrays of shape `[queries, k]`. When the probed
             lists hold fewer than `k` candidates, the missing slots have score
             `-inf` and id -1 (or "" for string ids): raise `nprobe`. The lists
-            read are `nprobe_for(k)`.
+            read are `nprobe_for(k)` (`k` plus the most ids one query excludes).
 
         Raises:
             ValueError: if the index is empty, `k` is not an integer (Python or
-                NumPy) in `[1, num_candidates]`, or the queries are not numeric,
-                have the wrong dim or contain NaN or infinity.
+                NumPy) in `[1, num_candidates]`, the queries are not numeric,
+                have the wrong dim or contain NaN or infinity, `similarity_fn`
+                is not the inner product, or `exclude` is malformed, names
+                unknown ids, or leaves a query fewer than `k` candidates.
         """
-        if self._index is None or self._candidate_ids is None:
-            raise ValueError("The index is empty. Call `index(candidate_embeddings)` first.")
+        catalogue = self._snapshot()
         k = self._checked_k(k)
-        queries = _checked_queries(query_embeddings, int(self._index.d), "query_embeddings")
-        # A parameter object, not `self._index.nprobe`: searches may run concurrently.
-        parameters = _faiss().SearchParametersIVF(nprobe=self.nprobe_for(k))
-        scores, positions = self._index.search(queries, k, params=parameters)
+        dim = int(catalogue.index.d)
+        queries = checked_queries(query_embeddings, dim, "query_embeddings")
+        if similarity_fn is not None:
+            check_inner_product(similarity_fn, dim)
+        excluded, fetch = None, k
+        if exclude is not None:
+            excluded = _candidate_ids.exclusions(
+                catalogue.lookup(), exclude, len(queries), k, ignore_unknown_exclusions
+            )
+            if len(excluded[0]):
+                most = int(np.bincount(excluded[0]).max())
+                fetch = min(len(catalogue.ids), k + most)
+        # A parameter object, not `index.nprobe`: searches may run concurrently.
+        parameters = _faiss().SearchParametersIVF(nprobe=self._nprobe(catalogue, fetch))
+        scores, positions = catalogue.index.search(queries, fetch, params=parameters)
+        if excluded is not None and fetch > k:
+            scores, positions = without_excluded(scores, positions, excluded, k, len(catalogue.ids))
         missing = positions < 0
-        ids = self._candidate_ids[np.where(missing, 0, positions)]
+        ids = catalogue.ids[np.where(missing, 0, positions)]
         if missing.any():
             ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
             scores = np.where(missing, -np.inf, scores)
         return scores, ids
+
+    def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
+        """Catalogue positions of candidate ids, as `BruteForceIndex.positions_of`.
+
+        Args:
+            ids: 1D array-like of ids of the indexed kind (integers or strings).
+            ignore_unknown: return -1 for ids not in the catalogue instead of
+                raising.
+
+        Returns:
+            int64 positions, one per id.
+
+        Raises:
+            ValueError: if the index is empty, the ids are of another kind than
+                the indexed ids, or (unless `ignore_unknown`) an id is unknown.
+        """
+        return _candidate_ids.positions_of(self._snapshot().lookup(), ids, ignore_unknown)
 
     def _checked_k(self, k: Any) -> int:
         return _arguments.integer("k", k, maximum=self.num_candidates, owner="FaissIndex")
@@ -396,7 +410,8 @@ class FaissIndex:
             ValueError: the index is empty, or `folder` is an existing file.
             ImportError: faiss is not installed.
         """
-        if self._index is None or self._candidate_ids is None:
+        catalogue = self._catalogue
+        if catalogue is None:
             raise ValueError("Nothing to save: the index is empty.")
         path = Path(folder)
         if path.exists() and not path.is_dir():
@@ -409,26 +424,26 @@ class FaissIndex:
         written = []
         try:
             written.append(path / names["index"])
-            _faiss().write_index(self._index, str(written[-1]))
+            _faiss().write_index(catalogue.index, str(written[-1]))
             written.append(path / names["ids"])
             with open(written[-1], "wb") as handle:
-                np.save(handle, self._candidate_ids, allow_pickle=False)
+                np.save(handle, catalogue.ids, allow_pickle=False)
             files = {}
             for role, name in names.items():
                 _fsync(str(path / name), os.O_RDONLY)
                 files[role] = {"name": name, **_size_and_hash(path / name)}
             manifest = {
-                "format": _FORMAT,
+                "format": FORMAT,
                 "version": 1,
-                "num_candidates": self.num_candidates,
-                "dim": int(self._index.d),
+                "num_candidates": len(catalogue.ids),
+                "dim": int(catalogue.index.d),
                 "files": files,
             }
-            temporary = path / f".{_MANIFEST}.tmp-{token}"
+            temporary = path / f".{MANIFEST}.tmp-{token}"
             written.append(temporary)
             temporary.write_text(json.dumps(manifest, indent=1))
             _fsync(str(temporary), os.O_RDONLY)
-            os.replace(temporary, path / _MANIFEST)  # the commit
+            os.replace(temporary, path / MANIFEST)  # the commit
         except BaseException:
             for leftover in written:
                 with contextlib.suppress(OSError):
@@ -466,190 +481,71 @@ class FaissIndex:
                 + ("it is a file, not a folder." if path.exists() else "no such folder.")
             )
         ann = cls(**kwargs)
-        advice = "Save the index again, or restore the folder from a copy."
-        if (path / _MANIFEST).exists():
-            faiss_file, ids_file, manifest = _checked_manifest(path, advice)
-        else:
-            faiss_file, ids_file, manifest = path / _FAISS_FILE, path / _IDS_FILE, None
-            for file in (faiss_file, ids_file):
-                if not file.exists():
-                    raise FileNotFoundError(
-                        f"{file} is missing: not a saved FaissIndex (it has no {_MANIFEST} either)."
-                    )
-        try:
-            index = _faiss().read_index(str(faiss_file))
-        except RuntimeError as error:
-            raise ValueError(
-                f"Cannot load a FaissIndex from {path}: {faiss_file.name} is truncated or "
-                f"corrupt (faiss: {_faiss_reason(error)}). {advice}"
-            ) from error
-        try:
-            ids = np.load(ids_file, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise ValueError(
-                f"Cannot load a FaissIndex from {path}: {ids_file.name} is not a readable "
-                f"array of ids ({error}). {advice}"
-            ) from error
-        if ids.ndim != 1 or index.ntotal != len(ids):
-            raise ValueError(
-                f"Cannot load a FaissIndex from {path}: the faiss index holds "
-                f"{index.ntotal} vectors but {ids_file.name} holds ids of shape {ids.shape} "
-                f"(one per vector expected). {advice}"
-            )
-        try:
-            ids, _, _ = _checked_ids(ids, len(ids))
-        except ValueError as error:
-            raise ValueError(
-                f"Cannot load a FaissIndex from {path}: {ids_file.name}: {error}. {advice}"
-            ) from error
-        if manifest is not None and (
-            manifest.get("num_candidates") != len(ids) or manifest.get("dim") != index.d
-        ):
-            raise ValueError(
-                f"Cannot load a FaissIndex from {path}: {_MANIFEST} records "
-                f"{manifest.get('num_candidates')} candidates of dim {manifest.get('dim')}, "
-                f"the files hold {len(ids)} of dim {index.d}. {advice}"
-            )
-        ann._index, ann._candidate_ids = index, ids
+        object.__setattr__(ann, "_catalogue", _FaissCatalogue(*read_folder(path, _faiss())))
         return ann
 
+    def save_assets(self, dir_path: str) -> None:
+        """Keras saving: the folder `save` writes, and the calibrated `nprobe`."""
+        if self._catalogue is None:
+            return
+        self.save(dir_path)
+        calibration = {"nprobe": self.calibrated_nprobe, "recall": self.calibrated_recall}
+        Path(dir_path, _CALIBRATION_FILE).write_text(json.dumps(calibration))
+
+    def load_assets(self, dir_path: str) -> None:
+        """Keras loading: the index `save_assets` wrote, if it wrote one."""
+        path = Path(dir_path)
+        if not (path / MANIFEST).exists():
+            return  # saved empty
+        catalogue = _FaissCatalogue(*read_folder(path, _faiss()))
+        calibration = {"nprobe": None, "recall": None}
+        if (path / _CALIBRATION_FILE).exists():
+            calibration = json.loads((path / _CALIBRATION_FILE).read_text())
+        object.__setattr__(self, "_catalogue", catalogue)
+        self.calibrated_nprobe = calibration["nprobe"]
+        self.calibrated_recall = calibration["recall"]
+
     def get_config(self) -> dict[str, Any]:
-        return {
-            "nlist": self.nlist,
-            "nprobe": self.nprobe,
-            "train_size": self.train_size,
-            "seed": self.seed,
-            "target_recall": self.target_recall,
-            "calibration_k": self.calibration_k,
-            "pq_subquantizers": self.pq_subquantizers,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FaissIndex:
-        return cls(**config)
-
-
-def _pieces(rows: Any) -> Any:
-    """Row blocks of an array or a `ChunkStore`, without copying."""
-    if isinstance(rows, ChunkStore):
-        return rows.pieces()
-    return (rows[i : i + 2**16] for i in range(0, len(rows), 2**16))
-
-
-def _take_rows(rows: Any, positions: np.ndarray) -> np.ndarray:
-    """`rows[positions]` (sorted positions) from an array or a `ChunkStore`."""
-    if not isinstance(rows, ChunkStore):
-        return np.ascontiguousarray(rows[positions], dtype="float32")
-    chunk_of = positions // rows.width
-    parts = [rows.chunks[c][positions[chunk_of == c] - c * rows.width] for c in np.unique(chunk_of)]
-    return np.ascontiguousarray(np.concatenate(parts), dtype="float32")
-
-
-def _checked_queries(queries: Any, dim: int, name: str = "calibration_queries") -> np.ndarray:
-    """`queries` as a float32 `[queries, dim]` array of finite numbers, or raises.
-
-    `calibration_queries` needs at least one row; `query_embeddings` may have none.
-    """
-    if not isinstance(queries, np.ndarray):  # e.g. a torch tensor with grad
-        queries = ops.convert_to_numpy(queries)
-    array = np.asarray(queries)
-    if array.dtype.kind not in "iuf":
-        raise ValueError(
-            f"`{name}` must be a numeric [queries, {dim}] array. Received dtype {array.dtype}"
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "nlist": self.nlist,
+                "nprobe": self.nprobe,
+                "train_size": self.train_size,
+                "seed": self.seed,
+                "target_recall": self.target_recall,
+                "calibration_k": self.calibration_k,
+                "pq_subquantizers": self.pq_subquantizers,
+            }
         )
-    if (
-        array.ndim != 2
-        or array.shape[1] != dim
-        or (name == "calibration_queries" and not len(array))
-    ):
-        least = " with at least one query" if name == "calibration_queries" else ""
-        raise ValueError(
-            f"`{name}` must have shape [queries, {dim}]{least}, the dim of the indexed "
-            f"candidates. Received shape: {array.shape}"
-        )
-    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf, refused below
-        array = np.ascontiguousarray(array, dtype="float32")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` contain NaN or infinite values (or overflow float32).")
-    return array
+        return config
 
 
-def _faiss_reason(error: Exception) -> str:
-    """The reason in a faiss error, without its C++ function and source location."""
-    text = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-    found = re.search(r" at \S+:\d+: (.*)", text)
-    return found.group(1) if found else text
+class _FaissCatalogue:
+    """The faiss index and the ids of its positions, swapped in whole by `index`."""
 
+    def __init__(self, index: Any, ids: np.ndarray) -> None:
+        self.index = index
+        self.ids = ids
+        self._lookup: CandidateIds | None = None
 
-def _size_and_hash(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": sha256(path)}
-
-
-def _checked_manifest(path: Path, advice: str) -> tuple[Path, Path, dict[str, Any]]:
-    """The faiss and ids files that `faiss_index.json` names, checked against it."""
-    where = f"Cannot load a FaissIndex from {path}"
-    try:
-        manifest = json.loads((path / _MANIFEST).read_text())
-        files = manifest["files"]
-        if manifest["format"] != _FORMAT or not isinstance(files, dict):
-            raise ValueError(f"format {manifest['format']!r}, files {type(files).__name__}")
-        entries = {role: files[role] for role in ("index", "ids")}
-        names = {role: Path(str(entry["name"])).name for role, entry in entries.items()}
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{where}: {_MANIFEST} is damaged or not a FaissIndex manifest ({error!r}). {advice}"
-        ) from error
-    for role, name in names.items():
-        file = path / name
-        if not file.exists():
-            raise FileNotFoundError(f"{where}: {name}, named in {_MANIFEST}, is missing. {advice}")
-        found = _size_and_hash(file)
-        expected = entries[role]
-        if found["size"] != expected.get("size"):
-            raise ValueError(
-                f"{where}: {name} is truncated or damaged: {found['size']} bytes, "
-                f"{expected.get('size')} recorded at save. {advice}"
-            )
-        if found["sha256"] != expected.get("sha256"):
-            raise ValueError(
-                f"{where}: {name} is damaged or was edited: its SHA-256 differs from the one "
-                f"recorded at save. {advice}"
-            )
-    return path / names["index"], path / names["ids"], manifest
+    def lookup(self) -> CandidateIds:
+        """The ids with their argsort and sorted copy, made at the first lookup."""
+        if self._lookup is None:  # two threads may both sort: the same result
+            order = np.argsort(self.ids, kind="stable")
+            self._lookup = CandidateIds(self.ids, order, self.ids[order])
+        return self._lookup
 
 
 def _remove_stale_files(path: Path) -> None:
     """Removes our files that the folder's manifest does not name (older or killed saves)."""
     try:
-        manifest = json.loads((path / _MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
         current = {str(entry["name"]) for entry in manifest["files"].values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # another writer, or damage: remove nothing
     for name in os.listdir(path):
-        stale = _OURS.fullmatch(name) or name in (_FAISS_FILE, _IDS_FILE)
+        stale = OURS.fullmatch(name) or name in (FAISS_FILE, IDS_FILE)
         if stale and name not in current:
             with contextlib.suppress(OSError):
                 os.unlink(path / name)
-
-
-def _exact_positions(queries: np.ndarray, rows: Any, k: int) -> np.ndarray:
-    """Exact top-k positions per query, a block of rows at a time (for calibration)."""
-    best_scores = np.full((len(queries), 0), -np.inf, "float32")
-    best = np.zeros((len(queries), 0), "int64")
-    start = 0
-    for piece in _pieces(rows):
-        scores = np.concatenate([best_scores, queries @ np.asarray(piece, "float32").T], axis=1)
-        positions = np.concatenate(
-            [
-                best,
-                np.broadcast_to(np.arange(start, start + len(piece)), (len(queries), len(piece))),
-            ],
-            axis=1,
-        )
-        if scores.shape[1] > k:
-            keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            scores = np.take_along_axis(scores, keep, axis=1)
-            positions = np.take_along_axis(positions, keep, axis=1)
-        best_scores, best = scores, positions
-        start += len(piece)
-    return best

@@ -1,0 +1,216 @@
+"""Exact top-k kernels in `keras.ops`, ties lower column first on every backend.
+
+`stable_top_k` and its neighbours confine each backend quirk (torch `topk`
+ties, XLA's `-0.0`) to one small function whose docstring states the exact
+difference. `TopKStep` is `BruteForceIndex`'s compiled step: it scores one
+chunk of candidates and merges its top k into the running top k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+from two_tower.backends import backend_module
+from two_tower.types import SimilarityFn, Tensor
+
+BLOCK = 32  # block width of `_blocked_top_k`
+
+
+def dot_similarities(query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
+    """`[queries, candidates]` dot products: the default `similarity_fn`."""
+    return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
+
+
+def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top k of each row, best first, equal scores in column order.
+
+    `keras.ops.top_k` puts the lower index first on JAX and TensorFlow (both
+    document it), but `torch.topk` promises nothing about ties: neither which
+    tied columns make the cut nor their order. On torch we therefore pick the
+    cut explicitly: every column above the k-th value, then the leftmost tied
+    columns until there are k, and order them with a stable sort.
+
+    XLA's `top_k` (JAX) orders `-0.0` below `0.0`; everywhere else they are
+    equal. When a zero reaches the top k, the rows are redone with `-0.0`
+    folded into `0.0` (`keras.ops.cond`, so only then). If no zero is among the
+    top k values, the sign of zeros cannot change the result.
+
+    Args:
+        scores: `[rows, columns]` float tensor with no NaN.
+        k: `1 <= k <= columns`.
+
+    Returns:
+        `(values, columns)`, both `[rows, k]`; columns are int32.
+    """
+    return _with_zeros_folded(_top_k, scores, k)
+
+
+def _blocked_top_k(scores: Tensor, k: int, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """`stable_top_k` for long rows: top k of the block maxima first.
+
+    The columns are cut into blocks of `block`; the true top k lie in at most k
+    blocks, all among the k blocks with the highest maxima (ties: lower block
+    first, whose columns are all lower). So one pass for the maxima, a top k
+    over `columns / block` of them, and a top k over the `k × block` gathered
+    scores give the exact result, ties included, much faster than a top k over
+    every column.
+
+    Args:
+        scores: `[rows, columns]`, `columns` a multiple of `block`; no NaN.
+        k: `1 <= k <= columns`.
+        block: block width.
+    """
+    return _with_zeros_folded(lambda x, kk: _blocked(x, kk, block), scores, k)
+
+
+def _with_zeros_folded(
+    top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]], scores: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    values, columns = top_k(scores, k)
+    if keras.backend.backend() == "torch":
+        return values, columns  # torch compares -0.0 and 0.0 as equal
+
+    def folded() -> tuple[Tensor, Tensor]:
+        return top_k(ops.where(ops.equal(scores, 0.0), ops.zeros_like(scores), scores), k)
+
+    return ops.cond(ops.any(ops.equal(values, 0.0)), folded, lambda: (values, columns))
+
+
+def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Ties to the lower column; zeros compared as the backend does."""
+    if keras.backend.backend() == "torch":
+        return _explicit_top_k(scores, k)
+    values, columns = ops.top_k(scores, k)
+    return values, ops.cast(columns, "int32")
+
+
+def _blocked(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+    rows, width = ops.shape(scores)[0], int(scores.shape[1])
+    num_blocks = width // block
+    maxima = ops.max(ops.reshape(scores, (rows, num_blocks, block)), axis=2)
+    _, best_blocks = _top_k(maxima, min(k, num_blocks))
+    # In column order, so that ties in the final top k go to the lower column.
+    best_blocks = ops.sort(best_blocks, axis=1)
+    offsets = ops.arange(block, dtype="int32")
+    columns = ops.expand_dims(best_blocks * block, 2) + ops.reshape(offsets, (1, 1, block))
+    columns = ops.reshape(columns, (rows, -1))
+    values, picked = _top_k(ops.take_along_axis(scores, columns, axis=1), k)
+    return values, ops.take_along_axis(columns, picked, axis=1)
+
+
+def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`stable_top_k` for torch, whose `topk` leaves ties unspecified."""
+    values, _ = ops.top_k(scores, k)
+    threshold = values[:, k - 1 : k]
+    above = ops.greater(scores, threshold)
+    tied = ops.equal(scores, threshold)
+    needed = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
+    tie_rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
+    chosen = ops.logical_or(above, ops.logical_and(tied, ops.less_equal(tie_rank, needed)))
+    # Exactly k columns are chosen; distinct keys make this top_k tie-free.
+    keys = -ops.arange(ops.shape(scores)[1], dtype="float32")
+    _, picked = ops.top_k(ops.where(chosen, keys, float("-inf")), k)
+    picked_scores = ops.take_along_axis(scores, picked, axis=1)
+    order = ops.argsort(-picked_scores, axis=1)  # Keras' torch argsort is stable
+    return (
+        ops.take_along_axis(picked_scores, order, axis=1),
+        ops.cast(ops.take_along_axis(picked, order, axis=1), "int32"),
+    )
+
+
+def _per_device_top_k(scores: Tensor, k: int, mesh: Any) -> tuple[Tensor, Tensor]:
+    """`_blocked_top_k` of each device's `columns / devices` scores, side by side.
+
+    The columns of `scores` are one equal group per device of `mesh` (the
+    chunk's rows are spread that way). Each device ranks its own group
+    (`map_devices`) and only the `[rows, k]` results meet: `[rows, devices × k]`,
+    group after group, each in (score, column) order, with columns of the
+    whole chunk. Without a mesh this is plain `_blocked_top_k`.
+    """
+    if mesh is None:
+        return _blocked_top_k(scores, k)
+    shards = math.prod(mesh.shape)
+    rows, width = ops.shape(scores)[0], int(scores.shape[1]) // shards
+    grouped = ops.transpose(ops.reshape(scores, (rows, shards, width)), (1, 0, 2))
+    grouped = ops.reshape(grouped, (shards * rows, width))
+    values, columns = backend_module().map_devices(
+        lambda own: _blocked_top_k(own, k), grouped, mesh
+    )
+    offsets = ops.reshape(ops.arange(shards, dtype="int32") * width, (shards, 1, 1))
+    columns = ops.reshape(columns, (shards, rows, k)) + offsets
+
+    def side_by_side(x: Tensor) -> Tensor:
+        x = ops.transpose(ops.reshape(x, (shards, rows, k)), (1, 0, 2))
+        return ops.reshape(x, (rows, shards * k))
+
+    return side_by_side(values), side_by_side(columns)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class TopKStep:
+    """Scores one chunk and merges its top k into the running top k.
+
+    Compiled once per scoring function, k and chunk width with the backend's
+    compiler (`two_tower.backends`). `owner` is the layer whose method
+    `similarity_fn` is, if any: its variables (e.g. a learned temperature) are
+    read at every call rather than frozen into the step at trace time.
+    """
+
+    def __init__(
+        self,
+        similarity_fn: SimilarityFn,
+        k: int,
+        chunk_size: int,
+        owner: Any = None,
+        mesh: Any = None,
+    ) -> None:
+        self.k = k
+        self.chunk_size = chunk_size  # candidates per call, over all devices
+        self.mesh = mesh  # the DeviceMesh a sharded catalogue is spread over
+        self.shards = 1 if mesh is None else math.prod(mesh.shape)
+        self.similarity_fn = similarity_fn
+        if isinstance(owner, keras.layers.Layer):
+            variables: Callable[[], Sequence[keras.Variable]] = lambda: owner.variables  # noqa: E731
+        else:
+            variables = list
+        self._compiled = backend_module().compile_inference(self.call, variables)
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        outputs: dict[str, Tensor] = self._compiled(inputs)
+        return outputs
+
+    def call(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        chunk = inputs["chunk"]  # [chunk_size, dim], or [*mesh shape, width, dim]
+        if len(chunk.shape) > 2:  # sharded (JAX): static shapes
+            chunk = ops.reshape(chunk, (self.chunk_size, chunk.shape[-1]))
+        scores = self.similarity_fn(inputs["queries"], chunk)
+        if "num_valid" in inputs:  # the last chunk, padded with zero rows
+            # The chunk width is static (TensorFlow may relax traced shapes).
+            columns = ops.arange(self.chunk_size, dtype="int32")
+            valid = ops.expand_dims(ops.less(columns, inputs["num_valid"][0]), 0)
+            scores = ops.where(valid, scores, float("-inf"))
+        if "excluded" in inputs:
+            indices = inputs["excluded"]
+            minus_inf = ops.full_like(indices[:, 0], float("-inf"), dtype=scores.dtype)
+            scores = ops.scatter_update(scores, indices, minus_inf)
+        width = self.chunk_size // self.shards
+        scores, columns = _per_device_top_k(scores, min(self.k, width), self.mesh)
+        # Every running position is lower than this chunk's, each device's
+        # positions lower than the next device's, and every part is in (score,
+        # position) order, so among equal scores the lower merged column is the
+        # lower position. Placeholders (-inf, -1) lose to any real candidate.
+        merged_scores = ops.concatenate([inputs["best_scores"], scores], axis=1)
+        merged_positions = ops.concatenate(
+            [inputs["best_positions"], columns + inputs["start"][0]], axis=1
+        )
+        best_scores, order = stable_top_k(merged_scores, self.k)
+        best_positions = ops.take_along_axis(merged_positions, order, axis=1)
+        return {"scores": best_scores, "positions": best_positions}
