@@ -151,7 +151,7 @@ def index_bytes_and_search(catalogue: int, dim: int, queries: int = 1024, k: int
                 per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
         index.search(query_embeddings[:8], k)  # compile
         start = time.perf_counter()
-        scores, ids = index.search(query_embeddings, k)
+        ids, scores = index.search(query_embeddings, k)
         seconds = time.perf_counter() - start
         reference = reference or (scores, ids)
         largest = max(per_device.values())

@@ -115,7 +115,7 @@ def run_method(
 
         index = two_tower.BruteForceIndex()
         index.index(npy_blocks(catalogue_path))  # plain reads: never whole outside the index
-        search = lambda: index.search(queries, k=K)[1]  # noqa: E731
+        search = lambda: index.search(queries, k=K)[0]  # noqa: E731
         catalogue = None
     else:
         catalogue = np.load(catalogue_path)  # in memory, as a served catalogue would be
@@ -123,7 +123,7 @@ def run_method(
         index = two_tower.BruteForceIndex()
         index.index(catalogue)
         del catalogue
-        search = lambda: index.search(queries, k=K)[1]  # noqa: E731
+        search = lambda: index.search(queries, k=K)[0]  # noqa: E731
     elif method == "keras-rs":
         import keras_rs
 
@@ -137,12 +137,12 @@ def run_method(
         flat = faiss.IndexFlatIP(DIM)
         flat.add(catalogue)
         del catalogue
-        search = lambda: flat.search(queries, K)[1]  # noqa: E731
+        search = lambda: flat.search(queries, K)[0]  # noqa: E731
     elif method in ("ann", "ann pq"):
         ann = two_tower.FaissIndex(pq_subquantizers=16 if method == "ann pq" else None)
         ann.index(catalogue)
         del catalogue
-        search = lambda: ann.search(queries, k=K)[1]  # noqa: E731
+        search = lambda: ann.search(queries, k=K)[0]  # noqa: E731
     build = time.perf_counter() - started
     search()
     seconds = []

@@ -19,7 +19,7 @@ def test_search_matches_numpy(chunk_size):
     ids = rng.permutation(1000)[:50].astype("int64")
     index = two_tower.BruteForceIndex(chunk_size=chunk_size)
     index.index(candidates, ids)
-    scores, found = index.search(queries, k=5)
+    found, scores = index.search(queries, k=5)
     expected_scores, expected_positions = numpy_top_k(queries, candidates, 5)
     np.testing.assert_array_equal(found, ids[expected_positions])
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
@@ -29,7 +29,7 @@ def test_int64_ids_above_2_31_come_back_intact():
     ids = np.array([2**31 + 7, 2**40 + 1, 2**62 + 3], dtype="int64")
     index = two_tower.BruteForceIndex()
     index.index(np.eye(3, dtype="float32"), ids)
-    _, found = index.search(np.eye(3, dtype="float32")[::-1], k=1)
+    found, _ = index.search(np.eye(3, dtype="float32")[::-1], k=1)
     assert found.dtype == np.int64
     np.testing.assert_array_equal(found[:, 0], ids[::-1])
 
@@ -37,7 +37,7 @@ def test_int64_ids_above_2_31_come_back_intact():
 def test_string_ids():
     index = two_tower.BruteForceIndex()
     index.index(np.eye(2, dtype="float32"), np.array(["a", "b"], dtype=object))
-    _, found = index.search(np.array([[0.0, 1.0]], "float32"), k=2)
+    found, _ = index.search(np.array([[0.0, 1.0]], "float32"), k=2)
     assert found.tolist() == [["b", "a"]]
 
 
@@ -46,7 +46,7 @@ def test_reindex_with_a_different_size():
     index.index(np.eye(3, dtype="float32"))
     index.index(np.eye(5, dtype="float32"))
     assert index.num_candidates == 5
-    _, found = index.search(np.eye(5, dtype="float32"), k=1)
+    found, _ = index.search(np.eye(5, dtype="float32"), k=1)
     np.testing.assert_array_equal(found[:, 0], np.arange(5))
 
 
@@ -95,7 +95,7 @@ def test_object_ids_keep_their_kind():
     index = two_tower.BruteForceIndex()
     index.index(np.eye(3, dtype="float32"), np.array([10, 20, 2**40], dtype=object))
     assert index.candidate_ids.dtype == np.int64
-    _, found = index.search(np.eye(3, dtype="float32"), k=1)
+    found, _ = index.search(np.eye(3, dtype="float32"), k=1)
     assert found[:, 0].tolist() == [10, 20, 2**40]
     with pytest.raises(ValueError, match="all integers or all strings"):
         index.index(np.eye(2, dtype="float32"), np.array([1, "1"], dtype=object))
@@ -136,7 +136,7 @@ def test_ties_break_to_the_lower_position_on_every_backend(chunk_size, k):
     queries, candidates = tied_catalogue()
     index = two_tower.BruteForceIndex(chunk_size=chunk_size, query_batch_size=8)
     index.index(candidates)
-    scores, found = index.search(queries, k=k)
+    found, scores = index.search(queries, k=k)
     expected_scores, expected_positions = numpy_exact(queries, candidates, k)
     np.testing.assert_array_equal(found, expected_positions)
     np.testing.assert_array_equal(scores, expected_scores)
@@ -145,7 +145,7 @@ def test_ties_break_to_the_lower_position_on_every_backend(chunk_size, k):
 def test_all_equal_scores_come_back_in_position_order():
     index = two_tower.BruteForceIndex(chunk_size=5)
     index.index(np.ones((23, 3), "float32"), np.arange(100, 123))
-    _, found = index.search(np.ones((2, 3), "float32"), k=12)
+    found, _ = index.search(np.ones((2, 3), "float32"), k=12)
     np.testing.assert_array_equal(found, np.tile(np.arange(100, 112), (2, 1)))
 
 
@@ -154,7 +154,7 @@ def test_negative_zero_ties_with_zero():
     index = two_tower.BruteForceIndex()
     index.index(candidates)
     # Scores: [-0.0 (0*-1 + -1*0 ...), 0.0, -1.0]: position 0 (-0.0) and 1 (+0.0) tie.
-    _, found = index.search(np.array([[-0.0, -1.0]], "float32"), k=3)
+    found, _ = index.search(np.array([[-0.0, -1.0]], "float32"), k=3)
     np.testing.assert_array_equal(found, [[0, 1, 2]])
 
 
@@ -180,7 +180,7 @@ def test_exclusions_are_exact_even_when_most_are_excluded(chunk_size):
     index = two_tower.BruteForceIndex(chunk_size=chunk_size, query_batch_size=16)
     index.index(candidates, ids)
     exclude = [ids[p].tolist() + ids[p[:3]].tolist() for p in excluded_positions]  # repeats ok
-    scores, found = index.search(queries, k=10, exclude=exclude)
+    found, scores = index.search(queries, k=10, exclude=exclude)
     expected_scores, expected_positions = numpy_exact(queries, candidates, 10, excluded_positions)
     np.testing.assert_array_equal(found, ids[expected_positions])
     np.testing.assert_array_equal(scores, expected_scores)
@@ -190,7 +190,7 @@ def test_exclusions_with_string_ids_and_none_entries():
     index = two_tower.BruteForceIndex()
     index.index(np.eye(3, dtype="float32") + 0.5, np.array(["a", "b", "c"]))
     query = np.array([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]], "float32")
-    _, found = index.search(query, k=2, exclude=[["a"], None])
+    found, _ = index.search(query, k=2, exclude=[["a"], None])
     assert found.tolist() == [["b", "c"], ["a", "b"]]
 
 
@@ -202,7 +202,7 @@ def test_bad_exclusions_raise():
         index.search(queries, k=1, exclude=[[10]])
     with pytest.raises(ValueError, match=r"not in the indexed catalogue, e.g. \[99\]"):
         index.search(queries, k=1, exclude=[[99], []])
-    _, found = index.search(queries, k=1, exclude=[[99, 10], []], ignore_unknown_exclusions=True)
+    found, _ = index.search(queries, k=1, exclude=[[99, 10], []], ignore_unknown_exclusions=True)
     assert found[:, 0].tolist() == [20, 20]
     with pytest.raises(ValueError, match=r"Query 1 excludes 2 of 3 candidates.*k=2"):
         index.search(queries, k=2, exclude=[[], [10, 20]])
@@ -231,7 +231,7 @@ def test_many_queries_are_batched():
     queries = np.concatenate([queries] * 5)
     index = two_tower.BruteForceIndex(chunk_size=50, query_batch_size=13)
     index.index(candidates)
-    _, found = index.search(queries, k=5)
+    found, _ = index.search(queries, k=5)
     np.testing.assert_array_equal(found, numpy_exact(queries, candidates, 5)[1])
 
 
@@ -242,5 +242,5 @@ def test_index_keeps_its_own_copy_of_the_catalogue():
     index.index(catalogue, ids)
     catalogue[:] = 0.0
     ids[:] = 0
-    _, found = index.search(np.eye(3, dtype="float32"), k=1)
+    found, _ = index.search(np.eye(3, dtype="float32"), k=1)
     assert found[:, 0].tolist() == [7, 8, 9]

@@ -81,7 +81,7 @@ def test_the_same_scenario_gives_the_numpy_top_k(make_index):
     assert index.num_candidates == NUM_CANDIDATES
     np.testing.assert_array_equal(index.candidate_ids, ids)
 
-    scores, found = index.search(queries, K)
+    found, scores = index.search(queries, K)
     expected = numpy_ranking(queries, candidates, K, [()] * NUM_QUERIES)
     np.testing.assert_array_equal(found, ids[expected])
     np.testing.assert_allclose(
@@ -90,7 +90,7 @@ def test_the_same_scenario_gives_the_numpy_top_k(make_index):
 
     # Leaving out each query's best two (and nothing for the last query).
     excluded = [list(ids[row[:2]]) for row in expected[:-1]] + [None]
-    _, found = index.search(queries, K, exclude=excluded)
+    found, _ = index.search(queries, K, exclude=excluded)
     skipped = [row[:2] for row in expected[:-1]] + [()]
     np.testing.assert_array_equal(found, ids[numpy_ranking(queries, candidates, K, skipped)])
 
@@ -98,7 +98,7 @@ def test_the_same_scenario_gives_the_numpy_top_k(make_index):
     np.testing.assert_array_equal(index.positions_of([7], ignore_unknown=True), [-1])
     with pytest.raises(ValueError, match="not in the indexed catalogue"):
         index.search(queries, K, exclude=[[7]] * NUM_QUERIES)
-    _, found = index.search(queries, K, exclude=[[7]] * NUM_QUERIES, ignore_unknown_exclusions=True)
+    found, _ = index.search(queries, K, exclude=[[7]] * NUM_QUERIES, ignore_unknown_exclusions=True)
     np.testing.assert_array_equal(found, ids[expected])
 
 
@@ -114,7 +114,7 @@ def test_both_indexes_agree_block_by_block_and_with_a_dot_product_similarity():
         return keras.ops.matmul(query_embeddings, keras.ops.transpose(candidate_embeddings))
 
     np.testing.assert_array_equal(
-        exact.search(queries, K, dot)[1], approximate.search(queries, K, dot)[1]
+        exact.search(queries, K, dot)[0], approximate.search(queries, K, dot)[0]
     )
 
 

@@ -136,7 +136,7 @@ def test_the_catalogue_is_saved_with_the_model(tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     for name, values in changed.items():
-        stored = keras.ops.convert_to_numpy(loaded._catalogue_features[name].value)
+        stored = keras.ops.convert_to_numpy(loaded._catalogue.variables[name].value)
         np.testing.assert_array_equal(stored, values)
     assert_all_close(
         loaded.evaluate(pairs(), batch_size=4, verbose=0),

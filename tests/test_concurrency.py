@@ -47,7 +47,7 @@ def serve(model, item_ids, kind, users, exclude):
     if kind == 2:
         return model.similar_items(users, k=K, item_ids=item_ids[users])
     query_embeddings = keras.ops.convert_to_numpy(model.query_tower(users))
-    return model.candidate_index.search(query_embeddings, k=K)[1]
+    return model.candidate_index.search(query_embeddings, k=K)[0]
 
 
 def test_concurrent_serving_equals_serial_and_numpy():

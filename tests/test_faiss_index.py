@@ -24,7 +24,7 @@ def test_probing_every_list_is_exact():
     queries = clustered(25, seed=1)
     ann = two_tower.FaissIndex(nlist=16, nprobe=16)
     ann.index(candidates, np.arange(3000) + 2**40)
-    scores, ids = ann.search(queries, k=10)
+    ids, scores = ann.search(queries, k=10)
     expected = numpy_top_k_ids(queries, candidates, 10)
     np.testing.assert_array_equal(ids, expected + 2**40)
     np.testing.assert_allclose(
@@ -37,7 +37,7 @@ def test_few_probes_keep_high_recall_on_clustered_data():
     queries = clustered(50, components=50, seed=0)[:50]
     ann = two_tower.FaissIndex(nlist=64, nprobe=8)
     ann.index(candidates)
-    _, ids = ann.search(queries, k=20)
+    ids, _ = ann.search(queries, k=20)
     recall = recall_against_exact(ids, numpy_top_k_ids(queries, candidates, 20))
     assert recall >= 0.9
 
@@ -51,12 +51,12 @@ def test_export_from_a_model_and_save_load(tmp_path):
     model.index_candidates(np.arange(500), np.array([f"item{i}" for i in range(500)]))
     ann = two_tower.FaissIndex.from_index(model.candidate_index, nlist=8, nprobe=8)
     queries = model.embed_queries(np.arange(10))  # a backend tensor (with grad on torch)
-    _, ids = ann.search(queries, k=5)
+    ids, _ = ann.search(queries, k=5)
     exact = model.recommend(np.arange(10), k=5)
     assert recall_against_exact(ids, exact) == 1.0
     ann.save(tmp_path / "ann")
     restored = two_tower.FaissIndex.load(tmp_path / "ann", nprobe=8)
-    np.testing.assert_array_equal(restored.search(queries, k=5)[1], ids)
+    np.testing.assert_array_equal(restored.search(queries, k=5)[0], ids)
     assert ids.dtype.kind == "U"
 
 
@@ -70,7 +70,7 @@ def test_exclusions_with_string_ids_and_a_partial_probe():
     ann.index(candidates, names)
     best = numpy_top_k_ids(queries, candidates, 20)
     exclude = [list(names[row[:15]]) for row in best[:3]] + [None, [], {names[best[5, 0]]}]
-    _, ids = ann.search(queries, k=5, exclude=exclude)
+    ids, _ = ann.search(queries, k=5, exclude=exclude)
     expected = [row[15:20] for row in best[:3]] + [best[3, :5], best[4, :5], best[5, 1:6]]
     np.testing.assert_array_equal(ids, names[np.array(expected)])
     np.testing.assert_array_equal(ann.positions_of(names[[5, 0]]), [5, 0])
@@ -148,8 +148,8 @@ def test_default_recall_holds_where_a_fixed_nprobe_did_not():
     default.index(candidates)
     fixed = two_tower.FaissIndex(nprobe=16)
     fixed.index(candidates)
-    assert recall_against_exact(default.search(queries, k=100)[1], exact) >= 0.95
-    assert recall_against_exact(fixed.search(queries, k=100)[1], exact) < 0.9
+    assert recall_against_exact(default.search(queries, k=100)[0], exact) >= 0.95
+    assert recall_against_exact(fixed.search(queries, k=100)[0], exact) < 0.9
 
 
 @pytest.mark.parametrize("target", [0.8, 0.99])
@@ -162,13 +162,13 @@ def test_target_recall_calibrates_the_smallest_nprobe(target):
     nprobe = ann.calibrated_nprobe
     assert ann.nprobe_for(20) == nprobe and 1 <= nprobe <= 64
     # Reported honestly: the recall of a search with that nprobe, checked in NumPy.
-    measured = recall_against_exact(ann.search(queries, k=20)[1], exact)
+    measured = recall_against_exact(ann.search(queries, k=20)[0], exact)
     assert ann.calibrated_recall == pytest.approx(measured, abs=1e-9)
     assert measured >= target
     if nprobe > 1:  # and it is the smallest: one list fewer misses the target
         fewer = two_tower.FaissIndex(nlist=64, nprobe=nprobe - 1)
         fewer.index(candidates)
-        assert recall_against_exact(fewer.search(queries, k=20)[1], exact) < target
+        assert recall_against_exact(fewer.search(queries, k=20)[0], exact) < target
 
 
 def test_ivf_pq_compresses_and_reports_its_recall():
@@ -178,7 +178,7 @@ def test_ivf_pq_compresses_and_reports_its_recall():
     ann.index(candidates, calibration_queries=queries)
     assert ann._catalogue.index.code_size == 8  # 8 bytes a vector instead of 64
     measured = recall_against_exact(
-        ann.search(queries, k=10)[1], numpy_top_k_ids(queries, candidates, 10)
+        ann.search(queries, k=10)[0], numpy_top_k_ids(queries, candidates, 10)
     )
     assert ann.calibrated_recall == pytest.approx(measured, abs=1e-9)
     assert measured >= 0.5
@@ -198,7 +198,7 @@ def test_from_index_streams_a_multi_chunk_exact_index():
     ann = two_tower.FaissIndex.from_index(exact, nlist=16, nprobe=16)
     queries = clustered(20, seed=9)
     np.testing.assert_array_equal(
-        ann.search(queries, k=10)[1], numpy_top_k_ids(queries, candidates, 10) * 7
+        ann.search(queries, k=10)[0], numpy_top_k_ids(queries, candidates, 10) * 7
     )
 
 

@@ -60,7 +60,7 @@ def test_block_wise_index_is_exact_and_equals_the_array_index(chunk_size, form):
         index.index(_Batches([keras.ops.convert_to_tensor(b) for b in uneven_blocks(candidates)]),
                     ids)  # fmt: skip
     for k in (1, 10, 100):
-        scores, found = index.search(queries, k=k)
+        found, scores = index.search(queries, k=k)
         expected_scores, positions = expected(queries, candidates, k)
         np.testing.assert_array_equal(found, ids[positions])
         np.testing.assert_array_equal(scores, expected_scores)
@@ -172,8 +172,8 @@ def test_save_and_load_stream_a_multi_chunk_index(tmp_path):
     np.testing.assert_array_equal(again[1], found[1])
     np.testing.assert_array_equal(again[0], found[0])
     expected_scores, positions = expected(queries, candidates, 50)
-    np.testing.assert_array_equal(found[1], positions + 5000)
-    np.testing.assert_array_equal(found[0], expected_scores)
+    np.testing.assert_array_equal(found[0], positions + 5000)
+    np.testing.assert_array_equal(found[1], expected_scores)
 
 
 def test_index_candidates_embeds_block_by_block_into_the_index():
@@ -187,7 +187,7 @@ def test_index_candidates_embeds_block_by_block_into_the_index():
     queries = tied()[0]
     for k in (5, 64):
         np.testing.assert_array_equal(
-            model.candidate_index.search(queries, k=k)[1], whole.search(queries, k=k)[1]
+            model.candidate_index.search(queries, k=k)[0], whole.search(queries, k=k)[0]
         )
 
 

@@ -160,7 +160,7 @@ def test_search_matches_numpy_ranking(case):
     index = index_for(case["chunk_size"], case["query_batch_size"])
     ids = case["ids"]
     index.index(case["candidates"], ids.tolist() if case["ids_as_list"] else ids)
-    scores, found = index.search(
+    found, scores = index.search(
         case["queries"],
         k=case["k"],
         exclude=case["exclude"],

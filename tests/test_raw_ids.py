@@ -187,7 +187,7 @@ def test_set_catalogue_places_raw_rows_at_their_indices():
             "genres": np.array([["horror", ""], ["drama", "comedy"], ["", ""]]),
         }
     )
-    catalogue = {n: keras.ops.convert_to_numpy(v) for n, v in model._catalogue_features.items()}
+    catalogue = {n: keras.ops.convert_to_numpy(v) for n, v in model._catalogue.variables.items()}
     # Indices: OOV 0, m-a 1, m-b 2, m-c 3, m-d 4, then rows 5 and 6 up to catalogue_size.
     np.testing.assert_array_equal(catalogue["movie"], np.arange(7))
     expected_genres = np.full((7, 2), -1)

@@ -23,6 +23,8 @@ from typing import Any
 
 import keras
 
+from two_tower.backends import backend_module
+
 EMBEDDING_DIM = 32
 L2 = 5e-5
 LEARNING_RATE = 0.01
@@ -45,4 +47,5 @@ def steps_per_execution() -> int:
     Running several steps per call removes per-step Python overhead on JAX and
     TensorFlow. Keras on torch rejects values above 1, so torch gets 1.
     """
-    return 1 if keras.backend.backend() == "torch" else 16
+    limit = backend_module().max_steps_per_execution
+    return 16 if limit is None else min(16, limit)

@@ -1,4 +1,4 @@
-"""Type aliases shared by the package.
+"""Type aliases and names shared by the package.
 
 `Tensor` is `Any` so that type checking needs no backend installed, as in keras-rs.
 """
@@ -11,3 +11,7 @@ Tensor = Any
 
 SimilarityFn = Callable[[Tensor, Tensor], Tensor]
 """`f(query_embeddings, candidate_embeddings) -> [queries, candidates]` scores."""
+
+SAMPLING_PROBABILITY = "candidate_sampling_probability"
+"""The input key of each candidate's sampling probability (logQ correction): read by the
+model and written by `ShardDataset`."""

@@ -35,3 +35,13 @@ def map_devices(function: Callable[[Any], Any], rows: Any, mesh: Any) -> Any:
 def loop_callbacks() -> list[Any]:
     """No callbacks to add to `fit` and `evaluate` on this backend."""
     return []
+
+
+def array_train_function(model: Any, columns: Any) -> None:
+    """None: `fit` on arrays takes Keras' own path on this backend."""
+    del model, columns
+
+
+def step_counter(steps: int) -> Any:
+    """Never called where `array_train_function` gives None."""
+    raise NotImplementedError(f"no step counter on this backend (steps={steps})")

@@ -23,9 +23,16 @@ import keras
 import numpy as np
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import array_train_function as array_train_function
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import replica_loss as replica_loss
+from two_tower.backends._defaults import step_counter as step_counter
+
+array_training = False  # Keras' own array path: each epoch's steps run compiled anyway
+max_steps_per_execution: int | None = None
+top_k_ties_to_lower_column = True
+top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 
 
 def compile_inference(
@@ -223,7 +230,7 @@ def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.assign(variable.value.at[ids].set(rows))
 
 
-def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
+def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     """Keras' JAX `train_step` with row-sparse gradients for `SparseEmbedding` tables.
 
     As Keras' own step (a pure function of the state, jitted with the state
@@ -234,6 +241,7 @@ def sparse_train_step(model: keras.Model, state: Any, data: Any) -> Any:
     """
     from two_tower.sparse import _sparse_training
 
+    state, data = args  # Keras' JAX step: (state, data)
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     _, dense_variables = _sparse_training.split_variables(model)

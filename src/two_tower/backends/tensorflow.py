@@ -25,6 +25,11 @@ from two_tower.backends._defaults import map_devices as map_devices
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.models import _array_training
 
+array_training = True
+max_steps_per_execution: int | None = None
+top_k_ties_to_lower_column = True
+top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
+
 
 def compile_inference(
     function: Callable[[Any], Any], variables: Callable[[], Sequence[keras.Variable]]
@@ -270,7 +275,7 @@ def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.scatter_update(tf.IndexedSlices(rows, ids))
 
 
-def sparse_train_step(model: keras.Model, data: Any) -> Any:
+def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     """Keras' TensorFlow `train_step` with row-sparse gradients for `SparseEmbedding` tables.
 
     As Keras' own step, except that the tape is asked for the gradient by each
@@ -288,6 +293,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
             "SparseEmbedding tables do not train under a tf.distribute strategy yet; "
             "use keras.layers.Embedding there."
         )
+    (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
         recorder = _Recorder(tape)
@@ -461,7 +467,7 @@ def _summed_gradient(gradient: Any, variable: keras.Variable) -> Any:
     return tf.IndexedSlices(values, unique_ids, gradient.dense_shape)
 
 
-def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data: Any) -> Any:
+def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: Any) -> Any:
     """Keras' TensorFlow `train_step`, with each table's gradient rows summed.
 
     As `keras.Model.train_step` on TensorFlow (forward under a tape, the loss
@@ -472,6 +478,7 @@ def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data:
     step (0.42 to 0.18 ms; `benchmarks/train_speed.py`). `keras_train_step` is unused.
     """
     del keras_train_step
+    (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)

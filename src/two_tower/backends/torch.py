@@ -65,6 +65,12 @@ class _Slots:
 _SLOTS = _Slots(SERVING_SLOTS)
 
 
+array_training = True
+max_steps_per_execution: int | None = 1  # Keras on torch rejects more
+top_k_ties_to_lower_column = False  # torch.topk's tie order is unspecified
+top_k_orders_signed_zeros = False  # torch compares -0.0 and 0.0 as equal
+
+
 def serving_slot() -> _Slots:
     """A context manager held for a whole serving call: at most `SERVING_SLOTS` at once."""
     return _SLOTS
@@ -182,7 +188,7 @@ def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.index_copy_(0, ids.long(), rows.to(variable.value.dtype))
 
 
-def sparse_train_step(model: keras.Model, data: Any) -> Any:
+def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     """Keras' torch `train_step` with row-sparse gradients for `SparseEmbedding` tables.
 
     As Keras' own step, except that each lookup's rows are a leaf tensor cut
@@ -192,6 +198,7 @@ def sparse_train_step(model: keras.Model, data: Any) -> Any:
     """
     from two_tower.sparse import _sparse_training
 
+    (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     recorder = _Recorder()
     with _sparse_training.recording(recorder):
@@ -300,7 +307,7 @@ def _row_taker(column: torch.Tensor) -> Callable[[Any], torch.Tensor]:
     return lambda rows: column.index_select(0, rows)
 
 
-def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data: Any) -> Any:
+def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: Any) -> Any:
     """Keras' torch `train_step` with less Python per step.
 
     The same computation as `keras.Model.train_step` on torch (forward, loss,
@@ -314,6 +321,7 @@ def train_step(model: keras.Model, keras_train_step: Callable[[Any], Any], data:
     `keras_train_step` is unused.
     """
     del keras_train_step
+    (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = model.trainable_weights
     for variable in variables:

@@ -16,12 +16,10 @@ from two_tower import _arguments
 from two_tower.datasets import _shard_log
 from two_tower.datasets._shard_log import MANIFEST
 from two_tower.saving._files import sha256 as _sha256
+from two_tower.types import SAMPLING_PROBABILITY
 
 # The key of the label column in `_columns`' dicts, split off as `y` for `fit`.
 LABEL = "__label__"
-# The model input that carries each candidate's share of the log, for the logQ
-# correction: `TwoTowerRetrieval` reads `x["candidate_sampling_probability"]`.
-SAMPLING_PROBABILITY = "candidate_sampling_probability"
 
 
 class ShardDataset(keras.utils.PyDataset):

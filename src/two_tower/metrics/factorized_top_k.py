@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
-from two_tower.retrieval.brute_force_index import _dot_similarities
+from two_tower.retrieval.top_k import dot_similarities
 from two_tower.types import SimilarityFn, Tensor
 
 
@@ -226,7 +226,7 @@ class FactorizedTopK(keras.metrics.Metric):
                 "With TwoTowerRetrieval, the query input must be a tensor of int ids, "
                 "or a dict with the ids under the model's `query_id_key`."
             )
-        similarity_fn = similarity_fn or _dot_similarities
+        similarity_fn = similarity_fn or dot_similarities
         positive_positions = ops.reshape(ops.cast(positive_positions, "int32"), (-1,))
         positives = ops.take(catalogue_embeddings, positive_positions, axis=0)
         positive_scores = ops.diagonal(similarity_fn(query_embeddings, positives))[:, None]

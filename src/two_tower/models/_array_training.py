@@ -118,7 +118,7 @@ def prepare(
         `(args, kwargs, train_function)`: unchanged with None where Keras' own
         path runs (see the module docstring).
     """
-    if getattr(backend, "array_train_function", None) is None:
+    if not backend.array_training:
         return args, kwargs, None
     try:
         arguments = dict(_FIT_SIGNATURE.bind(model, *args, **kwargs).arguments)

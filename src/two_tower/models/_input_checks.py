@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from two_tower.distribution import _sharding
+from two_tower.metrics.factorized_top_k import FactorizedTopK
 from two_tower.models.retrieval_outputs import (
     CANDIDATE,
     QUERY,
@@ -455,45 +456,49 @@ def fit_arguments(
     return args, kwargs
 
 
-def catalogue_features(model: TwoTowerRetrieval, features: Any) -> dict[str, np.ndarray]:
-    """`set_catalogue`'s features as int32 / float32 arrays, once checked.
+def check_structure(spec: Any, features: Any, side: str, argument: str, hint: str = "") -> None:
+    """Host-side: a dict where the built tower took an array (`spec`), or the reverse.
 
-    A non-empty dict of `catalogue_size`-row numeric arrays, within the candidate
-    tower's vocabularies, whose `candidate_id_key` feature is `arange`.
+    Otherwise each backend fails in its own words inside the compiled call.
+    `spec` is None before the tower was first called.
     """
-    arrays: dict[str, np.ndarray] = {}
-    assert model.catalogue_size is not None  # set_catalogue checked it
-    if not isinstance(features, Mapping) or not features:
+    if spec is None:
+        return
+    if isinstance(spec, Mapping) and not isinstance(features, Mapping):
+        received = np.asarray(features) if isinstance(features, (list, tuple)) else features
+        kind = getattr(received, "dtype", type(received).__name__)
         raise ValueError(
-            "`features` must be a non-empty dict of arrays, one row per candidate "
-            f"id. Received {type(features).__name__}"
+            f"{argument} must be a dict of features {sorted(spec)}, as the {side} tower "
+            f"takes. Received an array of {kind}.{hint}"
         )
-    for name, raw in features.items():
-        array = np.asarray(raw)
-        if array.dtype.kind in "iu":
-            array = array.astype("int32")
-        elif array.dtype.kind == "f":
-            array = array.astype("float32")
-        else:
-            raise ValueError(
-                f"Catalogue feature {name!r} must hold integers (indices, e.g. from "
-                f"two_tower.Vocabulary) or floats. Received dtype {array.dtype}"
-            )
-        if array.ndim == 0 or array.shape[0] != model.catalogue_size:
-            raise ValueError(
-                f"Catalogue feature {name!r} must have catalogue_size="
-                f"{model.catalogue_size} rows (row i is candidate id i). Received "
-                f"shape {array.shape}"
-            )
-        arrays[name] = array
-    declared = tower_ids(model.candidate_tower)
-    if declared is not None:
-        declared.check_feature_ranges(arrays, "the catalogue features")
-    key = model.candidate_id_key
-    ids = arrays.get(key) if key is not None else None
-    if ids is not None and not np.array_equal(ids, np.arange(model.catalogue_size)):
+    if not isinstance(spec, Mapping) and isinstance(features, Mapping):
         raise ValueError(
-            f"Row i of the catalogue must describe candidate id i, so feature "
-            f"{key!r} (the candidate_id_key) must be arange({model.catalogue_size})."
+            f"{argument} must be one array, as the {side} tower takes. Received a dict "
+            f"of features {sorted(map(str, features))}."
         )
-    return arrays
+
+
+def retrieval_metrics(
+    metrics: Any, weighted_metrics: Any, catalogue_size: int | None
+) -> list[FactorizedTopK]:
+    """`compile`'s metrics, which must all be `FactorizedTopK` with distinct names."""
+    if isinstance(metrics, FactorizedTopK):
+        metrics = [metrics]
+    found = [m for m in metrics or [] if isinstance(m, FactorizedTopK)]
+    other_metrics = [m for m in metrics or [] if not isinstance(m, FactorizedTopK)]
+    if other_metrics or weighted_metrics:
+        raise ValueError(
+            "TwoTowerRetrieval takes two_tower.FactorizedTopK metrics only: Keras "
+            "metrics compare `y` with one prediction, and this model predicts "
+            f"embeddings. Received metrics={metrics!r}"
+        )
+    if found and catalogue_size is None:
+        raise ValueError(
+            "FactorizedTopK metrics rank each positive against the whole "
+            "catalogue, so the model needs `catalogue_size`. Received "
+            "catalogue_size=None"
+        )
+    names = [m.name for m in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"FactorizedTopK metrics need distinct names. Received: {names}")
+    return found

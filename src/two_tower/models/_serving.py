@@ -20,7 +20,8 @@ from keras import ops
 
 from two_tower.backends import backend_module
 from two_tower.models import _input_checks
-from two_tower.retrieval.brute_force_index import _exclusion_lists, _next_power_of_two
+from two_tower.retrieval._candidate_ids import exclusion_lists
+from two_tower.retrieval.top_k import next_power_of_two
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def embedded_blocks(
     for start in range(0, num_rows, batch_size):
         batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
         rows = min(batch_size, num_rows - start)
-        padded = min(_next_power_of_two(rows), batch_size)
+        padded = min(next_power_of_two(rows), batch_size)
         if padded > rows:
             extra = padded - rows
             batch = keras.tree.map_structure(
@@ -249,7 +250,7 @@ def similar_items(
     ignore_unknown_exclusions: bool,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`(scores, ids)` of `TwoTowerRetrieval.similar_items` (see there)."""
+    """`(ids, scores)` of `TwoTowerRetrieval.similar_items` (see there)."""
     require_index(model)
     if isinstance(items, (list, tuple)):
         items = np.asarray(items)
@@ -262,7 +263,7 @@ def similar_items(
     entries = (
         [None] * num_items
         if exclude is None
-        else _exclusion_lists(exclude, num_items, "item", "items")
+        else exclusion_lists(exclude, num_items, "item", "items")
     )
     rows: list[list[Any]] = [[] if entry is None else list(entry) for entry in entries]
     index = model.candidate_index
@@ -285,7 +286,7 @@ def similar_items(
         for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
             if is_known:
                 row.append(item_id)
-    scores, found = index.search(
+    found, scores = index.search(
         embeddings,
         k=k,
         similarity_fn=model.compute_similarities,
@@ -293,4 +294,25 @@ def similar_items(
         # Only indexed ids of the items themselves were added: unknown ids are the caller's.
         ignore_unknown_exclusions=ignore_unknown_exclusions,
     )
-    return scores, found
+    return found, scores
+
+
+def input_spec(inputs: Any) -> Any:
+    """Shape and dtype of each input, batch dim dropped, as JSON-friendly strings."""
+
+    def leaf(tensor: Any) -> str:
+        dims = ",".join("None" if d is None else str(int(d)) for d in tensor.shape[1:])
+        return f"{keras.backend.standardize_dtype(tensor.dtype)}|{dims}"
+
+    return keras.tree.map_structure(leaf, inputs)
+
+
+def symbolic_inputs(spec: Any) -> Any:
+    """Symbolic inputs of an `input_spec`, to build the towers on load."""
+
+    def leaf(text: str) -> Any:
+        dtype, dims = text.split("|")
+        shape = tuple(None if d == "None" else int(d) for d in dims.split(",") if d)
+        return keras.KerasTensor((None, *shape), dtype=dtype)
+
+    return keras.tree.map_structure(leaf, spec)

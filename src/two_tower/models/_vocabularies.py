@@ -67,6 +67,27 @@ def check(vocabularies: Any, argument: str, id_limit: tuple[int, str] | None) ->
     return named
 
 
+def check_both(
+    query_vocabulary: Any,
+    candidate_vocabulary: Any,
+    query_id_limit: tuple[int, str] | None,
+    candidate_id_limit: tuple[int, str] | None,
+    candidate_id_key: str | None,
+    catalogue_size: int | None,
+) -> tuple[Vocabularies, Vocabularies]:
+    """The model's two vocabulary arguments, checked (see `check`) and against
+    `catalogue_size`: the candidate ids' vocabulary may not map beyond it."""
+    queries = check(query_vocabulary, "query_vocabulary", query_id_limit)
+    candidates = check(candidate_vocabulary, "candidate_vocabulary", candidate_id_limit)
+    ids = id_vocabulary(candidates, candidate_id_key)
+    if ids is not None and catalogue_size is not None and ids.size > catalogue_size:
+        raise ValueError(
+            f"`candidate_vocabulary` maps to {ids.size} indices (OOV buckets "
+            f"included), more than catalogue_size={catalogue_size}."
+        )
+    return queries, candidates
+
+
 def id_vocabulary(vocabularies: Vocabularies, id_key: str | None) -> Vocabulary | None:
     """The vocabulary of a side's ids: the one vocabulary, or the id key's."""
     if isinstance(vocabularies, Vocabulary):

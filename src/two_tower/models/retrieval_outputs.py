@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
-from two_tower.types import Tensor
+from two_tower.types import SAMPLING_PROBABILITY, Tensor
 
 QUERY = "query"
 CANDIDATE = "candidate"
-SAMPLING_PROBABILITY = "candidate_sampling_probability"
 PAIR_KEYS = (QUERY, CANDIDATE)
 
 

@@ -47,7 +47,7 @@ class RetrievalTask:
         >>> from two_tower.models.retrieval_task import RetrievalTask
         >>> task = RetrievalTask(loss="full_softmax", catalogue_size=10)
         >>> sorted(task.required_outputs(training=True, ranks_catalogue=False))
-        ['candidate_ids', 'catalogue_embeddings', 'candidate_embeddings', 'query_embeddings']
+        ['candidate_embeddings', 'candidate_ids', 'catalogue_embeddings', 'query_embeddings']
     """
 
     def __init__(
@@ -106,6 +106,27 @@ class RetrievalTask:
         if evaluating_metrics:
             keys.add("metrics_catalogue_embeddings")
         return frozenset(keys)
+
+    def check_outputs(
+        self, outputs: Mapping[str, Any], *, training: bool, ranks_catalogue: bool
+    ) -> None:
+        """Raises, naming them, when `outputs` lack keys `required_outputs` lists.
+
+        A `call` override that returns only the two embeddings would otherwise
+        train without what its configuration asks for (accidental-hit removal,
+        the catalogue's columns) or raise a bare `KeyError`.
+        """
+        needed = self.required_outputs(training=training, ranks_catalogue=ranks_catalogue)
+        missing = sorted(needed - set(outputs))
+        if missing:
+            raise ValueError(
+                f"`call` returned no {missing}, which loss={self.loss!r} "
+                f"(remove_accidental_hits={self.remove_accidental_hits}"
+                + (", FactorizedTopK metrics" if ranks_catalogue else "")
+                + ") needs. A `call` override must return "
+                "`self.retrieval_outputs(inputs, query_embeddings, candidate_embeddings, "
+                f"training)`. Received outputs {sorted(outputs)}"
+            )
 
     def candidate_ids_of(self, candidate_features: Any) -> Tensor:
         """The batch's `[batch]` candidate ids, from the input or its id feature."""

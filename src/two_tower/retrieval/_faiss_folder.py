@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from two_tower.datasets._files import sha256
 from two_tower.retrieval._candidate_ids import checked_ids
+from two_tower.saving._files import sha256
 
 # Written by `save` before this version (no manifest): still loaded, unchecked.
 FAISS_FILE = "index.faiss"

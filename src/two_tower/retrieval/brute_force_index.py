@@ -89,18 +89,19 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         - `k`: how many candidates to return per query.
 
     Call returns:
-        From `call`: a `(scores, positions)` tuple of `[queries, k]` tensors, best
-        first; positions index the indexed catalogue. `search` maps positions to
-        candidate ids and takes exclusions.
+        From `call` (the compiled kernel): a `(scores, positions)` tuple of
+        `[queries, k]` tensors, best first; positions index the indexed
+        catalogue. `search` maps positions to candidate ids, takes exclusions and
+        returns `(ids, scores)`.
 
     Examples:
         >>> import numpy as np
         >>> index = two_tower.BruteForceIndex()
         >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
-        >>> scores, ids = index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)
+        >>> ids, scores = index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)
         >>> ids.tolist()
         [[20, 10]]
-        >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2, exclude=[[20]])[1].tolist()
+        >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2, exclude=[[20]])[0].tolist()
         [[10, 30]]
     """
 
@@ -324,8 +325,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 catalogue (e.g. retired items) instead of raising.
 
         Returns:
-            `(scores, ids)`: NumPy arrays of shape `[queries, k]`; `ids` has the
-            dtype of the indexed ids.
+            `(ids, scores)`: NumPy arrays of shape `[queries, k]`; `ids` has the
+            dtype of the indexed ids (the order of `TwoTowerRetrieval.recommend`).
 
         Raises:
             ValueError: if the index is empty, `k` is out of range, the query dim
@@ -334,10 +335,11 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 leaves a query fewer than `k` candidates.
         """
         with backend_module().serving_slot():
-            return self._search(
+            scores, ids = self._search(
                 self._snapshot(), query_embeddings, k, similarity_fn, exclude,
                 ignore_unknown_exclusions,
             )  # fmt: skip
+        return ids, scores
 
     def _search(
         self,
@@ -416,12 +418,3 @@ _EMPTY_INDEX = (
     "The index is empty. Call `index(candidate_embeddings, candidate_ids)` (or "
     "`TwoTowerRetrieval.index_candidates`) first."
 )
-
-
-# Moved names that modules outside `retrieval/` still import from here
-# (`saving`, `models._serving`, `metrics.factorized_top_k`); remove once they
-# import them from `top_k` and `_candidate_ids`.
-_checked_ids = _candidate_ids.checked_ids
-_dot_similarities = dot_similarities
-_exclusion_lists = _candidate_ids.exclusion_lists
-_next_power_of_two = next_power_of_two

@@ -82,7 +82,8 @@ class CandidateIndex(Protocol):
                 instead of raising.
 
         Returns:
-            `(scores, ids)`, NumPy arrays of shape `[queries, k]`.
+            `(ids, scores)`, NumPy arrays of shape `[queries, k]`, the order of
+            `TwoTowerRetrieval.recommend(..., return_scores=True)`.
         """
         ...
 

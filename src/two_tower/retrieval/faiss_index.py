@@ -33,7 +33,7 @@ from two_tower.retrieval._faiss_search import check_inner_product, checked_queri
 from two_tower.retrieval._faiss_training import calibrated_nprobe, trained_index
 from two_tower.retrieval.brute_force_index import BruteForceIndex
 from two_tower.retrieval.candidate_index import CandidateIndex
-from two_tower.saving import _fsync
+from two_tower.saving._files import fsync as _fsync
 from two_tower.types import SimilarityFn
 
 MIN_NPROBE = 16  # lists read at least, by default
@@ -134,7 +134,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         >>> ann.index(catalogue, np.arange(2000) + 10_000)
         >>> ann.calibrated_recall >= 0.9
         True
-        >>> scores, ids = ann.search(catalogue[:2], k=5)
+        >>> ids, scores = ann.search(catalogue[:2], k=5)
         >>> ids.shape
         (2, 5)
     """
@@ -337,7 +337,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 catalogue instead of raising.
 
         Returns:
-            `(scores, ids)`, NumPy arrays of shape `[queries, k]`. When the probed
+            `(ids, scores)`, NumPy arrays of shape `[queries, k]`. When the probed
             lists hold fewer than `k` candidates, the missing slots have score
             `-inf` and id -1 (or "" for string ids): raise `nprobe`. The lists
             read are `nprobe_for(k)` (`k` plus the most ids one query excludes).
@@ -373,7 +373,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         if missing.any():
             ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
             scores = np.where(missing, -np.inf, scores)
-        return scores, ids
+        return ids, scores
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids, as `BruteForceIndex.positions_of`.

@@ -72,7 +72,7 @@ def _with_zeros_folded(
     top_k: Callable[[Tensor, int], tuple[Tensor, Tensor]], scores: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
     values, columns = top_k(scores, k)
-    if keras.backend.backend() == "torch":
+    if not backend_module().top_k_orders_signed_zeros:
         return values, columns  # torch compares -0.0 and 0.0 as equal
 
     def folded() -> tuple[Tensor, Tensor]:
@@ -83,7 +83,7 @@ def _with_zeros_folded(
 
 def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Ties to the lower column; zeros compared as the backend does."""
-    if keras.backend.backend() == "torch":
+    if not backend_module().top_k_ties_to_lower_column:
         return _explicit_top_k(scores, k)
     values, columns = ops.top_k(scores, k)
     return values, ops.cast(columns, "int32")

@@ -28,14 +28,6 @@ import keras
 
 from two_tower.saving import _checks, _files, _manifest
 
-# Imported by `TwoTowerRetrieval.compile_from_config` under this name.
-from two_tower.saving._compile_config import (  # noqa: F401
-    loadable_compile_config as _loadable_compile_config,
-)
-
-# Imported by `two_tower.retrieval.faiss_index` under this name.
-from two_tower.saving._files import fsync as _fsync  # noqa: F401
-
 # Keras' `file_utils.is_remote_path`: paths that are not on the local file system.
 _REMOTE_PATH = re.compile(r"^(/cns|/cfs|/gcs|/hdfs|/readahead|/placer|/tfhub|.*://)")
 

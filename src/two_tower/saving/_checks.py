@@ -230,10 +230,10 @@ def _check_index_assets(
             f"its member {ids_name!r} holds ids of shape {ids.shape} for the {shape[0]} rows "
             f"of {embeddings_name!r} (one id per row expected)"
         )
-    from two_tower.retrieval import brute_force_index
+    from two_tower.retrieval import _candidate_ids
 
     try:
-        brute_force_index._checked_ids(ids, shape[0])
+        _candidate_ids.checked_ids(ids, shape[0])
     except ValueError as error:
         raise damaged(f"its member {ids_name!r} is not a valid id list: {error}") from error
     if not hashed:  # with a manifest, the rows are those saved, which were finite

@@ -7,6 +7,8 @@ from typing import Any
 
 import keras
 
+from two_tower.backends import backend_module
+
 
 def loadable_compile_config(config: dict[str, Any]) -> dict[str, Any]:
     """A saved `TwoTowerRetrieval` compile config, deserialized for this backend.
@@ -33,15 +35,17 @@ def loadable_compile_config(config: dict[str, Any]) -> dict[str, Any]:
             stacklevel=4,
         )
     steps = config.get("steps_per_execution", 1)
-    if keras.backend.backend() == "torch" and steps != 1:
+    limit = backend_module().max_steps_per_execution
+    if limit is not None and steps > limit:
         # Saved on JAX or TensorFlow with defaults.steps_per_execution() (16);
         # Keras on torch rejects anything but 1, which would make the file
         # unloadable here. Training semantics do not depend on it.
         warnings.warn(
             f"This model was compiled with steps_per_execution={steps}, which Keras "
-            "does not support on torch; it is compiled with steps_per_execution=1 "
-            "here (two_tower.defaults.steps_per_execution() gives 1 on torch).",
+            f"does not support on {keras.backend.backend()}; it is compiled with "
+            f"steps_per_execution={limit} here (two_tower.defaults.steps_per_execution() "
+            f"gives {limit} on {keras.backend.backend()}).",
             stacklevel=4,
         )
-        config["steps_per_execution"] = 1
+        config["steps_per_execution"] = limit
     return config

@@ -10,7 +10,7 @@ from keras import ops
 
 from two_tower import _arguments
 from two_tower.backends import backend_module
-from two_tower.sparse import _sparse_training
+from two_tower.sparse import _lookups
 from two_tower.towers.tower_ids import IdRange
 from two_tower.types import Tensor
 
@@ -137,7 +137,7 @@ class SparseEmbedding(keras.layers.Layer):
         if isinstance(ids, (np.ndarray, list, tuple)):
             array = np.asarray(ids)
             self._check_dtype(array.dtype)
-            _sparse_training.check_host_ids(array, self.name, self.input_dim)
+            _lookups.check_host_ids(array, self.name, self.input_dim)
         return super().__call__(ids, *args, **kwargs)
 
     def _check_dtype(self, dtype: Any) -> None:
@@ -163,7 +163,7 @@ class SparseEmbedding(keras.layers.Layer):
         ids = backend_module().check_ids(ids, self.input_dim, self.name)
         if dtype not in ("int32", "int64"):
             ids = ops.cast(ids, "int32")
-        recorder = _sparse_training.active_recorder()
+        recorder = _lookups.active_recorder()
         if recorder is not None:
             rows = recorder.lookup(self, ids)
         else:

@@ -1,0 +1,118 @@
+"""The hooks every backend module provides, as a type that mypy checks each module against."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # importing `two_tower.backends` must not import Keras (see `_installed`)
+    import keras
+
+
+class BackendModule(Protocol):
+    """What `two_tower.backends.{jax,tensorflow,torch}` each provide.
+
+    Library code reaches a backend only through these, via
+    `two_tower.backends.backend_module()`. A hook with nothing to do on a
+    backend is the no-op of `backends/_defaults.py`, re-exported by that
+    backend's module. `backends/_conformance.py` makes mypy check each module
+    against this protocol.
+    """
+
+    array_training: bool
+    """Whether `fit` on NumPy arrays runs through `array_train_function` (TensorFlow,
+    torch); False where Keras' own path runs (JAX)."""
+
+    max_steps_per_execution: int | None
+    """The most `steps_per_execution` Keras accepts on this backend (torch: 1), or None."""
+
+    top_k_ties_to_lower_column: bool
+    """Whether `keras.ops.top_k` returns tied scores lowest column first (JAX, TF)."""
+
+    top_k_orders_signed_zeros: bool
+    """Whether `keras.ops.top_k` ranks 0.0 above -0.0 (XLA: JAX, TF); torch compares them
+    as equal."""
+
+    def compile_inference(
+        self,
+        function: Callable[[Any], Any],
+        variables: Callable[[], Sequence[keras.Variable]],
+    ) -> Callable[[Any], Any]:
+        """`function(inputs)` compiled with the backend's compiler, reading the current
+        values of `variables()` at each call, safe to call from many threads at once."""
+        ...
+
+    def keep_state_on_error(self, model: keras.Model) -> contextlib.AbstractContextManager[None]:
+        """Held around `fit`, `evaluate` and `predict`: leaves the model usable when
+        they raise (JAX needs it)."""
+        ...
+
+    def serving_slot(self) -> contextlib.AbstractContextManager[None]:
+        """Held around each whole serving call (re-entrant): makes calls wait where
+        running them all at once is slower (torch); nothing elsewhere."""
+        ...
+
+    def sparse_train_step(self, model: keras.Model, *args: Any) -> Any:
+        """Keras' `train_step` for the backend (JAX takes `(state, data)`, the others
+        `(data)`), with row-sparse gradients and updates for `SparseEmbedding` tables."""
+        ...
+
+    def train_step(
+        self, model: keras.Model, keras_train_step: Callable[..., Any], *args: Any
+    ) -> Any:
+        """The model's `train_step` without `SparseEmbedding` tables: Keras' own on JAX
+        (`keras_train_step`); a copy of it on TensorFlow (repeated ids' table gradients
+        summed) and torch (less Python per step)."""
+        ...
+
+    def replica_loss(self, loss: Any, rows: Any) -> Any:
+        """The loss of a batch of `rows`, scaled to its share of the global batch
+        under `tf.distribute` replicas; unchanged elsewhere."""
+        ...
+
+    def global_negatives(
+        self, candidate_embeddings: Any, candidate_ids: Any, log_q: Any
+    ) -> tuple[Any, Any, Any, Any]:
+        """Every replica's batch candidates under `tf.distribute` (with the replica's
+        positive columns); unchanged elsewhere, where the step sees the global batch."""
+        ...
+
+    def check_replicas(self) -> None:
+        """Raises where training would silently run as several independent copies (a
+        torch process group)."""
+        ...
+
+    def map_devices(self, function: Callable[[Any], Any], rows: Any, mesh: Any) -> Any:
+        """A row-wise `function` applied on each device to the rows it holds (JAX's
+        `shard_map`); elsewhere `function(rows)`."""
+        ...
+
+    def loop_callbacks(self) -> list[Any]:
+        """Callbacks `fit` and `evaluate` add (JAX on a mesh of CPU devices)."""
+        ...
+
+    def fit_input(self, x: Any) -> Any:
+        """The `x` that `fit` and `evaluate` hand Keras: a `ShardDataset` becomes a
+        `tf.data` pipeline on TensorFlow; elsewhere `x` unchanged."""
+        ...
+
+    def step_counter(self, steps: int) -> Any:
+        """What `fit` on arrays hands Keras as its data: the epoch's step numbers."""
+        ...
+
+    def array_train_function(self, model: keras.Model, columns: Any) -> Callable[[Any], Any] | None:
+        """The train function that gathers each step's batch from device-resident
+        columns, or None where Keras' own path must run."""
+        ...
+
+    def check_ids(self, ids: Any, rows: int, layer_name: str) -> Any:
+        """A `SparseEmbedding`'s ids checked against `[0, rows)`: on the host when they
+        have values, in the graph on TensorFlow, mapped to NaN rows in a compiled JAX
+        step (JAX has no in-graph error), never to another id's row."""
+        ...
+
+    def host_tensor(self, array: Any) -> Any:
+        """A tensor sharing the memory of a C-contiguous, 64-byte aligned NumPy array
+        on CPU (a device copy on accelerators)."""
+        ...
