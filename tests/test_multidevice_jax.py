@@ -94,7 +94,7 @@ def _rows_per_device(variable) -> set[int]:
 
 
 @pytest.mark.parametrize("kind", ["data", "model"])
-@pytest.mark.parametrize("loss", two_tower.models.two_tower_retrieval.LOSSES)
+@pytest.mark.parametrize("loss", two_tower.models.retrieval_task.LOSSES)
 def test_distribution_trains_like_one_device(loss, kind):
     initial = _initial_weights()
     single, single_loss = _train(loss, None, initial)

@@ -91,7 +91,7 @@ def _max_difference(first: keras.Model, second: keras.Model) -> float:
     )
 
 
-@pytest.mark.parametrize("loss", two_tower.models.two_tower_retrieval.LOSSES)
+@pytest.mark.parametrize("loss", two_tower.models.retrieval_task.LOSSES)
 def test_mirrored_trains_like_one_device(strategy, loss):
     # 512 rows in batches of 64: every replica holds as many rows.
     single, single_loss, mirrored, mirrored_loss = _one_epoch(strategy, loss, 512)
@@ -100,7 +100,7 @@ def test_mirrored_trains_like_one_device(strategy, loss):
     assert _max_difference(mirrored, single) <= 1e-5
 
 
-@pytest.mark.parametrize("loss", two_tower.models.two_tower_retrieval.LOSSES)
+@pytest.mark.parametrize("loss", two_tower.models.retrieval_task.LOSSES)
 def test_uneven_last_batch_trains_like_one_device(strategy, loss):
     # 565 rows: the last batch of 53 splits unevenly (27 + 26, or 14 + 13 + 13 + 13).
     # Each replica's loss is scaled by its share of the rows, not 1 / replicas,

@@ -65,7 +65,7 @@ def add_rating_column(folder):
     return np.concatenate(ratings)
 
 
-@pytest.mark.parametrize("loss", two_tower.models.two_tower_retrieval.LOSSES)
+@pytest.mark.parametrize("loss", two_tower.models.retrieval_task.LOSSES)
 def test_unshuffled_streaming_trains_like_in_memory_fit(log_folder, loss):
     folder, log = log_folder
     data = log.to_arrays(700, chunk_size=300)
