@@ -24,11 +24,12 @@ Starts JAX with 8 simulated CPU devices (`--xla_force_host_platform_device_count
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+import _common
+
+_common.default_backend("jax")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -164,7 +165,7 @@ def index_bytes_and_search(catalogue: int, dim: int, queries: int = 1024, k: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50)

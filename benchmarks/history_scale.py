@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
-import resource
-import subprocess
-import sys
 import time
 from collections import defaultdict
+
+import _common
 
 WIDTH = 32
 QUERIES = 65_536
@@ -66,7 +64,7 @@ def measure(size: int, reference: bool) -> dict[str, float]:
     import two_tower
 
     users, items, times = _log(size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _common.peak_rss_kib() / 1024
     start = time.perf_counter()
     log = two_tower.InteractionLog(users, items, times)
     build = time.perf_counter() - start
@@ -83,7 +81,7 @@ def measure(size: int, reference: bool) -> dict[str, float]:
         "size": size,
         "build_s": build,
         "history_ms": batch * 1e3,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base,
+        "peak_mb": _common.peak_rss_kib() / 1024 - base,
         "arrays_mb": (users.nbytes + items.nbytes + times.nbytes) / 2**20,
     }
     if reference:
@@ -96,13 +94,13 @@ def measure(size: int, reference: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--sizes", default="100000,1000000,10000000")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.reference)))
+        _common.report(measure(args.one, args.reference))
         return
     sizes = [int(size) for size in args.sizes.split(",")]
     print(
@@ -110,11 +108,10 @@ def main() -> None:
         f"{'peak MB':>8} {'log MB':>7} {'python s':>9} {'ratio':>6}"
     )
     for size in sizes:
-        command = [sys.executable, __file__, "--one", str(size)]
+        arguments = ["--one", str(size)]
         if size == min(sizes):
-            command.append("--reference")
-        line = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        row = json.loads(line.strip().splitlines()[-1])
+            arguments.append("--reference")
+        row = _common.worker_result(__file__, arguments, f"{size:,} interactions")
         python = row.get("python_s")
         extra = (
             f"{python:>9.2f} {python / (row['build_s'] + row['history_ms'] / 1e3):>5.0f}x"

@@ -12,13 +12,10 @@ another's memory.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 
 
@@ -49,26 +46,24 @@ def write_release(folder: Path, rows: int, movies: int = 62_423, users: int = 16
 def measure(folder: str) -> None:
     from two_tower.datasets import movielens
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _common.peak_rss_kib()
     start = time.perf_counter()
     tables = movielens.load_tables(folder, variant="25m", sha256=None)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {
-                "rows": tables.num_ratings,
-                "seconds": seconds,
-                "peak_gb": peak / 1e6,
-                "added_gb": (peak - before) / 1e6,
-                "ratings_gb": sum(v.nbytes for v in tables.ratings.values()) / 1e9,
-            }
-        )
+    peak = _common.peak_rss_kib()
+    _common.report(
+        {
+            "rows": tables.num_ratings,
+            "seconds": seconds,
+            "peak_gb": peak / 1e6,
+            "added_gb": (peak - before) / 1e6,
+            "ratings_gb": sum(v.nbytes for v in tables.ratings.values()) / 1e9,
+        }
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--rows", default="1000000,10000000")
     parser.add_argument("--cache", default="/tmp/two_tower_movielens_load")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
@@ -81,11 +76,7 @@ def main() -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         folder = Path(args.cache) / f"rows-{rows}"
         write_release(folder, rows)
-        output = subprocess.run(
-            [sys.executable, __file__, "--measure", str(folder)],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        r = json.loads(output.strip().splitlines()[-1])
+        r = _common.worker_result(__file__, ["--measure", str(folder)], f"{rows:,} rows")
         size = (folder / "ratings.csv").stat().st_size / 1e6
         speed = r["rows"] / r["seconds"]
         print(f"{r['rows']:>12,} {size:>8.0f} {r['seconds']:>7.2f} {speed:>11,.0f} "

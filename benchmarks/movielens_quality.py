@@ -19,17 +19,15 @@ Each backend runs in its own process (Keras fixes its backend at import).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
+
+import _common
 
 KS = (1, 5, 10, 50, 100)
 
 
 def worker(backend: str, data_dir: str | None, seed: int) -> dict:
-    os.environ["KERAS_BACKEND"] = backend
+    _common.use_backend(backend)
     import keras
     import numpy as np
 
@@ -106,27 +104,23 @@ def worker(backend: str, data_dir: str | None, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default="jax,tensorflow,torch")
-    parser.add_argument("--data-dir", default=None)
+    parser = _common.argument_parser(__doc__)
+    _common.add_backends_argument(parser)
+    _common.add_data_dir_argument(parser)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--plot", default=None, help="Save a recall@k PNG here.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULTS " + json.dumps(worker(args.worker, args.data_dir, args.seed)))
+        _common.report(worker(args.worker, args.data_dir, args.seed))
         return
 
     by_backend = {}
     for backend in args.backends.split(","):
-        command = [sys.executable, __file__, "--worker", backend, "--seed", str(args.seed)]
+        arguments = ["--worker", backend, "--seed", str(args.seed)]
         if args.data_dir:
-            command += ["--data-dir", args.data_dir]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-        if completed.returncode != 0 or not lines:
-            sys.exit(f"{backend} failed:\n{completed.stderr[-3000:]}")
-        by_backend[backend] = json.loads(lines[-1][len("RESULTS ") :])
+            arguments += ["--data-dir", args.data_dir]
+        by_backend[backend] = _common.worker_result(__file__, arguments, backend)
 
     from two_tower.evaluation import format_table, plot_recall
 

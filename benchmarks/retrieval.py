@@ -48,16 +48,13 @@ every call at once, in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
 
 QUERIES, DIM, K, COMPONENTS = 1024, 64, 100, 1000
@@ -163,7 +160,7 @@ def run_method(
         from two_tower.evaluation import recall_against_exact
 
         result["recall"] = recall_against_exact(ids, np.load(exact_path))
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gb"] = _common.peak_rss_kib() / 2**20
     return result
 
 
@@ -183,7 +180,7 @@ def _rows_of(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--backend", default="jax", choices=["jax", "tensorflow", "torch"])
     parser.add_argument("--sizes", default="10000,100000,1000000,10000000")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         method, catalogue, queries = args.worker
         result = run_method(method, Path(catalogue), Path(queries), folder, args.repeats)
-        print("RESULT " + json.dumps(result))
+        _common.report(result)
         return
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,19 +225,19 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {n:,} | keras-rs | - | skipped: needs ~{QUERIES * n * 4 / 1e9:.0f} GB "
                       "of scores | | | | |", flush=True)  # fmt: skip
                 continue
-            command = [sys.executable, __file__, "--data-dir", str(folder)]
+            arguments = ["--data-dir", str(folder)]
             repeats = args.repeats if n < 10_000_000 else 1  # one 10M search takes a minute
-            command += ["--repeats", str(repeats), "--worker", method]
-            command += [str(catalogue_path), str(queries_path)]
-            env = dict(os.environ, KERAS_BACKEND=args.backend)
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
+            arguments += ["--repeats", str(repeats), "--worker", method]
+            arguments += [str(catalogue_path), str(queries_path)]
+            done, result = _common.run_worker(
+                __file__, arguments, env={"KERAS_BACKEND": args.backend}
+            )
+            if result is None:
                 error = done.stderr.strip().splitlines()[-1:]
                 print(f"| {n:,} | {method} | failed (exit {done.returncode}): {error} "
                       "| | | | | |", flush=True)  # fmt: skip
                 continue
-            results[method][n] = json.loads(lines[-1][len("RESULT ") :])
+            results[method][n] = result
         for method in methods:  # after all of them, so every row has its ratio
             if n in results[method]:
                 _print_row(n, method, results)
@@ -262,7 +259,7 @@ def concurrency(backend: str, catalogue_path: Path, queries_path: Path, calls: i
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    os.environ["KERAS_BACKEND"] = backend
+    _common.use_backend(backend)
     import keras
 
     import two_tower
@@ -327,11 +324,7 @@ def _print_row(n: int, method: str, results: dict[str, dict[int, dict]]) -> None
 
 
 def _plot(results: dict[str, dict[int, dict]], backend: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, rows in results.items():
         sizes = sorted(rows)

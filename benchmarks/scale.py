@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import _common
 
 USERS = 100_000
 BATCH = 1024
@@ -55,7 +54,7 @@ def _folder(cache: str, rows: int, items: int) -> Path:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return _common.peak_rss_kib() / 1024**2
 
 
 def _model(items: int) -> object:
@@ -98,7 +97,6 @@ def _worker(mode: str, rows: int, items: int, cache: str) -> dict[str, float]:
             verbose=0,
         )
     else:  # floor
-        sys.path.insert(0, str(Path(__file__).parent))
         from table_growth import jax_floor_ms_per_step
 
         ms = jax_floor_ms_per_step(items, 64)
@@ -107,22 +105,17 @@ def _worker(mode: str, rows: int, items: int, cache: str) -> dict[str, float]:
 
 
 def _run(backend: str, mode: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", mode, "--rows", str(rows)]
-    command += ["--items", str(args.items), "--cache", args.cache]
-    environment = dict(os.environ, KERAS_BACKEND=backend)
-    completed = subprocess.run(
-        command, capture_output=True, text=True, env=environment, check=False
+    arguments = ["--worker", mode, "--rows", str(rows)]
+    arguments += ["--items", str(args.items), "--cache", args.cache]
+    result: dict[str, float] = _common.worker_result(
+        __file__, arguments, f"{backend} {mode} at {rows} rows", env={"KERAS_BACKEND": backend}
     )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-    if completed.returncode != 0 or not lines:
-        sys.exit(f"{backend} {mode} at {rows} rows failed:\n{completed.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(lines[-1][len("RESULTS ") :])
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser = _common.argument_parser(__doc__)
+    _common.add_backends_argument(parser)
     parser.add_argument("--rows", default="1000000,10000000")
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--memory-max-rows", type=int, default=10_000_000)
@@ -135,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(rows) for rows in args.rows.split(",")]
     if args.worker:
         result = _worker(args.worker, sizes[0], args.items, args.cache)
-        print("RESULTS " + json.dumps(result))
+        _common.report(result)
         return
     for rows in sizes:  # the shards, once, outside the timed runs
         _folder(args.cache, rows, args.items)
@@ -182,11 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(results: dict[str, dict[str, dict[str, dict[str, float]]]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"stream": "-o", "memory": "--s", "floor": ":^"}
     colours = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab:green"}

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
+
+import _common
 
 BATCH = 1024
 DIM = 64
@@ -134,7 +133,7 @@ def jax_floor_ms_per_step(rows: int, steps: int) -> float:
 
 
 def _worker(backend: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
-    os.environ["KERAS_BACKEND"] = backend
+    _common.use_backend(backend)
     import keras
 
     keras.utils.set_random_seed(0)
@@ -151,24 +150,18 @@ def _worker(backend: str, rows: int, args: argparse.Namespace) -> dict[str, floa
 
 
 def _run_worker(backend: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", backend, "--rows", str(rows)]
-    command += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
-    command += ["--dense-max-rows", str(args.dense_max_rows)]
-    command += [] if args.floor else ["--no-floor"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-    if completed.returncode != 0 or not lines:
-        sys.exit(f"{backend} at {rows} rows failed:\n{completed.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(lines[-1][len("RESULTS ") :])
+    arguments = ["--worker", backend, "--rows", str(rows)]
+    arguments += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
+    arguments += ["--dense-max-rows", str(args.dense_max_rows)]
+    arguments += [] if args.floor else ["--no-floor"]
+    result: dict[str, float] = _common.worker_result(
+        __file__, arguments, f"{backend} at {rows} rows"
+    )
     return result
 
 
 def _plot(results: dict[str, dict[str, dict[str, float]]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     colours = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab:red"}
     styles = {"dense": "--", "sparse": "-", "floor": ":"}
@@ -199,8 +192,8 @@ def _plot(results: dict[str, dict[str, dict[str, float]]], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser = _common.argument_parser(__doc__)
+    _common.add_backends_argument(parser)
     parser.add_argument("--rows", default="10000,100000,1000000,10000000")
     parser.add_argument("--steps", type=int, default=64, help="timed steps per fit")
     parser.add_argument("--warmup-steps", type=int, default=32)
@@ -217,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = sorted(int(rows) for rows in args.rows.split(","))
     if args.worker:
-        print("RESULTS " + json.dumps(_worker(args.worker, sizes[0], args)))
+        _common.report(_worker(args.worker, sizes[0], args))
         return
 
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -55,7 +54,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import _common
+
+_common.default_backend("torch")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -257,7 +258,7 @@ def time_once(paths: list[str], epochs: int, load_processes: int, all_threads: b
                 for path, train in trainers.items():
                     rows.append([path, threads, loaded, train(epochs)])
         torch.set_num_threads(default_threads)
-    print(json.dumps(rows))
+    _common.report(rows)
 
 
 def count_once(paths: list[str]) -> None:
@@ -300,21 +301,12 @@ def count_once(paths: list[str]) -> None:
             "regions": (counter() - before) / STEPS_PER_EPOCH,
             "top": [[name, n / STEPS_PER_EPOCH] for name, n in mode.regions.most_common(12)],
         }
-    print(json.dumps(results))
+    _common.report(results)
 
 
 def _child(arguments: list[str], env: dict[str, str]) -> Any:
-    """Runs this script with `arguments` in a child process; returns its JSON output."""
-    completed = subprocess.run(
-        [sys.executable, __file__, *arguments],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"child {arguments} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    """Runs this script with `arguments` in a child process; returns its reported result."""
+    return _common.worker_result(__file__, arguments, f"child {arguments}", env)
 
 
 def print_counts(paths: list[str]) -> None:
@@ -342,7 +334,7 @@ def print_counts(paths: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs (40 steps each)")
     parser.add_argument(

@@ -30,12 +30,11 @@ tutorial's own code).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+import _common
 
 EPOCHS = 50
 
@@ -340,15 +339,15 @@ FLOORS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default="jax,tensorflow,torch")
-    parser.add_argument("--data-dir", default=None)
+    parser = _common.argument_parser(__doc__)
+    _common.add_backends_argument(parser)
+    _common.add_data_dir_argument(parser)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULTS " + json.dumps(_worker(args)))
+        _common.report(_worker(args))
         return
 
     print(f"fit time for {args.epochs} epochs (see the docstring for the protocols)")
@@ -380,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    os.environ["KERAS_BACKEND"] = args.worker
+    _common.use_backend(args.worker)
     import keras
 
     keras.utils.set_random_seed(42)
@@ -399,15 +398,10 @@ def _worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def _run_worker(backend: str, mode: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", backend, "--mode", mode]
-    command += ["--epochs", str(args.epochs)]
+    arguments = ["--worker", backend, "--mode", mode, "--epochs", str(args.epochs)]
     if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-    if completed.returncode != 0 or not lines:
-        sys.exit(f"{backend} ({mode}) failed:\n{completed.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS ") :])
+        arguments += ["--data-dir", args.data_dir]
+    return _common.worker_result(__file__, arguments, f"{backend} ({mode})")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ catalogue, with the user's fitting items excluded.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import time
+
+import _common
 
 
 def validation_split(data_dir: str | None) -> tuple[dict, dict]:
@@ -50,19 +51,44 @@ def validation_results(model, fitting: dict, validation: dict) -> dict[str, floa
     )["unseen"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def tuning_data(doc: str, argv: list[str] | None) -> tuple[dict, dict]:
+    """Reads `--backend` and `--data-dir`, sets the backend, returns `validation_split`'s parts.
+
+    Called before Keras is imported: `--backend` (the environment's `KERAS_BACKEND`,
+    else jax) only counts until then.
+    """
+    parser = _common.argument_parser(doc)
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
-    parser.add_argument("--data-dir", default=None)
+    _common.add_data_dir_argument(parser)
     args = parser.parse_args(argv)
-    os.environ["KERAS_BACKEND"] = args.backend
+    _common.use_backend(args.backend)
+    return validation_split(args.data_dir)
+
+
+def fit_and_score(model, config: dict, fitting: dict, validation: dict, rows: dict) -> None:
+    """Fits `model` for `config["epochs"]`, scores it and prints and keeps its row in `rows`."""
+    from two_tower.evaluation import format_table
+
+    started = time.perf_counter()
+    model.fit(
+        {"query": fitting["user"], "candidate": fitting["movie"]},
+        batch_size=1000,
+        epochs=config["epochs"],
+        verbose=0,
+    )
+    seconds = time.perf_counter() - started
+    results = validation_results(model, fitting, validation)
+    label = ", ".join(f"{k}={v}" for k, v in config.items()) + f" ({seconds:.0f} s)"
+    rows[label] = results
+    print(format_table({label: results}, ks=(10, 100)).splitlines()[-1], flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    fitting, validation = tuning_data(__doc__, argv)
 
     import keras
 
     import two_tower
-    from two_tower.evaluation import format_table
-
-    fitting, validation = validation_split(args.data_dir)
 
     grid = {
         "embedding_dim": (32, 64),
@@ -82,18 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer=keras.optimizers.Adam(config["learning_rate"]),
             steps_per_execution=two_tower.defaults.steps_per_execution(),
         )
-        started = time.perf_counter()
-        model.fit(
-            {"query": fitting["user"], "candidate": fitting["movie"]},
-            batch_size=1000,
-            epochs=config["epochs"],
-            verbose=0,
-        )
-        seconds = time.perf_counter() - started
-        results = validation_results(model, fitting, validation)
-        label = ", ".join(f"{k}={v}" for k, v in config.items()) + f" ({seconds:.0f} s)"
-        rows[label] = results
-        print(format_table({label: results}, ks=(10, 100)).splitlines()[-1], flush=True)
+        fit_and_score(model, config, fitting, validation, rows)
     best = max(rows, key=lambda name: rows[name]["accuracy_at_100"])
     print(f"\nbest by validation top-100: {best}")
 

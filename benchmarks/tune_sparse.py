@@ -15,30 +15,17 @@ path takes: lazy Adam, Adagrad and row-wise Adagrad, over learning rates, L2
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tune_softmax import validation_results, validation_split  # noqa: E402
+from tune_softmax import fit_and_score, tuning_data
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
-    parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args(argv)
-    os.environ["KERAS_BACKEND"] = args.backend
+    fitting, validation = tuning_data(__doc__, argv)
 
     import keras
 
     import two_tower
-    from two_tower.evaluation import format_table
-
-    fitting, validation = validation_split(args.data_dir)
 
     optimizers = {
         "adam": keras.optimizers.Adam,
@@ -72,18 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer=optimizers[config["optimizer"]](learning_rate=config["learning_rate"]),
             steps_per_execution=two_tower.defaults.steps_per_execution(),
         )
-        started = time.perf_counter()
-        model.fit(
-            {"query": fitting["user"], "candidate": fitting["movie"]},
-            batch_size=1000,
-            epochs=config["epochs"],
-            verbose=0,
-        )
-        seconds = time.perf_counter() - started
-        results = validation_results(model, fitting, validation)
-        label = ", ".join(f"{k}={v}" for k, v in config.items()) + f" ({seconds:.0f} s)"
-        rows[label] = results
-        print(format_table({label: results}, ks=(10, 100)).splitlines()[-1], flush=True)
+        fit_and_score(model, config, fitting, validation, rows)
     for sparse in (False, True):
         candidates = [name for name in rows if f"sparse={sparse}" in name]
         best = max(candidates, key=lambda name: rows[name]["accuracy_at_100"])
