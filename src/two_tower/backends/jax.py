@@ -14,13 +14,14 @@ Reading a value is safe from any thread, so concurrent calls need no lock.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import keras
 import numpy as np
+
+from two_tower._compiled_cache import CompiledCache
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import array_train_function as array_train_function
@@ -50,8 +51,8 @@ def compile_inference(
     Returns:
         A thread-safe callable with the same inputs and outputs as `function`.
     """
-    lock = threading.Lock()
-    compiled: dict[tuple[int, ...], Callable[..., Any]] = {}
+    # One entry: a new list of variables makes the old function stale.
+    compiled: CompiledCache[Callable[..., Any]] = CompiledCache(max_size=1)
 
     def compile_for(current: tuple[keras.Variable, ...]) -> Callable[..., Any]:
         def pure(values: list[Any], inputs: Any) -> Any:
@@ -63,13 +64,7 @@ def compile_inference(
     def run(inputs: Any) -> Any:
         current = tuple(variables())
         key = tuple(id(variable) for variable in current)
-        step = compiled.get(key)
-        if step is None:
-            with lock:
-                step = compiled.get(key)
-                if step is None:
-                    compiled.clear()  # variables changed: the old step is stale
-                    step = compiled[key] = compile_for(current)
+        step = compiled.get(key, lambda: compile_for(current))
         return step([variable.value for variable in current], inputs)
 
     return run

@@ -275,6 +275,29 @@ def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.scatter_update(tf.IndexedSlices(rows, ids))
 
 
+def _forward_and_loss(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any]:
+    """The start of Keras' TensorFlow `train_step`, to run under the step's tape.
+
+    The forward pass, the loss, the loss tracker's update (by the batch's rows,
+    the loss unscaled from a replica's share) and the optimizer's `scale_loss`,
+    in Keras' order.
+
+    Returns:
+        `(y_pred, loss)`: the predictions and the scaled loss to differentiate.
+    """
+    y_pred = model(x, training=True)
+    loss = model._compute_loss(  # noqa: SLF001
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+    model._loss_tracker.update_state(  # noqa: SLF001
+        unscale_loss_for_distribution(loss), sample_weight=tf.shape(first)[0]
+    )
+    if model.optimizer is not None:
+        loss = model.optimizer.scale_loss(loss)
+    return y_pred, loss
+
+
 def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     """Keras' TensorFlow `train_step` with row-sparse gradients for `SparseEmbedding` tables.
 
@@ -298,13 +321,7 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     with tf.GradientTape() as tape:
         recorder = _Recorder(tape)
         with _sparse_training.recording(recorder):
-            y_pred = model(x, training=True)
-            loss = model._compute_loss(  # noqa: SLF001
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-        first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-        model._loss_tracker.update_state(loss, sample_weight=tf.shape(first)[0])  # noqa: SLF001
-        loss = model.optimizer.scale_loss(loss)
+            y_pred, loss = _forward_and_loss(model, x, y, sample_weight)
     # After the forward pass, which builds the tables if `fit` did not (e.g. on a
     # dataset's first batch inside the traced step).
     _, dense_variables = _sparse_training.split_variables(model)
@@ -481,16 +498,7 @@ def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: 
     (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-        y_pred = model(x, training=True)
-        loss = model._compute_loss(  # noqa: SLF001
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-        model._loss_tracker.update_state(  # noqa: SLF001
-            unscale_loss_for_distribution(loss), sample_weight=tf.shape(first)[0]
-        )
-        if model.optimizer is not None:
-            loss = model.optimizer.scale_loss(loss)
+        y_pred, loss = _forward_and_loss(model, x, y, sample_weight)
     if model.trainable_weights:
         variables = model.trainable_weights
         gradients = tape.gradient(loss, variables)

@@ -201,17 +201,12 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     recorder = _Recorder()
+    model.zero_grad()
     with _sparse_training.recording(recorder):
-        y_pred = model(x, training=True)
-        model.zero_grad()
-        loss = model._compute_loss(  # noqa: SLF001
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
+        # Through `Layer.__call__`: `_calls_directly`'s shortcut is the dense step's.
+        y_pred, loss = _forward_and_loss(model, x, y, sample_weight, model)
     # After the forward pass, which builds the tables if `fit` did not.
     _, dense_variables = _sparse_training.split_variables(model)
-    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-    model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
-    loss = model.optimizer.scale_loss(loss)
     if loss.requires_grad:  # False when nothing trainable was used
         loss.backward()
     row_gradients = [
@@ -326,18 +321,11 @@ def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: 
     variables = model.trainable_weights
     for variable in variables:
         variable.value.grad = None
+    forward: Callable[..., Any] = model
     if _calls_directly(model):
         model._clear_losses()  # noqa: SLF001  # what the outermost `__call__` does
-        y_pred = model.call(x, training=True)
-    else:
-        y_pred = model(x, training=True)
-    loss = model._compute_loss(  # noqa: SLF001
-        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-    )
-    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-    model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
-    if model.optimizer is not None:
-        loss = model.optimizer.scale_loss(loss)
+        forward = model.call
+    y_pred, loss = _forward_and_loss(model, x, y, sample_weight, forward)
     if variables:
         loss.backward()
         gradients = [variable.value.grad for variable in variables]
@@ -346,6 +334,26 @@ def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: 
     else:
         warnings.warn("The model does not have any trainable weights.", stacklevel=2)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _forward_and_loss(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any, forward: Callable[..., Any]
+) -> tuple[Any, Any]:
+    """The start of Keras' torch `train_step`: `forward(x, training=True)`, the
+    loss, the loss tracker's update (by the batch's rows) and `scale_loss`.
+
+    Returns:
+        `(y_pred, loss)`: the predictions and the scaled loss to differentiate.
+    """
+    y_pred = forward(x, training=True)
+    loss = model._compute_loss(  # noqa: SLF001
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+    model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
+    if model.optimizer is not None:
+        loss = model.optimizer.scale_loss(loss)
+    return y_pred, loss
 
 
 def _calls_directly(model: keras.Model) -> bool:

@@ -18,17 +18,26 @@ import keras
 import numpy as np
 from keras import ops
 
+from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
 from two_tower.models import _input_checks
 from two_tower.retrieval._candidate_ids import exclusion_lists
+
+# One test for "a dataset or generator of batches", shared with the index's catalogue.
+from two_tower.retrieval._catalogue_store import _is_iterable_of_blocks as _is_batches
 from two_tower.retrieval.top_k import next_power_of_two
 from two_tower.types import Tensor
 
 if TYPE_CHECKING:
     from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
 
-_BUILD_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()  # see `build_eagerly`
 _MAX_COMPILED = 8
+
+
+def function_cache() -> CompiledCache[Callable[[Any], Tensor]]:
+    """The cache of compiled tower functions a model keeps (see `_compiled`)."""
+    return CompiledCache(max_size=_MAX_COMPILED)
 
 
 def _compiled(
@@ -38,27 +47,13 @@ def _compiled(
     owner: keras.layers.Layer,
 ) -> Callable[[Any], Tensor]:
     """`function` compiled for the backend, cached on the model under `key`."""
-    cache: dict[Any, Callable[[Any], Tensor]] = model._serving_functions
-    compiled = cache.get(key)
-    if compiled is None:
-        with _BUILD_LOCK:
-            compiled = cache.get(key)
-            if compiled is None:
-                if len(cache) >= _MAX_COMPILED:
-                    cache.pop(next(iter(cache)))
-                compiled = backend_module().compile_inference(function, lambda: owner.variables)
-                cache[key] = compiled
-    return compiled
+    cache: CompiledCache[Callable[[Any], Tensor]] = model._serving_functions
+    return cache.get(
+        key, lambda: backend_module().compile_inference(function, lambda: owner.variables)
+    )
 
 
 _SINGULAR = {"queries": "query", "candidates": "candidate", "items": "item"}
-
-
-def _is_batches(features: Any) -> bool:
-    """Whether `features` is a dataset or generator of batches (e.g. a tf.data.Dataset)."""
-    if isinstance(features, (np.ndarray, list, tuple, Mapping, str, bytes)):
-        return False
-    return hasattr(features, "__iter__") and not hasattr(features, "__array__")
 
 
 def _as_arrays(features: Any, what: str) -> tuple[Any, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
+from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
 from two_tower.retrieval import _candidate_ids, _catalogue_store, _indexed_catalogue
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue
@@ -117,8 +117,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
         object.__setattr__(self, "_catalogue", None)
-        object.__setattr__(self, "_steps", {})
-        object.__setattr__(self, "_steps_lock", threading.Lock())
+        object.__setattr__(self, "_steps", CompiledCache[TopKStep](max_size=8))
         self.built = True
 
     @property
@@ -292,14 +291,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         owner = getattr(similarity_fn, "__self__", None)
         function = getattr(similarity_fn, "__func__", similarity_fn)
         key = (id(owner), function, k, chunk_size, mesh, self.compute_dtype)
-        steps: dict[Any, TopKStep] = self._steps
-        with self._steps_lock:  # concurrent searches share the cache
-            step = steps.get(key)
-            if step is None:
-                if len(steps) >= 8:
-                    steps.pop(next(iter(steps)))
-                step = steps[key] = TopKStep(similarity_fn, k, chunk_size, owner, mesh)
-        return step
+        # Concurrent searches share the cache.
+        return self._steps.get(key, lambda: TopKStep(similarity_fn, k, chunk_size, owner, mesh))
 
     def search(
         self,
