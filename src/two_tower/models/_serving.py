@@ -22,9 +22,9 @@ from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
 from two_tower.models import _input_checks
 from two_tower.retrieval._candidate_ids import exclusion_lists
+from two_tower.retrieval._catalogue_store import is_batches
 
 # One test for "a dataset or generator of batches", shared with the index's catalogue.
-from two_tower.retrieval._catalogue_store import _is_iterable_of_blocks as _is_batches
 from two_tower.retrieval.top_k import next_power_of_two
 from two_tower.types import Tensor
 
@@ -117,7 +117,7 @@ def embedded_blocks(
     if batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
     batch_size = int(batch_size)  # a NumPy integer too
-    if _is_batches(features):
+    if is_batches(features):
         # A dataset or generator of batches (as `predict` takes): embed batch by batch.
         empty = True
         for batch in features:

@@ -12,6 +12,7 @@ from two_tower.backends import backend_module
 from two_tower.models import _input_checks, _serving, _vocabularies
 from two_tower.models.retrieval_outputs import CANDIDATE, QUERY
 from two_tower.preprocessing.vocabulary import Vocabulary
+from two_tower.retrieval._catalogue_store import is_batches
 
 # mypy sees Keras' `Model` as the base; at run time the mixin is plain.
 _Base: Any = keras.Model if TYPE_CHECKING else object
@@ -95,14 +96,10 @@ class Serving(_Base):
         they are. `own_tower` is False for another tower (`item_tower`), whose
         inputs the structure check does not know.
         """
-        if (
-            own_tower
-            and self._catalogue.takes_rows(features)
-            and not _serving._is_batches(features)
-        ):
+        if own_tower and self._catalogue.takes_rows(features) and not is_batches(features):
             rows, raw_ids = self._catalogue_rows(features, argument)
             return rows, raw_ids if ids is None else ids
-        if _serving._is_batches(features):
+        if is_batches(features):
             return features, ids
         encoded = self._encode(CANDIDATE, features, argument)
         if own_tower:
@@ -117,7 +114,7 @@ class Serving(_Base):
 
     def _check_structure(self, features: Any, side: str, argument: str, hint: str = "") -> None:
         spec = self._query_input_spec if side == QUERY else self._candidate_input_spec
-        if not _serving._is_batches(features):
+        if not is_batches(features):
             _input_checks.check_structure(spec, features, side, argument, hint)
 
     def set_catalogue(self, features: Mapping[str, Any]) -> None:
@@ -286,7 +283,7 @@ class Serving(_Base):
         _serving.check_flags(
             return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
         )
-        if not _serving._is_batches(queries):
+        if not is_batches(queries):
             queries = self._encode(QUERY, queries, "`queries`")
             self._check_structure(queries, QUERY, "`queries`")
         with backend_module().serving_slot():

@@ -16,6 +16,7 @@ from two_tower.models import _array_training, _input_checks, _serving
 from two_tower.models.retrieval_outputs import CANDIDATE, QUERY
 from two_tower.models.retrieval_outputs import is_pair as _is_pair
 from two_tower.models.retrieval_task import LOSSES
+from two_tower.retrieval._catalogue_store import is_batches
 from two_tower.sparse import _sparse_training
 
 # mypy sees Keras' `Model` as the base (for `super()`); at run time the mixin is plain.
@@ -136,7 +137,7 @@ class Training(_Base):
             _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
             self._build_towers(x)
         else:
-            if not _serving._is_batches(x):
+            if not is_batches(x):
                 x = _input_checks.lists_as_arrays(self._encode(QUERY, x, "x"), "x")
                 self._check_structure(x, QUERY, "x")
             _input_checks.check_ids(self, x, QUERY, "x")

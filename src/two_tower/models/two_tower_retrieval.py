@@ -232,7 +232,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
         # Serving's compiled tower functions (see `_serving`); not tracked by Keras.
-        object.__setattr__(self, "_serving_functions", {})
+        object.__setattr__(self, "_serving_functions", _serving.function_cache())
 
     # The task's options, read-only here (set them through the constructor).
     loss_name = property(lambda self: self.task.loss, doc="The loss (`loss=`).")

@@ -102,7 +102,7 @@ def blocks_of(candidate_embeddings: Any) -> tuple[Iterable[Any], int | None]:
             "`candidate_embeddings` must be a numeric [candidates, dim] array, or row blocks "
             f"of one. Received a {type(candidate_embeddings).__name__}"
         )
-    if _is_iterable_of_blocks(candidate_embeddings):
+    if is_batches(candidate_embeddings):
         return candidate_embeddings, None
     if isinstance(candidate_embeddings, (list, tuple)) and candidate_embeddings:
         first = candidate_embeddings[0]
@@ -141,7 +141,9 @@ def _ndim(value: Any) -> int:
     return 0
 
 
-def _is_iterable_of_blocks(value: Any) -> bool:
+def is_batches(value: Any) -> bool:
+    """Whether `value` is a dataset, generator or other iterable of batches (or blocks),
+    not an array-like or a dict of them: what the model and the index read batch by batch."""
     if isinstance(value, (np.ndarray, list, tuple, Mapping, str, bytes)):
         return False
     return hasattr(value, "__iter__") and not hasattr(value, "__array__")
