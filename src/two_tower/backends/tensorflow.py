@@ -280,7 +280,9 @@ def _forward_and_loss(model: keras.Model, x: Any, y: Any, sample_weight: Any) ->
 
     The forward pass, the loss, the loss tracker's update (by the batch's rows,
     the loss unscaled from a replica's share) and the optimizer's `scale_loss`,
-    in Keras' order.
+    in Keras' order. Deliberately not shared with `backends/torch.py`'s twin:
+    each follows its own backend's Keras trainer (this one unscales the tracked
+    loss for `tf.distribute` and reads the rows with `tf.shape` in graph mode).
 
     Returns:
         `(y_pred, loss)`: the predictions and the scaled loss to differentiate.

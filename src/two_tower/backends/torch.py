@@ -341,6 +341,8 @@ def _forward_and_loss(
 ) -> tuple[Any, Any]:
     """The start of Keras' torch `train_step`: `forward(x, training=True)`, the
     loss, the loss tracker's update (by the batch's rows) and `scale_loss`.
+    Deliberately not shared with `backends/tensorflow.py`'s twin: each follows its
+    own backend's Keras trainer (here `forward` may skip `Layer.__call__`).
 
     Returns:
         `(y_pred, loss)`: the predictions and the scaled loss to differentiate.
