@@ -134,7 +134,7 @@ def run_method(
         flat = faiss.IndexFlatIP(DIM)
         flat.add(catalogue)
         del catalogue
-        search = lambda: flat.search(queries, K)[0]  # noqa: E731
+        search = lambda: flat.search(queries, K)[1]  # noqa: E731  (faiss: (D, I))
     elif method in ("ann", "ann pq"):
         ann = two_tower.FaissIndex(pq_subquantizers=16 if method == "ann pq" else None)
         ann.index(catalogue)

@@ -73,3 +73,22 @@ def test_custom_tower_declaring_its_range_gets_the_host_check():
     x = {"query": np.array([0, 5]), "candidate": np.array([1, 2])}
     with pytest.raises(ValueError, match=r"ShiftedIds rows"):
         model.fit(x, epochs=1, verbose=0)
+
+
+def test_a_sequential_over_an_embedding_may_reshape_its_ids():
+    # Only the range is read from the Sequential's first layer; the shape is the
+    # Sequential's business ([batch, 1] ids, then Flatten).
+    def tower(rows):
+        return keras.Sequential([keras.layers.Embedding(rows, 4), keras.layers.Flatten()])
+
+    model = two_tower.TwoTowerRetrieval(tower(10), tower(12))
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(8).reshape(-1, 1), "candidate": np.arange(8).reshape(-1, 1)}
+    model.fit(x, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"\[0, 10\)|input_dim"):
+        model.fit({"query": np.full((8, 1), 10), "candidate": x["candidate"]}, verbose=0)
+
+
+def test_from_ids_refuses_the_arguments_it_builds():
+    with pytest.raises(TypeError, match=r"from_ids builds \['query_tower'\]"):
+        two_tower.TwoTowerRetrieval.from_ids(5, 5, query_tower=keras.layers.Embedding(5, 4))

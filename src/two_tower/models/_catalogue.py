@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from two_tower.towers.tower_ids import tower_ids
+from two_tower.towers.tower_ids import declares_ids
 
 
 class Catalogue:
@@ -149,7 +149,7 @@ class Catalogue:
                     f"(row i is candidate id i). Received shape {array.shape}"
                 )
             arrays[name] = array
-        declared = tower_ids(self.candidate_tower)
+        declared = declares_ids(self.candidate_tower)
         if declared is not None:
             declared.check_feature_ranges(arrays, "the catalogue features")
         key = self.candidate_id_key

@@ -49,6 +49,9 @@ def id_model_arguments(
     kwargs.setdefault("loss", defaults.LOSS)
     if kwargs["loss"] in CATALOGUE_LOSSES:
         kwargs.setdefault("catalogue_size", sizes["num_candidates"])
+    clash = sorted(set(kwargs) & {"query_tower", "candidate_tower", "temperature"})
+    if clash:
+        raise TypeError(f"from_ids builds {clash} itself; received them in **kwargs.")
     return {
         "query_tower": IdEmbeddingTower(
             sizes["num_queries"],

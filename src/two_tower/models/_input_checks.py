@@ -27,7 +27,7 @@ from two_tower.models.retrieval_outputs import (
     SAMPLING_PROBABILITY,
     is_pair,
 )
-from two_tower.towers.tower_ids import tower_ids
+from two_tower.towers.tower_ids import declares_ids, tower_ids
 
 if TYPE_CHECKING:
     from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
@@ -74,7 +74,8 @@ def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | No
 
 def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
-    declared = tower_ids(model.query_tower if side == QUERY else model.candidate_tower)
+    # The tower itself, not the first layer of a Sequential (which may take other inputs).
+    declared = declares_ids(model.query_tower if side == QUERY else model.candidate_tower)
     if declared is not None and declared.id_range() is None and _is_array_like(features):
         # A bare array for a tower that reads a dict: its own message, before the id
         # checks below would read the array as ids. (Batches, a tf.data.Dataset or a
@@ -129,11 +130,10 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
     if not _is_array_like(ids):
         return features
     array, converted = np.asarray(ids), False
-    if (
-        tower_id_limit(tower, side) is not None
-        and not isinstance(features, Mapping)
-        and array.ndim != 1
-    ):
+    takes_id_vectors = isinstance(tower, keras.layers.Embedding) or (
+        declares_ids(tower) is not None and tower.id_range() is not None
+    )  # the tower itself: a Sequential may reshape its ids (e.g. [batch, 1] and Flatten)
+    if takes_id_vectors and not isinstance(features, Mapping) and array.ndim != 1:
         raise ValueError(
             f"{name} ids in {where} must be a 1D array, one id per row: the {side} tower "
             f"maps [batch] ids to [batch, dim] embeddings. Received shape {array.shape}"

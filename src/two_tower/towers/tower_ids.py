@@ -61,6 +61,11 @@ class _KerasEmbedding:
         del features, where  # its ids are checked against `id_range`
 
 
+def declares_ids(tower: keras.layers.Layer) -> TowerIds | None:
+    """`tower` itself if it implements `TowerIds`, else None (no look inside a `Sequential`)."""
+    return tower if isinstance(tower, TowerIds) else None
+
+
 def tower_ids(tower: keras.layers.Layer) -> TowerIds | None:
     """What `tower` declares about its inputs, or None for a tower that declares nothing."""
     if isinstance(tower, keras.Sequential) and tower.layers:
