@@ -208,11 +208,11 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     never another id's row. Concrete ids (eager calls) raise the same
     `ValueError` as on TensorFlow and torch.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups
 
     if isinstance(ids, jax.core.Tracer):
         return jax.numpy.where(ids < 0, rows, ids)
-    _sparse_training.check_host_ids(np.asarray(ids), layer_name, rows)
+    _lookups.check_host_ids(np.asarray(ids), layer_name, rows)
     return ids
 
 
@@ -234,7 +234,7 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     the gradient by the looked-up rows. `_sparse_training.apply_updates` then
     writes those rows and hands the other variables to the optimizer.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups, _sparse_training
 
     state, data = args  # Keras' JAX step: (state, data)
     trainable, non_trainable, optimizer_values, metrics_values = state
@@ -251,7 +251,7 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
             value if table else next(remaining)
             for value, table in zip(trainable, is_table, strict=True)
         ]
-        with _sparse_training.recording(recorder):
+        with _lookups.recording(recorder):
             return model.compute_loss_and_updates(
                 values,
                 non_trainable,

@@ -194,10 +194,10 @@ def _id_check_errors() -> Iterator[None]:
         found = _ID_CHECK.search(error.message)
         if found is None:
             raise
-        from two_tower.sparse import _sparse_training
+        from two_tower.sparse import _lookups
 
         low, high = (_whole(found.group(name)) for name in ("low", "high"))
-        raise _sparse_training.id_range_error(
+        raise _lookups.id_range_error(
             found.group("name"), int(found.group("rows")), low, high
         ) from None
 
@@ -225,12 +225,12 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     gather on CPU, and a silent row of zeros on GPU). XLA drops assertions, so
     a step compiled with `jit_compile=True` is not checked.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups
 
     if not isinstance(ids, tf.Tensor):
         return ids
     if tf.executing_eagerly():
-        _sparse_training.check_host_ids(ids.numpy(), layer_name, rows)
+        _lookups.check_host_ids(ids.numpy(), layer_name, rows)
         return ids
     flat = tf.reshape(ids, (-1,))
     empty = tf.equal(tf.size(flat), 0)
@@ -238,7 +238,7 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     high = tf.reduce_max(flat)
     valid = tf.logical_or(empty, tf.logical_and(low >= 0, high < tf.cast(rows, high.dtype)))
     message = (
-        f"SparseEmbedding {layer_name!r} {_sparse_training.ID_RANGE_MARKER}{rows}) (its "
+        f"SparseEmbedding {layer_name!r} {_lookups.ID_RANGE_MARKER}{rows}) (its "
         "input_dim). Received ids from (low, high)"
     )
     check = tf.debugging.Assert(valid, [message, low, high], summarize=1)
@@ -311,7 +311,7 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
         NotImplementedError: under a `tf.distribute` strategy, whose gradient
             aggregation this step does not do.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups, _sparse_training
 
     if tf.distribute.has_strategy():
         raise NotImplementedError(
@@ -322,7 +322,7 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
         recorder = _Recorder(tape)
-        with _sparse_training.recording(recorder):
+        with _lookups.recording(recorder):
             y_pred, loss = _forward_and_loss(model, x, y, sample_weight)
     # After the forward pass, which builds the tables if `fit` did not (e.g. on a
     # dataset's first batch inside the traced step).

@@ -147,16 +147,16 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     One min/max reduction per lookup; on an accelerator, reading it waits for the
     device. Symbolic (`meta`) tensors, which Keras uses to infer shapes, pass.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups
 
     if not isinstance(ids, torch.Tensor) or ids.device.type == "meta" or ids.numel() == 0:
         return ids
     if ids.is_floating_point():
-        _sparse_training.check_host_ids(ids.detach().cpu().numpy(), layer_name, rows)
+        _lookups.check_host_ids(ids.detach().cpu().numpy(), layer_name, rows)
         return ids
     low, high = torch.aminmax(ids.detach())
     if int(low) < 0 or int(high) >= rows:
-        raise _sparse_training.id_range_error(layer_name, rows, int(low), int(high))
+        raise _lookups.id_range_error(layer_name, rows, int(low), int(high))
     return ids
 
 
@@ -196,13 +196,13 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     `[rows, dim]` one, and `_sparse_training.apply_updates` writes those rows
     with `index_copy_`.
     """
-    from two_tower.sparse import _sparse_training
+    from two_tower.sparse import _lookups, _sparse_training
 
     (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     recorder = _Recorder()
     model.zero_grad()
-    with _sparse_training.recording(recorder):
+    with _lookups.recording(recorder):
         # Through `Layer.__call__`: `_calls_directly`'s shortcut is the dense step's.
         y_pred, loss = _forward_and_loss(model, x, y, sample_weight, model)
     # After the forward pass, which builds the tables if `fit` did not.

@@ -19,12 +19,6 @@ from typing import Any
 import keras
 from keras import ops
 
-from two_tower.sparse._lookups import (  # noqa: F401  (the backends' step helpers)
-    ID_RANGE_MARKER,
-    check_host_ids,
-    id_range_error,
-    recording,
-)
 from two_tower.sparse.row_wise_adagrad import RowWiseAdagrad
 from two_tower.sparse.sparse_embedding import SparseEmbedding
 from two_tower.types import Tensor
