@@ -81,7 +81,6 @@ class RetrievalTask:
         self.num_sampled_negatives = _optional_int(num_sampled_negatives)
         self.cross_replica_negatives = bool(cross_replica_negatives)
         self.candidate_id_key = candidate_id_key
-        self.candidate_id_limit = candidate_id_limit
 
     @property
     def uses_catalogue(self) -> bool:
