@@ -57,9 +57,43 @@ def _install(session: nox.Session, backend: str, *groups: str) -> None:
         session.install(*nox.project.dependency_groups(PYPROJECT, group))
 
 
+def _workers() -> list[str]:
+    """pytest-xdist arguments: one worker per core, at most 4 (`TWO_TOWER_TEST_WORKERS`).
+
+    Most tests are single-threaded Python (tracing, compiling, small steps), so two
+    workers nearly halve the suite on a 2-core machine. Each worker holds its own
+    backend runtime (1-2 GB with TensorFlow), hence the cap. `0` runs in one process;
+    arguments after `--` come later and win (`nox -s tests-jax -- -n 0 tests/test_x.py`).
+    Tests sharing an expensive module fixture say so with `xdist_group` (`loadgroup`).
+    """
+    workers = os.environ.get("TWO_TOWER_TEST_WORKERS", str(min(4, os.cpu_count() or 1)))
+    return ["-n", workers, "--dist", "loadgroup"]
+
+
+def _test_environment(session: nox.Session, backend: str) -> dict[str, str]:
+    """The backend's environment, tuned for several test processes on a few cores.
+
+    torch gets one OpenMP thread per worker unless `OMP_NUM_THREADS` is set: two
+    workers with two threads each oversubscribe a 2-core CPU, and torch's parallel
+    regions then wait a scheduler slice each (docs/backends.md, "PyTorch on a shared
+    CPU"); the torch session took 7 min 22 s so, and had done 4 tests in 3 minutes
+    without. JAX keeps its compiled programs in the session's folder (XLA's
+    persistent cache, keyed by the program and versions), so the many tests that
+    compile the same small training step, in either worker, compile it once.
+    """
+    env = _environment(backend)
+    if backend == "torch" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"
+    if backend == "jax" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(Path(session.create_tmp()).resolve() / "xla")
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
 def _tests(session: nox.Session, backend: str) -> None:
     _install(session, backend, "test")
-    session.run("pytest", *session.posargs, env=_environment(backend))
+    session.run("pytest", *_workers(), *session.posargs, env=_test_environment(session, backend))
 
 
 def _example(session: nox.Session, backend: str) -> None:
@@ -115,7 +149,7 @@ def cross_backend(session: nox.Session) -> None:
     session.install(*BACKEND_PACKAGES["jax"], *BACKEND_PACKAGES["torch"], "tensorflow-cpu")
     session.install("-e", ".")
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", "tests/test_cross_backend.py", *session.posargs)
+    session.run("pytest", *_workers(), "tests/test_cross_backend.py", *session.posargs)
 
 
 @nox.session(name="tests-multidevice")
@@ -125,7 +159,7 @@ def tests_multidevice(session: nox.Session) -> None:
     _install(session, "jax", "test")
     env = _environment("jax")
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", TWO_TOWER_MULTIDEVICE="1")
-    session.run("pytest", "tests/test_multidevice_jax.py", *session.posargs, env=env)
+    session.run("pytest", *_workers(), "tests/test_multidevice_jax.py", *session.posargs, env=env)
     for devices in ("2", "4"):  # one MirroredStrategy per process (see the test module)
         env = _environment("tensorflow")
         env.update(TWO_TOWER_LOGICAL_CPUS=devices, TWO_TOWER_MULTIDEVICE="1")

@@ -34,6 +34,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"keras {keras.__version__}, backend {keras.backend.backend()}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs the tests marked `slow` first, each group in its collected order.
+
+    The nox sessions spread the suite over workers (pytest-xdist); a test of a minute
+    handed out last would leave the other workers idle while it runs.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     keras.backend.clear_session()

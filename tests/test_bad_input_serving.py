@@ -535,6 +535,7 @@ KILLED_FAISS_SAVES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @posix_only
 def test_a_faiss_save_killed_at_any_point_leaves_the_old_or_the_new_index(tmp_path):
     folder = tmp_path / "ann"

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
+import pytest
 
 import testing
 from testing import numpy_ranking
@@ -50,6 +51,7 @@ def serve(model, item_ids, kind, users, exclude):
     return model.candidate_index.search(query_embeddings, k=K)[0]
 
 
+@pytest.mark.slow
 def test_concurrent_serving_equals_serial_and_numpy():
     model, users_table, items_table = integer_model()
     item_ids = np.array([f"item-{i}" for i in range(NUM_ITEMS)])

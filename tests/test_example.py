@@ -79,6 +79,7 @@ def split(real_data_dir) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 @pytest.mark.real_data
+@pytest.mark.xdist_group("main_example")  # one run of the example for both
 def test_main_example_default_beats_popularity_and_the_tutorial(main_example, split):
     out = main_example
     assert out.startswith("This example trains two_tower's default recommender on MovieLens 100K")
@@ -100,6 +101,7 @@ def test_main_example_default_beats_popularity_and_the_tutorial(main_example, sp
 
 @pytest.mark.slow
 @pytest.mark.real_data
+@pytest.mark.xdist_group("main_example")  # one run of the example for both
 def test_main_example_prints_ten_unseen_titles(main_example, split, real_data_dir):
     listing = main_example.split("Top 10 movies for user 42, leaving out the ")[1]
     listing = listing.split("\n\n")[0].splitlines()

@@ -235,6 +235,7 @@ def test_exclusions_take_memory_per_pair_not_queries_times_catalogue():
         np.testing.assert_allclose(results[key], value, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_sparse_exclusions_equal_the_dense_figures_on_movielens(real_data_dir):
     from two_tower.datasets import movielens

@@ -141,6 +141,7 @@ def test_shares_the_candidate_table_and_trains_it_once():
     np.testing.assert_allclose(query[0, :4], table[5] @ kernel, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["recency", "gru"])
 def test_saved_and_loaded_with_the_model(tmp_path, pooling):
     model, _ = shared_model(pooling)

@@ -142,13 +142,43 @@ def test_a_truncated_copy_never_primes_tfds(fixture_dir, tmp_path):
     assert not (tmp_path / "tfds").exists()
 
 
+class FakeDataset:
+    """What the tfds source uses of a `tf.data.Dataset`: `map`, then `padded_batch`."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def map(self, function):
+        return FakeDataset([function(record) for record in self.records])
+
+    def padded_batch(self, size):
+        """Batches as tfds.as_numpy gives them: bytes as objects, lists padded with 0."""
+        batches = []
+        for start in range(0, len(self.records), size):
+            rows = self.records[start : start + size]
+            batch = {}
+            for key in rows[0]:
+                values = [row[key] for row in rows]
+                if values[0].dtype.kind == "S":
+                    batch[key] = np.asarray([bytes(v) for v in values], dtype=object)
+                else:
+                    width = max(np.size(v) for v in values)
+                    padded = np.zeros((len(values), width), values[0].dtype)
+                    for i, value in enumerate(values):
+                        padded[i, : np.size(value)] = value
+                    batch[key] = padded if values[0].ndim else padded[:, 0]
+            batches.append(batch)
+        return batches
+
+
 def test_tfds_records_are_counted(empty_cache, monkeypatch):
     # A stand-in for tensorflow-datasets whose cache was built from a cut copy.
     records = [
         {"movie_id": b"1", "movie_title": b"Toy Story (1995)", "movie_genres": [2, 3, 4]},
         {"movie_id": b"2", "movie_title": b"GoldenEye (1995)", "movie_genres": [0]},
     ]
-    fake = types.SimpleNamespace(load=lambda *args, **kwargs: records, as_numpy=lambda d: d)
+    dataset = FakeDataset([{k: np.asarray(v) for k, v in r.items()} for r in records])
+    fake = types.SimpleNamespace(load=lambda *args, **kwargs: dataset, as_numpy=lambda d: d)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
     with pytest.raises(ValueError) as error:
         movielens.load_movies(source="tfds", download=False)

@@ -154,6 +154,7 @@ def searches(draw):
     }
 
 
+@pytest.mark.slow
 @settings(max_examples=SEARCH_EXAMPLES, deadline=None)
 @given(case=searches())
 def test_search_matches_numpy_ranking(case):
@@ -347,6 +348,7 @@ def tower_inputs(draw):
     return genres, tags, features
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(case=tower_inputs())
 def test_feature_tower_mean_pools_whatever_the_padding(case):

@@ -144,6 +144,7 @@ def trainings(draw):
     }
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(training=trainings())
 def test_sparse_optimizers_match_numpy_with_duplicate_ids(training):

@@ -105,6 +105,7 @@ KILLED_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @posix_only
 def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path):
     path = tmp_path / "model.keras"

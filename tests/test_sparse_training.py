@@ -276,6 +276,7 @@ _RESUME = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "row_wise_adagrad"])
 def test_save_load_in_a_fresh_process_and_resume(tmp_path: Path, optimizer):
     def build() -> Any:
@@ -484,6 +485,7 @@ def test_bad_sparse_flags_and_row_wise_adagrad_arguments():
         two_tower.RowWiseAdagrad(initial_accumulator_value="0")
 
 
+@pytest.mark.slow
 def test_benchmark_json_has_the_documented_form(tmp_path: Path):
     """`benchmarks/table_growth.py` writes {backend: {rows: {dense_..., sparse_...}}}."""
     path = tmp_path / "growth.json"
@@ -517,6 +519,7 @@ def test_benchmark_json_has_the_documented_form(tmp_path: Path):
         assert all(value > 0 for value in entry.values())
 
 
+@pytest.mark.slow
 def test_run_eagerly_gives_the_compiled_result():
     x = _batches(12)
     results = []

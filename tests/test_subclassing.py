@@ -5,6 +5,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 from testing import save_and_load
 
@@ -34,6 +35,7 @@ def data(n=400, seed=0):
     return query, candidate
 
 
+@pytest.mark.slow
 def test_documented_subclass_trains_learns_its_scale_and_ranks_by_scaled_cosine(tmp_path):
     model = documented_model()
     model.compile(optimizer=keras.optimizers.Adam(0.01))

@@ -169,7 +169,8 @@ KILLED_WRITE = textwrap.dedent(
     from pathlib import Path
 
     root, folder, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    for name, path in (("two_tower", root), ("two_tower.datasets", root / "datasets")):
+    for name in ("two_tower", "two_tower.datasets", "two_tower.saving"):  # not their Keras
+        path = root.joinpath(*name.split(".")[1:])
         module = types.ModuleType(name)
         module.__path__ = [str(path)]
         sys.modules[name] = module
