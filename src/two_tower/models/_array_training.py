@@ -78,8 +78,9 @@ def _floatx(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def columns_of(model: TwoTowerRetrieval, arguments: Mapping[str, Any]) -> ArrayColumns | None:
-    """The arrays of bound `fit` arguments, or None where Keras' own path must run."""
+def columns_of(arguments: Mapping[str, Any], keras_path: bool) -> ArrayColumns | None:
+    """The arrays of bound `fit` arguments, or None where Keras' own path must run
+    (always when `keras_path`: a model that runs eagerly or asks for XLA itself)."""
     x = arguments.get("x")
     y = arguments.get("y")
     sample_weight = arguments.get("sample_weight")
@@ -92,8 +93,7 @@ def columns_of(model: TwoTowerRetrieval, arguments: Mapping[str, Any]) -> ArrayC
         or not isinstance(shuffle, bool)
         or not isinstance(batch_size, (int, np.integer))
         or batch_size < 1
-        or model.run_eagerly
-        or model.jit_compile is True
+        or keras_path
     ):
         return None
     leaves = [leaf for leaf in keras.tree.flatten((x, y, sample_weight)) if leaf is not None]
@@ -114,6 +114,9 @@ def prepare(
 ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """`fit`'s arguments with the arrays replaced by a step counter, and the train function.
 
+    The one helper here that takes the model: its subject is the model's own train
+    function, which the backend builds from the model (`array_train_function`).
+
     Returns:
         `(args, kwargs, train_function)`: unchanged with None where Keras' own
         path runs (see the module docstring).
@@ -125,7 +128,7 @@ def prepare(
     except TypeError:
         return args, kwargs, None  # Keras raises its own error
     arguments.pop("self")
-    columns = columns_of(model, arguments)
+    columns = columns_of(arguments, bool(model.run_eagerly) or model.jit_compile is True)
     if columns is None:
         return args, kwargs, None
     train_function = backend.array_train_function(model, columns)

@@ -13,8 +13,9 @@ generators and `keras.utils.PyDataset`s are passed through unchecked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,8 +30,23 @@ from two_tower.models.retrieval_outputs import (
 )
 from two_tower.towers.tower_ids import declares_ids, tower_ids
 
-if TYPE_CHECKING:
-    from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
+
+@dataclass(frozen=True)
+class TowerSide:
+    """One side of a model as the id checks see it; they take this, not the model.
+
+    Attributes:
+        name: "query" or "candidate".
+        tower: the side's tower.
+        id_key: the feature holding the ids when the tower takes a dict, or None.
+        catalogue_size: the candidates' `catalogue_size` (the catalogue losses and
+            metrics embed ids below it); None on the query side.
+    """
+
+    name: str
+    tower: keras.layers.Layer
+    id_key: str | None
+    catalogue_size: int | None = None
 
 
 def _is_array_like(values: Any) -> bool:
@@ -50,15 +66,14 @@ def check_finite(values: Any, what: str) -> None:
         )
 
 
-def id_limit(model: TwoTowerRetrieval, side: str) -> tuple[int, str] | None:
+def id_limit(side: TowerSide) -> tuple[int, str] | None:
     """The exclusive upper bound of `side`'s ids, and where it comes from.
 
     None when the tower is not known to take ids (a custom tower may take
     anything); then only negative integers are refused.
     """
-    tower = model.query_tower if side == QUERY else model.candidate_tower
-    limit = tower_id_limit(tower, side)
-    catalogue_size = model.catalogue_size if side == CANDIDATE else None
+    limit = tower_id_limit(side.tower, side.name)
+    catalogue_size = side.catalogue_size
     if catalogue_size is not None and (limit is None or catalogue_size < limit[0]):
         # The catalogue losses and metrics embed ids 0..catalogue_size-1 only.
         return catalogue_size, "catalogue_size"
@@ -72,22 +87,22 @@ def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | No
     return None if bound is None else (bound.size, f"the {side} tower's {bound.source}")
 
 
-def check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
+def check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
     # The tower itself, not the first layer of a Sequential (which may take other inputs).
-    declared = declares_ids(model.query_tower if side == QUERY else model.candidate_tower)
+    declared = declares_ids(side.tower)
     if declared is not None and declared.id_range() is None and _is_array_like(features):
         # A bare array for a tower that reads a dict: its own message, before the id
         # checks below would read the array as ids. (Batches, a tf.data.Dataset or a
         # PyDataset of dicts, pass: each batch is a dict.)
         declared.check_feature_ranges(features, argument)
-    checked = _check_ids(model, features, side, argument)
+    checked = _check_ids(side, features, argument)
     if declared is not None and isinstance(checked, Mapping):
         declared.check_feature_ranges(checked, argument)
     return checked
 
 
-def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str) -> Any:
+def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids in `features`; returns the features with float ids as int64.
 
     The ids are the features themselves (an id tower), or the `query_id_key` /
@@ -98,9 +113,8 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
     integers raise.
 
     Args:
-        model: the model whose towers take the features.
+        side: the side whose tower takes the features.
         features: an array-like, or a dict of them.
-        side: "query" or "candidate".
         argument: how the caller named `features` in the error, e.g. "`queries`".
 
     Returns:
@@ -111,14 +125,12 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
         ValueError: on ids that are strings, booleans, non-integer floats, or out
             of range.
     """
-    key = model.candidate_id_key if side == CANDIDATE else model.query_id_key
-    tower = model.query_tower if side == QUERY else model.candidate_tower
-    limit = id_limit(model, side)
-    name = side.capitalize()
+    key, tower, limit = side.id_key, side.tower, id_limit(side)
+    name = side.name.capitalize()
     if isinstance(features, Mapping):
-        if tower_id_limit(tower, side) is not None:
+        if tower_id_limit(tower, side.name) is not None:
             raise ValueError(
-                f"The {side} tower takes an array of ids, but {argument} is a dict with keys "
+                f"The {side.name} tower takes an array of ids, but {argument} is a dict with keys "
                 f"{sorted(map(str, features))}. Pass the ids alone, or use a tower over "
                 "features (two_tower.FeatureTower)."
             )
@@ -135,7 +147,7 @@ def _check_ids(model: TwoTowerRetrieval, features: Any, side: str, argument: str
     )  # the tower itself: a Sequential may reshape its ids (e.g. [batch, 1] and Flatten)
     if takes_id_vectors and not isinstance(features, Mapping) and array.ndim != 1:
         raise ValueError(
-            f"{name} ids in {where} must be a 1D array, one id per row: the {side} tower "
+            f"{name} ids in {where} must be a 1D array, one id per row: the {side.name} tower "
             f"maps [batch] ids to [batch, dim] embeddings. Received shape {array.shape}"
         )
     if array.dtype.kind not in "iu":
@@ -227,9 +239,24 @@ def check_rows(what: str, named_inputs: list[tuple[str, Any]]) -> None:
 
 
 def check_fit_arguments(
-    model: TwoTowerRetrieval, what: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    what: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loss_name: str,
+    sides: tuple[TowerSide, TowerSide],
+    metrics: Sequence[FactorizedTopK],
 ) -> None:
-    """Checks `fit` / `evaluate` arguments given as NumPy-like arrays."""
+    """Checks `fit` / `evaluate` arguments given as NumPy-like arrays.
+
+    Args:
+        what: "fit" or "evaluate", for the messages.
+        args: the positional arguments, as Keras' `fit` takes them.
+        kwargs: the keyword arguments.
+        loss_name: the model's loss (`loss="mse"` takes labels, the others do not).
+        sides: the model's query and candidate sides, whose ids are checked.
+        metrics: the compiled `FactorizedTopK` metrics, whose `num_queries` bound
+            the query ids.
+    """
     x: Any = args[0] if args else kwargs.get("x")
     labels = args[1] if len(args) > 1 else kwargs.get("y")
     sample_weight = kwargs.get("sample_weight")
@@ -265,13 +292,13 @@ def check_fit_arguments(
 
     if isinstance(x, ShardDataset):
         _sharding.check_batches(what, x.num_rows, x.batch_size)
-    if model.loss_name in ("mse", "full_softmax") and (
+    if loss_name in ("mse", "full_softmax") and (
         (isinstance(x, Mapping) and SAMPLING_PROBABILITY in x)
         or (isinstance(x, ShardDataset) and x.sampling_probability is not None)
     ):
         raise ValueError(
             f"`{SAMPLING_PROBABILITY}` (the logQ correction) applies to loss='softmax' "
-            f"and 'sampled_softmax', whose negatives are sampled; loss={model.loss_name!r} "
+            f"and 'sampled_softmax', whose negatives are sampled; loss={loss_name!r} "
             "does not use it. Leave it out of x (or the ShardDataset's "
             "`sampling_probability`)."
         )
@@ -293,11 +320,11 @@ def check_fit_arguments(
     )
     # Checked here, not only in the step: an error raised inside Keras' JAX step
     # leaves the model's variables emptied (see backends/jax.py).
-    if model.loss_name == "mse" and labels is None:
+    if loss_name == "mse" and labels is None:
         raise ValueError("loss='mse' needs labels: pass `y` (e.g. ratings) to fit/evaluate.")
-    if model.loss_name != "mse" and labels is not None:
+    if loss_name != "mse" and labels is not None:
         raise ValueError(
-            f"loss={model.loss_name!r} takes no labels, but `y` was given. Every pair in x "
+            f"loss={loss_name!r} takes no labels, but `y` was given. Every pair in x "
             "is a positive; use `sample_weight` to weight pairs."
         )
     for values, label in ((labels, "labels `y`"), (sample_weight, "`sample_weight`")):
@@ -314,9 +341,10 @@ def check_fit_arguments(
     check_finite(sample_weight, "`sample_weight`")
     if _is_array_like(sample_weight) and np.any(np.asarray(sample_weight) < 0):
         raise ValueError("`sample_weight` must not be negative: it would maximise the loss.")
-    check_ids(model, x[QUERY], QUERY, "x['query']")
-    check_ids(model, x[CANDIDATE], CANDIDATE, "x['candidate']")
-    _check_metric_query_ids(model, x[QUERY])
+    query, candidate = sides
+    check_ids(query, x[QUERY], "x['query']")
+    check_ids(candidate, x[CANDIDATE], "x['candidate']")
+    _check_metric_query_ids(query.id_key, metrics, x[QUERY])
     probability = x.get(SAMPLING_PROBABILITY)
     if _is_array_like(probability):
         probability = np.asarray(probability, dtype="float64")
@@ -327,17 +355,19 @@ def check_fit_arguments(
             )
 
 
-def _check_metric_query_ids(model: TwoTowerRetrieval, query_features: Any) -> None:
-    """Query ids in range of every FactorizedTopK metric's `num_queries`."""
+def _check_metric_query_ids(
+    key: str | None, metrics: Sequence[FactorizedTopK], query_features: Any
+) -> None:
+    """Query ids (`query_features`, or its `key` feature) in range of every metric's
+    `num_queries`."""
     if isinstance(query_features, Mapping):
-        key = model.query_id_key
         query_features = query_features.get(key) if key is not None else None
     if not _is_array_like(query_features):
         return
     ids = np.asarray(query_features)
     if ids.size == 0 or ids.dtype.kind not in "iuf":
         return
-    for metric in model.retrieval_metrics:
+    for metric in metrics:
         if metric.num_queries is None:
             continue
         low, high = ids.min(), ids.max()

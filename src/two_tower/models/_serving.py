@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -22,14 +23,10 @@ from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
 from two_tower.models import _input_checks
 from two_tower.retrieval._candidate_ids import exclusion_lists
-from two_tower.retrieval._catalogue_store import is_batches
-
-# One test for "a dataset or generator of batches", shared with the index's catalogue.
+from two_tower.retrieval._catalogue_store import is_batches  # shared with the index's store
+from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.retrieval.top_k import next_power_of_two
 from two_tower.types import Tensor
-
-if TYPE_CHECKING:
-    from two_tower.models.two_tower_retrieval import TwoTowerRetrieval
 
 _BUILD_LOCK = threading.Lock()  # see `build_eagerly`
 _MAX_COMPILED = 8
@@ -40,16 +37,34 @@ def function_cache() -> CompiledCache[Callable[[Any], Tensor]]:
     return CompiledCache(max_size=_MAX_COMPILED)
 
 
-def _compiled(
-    model: TwoTowerRetrieval,
-    key: Any,
-    function: Callable[[Any], Tensor],
-    owner: keras.layers.Layer,
-) -> Callable[[Any], Tensor]:
-    """`function` compiled for the backend, cached on the model under `key`."""
-    cache: CompiledCache[Callable[[Any], Tensor]] = model._serving_functions
-    return cache.get(
-        key, lambda: backend_module().compile_inference(function, lambda: owner.variables)
+@dataclass(frozen=True)
+class TowerFunction:
+    """A tower function to run over rows in compiled batches: what the functions
+    below need of a model, which builds it (they take this, not the model).
+
+    Attributes:
+        key: names `function` in `cache` (one compilation per key).
+        function: maps a batch of features to `[batch, dim]` embeddings.
+        owner: the layer whose variables `function` reads.
+        tower: the tower `function` runs, built eagerly on one row first if it
+            is not built yet (variables cannot be created inside a compiled call).
+        side: the side whose ids the rows hold, checked before anything runs.
+        cache: the model's compiled functions (`function_cache`).
+    """
+
+    key: Any
+    function: Callable[[Any], Tensor]
+    owner: keras.layers.Layer
+    tower: keras.layers.Layer
+    side: _input_checks.TowerSide
+    cache: CompiledCache[Callable[[Any], Tensor]]
+
+
+def _compiled(job: TowerFunction) -> Callable[[Any], Tensor]:
+    """`job.function` compiled for the backend, cached under `job.key`."""
+    return job.cache.get(
+        job.key,
+        lambda: backend_module().compile_inference(job.function, lambda: job.owner.variables),
     )
 
 
@@ -77,40 +92,26 @@ def _as_arrays(features: Any, what: str) -> tuple[Any, int]:
     return features, leaves[0].shape[0]
 
 
-def embed_rows(*args: Any) -> np.ndarray:
-    """`embedded_blocks(*args)` as one NumPy array."""
-    return np.concatenate(list(embedded_blocks(*args)), axis=0)
+def embed_rows(job: TowerFunction, features: Any, batch_size: int, what: str) -> np.ndarray:
+    """`embedded_blocks(...)` as one NumPy array."""
+    return np.concatenate(list(embedded_blocks(job, features, batch_size, what)), axis=0)
 
 
 def embedded_blocks(
-    model: TwoTowerRetrieval,
-    key: Any,
-    features: Any,
-    function: Callable[[Any], Tensor],
-    owner: keras.layers.Layer,
-    tower: keras.layers.Layer,
-    batch_size: int,
-    what: str,
-    side: str,
+    job: TowerFunction, features: Any, batch_size: int, what: str
 ) -> Iterator[np.ndarray]:
-    """Runs `function` over `features` in compiled batches; NumPy blocks out.
+    """Runs `job.function` over `features` in compiled batches; NumPy blocks out.
 
     A generator: the checks run and the rows are embedded as it is consumed,
     one batch at a time, so `index_candidates` never holds the embeddings twice.
 
     Args:
-        model: the model, for id checks and the compiled-function cache.
-        key: names `function` in that cache (one compilation per key).
+        job: the function, its tower, its side and the cache it compiles into.
         features: an array-like or a dict of them, one row per item; or a
             dataset or generator of such batches (e.g. a `tf.data.Dataset`).
-        function: maps a batch of features to `[batch, dim]` embeddings.
-        owner: the layer whose variables `function` reads.
-        tower: the tower `function` runs, built eagerly on one row first if it
-            is not built yet (variables cannot be created inside a compiled call).
         batch_size: rows per call. Smaller last batches are padded to a power of
             two, so that a handful of compilations serve every request size.
         what: the argument's name, e.g. "queries".
-        side: "query" or "candidate", whose ids are checked.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
@@ -124,9 +125,7 @@ def embedded_blocks(
             if isinstance(batch, tuple) and len(batch) == 1:
                 batch = batch[0]  # Keras' (x,) form
             empty = False
-            yield from embedded_blocks(
-                model, key, batch, function, owner, tower, batch_size, what, side
-            )
+            yield from embedded_blocks(job, batch, batch_size, what)
         if empty:
             raise ValueError(f"`{what}` yielded no batches: expected at least one row.")
         return
@@ -138,9 +137,9 @@ def embedded_blocks(
             "items": "expected at least one item",
         }.get(what, "expected at least one row")
         raise ValueError(f"`{what}` has 0 rows: {detail}.")
-    features = _input_checks.check_ids(model, features, side, f"`{what}`")
-    build_eagerly(tower, function, features)
-    compiled = _compiled(model, key, function, owner)
+    features = _input_checks.check_ids(job.side, features, f"`{what}`")
+    build_eagerly(job.tower, job.function, features)
+    compiled = _compiled(job)
     for start in range(0, num_rows, batch_size):
         batch = keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], features)
         rows = min(batch_size, num_rows - start)
@@ -174,52 +173,6 @@ def build_eagerly(
             function(keras.tree.map_structure(lambda a: np.asarray(a)[:1], features))
 
 
-def embed_queries(model: TwoTowerRetrieval, queries: Any, batch_size: int) -> np.ndarray:
-    """Query embeddings through `model.call`, as `predict` would compute them."""
-
-    def call(inputs: Any) -> Tensor:
-        return model(inputs, training=False)
-
-    return embed_rows(
-        model, "queries", queries, call, model, model.query_tower, batch_size, "queries", "query"
-    )
-
-
-def embed_candidates(
-    model: TwoTowerRetrieval,
-    candidates: Any,
-    batch_size: int,
-    what: str = "candidates",
-    item_tower: keras.layers.Layer | None = None,
-) -> Iterator[np.ndarray]:
-    """Candidate embeddings through `embed_candidates`, or through `item_tower`,
-    as a generator of blocks (`embed_rows` joins them)."""
-    if item_tower is not None:
-        key = ("item_tower", id(item_tower))
-        return embedded_blocks(
-            model,
-            key,
-            candidates,
-            item_tower,
-            item_tower,
-            item_tower,
-            batch_size,
-            what,
-            "candidate",
-        )
-    return embedded_blocks(
-        model,
-        "candidates",
-        candidates,
-        model.embed_candidates,
-        model,
-        model.candidate_tower,
-        batch_size,
-        what,
-        "candidate",
-    )
-
-
 def check_flags(**flags: Any) -> None:
     """Each flag is a real bool: a string such as "no" would be truthy."""
     for name, value in flags.items():
@@ -227,33 +180,33 @@ def check_flags(**flags: Any) -> None:
             raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
 
 
-def require_index(model: TwoTowerRetrieval) -> None:
-    if model.candidate_index.num_candidates == 0:
+def require_index(index: CandidateIndex) -> None:
+    if index.num_candidates == 0:
         raise ValueError(
             "No candidates are indexed. Call `index_candidates(candidates, candidate_ids)` first."
         )
 
 
 def similar_items(
-    model: TwoTowerRetrieval,
+    index: CandidateIndex,
+    job: TowerFunction,
+    similarity_fn: Callable[[Tensor, Tensor], Tensor],
     items: Any,
     k: int,
     item_ids: Any,
     exclude_self: bool,
-    item_tower: keras.layers.Layer | None,
     exclude: Any,
     ignore_unknown_exclusions: bool,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`(ids, scores)` of `TwoTowerRetrieval.similar_items` (see there)."""
-    require_index(model)
+    """`(ids, scores)` of `TwoTowerRetrieval.similar_items` (see there): `items`
+    embedded by `job`, searched in `index` with `similarity_fn`."""
+    require_index(index)
     if isinstance(items, (list, tuple)):
         items = np.asarray(items)
     # Integer-valued float ids become int64 here, so they also name the items' ids.
-    items = _input_checks.check_ids(model, items, "candidate", "`items`")
-    embeddings = np.concatenate(
-        list(embed_candidates(model, items, batch_size, "items", item_tower))
-    )
+    items = _input_checks.check_ids(job.side, items, "`items`")
+    embeddings = embed_rows(job, items, batch_size, "items")
     num_items = len(embeddings)
     entries = (
         [None] * num_items
@@ -261,7 +214,6 @@ def similar_items(
         else exclusion_lists(exclude, num_items, "item", "items")
     )
     rows: list[list[Any]] = [[] if entry is None else list(entry) for entry in entries]
-    index = model.candidate_index
     if exclude_self:
         if item_ids is None:
             ids = np.asarray(items) if not isinstance(items, Mapping) else None
@@ -284,7 +236,7 @@ def similar_items(
     found, scores = index.search(
         embeddings,
         k=k,
-        similarity_fn=model.compute_similarities,
+        similarity_fn=similarity_fn,
         exclude=rows,
         # Only indexed ids of the items themselves were added: unknown ids are the caller's.
         ignore_unknown_exclusions=ignore_unknown_exclusions,

@@ -81,7 +81,7 @@ class Serving(_Base):
             _vocabularies.require_known(vocabulary, positions, ids, argument)
         else:
             positions = _input_checks.check_ids(
-                self, {self.candidate_id_key: ids}, CANDIDATE, argument
+                self._tower_side(CANDIDATE), {self.candidate_id_key: ids}, argument
             )[self.candidate_id_key]
         return self._catalogue.rows(positions), ids
 
@@ -173,6 +173,40 @@ class Serving(_Base):
             # Compiled steps traced before now do not read the new variables.
             self.train_function = self.test_function = self.predict_function = None
 
+    def _query_function(self) -> _serving.TowerFunction:
+        """The query tower through `call`, as `predict` would run it."""
+
+        def call(inputs: Any) -> Any:
+            return self(inputs, training=False)
+
+        return _serving.TowerFunction(
+            "queries",
+            call,
+            self,
+            self.query_tower,
+            self._tower_side(QUERY),
+            self._serving_functions,
+        )
+
+    def _candidate_function(
+        self, item_tower: keras.layers.Layer | None = None
+    ) -> _serving.TowerFunction:
+        """`embed_candidates`, or `item_tower` over candidate ids or features."""
+        side = self._tower_side(CANDIDATE)
+        if item_tower is not None:
+            key = ("item_tower", id(item_tower))
+            return _serving.TowerFunction(
+                key, item_tower, item_tower, item_tower, side, self._serving_functions
+            )
+        return _serving.TowerFunction(
+            "candidates",
+            self.embed_candidates,
+            self,
+            self.candidate_tower,
+            side,
+            self._serving_functions,
+        )
+
     def index_candidates(
         self, candidates: Any = None, candidate_ids: Any = None, batch_size: int = 4096
     ) -> None:
@@ -231,7 +265,9 @@ class Serving(_Base):
                 hint=" To index candidates by id, give their features to `set_catalogue` first.",
             )
         with backend_module().serving_slot():  # embedded block by block into the index
-            blocks = _serving.embed_candidates(self, candidates, batch_size)
+            blocks = _serving.embedded_blocks(
+                self._candidate_function(), candidates, batch_size, "candidates"
+            )
             self.candidate_index.index(blocks, candidate_ids)
 
     def recommend(
@@ -279,7 +315,7 @@ class Serving(_Base):
                 or `exclude` is malformed, names unknown ids, or leaves fewer
                 than `k` candidates (see `BruteForceIndex.search`).
         """
-        _serving.require_index(self)
+        _serving.require_index(self.candidate_index)
         _serving.check_flags(
             return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
         )
@@ -287,7 +323,9 @@ class Serving(_Base):
             queries = self._encode(QUERY, queries, "`queries`")
             self._check_structure(queries, QUERY, "`queries`")
         with backend_module().serving_slot():
-            query_embeddings = _serving.embed_queries(self, queries, batch_size)
+            query_embeddings = _serving.embed_rows(
+                self._query_function(), queries, batch_size, "queries"
+            )
             ids, scores = self.candidate_index.search(
                 query_embeddings,
                 k=k,
@@ -363,12 +401,13 @@ class Serving(_Base):
         )
         with backend_module().serving_slot():
             found, scores = _serving.similar_items(
-                self,
+                self.candidate_index,
+                self._candidate_function(item_tower),
+                self.compute_similarities,
                 items,
                 k,
                 item_ids=item_ids,
                 exclude_self=exclude_self,
-                item_tower=item_tower,
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
                 batch_size=batch_size,

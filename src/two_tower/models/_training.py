@@ -111,7 +111,14 @@ class Training(_Base):
             args, kwargs = _input_checks.replace_x(args, kwargs, self._encoded_pairs)
         if what == "fit":
             args, kwargs = _input_checks.replace_validation_x(args, kwargs, self._encoded_pairs)
-        _input_checks.check_fit_arguments(self, what, args, kwargs)
+        _input_checks.check_fit_arguments(
+            what,
+            args,
+            kwargs,
+            self.loss_name,
+            (self._tower_side(QUERY), self._tower_side(CANDIDATE)),
+            self.retrieval_metrics,
+        )
         self._build_towers(args[0] if args else kwargs.get("x"))
         args, kwargs = _input_checks.for_backend(what, args, kwargs, backend_module())
         train_function = None
@@ -133,14 +140,14 @@ class Training(_Base):
             )
         if _is_pair(x):
             x = _input_checks.lists_as_arrays(self._encoded_pairs(x), "x")
-            _input_checks.check_ids(self, x[QUERY], QUERY, "x['query']")
-            _input_checks.check_ids(self, x[CANDIDATE], CANDIDATE, "x['candidate']")
+            _input_checks.check_ids(self._tower_side(QUERY), x[QUERY], "x['query']")
+            _input_checks.check_ids(self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']")
             self._build_towers(x)
         else:
             if not is_batches(x):
                 x = _input_checks.lists_as_arrays(self._encode(QUERY, x, "x"), "x")
                 self._check_structure(x, QUERY, "x")
-            _input_checks.check_ids(self, x, QUERY, "x")
+            _input_checks.check_ids(self._tower_side(QUERY), x, "x")
             self._build_towers({QUERY: x})
         self._predicting = True
         try:

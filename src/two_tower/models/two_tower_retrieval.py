@@ -320,9 +320,19 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         )
 
     # ----------------------------------------------------------------- towers
+    def _tower_side(self, side: str) -> _input_checks.TowerSide:
+        """What the id checks need of one side (they take this, not the model)."""
+        if side == QUERY:
+            return _input_checks.TowerSide(QUERY, self.query_tower, self.query_id_key)
+        return _input_checks.TowerSide(
+            CANDIDATE, self.candidate_tower, self.candidate_id_key, self.catalogue_size
+        )
+
     def embed_queries(self, query_features: Any, training: bool = False) -> Tensor:
         """Runs the query tower; records the input spec used to rebuild on load."""
-        query_features = _input_checks.check_ids(self, query_features, QUERY, "query_features")
+        query_features = _input_checks.check_ids(
+            self._tower_side(QUERY), query_features, "query_features"
+        )
         embeddings = self.query_tower(query_features, training=training)
         if self._query_input_spec is None:  # once the tower took them
             self._query_input_spec = _serving.input_spec(query_features)
@@ -331,7 +341,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
     def embed_candidates(self, candidate_features: Any, training: bool = False) -> Tensor:
         """Runs the candidate tower; records the input spec used to rebuild on load."""
         candidate_features = _input_checks.check_ids(
-            self, candidate_features, CANDIDATE, "candidate_features"
+            self._tower_side(CANDIDATE), candidate_features, "candidate_features"
         )
         embeddings = self.candidate_tower(candidate_features, training=training)
         if self._candidate_input_spec is None:  # once the tower took them
