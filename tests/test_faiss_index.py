@@ -1,5 +1,7 @@
 """FaissIndex (the ANN export) against exact NumPy search."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -169,6 +171,28 @@ def test_target_recall_calibrates_the_smallest_nprobe(target):
         fewer = two_tower.FaissIndex(nlist=64, nprobe=nprobe - 1)
         fewer.index(candidates)
         assert recall_against_exact(fewer.search(queries, k=20)[0], exact) < target
+
+
+def test_save_and_load_keep_the_calibrated_nprobe(tmp_path):
+    candidates = clustered(4000, dim=16, components=400, seed=5)
+    queries = clustered(100, dim=16, components=400, seed=6)
+    ann = two_tower.FaissIndex(nlist=64, target_recall=0.8, calibration_k=20)
+    ann.index(candidates, calibration_queries=queries)
+    ann.save(tmp_path / "ann")
+    loaded = two_tower.FaissIndex.load(tmp_path / "ann")
+    assert loaded.calibrated_nprobe == ann.calibrated_nprobe is not None
+    assert loaded.calibrated_recall == ann.calibrated_recall
+    assert loaded.nprobe_for(20) == ann.nprobe_for(20)
+    for got, expected in zip(loaded.search(queries, k=20), ann.search(queries, k=20), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert two_tower.FaissIndex.load(tmp_path / "ann", nprobe=3).nprobe_for(20) == 3
+
+    manifest = tmp_path / "ann" / "faiss_index.json"
+    edited = json.loads(manifest.read_text())
+    edited["calibration"]["nprobe"] = 0
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"damaged calibration entry \{'nprobe': 0, "):
+        two_tower.FaissIndex.load(tmp_path / "ann")
 
 
 def test_ivf_pq_compresses_and_reports_its_recall():

@@ -36,8 +36,10 @@ def size_and_hash(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
-def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray]:
-    """`(faiss index, ids)` from a folder `FaissIndex.save` wrote, every file checked.
+def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """`(faiss index, ids, calibration)` from a folder `FaissIndex.save` wrote, every
+    file checked. `calibration` holds the calibrated `nprobe` and its `recall` (both
+    None when the index was not calibrated, or saved before the manifest kept them).
 
     Raises:
         FileNotFoundError: a file the manifest names is missing (or, without a
@@ -88,7 +90,30 @@ def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray]:
             f"{manifest.get('num_candidates')} candidates of dim {manifest.get('dim')}, "
             f"the files hold {len(ids)} of dim {index.d}. {ADVICE}"
         )
-    return index, ids
+    return index, ids, _calibration(manifest, path)
+
+
+def _calibration(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """The manifest's `calibration` entry, checked: a damaged one would set nprobe."""
+    calibration = {"nprobe": None, "recall": None}
+    if manifest is None or manifest.get("calibration") is None:
+        return calibration
+    entry = manifest["calibration"]
+    nprobe = entry.get("nprobe") if isinstance(entry, dict) else "missing"
+    recall = entry.get("recall") if isinstance(entry, dict) else "missing"
+    valid_nprobe = nprobe is None or (
+        isinstance(nprobe, int) and not isinstance(nprobe, bool) and nprobe >= 1
+    )
+    valid_recall = recall is None or (
+        isinstance(recall, (int, float)) and not isinstance(recall, bool) and 0 <= recall <= 1
+    )
+    if not (isinstance(entry, dict) and valid_nprobe and valid_recall):
+        raise ValueError(
+            f"Cannot load a FaissIndex from {path}: {MANIFEST} has a damaged calibration "
+            f"entry {entry!r}; expected {{'nprobe': an integer >= 1 or null, 'recall': a "
+            f"number in [0, 1] or null}}. {ADVICE}"
+        )
+    return {"nprobe": nprobe, "recall": recall}
 
 
 def _faiss_reason(error: Exception) -> str:

@@ -38,7 +38,6 @@ from two_tower.types import SimilarityFn
 
 MIN_NPROBE = 16  # lists read at least, by default
 SCAN_PER_RESULT = 64  # candidates read per requested result, by default
-_CALIBRATION_FILE = "calibration.json"  # beside the saved folder, in a `.keras` file
 
 
 def _faiss() -> Any:
@@ -400,7 +399,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
 
         The index and the ids go to new files named with a random token
         (`index-<token>.faiss`, `candidate_ids-<token>.npy`), flushed to disk;
-        then `faiss_index.json`, which names them with their sizes and SHA-256,
+        then `faiss_index.json`, which names them with their sizes and SHA-256
+        (and keeps the calibrated `nprobe` and its recall, which `load` restores),
         replaces the previous one in one rename. A save that fails or is killed
         leaves the previous index loadable; its files are removed by the next
         save into the folder, as are the files of the index it replaces.
@@ -438,6 +438,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 "num_candidates": len(catalogue.ids),
                 "dim": int(catalogue.index.d),
                 "files": files,
+                "calibration": {"nprobe": self.calibrated_nprobe, "recall": self.calibrated_recall},
             }
             temporary = path / f".{MANIFEST}.tmp-{token}"
             written.append(temporary)
@@ -457,6 +458,9 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
     @classmethod
     def load(cls, folder: str | os.PathLike[str], **kwargs: Any) -> FaissIndex:
         """Reads an index written by `save`; `kwargs` are `FaissIndex` arguments.
+
+        The calibrated `nprobe` and its recall come back with the index (an
+        `nprobe` given in `kwargs` still takes precedence, as at search).
 
         The files named by `faiss_index.json` must have the sizes and SHA-256
         recorded at save, and the ids must be integers or strings, unique, one
@@ -481,29 +485,28 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 + ("it is a file, not a folder." if path.exists() else "no such folder.")
             )
         ann = cls(**kwargs)
-        object.__setattr__(ann, "_catalogue", _FaissCatalogue(*read_folder(path, _faiss())))
+        ann._restore(path)
         return ann
 
+    def _restore(self, path: Path) -> None:
+        """The index, ids and calibration of a saved folder, checked (`read_folder`)."""
+        index, ids, calibration = read_folder(path, _faiss())
+        object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids))
+        self.calibrated_nprobe = calibration["nprobe"]
+        self.calibrated_recall = calibration["recall"]
+
     def save_assets(self, dir_path: str) -> None:
-        """Keras saving: the folder `save` writes, and the calibrated `nprobe`."""
+        """Keras saving: the folder `save` writes (its manifest keeps the calibration)."""
         if self._catalogue is None:
             return
         self.save(dir_path)
-        calibration = {"nprobe": self.calibrated_nprobe, "recall": self.calibrated_recall}
-        Path(dir_path, _CALIBRATION_FILE).write_text(json.dumps(calibration))
 
     def load_assets(self, dir_path: str) -> None:
         """Keras loading: the index `save_assets` wrote, if it wrote one."""
         path = Path(dir_path)
         if not (path / MANIFEST).exists():
             return  # saved empty
-        catalogue = _FaissCatalogue(*read_folder(path, _faiss()))
-        calibration = {"nprobe": None, "recall": None}
-        if (path / _CALIBRATION_FILE).exists():
-            calibration = json.loads((path / _CALIBRATION_FILE).read_text())
-        object.__setattr__(self, "_catalogue", catalogue)
-        self.calibrated_nprobe = calibration["nprobe"]
-        self.calibrated_recall = calibration["recall"]
+        self._restore(path)
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
