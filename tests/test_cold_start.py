@@ -19,13 +19,16 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "movielens_features.py"
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_held_out_users_beat_popularity_at_top_100(real_data_dir):
+def test_held_out_users_beat_popularity_at_top_100(real_data_dir, capsys):
     spec = importlib.util.spec_from_file_location("movielens_features", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     ratings = movielens.load_ratings(real_data_dir)
     movies = movielens.load_movies(real_data_dir)
-    results = example.cold_start(ratings, movies)
+    results = example.cold_start(ratings, movies, show=True)
+    # What the example prints: five titles for the first held-out user.
+    titles = capsys.readouterr().out.split("never seen in training:\n")[1].splitlines()
+    assert len(titles) == 5 and all(title.strip() for title in titles)
 
     users = np.unique(ratings["user_id"])
     held_out = np.random.default_rng(42).permutation(users)[: round(len(users) * 0.1)]

@@ -188,6 +188,8 @@ def test_movielens_features_example_runs(real_data_dir):
             "1",
             "--splits",
             "temporal",
+            # Cold start, and what it prints, is tests/test_cold_start.py's (trained once).
+            "--skip-cold-start",
             "--data-dir",
             str(real_data_dir),
         ],
@@ -214,10 +216,7 @@ def test_movielens_features_example_runs(real_data_dir):
     for row in rows:
         values = [float(cell) for cell in row.split("|")[2:-1]]
         assert all(0.0 < v <= 1.0 for v in values) and values == sorted(values)
-    cold = out.split("cold start, 10% of users held out")[1]
-    assert "| popularity |" in cold and "| features, cold start |" in cold
-    titles = out.split("never seen in training:\n")[1].split("\n\n")[0].splitlines()
-    assert len(titles) == 5 and all(t.strip() for t in titles)
+    assert "cold start" not in out
 
 
 def test_features_example_rejects_bad_splits():
