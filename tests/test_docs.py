@@ -5,6 +5,7 @@ distributed guide's JAX blocks run in the tests-multidevice session.
 """
 
 import collections
+import itertools
 import re
 
 import keras
@@ -108,13 +109,22 @@ def test_readme_shows_ten_real_titles_as_the_quickstart_output(real_data_dir):
 
 
 def test_readme_test_command_is_what_ci_runs():
-    (ci_command,) = [
+    # .ci/run creates the venvs first (`nox --install-only -s ...`), then runs the
+    # README's command on them (`nox --reuse-venv=yes -s ...`).
+    def sessions_of(line: str) -> list[str]:
+        words = line.split(" -s ", 1)[1].split()  # up to a redirection or `&`
+        return list(itertools.takewhile(lambda w: re.fullmatch("[a-z-]+", w), words))
+
+    lines = [
         line for line in (REPOSITORY / ".ci" / "run").read_text().splitlines()
-        if re.search(r"\bnox -s ", line)
+        if re.search(r"\bnox (--\S+ )*-s ", line) and not line.lstrip().startswith("#")
     ]  # fmt: skip
-    sessions = ci_command.split("nox -s ", 1)[1].split()
+    (ci_command,) = [line for line in lines if "--install-only" not in line]
+    sessions = sessions_of(ci_command)
     readme = "\n".join(readme_fenced_blocks("bash")).splitlines()
     assert f"nox -s {' '.join(sessions)}" in readme
+    installed = [name for line in lines if "--install-only" in line for name in sessions_of(line)]
+    assert installed and set(installed) <= set(sessions), installed
 
 
 def load_subclass_from_getting_started():

@@ -258,6 +258,13 @@ def test_a_write_killed_at_any_moment_leaves_the_old_or_the_new_log(tmp_path):
     for step in range(20):
         _killed_write(folder, "overwrite", 1.3 * duration * step / 19)
         outcomes.append(_which_log(folder))
+    # On a busy machine the write can take several times its unkilled duration, so
+    # all 20 kills may land before its commit: later kills, until one lands after it.
+    delay = 2.6 * duration
+    while "new" not in outcomes and delay < 10:
+        _killed_write(folder, "overwrite", delay)
+        outcomes.append(_which_log(folder))
+        delay *= 2
     assert "old" in outcomes and "new" in outcomes, (duration, outcomes)
     for step in range(4):
         _killed_write(folder, "new", 1.2 * duration * step / 3)
