@@ -117,8 +117,8 @@ def tfds_records(
     )
     features = RATING_FEATURES if table == "ratings" else MOVIE_FEATURES
     # Whole batches, not one record at a time: a Python step per record took 41 s
-    # to read the 100K ratings, batches take a few seconds. Genre lists vary in length, so they are
-    # shifted by one and padded with 0 (no genre label is -1), and cut again below.
+    # to read the 100K ratings, batches take a few seconds. Genre lists vary in
+    # length: shifted by one (labels start at 0), padded with 0, and cut again below.
     batches = tfds.as_numpy(
         dataset.map(
             lambda record: {
