@@ -34,6 +34,13 @@ class BackendModule(Protocol):
     """Whether `keras.ops.top_k` ranks 0.0 above -0.0 (XLA: JAX, TF); torch compares them
     as equal."""
 
+    def export_artefact(self, model: keras.Model, plan: Any, path: str, format: str) -> None:
+        """Writes `TwoTowerRetrieval.export`'s artefact (`plan`, a checked
+        `two_tower.export._plan.ExportPlan`) at `path`, tracing the query tower
+        with TensorFlow: in this process on TensorFlow, in a TensorFlow child
+        process elsewhere (`_export_process`)."""
+        ...
+
     def compile_inference(
         self,
         function: Callable[[Any], Any],

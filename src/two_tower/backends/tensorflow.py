@@ -31,6 +31,13 @@ top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 
 
+def export_artefact(model: keras.Model, plan: Any, path: str, format: str) -> None:
+    """Writes the export artefact in this process: Keras already runs on TensorFlow."""
+    from two_tower.backends import tensorflow_export
+
+    tensorflow_export.write(model, plan, path, format)
+
+
 def compile_inference(
     function: Callable[[Any], Any], variables: Callable[[], Sequence[keras.Variable]]
 ) -> Callable[[Any], Any]:

@@ -30,6 +30,7 @@ from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
 from two_tower.backends._defaults import replica_loss as replica_loss
+from two_tower.backends._export_process import export_artefact as export_artefact
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.models import _array_training

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
+from two_tower import _arguments
 from two_tower.backends import backend_module
+from two_tower.export import _plan, write_artefact
 from two_tower.models import _input_checks, _serving, _vocabularies
 from two_tower.models.retrieval_outputs import CANDIDATE, QUERY
 from two_tower.preprocessing.vocabulary import Vocabulary
@@ -413,3 +415,108 @@ class Serving(_Base):
                 batch_size=batch_size,
             )
         return (found, scores) if return_scores else found
+
+    def export(
+        self,
+        filepath: Any,
+        format: str = "tf_saved_model",
+        verbose: bool | None = None,
+        input_signature: Any = None,
+        *,
+        max_k: int = 100,
+        exclusion_padding: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Exports the query tower and the exact index as one artefact to serve outside Python.
+
+        Unlike Keras' `Model.export`, which exports `call`, the artefact answers
+        `recommend`: given query features, `k` and per-request exclusions, it
+        returns the top-k candidate ids and scores, the same ids as `recommend`
+        (ties broken by catalogue position), with no Python or Keras at serving
+        time. See `docs/export.md`.
+
+        - `"tf_saved_model"`: a SavedModel folder (for TF Serving, put it under a
+          version folder, e.g. `models/retrieval/1`) with a `serving_default`
+          signature.
+        - `"onnx"`: an ONNX file for ONNX Runtime (opset 18 and ONNX-ML's
+          `LabelEncoder`); above 1 GiB of embeddings they go to `<file>.data`
+          beside it (ONNX external data: keep the two together).
+
+        Inputs: the query features under their names (`query` for a tower over
+        one array; each feature of a dict), as raw values (int64 or strings)
+        where the model has a `query_vocabulary` (an unknown value goes to OOV
+        bucket 0), else as the tower takes them; `k`, an int32 scalar in `[1,
+        max_k]`; and `exclude`, `[queries, n]` candidate ids (int64 or strings,
+        like the indexed ids; n may be 0) padded with `exclusion_padding`.
+        Unknown ids in `exclude` are ignored. Outputs: `ids` and `scores`,
+        `[queries, k]`. Where a query's exclusions leave fewer than `k`
+        candidates, its last results are `exclusion_padding` with score `-inf`.
+        A `k` outside `[1, max_k]` raises in the SavedModel; ONNX has no
+        assertions, so ONNX Runtime clamps it into that range.
+
+        The export traces the query tower and `compute_similarities` with
+        TensorFlow: on JAX and torch a TensorFlow process does it from a
+        `.keras` copy of the model, so every layer class must be importable from
+        a module (not defined in `__main__` or a notebook). Needs
+        `pip install "two-tower[export]"` (TensorFlow, tf2onnx, onnx).
+
+        The catalogue is scored in blocks of 2**18 candidates per request; the
+        SavedModel keeps the embeddings as variables and the ONNX file as
+        initializers (external data above 1 GiB), so neither format's 2 GB
+        protobuf limit binds: the limit is memory (measured to 10**6 candidates
+        in `benchmarks/export.py`). The query tower's own weights go inline in
+        the ONNX file, where tf2onnx holds at most 2 GB.
+
+        Args:
+            filepath: the SavedModel folder, or the `.onnx` file, to write (an
+                existing one is replaced once the new one is complete).
+            format: `"tf_saved_model"` or `"onnx"`.
+            verbose: print where the artefact went (default: True).
+            input_signature: must be None: the inputs come from the model's
+                query tower and vocabularies.
+            max_k: the largest `k` a request may ask for, at most the number of
+                indexed candidates.
+            exclusion_padding: the value that pads `exclude` rows; defaults to
+                -1 for integer ids and `""` for string ids. It must not be an
+                indexed id.
+            **kwargs: none are accepted (Keras' other export options do not
+                apply).
+
+        Raises:
+            ValueError: an unknown format or option, nothing indexed, an index
+                other than `BruteForceIndex` (an approximate index has no
+                TensorFlow or ONNX operation), a model never called on queries,
+                a query vocabulary with several OOV buckets, a bad `max_k` or
+                `exclusion_padding`, or (on JAX and torch) layer classes that a
+                new process cannot import.
+            ImportError: TensorFlow (or, for ONNX, tf2onnx and onnx) is missing.
+            RuntimeError: the TensorFlow process failed (its error is quoted).
+
+        Example:
+            >>> import importlib.util, tempfile, numpy as np
+            >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
+            >>> model.index_candidates(np.arange(8))
+            >>> if importlib.util.find_spec("tensorflow"):  # the export extra
+            ...     model.export(tempfile.mkdtemp() + "/retrieval/1", max_k=5, verbose=False)
+        """
+        if input_signature is not None:
+            raise ValueError(
+                "TwoTowerRetrieval.export derives its inputs from the query tower and "
+                f"vocabularies: `input_signature` must be None. Received {input_signature!r}"
+            )
+        if kwargs:
+            raise ValueError(
+                f"TwoTowerRetrieval.export takes no further options. Received {sorted(kwargs)}"
+            )
+        format = _arguments.choice("format", format, _plan.FORMATS, owner="export")
+        verbose = True if verbose is None else _arguments.boolean("verbose", verbose)
+        plan = _plan.plan(
+            self.candidate_index,
+            self._query_input_spec,
+            self.query_vocabulary,
+            max_k=max_k,
+            exclusion_padding=exclusion_padding,
+        )
+        target = write_artefact(self, plan, filepath, format)
+        if verbose:
+            print(f"Exported a {format} artefact to {target} ({len(plan.ids)} candidates).")
