@@ -38,6 +38,9 @@ BACKEND_PACKAGES = {
     "torch": [TORCH_SPEC],
     "tensorflow": ["tensorflow-cpu", "tensorflow-datasets", "importlib_resources"],
 }
+# What `TwoTowerRetrieval.export` needs beside TensorFlow, and ONNX Runtime, which
+# tests/test_export.py serves the ONNX artefact with.
+EXPORT_PACKAGES = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.18"]
 # Offline machines keep MovieLens beside the checkout (see README, "Offline").
 SHARED_DATA = ROOT.parent / "shared" / "datasets"
 
@@ -94,6 +97,8 @@ def _test_environment(session: nox.Session, backend: str) -> dict[str, str]:
 
 def _tests(session: nox.Session, backend: str) -> None:
     _install(session, backend, "test")
+    if backend == "tensorflow":
+        session.install(*EXPORT_PACKAGES)
     session.run("pytest", *_workers(), *session.posargs, env=_test_environment(session, backend))
 
 
@@ -146,11 +151,15 @@ def example_tensorflow(session: nox.Session) -> None:
 @nox.session(name="cross-backend")
 def cross_backend(session: nox.Session) -> None:
     """Saves models under JAX (one device; ModelParallel on 8) and checks their top-k
-    ids under torch and TensorFlow."""
+    ids under torch and TensorFlow; exports models trained on JAX and torch (through
+    a TensorFlow process) and serves them without Keras (tests/test_export.py)."""
     session.install(*BACKEND_PACKAGES["jax"], *BACKEND_PACKAGES["torch"], "tensorflow-cpu")
     session.install("-e", ".")
-    session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"), *EXPORT_PACKAGES)
     session.run("pytest", *_workers(), "tests/test_cross_backend.py", *session.posargs)
+    for backend in ("jax", "torch"):
+        env = _test_environment(session, backend)
+        session.run("pytest", *_workers(), "tests/test_export.py", *session.posargs, env=env)
 
 
 @nox.session(name="tests-multidevice")

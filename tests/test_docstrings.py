@@ -17,6 +17,8 @@ OTHER_BACKENDS = {
     for name in ("jax", "tensorflow", "torch")
     if name != keras.backend.backend()
 }
+if keras.backend.backend() != "tensorflow":  # the export's graphs import TensorFlow
+    OTHER_BACKENDS.add("two_tower.backends.tensorflow_export")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -38,11 +38,6 @@ def unimportable_classes(model: keras.Model) -> list[str]:
 
 def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
     """Writes the artefact at `path` from a TensorFlow process (see the module docstring)."""
-    if importlib.util.find_spec("tensorflow") is None:
-        raise ImportError(
-            "export writes TensorFlow graphs (SavedModel, and ONNX through tf2onnx), so it "
-            'needs TensorFlow beside this backend: pip install "two-tower[export]".'
-        )
     classes = unimportable_classes(model)
     if classes:
         raise ValueError(
@@ -51,6 +46,11 @@ def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str
             "to a module of your project (registered with "
             "`keras.saving.register_keras_serializable`), or export with KERAS_BACKEND="
             "tensorflow, which exports in this process."
+        )
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ImportError(
+            "export writes TensorFlow graphs (SavedModel, and ONNX through tf2onnx), so it "
+            'needs TensorFlow beside this backend: pip install "two-tower[export]".'
         )
     with tempfile.TemporaryDirectory(prefix="two_tower_export_") as folder:
         saved = os.path.join(folder, "model.keras")

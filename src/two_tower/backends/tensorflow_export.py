@@ -48,7 +48,7 @@ def _ids_dtype(plan: ExportPlan) -> tf.DType:
 
 def _tower_inputs(plan: ExportPlan, values: list[Any]) -> Any:
     if plan.dict_features:
-        return {i.key: value for i, value in zip(plan.inputs, values)}
+        return {i.key: value for i, value in zip(plan.inputs, values, strict=True)}
     return values[0]
 
 
@@ -157,7 +157,7 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
             k, plan.max_k, message=f"`k` must be in [1, {plan.max_k}] (the export's max_k)"
         )
         features = []
-        for query_input, value, table in zip(plan.inputs, values, module.vocabularies):
+        for query_input, value, table in zip(plan.inputs, values, module.vocabularies, strict=True):
             if table is not None:
                 value = tf.cast(table.lookup(value), _dtype(query_input.dtype))
             features.append(value)

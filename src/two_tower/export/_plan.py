@@ -22,6 +22,7 @@ K_INPUT, EXCLUDE_INPUT = "k", "exclude"
 IDS_OUTPUT, SCORES_OUTPUT = "ids", "scores"
 # Candidate rows scored at once: a request of B queries holds B x CHUNK_ROWS scores.
 CHUNK_ROWS = 2**18
+DEFAULT_MAX_K = 100
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def plan(
         index: the model's `candidate_index`.
         query_spec: the model's recorded query input spec (`_serving.input_spec`).
         query_vocabulary: the model's query vocabularies.
-        max_k: the largest `k` a request may ask for.
+        max_k: the largest `k` a request may ask for; None for 100, or the
+            number of candidates when fewer.
         exclusion_padding: the value that pads exclusion lists; None for -1
             (integer ids) or `""` (string ids).
 
@@ -150,6 +152,8 @@ def plan(
             "The query tower's inputs are not known yet: call the model on queries "
             "(`fit`, `recommend` or `predict`) before `export`."
         )
+    if max_k is None:
+        max_k = min(DEFAULT_MAX_K, len(ids))
     max_k = _arguments.integer("max_k", max_k, maximum=len(ids), owner="export")
     inputs = _inputs(query_spec, query_vocabulary)
     return ExportPlan(

@@ -423,7 +423,7 @@ class Serving(_Base):
         verbose: bool | None = None,
         input_signature: Any = None,
         *,
-        max_k: int = 100,
+        max_k: int | None = None,
         exclusion_padding: int | str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -475,7 +475,8 @@ class Serving(_Base):
             input_signature: must be None: the inputs come from the model's
                 query tower and vocabularies.
             max_k: the largest `k` a request may ask for, at most the number of
-                indexed candidates.
+                indexed candidates; defaults to 100, or to that number when
+                smaller.
             exclusion_padding: the value that pads `exclude` rows; defaults to
                 -1 for integer ids and `""` for string ids. It must not be an
                 indexed id.
@@ -496,8 +497,10 @@ class Serving(_Base):
             >>> import importlib.util, tempfile, numpy as np
             >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
             >>> model.index_candidates(np.arange(8))
+            >>> model.recommend(np.array([0, 1]), k=3).shape
+            (2, 3)
             >>> if importlib.util.find_spec("tensorflow"):  # the export extra
-            ...     model.export(tempfile.mkdtemp() + "/retrieval/1", max_k=5, verbose=False)
+            ...     model.export(tempfile.mkdtemp() + "/retrieval/1", verbose=False)
         """
         if input_signature is not None:
             raise ValueError(

@@ -1,0 +1,476 @@
+"""`TwoTowerRetrieval.export`: the SavedModel and the ONNX model return `recommend`'s ids.
+
+Each artefact is loaded in a fresh process where Keras and two_tower cannot be
+imported (`tf.saved_model.load`, `onnxruntime.InferenceSession`), for an id
+model (string vocabularies), a feature model (an int64 vocabulary and a numeric
+feature) and a history model, with exclusions, unknown values and tied scores
+(weights on a 1/8 grid, so scores are exact on every backend, and repeated rows).
+
+Exporting needs TensorFlow, tf2onnx and onnx (the `export` extra), and the checks
+onnxruntime: `tests-tensorflow` exports in its own process, and `cross-backend`
+runs this file again under JAX and torch, which export through a TensorFlow
+child process. The argument checks run in every session.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import two_tower
+from two_tower.backends import backend_module
+
+EXPORTS = all(
+    importlib.util.find_spec(name) is not None
+    for name in ("tensorflow", "tf2onnx", "onnx", "onnxruntime")
+)
+needs_export = pytest.mark.skipif(
+    not EXPORTS,
+    reason="export needs tensorflow, tf2onnx, onnx and onnxruntime: tests-tensorflow, and "
+    "cross-backend under JAX and torch",
+)
+IN_PROCESS = keras.backend.backend() == "tensorflow"
+USERS, ITEMS, DIM, K, MAX_K, QUERIES = 40, 300, 8, 10, 20, 300
+
+# Loads artefacts with Keras and two_tower made unimportable, as on a server. Each
+# job: an artefact, its inputs (an .npz) and where its ids and scores (or error) go.
+RUN = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+
+    for name in ("keras", "tf_keras", "two_tower"):
+        sys.modules[name] = None  # as if not installed
+    text = lambda v: v.astype(object) if v.dtype.kind == "U" else v
+    for job in json.load(open(sys.argv[1])):
+        case = np.load(job["case"])
+        feeds = {name: case["in_" + name] for name in job["names"]}
+        k, exclude = case["k"], case["exclude"]
+        try:
+            if job["format"] == "tf_saved_model":
+                import tensorflow as tf
+
+                serve = tf.saved_model.load(job["path"]).signatures["serving_default"]
+                found = serve(**{n: tf.constant(v) for n, v in feeds.items()},
+                              k=tf.constant(k), exclude=tf.constant(exclude))
+                ids, scores = found["ids"].numpy(), found["scores"].numpy()
+            else:
+                import onnxruntime
+
+                session = onnxruntime.InferenceSession(job["path"])
+                feeds = {n: text(v) for n, v in feeds.items()}
+                ids, scores = session.run(
+                    ["ids", "scores"], {**feeds, "k": k, "exclude": text(exclude)})
+        except Exception as error:
+            json.dump({"error": f"{type(error).__name__}: {error}"}, open(job["out"], "w"))
+            continue
+        if ids.dtype == object:
+            ids = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
+                            for row in ids])
+        np.savez(job["out"], ids=ids, scores=scores)
+    loaded = [m for m, v in sys.modules.items() if v is not None]
+    assert not [m for m in loaded if m.split(".")[0] in ("keras", "two_tower")], loaded
+    """
+)
+
+
+class Elsewhere:
+    """Requests to serve from a process without Keras, run together by `run`."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.jobs = []
+
+    def add(self, format, path, inputs, k, exclude):
+        """Queues a request; returns its key in `run`'s results."""
+        key = len(self.jobs)
+        case = self.folder / f"case-{key}.npz"
+        np.savez(
+            case,
+            k=np.array(k, "int32"),
+            exclude=exclude,
+            **{f"in_{name}": value for name, value in inputs.items()},
+        )
+        self.jobs.append(
+            {
+                "format": format,
+                "path": str(path),
+                "case": str(case),
+                "out": str(self.folder / f"out-{key}.npz"),
+                "names": list(inputs),
+            }
+        )
+        return key
+
+    def run(self):
+        """`(ids, scores)` per request, or the error's text where it raised."""
+        (self.folder / "jobs.json").write_text(json.dumps(self.jobs))
+        (self.folder / "run.py").write_text(RUN)
+        result = subprocess.run(
+            [sys.executable, str(self.folder / "run.py"), str(self.folder / "jobs.json")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        found = []
+        for job in self.jobs:
+            try:
+                arrays = np.load(job["out"])
+                found.append((arrays["ids"], arrays["scores"]))
+            except ValueError:  # not an .npz: the error's JSON
+                found.append(json.loads(open(job["out"]).read())["error"])
+        return found
+
+
+def on_grid(model, tie_rows):
+    """Weights on a 1/8 grid (exact scores everywhere); rows 1, 8, 15, ... of the
+    tables with `tie_rows` rows copy row 0, so their candidates tie."""
+    for variable in model.trainable_variables:
+        values = np.round(keras.ops.convert_to_numpy(variable) * 8) / 8
+        if values.ndim == 2 and values.shape[0] == tie_rows:
+            values[1::7] = values[0]
+        variable.assign(values)
+
+
+def as_queries(inputs):
+    """The signature's inputs as `recommend` takes them: one array is not a dict."""
+    return inputs["query"] if list(inputs) == ["query"] else inputs
+
+
+def padded(rows, padding):
+    width = max(1, max(len(row) for row in rows))
+    return np.array([list(row) + [padding] * (width - len(row)) for row in rows])
+
+
+def exclusions(rng, ids, count, padding, unknown):
+    """Per query: none, a few ids, or a few ids and an unknown one."""
+    rows = []
+    for i in range(count):
+        row = list(rng.choice(ids, size=i % 4, replace=False))
+        if i % 5 == 4:
+            row.append(unknown)
+        rows.append(row)
+    return rows, padded(rows, padding)
+
+
+def id_model():
+    """String vocabularies on both sides; queries include an unknown user (OOV row)."""
+    users = two_tower.Vocabulary([f"user-{i}" for i in range(USERS)])
+    movies = two_tower.Vocabulary([f"movie-{i}" for i in range(ITEMS)])
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        embedding_dim=DIM, query_vocabulary=users, candidate_vocabulary=movies
+    )
+    rng = np.random.default_rng(0)
+    x = {
+        "query": np.array([f"user-{i}" for i in rng.integers(0, USERS, 600)]),
+        "candidate": np.array([f"movie-{i}" for i in rng.integers(0, ITEMS, 600)]),
+    }
+    model.compile(optimizer="adam")
+    model.fit(x, batch_size=100, epochs=1, verbose=0)
+    on_grid(model, ITEMS + 1)  # the candidate table: the OOV row, then the movies
+    model.index_candidates()
+    names = [f"user-{i}" for i in range(USERS)] + ["stranger"]
+    queries = {"query": np.array([names[i] for i in rng.integers(0, len(names), QUERIES)])}
+    return model, queries, queries["query"], "nobody"
+
+
+def feature_model():
+    """A dict query tower: an int64-vocabulary user id and a numeric feature."""
+    user_ids = np.arange(USERS, dtype="int64") * 1000 + 7
+    users = two_tower.Vocabulary(user_ids)
+    query_tower = two_tower.FeatureTower(
+        categorical={"user": users.size},
+        numeric=["age"],
+        embedding_dim=4,
+        hidden_units=(16,),
+        output_dim=DIM,
+    )
+    model = two_tower.TwoTowerRetrieval(
+        query_tower, keras.layers.Embedding(ITEMS, DIM), query_vocabulary={"user": users}
+    )
+    rng = np.random.default_rng(1)
+    x = {
+        "query": {
+            "user": rng.choice(user_ids, 600),
+            "age": (rng.integers(0, 16, 600) / 8).astype("float32"),
+        },
+        "candidate": rng.integers(0, ITEMS, 600),
+    }
+    model.compile(optimizer="adam")
+    model.fit(x, batch_size=100, epochs=1, verbose=0)
+    on_grid(model, ITEMS)
+    model.index_candidates(np.arange(ITEMS), candidate_ids=np.arange(ITEMS) * 3 + 5)
+    queries = {
+        "user": np.concatenate([rng.choice(user_ids, QUERIES - 1), [123456789]]),
+        "age": (rng.integers(0, 16, QUERIES) / 8).astype("float32"),
+    }
+    return model, queries, queries["user"], -5
+
+
+def history_model():
+    """A history tower (mean pooling over the candidate tower's table), -1 padding."""
+    items = two_tower.IdEmbeddingTower(ITEMS, embedding_dim=DIM)
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.HistoryTower(max_length=5, pooling="mean"),
+        items,
+        loss="full_softmax",
+        catalogue_size=ITEMS,
+    )
+    rng = np.random.default_rng(2)
+
+    def histories(count):
+        rows = rng.integers(0, ITEMS, (count, 5))
+        lengths = rng.integers(0, 6, count)
+        rows[np.arange(5)[None, :] >= lengths[:, None]] = -1
+        return rows
+
+    x = {"query": {"history": histories(600)}, "candidate": rng.integers(0, ITEMS, 600)}
+    model.compile(optimizer="adam")
+    model.fit(x, batch_size=100, epochs=1, verbose=0)
+    on_grid(model, ITEMS)
+    model.index_candidates(np.arange(ITEMS))
+    queries = {"history": histories(QUERIES)}
+    return model, queries, queries["history"][:, 0], 10**9
+
+
+MODELS = {"ids": id_model, "features": feature_model, "history": history_model}
+
+
+FORMATS = {"tf_saved_model": "saved", "onnx": "model.onnx"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Each model exported in both formats and served from one process without Keras.
+
+    Returns `(models, answers)`: name -> `(model, queries)`, and (name, format,
+    request) -> what the artefact answered.
+    """
+    if not EXPORTS:
+        pytest.skip(needs_export.kwargs["reason"])
+    elsewhere = Elsewhere(tmp_path_factory.mktemp("requests"))
+    models, keys = {}, {}
+    for name, make in MODELS.items():
+        keras.utils.set_random_seed(0)
+        model, queries, _, unknown = make()
+        folder = tmp_path_factory.mktemp(name)
+        models[name] = (model, queries, unknown, folder)
+        ids = model.candidate_index.candidate_ids
+        padding = "" if ids.dtype.kind == "U" else -1
+        _, exclude = exclusions(np.random.default_rng(3), ids, QUERIES, padding, unknown)
+        for format, file in FORMATS.items():
+            model.export(folder / file, format=format, max_k=MAX_K, verbose=False)
+            keys[name, format, "all"] = elsewhere.add(format, folder / file, queries, K, exclude)
+    # Exclusions that leave the first query 5 candidates, the second all of them.
+    model, queries, _, folder = models["features"]
+    two = {name: value[:2] for name, value in queries.items()}
+    ids = model.candidate_index.candidate_ids
+    for format, file in FORMATS.items():
+        exclude = padded([list(ids[5:]), []], -1)
+        keys["features", format, "too few"] = elsewhere.add(format, folder / file, two, K, exclude)
+    # k above max_k.
+    model, queries, _, folder = models["ids"]
+    three = {"query": queries["query"][:3]}
+    for format, file in FORMATS.items():
+        exclude = np.full((3, 0), "")
+        keys["ids", format, "k"] = elsewhere.add(format, folder / file, three, MAX_K + 1, exclude)
+    answers = elsewhere.run()
+    return models, {key: answers[index] for key, index in keys.items()}
+
+
+xdist_export = pytest.mark.xdist_group("export")  # one worker builds `served`
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+@pytest.mark.parametrize("format", list(FORMATS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_artefact_returns_recommends_ids(served, name, format):
+    models, answers = served
+    model, queries, unknown, _ = models[name]
+    ids = model.candidate_index.candidate_ids
+    padding = "" if ids.dtype.kind == "U" else -1
+    rows, _ = exclusions(np.random.default_rng(3), ids, QUERIES, padding, unknown)
+    expected, expected_scores = model.recommend(
+        as_queries(queries),
+        k=K,
+        exclude=rows,
+        ignore_unknown_exclusions=True,
+        return_scores=True,
+    )
+    found, scores = answers[name, format, "all"]
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
+    # The ties are there and broken the same way: equal scores in one row.
+    assert np.any(expected_scores[:, 1:] == expected_scores[:, :-1])
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_exclusions_that_leave_too_few_candidates_pad_the_row(served, format):
+    models, answers = served
+    model, queries, _, _ = models["features"]
+    ids = model.candidate_index.candidate_ids
+    two = {name: value[:2] for name, value in queries.items()}
+    found, scores = answers["features", format, "too few"]
+    expected = model.recommend(two, k=5, exclude=[list(ids[5:]), []])
+    np.testing.assert_array_equal(found[0, :5], expected[0])
+    assert set(found[0, :5]) == set(ids[:5])
+    np.testing.assert_array_equal(found[0, 5:], [-1] * (K - 5))
+    assert np.all(np.isneginf(scores[0, 5:]))
+    np.testing.assert_array_equal(found[1], model.recommend(two, k=K)[1])
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+def test_k_above_max_k_raises_in_the_saved_model_and_is_clamped_by_onnx(served):
+    models, answers = served
+    model, queries, _, _ = models["ids"]
+    error = answers["ids", "tf_saved_model", "k"]
+    assert isinstance(error, str) and "`k` must be in [1, 20]" in error, error
+    found, _ = answers["ids", "onnx", "k"]
+    np.testing.assert_array_equal(found, model.recommend(queries["query"][:3], k=MAX_K))
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+def test_exporting_again_replaces_the_artefact(served):
+    model, queries, _, folder = served[0]["history"]
+    import tensorflow as tf
+
+    model.export(folder / "again", max_k=3, verbose=False)
+    model.export(folder / "again", max_k=5, verbose=False)
+    serve = tf.saved_model.load(str(folder / "again")).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[1, 5\]"):
+        serve(
+            history=tf.constant(queries["history"][:1]),
+            k=tf.constant(6),
+            exclude=tf.zeros((1, 0), tf.int64),
+        )
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------------------ every session
+
+
+def small_model(**kwargs):
+    model = two_tower.TwoTowerRetrieval.from_ids(5, 8, **kwargs)
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(8))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"format": "savedmodel"}, r"`format` must be one of 'tf_saved_model', 'onnx'"),
+        ({"max_k": 0}, r"`max_k` must be an integer in \[1, 8\]"),
+        ({"max_k": 9}, r"`max_k` must be an integer in \[1, 8\]"),
+        ({"max_k": True}, r"`max_k` must be an integer"),
+        ({"exclusion_padding": 3}, r"`exclusion_padding` \(3\) is an indexed candidate id"),
+        ({"exclusion_padding": "x"}, r"`exclusion_padding` must be an integer"),
+        ({"input_signature": [1]}, r"`input_signature` must be None"),
+        ({"opset_version": 17}, r"takes no further options. Received \['opset_version'\]"),
+        ({"verbose": "yes"}, r"`verbose` must be True or False"),
+    ],
+)
+def test_bad_export_arguments_raise_before_anything_is_written(tmp_path, arguments, match):
+    model = small_model()
+    with pytest.raises(ValueError, match=match):
+        model.export(tmp_path / "out", **arguments)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+def test_an_approximate_index_is_refused(tmp_path):
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        5, 64, candidate_index=two_tower.FaissIndex(nlist=2)
+    )
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(64))
+    with pytest.raises(
+        ValueError, match="must be a two_tower.BruteForceIndex. Received FaissIndex"
+    ):
+        model.export(tmp_path / "out")
+
+
+def test_an_empty_index_and_an_uncalled_query_tower_are_refused(tmp_path):
+    model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
+    with pytest.raises(ValueError, match="The index is empty: call `index_candidates`"):
+        model.export(tmp_path / "out")
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match="call the model on queries"):
+        model.export(tmp_path / "out")
+
+
+def test_several_oov_buckets_are_refused(tmp_path):
+    users = two_tower.Vocabulary(["a", "b"], num_oov_buckets=2)
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        num_candidates=8, embedding_dim=4, query_vocabulary=users
+    )
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match="has 2 OOV buckets.*num_oov_buckets=1"):
+        model.export(tmp_path / "out")
+
+
+def test_a_failed_export_leaves_the_old_artefact(tmp_path, monkeypatch):
+    model = small_model()
+    target = tmp_path / "saved"
+    target.mkdir()
+    (target / "saved_model.pb").write_text("the old one")
+
+    def half_written(model, plan, path, format):
+        os.makedirs(path)
+        with open(os.path.join(path, "saved_model.pb"), "w") as handle:
+            handle.write("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(backend_module(), "export_artefact", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        model.export(target)
+    assert (target / "saved_model.pb").read_text() == "the old one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+class LocalTower(keras.layers.Layer):
+    """A query tower whose class a new process could not import (as in a notebook)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = keras.layers.Embedding(5, 8)
+
+    def call(self, ids):
+        return self.table(ids)
+
+
+LocalTower.__module__ = "__main__"
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="TensorFlow exports in its own process: any class works")
+def test_classes_a_new_process_cannot_import_are_named(tmp_path):
+    model = two_tower.TwoTowerRetrieval(LocalTower(), keras.layers.Embedding(8, 8))
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match=r"\['__main__.LocalTower'\]. Move them to a module"):
+        model.export(tmp_path / "out")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed here"
+)
+def test_without_tensorflow_the_export_extra_is_named(tmp_path):
+    with pytest.raises(ImportError, match=r'pip install "two-tower\[export\]"'):
+        small_model().export(tmp_path / "out")
