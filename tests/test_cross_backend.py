@@ -258,3 +258,55 @@ def test_saved_under_jax_model_parallel_loads_on_every_backend(tmp_path):
     saved = run("jax", MODEL_PARALLEL_SAVE, path, env=devices)
     for backend in BACKENDS:
         assert run(backend, MODEL_PARALLEL_LOAD, path) == saved, backend
+
+
+FAISS_SAVE = textwrap.dedent(
+    """
+    import json, sys
+    import keras, numpy as np
+    import two_tower
+
+    keras.utils.set_random_seed(0)
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding({users}, {dim}),
+        keras.layers.Embedding({items}, {dim}),
+        candidate_index=two_tower.FaissIndex(nlist=8, target_recall=0.95, calibration_k={k}),
+    )
+    rng = np.random.default_rng(0)
+    model.compile(optimizer="adam")
+    model.fit({{"query": rng.integers(0, {users}, 600), "candidate": rng.integers(0, {items}, 600)}},
+              batch_size=100, epochs=1, verbose=0)
+    for variable in model.trainable_variables:  # on a 1/8 grid: exact scores everywhere
+        variable.assign(rng.integers(-8, 9, tuple(variable.shape)) / 8)
+    model.index_candidates(np.arange({items}), np.arange({items}) * 7 + 1)
+    model.save(sys.argv[1])
+    index = model.candidate_index
+    print(json.dumps({{"found": model.recommend(np.arange({users}), k={k}).tolist(),
+                      "calibration": [index.calibrated_nprobe, index.calibrated_recall]}}))
+    """
+).format(users=NUM_USERS, items=NUM_ITEMS, dim=DIM, k=K)
+
+FAISS_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import keras, numpy as np
+    import two_tower
+
+    model = keras.saving.load_model(sys.argv[1])
+    index = model.candidate_index
+    assert isinstance(index, two_tower.FaissIndex), type(index)
+    print(json.dumps({{"found": model.recommend(np.arange({users}), k={k}).tolist(),
+                      "calibration": [index.calibrated_nprobe, index.calibrated_recall]}}))
+    """
+).format(users=NUM_USERS, k=K)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+def test_a_faiss_index_saved_in_the_keras_file_loads_on_every_backend(tmp_path):
+    """The approximate index travels inside the `.keras` file with its calibration."""
+    path = str(tmp_path / "faiss.keras")
+    saved = run("jax", FAISS_SAVE, path)
+    assert saved["calibration"][0] is not None and saved["calibration"][1] >= 0.95
+    for backend in BACKENDS:
+        loaded = run(backend, FAISS_LOAD, path)
+        assert loaded == saved, f"{backend} differs from the JAX results"
