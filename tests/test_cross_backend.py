@@ -274,8 +274,8 @@ FAISS_SAVE = textwrap.dedent(
     )
     rng = np.random.default_rng(0)
     model.compile(optimizer="adam")
-    model.fit({{"query": rng.integers(0, {users}, 600), "candidate": rng.integers(0, {items}, 600)}},
-              batch_size=100, epochs=1, verbose=0)
+    x = {{"query": rng.integers(0, {users}, 600), "candidate": rng.integers(0, {items}, 600)}}
+    model.fit(x, batch_size=100, epochs=1, verbose=0)
     for variable in model.trainable_variables:  # on a 1/8 grid: exact scores everywhere
         variable.assign(rng.integers(-8, 9, tuple(variable.shape)) / 8)
     model.index_candidates(np.arange({items}), np.arange({items}) * 7 + 1)

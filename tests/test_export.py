@@ -18,12 +18,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 import two_tower
+from testing import doc_blocks
 from two_tower.backends import backend_module
 
 EXPORTS = all(
@@ -125,7 +127,7 @@ class Elsewhere:
                 arrays = np.load(job["out"])
                 found.append((arrays["ids"], arrays["scores"]))
             except ValueError:  # not an .npz: the error's JSON
-                found.append(json.loads(open(job["out"]).read())["error"])
+                found.append(json.loads(Path(job["out"]).read_text())["error"])
         return found
 
 
@@ -360,6 +362,45 @@ def test_exporting_again_replaces_the_artefact(served):
             exclude=tf.zeros((1, 0), tf.int64),
         )
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+def test_export_guide_runs(tmp_path, monkeypatch):
+    """docs/export.md: the export here; the TensorFlow and ONNX Runtime blocks in a
+    process without Keras, answering as `recommend` does."""
+    monkeypatch.chdir(tmp_path)
+    export, tensorflow, onnx = doc_blocks(
+        "docs/export.md", "test_export.py::test_export_guide_runs"
+    )
+    namespace = {}
+    exec(compile(export, "docs/export.md", "exec"), namespace)
+    script = "\n".join(
+        [
+            "import sys",
+            "for name in ('keras', 'tf_keras', 'two_tower'):",
+            "    sys.modules[name] = None",
+            tensorflow,
+            "np_ids = found['ids'].numpy()",
+            "import numpy",
+            "numpy.save('tf_ids.npy', numpy.char.decode(np_ids.astype('S'), 'utf-8'))",
+            onnx,
+            "numpy.save('onnx_ids.npy', ids.astype(str))",
+        ]
+    )
+    (tmp_path / "serve.py").write_text(script)
+    result = subprocess.run(
+        [sys.executable, "serve.py"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = namespace["model"].recommend(["user-3", "user-7"], k=3, exclude=[["movie-1"], []])
+    np.testing.assert_array_equal(np.load(tmp_path / "tf_ids.npy"), expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "onnx_ids.npy"), expected)
+    assert "movie-1" not in expected[0]
 
 
 # ------------------------------------------------------------ every session

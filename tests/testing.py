@@ -239,6 +239,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     "docs/history.md": dict.fromkeys(
         range(3), "test_docs.py::test_history_guide_beats_ease_on_the_temporal_split"
     ),
+    "docs/export.md": dict.fromkeys(range(3), "test_export.py::test_export_guide_runs"),
     "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
     "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
     "docs/scale.md": {
