@@ -135,7 +135,6 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
     with the plan's padding). Outputs: `ids` and `scores`, `[queries, k]`.
     """
     module = tf.Module()
-    module.model_variables = list(model.variables)
     module.catalogue = _Catalogue(plan)
     module.vocabularies = [
         _vocabulary_table(i) if i.vocabulary is not None else None for i in plan.inputs
@@ -169,9 +168,11 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
         return {IDS_OUTPUT: ids, SCORES_OUTPUT: scores}
 
     module.serve = tf.function(serve, input_signature=signature, autograph=False)
-    tf.saved_model.save(
-        module, path, signatures={"serving_default": module.serve.get_concrete_function()}
-    )
+    concrete = module.serve.get_concrete_function()
+    # Only what serving reads: not the candidate tower's tables (the index holds
+    # their output), which can be the largest variables of the model.
+    module.model_variables = list(concrete.variables)
+    tf.saved_model.save(module, path, signatures={"serving_default": concrete})
 
 
 def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
