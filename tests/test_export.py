@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import keras
 import numpy as np
@@ -27,6 +28,7 @@ import pytest
 import two_tower
 from testing import doc_blocks
 from two_tower.backends import backend_module
+from two_tower.export import _onnx
 
 EXPORTS = all(
     importlib.util.find_spec(name) is not None
@@ -162,17 +164,21 @@ def exclusions(rng, ids, count, padding, unknown):
     return rows, padded(rows, padding)
 
 
+# UTF-8 beyond ASCII in some ids: TensorFlow and ONNX hold strings as bytes.
+MOVIES = [f"movie-{i}" if i % 3 else f"film-é-{i}" for i in range(ITEMS)]
+
+
 def id_model():
     """String vocabularies on both sides; queries include an unknown user (OOV row)."""
     users = two_tower.Vocabulary([f"user-{i}" for i in range(USERS)])
-    movies = two_tower.Vocabulary([f"movie-{i}" for i in range(ITEMS)])
+    movies = two_tower.Vocabulary(MOVIES)
     model = two_tower.TwoTowerRetrieval.from_ids(
         embedding_dim=DIM, query_vocabulary=users, candidate_vocabulary=movies
     )
     rng = np.random.default_rng(0)
     x = {
         "query": np.array([f"user-{i}" for i in rng.integers(0, USERS, 600)]),
-        "candidate": np.array([f"movie-{i}" for i in rng.integers(0, ITEMS, 600)]),
+        "candidate": np.array(MOVIES)[rng.integers(0, ITEMS, 600)],
     }
     model.compile(optimizer="adam")
     model.fit(x, batch_size=100, epochs=1, verbose=0)
@@ -208,7 +214,7 @@ def feature_model():
     model.compile(optimizer="adam")
     model.fit(x, batch_size=100, epochs=1, verbose=0)
     on_grid(model, ITEMS)
-    model.index_candidates(np.arange(ITEMS), candidate_ids=np.arange(ITEMS) * 3 + 5)
+    model.index_candidates(np.arange(ITEMS), candidate_ids=np.arange(ITEMS) * 3 + 2**40)
     queries = {
         "user": np.concatenate([rng.choice(user_ids, QUERIES - 1), [123456789]]),
         "age": (rng.integers(0, 16, QUERIES) / 8).astype("float32"),
@@ -283,6 +289,15 @@ def served(tmp_path_factory):
     for format, file in FORMATS.items():
         exclude = np.full((3, 0), "")
         keys["ids", format, "k"] = elsewhere.add(format, folder / file, three, MAX_K + 1, exclude)
+    if IN_PROCESS:  # TensorFlow exports here, where the threshold can be lowered
+        model, queries, unknown, folder = models["ids"]
+        ids = model.candidate_index.candidate_ids
+        _, exclude = exclusions(np.random.default_rng(3), ids, QUERIES, "", unknown)
+        with mock.patch.object(_onnx, "EXTERNAL_DATA_BYTES", 1):
+            model.export(folder / "external.onnx", format="onnx", max_k=MAX_K, verbose=False)
+        keys["ids", "external", "all"] = elsewhere.add(
+            "onnx", folder / "external.onnx", queries, K, exclude
+        )
     answers = elsewhere.run()
     return models, {key: answers[index] for key, index in keys.items()}
 
@@ -343,6 +358,23 @@ def test_k_above_max_k_raises_in_the_saved_model_and_is_clamped_by_onnx(served):
     assert isinstance(error, str) and "`k` must be in [1, 20]" in error, error
     found, _ = answers["ids", "onnx", "k"]
     np.testing.assert_array_equal(found, model.recommend(queries["query"][:3], k=MAX_K))
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
+@pytest.mark.skipif(not IN_PROCESS, reason="lowers a threshold in this process: TensorFlow only")
+def test_a_large_catalogue_goes_to_onnx_external_data(served):
+    models, answers = served
+    model, _, _, folder = models["ids"]
+    data = folder / "external.onnx.data"
+    assert data.stat().st_size >= (ITEMS + 1) * DIM * 4  # the embeddings, at least
+    assert (folder / "external.onnx").stat().st_size < (folder / "model.onnx").stat().st_size
+    np.testing.assert_array_equal(
+        answers["ids", "external", "all"][0], answers["ids", "onnx", "all"][0]
+    )
+    model.export(folder / "external.onnx", format="onnx", verbose=False)  # inline again
+    assert not data.exists()  # the earlier export's data does not linger
 
 
 @needs_export

@@ -205,9 +205,17 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
         return {"positions": tf.cast(positions, tf.int64), SCORES_OUTPUT: scores}
 
     function = tf.function(core, input_signature=signature, autograph=False)
-    model_proto, _ = tf2onnx.convert.from_function(
-        function, input_signature=signature, opset=ONNX_OPSET
-    )
+    logger = tf.get_logger()
+    level = logger.level
+    # tf2onnx's graph export warns that it cannot serialize a "table_initializer"
+    # collection, which this function does not use.
+    logger.setLevel("ERROR")
+    try:
+        model_proto, _ = tf2onnx.convert.from_function(
+            function, input_signature=signature, opset=ONNX_OPSET
+        )
+    finally:
+        logger.setLevel(level)
     return model_proto
 
 
