@@ -547,3 +547,14 @@ def test_classes_a_new_process_cannot_import_are_named(tmp_path):
 def test_without_tensorflow_the_export_extra_is_named(tmp_path):
     with pytest.raises(ImportError, match=r'pip install "two-tower\[export\]"'):
         small_model().export(tmp_path / "out")
+
+
+@needs_export
+@pytest.mark.skipif(not IN_PROCESS, reason="lowers a limit in this process: TensorFlow only")
+def test_onnx_refuses_more_inline_bytes_than_protobuf_holds(tmp_path, monkeypatch):
+    from two_tower.backends import tensorflow_export
+
+    monkeypatch.setattr(tensorflow_export, "ONNX_INLINE_BYTES", 100)
+    with pytest.raises(ValueError, match=r"more than protobuf's 2 GB.*format='tf_saved_model'"):
+        small_model().export(tmp_path / "model.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,9 @@ from two_tower.export._plan import (
 )
 
 ONNX_OPSET = 18  # the newest tf2onnx 1.17 writes
+# What may go inline in the ONNX file (the query tower's weights, the id lookups):
+# protobuf's 2 GB, less room for the graph. The catalogue goes beside it when large.
+ONNX_INLINE_BYTES = 2**31 - 2**26
 
 
 def _dtype(name: str) -> tf.DType:
@@ -102,7 +105,7 @@ class _Catalogue(tf.Module):
         super().__init__(name="catalogue")
         self.chunks = [
             tf.Variable(chunk, trainable=False, name=f"embeddings_{i}")
-            for i, chunk in enumerate(plan.chunks())
+            for i, chunk in enumerate(plan.chunks)
         ]
         ids = plan.ids.astype(object if plan.string_ids else "int64")
         padding = np.array([plan.exclusion_padding], dtype=ids.dtype)
@@ -185,7 +188,7 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
     """
     import tf2onnx
 
-    chunk_shapes = [chunk.shape for chunk in plan.chunks()]
+    chunk_shapes = [chunk.shape for chunk in plan.chunks]
     signature = [
         *[_spec(i, raw=False) for i in plan.inputs],
         tf.TensorSpec((), tf.int32, name=K_INPUT),
@@ -205,6 +208,17 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
         return {"positions": tf.cast(positions, tf.int64), SCORES_OUTPUT: scores}
 
     function = tf.function(core, input_signature=signature, autograph=False)
+    weights = sum(
+        v.shape.num_elements() * v.dtype.size for v in function.get_concrete_function().variables
+    )
+    inline = weights + plan.table_bytes()
+    if inline > ONNX_INLINE_BYTES:
+        raise ValueError(
+            f"The ONNX file would hold {inline / 2**30:.2f} GiB inline ({weights / 2**30:.2f} "
+            "GiB of query-tower weights, the rest id lookups), more than protobuf's 2 GB: "
+            "tf2onnx writes the weights into the file. Export format='tf_saved_model', "
+            "which keeps them as variables, or make the query tower smaller."
+        )
     logger = tf.get_logger()
     level = logger.level
     # tf2onnx's graph export warns that it cannot serialize a "table_initializer"

@@ -126,7 +126,7 @@ def write_onnx(core: Any, plan: ExportPlan, path: str) -> list[str]:
     )
     kept_inputs = [i for i in graph.input if not i.name.startswith("embeddings_")]
     kept_inputs = [exclude if i.name == "excluded" else i for i in kept_inputs]
-    chunks = plan.chunks()
+    chunks = plan.chunks
     large = sum(chunk.nbytes for chunk in chunks) >= EXTERNAL_DATA_BYTES
     for i, chunk in enumerate(chunks):
         graph.initializer.append(onnx.numpy_helper.from_array(chunk, f"embeddings_{i}"))

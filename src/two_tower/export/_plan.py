@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -96,8 +97,9 @@ class ExportPlan:
     def string_ids(self) -> bool:
         return self.ids.dtype.kind == "U"
 
+    @cached_property
     def chunks(self) -> list[np.ndarray]:
-        """The indexed embeddings in blocks of `chunk_rows` rows (float32)."""
+        """The indexed embeddings in blocks of `chunk_rows` rows (float32), copied once."""
         embeddings = self.index.embeddings()
         assert embeddings is not None
         embeddings = np.asarray(embeddings, dtype="float32")
@@ -105,6 +107,16 @@ class ExportPlan:
             embeddings[start : start + self.chunk_rows]
             for start in range(0, len(embeddings), self.chunk_rows)
         ]
+
+    def table_bytes(self) -> int:
+        """About how many bytes the id lookups take as ONNX attributes: keys and values."""
+
+        def size(keys: np.ndarray) -> int:
+            text = int(np.char.str_len(keys).sum()) if keys.dtype.kind == "U" else keys.nbytes
+            return text + 8 * len(keys)
+
+        vocabularies = [i.table()[0] for i in self.inputs if i.vocabulary is not None]
+        return size(self.ids) + sum(size(keys) for keys in vocabularies)
 
     def options(self) -> dict[str, Any]:
         """The export options, as JSON (for the process that writes the artefact)."""
