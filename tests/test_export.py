@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import pytest
 
+import custom_layers
 import two_tower
 from testing import doc_blocks
 from two_tower.backends import backend_module
@@ -200,8 +201,8 @@ def feature_model():
         hidden_units=(16,),
         output_dim=DIM,
     )
-    model = two_tower.TwoTowerRetrieval(
-        query_tower, keras.layers.Embedding(ITEMS, DIM), query_vocabulary={"user": users}
+    model = two_tower.TwoTowerRetrieval(  # a candidate layer class of the user's own
+        query_tower, custom_layers.DoubledEmbedding(ITEMS, DIM), query_vocabulary={"user": users}
     )
     rng = np.random.default_rng(1)
     x = {
@@ -223,9 +224,10 @@ def feature_model():
 
 
 def history_model():
-    """A history tower (mean pooling over the candidate tower's table), -1 padding."""
+    """A history tower (mean pooling over the candidate tower's table), -1 padding, in
+    a user's subclass that scores with its own `compute_similarities`."""
     items = two_tower.IdEmbeddingTower(ITEMS, embedding_dim=DIM)
-    model = two_tower.TwoTowerRetrieval(
+    model = custom_layers.ScaledRetrieval(
         two_tower.HistoryTower(max_length=5, pooling="mean"),
         items,
         loss="full_softmax",

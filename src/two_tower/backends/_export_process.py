@@ -25,15 +25,30 @@ from two_tower.export._plan import ExportPlan
 _STDERR_TAIL = 4000
 
 
+def _classes(model: keras.Model) -> list[type]:
+    """The classes of `model` and of every layer inside it, once each."""
+    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]  # noqa: SLF001
+    return list(dict.fromkeys(type(layer) for layer in layers))
+
+
 def unimportable_classes(model: keras.Model) -> list[str]:
     """The classes of `model`'s layers (and its own) that a new process cannot import."""
-    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]  # noqa: SLF001
     found = []
-    for cls in dict.fromkeys(type(layer) for layer in layers):
+    for cls in _classes(model):
         module = cls.__module__
         if module == "__main__" or importlib.util.find_spec(module.partition(".")[0]) is None:
             found.append(f"{module}.{cls.__qualname__}")
     return found
+
+
+def modules_to_import(model: keras.Model) -> list[str]:
+    """The modules defining `model`'s classes, other than Keras' and two_tower's.
+
+    Keras' loader imports only its own packages' modules, so the child imports
+    these first: that registers the user's classes before the `.keras` file loads.
+    """
+    modules = {cls.__module__ for cls in _classes(model)}
+    return sorted(m for m in modules if m.split(".")[0] not in ("keras", "two_tower"))
 
 
 def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
@@ -70,6 +85,7 @@ def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str
             path,
             format,
             json.dumps(plan.options()),
+            json.dumps(modules_to_import(model)),
         ]
         result = subprocess.run(command, env=environment, capture_output=True, text=True)
     if result.returncode:
@@ -82,8 +98,10 @@ def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str
 
 def run_child(arguments: list[str]) -> Any:
     """The child's side: load the `.keras` file and write the artefact in this process."""
-    saved, path, format, options = arguments
+    saved, path, format, options, modules = arguments
     from two_tower import saving  # Keras is imported here, on TensorFlow
 
+    for module in json.loads(modules):  # registers the user's layer classes
+        importlib.import_module(module)
     model = saving.load_model(saved)
     model.export(path, format=format, verbose=False, **json.loads(options))
