@@ -560,3 +560,13 @@ def test_onnx_refuses_more_inline_bytes_than_protobuf_holds(tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"more than protobuf's 2 GB.*format='tf_saved_model'"):
         small_model().export(tmp_path / "model.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("feature", ["k", "exclude", "positions", "embeddings_0"])
+def test_query_features_named_like_the_signature_are_refused(tmp_path, feature):
+    tower = two_tower.FeatureTower(categorical={feature: 5}, output_dim=4)
+    model = two_tower.TwoTowerRetrieval(tower, keras.layers.Embedding(8, 4))
+    model.embed_queries({feature: np.arange(2)})
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match=rf"Query features named \['{feature}'\] clash"):
+        model.export(tmp_path / "out")

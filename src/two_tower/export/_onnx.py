@@ -134,16 +134,24 @@ def write_onnx(core: Any, plan: ExportPlan, path: str) -> list[str]:
     padded = np.concatenate([np.array([plan.exclusion_padding], dtype=ids.dtype), ids])
     graph.initializer.append(
         onnx.numpy_helper.from_array(
-            padded.astype(object) if plan.string_ids else padded.astype("int64"), "result_ids"
+            padded.astype(object) if plan.string_ids else padded.astype("int64"),
+            "two_tower__result_ids",
         )
     )
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, "int64"), "one"))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, "int64"), "two_tower__one"))
     last = [
         onnx.helper.make_node(
-            "Add", ["positions", "one"], ["positions_plus_one"], name="ids__shift"
+            "Add",
+            ["positions", "two_tower__one"],
+            ["two_tower__positions_plus_one"],
+            name="ids__shift",
         ),
         onnx.helper.make_node(
-            "Gather", ["result_ids", "positions_plus_one"], [IDS_OUTPUT], name="ids__gather", axis=0
+            "Gather",
+            ["two_tower__result_ids", "two_tower__positions_plus_one"],
+            [IDS_OUTPUT],
+            name="ids__gather",
+            axis=0,
         ),
     ]
     nodes = [*first, *graph.node, *last]

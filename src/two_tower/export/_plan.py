@@ -24,6 +24,8 @@ IDS_OUTPUT, SCORES_OUTPUT = "ids", "scores"
 # Candidate rows scored at once: a request of B queries holds B x CHUNK_ROWS scores.
 CHUNK_ROWS = 2**18
 DEFAULT_MAX_K = 100
+# The signature's other inputs and outputs, and the ONNX core's own tensors.
+RESERVED = frozenset({K_INPUT, EXCLUDE_INPUT, IDS_OUTPUT, SCORES_OUTPUT, "excluded", "positions"})
 
 
 @dataclass(frozen=True)
@@ -195,11 +197,12 @@ def _inputs(query_spec: Any, query_vocabulary: Any) -> tuple[QueryInput, ...]:
             "export takes query features that are one array or a flat dict of arrays. "
             f"Received a query input structure of {query_spec!r}"
         )
-    reserved = sorted({i.name for i in found} & {K_INPUT, EXCLUDE_INPUT})
+    names = {i.name for i in found}
+    reserved = sorted(names & RESERVED | {n for n in names if n.startswith("embeddings_")})
     if reserved:
         raise ValueError(
-            f"Query features named {reserved} clash with the exported signature's own inputs "
-            f"`{K_INPUT}` and `{EXCLUDE_INPUT}`: rename them."
+            f"Query features named {reserved} clash with names the exported graphs use "
+            f"({sorted(RESERVED)}, embeddings_<i>): rename them."
         )
     return tuple(found)
 
