@@ -174,7 +174,11 @@ def id_model():
     users = two_tower.Vocabulary([f"user-{i}" for i in range(USERS)])
     movies = two_tower.Vocabulary(MOVIES)
     model = two_tower.TwoTowerRetrieval.from_ids(
-        embedding_dim=DIM, query_vocabulary=users, candidate_vocabulary=movies
+        embedding_dim=DIM,
+        query_vocabulary=users,
+        candidate_vocabulary=movies,
+        # Blocks of 64: the artefact merges 5 blocks' bests, ties across them included.
+        candidate_index=two_tower.BruteForceIndex(chunk_size=64),
     )
     rng = np.random.default_rng(0)
     x = {
@@ -291,6 +295,10 @@ def served(tmp_path_factory):
     for format, file in FORMATS.items():
         exclude = np.full((3, 0), "")
         keys["ids", format, "k"] = elsewhere.add(format, folder / file, three, MAX_K + 1, exclude)
+    # An `exclude` with fewer rows than queries.
+    for format, file in FORMATS.items():
+        exclude = np.full((2, 1), "")
+        keys["ids", format, "rows"] = elsewhere.add(format, folder / file, three, K, exclude)
     if IN_PROCESS:  # TensorFlow exports here, where the threshold can be lowered
         model, queries, unknown, folder = models["ids"]
         ids = model.candidate_index.candidate_ids
@@ -365,11 +373,22 @@ def test_k_above_max_k_raises_in_the_saved_model_and_is_clamped_by_onnx(served):
 @needs_export
 @pytest.mark.slow
 @xdist_export
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_an_exclude_without_a_row_per_query_fails(served, format):
+    error = served[1]["ids", format, "rows"]
+    assert isinstance(error, str), "three queries and two exclusion rows must fail"
+    if format == "tf_saved_model":
+        assert "`exclude` must have one row per query" in error, error
+
+
+@needs_export
+@pytest.mark.slow
+@xdist_export
 @pytest.mark.skipif(not IN_PROCESS, reason="lowers a threshold in this process: TensorFlow only")
 def test_a_large_catalogue_goes_to_onnx_external_data(served):
     models, answers = served
     model, _, _, folder = models["ids"]
-    data = folder / "external.onnx.data"
+    (data,) = folder.glob("external.onnx.*.data")
     assert data.stat().st_size >= (ITEMS + 1) * DIM * 4  # the embeddings, at least
     assert (folder / "external.onnx").stat().st_size < (folder / "model.onnx").stat().st_size
     np.testing.assert_array_equal(
@@ -556,7 +575,7 @@ def test_without_tensorflow_the_export_extra_is_named(tmp_path):
 def test_onnx_refuses_more_inline_bytes_than_protobuf_holds(tmp_path, monkeypatch):
     from two_tower.backends import tensorflow_export
 
-    monkeypatch.setattr(tensorflow_export, "ONNX_INLINE_BYTES", 100)
+    monkeypatch.setattr(tensorflow_export, "INLINE_BYTES", 100)
     with pytest.raises(ValueError, match=r"more than protobuf's 2 GB.*format='tf_saved_model'"):
         small_model().export(tmp_path / "model.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
@@ -569,4 +588,37 @@ def test_query_features_named_like_the_signature_are_refused(tmp_path, feature):
     model.embed_queries({feature: np.arange(2)})
     model.index_candidates(np.arange(8))
     with pytest.raises(ValueError, match=rf"Query features named \['{feature}'\] clash"):
+        model.export(tmp_path / "out")
+
+
+@needs_export
+@pytest.mark.skipif(not IN_PROCESS, reason="lowers a limit in this process: TensorFlow only")
+def test_id_lookups_larger_than_a_graph_holds_are_refused(tmp_path, monkeypatch):
+    from two_tower.backends import tensorflow_export
+
+    monkeypatch.setattr(tensorflow_export, "INLINE_BYTES", 10)
+    with pytest.raises(ValueError, match=r"id lookups .* at most 2 GB"):
+        small_model().export(tmp_path / "saved")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_not_a_saved_model_is_not_replaced(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"is not a SavedModel \(it holds \['notes.txt'\]\)"):
+        small_model().export(project)
+    assert (project / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match=r"ends in .onnx. Received .*notes.txt"):
+        small_model().export(project / "notes.txt", format="onnx")
+    assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_a_mixed_precision_index_is_refused(tmp_path):
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        5, 8, candidate_index=two_tower.BruteForceIndex(dtype="mixed_float16")
+    )
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match=r"scores in float16 .*BruteForceIndex\(dtype='float32'\)"):
         model.export(tmp_path / "out")

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 import keras
 
@@ -67,13 +66,16 @@ def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str
             "export writes TensorFlow graphs (SavedModel, and ONNX through tf2onnx), so it "
             'needs TensorFlow beside this backend: pip install "two-tower[export]".'
         )
-    with tempfile.TemporaryDirectory(prefix="two_tower_export_") as folder:
+    # Beside the artefact being written (not in /tmp, which may be small): the caller
+    # removes the whole staging folder afterwards.
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=os.path.dirname(path)) as folder:
         saved = os.path.join(folder, "model.keras")
         model.save(saved)
         paths = [p for p in sys.path if p]
         environment = dict(
             os.environ,
             KERAS_BACKEND="tensorflow",
+            CUDA_VISIBLE_DEVICES="",  # tracing needs no GPU; the parent may hold it
             PYTHONPATH=os.pathsep.join(paths),
             TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         )
@@ -96,7 +98,7 @@ def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str
         )
 
 
-def run_child(arguments: list[str]) -> Any:
+def run_child(arguments: list[str]) -> None:
     """The child's side: load the `.keras` file and write the artefact in this process."""
     saved, path, format, options, modules = arguments
     from two_tower import saving  # Keras is imported here, on TensorFlow

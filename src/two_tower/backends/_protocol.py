@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # importing `two_tower.backends` must not import Keras (see `_installed`)
     import keras
 
+    from two_tower.export._plan import ExportPlan
+
 
 class BackendModule(Protocol):
     """What `two_tower.backends.{jax,tensorflow,torch}` each provide.
@@ -34,9 +36,8 @@ class BackendModule(Protocol):
     """Whether `keras.ops.top_k` ranks 0.0 above -0.0 (XLA: JAX, TF); torch compares them
     as equal."""
 
-    def export_artefact(self, model: keras.Model, plan: Any, path: str, format: str) -> None:
-        """Writes `TwoTowerRetrieval.export`'s artefact (`plan`, a checked
-        `two_tower.export._plan.ExportPlan`) at `path`, tracing the query tower
+    def export_artefact(self, model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
+        """Writes `TwoTowerRetrieval.export`'s checked `plan` at `path`, tracing the query tower
         with TensorFlow: in this process on TensorFlow, in a TensorFlow child
         process elsewhere (`_export_process`)."""
         ...

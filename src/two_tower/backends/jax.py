@@ -22,13 +22,15 @@ import keras
 import numpy as np
 
 from two_tower._compiled_cache import CompiledCache
+
+# Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import array_train_function as array_train_function
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import replica_loss as replica_loss
 from two_tower.backends._defaults import step_counter as step_counter
 
-# Hooks with nothing to do on this backend (see two_tower.backends).
+# Exports run in a TensorFlow child process.
 from two_tower.backends._export_process import export_artefact as export_artefact
 
 array_training = False  # Keras' own array path: each epoch's steps run compiled anyway

@@ -23,6 +23,7 @@ from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.export._plan import ExportPlan
 from two_tower.models import _array_training
 
 array_training = True
@@ -31,7 +32,7 @@ top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 
 
-def export_artefact(model: keras.Model, plan: Any, path: str, format: str) -> None:
+def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
     """Writes the export artefact in this process: Keras already runs on TensorFlow."""
     from two_tower.backends import tensorflow_export
 

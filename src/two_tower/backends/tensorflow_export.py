@@ -8,13 +8,16 @@ whichever backend trained the model.
 The search (`_search`) is exact and breaks ties as `BruteForceIndex` does, by
 catalogue position: `tf.math.top_k` and ONNX's `TopK` both put the lower index
 first among equal values, per chunk and when the chunks' bests are merged (in
-chunk order). Exclusions are applied after a top `k + exclusions`, which holds
-the exact top `k` of the remaining candidates (each excluded id removes at most
-one of them), so no `[queries, catalogue]` mask is built.
+chunk order). Both compare -0.0 and 0.0 as equal, as `recommend` does (XLA's
+`top_k` would not; the SavedModel is not XLA-compiled). Exclusions are applied
+after a top `k + exclusions`, which holds the exact top `k` of the remaining
+candidates (each excluded id removes at most one of them), so no `[queries,
+catalogue]` mask is built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -31,9 +34,9 @@ from two_tower.export._plan import (
 )
 
 ONNX_OPSET = 18  # the newest tf2onnx 1.17 writes
-# What may go inline in the ONNX file (the query tower's weights, the id lookups):
-# protobuf's 2 GB, less room for the graph. The catalogue goes beside it when large.
-ONNX_INLINE_BYTES = 2**31 - 2**26
+# What may go inline in a graph (a SavedModel's id lookups; an ONNX file's query-tower
+# weights and id lookups): protobuf's 2 GB, less room for the rest of the graph.
+INLINE_BYTES = 2**31 - 2**26
 
 
 def _dtype(name: str) -> tf.DType:
@@ -56,8 +59,9 @@ def _tower_inputs(plan: ExportPlan, values: list[Any]) -> Any:
 
 
 def _search(
-    model: keras.Model,
-    plan: ExportPlan,
+    embed: Callable[[Any], Any],
+    similarities: Callable[[Any, Any], Any],
+    max_k: int,
     features: Any,
     k: Any,
     excluded: Any,
@@ -65,17 +69,21 @@ def _search(
 ) -> tuple[Any, Any]:
     """Top-k positions (-1 where exclusions leave too few) and scores of each query.
 
-    `k` is clamped to `[1, max_k]`; `excluded` holds catalogue positions, -1 for
-    none. Each chunk's top `k + exclusions` are merged, in chunk order.
+    `embed` is the model's query path (`call`), `similarities` its
+    `compute_similarities`. `k` is clamped to `[1, max_k]`; `excluded` holds
+    catalogue positions, -1 for none, one row per query (a missing row fails the
+    gather, in TensorFlow and in ONNX Runtime). Each chunk's top `k + exclusions`
+    are merged, in chunk order.
     """
-    queries = model(features, training=False)
+    queries = embed(features)
+    excluded = tf.gather(excluded, tf.range(tf.shape(queries)[0]))
     num_candidates = sum(int(chunk.shape[0]) for chunk in chunks)
-    k = tf.clip_by_value(tf.cast(tf.reshape(k, ()), tf.int32), 1, plan.max_k)
+    k = tf.clip_by_value(tf.cast(tf.reshape(k, ()), tf.int32), 1, max_k)
     wanted = tf.minimum(k + tf.shape(excluded)[1], num_candidates)
     best_scores, best_positions, start = [], [], 0
     for chunk in chunks:
         rows = int(chunk.shape[0])
-        scores = tf.cast(model.compute_similarities(queries, chunk), tf.float32)
+        scores = tf.cast(similarities(queries, chunk), tf.float32)
         top_scores, top_positions = tf.math.top_k(scores, k=tf.minimum(wanted, rows))
         best_scores.append(top_scores)
         best_positions.append(top_positions + start)
@@ -96,6 +104,30 @@ def _search(
     positions = tf.where(hit, -1, positions)
     scores = tf.where(hit, tf.constant(-np.inf, tf.float32), scores)
     return positions, scores
+
+
+def _searcher(model: keras.Model, plan: ExportPlan) -> Callable[..., tuple[Any, Any]]:
+    """`_search` with the model's query path and scoring, as `recommend` runs them."""
+
+    def embed(features: Any) -> Any:
+        return model(features, training=False)
+
+    def search(features: Any, k: Any, excluded: Any, chunks: list[Any]) -> tuple[Any, Any]:
+        return _search(embed, model.compute_similarities, plan.max_k, features, k, excluded, chunks)
+
+    return search
+
+
+def _check_tables(plan: ExportPlan) -> None:
+    """Refuses id lookups larger than a graph holds (they are constants in both formats)."""
+    tables = plan.table_bytes()
+    if tables > INLINE_BYTES:
+        raise ValueError(
+            f"The id lookups (the indexed ids and the query vocabularies) take about "
+            f"{tables / 2**30:.2f} GiB, and the exported graphs hold them as constants, "
+            "at most 2 GB: export fewer or shorter ids (e.g. int64 ids instead of long "
+            "strings)."
+        )
 
 
 class _Catalogue(tf.Module):
@@ -137,6 +169,8 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
     `k` (int32 scalar, 1 to `max_k`) and `exclude` (`[queries, n]` ids padded
     with the plan's padding). Outputs: `ids` and `scores`, `[queries, k]`.
     """
+    _check_tables(plan)
+    search = _searcher(model, plan)
     module = tf.Module()
     module.catalogue = _Catalogue(plan)
     module.vocabularies = [
@@ -163,10 +197,13 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
             if table is not None:
                 value = tf.cast(table.lookup(value), _dtype(query_input.dtype))
             features.append(value)
-        excluded = catalogue.positions.lookup(exclude)
-        positions, scores = _search(
-            model, plan, _tower_inputs(plan, features), k, excluded, catalogue.chunks
+        tf.debugging.assert_equal(
+            tf.shape(exclude)[0],
+            tf.shape(values[0])[0],
+            message="`exclude` must have one row per query (pad rows with the padding id)",
         )
+        excluded = catalogue.positions.lookup(exclude)
+        positions, scores = search(_tower_inputs(plan, features), k, excluded, catalogue.chunks)
         ids = tf.gather(catalogue.ids, positions + 1)
         return {IDS_OUTPUT: ids, SCORES_OUTPUT: scores}
 
@@ -178,13 +215,14 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": concrete})
 
 
-def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
+def onnx_core(model: keras.Model, plan: ExportPlan) -> tuple[Any, int]:
     """The search as an ONNX model over tower inputs, `k`, excluded positions and chunks.
 
     Its inputs are the tower's inputs (indices, named as the signature's query
     inputs), `k`, `excluded` (int64 positions, -1 for none) and one input per
     chunk of embeddings (`embeddings_{i}`, which `two_tower.export._onnx` turns
     into initializers); its outputs `positions` (int64, -1 for none) and `scores`.
+    Returned with the bytes it holds inline (the weights and id lookups).
     """
     import tf2onnx
 
@@ -199,12 +237,11 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
         ],
     ]
     count = len(plan.inputs)
+    search = _searcher(model, plan)
 
     def core(*args: Any) -> dict[str, Any]:
         values, k, excluded, chunks = args[:count], args[count], args[count + 1], args[count + 2 :]
-        positions, scores = _search(
-            model, plan, _tower_inputs(plan, list(values)), k, excluded, list(chunks)
-        )
+        positions, scores = search(_tower_inputs(plan, list(values)), k, excluded, list(chunks))
         return {"positions": tf.cast(positions, tf.int64), SCORES_OUTPUT: scores}
 
     function = tf.function(core, input_signature=signature, autograph=False)
@@ -212,7 +249,7 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
         v.shape.num_elements() * v.dtype.size for v in function.get_concrete_function().variables
     )
     inline = weights + plan.table_bytes()
-    if inline > ONNX_INLINE_BYTES:
+    if inline > INLINE_BYTES:
         raise ValueError(
             f"The ONNX file would hold {inline / 2**30:.2f} GiB inline ({weights / 2**30:.2f} "
             "GiB of query-tower weights, the rest id lookups), more than protobuf's 2 GB: "
@@ -230,7 +267,7 @@ def onnx_core(model: keras.Model, plan: ExportPlan) -> Any:
         )
     finally:
         logger.setLevel(level)
-    return model_proto
+    return model_proto, inline
 
 
 def write(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
@@ -240,4 +277,5 @@ def write(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
         return
     from two_tower.export._onnx import write_onnx
 
-    write_onnx(onnx_core(model, plan), plan, path)
+    core, inline = onnx_core(model, plan)
+    write_onnx(core, plan, path, inline)

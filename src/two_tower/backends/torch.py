@@ -26,13 +26,14 @@ import keras
 import numpy as np
 import torch
 
+# Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
 from two_tower.backends._defaults import replica_loss as replica_loss
-from two_tower.backends._export_process import export_artefact as export_artefact
 
-# Hooks with nothing to do on this backend (see two_tower.backends).
+# Exports run in a TensorFlow child process.
+from two_tower.backends._export_process import export_artefact as export_artefact
 from two_tower.models import _array_training
 
 SERVING_SLOTS = 2

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -22,13 +23,40 @@ from two_tower.backends import backend_module
 from two_tower.export._plan import ExportPlan
 
 
+def _data_files(onnx: Path) -> set[Path]:
+    """The external-data files of exports of `onnx` (`<name>.<token>.data`)."""
+    return set(onnx.parent.glob(f"{onnx.name}.*.data"))
+
+
+def _check_target(target: Path, format: str) -> None:
+    """Refuses a target whose replacement could destroy something that is not an artefact."""
+    if format == "tf_saved_model":
+        if target.exists() and not target.is_dir():
+            raise ValueError(
+                f"A SavedModel is a folder, but {str(target)!r} is a file. Choose another path."
+            )
+        if target.is_dir() and any(target.iterdir()) and not (target / "saved_model.pb").exists():
+            held = sorted(p.name for p in target.iterdir())[:5]
+            raise ValueError(
+                f"{str(target)!r} exists and is not a SavedModel (it holds {held}): export "
+                "replaces the folder it is given, so it refuses this one. Give the version "
+                "folder itself, e.g. serving/retrieval/1."
+            )
+    elif target.suffix != ".onnx" or target.is_dir():
+        raise ValueError(
+            f"An ONNX model is a file whose name ends in .onnx. Received {str(target)!r}"
+        )
+
+
 @contextlib.contextmanager
 def _staged(target: Path) -> Iterator[Path]:
     """Yields a path beside `target` to write; moves what was written there over `target`.
 
-    A SavedModel is a folder: the old one is renamed aside, the new one renamed
-    in, the old one removed. An ONNX file (and its `.data`, when it has one)
-    replaces the old file(s) one by one, the data first.
+    A SavedModel is a folder: the old one is renamed aside, the new one renamed in
+    (the old one back if that fails), then the old one removed. An ONNX file's
+    external data, when it has some, has a name of its own (`<name>.<token>.data`):
+    it is moved in first, the file replaces the old one in one rename, and the data
+    of earlier exports is removed last.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -36,36 +64,30 @@ def _staged(target: Path) -> Iterator[Path]:
         staged = folder / target.name
         yield staged
         if staged.is_dir():
-            old = None
-            if target.exists() or target.is_symlink():
-                old = folder / "old"
+            old = folder / "old"
+            if target.exists():
                 os.replace(target, old)
-            os.replace(staged, target)
+            try:
+                os.replace(staged, target)
+            except BaseException:
+                if old.exists():
+                    os.replace(old, target)
+                raise
         else:
-            data = staged.with_name(staged.name + ".data")
-            old_data = target.with_name(target.name + ".data")
-            has_data = data.exists()
-            if has_data:
-                os.replace(data, old_data)
+            earlier = _data_files(target)
+            for data in _data_files(staged):
+                os.replace(data, target.parent / data.name)
             os.replace(staged, target)
-            if not has_data and old_data.exists():
-                old_data.unlink()  # an earlier export's, which this one does not use
+            for data in earlier:
+                data.unlink(missing_ok=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_artefact(model: keras.Model, plan: ExportPlan, filepath: str, format: str) -> Path:
+def write_artefact(model: keras.Model, plan: ExportPlan, filepath: Any, format: str) -> Path:
     """Writes `format`'s artefact of `model` at `filepath`, atomically; returns the path."""
     target = Path(os.fspath(filepath)).absolute()
-    if format == "tf_saved_model" and target.exists() and not target.is_dir():
-        raise ValueError(
-            f"A SavedModel is a folder, but {str(target)!r} is a file. Choose another path."
-        )
-    if format == "onnx" and target.is_dir():
-        raise ValueError(
-            f"An ONNX model is a file, but {str(target)!r} is a folder. Choose a file path "
-            "(e.g. retrieval.onnx)."
-        )
+    _check_target(target, format)
     with _staged(target) as staged:
         backend_module().export_artefact(model, plan, str(staged), format)
     return target

@@ -11,6 +11,7 @@ external data, since one protobuf holds at most 2 GB).
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 import numpy as np
@@ -93,8 +94,12 @@ def _raw_input(onnx: Any, graph: Any, query_input: QueryInput) -> list[Any]:
     ]
 
 
-def write_onnx(core: Any, plan: ExportPlan, path: str) -> list[str]:
+def write_onnx(core: Any, plan: ExportPlan, path: str, inline: int) -> list[str]:
     """Wraps the converted `core` and writes it to `path`; returns the files written.
+
+    `inline` is what `core` holds that must stay in the file (weights, id lookups):
+    when that and the catalogue exceed `EXTERNAL_DATA_BYTES`, the initializers go to
+    external data.
 
     The model's inputs: the query features (raw values where the model has a
     vocabulary), `k` (int32 scalar) and `exclude` (`[queries, n]` ids, padded);
@@ -127,7 +132,8 @@ def write_onnx(core: Any, plan: ExportPlan, path: str) -> list[str]:
     kept_inputs = [i for i in graph.input if not i.name.startswith("embeddings_")]
     kept_inputs = [exclude if i.name == "excluded" else i for i in kept_inputs]
     chunks = plan.chunks
-    large = sum(chunk.nbytes for chunk in chunks) >= EXTERNAL_DATA_BYTES
+    catalogue = sum(chunk.nbytes for chunk in chunks) + 8 * len(ids)
+    large = inline + catalogue >= EXTERNAL_DATA_BYTES
     for i, chunk in enumerate(chunks):
         graph.initializer.append(onnx.numpy_helper.from_array(chunk, f"embeddings_{i}"))
     # Results: position p's id at p + 1 of the ids, the padding first (position -1).
@@ -172,7 +178,8 @@ def write_onnx(core: Any, plan: ExportPlan, path: str) -> list[str]:
     del chunks
     written = [path]
     if large:
-        location = os.path.basename(path) + ".data"
+        # A name of its own, so a server never pairs one export's graph with another's data.
+        location = f"{os.path.basename(path)}.{secrets.token_hex(4)}.data"
         onnx.save_model(
             core,
             path,

@@ -21,8 +21,6 @@ from two_tower.retrieval.brute_force_index import BruteForceIndex
 FORMATS = ("tf_saved_model", "onnx")
 K_INPUT, EXCLUDE_INPUT = "k", "exclude"
 IDS_OUTPUT, SCORES_OUTPUT = "ids", "scores"
-# Candidate rows scored at once: a request of B queries holds B x CHUNK_ROWS scores.
-CHUNK_ROWS = 2**18
 DEFAULT_MAX_K = 100
 # The signature's other inputs and outputs, and the ONNX core's own tensors.
 RESERVED = frozenset({K_INPUT, EXCLUDE_INPUT, IDS_OUTPUT, SCORES_OUTPUT, "excluded", "positions"})
@@ -79,7 +77,6 @@ class ExportPlan:
         index: the model's exact index (its embeddings and ids).
         max_k: the largest `k` a request may ask for.
         exclusion_padding: the value that pads exclusion lists (never an id).
-        chunk_rows: candidate rows scored at once.
     """
 
     inputs: tuple[QueryInput, ...]
@@ -87,7 +84,11 @@ class ExportPlan:
     index: BruteForceIndex
     max_k: int
     exclusion_padding: int | str
-    chunk_rows: int = CHUNK_ROWS
+
+    @property
+    def chunk_rows(self) -> int:
+        """Candidate rows scored at once: the index's own `chunk_size`."""
+        return self.index.chunk_size
 
     @property
     def ids(self) -> np.ndarray:
@@ -154,6 +155,14 @@ def plan(
             f"{type(index).__name__}: an approximate index (faiss) has no TensorFlow or ONNX "
             "operation. Save it with the model (`model.save`) and serve it from Python, "
             "or index the catalogue with a BruteForceIndex before exporting."
+        )
+    dtype = index.compute_dtype
+    if dtype != "float32":
+        raise ValueError(
+            f"The index scores in {dtype} (a mixed-precision policy), and an exported "
+            "artefact scores in float32, so near-ties could rank differently from "
+            "`recommend`. Give the model a float32 index to export: "
+            "`candidate_index=two_tower.BruteForceIndex(dtype='float32')`."
         )
     ids = index.candidate_ids
     if ids is None:

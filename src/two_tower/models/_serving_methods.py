@@ -439,37 +439,40 @@ class Serving(_Base):
           version folder, e.g. `models/retrieval/1`) with a `serving_default`
           signature.
         - `"onnx"`: an ONNX file for ONNX Runtime (opset 18 and ONNX-ML's
-          `LabelEncoder`); above 1 GiB of embeddings they go to `<file>.data`
-          beside it (ONNX external data: keep the two together).
+          `LabelEncoder`); when it would pass 1 GiB, the catalogue goes beside it
+          as `<file>.<token>.data` (ONNX external data: keep the two together).
 
         Inputs: the query features under their names (`query` for a tower over
         one array; each feature of a dict), as raw values (int64 or strings)
         where the model has a `query_vocabulary` (an unknown value goes to OOV
         bucket 0), else as the tower takes them; `k`, an int32 scalar in `[1,
         max_k]`; and `exclude`, `[queries, n]` candidate ids (int64 or strings,
-        like the indexed ids; n may be 0) padded with `exclusion_padding`.
-        Unknown ids in `exclude` are ignored. Outputs: `ids` and `scores`,
-        `[queries, k]`. Where a query's exclusions leave fewer than `k`
-        candidates, its last results are `exclusion_padding` with score `-inf`.
-        A `k` outside `[1, max_k]` raises in the SavedModel; ONNX has no
-        assertions, so ONNX Runtime clamps it into that range.
+        like the indexed ids; n may be 0), one row per query, padded with
+        `exclusion_padding`. Unknown ids in `exclude` are ignored. Outputs: `ids`
+        and `scores`, `[queries, k]`. Where a query's exclusions leave fewer than
+        `k` candidates, its last results are `exclusion_padding` with score
+        `-inf`. A `k` outside `[1, max_k]`, or an `exclude` without one row per
+        query, fails the SavedModel call; ONNX has no assertions, so ONNX Runtime
+        clamps `k` into that range (and fails on too few `exclude` rows).
 
         The export traces the query tower and `compute_similarities` with
-        TensorFlow: on JAX and torch a TensorFlow process does it from a
-        `.keras` copy of the model, so every layer class must be importable from
-        a module (not defined in `__main__` or a notebook). Needs
-        `pip install "two-tower[export]"` (TensorFlow, tf2onnx, onnx).
+        TensorFlow: on JAX and torch a TensorFlow process does it, which imports
+        the modules of the model's own classes and loads a `.keras` copy, so
+        every layer class must be importable from a module (not defined in
+        `__main__` or a notebook). Needs `pip install "two-tower[export]"`
+        (TensorFlow, tf2onnx, onnx).
 
-        The catalogue is scored in blocks of 2**18 candidates per request; the
-        SavedModel keeps the embeddings as variables and the ONNX file as
-        initializers (external data above 1 GiB), so neither format's 2 GB
-        protobuf limit binds: the limit is memory (measured to 10**6 candidates
-        in `benchmarks/export.py`). The query tower's own weights go inline in
-        the ONNX file, where tf2onnx holds at most 2 GB.
+        The catalogue is scored in blocks of the index's `chunk_size` per
+        request. Its embeddings are variables (SavedModel) or initializers
+        (ONNX, beside the file when large), so their limit is memory; what
+        stays inside the graph must fit protobuf's 2 GB, which `export` checks:
+        the id lookups, and in ONNX the query tower's weights (see
+        `docs/export.md`).
 
         Args:
             filepath: the SavedModel folder, or the `.onnx` file, to write (an
-                existing one is replaced once the new one is complete).
+                existing artefact is replaced once the new one is complete; a
+                folder holding anything but a SavedModel is refused).
             format: `"tf_saved_model"` or `"onnx"`.
             verbose: print where the artefact went (default: True).
             input_signature: must be None: the inputs come from the model's
@@ -486,10 +489,14 @@ class Serving(_Base):
         Raises:
             ValueError: an unknown format or option, nothing indexed, an index
                 other than `BruteForceIndex` (an approximate index has no
-                TensorFlow or ONNX operation), a model never called on queries,
-                a query vocabulary with several OOV buckets, a bad `max_k` or
-                `exclusion_padding`, or (on JAX and torch) layer classes that a
-                new process cannot import.
+                TensorFlow or ONNX operation) or one that scores in mixed
+                precision, a model never called on queries, a query vocabulary
+                with several OOV buckets, query features named like the
+                signature's own (`k`, `exclude`, ...), a bad `max_k` or
+                `exclusion_padding`, a target folder that is not a SavedModel or
+                an ONNX path not ending in `.onnx`, more than 2 GB to hold
+                inside the graph, or (on JAX and torch) layer classes that a new
+                process cannot import.
             ImportError: TensorFlow (or, for ONNX, tf2onnx and onnx) is missing.
             RuntimeError: the TensorFlow process failed (its error is quoted).
 
