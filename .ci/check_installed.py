@@ -21,7 +21,11 @@ if source in installed.parents or "site-packages" not in installed.parts:
     raise SystemExit(f"two_tower was imported from {installed}, not from the installed wheel")
 
 # The backend modules import their own backend: only the installed one (JAX) loads.
-skipped = {"two_tower.backends.torch", "two_tower.backends.tensorflow"}
+skipped = {
+    "two_tower.backends.torch",
+    "two_tower.backends.tensorflow",
+    "two_tower.backends.tensorflow_export",  # TensorFlow graphs of `export`
+}
 names = [
     module.name
     for module in pkgutil.walk_packages(two_tower.__path__, prefix="two_tower.")

@@ -500,7 +500,7 @@ class Serving(_Base):
             ImportError: TensorFlow (or, for ONNX, tf2onnx and onnx) is missing.
             RuntimeError: the TensorFlow process failed (its error is quoted).
 
-        Example:
+        Examples:
             >>> import importlib.util, tempfile, numpy as np
             >>> model = two_tower.TwoTowerRetrieval.from_ids(5, 8)
             >>> model.index_candidates(np.arange(8))
