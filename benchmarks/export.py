@@ -20,7 +20,7 @@ of the serving process (after loading and serving; the artefact's catalogue
 included). The exports' times and sizes are printed too.
 
     python benchmarks/export.py --backend jax
-    python benchmarks/export.py --sizes 10000,100000 --requests 100
+    python benchmarks/export.py --backend tensorflow --sizes 10000000 --requests 10
 """
 
 from __future__ import annotations
