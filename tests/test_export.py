@@ -561,6 +561,18 @@ def test_classes_a_new_process_cannot_import_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"\['__main__.LocalTower'\]. Move them to a module"):
         model.export(tmp_path / "out")
 
+    def made_in_a_function():
+        class Inner(keras.layers.Embedding):
+            pass
+
+        return Inner
+
+    model = two_tower.TwoTowerRetrieval(made_in_a_function()(5, 8), keras.layers.Embedding(8, 8))
+    model.embed_queries(np.arange(2))
+    model.index_candidates(np.arange(8))
+    with pytest.raises(ValueError, match=r"made_in_a_function.<locals>.Inner'\]. Move them"):
+        model.export(tmp_path / "out")
+
 
 @pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed here"

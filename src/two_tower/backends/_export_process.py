@@ -35,7 +35,9 @@ def unimportable_classes(model: keras.Model) -> list[str]:
     found = []
     for cls in _classes(model):
         module = cls.__module__
-        if module == "__main__" or importlib.util.find_spec(module.partition(".")[0]) is None:
+        # A class made inside a function exists (and is registered) only once it runs.
+        local = "<locals>" in cls.__qualname__
+        if local or module == "__main__" or importlib.util.find_spec(module.split(".")[0]) is None:
             found.append(f"{module}.{cls.__qualname__}")
     return found
 
