@@ -17,6 +17,7 @@ from two_tower.sparse.sparse_embedding import SparseEmbedding  # noqa: E402
 from two_tower.towers.feature_tower import FeatureTower  # noqa: E402
 from two_tower.towers.history_tower import HistoryTower  # noqa: E402
 from two_tower.towers.id_embedding_tower import IdEmbeddingTower  # noqa: E402
+from two_tower.towers.sequence_tower import SequenceTower  # noqa: E402
 
 __all__ = [
     "BruteForceIndex",
@@ -27,6 +28,7 @@ __all__ = [
     "IdEmbeddingTower",
     "InteractionLog",
     "RowWiseAdagrad",
+    "SequenceTower",
     "SparseEmbedding",
     "TwoTowerRetrieval",
     "Vocabulary",

@@ -97,6 +97,7 @@ def retrieval_softmax(
     log_candidate_probability: Tensor | None = None,
     num_hard_negatives: int | None = None,
     sample_weight: Tensor | None = None,
+    candidate_mask: Tensor | None = None,
 ) -> Tensor:
     """Softmax cross-entropy of each query's positive against the other columns.
 
@@ -109,10 +110,11 @@ def retrieval_softmax(
 
     Steps, in TFRS's order: logits are `similarities / temperature`; the logQ
     correction subtracts `log_candidate_probability` from every column; accidental
-    hits (columns other than the positive holding the positive's id) are set to
-    the float32 minimum, so they get no probability mass (keras-rs 0.4 adds ~1e-40
-    instead, which masks nothing); with `num_hard_negatives`, only the positive
-    and the highest-scoring negatives are kept.
+    hits (columns other than the positive holding the positive's id) and columns
+    that `candidate_mask` marks False are set to the float32 minimum, so they get
+    no probability mass (keras-rs 0.4 adds ~1e-40 instead, which masks nothing);
+    with `num_hard_negatives`, only the positive and the highest-scoring
+    negatives are kept.
 
     Args:
         similarities: `[batch, columns]` query × candidate scores.
@@ -127,6 +129,10 @@ def retrieval_softmax(
             column's candidate (logQ correction).
         num_hard_negatives: keep only this many hardest negatives per row.
         sample_weight: optional `[batch]` weights.
+        candidate_mask: optional `[columns]` booleans: False columns hold no
+            candidate (the padding of per-position training) and are no
+            negative for any row. A row's own positive column is kept; give
+            such a row a zero `sample_weight`.
 
     Returns:
         A scalar tensor.
@@ -167,7 +173,9 @@ def retrieval_softmax(
         logits = logits - log_q
     # The masks are [batch, columns] ops of their own (each a parallel region on a
     # CPU backend): built only for the options that need them.
-    masked = candidate_ids is not None or num_hard_negatives is not None
+    masked = (
+        candidate_ids is not None or num_hard_negatives is not None or candidate_mask is not None
+    )
     if masked:
         is_positive = ops.arange(num_columns, dtype="int32")[None, :] == positive_positions
         lowest = ops.full_like(logits, np.finfo("float32").min)
@@ -177,6 +185,9 @@ def retrieval_softmax(
             positive_ids = ops.take(candidate_ids, positive_positions[:, 0], axis=0)
         same_id = ops.reshape(positive_ids, (-1, 1)) == candidate_ids[None, :]
         logits = ops.where(ops.logical_and(same_id, ops.logical_not(is_positive)), lowest, logits)
+    if candidate_mask is not None:
+        absent = ops.logical_not(ops.reshape(ops.cast(candidate_mask, "bool"), (1, -1)))
+        logits = ops.where(ops.logical_and(absent, ops.logical_not(is_positive)), lowest, logits)
     if in_batch:  # a view on the diagonal (a gather's backward scatters into [batch, columns])
         positive_logits = ops.expand_dims(ops.diagonal(logits), 1)
     else:

@@ -16,10 +16,10 @@ def replica_loss(loss: Any, rows: Any) -> Any:
 
 
 def global_negatives(
-    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
-) -> tuple[Any, Any, Any, None]:
+    candidate_embeddings: Any, candidate_ids: Any, log_q: Any, candidate_mask: Any
+) -> tuple[Any, Any, Any, Any, None]:
     """The arguments unchanged: this backend's step already sees the global batch."""
-    return candidate_embeddings, candidate_ids, log_q, None
+    return candidate_embeddings, candidate_ids, log_q, candidate_mask, None
 
 
 def check_replicas() -> None:

@@ -80,10 +80,11 @@ class BackendModule(Protocol):
         ...
 
     def global_negatives(
-        self, candidate_embeddings: Any, candidate_ids: Any, log_q: Any
-    ) -> tuple[Any, Any, Any, Any]:
+        self, candidate_embeddings: Any, candidate_ids: Any, log_q: Any, candidate_mask: Any
+    ) -> tuple[Any, Any, Any, Any, Any]:
         """Every replica's batch candidates under `tf.distribute` (with the replica's
-        positive columns); unchanged elsewhere, where the step sees the global batch."""
+        positive columns last); unchanged elsewhere, where the step sees the global
+        batch."""
         ...
 
     def check_replicas(self) -> None:

@@ -96,15 +96,16 @@ def replica_loss(loss: Any, rows: Any) -> Any:
 
 
 def global_negatives(
-    candidate_embeddings: Any, candidate_ids: Any, log_q: Any
-) -> tuple[Any, Any, Any, Any]:
+    candidate_embeddings: Any, candidate_ids: Any, log_q: Any, candidate_mask: Any
+) -> tuple[Any, Any, Any, Any, Any]:
     """Each replica's batch candidates, gathered from every replica in sync.
 
     Under a `tf.distribute` strategy Keras' step runs once per replica on its
     share of the global batch, so in-batch negatives would come from that share
     only (TFRS has done so since it removed its cross-replica gather in 2021).
     Here the candidate embeddings, with their ids (accidental hits) and log
-    sampling probabilities (logQ), are all-gathered in replica order, and the
+    sampling probabilities (logQ) and mask (per-position training's padding),
+    are all-gathered in replica order, and the
     replica's positives are its own rows of the gathered batch: row i of replica
     r is column `offset_r + i`, where `offset_r` counts the rows of replicas
     before r (shares may differ by one row in a last partial batch).
@@ -114,12 +115,13 @@ def global_negatives(
     batch.
 
     Returns:
-        `(candidate_embeddings, candidate_ids, log_q, positive_positions)`; the
-        arguments unchanged and None positions outside a multi-replica step.
+        `(candidate_embeddings, candidate_ids, log_q, candidate_mask,
+        positive_positions)`; the arguments unchanged and None positions
+        outside a multi-replica step.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return candidate_embeddings, candidate_ids, log_q, None
+        return candidate_embeddings, candidate_ids, log_q, candidate_mask, None
     rows = tf.shape(candidate_embeddings)[:1]
     replica_rows = context.all_gather(rows, axis=0)
     before = tf.range(context.num_replicas_in_sync) < context.replica_id_in_sync_group
@@ -129,7 +131,13 @@ def global_negatives(
     def gather(values: Any) -> Any:
         return None if values is None else context.all_gather(values, axis=0)
 
-    return gather(candidate_embeddings), gather(candidate_ids), gather(log_q), positions
+    return (
+        gather(candidate_embeddings),
+        gather(candidate_ids),
+        gather(log_q),
+        gather(candidate_mask),
+        positions,
+    )
 
 
 def host_tensor(array: Any) -> tf.Tensor:

@@ -102,6 +102,51 @@ def check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     return checked
 
 
+def predicts_every_position(query_tower: keras.layers.Layer, query_features: Any) -> bool:
+    """Whether the query tower returns a query per position for these features.
+
+    A tower says so itself (`SequenceTower.predicts_every_position`); the
+    candidates are then `[rows, length]` next items, -1 where padded.
+    """
+    declared = getattr(query_tower, "predicts_every_position", None)
+    return callable(declared) and bool(declared(query_features))
+
+
+def flat_positions(features: Any, id_key: str | None) -> Any:
+    """Per-position candidates on the host: `[rows * length]`, padding (-1) as id 0."""
+
+    def flat(values: Any) -> Any:
+        array = np.asarray(values)
+        return array.reshape((-1, *array.shape[2:])) if array.ndim >= 2 else array
+
+    flattened = keras.tree.map_structure(flat, features)
+    if isinstance(flattened, Mapping):
+        if id_key is not None and id_key in flattened:
+            flattened = {**flattened, id_key: np.maximum(flattened[id_key], 0)}
+        return flattened
+    return np.maximum(flattened, 0) if flattened.dtype.kind in "iu" else flattened
+
+
+def check_position_candidates(side: TowerSide, features: Any, argument: str) -> None:
+    """Checks per-position candidates: `[rows, length]` integer ids, -1 where padded."""
+    ids = features.get(side.id_key) if isinstance(features, Mapping) else features
+    if not _is_array_like(ids):
+        return
+    array = np.asarray(ids)
+    where = argument if not isinstance(features, Mapping) else f"{argument}[{side.id_key!r}]"
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise ValueError(
+            f"With a query at every position (packed sequence rows), {where} must hold the "
+            "next item id at each position: [rows, length] integers, -1 where the row is "
+            f"padded. Received shape {array.shape}, dtype {array.dtype}"
+        )
+    if array.size and int(array.min()) < -1:
+        raise ValueError(
+            f"Candidate ids in {where} must be ids or -1 (padding). Received {int(array.min())}"
+        )
+    check_ids(side, flat_positions(features, side.id_key), argument)
+
+
 def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids in `features`; returns the features with float ids as int64.
 
@@ -343,7 +388,15 @@ def check_fit_arguments(
         raise ValueError("`sample_weight` must not be negative: it would maximise the loss.")
     query, candidate = sides
     check_ids(query, x[QUERY], "x['query']")
-    check_ids(candidate, x[CANDIDATE], "x['candidate']")
+    if predicts_every_position(query.tower, x[QUERY]):
+        if loss_name == "mse":
+            raise ValueError(
+                "Per-position training (packed sequence rows) needs a softmax loss; "
+                "loss='mse' scores labelled pairs."
+            )
+        check_position_candidates(candidate, x[CANDIDATE], "x['candidate']")
+    else:
+        check_ids(candidate, x[CANDIDATE], "x['candidate']")
     _check_metric_query_ids(query.id_key, metrics, x[QUERY])
     probability = x.get(SAMPLING_PROBABILITY)
     if _is_array_like(probability):

@@ -141,7 +141,12 @@ class Training(_Base):
         if _is_pair(x):
             x = _input_checks.lists_as_arrays(self._encoded_pairs(x), "x")
             _input_checks.check_ids(self._tower_side(QUERY), x[QUERY], "x['query']")
-            _input_checks.check_ids(self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']")
+            if _input_checks.predicts_every_position(self.query_tower, x[QUERY]):
+                _input_checks.check_position_candidates(
+                    self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']"
+                )
+            else:
+                _input_checks.check_ids(self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']")
             self._build_towers(x)
         else:
             if not is_batches(x):
@@ -171,6 +176,8 @@ class Training(_Base):
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
         # In the strategy's scope, as Keras' fit is: a model made in the scope
         # may be fit outside it (the usual tf.distribute pattern).
+        if _input_checks.predicts_every_position(self.query_tower, x.get(QUERY)):
+            x = {**x, CANDIDATE: _input_checks.flat_positions(x[CANDIDATE], self.candidate_id_key)}
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             for key, tower, embed in (
                 (QUERY, self.query_tower, self.embed_queries),

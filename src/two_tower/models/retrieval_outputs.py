@@ -48,6 +48,11 @@ class RetrievalOutputs(_Embeddings, total=False):
       for the logQ correction.
     - `metrics_catalogue_embeddings`: the catalogue embeddings again, present in
       evaluation steps only, where `FactorizedTopK` metrics update.
+    - `pair_mask`: per-position training only (a query tower that returns
+      `[rows, length, dim]`): `[rows * length]` booleans, False where the row is
+      padded. The embeddings and ids are then flattened to `rows * length`
+      pairs; the loss gives the padded ones no weight and makes them nobody's
+      negative.
     """
 
     candidate_ids: Tensor
@@ -56,3 +61,4 @@ class RetrievalOutputs(_Embeddings, total=False):
     sampled_candidate_embeddings: Tensor
     candidate_sampling_probability: Tensor
     metrics_catalogue_embeddings: Tensor
+    pair_mask: Tensor

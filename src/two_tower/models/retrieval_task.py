@@ -196,6 +196,9 @@ class RetrievalTask:
                 f"loss={self.loss!r} takes no labels, but `y` was given. Every pair in x "
                 "is a positive; use `sample_weight` to weight pairs."
             )
+        mask = outputs.get("pair_mask")
+        if mask is not None:
+            sample_weight = _position_weights(mask, sample_weight)
         if self.loss == "full_softmax":
             # Columns are the whole catalogue; each positive sits at its id.
             return self._softmax(
@@ -216,10 +219,13 @@ class RetrievalTask:
         log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
         ids = outputs.get("candidate_ids") if self.remove_accidental_hits else None
         embeddings = outputs["candidate_embeddings"]
+        # Per-position training: padded positions are no negative for anyone.
+        mask = outputs.get("pair_mask")
+        mask = None if mask is None else ops.cast(mask, "int32")
         positives = None
         if self.cross_replica_negatives:  # (unchanged off tf.distribute)
-            embeddings, ids, log_q, positives = backend_module().global_negatives(
-                embeddings, ids, log_q
+            embeddings, ids, log_q, mask, positives = backend_module().global_negatives(
+                embeddings, ids, log_q, mask
             )
         if self.loss == "sampled_softmax":
             embeddings = ops.concatenate(
@@ -235,9 +241,15 @@ class RetrievalTask:
                 log_q = ops.concatenate(
                     [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
                 )
+            if mask is not None:
+                assert self.num_sampled_negatives
+                mask = ops.concatenate(
+                    [mask, ops.ones((self.num_sampled_negatives,), "int32")], axis=0
+                )
         return self._softmax(
             outputs, embeddings, similarity_fn, sample_weight,
             positive_positions=positives, candidate_ids=ids, log_q=log_q,
+            candidate_mask=None if mask is None else ops.greater(mask, 0),
         )  # fmt: skip
 
     def _softmax(
@@ -250,6 +262,7 @@ class RetrievalTask:
         positive_positions: Tensor | None,
         candidate_ids: Tensor | None = None,
         log_q: Tensor | None = None,
+        candidate_mask: Tensor | None = None,
     ) -> Tensor:
         return losses.retrieval_softmax(
             similarity_fn(outputs["query_embeddings"], columns),
@@ -259,6 +272,7 @@ class RetrievalTask:
             log_candidate_probability=log_q,
             num_hard_negatives=self.num_hard_negatives,
             sample_weight=sample_weight,
+            candidate_mask=candidate_mask,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -272,6 +286,20 @@ class RetrievalTask:
             "num_sampled_negatives": self.num_sampled_negatives,
             "cross_replica_negatives": self.cross_replica_negatives,
         }
+
+
+def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:
+    """Per-position training's `[rows * length]` weights: 0 where a row is padded.
+
+    The loss stays the mean over every position of the batch (Keras'
+    "sum_over_batch_size"), padded ones counting 0: the same normalisation on one
+    device and across replicas. Packed rows (`SequenceDataset`) are nearly all
+    items.
+    """
+    weights = ops.cast(mask, "float32")
+    if sample_weight is not None:
+        weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    return weights
 
 
 def _optional_int(value: Any) -> int | None:

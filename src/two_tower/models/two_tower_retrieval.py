@@ -352,6 +352,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         if not _is_pair(inputs):
             return self.embed_queries(inputs, training=training)
         query_embeddings = self.embed_queries(inputs[QUERY], training=training)
+        if len(query_embeddings.shape) == 3:  # a query at every position of a sequence
+            return self._position_outputs(inputs, query_embeddings, training)
         candidate_embeddings = self.embed_candidates(inputs[CANDIDATE], training=training)
         query_shape = tuple(query_embeddings.shape)
         candidate_shape = tuple(candidate_embeddings.shape)
@@ -372,6 +374,82 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
                 "candidate_embeddings": candidate_embeddings,
             }
         return self.retrieval_outputs(inputs, query_embeddings, candidate_embeddings, training)
+
+    def _position_outputs(
+        self, inputs: Mapping[str, Any], query_embeddings: Tensor, training: bool
+    ) -> Any:
+        """Per-position training: `[rows, length]` pairs flattened into `rows * length`.
+
+        The query tower returned `[rows, length, dim]` (a `SequenceTower` on packed
+        rows), and the candidates are `[rows, length]` next-item ids, -1 where
+        the row is padded (with dict features, the `candidate_id_key` feature,
+        the others `[rows, length, ...]`).
+        """
+        if self.loss_name == "mse":
+            raise ValueError(
+                "Per-position training (a query tower that returns [rows, length, dim]) "
+                "needs a softmax loss; loss='mse' scores labelled pairs. Use loss="
+                "'softmax', 'sampled_softmax' or 'full_softmax'."
+            )
+        if self.retrieval_metrics:
+            raise ValueError(
+                "FactorizedTopK metrics rank one query per row; per-position training rows "
+                "hold many. Compile without `metrics` and validate with "
+                "two_tower.evaluation.RetrievalValidation (next-item ranking) instead."
+            )
+        candidates = inputs[CANDIDATE]
+        ids = ops.reshape(self.task.candidate_ids_of(candidates), (-1,))
+        mask = ops.greater_equal(ids, 0)
+        rows_shape = tuple(query_embeddings.shape[:2])
+        ids_shape = tuple(
+            (
+                candidates[self.candidate_id_key] if isinstance(candidates, Mapping) else candidates
+            ).shape
+        )
+        if len(ids_shape) != 2 or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(ids_shape, rows_shape, strict=False)
+        ):
+            raise ValueError(
+                f"The query tower returned one query per position, shape {rows_shape} + (dim,), "
+                f"so the candidates must be the next item ids at each position, of shape "
+                f"{rows_shape} (-1 where padded). Received candidate ids of shape {ids_shape}."
+            )
+
+        def flat(values: Any) -> Any:
+            return ops.reshape(values, (-1, *tuple(values.shape[2:])))
+
+        flat_candidates = keras.tree.map_structure(flat, candidates)
+        if isinstance(flat_candidates, Mapping):
+            flat_candidates = dict(flat_candidates)
+            flat_candidates[self.candidate_id_key] = ops.maximum(
+                flat_candidates[self.candidate_id_key], 0
+            )
+        else:
+            flat_candidates = ops.maximum(flat_candidates, 0)
+        candidate_embeddings = self.embed_candidates(flat_candidates, training=training)
+        dim = query_embeddings.shape[-1]
+        if dim != candidate_embeddings.shape[-1]:
+            raise ValueError(
+                f"The query tower's output dim (={dim}) must equal the candidate tower's "
+                f"output dim (={candidate_embeddings.shape[-1]})."
+            )
+        if self._predicting:
+            return {
+                "query_embeddings": query_embeddings,
+                "candidate_embeddings": ops.reshape(candidate_embeddings, (*rows_shape, dim)),
+            }
+        flat_inputs: dict[str, Any] = {QUERY: inputs[QUERY], CANDIDATE: flat_candidates}
+        if SAMPLING_PROBABILITY in inputs:  # (padded positions: 1, so that log q is finite)
+            probability = ops.reshape(inputs[SAMPLING_PROBABILITY], (-1,))
+            flat_inputs[SAMPLING_PROBABILITY] = ops.where(
+                mask, probability, ops.ones_like(probability)
+            )
+        outputs = self.retrieval_outputs(
+            flat_inputs, ops.reshape(query_embeddings, (-1, dim)), candidate_embeddings, training
+        )
+        outputs["pair_mask"] = mask
+        return outputs
 
     def retrieval_outputs(
         self,

@@ -10,6 +10,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
+from two_tower.towers._item_table import SharedItemTable
 from two_tower.types import Tensor
 
 POOLINGS = ("mean", "recency", "attention", "gru")
@@ -18,7 +19,7 @@ BIASES = (None, "constant")
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
-class HistoryTower(keras.layers.Layer):
+class HistoryTower(SharedItemTable, keras.layers.Layer):
     """Embeds a query from the items its user interacted with before the request.
 
     The input is a dict holding `history`: `[batch, max_length]` item indices,
@@ -193,9 +194,7 @@ class HistoryTower(keras.layers.Layer):
                 name="item_embedding",
             )
         self.own_table = own
-        # A shared table belongs to the candidate tower: kept out of this layer's
-        # tracking so that its weights are saved, loaded and trained once.
-        object.__setattr__(self, "_shared", None)
+        self._init_shared_table()
         self.gru = (
             keras.layers.GRU(embedding_dim or 1, go_backwards=True, name="gru")
             if pooling == "gru" and embedding_dim
@@ -203,107 +202,12 @@ class HistoryTower(keras.layers.Layer):
         )
         self.projection: keras.layers.Dense | None = None
 
-    @property
-    def item_table(self) -> keras.layers.Layer | None:
-        """The layer that embeds history items: the own table or the shared one."""
-        if self.own_table is not None:
-            return self.own_table
-        return None if self._shared is None else self._shared[1]
-
-    def share_candidate_items(
-        self, candidate_tower: keras.layers.Layer, candidate_id_key: str | None = None
-    ) -> None:
-        """Takes the candidate tower's id table as the item table (`num_items=None`).
-
-        `TwoTowerRetrieval` calls this when it is given the towers. A tower with
-        its own table (`num_items` set) ignores the call.
-
-        Args:
-            candidate_tower: an `IdEmbeddingTower`, a `keras.layers.Embedding`,
-                or a `FeatureTower` whose `candidate_id_key` feature is
-                categorical.
-            candidate_id_key: the candidate id feature of a `FeatureTower`.
-
-        Raises:
-            ValueError: a candidate tower with no such table, a sparse table,
-                or a table whose width is not `embedding_dim`.
-        """
-        if self.own_table is not None:
-            return
-        from two_tower.sparse.sparse_embedding import SparseEmbedding
-        from two_tower.towers.feature_tower import FeatureTower
-        from two_tower.towers.id_embedding_tower import IdEmbeddingTower
-
-        table: Any = None
-        if isinstance(candidate_tower, IdEmbeddingTower):
-            table = candidate_tower.embedding
-        elif isinstance(candidate_tower, keras.layers.Embedding):
-            table = candidate_tower
-        elif (
-            isinstance(candidate_tower, FeatureTower)
-            and candidate_id_key is not None
-            and candidate_id_key in candidate_tower.categorical
-        ):
-            table = candidate_tower.embeddings[candidate_id_key]
-        if table is None:
-            raise ValueError(
-                "HistoryTower(num_items=None) embeds history items with the candidate tower's "
-                "id table: the candidate tower must be an IdEmbeddingTower, a "
-                "keras.layers.Embedding, or a FeatureTower with `candidate_id_key` among its "
-                f"categorical features. Received {type(candidate_tower).__name__} with "
-                f"candidate_id_key={candidate_id_key!r}. Give the HistoryTower its own table "
-                "with `num_items`."
-            )
-        if isinstance(table, SparseEmbedding):
-            raise ValueError(
-                "HistoryTower cannot share a sparse candidate table (sparse=True): sparse "
-                "training updates the rows the candidate tower looks up only. Give the "
-                "HistoryTower its own table with `num_items`, or use a dense candidate table."
-            )
-        width = int(table.output_dim)
-        if self.embedding_dim is not None and self.embedding_dim != width:
-            raise ValueError(
-                f"`embedding_dim`={self.embedding_dim} differs from the shared candidate "
-                f"table's width {width}. Leave embedding_dim None to use the table's."
-            )
-        object.__setattr__(self, "_shared", (candidate_tower, table))
+    def _shared_width(self, width: int) -> None:
         if self.pooling == "gru" and self.gru is None:
             self.gru = keras.layers.GRU(width, go_backwards=True, name="gru")
-        pending = getattr(self, "_pending_build", None)
-        if pending is not None:  # (deserialization marks the tower built regardless)
-            object.__setattr__(self, "_pending_build", None)
-            super().build_from_config(pending)
-
-    def build_from_config(self, config: dict[str, Any]) -> None:
-        # Loading a model deserializes this tower before `TwoTowerRetrieval`
-        # hands it the candidate table: the build waits for the table.
-        if self.item_table is None:
-            object.__setattr__(self, "_pending_build", config)
-            return
-        super().build_from_config(config)
-
-    def _table(self) -> keras.layers.Layer:
-        table = self.item_table
-        if table is None:
-            raise ValueError(
-                "This HistoryTower shares the candidate tower's item table (num_items=None) "
-                "but has none yet: give it to two_tower.TwoTowerRetrieval with its candidate "
-                "tower, or call `share_candidate_items(candidate_tower)`."
-            )
-        return table
-
-    @property
-    def _width(self) -> int:
-        return int(self._table().output_dim)
 
     def build(self, input_shape: Any = None) -> None:
-        table = self._table()
-        if self._shared is not None and not self._shared[0].built:
-            # The candidate tower builds its table (and pads it under a
-            # ModelParallel layout) before the history reads it.
-            self._shared[0].build((None,))
-        elif not table.built:
-            table.build((None,))
+        self._build_table()
         width = self._width
         if self.pooling in ("recency", "attention"):
             self.position_logits = self.add_weight(
@@ -384,35 +288,13 @@ class HistoryTower(keras.layers.Layer):
                 "Pass the ages (InteractionLog.history(..., ages=True)), or build the tower "
                 "with age_key=None."
             )
-        history = features[self.history_key]
-        if not isinstance(history, (np.ndarray, list, tuple)):
-            return
-        array = _rectangular(history, f"Feature {self.history_key!r} in {where}", self.max_length)
-        if array.ndim != 2 or array.shape[1] != self.max_length or array.dtype.kind not in "iu":
-            raise ValueError(
-                f"Feature {self.history_key!r} in {where} must be [batch, {self.max_length}] "
-                f"integer item indices (max_length={self.max_length}), -1 for padding. Received "
-                f"shape {array.shape}, dtype {array.dtype}"
-            )
         table = self.item_table
         rows = None if table is None else int(table.input_dim)
-        if array.size and (int(array.min()) < -1 or (rows is not None and array.max() >= rows)):
-            allowed = f"[0, {rows})" if rows is not None else "[0, ...)"
-            raise ValueError(
-                f"Feature {self.history_key!r} in {where} must hold item indices in {allowed} "
-                f"or -1 padding. Received values from {int(array.min())} to {int(array.max())}."
-            )
-        present = array >= 0
-        gaps = present[:, 1:] & ~present[:, :-1]
-        if gaps.any():
-            row = int(np.flatnonzero(gaps.any(axis=1))[0])
-            raise ValueError(
-                f"Feature {self.history_key!r} in {where} must hold each row's items first, the "
-                "most recent in column 0, then -1 padding after the last item (as "
-                f"InteractionLog.history returns). Row {row} has padding before an item: "
-                f"{array[row].tolist()}. keras.utils.pad_sequences pads in front unless "
-                "padding='post'."
-            )
+        present = check_history(
+            features[self.history_key], self.history_key, self.max_length, rows, where
+        )
+        if present is None:
+            return
         if self.age_key is not None:
             self._check_ages(features[self.age_key], present, where)
 
@@ -503,6 +385,46 @@ class HistoryTower(keras.layers.Layer):
         if config.get("context") is not None:
             config["context"] = keras.saving.deserialize_keras_object(config["context"])
         return cls(**config)
+
+
+def check_history(
+    history: Any, key: str, max_length: int, rows: int | None, where: str
+) -> np.ndarray | None:
+    """Checks a NumPy-like history (most recent first, -1 after); returns where items are.
+
+    Returns None, checking nothing, for a tensor.
+    """
+    if not isinstance(history, (np.ndarray, list, tuple)):
+        return None
+    array = _rectangular(history, f"Feature {key!r} in {where}", max_length)
+    if array.ndim != 2 or array.shape[1] != max_length or array.dtype.kind not in "iu":
+        raise ValueError(
+            f"Feature {key!r} in {where} must be [batch, {max_length}] integer item indices "
+            f"(max_length={max_length}), -1 for padding. Received shape {array.shape}, "
+            f"dtype {array.dtype}"
+        )
+    check_item_range(array, key, rows, where)
+    present: np.ndarray = array >= 0
+    gaps = present[:, 1:] & ~present[:, :-1]
+    if gaps.any():
+        row = int(np.flatnonzero(gaps.any(axis=1))[0])
+        raise ValueError(
+            f"Feature {key!r} in {where} must hold each row's items first, the most recent in "
+            "column 0, then -1 padding after the last item (as InteractionLog.history "
+            f"returns). Row {row} has padding before an item: {array[row].tolist()}. "
+            "keras.utils.pad_sequences pads in front unless padding='post'."
+        )
+    return present
+
+
+def check_item_range(array: np.ndarray, key: str, rows: int | None, where: str) -> None:
+    """Raises unless `array` holds item indices below `rows` (when known) or -1."""
+    if array.size and (int(array.min()) < -1 or (rows is not None and array.max() >= rows)):
+        allowed = f"[0, {rows})" if rows is not None else "[0, ...)"
+        raise ValueError(
+            f"Feature {key!r} in {where} must hold item indices in {allowed} or -1 padding. "
+            f"Received values from {int(array.min())} to {int(array.max())}."
+        )
 
 
 def _rectangular(value: Any, name: str = "", width: int | None = None) -> Any:
