@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from two_tower import _arguments
+from two_tower.preprocessing.next_item_queries import NextItemQueries
 
 
 class InteractionLog:
@@ -213,6 +214,123 @@ class InteractionLog:
                     age = query_times[rows, None] - self._times[safe]
                     ages_out[rows] = np.where(present, age, 0)
         return (items, ages_out) if ages_out is not None else items
+
+    def sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every user's items in time order, as flat arrays (read-only views, no copy).
+
+        Returns:
+            `(users, offsets, items)`: the `[num_users]` distinct users (sorted),
+            `[num_users + 1]` int64 offsets, and `[len(log)]` int32 items: user
+            `users[u]`'s items, oldest first, are `items[offsets[u]:offsets[u + 1]]`.
+            Ties in time keep the order in which they were given.
+        """
+        offsets = np.append(self._starts, len(self._items)).astype(np.int64)
+        views = self._user_keys.view(), offsets, self._items.view()
+        for view in views:
+            view.flags.writeable = False
+        return views
+
+    def _select(self, rows: np.ndarray) -> InteractionLog:
+        """A log of the sorted rows `rows` (a mask), without re-checking them."""
+        users = np.repeat(self._user_keys, self._stops - self._starts)
+        return InteractionLog(users[rows], self._items[rows], self._times[rows])
+
+    def leave_one_out(
+        self, min_interactions: int = 3
+    ) -> tuple[InteractionLog, NextItemQueries, NextItemQueries]:
+        """SASRec's split: each user's last item is a test query, the one before a validation one.
+
+        Users with fewer than `min_interactions` interactions stay whole in the
+        training log and give no query. A query's input is the user's history
+        before it in this (full) log: `queries.histories(log, width)`. Time
+        order decides "last"; ties keep the order the interactions were given
+        in, but a history leaves out items at the query's own time.
+
+        Args:
+            min_interactions: the fewest interactions a user needs to give a
+                validation and a test query (at least 2).
+
+        Returns:
+            `(train, validation, test)`: the training log (everything but the
+            queries' items) and the two `NextItemQueries`.
+
+        Raises:
+            ValueError: `min_interactions` below 2 or not an integer.
+
+        Examples:
+            >>> import numpy as np
+            >>> log = two_tower.InteractionLog(np.array([1, 1, 1, 1, 2]),
+            ...     np.array([4, 5, 6, 7, 8]), np.array([1, 2, 3, 4, 1]))
+            >>> train, validation, test = log.leave_one_out()
+            >>> len(train), validation.items.tolist(), test.items.tolist()
+            (3, [6], [7])
+        """
+        minimum = _arguments.integer(
+            "min_interactions", min_interactions, minimum=2, owner="InteractionLog.leave_one_out"
+        )
+        counts = self._stops - self._starts
+        eligible = np.flatnonzero(counts >= minimum)
+        last = self._stops[eligible] - 1
+        keep = np.ones(len(self._items), bool)
+        keep[last] = False
+        keep[last - 1] = False
+
+        def queries(rows: np.ndarray) -> NextItemQueries:
+            return NextItemQueries(
+                self._user_keys[eligible], self._times[rows], self._items[rows].astype(np.int64)
+            )
+
+        return self._select(keep), queries(last - 1), queries(last)
+
+    def temporal_split(
+        self, validation_start: float, test_start: float
+    ) -> tuple[InteractionLog, NextItemQueries, NextItemQueries]:
+        """Splits by time: train before `validation_start`, then validation, then test queries.
+
+        Every interaction at or after `validation_start` becomes a query (before
+        `test_start`: validation; from it on: test). A query's input is the
+        user's history before it in this (full) log, including earlier
+        validation and test interactions, as serving would see them.
+
+        Args:
+            validation_start: the first time of the validation period.
+            test_start: the first time of the test period, `>= validation_start`.
+
+        Returns:
+            `(train, validation, test)`: the training log and the two
+            `NextItemQueries` (in user, then time order).
+
+        Raises:
+            ValueError: times that are not finite numbers, or `test_start` before
+                `validation_start`.
+
+        Examples:
+            >>> import numpy as np
+            >>> log = two_tower.InteractionLog(np.array([1, 1, 2, 2]),
+            ...     np.array([4, 5, 6, 7]), np.array([1, 5, 2, 9]))
+            >>> train, validation, test = log.temporal_split(4, 8)
+            >>> len(train), validation.items.tolist(), test.items.tolist()
+            (2, [5], [7])
+        """
+        owner = "InteractionLog.temporal_split"
+        start = _arguments.number("validation_start", validation_start, owner=owner)
+        end = _arguments.number("test_start", test_start, owner=owner)
+        if end < start:
+            raise ValueError(
+                f"{owner}: `test_start` (={test_start}) must not come before "
+                f"`validation_start` (={validation_start})."
+            )
+        users = np.repeat(self._user_keys, self._stops - self._starts)
+
+        def queries(rows: np.ndarray) -> NextItemQueries:
+            return NextItemQueries(
+                users[rows], self._times[rows], self._items[rows].astype(np.int64)
+            )
+
+        train = self._times < start
+        validation = np.flatnonzero(~train & (self._times < end))
+        test = np.flatnonzero(self._times >= end)
+        return self._select(train), queries(validation), queries(test)
 
     def interactions_before(self, users: Any, times: Any) -> tuple[np.ndarray, np.ndarray]:
         """Every interaction of each query's user before its time, as flat pairs.

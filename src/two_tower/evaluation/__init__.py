@@ -376,3 +376,10 @@ def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:
         )
     hits = [len(np.intersect1d(f, e)) for f, e in zip(found, exact, strict=True)]
     return float(np.mean(hits) / exact.shape[1])
+
+
+from two_tower.evaluation.next_item import evaluate_next_item as evaluate_next_item  # noqa: E402
+from two_tower.evaluation.next_item import sample_negatives as sample_negatives  # noqa: E402
+from two_tower.evaluation.retrieval_validation import (  # noqa: E402
+    RetrievalValidation as RetrievalValidation,
+)
