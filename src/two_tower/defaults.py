@@ -36,6 +36,40 @@ FIT: dict[str, Any] = {"batch_size": 1000, "epochs": 10}
 """Keyword arguments for `fit` (spread them: `model.fit(x, **FIT)`)."""
 
 
+SEQUENCE: dict[str, Any] = {
+    "max_length": 50,
+    "embedding_dim": 64,
+    "num_blocks": 2,
+    "num_heads": 1,
+    "dropout": 0.5,
+    "positions": "from_oldest",
+    "item_bias": False,
+    "loss": "full_softmax",
+    "temperature": 1.0,
+    "num_sampled_negatives": 2000,
+    "batch_size": 16,
+    "epochs": 200,
+    "learning_rate": 1e-3,
+}
+"""The tuned next-item configuration (`TwoTowerRetrieval.for_sequences`, `SequenceDataset`).
+
+Model arguments (`for_sequences` takes them) and training ones: `batch_size`
+packed rows of `max_length` per step, at most `epochs` (with
+`RetrievalValidation` keeping the best), Adam at `learning_rate` with
+`beta_2=0.98` (`sequence_optimizer`). `num_sampled_negatives` applies to
+`loss="sampled_softmax"` only.
+"""
+
+SEQUENCE_TRAINING = ("batch_size", "epochs", "learning_rate")
+"""The keys of `SEQUENCE` that configure training, not the model."""
+
+
+def sequence_optimizer(learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for `for_sequences` models: Adam, `beta_2=0.98` (SASRec's)."""
+    rate = SEQUENCE["learning_rate"] if learning_rate is None else learning_rate
+    return keras.optimizers.Adam(learning_rate=rate, beta_2=0.98)
+
+
 def optimizer() -> keras.optimizers.Optimizer:
     """A fresh default optimizer: Adam at `LEARNING_RATE`."""
     return keras.optimizers.Adam(learning_rate=LEARNING_RATE)

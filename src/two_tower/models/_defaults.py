@@ -8,6 +8,40 @@ from two_tower import defaults
 from two_tower.models.retrieval_task import CATALOGUE_LOSSES
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.towers.id_embedding_tower import IdEmbeddingTower
+from two_tower.towers.sequence_tower import SequenceTower
+
+_SEQUENCE_TOWER = ("max_length", "num_blocks", "num_heads", "dropout", "positions")
+
+
+def sequence_model_arguments(num_items: int, **options: Any) -> dict[str, Any]:
+    """`TwoTowerRetrieval` arguments of `for_sequences`: `defaults.SEQUENCE` and `options`."""
+    known = set(defaults.SEQUENCE) - set(defaults.SEQUENCE_TRAINING)
+    model_options = {key: value for key, value in options.items() if key not in known}
+    clash = sorted(set(model_options) & {"query_tower", "candidate_tower", "catalogue_size"})
+    if clash:
+        raise TypeError(f"for_sequences builds {clash} itself; received them as arguments.")
+    config = {key: options.get(key, defaults.SEQUENCE[key]) for key in known}
+    if config["loss"] != "sampled_softmax":
+        config["num_sampled_negatives"] = None
+    bias = bool(config["item_bias"])
+    return {
+        "query_tower": SequenceTower(
+            **{key: config[key] for key in _SEQUENCE_TOWER},
+            bias="constant" if bias else None,
+            name="query_tower",
+        ),
+        "candidate_tower": IdEmbeddingTower(
+            num_items,
+            config["embedding_dim"],
+            bias="learned" if bias else None,
+            name="candidate_tower",
+        ),
+        "loss": config["loss"],
+        "temperature": config["temperature"],
+        "catalogue_size": num_items if config["loss"] in CATALOGUE_LOSSES else None,
+        "num_sampled_negatives": config["num_sampled_negatives"],
+        **model_options,
+    }
 
 
 def id_model_arguments(

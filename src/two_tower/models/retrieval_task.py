@@ -291,15 +291,21 @@ class RetrievalTask:
 def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:
     """Per-position training's `[rows * length]` weights: 0 where a row is padded.
 
-    The loss stays the mean over every position of the batch (Keras'
-    "sum_over_batch_size"), padded ones counting 0: the same normalisation on one
-    device and across replicas. Packed rows (`SequenceDataset`) are nearly all
-    items.
+    Scaled so that the loss is the mean over the batch's items (not over its
+    padded positions too): the loss of the same pairs given one per row. Across
+    `tf.distribute` replicas, `TwoTowerRetrieval.compute_loss` weighs each
+    replica by its number of items (`position_count`), which keeps that exact.
     """
     weights = ops.cast(mask, "float32")
+    scale = ops.cast(ops.size(weights), "float32") / position_count(mask)
     if sample_weight is not None:
         weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
-    return weights
+    return weights * scale
+
+
+def position_count(mask: Tensor) -> Tensor:
+    """The items (not padding) of a per-position batch, at least 1 (float32)."""
+    return ops.maximum(ops.sum(ops.cast(mask, "float32")), 1.0)
 
 
 def _optional_int(value: Any) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from two_tower import defaults
 from two_tower.backends import backend_module
 from two_tower.metrics.factorized_top_k import FactorizedTopK
 from two_tower.models import _defaults, _input_checks, _serving, _vocabularies
@@ -21,7 +22,7 @@ from two_tower.models.retrieval_outputs import (
     RetrievalOutputs,
 )
 from two_tower.models.retrieval_outputs import is_pair as _is_pair
-from two_tower.models.retrieval_task import RetrievalTask
+from two_tower.models.retrieval_task import RetrievalTask, position_count
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.retrieval.brute_force_index import BruteForceIndex
 from two_tower.retrieval.candidate_index import CandidateIndex
@@ -319,6 +320,42 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             )
         )
 
+    @classmethod
+    def for_sequences(cls, num_items: int, **options: Any) -> TwoTowerRetrieval:
+        """The tuned next-item model: a `SequenceTower` over a shared item table.
+
+        Builds `SequenceTower` (sharing the candidate tower's table) and
+        `IdEmbeddingTower(num_items)` with the model options of
+        `two_tower.defaults.SEQUENCE`, each replaceable by keyword. Train it
+        per position on a `two_tower.datasets.SequenceDataset` with
+        `compile(optimizer=two_tower.defaults.sequence_optimizer())` and
+        `two_tower.evaluation.RetrievalValidation` (see `docs/sequential.md`).
+
+        Args:
+            num_items: item indices run from 0 to `num_items - 1`.
+            **options: the model keys of `defaults.SEQUENCE` (`max_length`,
+                `embedding_dim`, `num_blocks`, `num_heads`, `dropout`,
+                `positions`, `item_bias`, `loss`, `temperature`,
+                `num_sampled_negatives`); the training keys (`batch_size`,
+                `epochs`, `learning_rate`) are accepted and ignored, so the
+                whole dict can be passed; anything else goes to
+                `TwoTowerRetrieval` (e.g. `name`).
+
+        Returns:
+            An uncompiled `TwoTowerRetrieval`.
+
+        Raises:
+            ValueError: the towers' and the model's own errors.
+
+        Examples:
+            >>> model = two_tower.TwoTowerRetrieval.for_sequences(100, max_length=8)
+            >>> model.query_tower.item_table is model.candidate_tower.embedding
+            True
+        """
+        training = {key: options.pop(key) for key in defaults.SEQUENCE_TRAINING if key in options}
+        del training
+        return cls(**_defaults.sequence_model_arguments(num_items, **options))
+
     # ----------------------------------------------------------------- towers
     def _tower_side(self, side: str) -> _input_checks.TowerSide:
         """What the id checks need of one side (they take this, not the model)."""
@@ -556,6 +593,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         for extra_loss in self.losses:
             loss = loss + ops.cast(extra_loss, loss.dtype)
         rows = ops.shape(y_pred["query_embeddings"])[0]
+        if "pair_mask" in y_pred:  # per-position training: the mean over items
+            rows = position_count(y_pred["pair_mask"])
         return backend_module().replica_loss(loss, rows)
 
     # ---------------------------------------------------------- serialization
