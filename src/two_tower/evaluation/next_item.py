@@ -351,6 +351,8 @@ def _items(
 ) -> np.ndarray:
     """`values` as int64 item indices in `[0, size)` (or -1 with `padding`), checked."""
     array = np.asarray(values)
+    if array.size == 0:  # (`np.asarray([])` is float64)
+        array = array.astype(np.int64)
     if (
         array.dtype.kind not in "iu"
         or array.ndim != ndim
