@@ -57,6 +57,7 @@ def _parser() -> Any:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--validate-every", type=int, default=1, help="epochs per validation")
     parser.add_argument("--item-bias", type=int, default=None, help="1: a learned item bias")
+    parser.add_argument("--logq", type=int, default=None, help="1: in-batch logQ correction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-history", action="store_true", help="skip the HistoryTower row")
     parser.add_argument("--no-test", action="store_true", help="validation only (tuning)")
@@ -95,6 +96,7 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "temperature": args.temperature,
         "item_bias": None if args.item_bias is None else bool(args.item_bias),
+        "sampling_probability": None if args.logq is None else bool(args.logq),
     }.items():
         if value is not None:
             config[key] = value
@@ -142,7 +144,11 @@ def main() -> None:
     model = two_tower.TwoTowerRetrieval.for_sequences(num_items, **config)
     model.compile(optimizer=two_tower.defaults.sequence_optimizer(config["learning_rate"]))
     batches = two_tower.datasets.SequenceDataset(
-        train, max_length=width, batch_size=config["batch_size"], seed=args.seed
+        train,
+        max_length=width,
+        batch_size=config["batch_size"],
+        seed=args.seed,
+        sampling_probability=config["sampling_probability"],
     )
     validate = two_tower.evaluation.RetrievalValidation(
         {"history": valid_set["histories"]},
@@ -162,17 +168,27 @@ def main() -> None:
             # Runs before RetrievalValidation (listed first): training time only.
             seconds.append(time.perf_counter() - self.start)
 
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            results = validate.history.get(epoch)
+            if results is not None:
+                print(
+                    f"epoch {epoch + 1}: {seconds[epoch]:.1f} s, validation full NDCG@10 "
+                    f"{results['full_ndcg@10']:.4f} HR@10 {results['full_hr@10']:.4f}, sampled "
+                    f"NDCG@10 {results['sampled_ndcg@10']:.4f} "
+                    f"HR@10 {results['sampled_hr@10']:.4f}",
+                    flush=True,
+                )
+
     seconds: list[float] = []
     start = time.perf_counter()
-    model.fit(batches, epochs=config["epochs"], verbose=0, callbacks=[EpochTimes(), validate])
+    model.fit(
+        batches,
+        epochs=config["epochs"],
+        verbose=0,
+        callbacks=[EpochTimes(), validate, Progress()],
+    )
     train_s = time.perf_counter() - start
-    for epoch, results in validate.history.items():
-        print(
-            f"epoch {epoch + 1}: {seconds[epoch]:.1f} s, validation full NDCG@10 "
-            f"{results['full_ndcg@10']:.4f} HR@10 {results['full_hr@10']:.4f}, sampled "
-            f"NDCG@10 {results['sampled_ndcg@10']:.4f} HR@10 {results['sampled_hr@10']:.4f}",
-            flush=True,
-        )
     best = validate.best_epoch
     print(
         f"best epoch {best + 1}; training {train_s:.0f} s, {np.median(seconds):.1f} s/epoch "

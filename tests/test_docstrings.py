@@ -44,5 +44,6 @@ def test_the_public_classes_have_examples():
         "TwoTowerRetrieval",
         "Vocabulary",
         "FeatureTower",
+        "SequenceTower",
     ):
         assert ">>> " in getattr(two_tower, name).__doc__, name

@@ -228,3 +228,43 @@ def test_sequence_dataset_bad_input():
     data = two_tower.datasets.SequenceDataset(log, max_length=4)
     with pytest.raises(IndexError, match="out of range"):
         data[1]
+
+
+def test_sampling_probability_is_the_chance_of_appearing_in_a_batch():
+    users, items, times = random_log(seed=5)
+    log = two_tower.InteractionLog(users, items, times)
+    data = two_tower.datasets.SequenceDataset(
+        log, max_length=6, batch_size=3, sampling_probability=True
+    )
+    targets = [t for (_, targets), n in expected_segments(users, items, times, 6).items()
+               for _ in range(n) for t in targets]  # fmt: skip
+    frequency = np.bincount(targets, minlength=30) / len(targets)
+    per_batch = len(targets) * 3 / data.num_rows  # targets in a batch of 3 rows, on average
+    expected = 1 - (1 - frequency) ** per_batch
+    for index in range(len(data)):
+        batch = data[index]
+        target = batch["candidate"]
+        probability = batch["candidate_sampling_probability"]
+        assert probability.shape == target.shape and probability.dtype == np.float32
+        np.testing.assert_allclose(
+            probability[target >= 0], expected[target[target >= 0]], rtol=1e-5
+        )
+        np.testing.assert_array_equal(probability[target < 0], 1.0)
+    assert (
+        "candidate_sampling_probability"
+        not in two_tower.datasets.SequenceDataset(log, max_length=6)[0]
+    )
+
+
+def test_for_sequences_takes_the_defaults_and_overrides():
+    model = two_tower.TwoTowerRetrieval.for_sequences(
+        50, **{**two_tower.defaults.SEQUENCE, "num_blocks": 1, "loss": "softmax"}, name="next"
+    )
+    assert model.name == "next" and model.loss_name == "softmax"
+    assert model.query_tower.num_blocks == 1 and model.catalogue_size is None
+    assert model.query_tower.max_length == two_tower.defaults.SEQUENCE["max_length"]
+    default = two_tower.TwoTowerRetrieval.for_sequences(50)
+    assert default.loss_name == two_tower.defaults.SEQUENCE["loss"]
+    assert default.query_tower.item_table is default.candidate_tower.embedding
+    with pytest.raises(TypeError, match="builds"):
+        two_tower.TwoTowerRetrieval.for_sequences(50, candidate_tower=None)

@@ -240,6 +240,9 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
         range(3), "test_docs.py::test_history_guide_beats_ease_on_the_temporal_split"
     ),
     "docs/export.md": dict.fromkeys(range(3), "test_export.py::test_export_guide_runs"),
+    "docs/sequential.md": dict.fromkeys(
+        range(3), "test_sequential_guide.py::test_sequential_guide_runs"
+    ),
     "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
     "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
     "docs/scale.md": {

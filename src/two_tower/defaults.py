@@ -48,6 +48,7 @@ SEQUENCE: dict[str, Any] = {
     "temperature": 1.0,
     "num_sampled_negatives": 2000,
     "batch_size": 16,
+    "sampling_probability": False,
     "epochs": 200,
     "learning_rate": 1e-3,
 }
@@ -60,7 +61,7 @@ packed rows of `max_length` per step, at most `epochs` (with
 `loss="sampled_softmax"` only.
 """
 
-SEQUENCE_TRAINING = ("batch_size", "epochs", "learning_rate")
+SEQUENCE_TRAINING = ("batch_size", "sampling_probability", "epochs", "learning_rate")
 """The keys of `SEQUENCE` that configure training, not the model."""
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from two_tower import _arguments
 from two_tower.preprocessing.interaction_log import InteractionLog
+from two_tower.types import SAMPLING_PROBABILITY
 
 
 class SequenceDataset(keras.utils.PyDataset):
@@ -36,7 +37,12 @@ class SequenceDataset(keras.utils.PyDataset):
     [rows, max_length]}, "candidate": [rows, max_length]}`: items (-1 where
     padded), segment numbers (1, 2, ... within the row; 0 where padded), and
     the next item at each position (-1 where padded), as `TwoTowerRetrieval.fit`
-    takes them with a `SequenceTower` query tower.
+    takes them with a `SequenceTower` query tower. With `sampling_probability`,
+    `x["candidate_sampling_probability"]` adds each target's chance of appearing
+    among a batch's targets, `1 - (1 - f) ** t` for an item that is a fraction
+    f of all targets and t targets per batch: the logQ correction of the
+    in-batch part of `loss="softmax"` and `"sampled_softmax"`, so that popular
+    items are not pushed down for being other positions' targets more often.
 
     Args:
         log: the training log (e.g. the first part of `log.leave_one_out()`).
@@ -46,6 +52,7 @@ class SequenceDataset(keras.utils.PyDataset):
         seed: the shuffle's seed.
         sequence_key: the `SequenceTower`'s `sequence_key`.
         segment_key: the `SequenceTower`'s `segment_key`.
+        sampling_probability: add `candidate_sampling_probability` (above).
         **kwargs: `keras.utils.PyDataset` arguments (`workers`, ...).
 
     Raises:
@@ -73,6 +80,7 @@ class SequenceDataset(keras.utils.PyDataset):
         seed: int = 0,
         sequence_key: str = "sequence",
         segment_key: str = "segment",
+        sampling_probability: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -90,6 +98,9 @@ class SequenceDataset(keras.utils.PyDataset):
                 raise ValueError(f"{owner}: `{name}` must be a non-empty string. Received {key!r}")
         self.sequence_key = sequence_key
         self.segment_key = segment_key
+        self.sampling_probability = _arguments.boolean(
+            "sampling_probability", sampling_probability, owner=owner
+        )
         _, offsets, self._items = log.sequences()
         self._starts, self._lengths = _segments(offsets, self.max_length)
         if not len(self._lengths):
@@ -106,6 +117,12 @@ class SequenceDataset(keras.utils.PyDataset):
         self._numbers = np.empty(len(rows), np.int32)
         self._numbers[self._by_row] = np.arange(len(rows)) - first + 1
         self.num_rows = int(rows.max()) + 1
+        self._probability: np.ndarray | None = None
+        if self.sampling_probability:
+            targets = self._items[_target_positions(self._starts, self._lengths)]
+            frequency = np.bincount(targets) / len(targets)
+            per_batch = len(targets) * min(self.batch_size, self.num_rows) / self.num_rows
+            self._probability = (-np.expm1(per_batch * np.log1p(-frequency))).astype(np.float32)
         self._epoch = 0
         self._order = self._row_order()
 
@@ -150,10 +167,20 @@ class SequenceDataset(keras.utils.PyDataset):
         sequence[row, column] = self._items[source]
         target[row, column] = self._items[source + 1]
         segment[row, column] = self._numbers[segments][token_segment]
-        return {
+        batch: dict[str, Any] = {
             "query": {self.sequence_key: sequence, self.segment_key: segment},
             "candidate": target,
         }
+        if self._probability is not None:
+            batch[SAMPLING_PROBABILITY] = np.where(
+                target >= 0, self._probability[np.maximum(target, 0)], np.float32(1.0)
+            )
+        return batch
+
+
+def _target_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The log positions of every segment's targets (one after each input)."""
+    return np.repeat(starts + 1, lengths) + _within(lengths)
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
