@@ -149,3 +149,44 @@ def test_negatives_are_global_unless_switched_off(strategy, cross_replica):
         shares = [slice(16 * r, 16 * (r + 1)) for r in range(replicas)]
         expected = np.mean([_numpy_in_batch_softmax(queries[s], candidates[s]) for s in shares])
     np.testing.assert_allclose(loss, expected, atol=1e-5, rtol=0)
+
+
+def _packed_rows():
+    """Packed sequence rows whose padding differs by row (the last rows are short)."""
+    rng = np.random.default_rng(5)
+    users = np.repeat(np.arange(30), rng.integers(2, 9, 30))
+    log = two_tower.InteractionLog(users, rng.integers(0, ITEMS, len(users)), np.arange(len(users)))
+    data = two_tower.datasets.SequenceDataset(log, max_length=6, batch_size=1000, shuffle=False)
+    return data[0]
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sampled_softmax", "full_softmax"])
+def test_per_position_training_is_the_same_across_replicas(strategy, loss):
+    # Each replica's loss is the mean over its items, weighted by its item count
+    # (not its rows), so that the rows' different padding changes nothing.
+    batch = _packed_rows()
+    counts = (batch["candidate"] >= 0).sum(axis=1)
+    assert len(set(counts.tolist())) > 1
+
+    def model(initial=None):
+        options = {"softmax": {"remove_accidental_hits": True},
+                   "sampled_softmax": {"num_sampled_negatives": 8}}.get(loss, {})  # fmt: skip
+        built = two_tower.TwoTowerRetrieval.for_sequences(
+            ITEMS, max_length=6, embedding_dim=DIM, dropout=0.0, loss=loss, **options
+        )
+        built.compile(optimizer=keras.optimizers.SGD(0.1))
+        built.predict({"history": np.full((1, 6), -1)}, verbose=0)
+        if initial is not None:
+            built.set_weights(initial)
+        return built
+
+    initial = model().get_weights()
+    single = model(initial)
+    rows = 2 * strategy.num_replicas_in_sync
+    single_loss = single.fit(batch, batch_size=rows, shuffle=False, verbose=0).history["loss"]
+    with strategy.scope():
+        mirrored = model(initial)
+    mirrored_loss = mirrored.fit(batch, batch_size=rows, shuffle=False, verbose=0).history["loss"]
+    assert not np.allclose(single.get_weights()[0], initial[0])
+    np.testing.assert_allclose(mirrored_loss, single_loss, atol=1e-5, rtol=0)
+    assert _max_difference(mirrored, single) <= 1e-5

@@ -22,7 +22,10 @@ def _reduce(per_example: Tensor, sample_weight: Tensor | None) -> Tensor:
             ops.cast(sample_weight, per_example.dtype), ops.shape(per_example)
         )
         per_example = per_example * sample_weight
-    return ops.mean(per_example)
+    # The mean, and 0 for no rows (a tf.distribute replica's share of a last batch
+    # smaller than the replicas can be empty; its mean would be NaN).
+    rows = ops.cast(ops.shape(per_example)[0], per_example.dtype)
+    return ops.sum(per_example) / ops.maximum(rows, 1.0)
 
 
 def mean_squared_error(

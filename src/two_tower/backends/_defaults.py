@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def replica_loss(loss: Any, rows: Any) -> Any:
+def replica_loss(loss: Any, rows: Any, batch_rows: Any = None) -> Any:
     """`loss` unchanged: Keras on this backend has no per-replica step to scale for."""
-    del rows
+    del rows, batch_rows
     return loss
 
 

@@ -74,9 +74,11 @@ class BackendModule(Protocol):
         summed) and torch (less Python per step)."""
         ...
 
-    def replica_loss(self, loss: Any, rows: Any) -> Any:
-        """The loss of a batch of `rows`, scaled to its share of the global batch
-        under `tf.distribute` replicas; unchanged elsewhere."""
+    def replica_loss(self, loss: Any, rows: Any, batch_rows: Any = None) -> Any:
+        """The mean `loss` over `rows` (pairs; or items, weighing a replica by them),
+        scaled to its share of the global batch under `tf.distribute` replicas, and
+        logged as the global mean when Keras weighs it by `batch_rows` (the rows of
+        x; `rows` by default); unchanged elsewhere."""
         ...
 
     def global_negatives(

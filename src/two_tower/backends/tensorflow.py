@@ -67,7 +67,7 @@ def serving_slot() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def replica_loss(loss: Any, rows: Any) -> Any:
+def replica_loss(loss: Any, rows: Any, batch_rows: Any = None) -> Any:
     """A replica's mean `loss` over its `rows`, scaled to its share of the global batch.
 
     Under a `tf.distribute` strategy Keras' TensorFlow trainer sums the replicas'
@@ -82,16 +82,28 @@ def replica_loss(loss: Any, rows: Any) -> Any:
     took steps twice too large.
 
     Keras logs the returned value times the number of replicas, weighted by the
-    replica's rows. A term without gradient makes that the replica's own mean,
-    so the logged loss is the global batch's mean as on one device, uneven last
-    batch included (before: off by up to 3.8e-3 on 4 replicas).
+    replica's `batch_rows` (the rows of its x). A term without gradient makes
+    that the replica's share of the global mean, so the logged loss is the
+    global batch's mean as on one device, uneven last batch included (before:
+    off by up to 3.8e-3 on 4 replicas). Per-position training weighs a replica
+    by its items (`rows`), not its rows of x (`batch_rows`), which differ.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return loss
     rows = tf.cast(rows, loss.dtype)
-    scaled = loss * rows / context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
-    logged = loss / context.num_replicas_in_sync  # what Keras multiplies back
+    # (At least 1: a global batch with no items at all has a loss of 0.)
+    total = tf.maximum(context.all_reduce(tf.distribute.ReduceOp.SUM, rows), 1.0)
+    scaled = loss * rows / total
+    if batch_rows is None:
+        logged = loss / context.num_replicas_in_sync  # what Keras multiplies back
+    else:
+        batch_rows = tf.cast(batch_rows, loss.dtype)
+        batch_total = context.all_reduce(tf.distribute.ReduceOp.SUM, batch_rows)
+        # Keras logs sum_r(R * logged_r * batch_rows_r) / batch_total: scaled's sum.
+        # (A replica with no rows has a scaled loss of 0 and no weight in the log.)
+        replicas = context.num_replicas_in_sync
+        logged = scaled * batch_total / (replicas * tf.maximum(batch_rows, 1.0))
     return scaled + tf.stop_gradient(logged - scaled)
 
 

@@ -297,15 +297,15 @@ def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:
     replica by its number of items (`position_count`), which keeps that exact.
     """
     weights = ops.cast(mask, "float32")
-    scale = ops.cast(ops.size(weights), "float32") / position_count(mask)
+    scale = ops.cast(ops.size(weights), "float32") / ops.maximum(position_count(mask), 1.0)
     if sample_weight is not None:
         weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
     return weights * scale
 
 
 def position_count(mask: Tensor) -> Tensor:
-    """The items (not padding) of a per-position batch, at least 1 (float32)."""
-    return ops.maximum(ops.sum(ops.cast(mask, "float32")), 1.0)
+    """The items (not padding) of a per-position batch (float32; 0 for an empty replica)."""
+    return ops.sum(ops.cast(mask, "float32"))
 
 
 def _optional_int(value: Any) -> int | None:

@@ -594,7 +594,10 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             loss = loss + ops.cast(extra_loss, loss.dtype)
         rows = ops.shape(y_pred["query_embeddings"])[0]
         if "pair_mask" in y_pred:  # per-position training: the mean over items
-            rows = position_count(y_pred["pair_mask"])
+            batch_rows = ops.shape(keras.tree.flatten(x)[0])[0]
+            return backend_module().replica_loss(
+                loss, position_count(y_pred["pair_mask"]), batch_rows
+            )
         return backend_module().replica_loss(loss, rows)
 
     # ---------------------------------------------------------- serialization
