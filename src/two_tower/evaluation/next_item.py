@@ -329,7 +329,7 @@ def _paired_scores(
 
 def _embedder(query_embeddings: Any, count: int, owner: str) -> Callable[[np.ndarray], Any]:
     if callable(query_embeddings):
-        return query_embeddings  # type: ignore[no-any-return]
+        return query_embeddings
     queries = np.asarray(ops.convert_to_numpy(query_embeddings))
     if queries.ndim != 2 or queries.shape[0] != count:
         raise ValueError(

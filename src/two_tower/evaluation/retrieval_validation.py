@@ -149,18 +149,21 @@ class RetrievalValidation(keras.callbacks.Callback):
             blocks.append(np.asarray(ops.convert_to_numpy(model.embed_candidates(part))))
         items = np.concatenate(blocks).astype("float32")
         similarity = getattr(model, "compute_similarities", None)
-        options = {"ks": self.ks, "batch_size": self.batch_size, "similarity_fn": similarity}
-        results = {
-            f"full_{k}": v
-            for k, v in evaluate_next_item(
-                queries, items, self.targets, exclude=self.exclude, **options
-            ).items()
-        }
+        protocols = {"full": {"exclude": self.exclude}}
         if self.negatives is not None:
-            sampled = evaluate_next_item(
-                queries, items, self.targets, negatives=self.negatives, **options
+            protocols["sampled"] = {"negatives": self.negatives}
+        results = {}
+        for protocol, arguments in protocols.items():
+            found = evaluate_next_item(
+                queries,
+                items,
+                self.targets,
+                ks=self.ks,
+                batch_size=self.batch_size,
+                similarity_fn=similarity,
+                **arguments,
             )
-            results.update({f"sampled_{k}": v for k, v in sampled.items()})
+            results.update({f"{protocol}_{k}": v for k, v in found.items()})
         return results
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -189,7 +192,7 @@ class RetrievalValidation(keras.callbacks.Callback):
         if not self.restore_best_weights or self._best_weights is None:
             return
         self.model.set_weights(self._best_weights)
-        if self.verbose:
+        if self.verbose and self.best_epoch is not None:
             print(
                 f"RetrievalValidation: restored the weights of epoch {self.best_epoch + 1} "
                 f"({self.monitor} {self.best:.4f})."

@@ -6,6 +6,8 @@ from typing import Any
 
 import keras
 
+from two_tower import _arguments
+
 
 class SharedItemTable:
     """Mixin of the towers that embed a user's past items (`HistoryTower`, `SequenceTower`).
@@ -22,6 +24,22 @@ class SharedItemTable:
 
     own_table: keras.layers.Layer | None
     embedding_dim: int | None
+
+    @staticmethod
+    def _table_arguments(
+        num_items: int | None, embedding_dim: int | None, owner: str
+    ) -> tuple[int | None, int | None]:
+        """`num_items` and `embedding_dim` checked (Python ints); a width for an own table."""
+        if num_items is not None:
+            num_items = _arguments.integer("num_items", num_items, owner=owner)
+        if embedding_dim is not None:
+            embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
+        if num_items is not None and embedding_dim is None:
+            raise ValueError(
+                f"{owner}: `embedding_dim` is required with `num_items` (the own table). "
+                f"Received: num_items={num_items}, embedding_dim=None"
+            )
+        return num_items, embedding_dim
 
     def _init_shared_table(self) -> None:
         object.__setattr__(self, "_shared", None)
@@ -99,7 +117,7 @@ class SharedItemTable:
         pending = getattr(self, "_pending_build", None)
         if pending is not None:  # (deserialization marks the tower built regardless)
             object.__setattr__(self, "_pending_build", None)
-            keras.layers.Layer.build_from_config(self, pending)  # type: ignore[arg-type]
+            keras.layers.Layer.build_from_config(self, pending)
 
     def build_from_config(self, config: dict[str, Any]) -> None:
         # Loading a model deserializes this tower before `TwoTowerRetrieval`
@@ -107,7 +125,7 @@ class SharedItemTable:
         if self.item_table is None:
             object.__setattr__(self, "_pending_build", config)
             return
-        keras.layers.Layer.build_from_config(self, config)  # type: ignore[arg-type]
+        keras.layers.Layer.build_from_config(self, config)
 
     def _table(self) -> keras.layers.Layer:
         table = self.item_table

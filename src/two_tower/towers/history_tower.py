@@ -127,16 +127,8 @@ class HistoryTower(SharedItemTable, keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         owner = "HistoryTower"
-        if num_items is not None:
-            num_items = _arguments.integer("num_items", num_items, owner=owner)
-        if embedding_dim is not None:
-            embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
+        num_items, embedding_dim = self._table_arguments(num_items, embedding_dim, owner)
         max_length = _arguments.integer("max_length", max_length, owner=owner)
-        if num_items is not None and embedding_dim is None:
-            raise ValueError(
-                "HistoryTower: `embedding_dim` is required with `num_items` (the own table). "
-                f"Received: num_items={num_items}, embedding_dim=None"
-            )
         pooling = _arguments.choice("pooling", pooling, POOLINGS, owner=owner)
         if bias not in BIASES:
             raise ValueError(

@@ -129,15 +129,7 @@ class SequenceTower(SharedItemTable, keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         owner = "SequenceTower"
-        if num_items is not None:
-            num_items = _arguments.integer("num_items", num_items, owner=owner)
-        if embedding_dim is not None:
-            embedding_dim = _arguments.integer("embedding_dim", embedding_dim, owner=owner)
-        if num_items is not None and embedding_dim is None:
-            raise ValueError(
-                "SequenceTower: `embedding_dim` is required with `num_items` (the own table). "
-                f"Received: num_items={num_items}, embedding_dim=None"
-            )
+        num_items, embedding_dim = self._table_arguments(num_items, embedding_dim, owner)
         max_length = _arguments.integer("max_length", max_length, owner=owner)
         num_blocks = _arguments.integer("num_blocks", num_blocks, owner=owner)
         num_heads = _arguments.integer("num_heads", num_heads, owner=owner)
@@ -354,12 +346,12 @@ class SequenceTower(SharedItemTable, keras.layers.Layer):
             )
         starts = segments[:, 1:] != segments[:, :-1]
         runs = np.concatenate([segments[:, :1] > 0, starts & (segments[:, 1:] > 0)], axis=1)
-        for row in np.flatnonzero(runs.sum(axis=1) > 1):
-            numbers = segments[row][runs[row]]
+        for index in np.flatnonzero(runs.sum(axis=1) > 1):
+            numbers = segments[index][runs[index]]
             if len(np.unique(numbers)) < len(numbers):
                 raise ValueError(
-                    f"In {where}, each segment must be one run of its row: row {int(row)} has "
-                    f"segments {segments[row].tolist()}"
+                    f"In {where}, each segment must be one run of its row: row {int(index)} "
+                    f"has segments {segments[index].tolist()}"
                 )
 
     # -------------------------------------------------------------------- call
