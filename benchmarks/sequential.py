@@ -211,7 +211,9 @@ def main() -> None:
         _write(args.json, result)
         return
 
-    catalogue = np.asarray(model.embed_candidates(np.arange(num_items, dtype="int32")))
+    catalogue = keras.ops.convert_to_numpy(
+        model.embed_candidates(np.arange(num_items, dtype="int32"))
+    )
 
     def embed_model(histories: Any) -> Any:
         return model.predict({"history": histories}, batch_size=1024, verbose=0)
@@ -271,7 +273,9 @@ def _history_tower(two_tower, keras, np, train, num_items, width, test_set, eval
         verbose=0,
     )
     seconds = time.perf_counter() - start
-    catalogue = np.asarray(model.embed_candidates(np.arange(num_items, dtype="int32")))
+    catalogue = keras.ops.convert_to_numpy(
+        model.embed_candidates(np.arange(num_items, dtype="int32"))
+    )
 
     def embed(h):  # type: ignore[no-untyped-def]
         return model.predict({"history": h}, batch_size=1024, verbose=0)

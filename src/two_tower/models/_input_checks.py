@@ -147,6 +147,16 @@ def check_position_candidates(side: TowerSide, features: Any, argument: str) -> 
     check_ids(side, flat_positions(features, side.id_key), argument)
 
 
+def check_candidates(
+    query_tower: keras.layers.Layer, query_features: Any, side: TowerSide, features: Any
+) -> None:
+    """`x['candidate']`'s ids: one per row, or per position when the query tower says so."""
+    if predicts_every_position(query_tower, query_features):
+        check_position_candidates(side, features, "x['candidate']")
+    else:
+        check_ids(side, features, "x['candidate']")
+
+
 def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids in `features`; returns the features with float ids as int64.
 
@@ -388,15 +398,12 @@ def check_fit_arguments(
         raise ValueError("`sample_weight` must not be negative: it would maximise the loss.")
     query, candidate = sides
     check_ids(query, x[QUERY], "x['query']")
-    if predicts_every_position(query.tower, x[QUERY]):
-        if loss_name == "mse":
-            raise ValueError(
-                "Per-position training (packed sequence rows) needs a softmax loss; "
-                "loss='mse' scores labelled pairs."
-            )
-        check_position_candidates(candidate, x[CANDIDATE], "x['candidate']")
-    else:
-        check_ids(candidate, x[CANDIDATE], "x['candidate']")
+    if loss_name == "mse" and predicts_every_position(query.tower, x[QUERY]):
+        raise ValueError(
+            "Per-position training (packed sequence rows) needs a softmax loss; "
+            "loss='mse' scores labelled pairs."
+        )
+    check_candidates(query.tower, x[QUERY], candidate, x[CANDIDATE])
     _check_metric_query_ids(query.id_key, metrics, x[QUERY])
     probability = x.get(SAMPLING_PROBABILITY)
     if _is_array_like(probability):

@@ -141,12 +141,9 @@ class Training(_Base):
         if _is_pair(x):
             x = _input_checks.lists_as_arrays(self._encoded_pairs(x), "x")
             _input_checks.check_ids(self._tower_side(QUERY), x[QUERY], "x['query']")
-            if _input_checks.predicts_every_position(self.query_tower, x[QUERY]):
-                _input_checks.check_position_candidates(
-                    self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']"
-                )
-            else:
-                _input_checks.check_ids(self._tower_side(CANDIDATE), x[CANDIDATE], "x['candidate']")
+            _input_checks.check_candidates(
+                self.query_tower, x[QUERY], self._tower_side(CANDIDATE), x[CANDIDATE]
+            )
             self._build_towers(x)
         else:
             if not is_batches(x):
