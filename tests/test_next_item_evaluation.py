@@ -240,6 +240,22 @@ def test_real_validation_matches_evaluate_next_item():
     assert validation.history[0] == pytest.approx(expected)
 
 
+def test_callback_needs_a_catalogue_without_catalogue_size():
+    model = two_tower.TwoTowerRetrieval.for_sequences(
+        8, max_length=3, embedding_dim=4, loss="softmax"
+    )
+    model.compile(optimizer="sgd")
+    _, batch = _model_and_batch()
+    validation = RetrievalValidation({"history": np.array([[3, 2, 1]])}, [4], verbose=0)
+    with pytest.raises(ValueError, match="catalogue=np.arange"):
+        model.fit(batch, epochs=1, verbose=0, callbacks=[validation])
+    validation = RetrievalValidation(
+        {"history": np.array([[3, 2, 1]])}, [4], catalogue=np.arange(8), verbose=0
+    )
+    model.fit(batch, epochs=1, verbose=0, callbacks=[validation])
+    assert "full_ndcg@10" in validation.history[0]
+
+
 def test_callback_bad_input():
     with pytest.raises(ValueError, match="monitor"):
         RetrievalValidation({"history": np.zeros((1, 3))}, [1], monitor="ndcg@10")

@@ -71,6 +71,48 @@ def test_one_packed_step_equals_a_row_per_prefix(loss):
     assert moved > 1e-3  # the step did something: equal gradients, not two zeros
 
 
+@pytest.mark.parametrize("per", ["row", "position"])
+def test_sample_weights_per_row_or_per_position(per):
+    batch = packed_batch()
+    rows = per_row_batch(batch)
+    model = _model("softmax")
+    model.predict({"history": rows["query"]["history"][:1]}, verbose=0)
+    rng = np.random.default_rng(1)
+    shape = batch["candidate"].shape
+    weights = rng.uniform(0.5, 2.0, shape[0] if per == "row" else shape).astype("float32")
+    per_position = weights[:, None] * np.ones(shape) if per == "row" else weights
+    valid = batch["candidate"] >= 0
+    packed = model.compute_loss(batch, None, model(batch), sample_weight=weights)
+    by_row = model.compute_loss(
+        rows, None, model(rows), sample_weight=per_position[valid].astype("float32")
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(packed), keras.ops.convert_to_numpy(by_row), rtol=1e-5
+    )
+    unweighted = model.compute_loss(batch, None, model(batch))
+    assert abs(float(keras.ops.convert_to_numpy(unweighted - packed))) > 1e-4
+
+
+def test_predict_on_packed_pairs_gives_both_embeddings_per_position():
+    batch = packed_batch()
+    model = _model("full_softmax")
+    found = model.predict(batch, verbose=0)
+    rows = len(batch["candidate"])
+    assert found["query_embeddings"].shape == (rows, WIDTH, 8)
+    assert found["candidate_embeddings"].shape == (rows, WIDTH, 8)
+
+
+def test_sequence_dataset_must_fit_the_towers():
+    log = two_tower.InteractionLog(USERS, ITEMS, TIMES)
+    model = _model("full_softmax")
+    wide = two_tower.datasets.SequenceDataset(log, max_length=WIDTH + 1)
+    with pytest.raises(ValueError, match="max_length=4"):
+        model.fit(wide, verbose=0)
+    big = two_tower.InteractionLog(USERS, ITEMS + 5, TIMES)
+    with pytest.raises(ValueError, match="item index 13"):
+        model.fit(two_tower.datasets.SequenceDataset(big, max_length=WIDTH), verbose=0)
+
+
 def test_padding_is_no_negative_and_has_no_loss():
     """The loss of packed rows does not change with what the padded positions hold."""
     batch = packed_batch()

@@ -1,6 +1,7 @@
 """Sequence data: reading a "user item [time]" file, leave-one-out and temporal splits,
 and SequenceDataset's packed rows, each against plain Python."""
 
+import dataclasses
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -110,6 +111,8 @@ def test_leave_one_out_histories_are_what_came_before():
     assert len(train) == 3 and train.num_users == 2
     with pytest.raises(ValueError, match="min_interactions"):
         log.leave_one_out(min_interactions=1)
+    fewer = dataclasses.replace(test, items=test.items + 1)  # frozen, yet replaceable
+    assert fewer.items.tolist() == [5] and len(fewer) == 1
 
 
 def test_temporal_split_matches_python():

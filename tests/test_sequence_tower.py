@@ -83,8 +83,11 @@ def _randomise(tower, seed=0):
 
 
 def _tower(**options):
-    options = {"num_items": NUM_ITEMS, "embedding_dim": DIM, "max_length": WIDTH, **options}
-    tower = two_tower.SequenceTower(dropout=0.0, **options)
+    options = {
+        "num_items": NUM_ITEMS, "embedding_dim": DIM, "max_length": WIDTH, "dropout": 0.0,
+        **options,
+    }  # fmt: skip
+    tower = two_tower.SequenceTower(**options)
     tower({"history": HISTORY})
     _randomise(tower)
     return tower
@@ -92,8 +95,9 @@ def _tower(**options):
 
 @pytest.mark.parametrize("positions", ["from_oldest", "from_newest"])
 @pytest.mark.parametrize("heads", [1, 2])
-def test_serving_output_matches_numpy(positions, heads):
-    tower = _tower(positions=positions, num_heads=heads)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # Keras' attention takes another path with it
+def test_serving_output_matches_numpy(positions, heads, dropout):
+    tower = _tower(positions=positions, num_heads=heads, dropout=dropout)
     found = keras.ops.convert_to_numpy(tower({"history": HISTORY}))
     for row, history in enumerate(HISTORY):
         items = history[history >= 0][::-1]  # oldest first
@@ -123,6 +127,13 @@ def test_from_oldest_position_t_is_the_serving_output_of_the_prefix():
         prefixes[t, : t + 1] = items[: t + 1][::-1]
     served = keras.ops.convert_to_numpy(tower({"history": prefixes}))
     np.testing.assert_allclose(found[1], served, atol=1e-5)
+
+
+def test_inputs_wider_than_max_length_raise_inside_the_call():
+    tower = _tower()
+    wide = keras.ops.convert_to_tensor(np.full((1, WIDTH + 2), -1, "int32"))  # no host check
+    with pytest.raises(ValueError, match="at most 5 columns"):
+        tower({"history": wide})
 
 
 def test_bias_column_and_shared_table():

@@ -73,7 +73,7 @@ def read_interactions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def _ids(column: np.ndarray) -> np.ndarray:
     try:
         return column.astype(np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):  # not all integers, or beyond int64: strings
         return column
 
 

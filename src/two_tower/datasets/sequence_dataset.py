@@ -102,6 +102,8 @@ class SequenceDataset(keras.utils.PyDataset):
             "sampling_probability", sampling_probability, owner=owner
         )
         _, offsets, self._items = log.sequences()
+        self.max_item = int(self._items.max(initial=-1))
+        """The largest item index in the log (checked against the towers' tables in `fit`)."""
         self._starts, self._lengths = _segments(offsets, self.max_length)
         if not len(self._lengths):
             raise ValueError(

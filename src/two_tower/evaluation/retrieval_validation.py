@@ -124,6 +124,12 @@ class RetrievalValidation(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self.best, self.best_epoch, self._best_weights, self._waited = -np.inf, None, None, 0
+        if self.catalogue is None and getattr(self.model, "catalogue_size", None) is None:
+            raise ValueError(
+                "RetrievalValidation needs `catalogue` (the candidate tower's inputs for every "
+                "item) when the model has no `catalogue_size` (e.g. loss='softmax'): pass "
+                "catalogue=np.arange(num_items)."
+            )
 
     def evaluate(self) -> dict[str, float]:
         """The model's results now: `{"full_hr@10": ..., "sampled_hr@10": ..., ...}`."""

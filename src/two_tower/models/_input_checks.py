@@ -347,6 +347,10 @@ def check_fit_arguments(
 
     if isinstance(x, ShardDataset):
         _sharding.check_batches(what, x.num_rows, x.batch_size)
+    from two_tower.datasets.sequence_dataset import SequenceDataset
+
+    if isinstance(x, SequenceDataset):
+        _check_sequence_dataset(x, *sides)
     if loss_name in ("mse", "full_softmax") and (
         (isinstance(x, Mapping) and SAMPLING_PROBABILITY in x)
         or (isinstance(x, ShardDataset) and x.sampling_probability is not None)
@@ -413,6 +417,30 @@ def check_fit_arguments(
                 f"`{SAMPLING_PROBABILITY}` must lie in (0, 1]. Received values "
                 f"from {probability.min()} to {probability.max()}"
             )
+
+
+def _check_sequence_dataset(data: Any, query: TowerSide, candidate: TowerSide) -> None:
+    """A `SequenceDataset` fits the towers: its items in their tables, its rows in range.
+
+    Checked once on the host: inside the step, JAX would gather out-of-range
+    rows as NaN while TensorFlow and torch raise.
+    """
+    limits = [id_limit(candidate)]
+    table = getattr(query.tower, "item_table", None)
+    if table is not None and getattr(table, "input_dim", None) is not None:
+        limits.append((int(table.input_dim), "the query tower's item table"))
+    for limit in limits:
+        if limit is not None and data.max_item >= limit[0]:
+            raise ValueError(
+                f"The SequenceDataset holds item index {data.max_item}, but {limit[1]} takes "
+                f"indices below {limit[0]}. Build the towers for every item of the log."
+            )
+    width = getattr(query.tower, "max_length", None)
+    if isinstance(width, int) and data.max_length > width:
+        raise ValueError(
+            f"The SequenceDataset's rows have {data.max_length} columns, but the query tower "
+            f"takes max_length={width}. Build the dataset with max_length={width}."
+        )
 
 
 def _check_metric_query_ids(

@@ -291,6 +291,9 @@ class RetrievalTask:
 def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:
     """Per-position training's `[rows * length]` weights: 0 where a row is padded.
 
+    `sample_weight` is `[rows, length]` (a weight per position) or `[rows]` (one
+    per row, for each of its positions).
+
     Scaled so that the loss is the mean over the batch's items (not over its
     padded positions too): the loss of the same pairs given one per row. Across
     `tf.distribute` replicas, `TwoTowerRetrieval.compute_loss` weighs each
@@ -299,7 +302,12 @@ def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:
     weights = ops.cast(mask, "float32")
     scale = ops.cast(ops.size(weights), "float32") / ops.maximum(position_count(mask), 1.0)
     if sample_weight is not None:
-        weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        given = ops.cast(sample_weight, "float32")
+        shape = tuple(given.shape)
+        if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):  # one weight per row
+            rows = ops.reshape(given, (-1, 1))
+            given = rows * ops.ones_like(ops.reshape(weights, (ops.shape(rows)[0], -1)))
+        weights = weights * ops.reshape(given, (-1,))
     return weights * scale
 
 

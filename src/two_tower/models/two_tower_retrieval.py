@@ -337,14 +337,17 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
                 `embedding_dim`, `num_blocks`, `num_heads`, `dropout`,
                 `positions`, `item_bias`, `loss`, `temperature`,
                 `num_sampled_negatives`); the training keys (`batch_size`,
-                `epochs`, `learning_rate`) are accepted and ignored, so the
-                whole dict can be passed; anything else goes to
-                `TwoTowerRetrieval` (e.g. `name`).
+                `sampling_probability`, `epochs`, `learning_rate`: pass them
+                to `SequenceDataset`, `fit` and `sequence_optimizer`) are
+                accepted and ignored, so the whole dict can be passed;
+                anything else goes to `TwoTowerRetrieval` (e.g. `name`).
 
         Returns:
             An uncompiled `TwoTowerRetrieval`.
 
         Raises:
+            TypeError: `query_tower`, `candidate_tower` or `catalogue_size`
+                given (it builds them).
             ValueError: the towers' and the model's own errors.
 
         Examples:
@@ -474,7 +477,9 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         if self._predicting:
             return {
                 "query_embeddings": query_embeddings,
-                "candidate_embeddings": ops.reshape(candidate_embeddings, (*rows_shape, dim)),
+                "candidate_embeddings": ops.reshape(
+                    candidate_embeddings, (-1, ops.shape(query_embeddings)[1], dim)
+                ),
             }
         flat_inputs: dict[str, Any] = {QUERY: inputs[QUERY], CANDIDATE: flat_candidates}
         if SAMPLING_PROBABILITY in inputs:  # (padded positions: 1, so that log q is finite)

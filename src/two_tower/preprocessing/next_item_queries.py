@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -10,7 +11,8 @@ if TYPE_CHECKING:
     from two_tower.preprocessing.interaction_log import InteractionLog
 
 
-class NextItemQueries(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class NextItemQueries:
     """Requests to evaluate next-item retrieval on: who asked, when, and what came next.
 
     `InteractionLog.leave_one_out` and `InteractionLog.temporal_split` return
@@ -36,7 +38,7 @@ class NextItemQueries(NamedTuple):
     times: np.ndarray
     items: np.ndarray
 
-    def __len__(self) -> int:  # (a NamedTuple's own len would count its fields)
+    def __len__(self) -> int:
         return len(self.items)
 
     def histories(self, log: InteractionLog, width: int, **kwargs: Any) -> Any:

@@ -376,6 +376,13 @@ class SequenceTower(SharedItemTable, keras.layers.Layer):
 
     def _encode(self, items: Tensor, segments: Tensor, training: bool) -> Tensor:
         """`[rows, length, dim]` outputs of packed rows (see the class docstring)."""
+        width = items.shape[1]
+        if width is not None and width > self.max_length:
+            # (JAX would gather position embeddings out of range as NaN.)
+            raise ValueError(
+                f"SequenceTower(max_length={self.max_length}) takes at most {self.max_length} "
+                f"columns: it has that many position embeddings. Received {width} columns."
+            )
         segments = ops.cast(segments, "int32")
         present = ops.greater(segments, 0)
         same = ops.equal(segments[:, :, None], segments[:, None, :])
