@@ -392,7 +392,9 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         if not _is_pair(inputs):
             return self.embed_queries(inputs, training=training)
         query_embeddings = self.embed_queries(inputs[QUERY], training=training)
-        if len(query_embeddings.shape) == 3:  # a query at every position of a sequence
+        if len(query_embeddings.shape) == 3 and _input_checks.predicts_every_position(
+            self.query_tower, inputs[QUERY]
+        ):  # a query at every position of a sequence, as the tower declares
             return self._position_outputs(inputs, query_embeddings, training)
         candidate_embeddings = self.embed_candidates(inputs[CANDIDATE], training=training)
         query_shape = tuple(query_embeddings.shape)
