@@ -83,8 +83,10 @@ def evaluate_next_item(
         >>> two_tower.evaluation.evaluate_next_item(queries, items, [3], ks=(1,), exclude=[[1]])
         {'hr@1': 1.0, 'ndcg@1': 1.0, 'mrr@1': 1.0}
     """
+    from two_tower.evaluation import _checked_ks  # (the package imports this module)
+
     owner = "evaluate_next_item"
-    ks = _ks(ks, owner)
+    ks = _checked_ks(ks, owner)
     batch_size = _arguments.integer("batch_size", batch_size, owner=owner)
     catalogue = np.asarray(ops.convert_to_numpy(catalogue_embeddings))
     if catalogue.ndim != 2 or catalogue.shape[0] == 0:
@@ -393,11 +395,3 @@ def _finite(values: np.ndarray, name: str, owner: str) -> None:
             f"{owner}: `{name}` holds NaN or infinite values (row {row}): every score with "
             "them would be meaningless. Check the model's training (a diverged loss)."
         )
-
-
-def _ks(ks: Any, owner: str) -> tuple[int, ...]:
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
-        raise ValueError(
-            f"{owner}: `ks` must be a non-empty sequence of positive integers. Received: ks={ks!r}"
-        )
-    return tuple(_arguments.integer("ks", k, owner=owner) for k in ks)

@@ -376,12 +376,12 @@ class SequenceTower(SharedItemTable, keras.layers.Layer):
 
     def _encode(self, items: Tensor, segments: Tensor, training: bool) -> Tensor:
         """`[rows, length, dim]` outputs of packed rows (see the class docstring)."""
-        width = items.shape[1]
-        if width is not None and width > self.max_length:
+        columns = items.shape[1]
+        if columns is not None and columns > self.max_length:
             # (JAX would gather position embeddings out of range as NaN.)
             raise ValueError(
                 f"SequenceTower(max_length={self.max_length}) takes at most {self.max_length} "
-                f"columns: it has that many position embeddings. Received {width} columns."
+                f"columns: it has that many position embeddings. Received {columns} columns."
             )
         segments = ops.cast(segments, "int32")
         present = ops.greater(segments, 0)
