@@ -10,6 +10,7 @@ was expected. `bool` is never a number here: `True` for a count is a mistake.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -105,3 +106,13 @@ def seed(name: str, value: Any, *, owner: str | None = None) -> int | None:
     if value is None:
         return None
     return integer(name, value, minimum=0, owner=owner)
+
+
+def cutoffs(name: str, value: Any, *, owner: str | None = None) -> tuple[int, ...]:
+    """A non-empty sequence of positive integers (the `ks` of a metric table), as a tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(
+            f"{_where(owner)}`{name}` must be a non-empty sequence of positive integers. "
+            f"Received: {name}={value!r}"
+        )
+    return tuple(integer(name, k, owner=owner) for k in value)

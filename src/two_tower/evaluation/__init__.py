@@ -240,7 +240,7 @@ def format_table(
     if stat not in STATS:
         raise ValueError(f"`stat` must be one of {STATS}. Received: {stat!r}")
     _check_rows(rows, "format_table")
-    ks = _checked_ks(ks, "format_table")
+    ks = _arguments.cutoffs("ks", ks, owner="format_table")
     label = {"accuracy": "top-{}", "recall": "recall@{}", "ndcg": "ndcg@{}"}[stat]
     lines = [
         "| model | " + " | ".join(label.format(k) for k in ks) + " |",
@@ -279,7 +279,7 @@ def plot_recall(
         FileNotFoundError: the folder of `path` does not exist.
     """
     _check_rows(rows, "plot_recall")
-    ks = _checked_ks(ks, "plot_recall")
+    ks = _arguments.cutoffs("ks", ks, owner="plot_recall")
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(
@@ -341,14 +341,6 @@ def _check_rows(rows: Any, owner: str) -> None:
         )
     if not rows:
         raise ValueError(f"{owner}: `rows` is empty: expected at least one row of results.")
-
-
-def _checked_ks(ks: Any, owner: str) -> tuple[int, ...]:
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
-        raise ValueError(
-            f"{owner}: `ks` must be a non-empty sequence of positive integers. Received: ks={ks!r}"
-        )
-    return tuple(_arguments.integer("ks", k, owner=owner) for k in ks)
 
 
 def recall_against_exact(found_ids: Any, exact_ids: Any) -> float:

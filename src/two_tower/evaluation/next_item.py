@@ -83,10 +83,8 @@ def evaluate_next_item(
         >>> two_tower.evaluation.evaluate_next_item(queries, items, [3], ks=(1,), exclude=[[1]])
         {'hr@1': 1.0, 'ndcg@1': 1.0, 'mrr@1': 1.0}
     """
-    from two_tower.evaluation import _checked_ks  # (the package imports this module)
-
     owner = "evaluate_next_item"
-    ks = _checked_ks(ks, owner)
+    ks = _arguments.cutoffs("ks", ks, owner=owner)
     batch_size = _arguments.integer("batch_size", batch_size, owner=owner)
     catalogue = np.asarray(ops.convert_to_numpy(catalogue_embeddings))
     if catalogue.ndim != 2 or catalogue.shape[0] == 0:
