@@ -3,8 +3,9 @@
 Each artefact is loaded in a fresh process where Keras and two_tower cannot be
 imported (`tf.saved_model.load`, `onnxruntime.InferenceSession`), for an id
 model (string vocabularies), a feature model (an int64 vocabulary and a numeric
-feature) and a history model, with exclusions, unknown values and tied scores
-(weights on a 1/8 grid, so scores are exact on every backend, and repeated rows).
+feature), a history model and a sequence model trained on packed rows only, with
+exclusions, unknown values and tied scores (weights on a 1/8 grid, so scores are
+exact on every backend, and repeated rows).
 
 Exporting needs TensorFlow, tf2onnx and onnx (the `export` extra), and the checks
 onnxruntime: `tests-tensorflow` exports in its own process, and `cross-backend`
@@ -254,7 +255,29 @@ def history_model():
     return model, queries, queries["history"][:, 0], 10**9
 
 
-MODELS = {"ids": id_model, "features": feature_model, "history": history_model}
+def sequence_model():
+    """A `SequenceTower` trained on packed rows only: the artefact takes the serving
+    histories (most recent first, -1 padded), not the training rows."""
+    model = two_tower.TwoTowerRetrieval.for_sequences(
+        ITEMS, max_length=5, embedding_dim=DIM, num_sampled_negatives=20
+    )
+    rng = np.random.default_rng(4)
+    users = np.sort(rng.integers(0, USERS, 600))
+    log = two_tower.InteractionLog(users, rng.integers(0, ITEMS, 600), np.arange(600))
+    model.compile(optimizer="adam")
+    model.fit(two_tower.datasets.SequenceDataset(log, max_length=5, batch_size=16), verbose=0)
+    on_grid(model, ITEMS)
+    model.index_candidates(np.arange(ITEMS))
+    queries = {"history": log.history(rng.integers(0, USERS, QUERIES), np.full(QUERIES, 600), 5)}
+    return model, queries, queries["history"][:, 0], 10**9
+
+
+MODELS = {
+    "ids": id_model,
+    "features": feature_model,
+    "history": history_model,
+    "sequence": sequence_model,
+}
 
 
 FORMATS = {"tf_saved_model": "saved", "onnx": "model.onnx"}

@@ -111,6 +111,10 @@ def test_sequence_dataset_must_fit_the_towers():
     big = two_tower.InteractionLog(USERS, ITEMS + 5, TIMES)
     with pytest.raises(ValueError, match="item index 13"):
         model.fit(two_tower.datasets.SequenceDataset(big, max_length=WIDTH), verbose=0)
+    # The full softmax scores every item: a logQ correction would be silently wrong.
+    corrected = two_tower.datasets.SequenceDataset(log, max_length=WIDTH, sampling_probability=True)
+    with pytest.raises(ValueError, match="loss='full_softmax' does not use it"):
+        model.fit(corrected, verbose=0)
 
 
 def test_padding_is_no_negative_and_has_no_loss():

@@ -177,8 +177,11 @@ def test_saved_model_gives_the_same_outputs(tmp_path):
     model.compile(optimizer=two_tower.defaults.sequence_optimizer())
     target = np.where(PACKED["segment"] > 0, (PACKED["sequence"] + 1) % NUM_ITEMS, -1)
     model.fit({"query": PACKED, "candidate": target}, epochs=2, verbose=0)
-    before = model.predict({"history": HISTORY}, verbose=0)
+    # Saved before any serving call: the model records the serving input (what it is
+    # rebuilt with, and what `export` serves), not the training rows.
+    assert model.get_build_config()["query_input_spec"] == {"history": f"int32|{WIDTH}"}
     loaded = save_and_load(model, tmp_path)
+    before = model.predict({"history": HISTORY}, verbose=0)
     assert loaded.query_tower.item_table is loaded.candidate_tower.embedding
     np.testing.assert_allclose(loaded.predict({"history": HISTORY}, verbose=0), before, atol=1e-6)
     np.testing.assert_allclose(

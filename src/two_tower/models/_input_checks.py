@@ -354,12 +354,13 @@ def check_fit_arguments(
     if loss_name in ("mse", "full_softmax") and (
         (isinstance(x, Mapping) and SAMPLING_PROBABILITY in x)
         or (isinstance(x, ShardDataset) and x.sampling_probability is not None)
+        or (isinstance(x, SequenceDataset) and x.sampling_probability)
     ):
         raise ValueError(
             f"`{SAMPLING_PROBABILITY}` (the logQ correction) applies to loss='softmax' "
             f"and 'sampled_softmax', whose negatives are sampled; loss={loss_name!r} "
-            "does not use it. Leave it out of x (or the ShardDataset's "
-            "`sampling_probability`)."
+            "does not use it. Leave it out of x (or the ShardDataset's or "
+            "SequenceDataset's `sampling_probability`)."
         )
     if not is_pair(x):
         return

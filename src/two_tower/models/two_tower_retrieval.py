@@ -375,7 +375,14 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         )
         embeddings = self.query_tower(query_features, training=training)
         if self._query_input_spec is None:  # once the tower took them
-            self._query_input_spec = _serving.input_spec(query_features)
+            served = query_features
+            if _input_checks.predicts_every_position(self.query_tower, query_features):
+                # Training rows are not what serving (and an export) takes: record
+                # the serving form, if the tower says what it is.
+                serving_example = getattr(self.query_tower, "serving_example", None)
+                served = serving_example() if callable(serving_example) else None
+            if served is not None:
+                self._query_input_spec = _serving.input_spec(served)
         return embeddings
 
     def embed_candidates(self, candidate_features: Any, training: bool = False) -> Tensor:

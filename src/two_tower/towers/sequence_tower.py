@@ -246,6 +246,15 @@ class SequenceTower(SharedItemTable, keras.layers.Layer):
         """Whether `features` are packed training rows (`sequence_key` present)."""
         return isinstance(features, Mapping) and self.sequence_key in features
 
+    def serving_example(self) -> dict[str, np.ndarray]:
+        """One serving input, `{history_key: [1, max_length]}` all padding.
+
+        `TwoTowerRetrieval` records its shape as the query input of a model
+        trained on packed rows: what a saved model is rebuilt with and what
+        `export` serves.
+        """
+        return {self.history_key: np.full((1, self.max_length), -1, "int32")}
+
     def __call__(self, features: Any, *args: Any, **kwargs: Any) -> Any:
         # Before Keras converts the inputs: it fails on a bare array or ragged
         # lists with messages that name no feature.
