@@ -210,7 +210,8 @@ def test_sharded_index_is_exact_with_ties(kind, tmp_path):
     )
     keras.distribution.set_distribution(distribution)
     index = two_tower.BruteForceIndex(chunk_size=64)  # 4 steps of 8 x 64 rows
-    index.index(candidates, ids)
+    group = np.arange(num_candidates) % 3
+    index.index(candidates, ids, attributes={"group": group})
     sharded = index._catalogue.sharded  # private: how the rows are laid out
     assert len(sharded.chunks) == 4 and sharded.width == 64
     for chunk in sharded.chunks:  # each device holds 64 rows of each chunk, no more
@@ -225,6 +226,23 @@ def test_sharded_index_is_exact_with_ties(kind, tmp_path):
         found, scores = index.search(queries, k, exclude=[ids[e] for e in exclude])
         np.testing.assert_array_equal(found, ids[expected])
         np.testing.assert_array_equal(scores, expected_scores)
+    # Filters: a shared `where` and per-query allow-lists, across devices and chunks.
+    allow = [rng.choice(num_candidates, 60, replace=False) for _ in range(7)]
+    disallowed = []
+    for row in range(7):
+        outside = np.setdiff1d(np.arange(num_candidates), allow[row] if row % 2 else [])
+        if row % 2 == 0:  # no allow-list
+            outside = np.zeros(0, "int64")
+        disallowed.append(np.union1d(outside, np.flatnonzero(group == 1)))
+    expected_scores, expected = _stable_top_k(queries, candidates, 10, disallowed)
+    found, scores = index.search(
+        queries,
+        10,
+        where={"group": [0, 2]},
+        allow=[ids[a] if row % 2 else None for row, a in enumerate(allow)],
+    )
+    np.testing.assert_array_equal(found, ids[expected])
+    np.testing.assert_array_equal(scores, expected_scores)
     np.testing.assert_array_equal(index.embeddings(), candidates)
     index.save_assets(str(tmp_path))
     keras.distribution.set_distribution(None)

@@ -10,6 +10,7 @@ its catalogue per call.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -198,6 +199,7 @@ def similar_items(
     exclude: Any,
     ignore_unknown_exclusions: bool,
     batch_size: int,
+    filters: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(ids, scores)` of `TwoTowerRetrieval.similar_items` (see there): `items`
     embedded by `job`, searched in `index` with `similarity_fn`."""
@@ -240,8 +242,30 @@ def similar_items(
         exclude=rows,
         # Only indexed ids of the items themselves were added: unknown ids are the caller's.
         ignore_unknown_exclusions=ignore_unknown_exclusions,
+        **(filters or {}),
     )
     return found, scores
+
+
+def filter_options(index: CandidateIndex, method: str, **options: Any) -> dict[str, Any]:
+    """The filter arguments that are set, for `index.<method>`; refused if it lacks them.
+
+    `BruteForceIndex` filters (`index(attributes=...)`, `search(allow=...,
+    where=...)`); an index without those parameters is told apart here, with an
+    error that names it, rather than by a `TypeError` from deep inside.
+    """
+    given = {name: value for name, value in options.items() if value is not None}
+    if not given:
+        return {}
+    parameters = inspect.signature(getattr(index, method)).parameters
+    missing = [name for name in given if name not in parameters]
+    if missing:
+        raise ValueError(
+            f"{type(index).__name__}.{method} does not take {missing}: filtered search "
+            "(`allow`, `where` and indexed `attributes`) needs a two_tower.BruteForceIndex "
+            "as the model's `candidate_index`."
+        )
+    return given
 
 
 def input_spec(inputs: Any) -> Any:

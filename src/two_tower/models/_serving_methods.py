@@ -210,7 +210,12 @@ class Serving(_Base):
         )
 
     def index_candidates(
-        self, candidates: Any = None, candidate_ids: Any = None, batch_size: int = 4096
+        self,
+        candidates: Any = None,
+        candidate_ids: Any = None,
+        batch_size: int = 4096,
+        *,
+        attributes: Mapping[str, Any] | None = None,
     ) -> None:
         """Embeds the catalogue with the candidate tower and indexes it.
 
@@ -232,6 +237,10 @@ class Serving(_Base):
                 int64 range) or strings; defaults to the raw ids with a
                 candidate vocabulary, else to row positions.
             batch_size: rows embedded at once.
+            attributes: per-candidate values that `recommend(where=...)` and
+                `similar_items(where=...)` filter on, `{name: one value per
+                indexed candidate}`, in the order of the candidates (see
+                `BruteForceIndex.index`).
 
         Raises:
             ValueError: without `candidates` when no catalogue was set (and no
@@ -270,7 +279,8 @@ class Serving(_Base):
             blocks = _serving.embedded_blocks(
                 self._candidate_function(), candidates, batch_size, "candidates"
             )
-            self.candidate_index.index(blocks, candidate_ids)
+            options = _serving.filter_options(self.candidate_index, "index", attributes=attributes)
+            self.candidate_index.index(blocks, candidate_ids, **options)
 
     def recommend(
         self,
@@ -281,6 +291,8 @@ class Serving(_Base):
         ignore_unknown_exclusions: bool = False,
         return_scores: bool = False,
         batch_size: int = 1024,
+        allow: Sequence[Any] | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Top-k candidate ids for each query, best first.
 
@@ -302,10 +314,17 @@ class Serving(_Base):
                 out, e.g. what each user already watched: `[[3, 5], None]`. A
                 flat list of ids raises (wrap it per query). The results are the
                 exact top k among the remaining candidates.
-            ignore_unknown_exclusions: skip excluded ids that are not indexed
-                instead of raising.
+            ignore_unknown_exclusions: skip excluded (and allowed) ids that are
+                not indexed instead of raising.
             return_scores: also return the `[queries, k]` scores.
             batch_size: queries embedded at once.
+            allow: one sequence of candidate ids (or None) per query: that
+                query returns only these.
+            where: conditions on the attributes given to `index_candidates`,
+                for every query, e.g. `{"category": [2, 7], "in_stock": True,
+                "price": {"max": 20.0}}`. With `allow` or `where`, a query with
+                fewer than k candidates left gets padding (score `-inf`, id -1
+                or `""`); see `BruteForceIndex.search`.
 
         Returns:
             `[queries, k]` ids (NumPy, dtype of the indexed ids), or `(ids,
@@ -334,6 +353,7 @@ class Serving(_Base):
                 similarity_fn=self.compute_similarities,
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
+                **_serving.filter_options(self.candidate_index, "search", allow=allow, where=where),
             )
         return (ids, scores) if return_scores else ids
 
@@ -349,6 +369,8 @@ class Serving(_Base):
         ignore_unknown_exclusions: bool = False,
         return_scores: bool = False,
         batch_size: int = 4096,
+        allow: Sequence[Any] | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Item-to-item: the indexed candidates closest to each given item.
 
@@ -376,6 +398,9 @@ class Serving(_Base):
                 raising.
             return_scores: also return the `[items, k]` scores.
             batch_size: items embedded at once.
+            allow: one sequence of candidate ids (or None) per item: only
+                these may come back for it.
+            where: conditions on the indexed attributes (see `recommend`).
 
         Returns:
             `[items, k]` ids, or `(ids, scores)` when `return_scores` is true.
@@ -413,6 +438,9 @@ class Serving(_Base):
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
                 batch_size=batch_size,
+                filters=_serving.filter_options(
+                    self.candidate_index, "search", allow=allow, where=where
+                ),
             )
         return (found, scores) if return_scores else found
 

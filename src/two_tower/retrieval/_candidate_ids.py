@@ -129,7 +129,11 @@ def excluded_indices(
 
 
 def exclusion_lists(
-    exclude: Any, num_rows: int, what: str = "query", plural: str = "queries"
+    exclude: Any,
+    num_rows: int,
+    what: str = "query",
+    plural: str = "queries",
+    argument: str = "exclude",
 ) -> list[np.ndarray | None]:
     """`exclude` as one 1D id array (or None) per row; a flat list of ids raises.
 
@@ -144,12 +148,12 @@ def exclusion_lists(
     """
     if isinstance(exclude, (str, bytes, Mapping)) or not hasattr(exclude, "__len__"):
         raise ValueError(
-            f"`exclude` must hold one sequence of ids (or None) per {what}. "
+            f"`{argument}` must hold one sequence of ids (or None) per {what}. "
             f"Received: {type(exclude).__name__}"
         )
     if len(exclude) != num_rows:
         raise ValueError(
-            f"`exclude` must have one entry per {what}: {num_rows} {plural}, "
+            f"`{argument}` must have one entry per {what}: {num_rows} {plural}, "
             f"received {len(exclude)} entries."
         )
     entries: list[np.ndarray | None] = []
@@ -161,9 +165,9 @@ def exclusion_lists(
             ids = sorted(ids)  # a set of ids is a fine sequence; NumPy sees it as one object
         if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
             raise ValueError(
-                f"`exclude[{row}]` is a single id ({ids!r}), but each entry of `exclude` "
+                f"`{argument}[{row}]` is a single id ({ids!r}), but each entry of `{argument}` "
                 f"must be a sequence of ids (or None) for that {what}: e.g. "
-                f"exclude=[[{ids!r}], ...], one list per {what}."
+                f"{argument}=[[{ids!r}], ...], one list per {what}."
             )
         entries.append(np.asarray(ids).reshape(-1))
     return entries

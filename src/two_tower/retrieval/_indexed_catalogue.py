@@ -6,7 +6,7 @@ search works on one version, whatever `index` does meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +39,8 @@ class IndexedCatalogue(NamedTuple):
     sorted_ids: np.ndarray
     dim: int
     sharded: ShardedCatalogue | None = None
+    # Per-candidate attributes for `where` filters (read-only NumPy arrays).
+    attributes: Mapping[str, np.ndarray] | None = None
 
     def layout(self) -> tuple[int, int]:
         """(devices, candidates per device per step); the tail scores -inf."""
@@ -48,7 +50,12 @@ class IndexedCatalogue(NamedTuple):
         return 1, self.host.width
 
 
-def indexed_catalogue(store: ChunkStore, ids: CandidateIds, chunk_size: int) -> IndexedCatalogue:
+def indexed_catalogue(
+    store: ChunkStore,
+    ids: CandidateIds,
+    chunk_size: int,
+    attributes: Mapping[str, np.ndarray] | None = None,
+) -> IndexedCatalogue:
     """`store` as the search reads it: sharded under a distribution, else backend tensors."""
     sharded = _sharding.shard_catalogue(store, chunk_size, BLOCK)
     return IndexedCatalogue(
@@ -60,6 +67,7 @@ def indexed_catalogue(store: ChunkStore, ids: CandidateIds, chunk_size: int) -> 
         sorted_ids=ids.sorted_ids,
         dim=store.dim,
         sharded=sharded,
+        attributes=attributes,
     )
 
 

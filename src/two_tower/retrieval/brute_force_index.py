@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -13,7 +13,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
-from two_tower.retrieval import _candidate_ids, _catalogue_store, _indexed_catalogue
+from two_tower.retrieval import _candidate_ids, _catalogue_store, _filters, _indexed_catalogue
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue
 from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.retrieval.top_k import BLOCK, TopKStep, dot_similarities, next_power_of_two
@@ -21,6 +21,7 @@ from two_tower.types import SimilarityFn, Tensor
 
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
 _IDS_FILE = "candidate_ids.npy"
+_ATTRIBUTES_FILE = "candidate_attributes.npz"
 
 
 _MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
@@ -150,8 +151,14 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             raise ValueError(_EMPTY_INDEX)
         return catalogue
 
-    def index(self, candidate_embeddings: Any, candidate_ids: Any = None) -> None:
-        """Replaces the catalogue.
+    def index(
+        self,
+        candidate_embeddings: Any,
+        candidate_ids: Any = None,
+        *,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Replaces the catalogue (and its attributes).
 
         The index holds one copy of the catalogue (in chunks of `chunk_size`
         rows, which the backend shares on CPU), plus at most one block and one
@@ -167,6 +174,10 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             candidate_ids: `[candidates]` unique ids, integers (the whole int64
                 range) or strings; defaults to positions `0..candidates-1`
                 (or to the ids of the pairs).
+            attributes: per-candidate values that `search(where=...)` filters
+                on: `{name: [candidates] values}`, booleans, numbers or strings,
+                e.g. `{"category": [...], "in_stock": [...], "price": [...]}`.
+                Kept on the host (one copy), saved with the index.
 
         Raises:
             ValueError: on an empty catalogue, a non-2D embedding matrix (or
@@ -174,8 +185,10 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 whose length differs from the embeddings, ids given twice (in
                 pairs and as `candidate_ids`), ids that are not all integers or
                 all strings (within and across pairs), ids given as an iterator,
-                one `(embeddings, ids)` pair instead of a list of pairs, or
-                duplicate ids. The previous catalogue is kept when it raises.
+                one `(embeddings, ids)` pair instead of a list of pairs,
+                duplicate ids, or `attributes` that are not one boolean, number
+                or string per candidate (or hold NaN). The previous catalogue is
+                kept when it raises.
         """
         blocks, rows = _catalogue_store.blocks_of(candidate_embeddings)
         if rows is not None and candidate_ids is not None:
@@ -189,8 +202,16 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         ids = _candidate_ids.checked_ids(
             paired_ids if paired_ids is not None else candidate_ids, store.num_rows
         )
-        catalogue = _indexed_catalogue.indexed_catalogue(store, ids, self.chunk_size)
+        checked = _filters.checked_attributes(attributes, store.num_rows)
+        catalogue = _indexed_catalogue.indexed_catalogue(store, ids, self.chunk_size, checked)
         object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
+
+    def attributes(self) -> dict[str, np.ndarray]:
+        """The indexed candidate attributes, `{name: [candidates] values}` (read-only)."""
+        catalogue = self._catalogue
+        if catalogue is None or catalogue.attributes is None:
+            return {}
+        return dict(catalogue.attributes)
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids.
@@ -242,8 +263,13 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         k: int,
         similarity_fn: SimilarityFn,
         excluded: tuple[np.ndarray, np.ndarray] | None,
+        filters: _Filters | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Chunked running top k; `excluded` = (query rows, positions) to skip.
+
+        `filters` restricts what each query may return (see `search`): a
+        shared mask over positions, and per-query allowed (row, position) pairs
+        for the `restricted` rows; everything else scores -inf.
 
         Each chunk is scored and merged by one `TopKStep` call, compiled by the
         backend (`jax.jit`, `tf.function`; eager on torch, see
@@ -277,6 +303,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             indices = _candidate_ids.excluded_indices(excluded, start, num_valid)
             if indices is not None:
                 inputs["excluded"] = indices
+            if filters is not None:
+                inputs.update(filters.chunk_inputs(start, columns, num_valid, rows))
             outputs = step(inputs)
             best_scores, best_positions = outputs["scores"], outputs["positions"]
         return best_scores[:num_queries], best_positions[:num_queries]
@@ -302,8 +330,10 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         *,
         exclude: Sequence[Any] | None = None,
         ignore_unknown_exclusions: bool = False,
+        allow: Sequence[Any] | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k candidate ids for each query, best first.
+        """Top-k candidate ids for each query, best first, optionally filtered.
 
         Args:
             query_embeddings: `[queries, dim]` array-like.
@@ -314,8 +344,24 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 of that query's results, e.g. items already seen: `[[3, 5],
                 None]`. A flat list of ids (`[3, 5]`) raises: wrap it per query.
                 The results are the exact top k among the remaining candidates.
-            ignore_unknown_exclusions: skip excluded ids that are not in the
-                catalogue (e.g. retired items) instead of raising.
+            ignore_unknown_exclusions: skip excluded (and allowed) ids that are
+                not in the catalogue (e.g. retired items) instead of raising.
+            allow: one sequence of candidate ids (or None, for no restriction)
+                per query: that query returns only these, e.g. the items a user
+                may see: `[[3, 5, 8], None]`.
+            where: conditions on the attributes given to `index`, all of which
+                a candidate must meet, for every query: `name: value` (equal),
+                `name: [v1, v2, ...]` (any of them), `name: {"min": a, "max":
+                b}` (a numeric range, ends included, either optional); e.g.
+                `{"category": [2, 7], "in_stock": True, "price": {"max": 20.0}}`.
+
+        **Filters.** With `allow` or `where`, the results are the exact top k
+        among the candidates a query may return (allowed, meeting `where`, not
+        excluded), ties lower position first as always. Where fewer than k
+        remain, the row ends with padding: score `-inf` and id -1 (or `""`
+        for string ids). The filtered-out candidates are still scored, chunk by
+        chunk (they score -inf), so a filter costs what an unfiltered search
+        costs, with the same memory.
 
         Returns:
             `(ids, scores)`: NumPy arrays of shape `[queries, k]`; `ids` has the
@@ -323,14 +369,28 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
 
         Raises:
             ValueError: if the index is empty, `k` is out of range, the query dim
-                does not match, queries contain NaN or infinity, `exclude` does
-                not have one sequence (or None) per query, names unknown ids, or
-                leaves a query fewer than `k` candidates.
+                does not match, queries contain NaN or infinity, `exclude` or
+                `allow` does not have one sequence (or None) per query or names
+                unknown ids, `where` is malformed (see the conditions above), or,
+                without filters, `exclude` leaves a query fewer than `k`
+                candidates.
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.BruteForceIndex()
+            >>> index.index(np.eye(4, dtype="float32"), np.array([10, 20, 30, 40]),
+            ...             attributes={"category": np.array([1, 2, 1, 2])})
+            >>> query = np.array([[0.1, 0.4, 0.3, 0.2]], "float32")
+            >>> index.search(query, k=2, where={"category": 1})[0].tolist()
+            [[30, 10]]
+            >>> ids, scores = index.search(query, k=3, allow=[[20, 10]])
+            >>> ids.tolist(), scores.tolist()[0][2]
+            ([[20, 10, -1]], -inf)
         """
         with backend_module().serving_slot():
             scores, ids = self._search(
                 self._snapshot(), query_embeddings, k, similarity_fn, exclude,
-                ignore_unknown_exclusions,
+                ignore_unknown_exclusions, allow, where,
             )  # fmt: skip
         return ids, scores
 
@@ -342,6 +402,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         similarity_fn: SimilarityFn | None,
         exclude: Sequence[Any] | None,
         ignore_unknown_exclusions: bool,
+        allow: Sequence[Any] | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.asarray(ops.convert_to_numpy(query_embeddings))
         if queries.dtype.kind not in "iuf":
@@ -353,10 +415,22 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 "JAX, an id outside a table's range inside a tower, which JAX gathers as a "
                 "row of NaN (see the backends guide)."
             )
+        num_candidates = len(catalogue.ids)
+        mask = _filters.where_mask(catalogue.attributes, where, num_candidates)
+        allowed = None
+        if allow is not None:
+            allowed = _filters.allowed_pairs(
+                catalogue, allow, len(queries), ignore_unknown_exclusions, mask
+            )
+        filtered = mask is not None or allowed is not None
         excluded = None
         if exclude is not None:
             excluded = _candidate_ids.exclusions(
-                catalogue, exclude, len(queries), k, ignore_unknown_exclusions
+                catalogue,
+                exclude,
+                len(queries),
+                0 if filtered else k,  # filtered rows are padded, not refused
+                ignore_unknown_exclusions,
             )
         similarity_fn = similarity_fn or dot_similarities
         all_scores, all_positions = [], []
@@ -365,21 +439,32 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             stop = start + batch_rows
             batch_excluded = None
             if excluded is not None:
-                rows, positions = excluded
-                keep = (rows >= start) & (rows < stop)
-                batch_excluded = (rows[keep] - start, positions[keep])
+                batch_excluded = _rows_between(excluded, start, stop)
+            batch_filters = None
+            if filtered:
+                batch_filters = _Filters(
+                    mask,
+                    None if allowed is None else _rows_between(allowed[:2], start, stop),
+                    None if allowed is None else allowed[2][start:stop],
+                )
             scores, positions = self._top_k(
                 catalogue,
                 ops.convert_to_tensor(queries[start:stop], self.compute_dtype),
                 k,
                 similarity_fn,
                 batch_excluded,
+                batch_filters,
             )
             all_scores.append(ops.convert_to_numpy(scores))
             all_positions.append(ops.convert_to_numpy(positions))
         if not all_scores:
             return np.zeros((0, k), self.compute_dtype), np.zeros((0, k), catalogue.ids.dtype)
-        return np.concatenate(all_scores), catalogue.ids[np.concatenate(all_positions)]
+        scores, positions = np.concatenate(all_scores), np.concatenate(all_positions)
+        ids = catalogue.ids[positions]
+        if filtered:  # what no candidate filled: -inf, and an id that says so
+            padding = np.isneginf(scores)
+            ids[padding] = "" if ids.dtype.kind == "U" else -1
+        return scores, ids
 
     def save_assets(self, dir_path: str) -> None:
         catalogue: IndexedCatalogue | None = self._catalogue
@@ -391,20 +476,70 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         else:
             np.save(path, _indexed_catalogue.host_embeddings(catalogue), allow_pickle=False)
         np.save(os.path.join(dir_path, _IDS_FILE), catalogue.ids, allow_pickle=False)
+        if catalogue.attributes:  # names and values side by side: any name is fine
+            names = list(catalogue.attributes)
+            arrays = {f"values_{i}": catalogue.attributes[name] for i, name in enumerate(names)}
+            arrays["names"] = np.array(names, dtype=str)
+            np.savez(os.path.join(dir_path, _ATTRIBUTES_FILE), allow_pickle=False, **arrays)
 
     def load_assets(self, dir_path: str) -> None:
         embeddings_path = os.path.join(dir_path, _EMBEDDINGS_FILE)
         if not os.path.exists(embeddings_path):
             return
+        attributes = None
+        attributes_path = os.path.join(dir_path, _ATTRIBUTES_FILE)
+        if os.path.exists(attributes_path):
+            with np.load(attributes_path, allow_pickle=False) as stored:
+                names = stored["names"].tolist()
+                attributes = {name: stored[f"values_{i}"] for i, name in enumerate(names)}
         self.index(
             _catalogue_store.npy_blocks(embeddings_path),  # never the whole file at once
             np.load(os.path.join(dir_path, _IDS_FILE), allow_pickle=False),
+            attributes=attributes,
         )
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
         config.update({"chunk_size": self.chunk_size, "query_batch_size": self.query_batch_size})
         return config
+
+
+def _rows_between(
+    pairs: tuple[np.ndarray, np.ndarray], start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (query row, position) pairs of queries `start..stop-1`, rows from 0."""
+    rows, positions = pairs
+    keep = (rows >= start) & (rows < stop)
+    return rows[keep] - start, positions[keep]
+
+
+class _Filters:
+    """One query batch's filters, cut per chunk into the compiled step's inputs."""
+
+    def __init__(
+        self,
+        mask: np.ndarray | None,
+        allowed: tuple[np.ndarray, np.ndarray] | None,
+        restricted: np.ndarray | None,
+    ) -> None:
+        self.mask = mask  # [candidates] bool, shared by every query
+        self.allowed = allowed  # (rows, positions) of the restricted rows
+        self.restricted = restricted  # [batch] bool: rows with an allow-list
+
+    def chunk_inputs(self, start: int, columns: int, num_valid: int, rows: int) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        if self.mask is not None:
+            allowed = np.zeros(columns, dtype=bool)  # (the padded tail scores -inf anyway)
+            allowed[:num_valid] = self.mask[start : start + num_valid]
+            inputs["allowed"] = allowed
+        if self.allowed is not None and self.restricted is not None:
+            restricted = np.zeros(rows, dtype=bool)  # padded query rows: unrestricted
+            restricted[: len(self.restricted)] = self.restricted
+            inputs["restricted"] = restricted
+            pairs = _candidate_ids.excluded_indices(self.allowed, start, num_valid)
+            if pairs is not None:
+                inputs["allowed_pairs"] = pairs
+        return inputs
 
 
 _EMPTY_INDEX = (

@@ -197,6 +197,15 @@ class TopKStep:
             columns = ops.arange(self.chunk_size, dtype="int32")
             valid = ops.expand_dims(ops.less(columns, inputs["num_valid"][0]), 0)
             scores = ops.where(valid, scores, float("-inf"))
+        if "allowed" in inputs:  # a filter shared by every query: [chunk] bools
+            scores = ops.where(ops.expand_dims(inputs["allowed"], 0), scores, float("-inf"))
+        if "restricted" in inputs:  # rows with an allow-list keep its pairs only
+            kept = ops.full_like(scores, float("-inf"))
+            if "allowed_pairs" in inputs:
+                pairs = inputs["allowed_pairs"]
+                flat = pairs[:, 0] * ops.shape(scores)[1] + pairs[:, 1]
+                kept = ops.scatter_update(kept, pairs, ops.take(ops.reshape(scores, (-1,)), flat))
+            scores = ops.where(ops.expand_dims(inputs["restricted"], 1), kept, scores)
         if "excluded" in inputs:
             indices = inputs["excluded"]
             minus_inf = ops.full_like(indices[:, 0], float("-inf"), dtype=scores.dtype)
