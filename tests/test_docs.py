@@ -198,6 +198,14 @@ def test_getting_started_and_serving_guides_run(real_data_dir, tmp_path, monkeyp
     run_doc_blocks("docs/serving.md", test, namespace)
     ids = namespace["ids"]
     assert ids.shape == (3, 10)
+    # Filtered retrieval: every result meets `where`; the short allow-list is padded.
+    recent, movie_ids = namespace["recent_comedies"], np.asarray(namespace["movie_ids"])
+    position = {movie: row for row, movie in enumerate(movie_ids)}
+    rows = [position[movie] for movie in recent.reshape(-1)]
+    assert namespace["comedy"][rows].all() and (namespace["year"][rows] >= 1995).all()
+    shortlisted = namespace["shortlisted"]
+    assert set(shortlisted[0]) <= set(movie_ids[:20]) and shortlisted[2, 2:].tolist() == [-1] * 3
+    assert set(shortlisted[2, :2]) == {50, 181}
     for row, user in zip(ids, namespace["requests"], strict=True):
         assert not set(row) & set(namespace["seen_by_user"][user])
     star_wars = namespace["star_wars_id"]

@@ -232,7 +232,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     # The quickstart and its save/load lines run as one script, as a reader runs them.
     "README.md": dict.fromkeys(range(2), "test_docs.py::test_readme_quickstart_runs"),
     "docs/getting-started.md": dict.fromkeys(range(7), _GUIDES),
-    "docs/serving.md": dict.fromkeys(range(3), _GUIDES),
+    "docs/serving.md": dict.fromkeys(range(4), _GUIDES),
     "docs/your-data.md": dict.fromkeys(
         range(10), "test_your_data_guide.py::test_your_data_guide_runs"
     ),
