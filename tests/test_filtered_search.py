@@ -12,6 +12,7 @@ import pytest
 
 import two_tower
 from testing import save_and_load
+from two_tower.retrieval import brute_force_index
 
 N, DIM, K = 300, 4, 10
 
@@ -46,6 +47,15 @@ def reference(queries, embeddings, ids, k, allowed):
 def queries(count=37, seed=1):
     rng = np.random.default_rng(seed)
     return (rng.integers(-8, 9, (count, DIM)) / 8).astype("float32")
+
+
+@pytest.fixture(params=["compacted", "masked"], autouse=True)
+def path(request, monkeypatch):
+    """Each test on both paths: a selective filter searches a copy of the allowed rows
+    only (forced here for every filter), any other masks scores in place."""
+    fraction = 1 if request.param == "compacted" else 10**9
+    monkeypatch.setattr(brute_force_index, "_COMPACT_FRACTION", fraction)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +117,31 @@ def test_allow_where_and_exclude_together(index):
     np.testing.assert_array_equal(got_scores, expected_scores)
     assert np.isneginf(expected_scores).any()  # some rows had fewer than k: padded
     assert (expected_ids == -1).any()
+
+
+def test_every_query_with_an_allow_list(index):
+    """The union of the allow-lists is all that is searched (compacted)."""
+    found, embeddings, attributes = index
+    ids = found.candidate_ids
+    q = queries(20)
+    rng = np.random.default_rng(9)
+    allow, exclude = [], []
+    allowed = np.zeros((len(q), N), dtype=bool)
+    for row in range(len(q)):
+        picked = rng.choice(N, size=rng.integers(0, 30), replace=False)
+        allow.append(list(ids[picked]))
+        allowed[row, picked] = True
+        dropped = rng.choice(N, size=20, replace=False)
+        exclude.append(list(ids[dropped]))
+        allowed[row, dropped] = False
+    allowed &= (attributes["category"] != 0)[None, :]
+    expected = reference(q, embeddings, ids, K, allowed)
+    got = found.search(q, k=K, allow=allow, exclude=exclude, where={"category": [1, 2, 3, 4]})
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    # Nothing allowed anywhere: all padding.
+    got_ids, got_scores = found.search(q[:2], k=3, allow=[[], []])
+    assert got_ids.tolist() == [[-1] * 3] * 2 and np.isneginf(got_scores).all()
 
 
 def test_allow_alone_with_string_ids_and_an_empty_list():

@@ -206,3 +206,28 @@ def allowed_pairs(
     if not rows:
         return np.zeros(0, "int64"), np.zeros(0, "int64"), restricted
     return np.concatenate(rows), np.concatenate(positions), restricted
+
+
+def candidate_subset(
+    mask: np.ndarray | None, allowed: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+) -> np.ndarray | None:
+    """Sorted positions that some query of the call may return, or None for all.
+
+    Every query is held to `mask`, if given; when every query has an allow-list,
+    to the union of those lists too (which `allowed_pairs` already cut to `mask`).
+    """
+    if allowed is not None and len(allowed[2]) and allowed[2].all():
+        return np.unique(allowed[1])
+    if mask is not None:
+        return np.flatnonzero(mask)
+    return None
+
+
+def within(
+    pairs: tuple[np.ndarray, np.ndarray], subset: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, positions) pairs whose positions are in sorted `subset`, as its indices."""
+    rows, positions = pairs
+    slots = np.minimum(np.searchsorted(subset, positions), max(len(subset) - 1, 0))
+    inside = subset[slots] == positions if len(subset) else np.zeros(len(positions), bool)
+    return rows[inside], slots[inside]
