@@ -20,8 +20,21 @@ after one warm-up call (compilation). Run:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import _common
+
+
+def _best(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """The fastest of `repeats` calls after one warm-up (compilation), and a result."""
+    call()
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+    return min(times), result
 
 
 def main() -> None:
@@ -52,21 +65,14 @@ def main() -> None:
         index.index(candidates, attributes={"bucket": bucket})
         del candidates
 
-        def best(call):  # noqa: ANN001, ANN202
-            call()  # compiles
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                result = call()
-                times.append(time.perf_counter() - start)
-            return min(times), result
-
-        unfiltered, (top_ids, _) = best(lambda: index.search(queries, args.k))
+        unfiltered, (top_ids, _) = _best(lambda i=index: i.search(queries, args.k), args.repeats)
         print(f"| {size:,} | 100 % | unfiltered | {unfiltered:.3f} | 1.00 | {args.k} |")
         for fraction in (0.01, 0.10, 1.0):
             allowed = list(range(round(fraction * 100)))
             where = {"bucket": allowed}
-            seconds, (ids, _) = best(lambda w=where: index.search(queries, args.k, where=w))
+            seconds, (ids, _) = _best(
+                lambda w=where, i=index: i.search(queries, args.k, where=w), args.repeats
+            )
             assert np.isin(ids % 100, allowed).all()  # ids are positions here
             kept = float(np.isin(top_ids % 100, allowed).sum(axis=1).mean())
             share = f"{fraction:.0%}".replace("%", " %")
