@@ -261,3 +261,66 @@ def test_an_index_that_cannot_filter_is_named():
     with pytest.raises(ValueError, match=r"FaissIndex.search does not take \['where'\]"):
         model.recommend(np.arange(2), k=3, where={"category": 1})
     assert model.recommend(np.arange(2), k=3).shape == (2, 3)  # unfiltered: as before
+
+
+def test_conditions_compare_as_the_attribute_values_do():
+    """Found in review: string lists cut to the attribute's width, float32 values
+    missed by list and NumPy-float conditions, integers beyond int64."""
+    index = two_tower.BruteForceIndex()
+    values = {
+        "s": np.array(["abc", "abc", "xyz", "q"]),
+        "f": np.array([0.2, 0.5, 0.2, 0.7], "float32"),
+        "n": np.array([1, 2, 3, 4]),
+    }
+    index.index(np.eye(4, dtype="float32"), np.array([10, 20, 30, 40]), attributes=values)
+    q = np.array([[0.4, 0.3, 0.2, 0.1]], "float32")
+
+    def found(where):
+        ids, _ = index.search(q, k=4, where=where)
+        return sorted(i for i in ids[0].tolist() if i != -1)
+
+    assert found({"s": ["abcd"]}) == [] and found({"s": "abcd"}) == []
+    assert found({"s": ["abc", "q"]}) == [10, 20, 40]
+    for condition in (
+        0.2,
+        [0.2],
+        np.float64(0.2),
+        {"max": np.float64(0.2)},
+        {"min": 0.2, "max": 0.2},
+    ):
+        assert found({"f": condition}) == [10, 30], condition
+    assert found({"n": {"max": 2**70}}) == [10, 20, 30, 40]
+    assert found({"n": {"min": 2**70}}) == [] and found({"n": 2**70}) == []
+    assert found({"n": {"min": 1.5, "max": 3}}) == [20, 30]
+    with pytest.raises(ValueError, match="beyond the int64 range"):
+        index.index(np.eye(4, dtype="float32"), attributes={"n": [1, 2, 3, 2**70]})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_indexes_filter(dtype, path):
+    """Found in review: a bfloat16 index failed on the compacted path."""
+    embeddings, attributes = catalogue()
+    index = two_tower.BruteForceIndex(dtype=dtype)
+    index.index(embeddings, attributes=attributes)
+    q = queries(5)
+    mask = attributes["category"] == 3
+    expected = reference(q, embeddings, np.arange(N), K, np.tile(mask, (5, 1)))
+    got_ids, got_scores = index.search(q, k=K, where={"category": 3})
+    # The 1/8 grid is exact in both types (scores up to 4 need 5 significant bits).
+    np.testing.assert_array_equal(got_ids, expected[0])
+    np.testing.assert_array_equal(got_scores.astype("float32"), expected[1])
+
+
+def test_filters_of_many_sizes_share_compiled_steps(path):
+    """Found in review: each subset size compiled a step of its own and pushed the
+    unfiltered one out of the cache. Widths are powers of two now."""
+    embeddings, attributes = catalogue()
+    index = two_tower.BruteForceIndex(chunk_size=256)
+    index.index(embeddings, attributes={"price": attributes["price"]})
+    q = queries(3)
+    index.search(q, k=3)
+    for high in range(5, 95, 5):  # 5 % to 90 % allowed: about 15 to 270 rows
+        index.search(q, k=3, where={"price": {"max": float(high)}})
+    # Private: the compiled steps, one per width (32, 64, 128, 256; the unfiltered
+    # catalogue's 256 among them). Widths rounded to 32 rows made 8 or more.
+    assert len(index._steps._entries) <= 4

@@ -340,6 +340,7 @@ class Serving(_Base):
         _serving.check_flags(
             return_scores=return_scores, ignore_unknown_exclusions=ignore_unknown_exclusions
         )
+        filters = _serving.filter_options(self.candidate_index, "search", allow=allow, where=where)
         if not is_batches(queries):
             queries = self._encode(QUERY, queries, "`queries`")
             self._check_structure(queries, QUERY, "`queries`")
@@ -353,7 +354,7 @@ class Serving(_Base):
                 similarity_fn=self.compute_similarities,
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
-                **_serving.filter_options(self.candidate_index, "search", allow=allow, where=where),
+                **filters,
             )
         return (ids, scores) if return_scores else ids
 
@@ -423,6 +424,7 @@ class Serving(_Base):
             exclude_self=exclude_self,
             ignore_unknown_exclusions=ignore_unknown_exclusions,
         )
+        filters = _serving.filter_options(self.candidate_index, "search", allow=allow, where=where)
         items, item_ids = self._candidate_inputs(
             items, item_ids, "`items`", own_tower=item_tower is None
         )
@@ -438,9 +440,7 @@ class Serving(_Base):
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
                 batch_size=batch_size,
-                filters=_serving.filter_options(
-                    self.candidate_index, "search", allow=allow, where=where
-                ),
+                filters=filters,
             )
         return (found, scores) if return_scores else found
 

@@ -9,6 +9,7 @@ compiled step then gives every candidate a query may not return a score of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +68,10 @@ def _one_kind_or_raise(array: np.ndarray, name: str) -> np.ndarray:
     values = array.reshape(-1).tolist()
     kinds = {_kind(value) for value in values}
     if len(kinds) <= 1 and "" not in kinds:
-        return np.array(values).reshape(array.shape) if values else np.zeros(array.shape)
+        converted = np.array(values).reshape(array.shape) if values else np.zeros(array.shape)
+        if converted.dtype == object:  # integers beyond int64
+            raise ValueError(f"Attribute {name!r} holds integers beyond the int64 range.")
+        return converted
     names = sorted({type(value).__name__ for value in values})
     raise ValueError(
         f"Attribute {name!r} must be all booleans, all numbers or all strings. Received "
@@ -147,11 +151,11 @@ def _condition_mask(name: str, values: np.ndarray, condition: Any) -> np.ndarray
         for key, compare in (("min", np.greater_equal), ("max", np.less_equal)):
             if key in condition:
                 bound = condition[key]
-                if _kind(bound) != "n" or not np.isfinite(bound):
+                if _kind(bound) != "n" or not math.isfinite(float(bound)):
                     raise ValueError(
                         f"`where[{name!r}][{key!r}]` must be a finite number. Received {bound!r}"
                     )
-                mask &= compare(values, bound)
+                mask &= compare(values, _comparable(bound, values))
         return mask
     if isinstance(condition, (list, tuple, set, frozenset, np.ndarray)):
         options = (
@@ -167,14 +171,34 @@ def _condition_mask(name: str, values: np.ndarray, condition: Any) -> np.ndarray
                 f"`where[{name!r}]` must list {expected}, like the attribute's values. "
                 f"Received {wrong[:3]!r}"
             )
-        return np.isin(values, np.asarray(options, dtype=values.dtype if kind != "n" else None))
+        return np.isin(values, [_comparable(option, values) for option in options])
     if _kind(condition) != kind:
         raise ValueError(
             f"`where[{name!r}]` must be one of {expected} (equality), a list of them, "
             f"{'or a range {min, max}, ' if kind == 'n' else ''}like the attribute's values. "
             f"Received {condition!r} ({type(condition).__name__})"
         )
-    return np.asarray(values == condition)
+    return np.asarray(values == _comparable(condition, values))
+
+
+def _comparable(value: Any, values: np.ndarray) -> Any:
+    """A condition's value as the attribute's values compare with it.
+
+    Floats take the attribute's own float type, as NumPy does with a Python
+    float (so 0.2 matches a float32 0.2 whether given as `0.2`, `[0.2]` or
+    `np.float64(0.2)`); an integer beyond what an integer attribute holds is
+    compared as a float (it matches nothing, and bounds everything).
+    """
+    if isinstance(value, (bool, np.bool_, str)):
+        return value
+    if values.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # beyond the float type: +-inf, as it compares
+            return values.dtype.type(value)
+    if values.dtype.kind in "iu" and isinstance(value, (int, np.integer)):
+        limits = np.iinfo(values.dtype)
+        if not limits.min <= int(value) <= limits.max:
+            return float(value)
+    return value
 
 
 def allowed_pairs(

@@ -123,7 +123,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
         object.__setattr__(self, "_catalogue", None)
-        object.__setattr__(self, "_steps", CompiledCache[TopKStep](max_size=8))
+        # (16: filters of different sizes compile steps of their own widths.)
+        object.__setattr__(self, "_steps", CompiledCache[TopKStep](max_size=16))
         self.built = True
 
     @property
@@ -496,19 +497,26 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
     def _subset(self, catalogue: IndexedCatalogue, positions: np.ndarray) -> IndexedCatalogue:
         """A catalogue of the rows at sorted `positions` only, in their order.
 
-        Ties still break lower position first: the rows keep their order.
+        Ties still break lower position first: the rows keep their order. Its
+        chunk width is a power of two (at least `BLOCK`, at most a full chunk),
+        so that filters of many sizes share a few compiled steps.
         """
         store = catalogue.host
         assert store is not None
-
-        def blocks() -> Any:
-            chunk_of = positions // store.width
-            for number in np.unique(chunk_of):
-                inside = positions[chunk_of == number] - number * store.width
-                yield store.chunks[number][inside]
-
-        dtype = store.chunks[0].dtype
-        rows, _ = _catalogue_store.assemble(blocks(), self.chunk_size, BLOCK, dtype, len(positions))
+        full = -(-self.chunk_size // BLOCK) * BLOCK
+        width = min(full, max(BLOCK, next_power_of_two(len(positions))))
+        chunks = []
+        for first in range(0, len(positions), width):
+            part = positions[first : first + width]
+            chunk = _catalogue_store.aligned_zeros(width, store.dim, store.dtype)
+            source = part // store.width
+            for number in np.unique(source):
+                inside = source == number
+                chunk[np.flatnonzero(inside)] = store.chunks[number][
+                    part[inside] - number * store.width
+                ]
+            chunks.append(chunk)
+        rows = _catalogue_store.ChunkStore(tuple(chunks), len(positions))
         ids = _candidate_ids.checked_ids(None, len(positions))
         return _indexed_catalogue.indexed_catalogue(rows, ids, self.chunk_size)
 
