@@ -27,7 +27,7 @@ _ATTRIBUTES_FILE = "candidate_attributes.npz"
 _MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
 # A filter that leaves at most 1/8 of the catalogue to every query of a call is
 # searched over a copy of those rows only (at most 1/8 of the catalogue's memory,
-# for the call); a broader one masks the scores, which costs about 1.5 times an
+# for the call); a broader one masks the scores, which costs 1.1 to 2 times an
 # unfiltered search (benchmarks/live_catalogue.py).
 _COMPACT_FRACTION = 8
 
@@ -370,7 +370,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         with a short `allow` list), only those rows are copied and scored: the
         search costs about that share of an unfiltered one, plus the copy. A
         broader filter scores every candidate and gives the others -inf, chunk
-        by chunk, with the memory of an unfiltered search and about 1.5 times
+        by chunk, with the memory of an unfiltered search and 1.1 to 2 times
         its time.
 
         Returns:
