@@ -109,6 +109,11 @@ def checked_ids(candidate_ids: Any, num_rows: int) -> CandidateIds:
     return CandidateIds(ids, order, sorted_ids)
 
 
+def padding_id(ids: np.ndarray) -> int | str:
+    """The id of a result slot no candidate filled (score -inf): -1, or "" for strings."""
+    return "" if ids.dtype.kind == "U" else -1
+
+
 def excluded_indices(
     excluded: tuple[np.ndarray, np.ndarray] | None, start: int, size: int
 ) -> np.ndarray | None:

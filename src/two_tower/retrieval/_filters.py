@@ -159,7 +159,7 @@ def _condition_mask(name: str, values: np.ndarray, condition: Any) -> np.ndarray
         return mask
     if isinstance(condition, (list, tuple, set, frozenset, np.ndarray)):
         options = (
-            list(np.asarray(condition).reshape(-1).tolist())
+            np.asarray(condition).reshape(-1).tolist()
             if isinstance(condition, np.ndarray)
             else list(condition)
         )

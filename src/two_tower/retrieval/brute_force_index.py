@@ -451,8 +451,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         if subset is not None:  # score only the rows some query may return
             if not len(subset):  # nothing to return: all padding
                 shape = (len(queries), k)
-                empty = "" if catalogue.ids.dtype.kind == "U" else -1
-                nothing = np.full(shape, empty, catalogue.ids.dtype)
+                padding = _candidate_ids.padding_id(catalogue.ids)
+                nothing = np.full(shape, padding, catalogue.ids.dtype)
                 return np.full(shape, -np.inf, self.compute_dtype), nothing
             searched = self._subset(catalogue, subset)
             mask = None
@@ -491,7 +491,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             positions = subset[np.maximum(positions, 0)]
         ids = catalogue.ids[positions]
         if filtered:  # what no candidate filled: -inf, and an id that says so
-            ids[np.isneginf(scores)] = "" if ids.dtype.kind == "U" else -1
+            ids[np.isneginf(scores)] = _candidate_ids.padding_id(ids)
         return scores, ids
 
     def _subset(self, catalogue: IndexedCatalogue, positions: np.ndarray) -> IndexedCatalogue:

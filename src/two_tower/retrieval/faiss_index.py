@@ -370,7 +370,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         missing = positions < 0
         ids = catalogue.ids[np.where(missing, 0, positions)]
         if missing.any():
-            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
+            ids = np.where(missing, _candidate_ids.padding_id(ids), ids)
             scores = np.where(missing, -np.inf, scores)
         return ids, scores
 
