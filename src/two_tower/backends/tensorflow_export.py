@@ -186,22 +186,31 @@ def save_saved_model(model: keras.Model, plan: ExportPlan, path: str) -> None:
 
     def serve(*args: Any) -> dict[str, Any]:
         *values, k, exclude = args
-        tf.debugging.assert_greater_equal(
-            k, 1, message=f"`k` must be in [1, {plan.max_k}] (the export's max_k)"
-        )
-        tf.debugging.assert_less_equal(
-            k, plan.max_k, message=f"`k` must be in [1, {plan.max_k}] (the export's max_k)"
-        )
+        # Every op that reads `k` or `exclude` waits for the checks: without the
+        # dependency the graph may run a gather first, and its index error would
+        # replace the message (a race seen in CI).
+        checks = [
+            tf.debugging.assert_greater_equal(
+                k, 1, message=f"`k` must be in [1, {plan.max_k}] (the export's max_k)"
+            ),
+            tf.debugging.assert_less_equal(
+                k, plan.max_k, message=f"`k` must be in [1, {plan.max_k}] (the export's max_k)"
+            ),
+            tf.debugging.assert_equal(
+                tf.shape(exclude)[0],
+                tf.shape(values[0])[0],
+                message="`exclude` must have one row per query (pad rows with the padding id)",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            k = tf.identity(k)
+            exclude = tf.identity(exclude)
+            values = [tf.identity(value) for value in values]
         features = []
         for query_input, value, table in zip(plan.inputs, values, module.vocabularies, strict=True):
             if table is not None:
                 value = tf.cast(table.lookup(value), _dtype(query_input.dtype))
             features.append(value)
-        tf.debugging.assert_equal(
-            tf.shape(exclude)[0],
-            tf.shape(values[0])[0],
-            message="`exclude` must have one row per query (pad rows with the padding id)",
-        )
         excluded = catalogue.positions.lookup(exclude)
         positions, scores = search(_tower_inputs(plan, features), k, excluded, catalogue.chunks)
         ids = tf.gather(catalogue.ids, positions + 1)
