@@ -1,4 +1,4 @@
-"""Filtered exact search: `where` filters against unfiltered search and post-filtering.
+"""Filtered search: `where` filters against unfiltered search and post-filtering.
 
 For each catalogue size and each share of the catalogue a filter allows (1 %, 10 %,
 100 %), on one backend, in one process:
@@ -8,11 +8,16 @@ For each catalogue size and each share of the catalogue a filter allows (1 %, 10
   the allowed candidates (a selective filter searches a copy of the allowed rows
   only; a broad one scores everything and masks);
 - post-filtering: the unfiltered top k, then the allowed ones kept: fewer than k
-  (the "results" column: the mean kept per query).
+  (the "results" column: the mean kept per query);
+- faiss: `FaissIndex.from_index` of the same catalogue with its defaults,
+  unfiltered and filtered, with its recall@k against the exact filtered top k
+  (`--no-faiss` leaves it out).
 
-The candidates are random Gaussian rows; `bucket` is `position % 100`, so a filter
-on `fraction × 100` buckets allows that share. Each time is the best of `--repeats`
-after one warm-up call (compilation). Run:
+The candidates and queries come from a Gaussian mixture of 1,000 components, as in
+`benchmarks/retrieval.py` (clustered, as a trained model's embeddings are);
+`bucket` is `position % 100`, so a filter on `fraction × 100` buckets allows that
+share. Each time is the best of `--repeats` after one warm-up call (compilation).
+Run:
 
     python benchmarks/live_catalogue.py --backend jax --sizes 100000,1000000
 """
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-faiss", dest="faiss", action="store_false")
     args = parser.parse_args()
     _common.use_backend(args.backend)
     import numpy as np
@@ -52,21 +58,27 @@ def main() -> None:
     import two_tower
 
     rng = np.random.default_rng(0)
-    queries = rng.standard_normal((args.queries, args.dim)).astype("float32")
+    centres = rng.normal(size=(1000, args.dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def mixture(rows: int) -> Any:
+        noise = rng.normal(scale=0.6 / np.sqrt(args.dim), size=(rows, args.dim))
+        return (centres[rng.integers(0, len(centres), rows)] + noise).astype("float32")
+
+    queries = mixture(args.queries)
     print(
         f"backend {args.backend}, {args.queries:,} queries, dim {args.dim}, k = {args.k}\n\n"
-        "| candidates | allowed | search | s | / unfiltered | results per query |\n"
-        "|---|---|---|---|---|---|"
+        "| candidates | allowed | search | s | / unfiltered | results per query | recall |\n"
+        "|---|---|---|---|---|---|---|"
     )
     for size in (int(text) for text in args.sizes.split(",")):
-        candidates = rng.standard_normal((size, args.dim)).astype("float32")
         bucket = np.arange(size) % 100
         index = two_tower.BruteForceIndex()
-        index.index(candidates, attributes={"bucket": bucket})
-        del candidates
+        index.index(mixture(size), attributes={"bucket": bucket})
 
         unfiltered, (top_ids, _) = _best(lambda i=index: i.search(queries, args.k), args.repeats)
-        print(f"| {size:,} | 100 % | unfiltered | {unfiltered:.3f} | 1.00 | {args.k} |")
+        print(f"| {size:,} | 100 % | unfiltered | {unfiltered:.3f} | 1.00 | {args.k} | 1.00 |")
+        exact = {}
         for fraction in (0.01, 0.10, 1.0):
             allowed = list(range(round(fraction * 100)))
             where = {"bucket": allowed}
@@ -74,11 +86,12 @@ def main() -> None:
                 lambda w=where, i=index: i.search(queries, args.k, where=w), args.repeats
             )
             assert np.isin(ids % 100, allowed).all()  # ids are positions here
+            exact[fraction] = ids
             kept = float(np.isin(top_ids % 100, allowed).sum(axis=1).mean())
             share = f"{fraction:.0%}".replace("%", " %")
             print(
                 f"| {size:,} | {share} | filtered | {seconds:.3f} | "
-                f"{seconds / unfiltered:.2f} | {args.k} |"
+                f"{seconds / unfiltered:.2f} | {args.k} | 1.00 |"
             )
             post = unfiltered  # the same search, then a host-side filter
             start = time.perf_counter()
@@ -86,8 +99,37 @@ def main() -> None:
             post += time.perf_counter() - start
             print(
                 f"| {size:,} | {share} | post-filtered | {post:.3f} | "
-                f"{post / unfiltered:.2f} | {kept:.1f} |"
+                f"{post / unfiltered:.2f} | {kept:.1f} | {kept / args.k:.2f} |"
             )
+        if args.faiss:
+            _faiss_rows(two_tower.FaissIndex.from_index(index), queries, exact, size, args)
+        del index
+
+
+def _faiss_rows(ann: Any, queries: Any, exact: dict[float, Any], size: int, args: Any) -> None:
+    """`FaissIndex` unfiltered and filtered, each with its recall against exact."""
+    import numpy as np
+
+    def recall(found: Any, expected: Any) -> float:
+        hits = sum(len(np.intersect1d(f, e)) for f, e in zip(found, expected, strict=True))
+        return hits / expected.size
+
+    unfiltered, (ids, _) = _best(lambda: ann.search(queries, args.k), args.repeats)
+    print(
+        f"| {size:,} | 100 % | faiss | {unfiltered:.3f} | 1.00 | {args.k} | "
+        f"{recall(ids, exact[1.0]):.2f} |"
+    )
+    for fraction, expected in exact.items():
+        where = {"bucket": list(range(round(fraction * 100)))}
+        seconds, (ids, _) = _best(
+            lambda w=where: ann.search(queries, args.k, where=w), args.repeats
+        )
+        results = float((ids != -1).sum(axis=1).mean())
+        share = f"{fraction:.0%}".replace("%", " %")
+        print(
+            f"| {size:,} | {share} | faiss filtered | {seconds:.3f} | "
+            f"{seconds / unfiltered:.2f} | {results:.1f} | {recall(ids, expected):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -250,8 +250,8 @@ def similar_items(
 def filter_options(index: CandidateIndex, method: str, **options: Any) -> dict[str, Any]:
     """The filter arguments that are set, for `index.<method>`; refused if it lacks them.
 
-    `BruteForceIndex` filters (`index(attributes=...)`, `search(allow=...,
-    where=...)`); an index without those parameters is told apart here, with an
+    `BruteForceIndex` and `FaissIndex` filter (`index(attributes=...)`,
+    `search(allow=..., where=...)`); an index without those parameters is told apart here, with an
     error that names it, rather than by a `TypeError` from deep inside.
     """
     given = {name: value for name, value in options.items() if value is not None}
@@ -262,8 +262,9 @@ def filter_options(index: CandidateIndex, method: str, **options: Any) -> dict[s
     if missing:
         raise ValueError(
             f"{type(index).__name__}.{method} does not take {missing}: filtered search "
-            "(`allow`, `where` and indexed `attributes`) needs a two_tower.BruteForceIndex "
-            "as the model's `candidate_index`."
+            "(`allow`, `where` and indexed `attributes`) needs an index that filters, such "
+            "as two_tower.BruteForceIndex or two_tower.FaissIndex, as the model's "
+            "`candidate_index`."
         )
     return given
 

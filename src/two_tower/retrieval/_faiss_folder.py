@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from two_tower.retrieval import _filters
 from two_tower.retrieval._candidate_ids import checked_ids
 from two_tower.saving._files import sha256
 
@@ -27,7 +28,8 @@ IDS_FILE = "candidate_ids.npy"
 MANIFEST = "faiss_index.json"
 FORMAT = "two_tower.FaissIndex"
 OURS = re.compile(
-    r"(index-[0-9a-f]+\.faiss|candidate_ids-[0-9a-f]+\.npy|\.faiss_index\.json\.tmp-[0-9a-f]+)"
+    r"(index-[0-9a-f]+\.faiss|candidate_ids-[0-9a-f]+\.npy|candidate_attributes-[0-9a-f]+\.npz"
+    r"|\.faiss_index\.json\.tmp-[0-9a-f]+)"
 )
 ADVICE = "Save the index again, or restore the folder from a copy."
 
@@ -36,10 +38,13 @@ def size_and_hash(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
-def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray, dict[str, Any]]:
-    """`(faiss index, ids, calibration)` from a folder `FaissIndex.save` wrote, every
-    file checked. `calibration` holds the calibrated `nprobe` and its `recall` (both
-    None when the index was not calibrated, or saved before the manifest kept them).
+def read_folder(
+    path: Path, faiss: Any
+) -> tuple[Any, np.ndarray, dict[str, Any], dict[str, np.ndarray] | None]:
+    """`(faiss index, ids, calibration, attributes)` from a folder `FaissIndex.save`
+    wrote, every file checked. `calibration` holds the calibrated `nprobe` and its
+    `recall` (both None when the index was not calibrated, or saved before the
+    manifest kept them); `attributes` the candidates' attributes, or None.
 
     Raises:
         FileNotFoundError: a file the manifest names is missing (or, without a
@@ -47,8 +52,9 @@ def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray, dict[str, Any]
         ValueError: a file is truncated, damaged or edited (named), or the
             files disagree on the number of candidates.
     """
+    attributes_file = None
     if (path / MANIFEST).exists():
-        faiss_file, ids_file, manifest = _checked_manifest(path)
+        faiss_file, ids_file, attributes_file, manifest = _checked_manifest(path)
     else:
         faiss_file, ids_file, manifest = path / FAISS_FILE, path / IDS_FILE, None
         for file in (faiss_file, ids_file):
@@ -90,7 +96,17 @@ def read_folder(path: Path, faiss: Any) -> tuple[Any, np.ndarray, dict[str, Any]
             f"{manifest.get('num_candidates')} candidates of dim {manifest.get('dim')}, "
             f"the files hold {len(ids)} of dim {index.d}. {ADVICE}"
         )
-    return index, ids, _calibration(manifest, path)
+    attributes = None
+    if attributes_file is not None:
+        try:
+            attributes = _filters.checked_attributes(
+                _filters.read_attributes(attributes_file), len(ids)
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot load a FaissIndex from {path}: {attributes_file.name}: {error}. {ADVICE}"
+            ) from error
+    return index, ids, _calibration(manifest, path), attributes
 
 
 def _calibration(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:
@@ -123,15 +139,17 @@ def _faiss_reason(error: Exception) -> str:
     return found.group(1) if found else text
 
 
-def _checked_manifest(path: Path) -> tuple[Path, Path, dict[str, Any]]:
-    """The faiss and ids files that `faiss_index.json` names, checked against it."""
+def _checked_manifest(path: Path) -> tuple[Path, Path, Path | None, dict[str, Any]]:
+    """The faiss, ids and attributes (if any) files that `faiss_index.json` names,
+    checked against it."""
     where = f"Cannot load a FaissIndex from {path}"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
         if manifest["format"] != FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {manifest['format']!r}, files {type(files).__name__}")
-        entries = {role: files[role] for role in ("index", "ids")}
+        roles = ("index", "ids", "attributes") if "attributes" in files else ("index", "ids")
+        entries = {role: files[role] for role in roles}
         names = {role: Path(str(entry["name"])).name for role, entry in entries.items()}
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
@@ -153,4 +171,5 @@ def _checked_manifest(path: Path) -> tuple[Path, Path, dict[str, Any]]:
                 f"{where}: {name} is damaged or was edited: its SHA-256 differs from the one "
                 f"recorded at save. {ADVICE}"
             )
-    return path / names["index"], path / names["ids"], manifest
+    attributes = path / names["attributes"] if "attributes" in names else None
+    return path / names["index"], path / names["ids"], attributes, manifest

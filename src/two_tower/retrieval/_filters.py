@@ -255,3 +255,26 @@ def within(
     slots = np.minimum(np.searchsorted(subset, positions), max(len(subset) - 1, 0))
     inside = subset[slots] == positions if len(subset) else np.zeros(len(positions), bool)
     return rows[inside], slots[inside]
+
+
+def write_attributes(file: Any, attributes: Mapping[str, np.ndarray]) -> None:
+    """Writes `attributes` to `file` (a path or an open binary file) as an `.npz`:
+    names and values side by side, so that any name is fine."""
+    names = list(attributes)
+    arrays = {f"values_{i}": attributes[name] for i, name in enumerate(names)}
+    arrays["names"] = np.array(names, dtype=str)
+    np.savez(file, allow_pickle=False, **arrays)
+
+
+def read_attributes(file: Any) -> dict[str, np.ndarray]:
+    """The attributes `write_attributes` wrote (unchecked: pass them to `checked_attributes`).
+
+    Raises:
+        ValueError: `file` is not such an `.npz` (damaged, or another file).
+    """
+    try:
+        with np.load(file, allow_pickle=False) as stored:
+            names = stored["names"].tolist()
+            return {str(name): stored[f"values_{i}"] for i, name in enumerate(names)}
+    except (ValueError, OSError, KeyError, EOFError, TypeError) as error:
+        raise ValueError(f"not a readable attributes file ({error})") from error

@@ -530,11 +530,10 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         else:
             np.save(path, _indexed_catalogue.host_embeddings(catalogue), allow_pickle=False)
         np.save(os.path.join(dir_path, _IDS_FILE), catalogue.ids, allow_pickle=False)
-        if catalogue.attributes:  # names and values side by side: any name is fine
-            names = list(catalogue.attributes)
-            arrays = {f"values_{i}": catalogue.attributes[name] for i, name in enumerate(names)}
-            arrays["names"] = np.array(names, dtype=str)
-            np.savez(os.path.join(dir_path, _ATTRIBUTES_FILE), allow_pickle=False, **arrays)
+        if catalogue.attributes:
+            _filters.write_attributes(
+                os.path.join(dir_path, _ATTRIBUTES_FILE), catalogue.attributes
+            )
 
     def load_assets(self, dir_path: str) -> None:
         embeddings_path = os.path.join(dir_path, _EMBEDDINGS_FILE)
@@ -543,9 +542,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         attributes = None
         attributes_path = os.path.join(dir_path, _ATTRIBUTES_FILE)
         if os.path.exists(attributes_path):
-            with np.load(attributes_path, allow_pickle=False) as stored:
-                names = stored["names"].tolist()
-                attributes = {name: stored[f"values_{i}"] for i, name in enumerate(names)}
+            attributes = _filters.read_attributes(attributes_path)
         self.index(
             _catalogue_store.npy_blocks(embeddings_path),  # never the whole file at once
             np.load(os.path.join(dir_path, _IDS_FILE), allow_pickle=False),
