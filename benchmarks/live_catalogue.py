@@ -13,6 +13,13 @@ For each catalogue size and each share of the catalogue a filter allows (1 %, 10
   unfiltered and filtered, with its recall@k against the exact filtered top k
   (`--no-faiss` leaves it out).
 
+Then, for each size, changes to the exact index against indexing it again:
+`add` of `--changed` new candidates, `remove` of as many, `update` of as many,
+each the best of `--repeats` rounds (the first `add` after `index` also copies
+the ids and attributes into buffers with room: timed apart), and `index` of the
+whole catalogue. After the rounds the changed index's results (ids and scores)
+are checked equal to those of an index built from scratch on its catalogue.
+
 The candidates and queries come from a Gaussian mixture of 1,000 components, as in
 `benchmarks/retrieval.py` (clustered, as a trained model's embeddings are);
 `bucket` is `position % 100`, so a filter on `fraction × 100` buckets allows that
@@ -51,6 +58,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-faiss", dest="faiss", action="store_false")
+    parser.add_argument("--changed", type=int, default=1000)
     args = parser.parse_args()
     _common.use_backend(args.backend)
     import numpy as np
@@ -71,6 +79,7 @@ def main() -> None:
         "| candidates | allowed | search | s | / unfiltered | results per query | recall |\n"
         "|---|---|---|---|---|---|---|"
     )
+    changes = []
     for size in (int(text) for text in args.sizes.split(",")):
         bucket = np.arange(size) % 100
         index = two_tower.BruteForceIndex()
@@ -103,7 +112,61 @@ def main() -> None:
             )
         if args.faiss:
             _faiss_rows(two_tower.FaissIndex.from_index(index), queries, exact, size, args)
+        changes.append(_change_rows(index, mixture, queries, size, args))
         del index
+    print(
+        f"\nChanges of {args.changed:,} candidates against `index` of the whole catalogue:\n\n"
+        "| candidates | change | ms | index / change |\n|---|---|---|---|"
+    )
+    for rows in changes:
+        for row in rows:
+            print(row)
+
+
+def _change_rows(index: Any, mixture: Any, queries: Any, size: int, args: Any) -> list[str]:
+    """`add`, `remove` and `update` of `--changed` candidates against `index` again."""
+    import numpy as np
+
+    import two_tower
+
+    changed = args.changed
+    rng = np.random.default_rng(1)
+
+    def timed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+        start = time.perf_counter()
+        call(*args, **kwargs)
+        return time.perf_counter() - start
+
+    first = timed(
+        index.add, mixture(changed), np.arange(size, size + changed),
+        attributes={"bucket": np.arange(changed) % 100},
+    )  # fmt: skip
+    index.remove(np.arange(size, size + changed))
+    times: dict[str, list[float]] = {"add": [], "remove": [], "update": []}
+    next_id = size + changed
+    for _ in range(args.repeats + 1):
+        new_ids = np.arange(next_id, next_id + changed)
+        next_id += changed
+        rows, buckets = mixture(changed), np.arange(changed) % 100
+        times["add"].append(timed(index.add, rows, new_ids, attributes={"bucket": buckets}))
+        gone = rng.choice(index.candidate_ids, changed, replace=False)
+        times["remove"].append(timed(index.remove, gone))
+        picked = rng.choice(index.candidate_ids, changed, replace=False)
+        rows = mixture(changed)
+        times["update"].append(timed(index.update, picked, rows))
+    embeddings, ids, attributes = index.embeddings(), index.candidate_ids, index.attributes()
+    fresh = two_tower.BruteForceIndex()
+    again = min(timed(fresh.index, embeddings, ids, attributes=attributes) for _ in range(2))
+    for where in (None, {"bucket": [1, 2, 3]}):
+        found, scores = index.search(queries[:64], args.k, where=where)
+        expected, expected_scores = fresh.search(queries[:64], args.k, where=where)
+        assert np.array_equal(found, expected) and np.array_equal(scores, expected_scores)
+    rows_out = [f"| {size:,} | index again | {1000 * again:.1f} | 1 |"]
+    rows_out.append(f"| {size:,} | first add | {1000 * first:.2f} | {again / first:.0f} |")
+    for name, values in times.items():
+        best = min(values[1:])  # (the first round warms up)
+        rows_out.append(f"| {size:,} | {name} | {1000 * best:.2f} | {again / best:.0f} |")
+    return rows_out
 
 
 def _faiss_rows(ann: Any, queries: Any, exact: dict[float, Any], size: int, args: Any) -> None:

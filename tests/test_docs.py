@@ -208,6 +208,17 @@ def test_getting_started_and_serving_guides_run(real_data_dir, tmp_path, monkeyp
     assert set(shortlisted[2, :2]) == {50, 181}
     for row, user in zip(ids, namespace["requests"], strict=True):
         assert not set(row) & set(namespace["seen_by_user"][user])
+    # A catalogue that changes: one movie retired, the other back, the index equal
+    # to indexing the changed catalogue again.
+    index = namespace["index"]
+    assert index.num_candidates == len(movie_ids) - 1
+    assert movie_ids[1] not in index.candidate_ids and movie_ids[0] in index.candidate_ids
+    assert not set(namespace["after_changes"].reshape(-1)) & {movie_ids[1]}
+    again = two_tower.BruteForceIndex()
+    again.index(index.embeddings(), index.candidate_ids, attributes=index.attributes())
+    query = model.embed_queries(model.encode_queries(namespace["requests"]))
+    for got, expected in zip(index.search(query, k=10), again.search(query, k=10), strict=True):
+        np.testing.assert_array_equal(got, expected)
     star_wars = namespace["star_wars_id"]
     assert star_wars.tolist() == [50]  # u.item: 50|Star Wars (1977)
     assert namespace["similar"].shape == (1, 10) and 50 not in namespace["similar"][0]

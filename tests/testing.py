@@ -232,7 +232,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     # The quickstart and its save/load lines run as one script, as a reader runs them.
     "README.md": dict.fromkeys(range(2), "test_docs.py::test_readme_quickstart_runs"),
     "docs/getting-started.md": dict.fromkeys(range(7), _GUIDES),
-    "docs/serving.md": dict.fromkeys(range(4), _GUIDES),
+    "docs/serving.md": dict.fromkeys(range(5), _GUIDES),
     "docs/your-data.md": dict.fromkeys(
         range(10), "test_your_data_guide.py::test_your_data_guide_runs"
     ),
@@ -245,6 +245,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     ),
     "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
     "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
+    "docs/open-ids.md": {0: "test_hashed_embeddings.py::test_open_ids_guide_runs"},
     "docs/scale.md": {
         0: "test_docs.py::test_scale_guide_loads_tables",
         1: "test_docs.py::test_scale_guide_trains_from_disk",

@@ -6,6 +6,8 @@ from two_tower.backends._installed import check_backend_installed
 check_backend_installed()
 
 from two_tower import baselines, datasets, defaults, distribution, evaluation, losses, saving  # noqa: E402
+from two_tower.embeddings.hashed_embedding import HashedEmbedding  # noqa: E402
+from two_tower.embeddings.quotient_remainder_embedding import QuotientRemainderEmbedding  # noqa: E402
 from two_tower.metrics.factorized_top_k import FactorizedTopK  # noqa: E402
 from two_tower.models.two_tower_retrieval import TwoTowerRetrieval  # noqa: E402
 from two_tower.preprocessing.interaction_log import InteractionLog  # noqa: E402
@@ -24,9 +26,11 @@ __all__ = [
     "FactorizedTopK",
     "FaissIndex",
     "FeatureTower",
+    "HashedEmbedding",
     "HistoryTower",
     "IdEmbeddingTower",
     "InteractionLog",
+    "QuotientRemainderEmbedding",
     "RowWiseAdagrad",
     "SequenceTower",
     "SparseEmbedding",

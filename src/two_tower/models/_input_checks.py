@@ -87,6 +87,13 @@ def tower_id_limit(tower: keras.layers.Layer, side: str) -> tuple[int, str] | No
     return None if bound is None else (bound.size, f"the {side} tower's {bound.source}")
 
 
+def tower_lowest_id(tower: keras.layers.Layer) -> int:
+    """The lowest id a tower declares (`IdRange.low`): 0, or below for a hashing tower."""
+    declared = tower_ids(tower)
+    bound = None if declared is None else declared.id_range()
+    return 0 if bound is None else bound.low
+
+
 def check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
     # The tower itself, not the first layer of a Sequential (which may take other inputs).
@@ -230,9 +237,12 @@ def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
                 f"{_range_text(limit)}. Received {kind} (dtype {array.dtype}). Map raw "
                 "ids to indices first, e.g. with two_tower.Vocabulary."
             )
+    lowest = 0
+    if not isinstance(features, Mapping) and side.catalogue_size is None:
+        lowest = tower_lowest_id(tower)  # below 0 for a tower that hashes its ids
     if array.size:
         low, high = int(array.min()), int(array.max())
-        if low < 0 or (limit is not None and high >= limit[0]):
+        if low < lowest or (limit is not None and high >= limit[0]):
             raise ValueError(
                 f"{name} ids must lie in {_range_text(limit)}. Received ids from {low} "
                 f"to {high} in {where}."

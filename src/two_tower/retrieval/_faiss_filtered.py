@@ -13,8 +13,8 @@ list) is searched in one of two ways:
 - **Many**: faiss searches with an ID selector (`IDSelectorBitmap` for a mask,
   `IDSelectorBatch` for a list). Each query reads its lists nearest first,
   skipping those with no allowed candidate, until they hold as many allowed
-  candidates as an unfiltered search reads candidates (`nprobe_for(k)` lists'
-  worth): faiss' `search_preassigned` with each query's own lists. A filter
+  candidates as an unfiltered search reads candidates (`to_read(k)`): faiss'
+  `search_preassigned` with each query's own lists. A filter
   that follows the clusters (a category living in a few of them) therefore
   reads farther lists for the queries whose nearest lists hold little of it,
   where one `nprobe` for all would miss (measured: recall 0.87 instead of 0.95).
@@ -36,7 +36,9 @@ from two_tower.retrieval._faiss_search import without_excluded
 SCAN_PER_RESULT = 64  # as FaissIndex: candidates read per requested result
 EXACT_SCORES = 2**22  # scores held at once by the exact path (16 MiB of float32)
 
-# nprobe_for(k) -> the lists an unfiltered search for k results reads
+# to_read(k) -> the allowed candidates a filtered search for k results reads;
+# nprobe_for(k) -> the lists an unfiltered one reads
+ReadRule = Callable[[int], float]
 NprobeRule = Callable[[int], int]
 _DIRECT_MAP_LOCK = threading.Lock()
 
@@ -47,6 +49,7 @@ def filtered_search(
     lists_of: np.ndarray,
     queries: np.ndarray,
     k: int,
+    to_read: ReadRule,
     nprobe_for: NprobeRule,
     mask: np.ndarray | None,
     allowed: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
@@ -60,7 +63,9 @@ def filtered_search(
         lists_of: `[candidates]`, the inverted list of each position.
         queries: `[queries, dim]` float32.
         k: results per query.
-        nprobe_for: the lists an unfiltered search for `k` results reads.
+        to_read: the allowed candidates a query for `k` results reads.
+        nprobe_for: the lists an unfiltered query for `k` results reads (the
+            queries without an `allow` list, when there is no `where`).
         mask: `[candidates]` bool, every query's filter (None: all).
         allowed: `(rows, positions, restricted)` of the `allow` lists, already
             cut to `mask` (`_filters.allowed_pairs`), rows ascending.
@@ -75,7 +80,15 @@ def filtered_search(
         shared = None if mask is None else np.flatnonzero(mask)
         free_excluded = None if excluded is None else _rows_of(excluded, free)
         found = _search_rows(
-            faiss, index, lists_of, queries[free], k, nprobe_for, shared, mask, free_excluded
+            faiss,
+            index,
+            lists_of,
+            queries[free],
+            k,
+            (to_read, nprobe_for),
+            shared,
+            mask,
+            free_excluded,
         )
         scores[free], positions[free] = found
     for row in np.flatnonzero(restricted).tolist():
@@ -84,7 +97,15 @@ def filtered_search(
         if excluded is not None:
             candidates = np.setdiff1d(candidates, _positions_of_row(excluded, row))
         found = _search_rows(
-            faiss, index, lists_of, queries[row : row + 1], k, nprobe_for, candidates, None, None
+            faiss,
+            index,
+            lists_of,
+            queries[row : row + 1],
+            k,
+            (to_read, nprobe_for),
+            candidates,
+            None,
+            None,
         )
         scores[row], positions[row] = found[0][0], found[1][0]
     return scores, positions
@@ -96,7 +117,7 @@ def _search_rows(
     lists_of: np.ndarray,
     queries: np.ndarray,
     k: int,
-    nprobe_for: NprobeRule,
+    rules: tuple[ReadRule, NprobeRule],
     candidates: np.ndarray | None,
     mask: np.ndarray | None,
     excluded: tuple[np.ndarray, np.ndarray] | None,
@@ -113,14 +134,14 @@ def _search_rows(
     if excluded is not None and len(excluded[0]):
         fetch = min(num_candidates, k + int(np.bincount(excluded[0]).max()))
     if mask is None and candidates is None:  # an unrestricted query beside restricted ones
-        parameters = faiss.SearchParametersIVF(nprobe=nprobe_for(fetch))
+        parameters = faiss.SearchParametersIVF(nprobe=rules[1](fetch))
         scores, positions = index.search(queries, fetch, params=parameters)
         return _finished(scores, positions, excluded, k, num_candidates)
     nlist = int(index.nlist)
     # Each query reads its lists nearest first, skipping lists with nothing
     # allowed, until they hold as many allowed candidates as an unfiltered
     # search reads candidates (or every list with one).
-    target = nprobe_for(fetch) * num_candidates / nlist
+    target = rules[0](fetch)
     if candidates is None:
         assert mask is not None
         candidates = np.flatnonzero(mask)

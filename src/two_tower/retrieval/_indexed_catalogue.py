@@ -7,7 +7,7 @@ search works on one version, whatever `index` does meanwhile.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from keras import ops
@@ -41,6 +41,10 @@ class IndexedCatalogue(NamedTuple):
     sharded: ShardedCatalogue | None = None
     # Per-candidate attributes for `where` filters (read-only NumPy arrays).
     attributes: Mapping[str, np.ndarray] | None = None
+    # Made by the first `add`, `remove` or `update` (`_catalogue_changes.Buffers`):
+    # the buffers those change in place, and the positions of ids added since
+    # `sorted_ids` was made.
+    buffers: Any = None
 
     def layout(self) -> tuple[int, int]:
         """(devices, candidates per device per step); the tail scores -inf."""
@@ -60,7 +64,7 @@ def indexed_catalogue(
     sharded = _sharding.shard_catalogue(store, chunk_size, BLOCK)
     return IndexedCatalogue(
         host=None if sharded is not None else store,
-        chunks=None if sharded is not None else tuple(map(_chunk_tensor, store.chunks)),
+        chunks=None if sharded is not None else tuple(map(chunk_tensor, store.chunks)),
         ids=ids.ids,
         order=ids.order,
         # Sorted once here: `positions_of` runs once per query with exclusions.
@@ -80,7 +84,7 @@ def chunks_of(catalogue: IndexedCatalogue, columns: int) -> Iterator[tuple[int, 
     yield from zip(range(0, num_candidates, columns), chunks, strict=True)
 
 
-def _chunk_tensor(chunk: np.ndarray) -> Tensor:
+def chunk_tensor(chunk: np.ndarray) -> Tensor:
     """A backend tensor of one aligned chunk, sharing its memory where it can."""
     if chunk.dtype.name in ("float16", "float32", "float64"):
         return backend_module().host_tensor(chunk)

@@ -13,7 +13,14 @@ from keras import ops
 from two_tower import _arguments
 from two_tower._compiled_cache import CompiledCache
 from two_tower.backends import backend_module
-from two_tower.retrieval import _candidate_ids, _catalogue_store, _filters, _indexed_catalogue
+from two_tower.retrieval import (
+    _candidate_ids,
+    _catalogue_changes,
+    _catalogue_store,
+    _filters,
+    _indexed_catalogue,
+)
+from two_tower.retrieval._catalogue_lock import ReadWriteLock
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue
 from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.retrieval.top_k import BLOCK, TopKStep, dot_similarities, next_power_of_two
@@ -125,6 +132,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         object.__setattr__(self, "_catalogue", None)
         # (16: filters of different sizes compile steps of their own widths.)
         object.__setattr__(self, "_steps", CompiledCache[TopKStep](max_size=16))
+        # Searches read the catalogue together; `add`, `remove` and `update`
+        # change it in place, alone (see `_catalogue_lock`).
+        object.__setattr__(self, "_catalogue_lock", ReadWriteLock())
         self.built = True
 
     @property
@@ -135,9 +145,16 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
 
     @property
     def candidate_ids(self) -> np.ndarray | None:
-        """The indexed candidate ids as a NumPy array, or None."""
-        catalogue = self._catalogue
-        return None if catalogue is None else catalogue.ids
+        """The indexed candidate ids, one per position, as a NumPy array, or None.
+
+        Once `add`, `remove` or `update` changed the catalogue, a copy (the
+        index changes its own in place).
+        """
+        with self._catalogue_lock.reading():
+            catalogue = self._catalogue
+            if catalogue is None:
+                return None
+            return catalogue.ids.copy() if catalogue.buffers is not None else catalogue.ids
 
     def embeddings(self) -> np.ndarray | None:
         """The indexed `[candidates, dim]` embeddings as one NumPy array, or None.
@@ -148,8 +165,13 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         copied the catalogue made a `.keras` save hold it 4 times (measured at
         4M rows).
         """
-        catalogue = self._catalogue
-        return None if catalogue is None else _indexed_catalogue.host_embeddings(catalogue)
+        with self._catalogue_lock.reading():
+            catalogue = self._catalogue
+            if catalogue is None:
+                return None
+            embeddings = _indexed_catalogue.host_embeddings(catalogue)
+            # (One chunk gives a view, which a later change would write into.)
+            return embeddings.copy() if catalogue.buffers is not None else embeddings
 
     def _snapshot(self) -> IndexedCatalogue:
         catalogue: IndexedCatalogue | None = self._catalogue
@@ -210,14 +232,278 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         )
         checked = _filters.checked_attributes(attributes, store.num_rows)
         catalogue = _indexed_catalogue.indexed_catalogue(store, ids, self.chunk_size, checked)
-        object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
+        with (
+            self._catalogue_lock.writing()
+        ):  # (waits for searches reading an old catalogue in place)
+            object.__setattr__(self, "_catalogue", catalogue)  # one atomic swap
 
     def attributes(self) -> dict[str, np.ndarray]:
         """The indexed candidate attributes, `{name: [candidates] values}` (read-only)."""
-        catalogue = self._catalogue
-        if catalogue is None or catalogue.attributes is None:
-            return {}
-        return dict(catalogue.attributes)
+        with self._catalogue_lock.reading():
+            catalogue = self._catalogue
+            if catalogue is None or catalogue.attributes is None:
+                return {}
+            if catalogue.buffers is None:
+                return dict(catalogue.attributes)
+            copies = {name: values.copy() for name, values in catalogue.attributes.items()}
+        for values in copies.values():
+            values.flags.writeable = False
+        return copies
+
+    def add(
+        self,
+        candidate_embeddings: Any,
+        candidate_ids: Any,
+        *,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Adds candidates after the last one, without indexing the catalogue again.
+
+        Costs O(rows added): the rows go into the last chunk's free rows (then
+        into new chunks), the ids into a buffer with spare room (the first
+        change copies ids and attributes into one, once). Every search sees
+        the catalogue before or after the change, never a mix: a change waits
+        for the searches running, and searches that arrive meanwhile wait for
+        it. The results then equal those of `index` called with the new
+        catalogue in `candidate_ids` order (ids and scores, ties included).
+
+        Under a `keras.distribution` distribution the sharded catalogue is
+        built again (O(catalogue)).
+
+        Args:
+            candidate_embeddings: `[rows, dim]` array-like, the index's dim.
+            candidate_ids: `[rows]` new unique ids of the indexed kind (integers
+                or strings), none already indexed.
+            attributes: one value per new row for each indexed attribute (all
+                of them, of the same kind: booleans, numbers or strings);
+                required if and only if the index has attributes.
+
+        Raises:
+            ValueError: the index is empty; the rows are not a finite `[rows,
+                dim]` array of the index's dim; the ids are not one per row,
+                not unique, of another kind, or already indexed (named); the
+                attributes are missing, extra, or of another kind. Nothing is
+                changed when it raises.
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.BruteForceIndex()
+            >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
+            >>> index.add(np.array([[0.0, 2.0, 0.0]], "float32"), [40])
+            >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=2)[0].tolist()
+            [[40, 20]]
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            if catalogue.host is None:  # sharded over devices: built again
+                self._rebuild_sharded(catalogue, add=(candidate_embeddings, candidate_ids,
+                                                      attributes))  # fmt: skip
+                return
+            dtype = keras.backend.standardize_dtype(self.compute_dtype)
+            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "add")
+            ids = self._new_ids(catalogue, candidate_ids, len(rows))
+            values = self._new_attributes(catalogue, attributes, len(rows))
+            changed = _catalogue_changes.added(catalogue, rows, ids, values, self.chunk_size)
+            object.__setattr__(self, "_catalogue", changed)
+
+    def remove(self, candidate_ids: Any, *, ignore_unknown: bool = False) -> None:
+        """Removes candidates by id, without indexing the catalogue again.
+
+        Costs O(rows removed): each removed row's place is taken by one of
+        the last rows, so positions change (see `candidate_ids`); results then
+        equal those of `index` called with the new catalogue in that order.
+        Atomic with respect to searches, as `add`. Removing every candidate
+        empties the index.
+
+        Args:
+            candidate_ids: 1D ids to remove (each once).
+            ignore_unknown: skip ids that are not indexed instead of raising.
+
+        Raises:
+            ValueError: the index is empty, an id is given twice, or (unless
+                `ignore_unknown`) is not indexed. Nothing is changed when it
+                raises.
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.BruteForceIndex()
+            >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
+            >>> index.remove([10])
+            >>> index.candidate_ids.tolist()
+            [30, 20]
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            positions = self._positions(catalogue, candidate_ids, ignore_unknown, "remove")
+            positions = positions[positions >= 0]
+            if not len(positions):
+                return
+            if catalogue.host is None:
+                self._rebuild_sharded(catalogue, remove=positions)
+                return
+            changed = _catalogue_changes.removed(catalogue, positions)
+            object.__setattr__(self, "_catalogue", changed)
+
+    def update(self, candidate_ids: Any, candidate_embeddings: Any) -> None:
+        """Gives indexed candidates new embeddings, in place.
+
+        Costs O(rows updated); positions and attributes stay. Atomic with
+        respect to searches, as `add`.
+
+        Args:
+            candidate_ids: 1D indexed ids, each once.
+            candidate_embeddings: `[ids, dim]`, their new embeddings.
+
+        Raises:
+            ValueError: the index is empty, an id is given twice or is not
+                indexed, or the rows are not a finite `[ids, dim]` array of the
+                index's dim. Nothing is changed when it raises.
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.BruteForceIndex()
+            >>> index.index(np.eye(3, dtype="float32"), np.array([10, 20, 30]))
+            >>> index.update([30], np.array([[0.0, 5.0, 0.0]], "float32"))
+            >>> index.search(np.array([[0.0, 1.0, 0.0]], "float32"), k=1)[0].tolist()
+            [[30]]
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            positions = self._positions(catalogue, candidate_ids, False, "update")
+            dtype = keras.backend.standardize_dtype(self.compute_dtype)
+            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "update")
+            if len(rows) != len(positions):
+                raise ValueError(
+                    f"`update` needs one embedding row per id: {len(positions)} ids, "
+                    f"{len(rows)} rows."
+                )
+            if catalogue.host is None:
+                self._rebuild_sharded(catalogue, update=(positions, rows))
+                return
+            changed = _catalogue_changes.updated(catalogue, positions, rows)
+            object.__setattr__(self, "_catalogue", changed)
+
+    @staticmethod
+    def _positions(
+        catalogue: IndexedCatalogue, ids: Any, ignore_unknown: bool, method: str
+    ) -> np.ndarray:
+        """Positions of `ids` for `remove`/`update`: each id once."""
+        if isinstance(ids, (str, bytes)) or np.ndim(ids) != 1:
+            raise ValueError(
+                f"`{method}` takes a 1D sequence of candidate ids. Received {ids!r:.80}"
+            )
+        values = np.asarray(ids)
+        if len(values) != len(np.unique(values)):
+            unique, counts = np.unique(values, return_counts=True)
+            raise ValueError(
+                f"`{method}` got ids more than once: {unique[counts > 1][:5].tolist()}"
+            )
+        return _candidate_ids.positions_of(
+            catalogue, values, ignore_unknown, "ignore_unknown", f"id(s) to {method}"
+        )
+
+    @staticmethod
+    def _new_ids(catalogue: IndexedCatalogue, candidate_ids: Any, rows: int) -> np.ndarray:
+        """`candidate_ids` for `add`: one per row, unique, of the indexed kind, new."""
+        if candidate_ids is None:
+            raise ValueError("`add` needs `candidate_ids`: one new id per row.")
+        ids = _candidate_ids.checked_ids(candidate_ids, rows).ids
+        if (ids.dtype.kind == "U") != (catalogue.ids.dtype.kind == "U"):
+            raise ValueError(
+                f"The index holds ids of dtype {catalogue.ids.dtype}; `add` received ids of "
+                f"dtype {ids.dtype}."
+            )
+        known = _candidate_ids.positions_of(catalogue, ids, True) >= 0
+        if known.any():
+            raise ValueError(
+                f"{int(known.sum())} ids to add are already indexed, e.g. "
+                f"{ids[known][:5].tolist()}: `update` changes their embeddings."
+            )
+        return ids
+
+    @staticmethod
+    def _new_attributes(
+        catalogue: IndexedCatalogue, attributes: Mapping[str, Any] | None, rows: int
+    ) -> dict[str, np.ndarray] | None:
+        """`attributes` for `add`: the indexed names, one value per row, the same kinds."""
+        indexed = catalogue.attributes
+        if indexed is None:
+            if attributes is not None:
+                raise ValueError(
+                    "The index has no attributes, so `add` takes none: index the catalogue "
+                    "again with `attributes` to filter on them."
+                )
+            return None
+        if attributes is None or set(attributes) != set(indexed):
+            given = None if attributes is None else sorted(attributes)
+            raise ValueError(
+                f"`add` needs a value per new row for each indexed attribute "
+                f"{sorted(indexed)}. Received {given}"
+            )
+        checked = _filters.checked_attributes(attributes, rows)
+        assert checked is not None
+        for name, values in checked.items():
+            kinds = {"b": "booleans", "i": "numbers", "u": "numbers", "f": "numbers",
+                     "U": "strings"}  # fmt: skip
+            old, new = indexed[name].dtype, values.dtype
+            same = kinds[old.kind] == kinds[new.kind] and (old.kind == "f") == (new.kind == "f")
+            if not same:
+                raise ValueError(
+                    f"Attribute {name!r} holds {old}; `add` received {new}. Give values of "
+                    "the same kind, or index the catalogue again to change it."
+                )
+        return checked
+
+    def _rebuild_sharded(
+        self,
+        catalogue: IndexedCatalogue,
+        add: tuple[Any, Any, Any] | None = None,
+        remove: np.ndarray | None = None,
+        update: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """A change to a catalogue sharded over devices: the catalogue built again,
+        in the order an unsharded change would leave it."""
+        embeddings = _indexed_catalogue.host_embeddings(catalogue)
+        ids = catalogue.ids.copy()
+        attributes = None if catalogue.attributes is None else dict(catalogue.attributes)
+        if update is not None:
+            embeddings = embeddings.copy()
+            embeddings[update[0]] = update[1]
+        if remove is not None:
+            remaining = len(ids) - len(remove)
+            holes = np.sort(remove[remove < remaining])
+            tail = np.arange(remaining, len(ids))
+            movers = tail[~np.isin(tail, remove)]
+            order = np.arange(remaining)
+            order[holes] = movers
+            embeddings, ids = embeddings[order], ids[order]
+            if attributes is not None:
+                attributes = {name: values[order] for name, values in attributes.items()}
+            if remaining == 0:
+                object.__setattr__(self, "_catalogue", None)
+                return
+        if add is not None:
+            dtype = keras.backend.standardize_dtype(self.compute_dtype)
+            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, add[0], "add")
+            new_ids = self._new_ids(catalogue, add[1], len(rows))
+            values = self._new_attributes(catalogue, add[2], len(rows))
+            embeddings = np.concatenate([embeddings, rows])
+            ids = np.concatenate([ids, new_ids])
+            if attributes is not None and values is not None:
+                attributes = {
+                    name: np.concatenate([attributes[name], values[name]]) for name in attributes
+                }
+        store, _ = _catalogue_store.assemble(
+            [embeddings],
+            self.chunk_size,
+            BLOCK,
+            keras.backend.standardize_dtype(self.compute_dtype),
+        )
+        checked = _filters.checked_attributes(attributes, len(ids))
+        catalogue = _indexed_catalogue.indexed_catalogue(
+            store, _candidate_ids.checked_ids(ids, len(ids)), self.chunk_size, checked
+        )
+        object.__setattr__(self, "_catalogue", catalogue)
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids.
@@ -234,7 +520,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             ValueError: if the index is empty, the ids are of another kind than
                 the indexed ids, or (unless `ignore_unknown`) an id is unknown.
         """
-        return _candidate_ids.positions_of(self._snapshot(), ids, ignore_unknown)
+        with self._catalogue_lock.reading():
+            return _candidate_ids.positions_of(self._snapshot(), ids, ignore_unknown)
 
     def _check_ready(self, catalogue: IndexedCatalogue, query_embeddings: Any, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -257,10 +544,17 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         k: int = 10,
         similarity_fn: SimilarityFn | None = None,
     ) -> tuple[Tensor, Tensor]:
-        catalogue = self._snapshot()
-        query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
-        self._check_ready(catalogue, query_embeddings, k)
-        return self._top_k(catalogue, query_embeddings, k, similarity_fn or dot_similarities, None)
+        with self._catalogue_lock.reading():
+            catalogue = self._snapshot()
+            query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
+            self._check_ready(catalogue, query_embeddings, k)
+            scores, positions = self._top_k(
+                catalogue, query_embeddings, k, similarity_fn or dot_similarities, None
+            )
+            # Read now: a later change moves rows, so positions are this version's.
+            return ops.convert_to_tensor(ops.convert_to_numpy(scores)), ops.convert_to_tensor(
+                ops.convert_to_numpy(positions)
+            )
 
     def _top_k(
         self,
@@ -397,7 +691,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             >>> ids.tolist(), scores.tolist()[0][2]
             ([[20, 10, -1]], -inf)
         """
-        with backend_module().serving_slot():
+        with backend_module().serving_slot(), self._catalogue_lock.reading():
             scores, ids = self._search(
                 self._snapshot(), query_embeddings, k, similarity_fn, exclude,
                 ignore_unknown_exclusions, allow, where,
@@ -521,6 +815,10 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         return _indexed_catalogue.indexed_catalogue(rows, ids, self.chunk_size)
 
     def save_assets(self, dir_path: str) -> None:
+        with self._catalogue_lock.reading():  # one version, whatever changes meanwhile
+            self._write_assets(dir_path)
+
+    def _write_assets(self, dir_path: str) -> None:
         catalogue: IndexedCatalogue | None = self._catalogue
         if catalogue is None:
             return

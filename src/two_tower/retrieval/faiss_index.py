@@ -201,6 +201,13 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             ValueError: `exact` is empty, or as `index`.
             ImportError: faiss is not installed.
         """
+        with exact._catalogue_lock.reading():  # one version of a catalogue that may change
+            return cls._exported(exact, calibration_queries, **kwargs)
+
+    @classmethod
+    def _exported(
+        cls, exact: BruteForceIndex, calibration_queries: Any, **kwargs: Any
+    ) -> FaissIndex:
         catalogue = exact._catalogue
         if catalogue is None:
             raise ValueError("The exact index is empty: call `index_candidates` first.")
@@ -322,6 +329,15 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         catalogue = self._snapshot()
         return self._nprobe(catalogue, self._checked_k(k))
 
+    def _allowed_to_read(self, catalogue: _FaissCatalogue, k: int) -> float:
+        """Allowed candidates a filtered query reads: `SCAN_PER_RESULT × k` by default
+        (without the floor of `MIN_NPROBE` lists, which a filter spreads over more
+        lists), else what the given or calibrated `nprobe` reads unfiltered."""
+        nprobe = self.nprobe if self.nprobe is not None else self.calibrated_nprobe
+        if nprobe is None:
+            return float(SCAN_PER_RESULT * k)
+        return min(nprobe, int(catalogue.index.nlist)) * len(catalogue.ids) / catalogue.index.nlist
+
     def _nprobe(self, catalogue: _FaissCatalogue, k: int) -> int:
         nlist = int(catalogue.index.nlist)
         if self.nprobe is not None:
@@ -362,7 +378,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 `BruteForceIndex.search`.
 
         **Filters.** A filtered query returns only candidates it may return,
-        and reads as many of them as an unfiltered search reads candidates:
+        and reads about as many of them as an unfiltered search reads
+        candidates (`64 × k`, or what `nprobe` or the calibrated value reads):
         its lists nearest first, skipping those with none allowed, until they
         hold that many allowed candidates (the first filtered search records
         each candidate's list: 8 more bytes per candidate). Where a filter
@@ -414,6 +431,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         if filtered:
             scores, positions = filtered_search(
                 _faiss(), catalogue.index, catalogue.lists(), queries, k,
+                lambda fetch: self._allowed_to_read(catalogue, fetch),
                 lambda fetch: self._nprobe(catalogue, fetch),
                 mask, allowed, excluded,
             )  # fmt: skip

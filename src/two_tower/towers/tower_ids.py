@@ -8,10 +8,15 @@ import keras
 
 
 class IdRange(NamedTuple):
-    """Ids in `[0, size)`; `source` names where the bound comes from, for errors."""
+    """Ids in `[low, size)`; `source` names where the bound comes from, for errors.
+
+    `low` is 0 for a table indexed by ids; a tower that hashes its ids
+    (`HashedEmbedding`) takes every int64, `IdRange(2**63, ..., low=-2**63)`.
+    """
 
     size: int
     source: str
+    low: int = 0
 
 
 @runtime_checkable
@@ -24,7 +29,8 @@ class TowerIds(Protocol):
     its type, so a new tower only implements these two methods:
 
     - `id_range()`: the `IdRange` of a tower that maps `[batch]` integer ids to
-      `[batch, dim]` (`IdEmbeddingTower`, `SparseEmbedding`); None for a tower
+      `[batch, dim]` (`IdEmbeddingTower`, `SparseEmbedding`; `HashedEmbedding`,
+      whose range is every int64, negative ids included); None for a tower
       over a dict of features (`FeatureTower`, `HistoryTower`), whose id feature,
       if any, the model names with `query_id_key` / `candidate_id_key`.
     - `check_feature_ranges(features, where)`: raises `ValueError` on inputs the
@@ -38,7 +44,7 @@ class TowerIds(Protocol):
     Example:
         >>> from two_tower.towers.tower_ids import tower_ids
         >>> tower_ids(two_tower.IdEmbeddingTower(50, 8)).id_range()
-        IdRange(size=50, source='vocabulary_size')
+        IdRange(size=50, source='vocabulary_size', low=0)
         >>> tower_ids(keras.layers.Embedding(7, 4)).id_range().size
         7
     """
