@@ -8,6 +8,7 @@ repeated rows, so scores tie and are exact on every backend.
 """
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from keras import ops
 
 import two_tower
 from testing import save_and_load
-from two_tower.retrieval import _catalogue_changes, _indexed_catalogue
+from two_tower.retrieval import _catalogue_changes, _id_book, _indexed_catalogue
 
 DIM, K = 4, 6
 
@@ -135,7 +136,7 @@ def test_changes_equal_numpy_over_the_documented_catalogue(kind):
 
 def test_many_adds_sort_the_ids_again_and_stay_equal(monkeypatch):
     """Past a share of added ids the lookup is rebuilt; positions stay right."""
-    monkeypatch.setattr(_catalogue_changes, "MERGE_MINIMUM", 8)
+    monkeypatch.setattr(_id_book, "MERGE_MINIMUM", 8)
     rng = np.random.default_rng(1)
     index = two_tower.BruteForceIndex(chunk_size=64)
     start = grid(rng, 30)
@@ -293,3 +294,87 @@ def test_every_search_sees_the_old_or_the_new_catalogue():
     np.testing.assert_array_equal(
         index.search(queries, k=K, where={"colour": [0, 1, 2]})[0], versions[-1]
     )
+
+
+@pytest.mark.parametrize("pq", [None, 4], ids=["ivf-flat", "ivf-pq"])
+def test_faiss_changes_keep_every_list_entry_right(pq):
+    """Reading every list (nprobe = nlist), the changed index returns what NumPy
+    does over the documented catalogue: exactly for IVF-Flat; for IVF-PQ, a removal
+    keeps the survivors' codes, so their results are those from before it."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    rows = rng.normal(size=(1_500, DIM)).astype("float32")
+    colour = rng.integers(0, 4, 1_500)
+    ann = two_tower.FaissIndex(nlist=12, nprobe=12, pq_subquantizers=pq)
+    ann.index(rows, np.arange(1_500) * 2, attributes={"colour": colour})
+    model = Model(rows, np.arange(1_500) * 2, colour)
+    queries = rng.normal(size=(7, DIM)).astype("float32")
+    if pq is not None:
+        before, before_scores = ann.search(queries, k=200)
+        gone = rng.choice(model.ids, 300, replace=False)
+        with pytest.warns(UserWarning, match="300 candidates changed"):
+            ann.remove(gone)
+        found, scores = ann.search(queries, k=K)
+        for row in range(len(queries)):
+            kept = ~np.isin(before[row], gone)
+            np.testing.assert_array_equal(found[row], before[row][kept][:K])
+            np.testing.assert_array_equal(scores[row], before_scores[row][kept][:K])
+        return
+    with pytest.warns(UserWarning, match="call `index` again"):
+        for step in range(5):
+            new = rng.normal(size=(40, DIM)).astype("float32")
+            ids = np.arange(10_000 + 40 * step, 10_040 + 40 * step)
+            colours = rng.integers(0, 4, 40)
+            ann.add(new, ids, attributes={"colour": colours})
+            model.add(new, ids, colours)
+            gone = rng.choice(model.ids, 60, replace=False)
+            ann.remove(gone)
+            model.remove(gone)
+            changed = rng.choice(model.ids, 20, replace=False)
+            new = rng.normal(size=(20, DIM)).astype("float32")
+            ann.update(changed, new)
+            model.update(changed, new)
+    assert ann.changed_since_index == 5 * (40 + 60 + 20)
+    np.testing.assert_array_equal(ann.candidate_ids, model.ids)
+    np.testing.assert_array_equal(ann.attributes()["colour"], model.colour)
+    found, scores = ann.search(queries, k=K)
+    np.testing.assert_array_equal(found, model.search(queries, K))
+    exact_scores = np.sort(queries @ np.array(model.rows).T, axis=1)[:, ::-1][:, :K]
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
+    # The exact path reads the moved and re-added vectors where they are now.
+    allow = [list(rng.choice(model.ids, 30, replace=False)) for _ in queries]
+    found, _ = ann.search(queries, k=K, allow=allow)
+    for row, allowed in enumerate(allow):
+        keep = np.isin(model.ids, allowed)
+        expected = Model(np.array(model.rows)[keep], np.array(model.ids)[keep], np.zeros(30))
+        np.testing.assert_array_equal(found[row], expected.search(queries[row : row + 1], K)[0])
+    found, _ = ann.search(queries, k=K, where={"colour": [1, 2]})
+    np.testing.assert_array_equal(found, model.search(queries, K, colours=[1, 2]))
+    np.testing.assert_array_equal(
+        ann.positions_of(model.ids[:9]), np.arange(9)
+    )  # positions follow the documented rule
+
+
+def test_a_changed_faiss_index_saves_and_loads(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(7)
+    ann = two_tower.FaissIndex(nlist=8, nprobe=8)
+    ann.index(rng.normal(size=(600, DIM)).astype("float32"), np.arange(600))
+    with pytest.warns(UserWarning, match="86 candidates changed"):  # past 10 % of 600
+        ann.remove(np.arange(0, 600, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        ann.add(rng.normal(size=(5, DIM)).astype("float32"), np.arange(1000, 1005))
+        ann.update([1, 2], rng.normal(size=(2, DIM)).astype("float32"))
+    queries = rng.normal(size=(4, DIM)).astype("float32")
+    ann.save(tmp_path / "ann")
+    loaded = two_tower.FaissIndex.load(tmp_path / "ann", nprobe=8)
+    np.testing.assert_array_equal(loaded.candidate_ids, ann.candidate_ids)
+    for got, expected in zip(loaded.search(queries, k=K), ann.search(queries, k=K), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    loaded.remove(loaded.candidate_ids[:3])  # a loaded index changes too
+    assert loaded.num_candidates == ann.num_candidates - 3
+    with pytest.raises(ValueError, match="already indexed"):
+        loaded.add(np.ones((1, DIM), "float32"), [1000])
+    loaded.remove(loaded.candidate_ids)
+    assert loaded.num_candidates == 0

@@ -7,8 +7,8 @@ list) is searched in one of two ways:
   up to 80,000 of 10^6 at k = 100: no more than the codes the filtered faiss
   search below would scan for one query, `SCAN_PER_RESULT × k × candidates / m`,
   and scored with a matrix product instead of one by one): their stored vectors are
-  read back (`reconstruct_batch`, through the index's direct map, made once:
-  8 bytes per candidate) and scored exactly, ties lower position first. This
+  read back (`_faiss_lists.vectors`, through the candidates' recorded places in
+  the lists) and scored exactly, ties lower position first. This
   is exact over what the index stores (IVF-PQ's decoded vectors).
 - **Many**: faiss searches with an ID selector (`IDSelectorBitmap` for a mask,
   `IDSelectorBatch` for a list). Each query reads its lists nearest first,
@@ -25,12 +25,12 @@ each query with a list is searched on its own.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from two_tower.retrieval._faiss_lists import OFFSET_BITS, vectors
 from two_tower.retrieval._faiss_search import without_excluded
 
 SCAN_PER_RESULT = 64  # as FaissIndex: candidates read per requested result
@@ -40,13 +40,12 @@ EXACT_SCORES = 2**22  # scores held at once by the exact path (16 MiB of float32
 # nprobe_for(k) -> the lists an unfiltered one reads
 ReadRule = Callable[[int], float]
 NprobeRule = Callable[[int], int]
-_DIRECT_MAP_LOCK = threading.Lock()
 
 
 def filtered_search(
     faiss: Any,
     index: Any,
-    lists_of: np.ndarray,
+    where: np.ndarray,
     queries: np.ndarray,
     k: int,
     to_read: ReadRule,
@@ -60,7 +59,7 @@ def filtered_search(
     Args:
         faiss: the faiss module.
         index: the faiss IVF index.
-        lists_of: `[candidates]`, the inverted list of each position.
+        where: each position's place in the lists (`_faiss_lists.locations`).
         queries: `[queries, dim]` float32.
         k: results per query.
         to_read: the allowed candidates a query for `k` results reads.
@@ -82,7 +81,7 @@ def filtered_search(
         found = _search_rows(
             faiss,
             index,
-            lists_of,
+            where,
             queries[free],
             k,
             (to_read, nprobe_for),
@@ -99,7 +98,7 @@ def filtered_search(
         found = _search_rows(
             faiss,
             index,
-            lists_of,
+            where,
             queries[row : row + 1],
             k,
             (to_read, nprobe_for),
@@ -114,7 +113,7 @@ def filtered_search(
 def _search_rows(
     faiss: Any,
     index: Any,
-    lists_of: np.ndarray,
+    where: np.ndarray,
     queries: np.ndarray,
     k: int,
     rules: tuple[ReadRule, NprobeRule],
@@ -129,7 +128,7 @@ def _search_rows(
         shape = (len(queries), k)
         return np.full(shape, -np.inf, "float32"), np.full(shape, -1, "int64")
     if candidates is not None and count * count <= SCAN_PER_RESULT * k * num_candidates:
-        return _exact(index, queries, k, candidates, excluded)
+        return _exact(faiss, index, where, queries, k, candidates, excluded)
     fetch = k
     if excluded is not None and len(excluded[0]):
         fetch = min(num_candidates, k + int(np.bincount(excluded[0]).max()))
@@ -145,7 +144,7 @@ def _search_rows(
     if candidates is None:
         assert mask is not None
         candidates = np.flatnonzero(mask)
-    allowed_per_list = np.bincount(lists_of[candidates], minlength=nlist)
+    allowed_per_list = np.bincount(where[candidates] >> OFFSET_BITS, minlength=nlist)
     distances, lists = index.quantizer.search(queries, nlist)  # every list, nearest first
     held = allowed_per_list[np.maximum(lists, 0)] * (lists >= 0)
     before = np.cumsum(held, axis=1) - held  # allowed in the nearer lists
@@ -186,21 +185,22 @@ def _finished(
 
 
 def _exact(
+    faiss: Any,
     index: Any,
+    where: np.ndarray,
     queries: np.ndarray,
     k: int,
     candidates: np.ndarray,
     excluded: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top `k` over the stored vectors of sorted `candidates`, ties lower first."""
-    _ensure_direct_map(index)
-    vectors = index.reconstruct_batch(np.ascontiguousarray(candidates, dtype="int64"))
+    stored = vectors(faiss, index, where, candidates)
     width = min(k, len(candidates))
     batch = max(1, EXACT_SCORES // len(candidates))
     scores = np.full((len(queries), k), -np.inf, "float32")
     positions = np.full((len(queries), k), -1, "int64")
     for start in range(0, len(queries), batch):
-        block = queries[start : start + batch] @ vectors.T
+        block = queries[start : start + batch] @ stored.T
         if excluded is not None:
             rows, slots = _within(excluded, candidates, start, len(block))
             block[rows, slots] = -np.inf
@@ -229,13 +229,6 @@ def _top_columns(scores: np.ndarray, width: int) -> np.ndarray:
     values = np.take_along_axis(scores, columns, axis=1)
     order = np.argsort(-values, axis=1, kind="stable")  # equal scores keep column order
     return np.take_along_axis(columns, order, axis=1)
-
-
-def _ensure_direct_map(index: Any) -> None:
-    """Lets `reconstruct_batch` find a position's list: made once, 8 bytes per vector."""
-    with _DIRECT_MAP_LOCK:
-        if index.direct_map.type == 0:  # faiss' DirectMap::NoMap
-            index.make_direct_map()
 
 
 def _rows_of(

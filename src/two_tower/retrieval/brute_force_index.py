@@ -18,6 +18,7 @@ from two_tower.retrieval import (
     _catalogue_changes,
     _catalogue_store,
     _filters,
+    _id_book,
     _indexed_catalogue,
 )
 from two_tower.retrieval._catalogue_lock import ReadWriteLock
@@ -301,8 +302,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 return
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
             rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "add")
-            ids = self._new_ids(catalogue, candidate_ids, len(rows))
-            values = self._new_attributes(catalogue, attributes, len(rows))
+            ids = _id_book.new_ids(catalogue, candidate_ids, len(rows))
+            values = _id_book.new_attributes(catalogue.attributes, attributes, len(rows))
             changed = _catalogue_changes.added(catalogue, rows, ids, values, self.chunk_size)
             object.__setattr__(self, "_catalogue", changed)
 
@@ -334,7 +335,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         """
         with self._catalogue_lock.writing():
             catalogue = self._snapshot()
-            positions = self._positions(catalogue, candidate_ids, ignore_unknown, "remove")
+            positions = _id_book.change_positions(
+                catalogue, candidate_ids, ignore_unknown, "remove"
+            )
             positions = positions[positions >= 0]
             if not len(positions):
                 return
@@ -369,7 +372,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         """
         with self._catalogue_lock.writing():
             catalogue = self._snapshot()
-            positions = self._positions(catalogue, candidate_ids, False, "update")
+            positions = _id_book.change_positions(catalogue, candidate_ids, False, "update")
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
             rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "update")
             if len(rows) != len(positions):
@@ -382,77 +385,6 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                 return
             changed = _catalogue_changes.updated(catalogue, positions, rows)
             object.__setattr__(self, "_catalogue", changed)
-
-    @staticmethod
-    def _positions(
-        catalogue: IndexedCatalogue, ids: Any, ignore_unknown: bool, method: str
-    ) -> np.ndarray:
-        """Positions of `ids` for `remove`/`update`: each id once."""
-        if isinstance(ids, (str, bytes)) or np.ndim(ids) != 1:
-            raise ValueError(
-                f"`{method}` takes a 1D sequence of candidate ids. Received {ids!r:.80}"
-            )
-        values = np.asarray(ids)
-        if len(values) != len(np.unique(values)):
-            unique, counts = np.unique(values, return_counts=True)
-            raise ValueError(
-                f"`{method}` got ids more than once: {unique[counts > 1][:5].tolist()}"
-            )
-        return _candidate_ids.positions_of(
-            catalogue, values, ignore_unknown, "ignore_unknown", f"id(s) to {method}"
-        )
-
-    @staticmethod
-    def _new_ids(catalogue: IndexedCatalogue, candidate_ids: Any, rows: int) -> np.ndarray:
-        """`candidate_ids` for `add`: one per row, unique, of the indexed kind, new."""
-        if candidate_ids is None:
-            raise ValueError("`add` needs `candidate_ids`: one new id per row.")
-        ids = _candidate_ids.checked_ids(candidate_ids, rows).ids
-        if (ids.dtype.kind == "U") != (catalogue.ids.dtype.kind == "U"):
-            raise ValueError(
-                f"The index holds ids of dtype {catalogue.ids.dtype}; `add` received ids of "
-                f"dtype {ids.dtype}."
-            )
-        known = _candidate_ids.positions_of(catalogue, ids, True) >= 0
-        if known.any():
-            raise ValueError(
-                f"{int(known.sum())} ids to add are already indexed, e.g. "
-                f"{ids[known][:5].tolist()}: `update` changes their embeddings."
-            )
-        return ids
-
-    @staticmethod
-    def _new_attributes(
-        catalogue: IndexedCatalogue, attributes: Mapping[str, Any] | None, rows: int
-    ) -> dict[str, np.ndarray] | None:
-        """`attributes` for `add`: the indexed names, one value per row, the same kinds."""
-        indexed = catalogue.attributes
-        if indexed is None:
-            if attributes is not None:
-                raise ValueError(
-                    "The index has no attributes, so `add` takes none: index the catalogue "
-                    "again with `attributes` to filter on them."
-                )
-            return None
-        if attributes is None or set(attributes) != set(indexed):
-            given = None if attributes is None else sorted(attributes)
-            raise ValueError(
-                f"`add` needs a value per new row for each indexed attribute "
-                f"{sorted(indexed)}. Received {given}"
-            )
-        checked = _filters.checked_attributes(attributes, rows)
-        assert checked is not None
-        for name, values in checked.items():
-            kinds = {"b": "booleans", "i": "numbers", "u": "numbers", "f": "numbers",
-                     "U": "strings"}  # fmt: skip
-            old, new = indexed[name].dtype, values.dtype
-            same = kinds[old.kind] == kinds[new.kind] and (old.kind == "f") == (new.kind == "f")
-            if not same:
-                raise ValueError(
-                    f"Attribute {name!r} holds {old}; `add` received {new}. Give values of "
-                    "the same kind, or index the catalogue again to change it."
-                )
-        return checked
 
     def _rebuild_sharded(
         self,
@@ -485,8 +417,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         if add is not None:
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
             rows = _catalogue_changes.rows_for(catalogue.dim, dtype, add[0], "add")
-            new_ids = self._new_ids(catalogue, add[1], len(rows))
-            values = self._new_attributes(catalogue, add[2], len(rows))
+            new_ids = _id_book.new_ids(catalogue, add[1], len(rows))
+            values = _id_book.new_attributes(catalogue.attributes, add[2], len(rows))
             embeddings = np.concatenate([embeddings, rows])
             ids = np.concatenate([ids, new_ids])
             if attributes is not None and values is not None:

@@ -7,16 +7,19 @@ import json
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 
 from two_tower import _arguments
-from two_tower.retrieval import _candidate_ids, _catalogue_store, _filters
+from two_tower.retrieval import _candidate_ids, _catalogue_store, _faiss_lists, _filters, _id_book
 from two_tower.retrieval._candidate_ids import CandidateIds, check_catalogue, checked_ids
+from two_tower.retrieval._catalogue_changes import rows_for
+from two_tower.retrieval._catalogue_lock import ReadWriteLock
 from two_tower.retrieval._faiss_filtered import filtered_search
 from two_tower.retrieval._faiss_folder import (
     FAISS_FILE,
@@ -32,12 +35,14 @@ from two_tower.retrieval._faiss_folder import (
 from two_tower.retrieval._faiss_folder import size_and_hash as _size_and_hash
 from two_tower.retrieval._faiss_search import check_inner_product, checked_queries, without_excluded
 from two_tower.retrieval._faiss_training import calibrated_nprobe, trained_index
+from two_tower.retrieval._id_book import IdBook
 from two_tower.retrieval.brute_force_index import BruteForceIndex
 from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.saving._files import fsync as _fsync
 from two_tower.types import SimilarityFn
 
 MIN_NPROBE = 16  # lists read at least, by default
+DRIFT = 0.1  # changes past this share of the catalogue indexed: a warning to index again
 SCAN_PER_RESULT = 64  # candidates read per requested result, by default
 
 
@@ -178,6 +183,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         """The recall@`calibration_k` it reached on the calibration queries."""
         # Not tracked by Keras: the faiss index is saved as assets.
         object.__setattr__(self, "_catalogue", None)
+        # Searches read together; `add`, `remove` and `update` change it alone.
+        object.__setattr__(self, "_catalogue_lock", ReadWriteLock())
         self.built = True
 
     @classmethod
@@ -226,13 +233,25 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
     def num_candidates(self) -> int:
         """How many candidates are indexed (0 before `index`)."""
         catalogue = self._catalogue
-        return 0 if catalogue is None else len(catalogue.ids)
+        return 0 if catalogue is None else catalogue.count
 
     @property
     def candidate_ids(self) -> np.ndarray | None:
-        """The indexed candidate ids as a NumPy array, or None."""
+        """The indexed candidate ids, one per position, as a NumPy array, or None.
+
+        Once `add`, `remove` or `update` changed the catalogue, a copy.
+        """
+        with self._catalogue_lock.reading():
+            catalogue = self._catalogue
+            if catalogue is None:
+                return None
+            return catalogue.ids if catalogue.book is None else catalogue.ids.copy()
+
+    @property
+    def changed_since_index(self) -> int:
+        """Candidates added, removed or updated since `index` (or `load`)."""
         catalogue = self._catalogue
-        return None if catalogue is None else catalogue.ids
+        return 0 if catalogue is None else catalogue.changed
 
     def _snapshot(self) -> _FaissCatalogue:
         catalogue: _FaissCatalogue | None = self._catalogue
@@ -307,7 +326,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         index = trained_index(
             faiss, rows, self.nlist, self.pq_subquantizers, self.train_size, seed, rng
         )
-        object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids, checked))  # one swap
+        with self._catalogue_lock.writing():
+            object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids, checked))
         self.calibrated_nprobe = self.calibrated_recall = None
         if self.target_recall is not None:
             if calibration_queries is None:
@@ -405,6 +425,22 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 `BruteForceIndex.search`), or, without filters, `exclude` leaves
                 a query fewer than `k` candidates.
         """
+        with self._catalogue_lock.reading():
+            return self._search(
+                query_embeddings, k, similarity_fn, exclude, ignore_unknown_exclusions, allow,
+                where,
+            )  # fmt: skip
+
+    def _search(
+        self,
+        query_embeddings: Any,
+        k: int,
+        similarity_fn: SimilarityFn | None,
+        exclude: Sequence[Any] | None,
+        ignore_unknown_exclusions: bool,
+        allow: Sequence[Any] | None,
+        where: Mapping[str, Any] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         catalogue = self._snapshot()
         k = self._checked_k(k)
         dim = int(catalogue.index.d)
@@ -430,7 +466,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             )
         if filtered:
             scores, positions = filtered_search(
-                _faiss(), catalogue.index, catalogue.lists(), queries, k,
+                _faiss(), catalogue.index, catalogue.locations(), queries, k,
                 lambda fetch: self._allowed_to_read(catalogue, fetch),
                 lambda fetch: self._nprobe(catalogue, fetch),
                 mask, allowed, excluded,
@@ -458,12 +494,125 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             scores = np.where(missing, -np.inf, scores)
         return ids, scores
 
+    def add(
+        self,
+        candidate_embeddings: Any,
+        candidate_ids: Any,
+        *,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Adds candidates to the trained lists, without training them again.
+
+        As `BruteForceIndex.add` (the same checks, positions and atomicity
+        with respect to searches), at O(rows added) plus one pass over the
+        `nlist` list sizes: each row goes into the list of its nearest
+        centroid. The lists and a calibrated `nprobe` stay those of `index`:
+        once the candidates added, removed or updated since pass 10 % of the
+        catalogue indexed then (`changed_since_index`), a warning says to call
+        `index` again, which trains the lists on the catalogue of now.
+
+        Raises:
+            ValueError: as `BruteForceIndex.add`. Nothing is changed when it
+                raises.
+            ImportError: faiss is not installed.
+
+        Examples:
+            >>> import numpy as np
+            >>> rng = np.random.default_rng(0)
+            >>> ann = two_tower.FaissIndex(nlist=4)
+            >>> ann.index(rng.normal(size=(400, 8)).astype("float32"), np.arange(400))
+            >>> ann.add(np.ones((1, 8), "float32") * 9, [1000])
+            >>> ann.search(np.ones((1, 8), "float32"), k=1)[0].tolist()
+            [[1000]]
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            rows = rows_for(int(catalogue.index.d), "float32", candidate_embeddings, "add")
+            table = catalogue.lookup()
+            ids = _id_book.new_ids(table, candidate_ids, len(rows))
+            values = _id_book.new_attributes(catalogue.attributes, attributes, len(rows))
+            book, where = catalogue.changing()
+            count = catalogue.count
+            where = _faiss_lists.add_rows(_faiss(), catalogue.index, where, count, rows)
+            book.append(count, ids, values)
+            catalogue.changed_to(count + len(rows), where, len(rows))
+            self._warn_on_drift(catalogue)
+
+    def remove(self, candidate_ids: Any, *, ignore_unknown: bool = False) -> None:
+        """Removes candidates by id, as `BruteForceIndex.remove` (the last candidates
+        take the removed ones' positions), at O(rows removed): each entry leaves
+        its list in place. Removing every candidate empties the index.
+
+        Raises:
+            ValueError: as `BruteForceIndex.remove`. Nothing is changed when it
+                raises.
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            positions = _id_book.change_positions(
+                catalogue.lookup(), candidate_ids, ignore_unknown, "remove"
+            )
+            positions = positions[positions >= 0]
+            if not len(positions):
+                return
+            count = catalogue.count
+            if len(positions) == count:
+                object.__setattr__(self, "_catalogue", None)
+                return
+            book, where = catalogue.changing()
+            holes, movers = book.remove(positions, count)
+            _faiss_lists.remove_rows(_faiss(), catalogue.index, where, positions, holes, movers)
+            catalogue.changed_to(count - len(positions), where, len(positions))
+            self._warn_on_drift(catalogue)
+
+    def update(self, candidate_ids: Any, candidate_embeddings: Any) -> None:
+        """New embeddings for indexed candidates, as `BruteForceIndex.update`, at
+        O(rows updated): each is re-assigned to the list of its nearest centroid.
+
+        Raises:
+            ValueError: as `BruteForceIndex.update`. Nothing is changed when it
+                raises.
+        """
+        with self._catalogue_lock.writing():
+            catalogue = self._snapshot()
+            positions = _id_book.change_positions(
+                catalogue.lookup(), candidate_ids, False, "update"
+            )
+            rows = rows_for(int(catalogue.index.d), "float32", candidate_embeddings, "update")
+            if len(rows) != len(positions):
+                raise ValueError(
+                    f"`update` needs one embedding row per id: {len(positions)} ids, "
+                    f"{len(rows)} rows."
+                )
+            _, where = catalogue.changing()
+            _faiss_lists.update_rows(_faiss(), catalogue.index, where, positions, rows)
+            catalogue.changed_to(catalogue.count, where, len(positions))
+            self._warn_on_drift(catalogue)
+
+    def _warn_on_drift(self, catalogue: _FaissCatalogue) -> None:
+        """Once, when the changes since `index` pass `DRIFT` of what was indexed."""
+        limit = DRIFT * catalogue.indexed
+        if catalogue.changed > limit >= catalogue.changed - catalogue.last_change:
+            warnings.warn(
+                f"FaissIndex: {catalogue.changed:,} candidates changed since `index` "
+                f"(more than {DRIFT:.0%} of the {catalogue.indexed:,} indexed then). Its "
+                "lists were trained, and its nprobe calibrated, on that catalogue: call "
+                "`index` again to keep its recall.",
+                stacklevel=3,
+            )
+
     def attributes(self) -> dict[str, np.ndarray]:
         """The indexed candidate attributes, `{name: [candidates] values}` (read-only)."""
-        catalogue = self._catalogue
-        if catalogue is None or catalogue.attributes is None:
-            return {}
-        return dict(catalogue.attributes)
+        with self._catalogue_lock.reading():
+            catalogue = self._catalogue
+            if catalogue is None or catalogue.attributes is None:
+                return {}
+            if catalogue.book is None:
+                return dict(catalogue.attributes)
+            copies = {name: values.copy() for name, values in catalogue.attributes.items()}
+        for values in copies.values():
+            values.flags.writeable = False
+        return copies
 
     def positions_of(self, ids: Any, *, ignore_unknown: bool = False) -> np.ndarray:
         """Catalogue positions of candidate ids, as `BruteForceIndex.positions_of`.
@@ -480,7 +629,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             ValueError: if the index is empty, the ids are of another kind than
                 the indexed ids, or (unless `ignore_unknown`) an id is unknown.
         """
-        return _candidate_ids.positions_of(self._snapshot().lookup(), ids, ignore_unknown)
+        with self._catalogue_lock.reading():
+            return _candidate_ids.positions_of(self._snapshot().lookup(), ids, ignore_unknown)
 
     def _checked_k(self, k: Any) -> int:
         return _arguments.integer("k", k, maximum=self.num_candidates, owner="FaissIndex")
@@ -503,6 +653,10 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             ValueError: the index is empty, or `folder` is an existing file.
             ImportError: faiss is not installed.
         """
+        with self._catalogue_lock.reading():  # one version, whatever changes meanwhile
+            self._save(folder)
+
+    def _save(self, folder: str | os.PathLike[str]) -> None:
         catalogue = self._catalogue
         if catalogue is None:
             raise ValueError("Nothing to save: the index is empty.")
@@ -590,7 +744,8 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
     def _restore(self, path: Path) -> None:
         """The index, ids and calibration of a saved folder, checked (`read_folder`)."""
         index, ids, calibration, attributes = read_folder(path, _faiss())
-        object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids, attributes))
+        with self._catalogue_lock.writing():
+            object.__setattr__(self, "_catalogue", _FaissCatalogue(index, ids, attributes))
         self.calibrated_nprobe = calibration["nprobe"]
         self.calibrated_recall = calibration["recall"]
 
@@ -623,39 +778,72 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         return config
 
 
+class _BookTable(NamedTuple):
+    """What `positions_of` reads once the catalogue changed in place."""
+
+    ids: np.ndarray
+    order: np.ndarray
+    sorted_ids: np.ndarray
+    buffers: IdBook
+
+
 class _FaissCatalogue:
-    """The faiss index, the ids of its positions and their attributes, swapped in
-    whole by `index`."""
+    """The faiss index, the ids of its positions and their attributes. `index` swaps
+    in a new one; `add`, `remove` and `update` change it in place, under the
+    index's write lock."""
 
     def __init__(
         self, index: Any, ids: np.ndarray, attributes: Mapping[str, np.ndarray] | None = None
     ) -> None:
         self.index = index
-        self.ids = ids
-        self.attributes = attributes
-        self._lookup: CandidateIds | None = None
-        self._lists: np.ndarray | None = None
+        self.count = len(ids)
+        self.indexed = len(ids)  # at `index`, for the drift warning
+        self.changed = 0  # candidates added, removed or updated since
+        self.last_change = 0
+        self._ids = ids
+        self._attributes = attributes
+        self._lookup: CandidateIds | _BookTable | None = None
+        self._where: np.ndarray | None = None
+        self.book: IdBook | None = None
 
-    def lookup(self) -> CandidateIds:
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids if self.book is None else self.book.ids[: self.count]
+
+    @property
+    def attributes(self) -> Mapping[str, np.ndarray] | None:
+        return self._attributes if self.book is None else self.book.attribute_views(self.count)
+
+    def lookup(self) -> CandidateIds | _BookTable:
         """The ids with their argsort and sorted copy, made at the first lookup."""
         if self._lookup is None:  # two threads may both sort: the same result
-            order = np.argsort(self.ids, kind="stable")
-            self._lookup = CandidateIds(self.ids, order, self.ids[order])
+            order = np.argsort(self._ids, kind="stable")
+            self._lookup = CandidateIds(self._ids, order, self._ids[order])
         return self._lookup
 
-    def lists(self) -> np.ndarray:
-        """`[candidates]` int64: the inverted list of each position, read at first use."""
-        if self._lists is None:  # two threads may both read: the same result
-            faiss = _faiss()
-            lists = np.empty(len(self.ids), dtype="int64")
-            inverted = self.index.invlists
-            for number in range(int(self.index.nlist)):
-                size = inverted.list_size(number)
-                if size:
-                    ids = faiss.rev_swig_ptr(inverted.get_ids(number), size)
-                    lists[np.array(ids, copy=True)] = number
-            self._lists = lists
-        return self._lists
+    def locations(self) -> np.ndarray:
+        """Each position's place in the lists (`_faiss_lists.locations`), read at first use."""
+        if self._where is None:  # two threads may both read: the same result
+            self._where = _faiss_lists.locations(_faiss(), self.index, self.count, self.count)
+        return self._where
+
+    def changing(self) -> tuple[IdBook, np.ndarray]:
+        """The id book and the locations, made at the first change (one copy of each)."""
+        if self.book is None:
+            attributes = None if self._attributes is None else dict(self._attributes)
+            lookup = self.lookup()
+            self.book = IdBook.of(self._ids, lookup.order, attributes)
+            self._lookup = _BookTable(self.ids, self.book.order, lookup.sorted_ids, self.book)
+        return self.book, self.locations()
+
+    def changed_to(self, count: int, where: np.ndarray, rows: int) -> None:
+        """After a change of `rows` candidates: `count` of them now, at `where`."""
+        assert self.book is not None and isinstance(self._lookup, _BookTable)
+        self.count, self._where = count, where
+        self.changed += rows
+        self.last_change = rows
+        order, sorted_ids = self.book.lookup(count, self._lookup.sorted_ids)
+        self._lookup = _BookTable(self.ids, order, sorted_ids, self.book)
 
 
 def _remove_stale_files(path: Path) -> None:
