@@ -232,6 +232,13 @@ def test_the_model_takes_negative_raw_ids():
     model.fit(two_tower_pairs(users, rows_per_user=2), batch_size=8, epochs=1, verbose=0)
     model.index_candidates(np.arange(30))
     assert model.recommend(users, k=3).shape == (4, 3)
+    # Found in review: float ids past 2**53 were clipped to 2**62 and served as that id.
+    for floats in ([1e19], [-1e30], [2.0**62 + 2**40]):
+        with pytest.raises(ValueError, match="past 2\\*\\*53"):
+            model.recommend(np.array(floats), k=3)
+    np.testing.assert_array_equal(
+        model.recommend(np.array([-5.0, 7.0]), k=3), model.recommend(np.array([-5, 7]), k=3)
+    )
 
 
 @pytest.mark.parametrize("sparse", [False, True])

@@ -378,3 +378,24 @@ def test_a_changed_faiss_index_saves_and_loads(tmp_path):
         loaded.add(np.ones((1, DIM), "float32"), [1000])
     loaded.remove(loaded.candidate_ids)
     assert loaded.num_candidates == 0
+
+
+def test_review_regressions_exported_ids_and_integer_kinds():
+    """Found in review: `FaissIndex.from_index` of a changed index shared its id
+    buffer (later changes renamed the faiss candidates); uint64 ids or attribute
+    values added to int64 ones made floats of both (and one id of several)."""
+    rng = np.random.default_rng(9)
+    exact = two_tower.BruteForceIndex()
+    big = np.array([2**60 + 1, 2**60 + 3, 2**60 + 5], "int64")
+    exact.index(grid(rng, 3), big, attributes={"n": np.array([1, 2, 3])})
+    exact.add(grid(rng, 1), np.array([7], "uint64"), attributes={"n": np.array([4], "uint64")})
+    assert exact.candidate_ids.dtype == np.int64 and exact.attributes()["n"].dtype == np.int64
+    np.testing.assert_array_equal(exact.candidate_ids, [*big, 7])
+    np.testing.assert_array_equal(exact.positions_of(big), [0, 1, 2])
+    with pytest.raises(ValueError, match="beyond the indexed int64"):
+        exact.add(grid(rng, 1), np.array([2**64 - 1], "uint64"), attributes={"n": [5]})
+    pytest.importorskip("faiss")
+    ann = two_tower.FaissIndex.from_index(exact, nlist=1)
+    exact.remove(big[:1])
+    exact.add(grid(rng, 1), [8], attributes={"n": [6]})
+    np.testing.assert_array_equal(ann.candidate_ids, [*big, 7])

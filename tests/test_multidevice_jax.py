@@ -250,6 +250,23 @@ def test_sharded_index_is_exact_with_ties(kind, tmp_path):
     reloaded.load_assets(str(tmp_path))  # on one device
     assert reloaded._catalogue.sharded is None
     np.testing.assert_array_equal(reloaded.search(queries, 10)[0], index.search(queries, 10)[0])
+    # add / remove / update: sharded again, in the order one device would leave them.
+    new = rng.integers(-2, 3, (30, 8)).astype("float32")
+    keras.distribution.set_distribution(distribution)
+    for target in (index, reloaded):
+        target.add(new, np.arange(30) + 10**6, attributes={"group": np.zeros(30, "int64")})
+        target.remove(ids[:45])
+        target.update(ids[100:103], new[:3])
+        keras.distribution.set_distribution(None)
+    assert index._catalogue.sharded is not None and reloaded._catalogue.sharded is None
+    np.testing.assert_array_equal(index.candidate_ids, reloaded.candidate_ids)
+    np.testing.assert_array_equal(index.embeddings(), reloaded.embeddings())
+    for where in (None, {"group": [0]}):
+        for got, expected in zip(
+            index.search(queries, 10, where=where), reloaded.search(queries, 10, where=where),
+            strict=True,
+        ):  # fmt: skip
+            np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.slow

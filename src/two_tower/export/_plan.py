@@ -90,11 +90,18 @@ class ExportPlan:
         """Candidate rows scored at once: the index's own `chunk_size`."""
         return self.index.chunk_size
 
+    @cached_property
+    def catalogue(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, embeddings)` of one version of the index, read once (the index may
+        change in place meanwhile: `BruteForceIndex.add`)."""
+        with self.index.reading():
+            ids, embeddings = self.index.candidate_ids, self.index.embeddings()
+        assert ids is not None and embeddings is not None
+        return ids, embeddings
+
     @property
     def ids(self) -> np.ndarray:
-        ids = self.index.candidate_ids
-        assert ids is not None
-        return ids
+        return self.catalogue[0]
 
     @property
     def string_ids(self) -> bool:
@@ -103,9 +110,7 @@ class ExportPlan:
     @cached_property
     def chunks(self) -> list[np.ndarray]:
         """The indexed embeddings in blocks of `chunk_rows` rows (float32), copied once."""
-        embeddings = self.index.embeddings()
-        assert embeddings is not None
-        embeddings = np.asarray(embeddings, dtype="float32")
+        embeddings = np.asarray(self.catalogue[1], dtype="float32")
         return [
             embeddings[start : start + self.chunk_rows]
             for start in range(0, len(embeddings), self.chunk_rows)

@@ -94,6 +94,14 @@ def tower_lowest_id(tower: keras.layers.Layer) -> int:
     return 0 if bound is None else bound.low
 
 
+def lowest_id(tower: keras.layers.Layer, features: Any, side: TowerSide) -> int:
+    """The lowest id the tower takes: below 0 for a tower that hashes its ids (and
+    takes them as the whole input, with no catalogue of candidate rows)."""
+    if isinstance(features, Mapping) or side.catalogue_size is not None:
+        return 0
+    return tower_lowest_id(tower)
+
+
 def check_ids(side: TowerSide, features: Any, argument: str) -> Any:
     """Checks `side`'s ids, then any feature ranges the tower declares (see `_check_ids`)."""
     # The tower itself, not the first layer of a Sequential (which may take other inputs).
@@ -225,7 +233,17 @@ def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
                     f"with non-integer values, e.g. {array.reshape(-1)[position].item()!r} at flat "
                     f"position {position}. Integer-valued floats (3.0) are accepted."
                 )
-            if np.any(np.abs(array) >= 2.0**62):
+            if np.any(np.abs(array) >= 2.0**53):
+                # Past 2**53 a float no longer names one integer: within a table's
+                # range that cannot happen (tables are smaller), so this is refused
+                # as out of range, or, for a tower that takes any int64 (one that
+                # hashes its ids), as inexact.
+                big = array.reshape(-1)[int(np.argmax(np.abs(array).reshape(-1)))].item()
+                if limit is None or limit[0] > 2**53 or lowest_id(tower, features, side) < 0:
+                    raise ValueError(
+                        f"{name} ids in {where} are floats as large as {big!r}: past 2**53 "
+                        "a float cannot name an integer id exactly. Pass integer (int64) ids."
+                    )
                 array = np.clip(array, -(2.0**62), 2.0**62)  # reported as out of range below
             array, converted = array.astype("int64"), True
         else:
@@ -237,9 +255,7 @@ def _check_ids(side: TowerSide, features: Any, argument: str) -> Any:
                 f"{_range_text(limit)}. Received {kind} (dtype {array.dtype}). Map raw "
                 "ids to indices first, e.g. with two_tower.Vocabulary."
             )
-    lowest = 0
-    if not isinstance(features, Mapping) and side.catalogue_size is None:
-        lowest = tower_lowest_id(tower)  # below 0 for a tower that hashes its ids
+    lowest = lowest_id(tower, features, side)
     if array.size:
         low, high = int(array.min()), int(array.max())
         if low < lowest or (limit is not None and high >= limit[0]):

@@ -10,6 +10,7 @@ its catalogue per call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -231,20 +232,25 @@ def similar_items(
                     f"`item_ids` must have one id per item: {num_items} items, "
                     f"received {len(ids)} ids."
                 )
-        known = index.positions_of(ids, ignore_unknown=True) >= 0
-        for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
-            if is_known:
-                row.append(item_id)
-    found, scores = index.search(
-        embeddings,
-        k=k,
-        similarity_fn=similarity_fn,
-        exclude=rows,
-        # Only indexed ids of the items themselves were added: unknown ids are the caller's.
-        ignore_unknown_exclusions=ignore_unknown_exclusions,
-        **(filters or {}),
-    )
-    return found, scores
+    # An index that changes in place (it has `reading()`) is held still from the
+    # lookup of the items' own ids to the search: none is removed in between.
+    holding = getattr(index, "reading", contextlib.nullcontext)
+    with holding():
+        if exclude_self:
+            assert ids is not None
+            known = index.positions_of(ids, ignore_unknown=True) >= 0
+            for row, item_id, is_known in zip(rows, ids.tolist(), known, strict=True):
+                if is_known:
+                    row.append(item_id)
+        return index.search(
+            embeddings,
+            k=k,
+            similarity_fn=similarity_fn,
+            exclude=rows,
+            # Only indexed ids of the items themselves were added: unknown ids are the caller's.
+            ignore_unknown_exclusions=ignore_unknown_exclusions,
+            **(filters or {}),
+        )
 
 
 def filter_options(index: CandidateIndex, method: str, **options: Any) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def _search_rows(
     keep: np.ndarray  # the selector reads it: alive until the search returns
     if mask is not None:
         keep = np.packbits(mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(num_candidates, faiss.swig_ptr(keep))
+        selector = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(keep))  # (bytes)
     else:
         keep = np.ascontiguousarray(candidates, dtype="int64")
         selector = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))

@@ -169,6 +169,7 @@ def new_ids(table: IdTable, candidate_ids: Any, rows: int) -> np.ndarray:
             f"The index holds ids of dtype {table.ids.dtype}; `add` received ids of "
             f"dtype {ids.dtype}."
         )
+    ids = _as_dtype(ids, table.ids.dtype, "The ids to add")
     known = _candidate_ids.positions_of(table, ids, True) >= 0
     if known.any():
         raise ValueError(
@@ -207,4 +208,19 @@ def new_attributes(
                 f"Attribute {name!r} holds {old}; `add` received {new}. Give values of "
                 "the same kind, or index the catalogue again to change it."
             )
+        checked[name] = _as_dtype(values, old, f"Attribute {name!r}'s new values")
     return checked
+
+
+def _as_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Integers in the indexed integer `dtype` (int64 with uint64 would make floats of
+    both, and two ids one), refused if they do not fit; other kinds as they are."""
+    if values.dtype.kind not in "iu" or dtype.kind not in "iu" or values.dtype == dtype:
+        return values
+    bounds = np.iinfo(dtype)
+    if len(values) and (int(values.min()) < bounds.min or int(values.max()) > bounds.max):
+        raise ValueError(
+            f"{what} range from {int(values.min())} to {int(values.max())}, beyond the "
+            f"indexed {dtype} ({bounds.min} to {bounds.max})."
+        )
+    return values.astype(dtype)

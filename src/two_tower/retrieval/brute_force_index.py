@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -250,6 +251,25 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         for values in copies.values():
             values.flags.writeable = False
         return copies
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Holds the catalogue still: the calls made inside see one version of it.
+
+        `add`, `remove`, `update` and `index` wait until the block ends (each
+        call already sees one version on its own; this spans several, e.g.
+        `candidate_ids` and `embeddings()` read together).
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.BruteForceIndex()
+            >>> index.index(np.eye(3, dtype="float32")[[0, 1, 2] * 20], np.arange(60))
+            >>> with index.reading():
+            ...     ids, count = index.candidate_ids, index.num_candidates
+            >>> len(ids) == count
+            True
+        """
+        lock: ReadWriteLock = self._catalogue_lock
+        return lock.reading()
 
     def add(
         self,

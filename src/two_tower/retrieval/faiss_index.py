@@ -226,7 +226,9 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
                 attributes=attributes,
             )  # fmt: skip
         else:
-            ann._build(catalogue.host, catalogue.ids, calibration_queries, attributes)
+            # (A copy once the exact index changed: it changes its own in place.)
+            ids = catalogue.ids if catalogue.buffers is None else catalogue.ids.copy()
+            ann._build(catalogue.host, ids, calibration_queries, attributes)
         return ann
 
     @property
@@ -493,6 +495,25 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             ids = np.where(missing, _candidate_ids.padding_id(ids), ids)
             scores = np.where(missing, -np.inf, scores)
         return ids, scores
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Holds the catalogue still: the calls made inside see one version of it.
+
+        `add`, `remove`, `update` and `index` wait until the block ends (each
+        call already sees one version on its own; this spans several, e.g.
+        `candidate_ids` and `embeddings()` read together).
+
+        Examples:
+            >>> import numpy as np
+            >>> index = two_tower.FaissIndex(nlist=1)
+            >>> index.index(np.eye(3, dtype="float32")[[0, 1, 2] * 20], np.arange(60))
+            >>> with index.reading():
+            ...     ids, count = index.candidate_ids, index.num_candidates
+            >>> len(ids) == count
+            True
+        """
+        lock: ReadWriteLock = self._catalogue_lock
+        return lock.reading()
 
     def add(
         self,
