@@ -65,9 +65,14 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
     **Threads.** `search` and `positions_of` may be called from many threads at
     once, with the same results as serial calls: the compiled step reads the
     variables without writing them (on JAX too, where Keras' own `predict` is not
-    thread-safe), and each call works on one snapshot of the catalogue, so a
-    concurrent `index` makes a call see either the old or the new catalogue,
-    never a mix.
+    thread-safe), and each call sees one version of the catalogue: a concurrent
+    `index`, `add`, `remove` or `update` makes it see the old or the new one,
+    never a mix (changes wait for the searches under way; see `reading()` to
+    span several calls).
+
+    **A catalogue that changes.** `add`, `remove` and `update` change the
+    catalogue in place at O(rows changed), with the results of indexing the
+    changed catalogue again.
 
     **Distribution.** Indexed while a `keras.distribution` distribution is set
     (JAX), the catalogue is kept sharded by rows over every device of its mesh:

@@ -101,6 +101,12 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
     Scores are inner products: a model whose `compute_similarities` scores
     otherwise raises at search.
 
+    **Filters and changes.** `search` takes `allow` and `where` as
+    `BruteForceIndex.search` does (see `search` for how a filtered query reads
+    its lists), and `add`, `remove` and `update` change the trained lists in
+    place, atomically with respect to searches; once the changes pass 10 % of
+    the catalogue indexed, a warning says to call `index` again.
+
     Args:
         nlist: number of inverted lists; defaults to about `sqrt(candidates)`
             (at most `candidates / 39`, faiss' minimum training points per list).
