@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from two_tower.retrieval import _catalogue_store
 from two_tower.retrieval._catalogue_store import ChunkStore, aligned_zeros
 from two_tower.retrieval._id_book import IdBook
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue, chunk_tensor
@@ -167,15 +166,3 @@ def _finished(
         attributes=state.attribute_views(rows),
         buffers=state,
     )
-
-
-def rows_for(dim: int, dtype: Any, embeddings: Any, what: str) -> np.ndarray:
-    """`embeddings` checked (2-D, of `dim` columns, finite) and cast to `dtype`."""
-    array = _catalogue_store.checked_block(embeddings, 0, None)
-    if array.shape[1] != dim:
-        raise ValueError(
-            f"`{what}` received embeddings of dim {array.shape[1]}; the index holds dim {dim}."
-        )
-    if array.shape[0] == 0:
-        raise ValueError(f"`{what}` received no rows: pass at least one.")
-    return np.asarray(array, dtype=dtype)

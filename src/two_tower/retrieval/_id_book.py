@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from two_tower.retrieval import _candidate_ids, _filters
+from two_tower.retrieval import _candidate_ids, _catalogue_store, _filters
 from two_tower.retrieval._candidate_ids import IdTable
 
 MERGE_FRACTION = 32  # sort the ids again once the added ones pass 1/32 of the catalogue
@@ -79,10 +79,7 @@ class IdBook:
     def remove(self, positions: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids at `positions` (unique) removed from the first `count`; returns
         `(holes, movers)`: the positions that the rows at `movers` now take."""
-        remaining = count - len(positions)
-        holes = np.sort(positions[positions < remaining])
-        tail = np.arange(remaining, count)
-        movers = tail[~np.isin(tail, positions)]  # as many as the holes
+        holes, movers = moves(positions, count)
         gone = self.ids[positions]
         slots = self.slots[positions]
         self.order[slots[slots >= 0]] = -1
@@ -115,6 +112,16 @@ class IdBook:
         if self.attributes is None:
             return None
         return {name: values[:rows] for name, values in self.attributes.items()}
+
+
+def moves(positions: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(holes, movers)` when the rows at `positions` (unique) leave the first `count`:
+    the rows at `movers` (the last ones kept, ascending) take the `holes` (the
+    removed positions below the new count, ascending)."""
+    remaining = count - len(positions)
+    holes = np.sort(positions[positions < remaining])
+    tail = np.arange(remaining, count)
+    return holes, tail[~np.isin(tail, positions)]  # as many movers as holes
 
 
 def _inverse(order: np.ndarray, rows: int) -> np.ndarray:
@@ -157,6 +164,25 @@ def change_positions(table: IdTable, ids: Any, ignore_unknown: bool, method: str
     return _candidate_ids.positions_of(
         table, values, ignore_unknown, "ignore_unknown", f"id(s) to {method}"
     )
+
+
+def new_rows(
+    dim: int, dtype: Any, embeddings: Any, what: str, count: int | None = None
+) -> np.ndarray:
+    """`embeddings` for `what` (`add`, `update`): finite, `dim` columns, at least one
+    row (`count` of them if given: one per id), cast to `dtype`."""
+    array = _catalogue_store.checked_block(embeddings, 0, None)
+    if array.shape[1] != dim:
+        raise ValueError(
+            f"`{what}` received embeddings of dim {array.shape[1]}; the index holds dim {dim}."
+        )
+    if array.shape[0] == 0:
+        raise ValueError(f"`{what}` received no rows: pass at least one.")
+    if count is not None and len(array) != count:
+        raise ValueError(
+            f"`{what}` needs one embedding row per id: {count} ids, {len(array)} rows."
+        )
+    return np.asarray(array, dtype=dtype)
 
 
 def new_ids(table: IdTable, candidate_ids: Any, rows: int) -> np.ndarray:

@@ -41,7 +41,7 @@ class IndexedCatalogue(NamedTuple):
     sharded: ShardedCatalogue | None = None
     # Per-candidate attributes for `where` filters (read-only NumPy arrays).
     attributes: Mapping[str, np.ndarray] | None = None
-    # Made by the first `add`, `remove` or `update` (`_catalogue_changes.Buffers`):
+    # Made by the first `add`, `remove` or `update` (`_id_book.IdBook`):
     # the buffers those change in place, and the positions of ids added since
     # `sorted_ids` was made.
     buffers: Any = None

@@ -326,7 +326,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
                                                       attributes))  # fmt: skip
                 return
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
-            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "add")
+            rows = _id_book.new_rows(catalogue.dim, dtype, candidate_embeddings, "add")
             ids = _id_book.new_ids(catalogue, candidate_ids, len(rows))
             values = _id_book.new_attributes(catalogue.attributes, attributes, len(rows))
             changed = _catalogue_changes.added(catalogue, rows, ids, values, self.chunk_size)
@@ -399,12 +399,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             catalogue = self._snapshot()
             positions = _id_book.change_positions(catalogue, candidate_ids, False, "update")
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
-            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, candidate_embeddings, "update")
-            if len(rows) != len(positions):
-                raise ValueError(
-                    f"`update` needs one embedding row per id: {len(positions)} ids, "
-                    f"{len(rows)} rows."
-                )
+            rows = _id_book.new_rows(
+                catalogue.dim, dtype, candidate_embeddings, "update", len(positions)
+            )
             if catalogue.host is None:
                 self._rebuild_sharded(catalogue, update=(positions, rows))
                 return
@@ -427,21 +424,18 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             embeddings = embeddings.copy()
             embeddings[update[0]] = update[1]
         if remove is not None:
-            remaining = len(ids) - len(remove)
-            holes = np.sort(remove[remove < remaining])
-            tail = np.arange(remaining, len(ids))
-            movers = tail[~np.isin(tail, remove)]
-            order = np.arange(remaining)
+            if len(remove) == len(ids):
+                object.__setattr__(self, "_catalogue", None)
+                return
+            holes, movers = _id_book.moves(remove, len(ids))
+            order = np.arange(len(ids) - len(remove))
             order[holes] = movers
             embeddings, ids = embeddings[order], ids[order]
             if attributes is not None:
                 attributes = {name: values[order] for name, values in attributes.items()}
-            if remaining == 0:
-                object.__setattr__(self, "_catalogue", None)
-                return
         if add is not None:
             dtype = keras.backend.standardize_dtype(self.compute_dtype)
-            rows = _catalogue_changes.rows_for(catalogue.dim, dtype, add[0], "add")
+            rows = _id_book.new_rows(catalogue.dim, dtype, add[0], "add")
             new_ids = _id_book.new_ids(catalogue, add[1], len(rows))
             values = _id_book.new_attributes(catalogue.attributes, add[2], len(rows))
             embeddings = np.concatenate([embeddings, rows])

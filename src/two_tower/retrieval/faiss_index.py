@@ -18,7 +18,6 @@ import numpy as np
 from two_tower import _arguments
 from two_tower.retrieval import _candidate_ids, _catalogue_store, _faiss_lists, _filters, _id_book
 from two_tower.retrieval._candidate_ids import CandidateIds, check_catalogue, checked_ids
-from two_tower.retrieval._catalogue_changes import rows_for
 from two_tower.retrieval._catalogue_lock import ReadWriteLock
 from two_tower.retrieval._faiss_filtered import filtered_search
 from two_tower.retrieval._faiss_folder import (
@@ -554,7 +553,7 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
         """
         with self._catalogue_lock.writing():
             catalogue = self._snapshot()
-            rows = rows_for(int(catalogue.index.d), "float32", candidate_embeddings, "add")
+            rows = _id_book.new_rows(int(catalogue.index.d), "float32", candidate_embeddings, "add")
             table = catalogue.lookup()
             ids = _id_book.new_ids(table, candidate_ids, len(rows))
             values = _id_book.new_attributes(catalogue.attributes, attributes, len(rows))
@@ -605,12 +604,9 @@ class FaissIndex(keras.layers.Layer, CandidateIndex):
             positions = _id_book.change_positions(
                 catalogue.lookup(), candidate_ids, False, "update"
             )
-            rows = rows_for(int(catalogue.index.d), "float32", candidate_embeddings, "update")
-            if len(rows) != len(positions):
-                raise ValueError(
-                    f"`update` needs one embedding row per id: {len(positions)} ids, "
-                    f"{len(rows)} rows."
-                )
+            rows = _id_book.new_rows(
+                int(catalogue.index.d), "float32", candidate_embeddings, "update", len(positions)
+            )
             _, where = catalogue.changing()
             _faiss_lists.update_rows(_faiss(), catalogue.index, where, positions, rows)
             catalogue.changed_to(catalogue.count, where, len(positions))
