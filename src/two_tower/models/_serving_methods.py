@@ -15,6 +15,7 @@ from two_tower.models import _input_checks, _serving, _vocabularies
 from two_tower.models.retrieval_outputs import CANDIDATE, QUERY
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.retrieval._catalogue_store import is_batches
+from two_tower.towers.tower_ids import grows_tables
 
 # mypy sees Keras' `Model` as the base; at run time the mixin is plain.
 _Base: Any = keras.Model if TYPE_CHECKING else object
@@ -65,6 +66,15 @@ class Serving(_Base):
 
     def _encode(self, side: str, features: Any, argument: str) -> Any:
         """`side`'s raw features looked up, errors naming the caller's `argument`."""
+        vocabularies, tower, name = (
+            (self.query_vocabulary, self.query_tower, "query_vocabulary")
+            if side == QUERY
+            else (self.candidate_vocabulary, self.candidate_tower, "candidate_vocabulary")
+        )
+        growing = grows_tables(tower) if vocabularies is not None else None
+        _vocabularies.check_outgrown(
+            vocabularies, None if growing is None else growing.table_sizes(), name
+        )
         if side == QUERY:
             return _vocabularies.encode(
                 self.query_vocabulary, features, argument, "query_vocabulary"

@@ -88,6 +88,31 @@ def check_both(
     return queries, candidates
 
 
+def check_outgrown(vocabularies: Vocabularies, sizes: Any, vocabulary_name: str) -> None:
+    """Raises when a vocabulary maps beyond its table (values added, tables not grown).
+
+    Args:
+        vocabularies: a side's vocabularies.
+        sizes: the side's tower's `table_sizes()` (see `GrowsTables`), or None.
+        vocabulary_name: the model argument holding `vocabularies`.
+    """
+    if vocabularies is None or sizes is None:
+        return
+    if isinstance(vocabularies, Vocabulary):
+        pairs = [("", vocabularies, sizes)] if isinstance(sizes, int) else []
+    else:
+        tables = sizes if isinstance(sizes, Mapping) else {}
+        pairs = [(n, v, tables[n]) for n, v in vocabularies.items() if n in tables]
+    for name, vocabulary, size in pairs:
+        if vocabulary.size > size:
+            where = f"`{vocabulary_name}`" + (f"[{name!r}]" if name else "")
+            raise ValueError(
+                f"{where} maps to {vocabulary.size} indices, but its table takes {size}: "
+                "values were added to the vocabulary (`Vocabulary.add`) and the tables not "
+                "grown. Call the model's `grow_tables()` first."
+            )
+
+
 def id_vocabulary(vocabularies: Vocabularies, id_key: str | None) -> Vocabulary | None:
     """The vocabulary of a side's ids: the one vocabulary, or the id key's."""
     if isinstance(vocabularies, Vocabulary):

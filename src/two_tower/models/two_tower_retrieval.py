@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from keras import ops
 from two_tower import defaults
 from two_tower.backends import backend_module
 from two_tower.metrics.factorized_top_k import FactorizedTopK
-from two_tower.models import _defaults, _input_checks, _serving, _vocabularies
+from two_tower.models import _defaults, _growth, _input_checks, _serving, _vocabularies
 from two_tower.models._catalogue import Catalogue
 from two_tower.models._serving_methods import Serving
 from two_tower.models._training import Training
@@ -360,6 +361,101 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         return cls(**_defaults.sequence_model_arguments(num_items, **options))
 
     # ----------------------------------------------------------------- towers
+    def grow_tables(self, query: Any = None, candidate: Any = None) -> None:
+        """Grows the towers' tables to take new ids; training goes on where it was.
+
+        After new users or items appear (e.g. `Vocabulary.add`), the tables
+        get rows for them: old rows keep their values, new rows get the
+        table's initializer (a learned bias starts at zero). The optimizer's
+        state grows with them: old rows keep theirs (Adam's moments,
+        Adagrad's accumulators), new rows start as a fresh optimizer's would,
+        and the step count carries on. Old ids score exactly as before, so a
+        served catalogue stays valid; add the new candidates to the index with
+        `candidate_index.add` (or `index_candidates`) to serve them.
+
+        Sizes: with no argument, each side grows to its vocabularies' sizes
+        (the model's `query_vocabulary` / `candidate_vocabulary`: one
+        vocabulary for a tower over ids, or one per feature table of a
+        `FeatureTower`). Or pass the new number of ids: an int for a tower
+        over one id array (`IdEmbeddingTower`, `SparseEmbedding`, Keras'
+        `Embedding`, or a `Sequential` starting with one, a history tower's
+        own table), a dict of feature name -> size for a `FeatureTower`.
+        Under a model-parallel distribution the rows are padded to the model
+        axis again. `catalogue_size`, when it equalled the candidate tower's
+        ids, grows with them.
+
+        Cost: one copy of each grown table and its optimizer slots (O(table
+        rows), once); training steps cost what they did. A table built with
+        `table_rows` above its ids has room: growing within it copies nothing.
+        Sparse (`sparse=True`) and dense tables grow alike, on every backend.
+
+        Args:
+            query: the query side's new sizes, or None.
+            candidate: the candidate side's new sizes, or None.
+
+        Raises:
+            ValueError: a size below the current one; sizes for a tower that
+                cannot grow, of the wrong shape, or for unknown features; a
+                candidate side with catalogue features set
+                (`set_catalogue`): they would need rows for the new
+                candidates. Nothing changes then.
+
+        Example:
+            >>> import numpy as np
+            >>> items = two_tower.Vocabulary(["a", "b", "c"])
+            >>> model = two_tower.TwoTowerRetrieval(
+            ...     two_tower.IdEmbeddingTower(5, 8), two_tower.IdEmbeddingTower(items.size, 8),
+            ...     candidate_vocabulary=items)
+            >>> model.compile(optimizer="adam")
+            >>> x = {"query": np.array([0, 1, 2]), "candidate": np.array(["a", "b", "c"])}
+            >>> _ = model.fit(x, epochs=1, verbose=0)
+            >>> new = items.add(["d", "e"])
+            >>> model.grow_tables()
+            >>> model.candidate_tower.vocabulary_size
+            6
+            >>> x = {"query": np.array([3, 4]), "candidate": np.array(["d", "e"])}
+            >>> _ = model.fit(x, epochs=1, verbose=0)
+        """
+        plans = {
+            side: _growth.plan(side, tower, vocabularies, sizes)
+            for side, tower, vocabularies, sizes in (
+                (QUERY, self.query_tower, self.query_vocabulary, query),
+                (CANDIDATE, self.candidate_tower, self.candidate_vocabulary, candidate),
+            )
+        }
+        growing = {side: plan for side, plan in plans.items() if plan is not None and plan.grows()}
+        if not growing:
+            return
+        candidate_plan = growing.get(CANDIDATE)
+        catalogue_size = self.catalogue_size
+        if candidate_plan is not None and catalogue_size is not None:
+            if self._catalogue:
+                raise ValueError(
+                    "This model's catalogue features are set (`set_catalogue`), one row per "
+                    "candidate id: growing the candidate tables would leave the new "
+                    "candidates without rows. Rebuild the model with the larger "
+                    "catalogue_size and load its weights, or leave the candidate side as it is."
+                )
+            before, after = candidate_plan.before, candidate_plan.after
+            if isinstance(before, int) and isinstance(after, int) and catalogue_size == before:
+                catalogue_size = after
+        strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            for plan in growing.values():
+                plan.tower.grow(plan.after)
+            previous: Any = getattr(self, "optimizer", None)
+            optimizer = _growth.extended_optimizer(previous, self.trainable_variables)
+        compiled = getattr(self, "_compile_config", None)
+        if compiled is not None and compiled.config.get("optimizer") is previous:
+            compiled.config["optimizer"] = optimizer  # saved with the model
+        self.optimizer = optimizer
+        self.task.catalogue_size = catalogue_size
+        self._catalogue.catalogue_size = catalogue_size
+        # Compiled steps and serving functions read the old variables and sizes.
+        self.train_function = self.test_function = self.predict_function = None
+        self._array_trainer = None
+        object.__setattr__(self, "_serving_functions", _serving.function_cache())
+
     def _tower_side(self, side: str) -> _input_checks.TowerSide:
         """What the id checks need of one side (they take this, not the model)."""
         if side == QUERY:

@@ -255,6 +255,95 @@ class Vocabulary(keras.layers.Layer):
             )
         self._vocabulary, self._sorted, self._order = values.copy(), ordered, order
 
+    def add(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Appends the values not known yet, after the known ones; returns indices.
+
+        Known values keep their indices and unknown values keep their OOV
+        bucket, so a model trained before still reads every old index as it
+        did. The new values get `size, size + 1, ...` in the order given
+        (repeats once). Grow the tables that read the indices to the new
+        `size` with `TwoTowerRetrieval.grow_tables` (the model's own
+        vocabularies) or the tower's `grow`. `max_size` and `min_count` apply
+        to `adapt` only. Costs O(vocabulary) (one merge), not a sort of it.
+
+        Args:
+            values: integers or strings (any shape), of the vocabulary's kind.
+
+        Returns:
+            The index of each of `values` after the addition, int32, shaped like
+            `values`.
+
+        Raises:
+            ValueError: before the vocabulary is set; values of the other kind;
+                the padding value or the empty string; floats, integers outside
+                int64 or bytes that are not UTF-8. Nothing is added then.
+
+        Example:
+            >>> vocab = two_tower.Vocabulary(["drama", "comedy"])
+            >>> vocab.add(["horror", "drama", "horror"]).tolist()
+            [3, 1, 3]
+            >>> vocab.size, vocab(["comedy", "western"]).tolist()
+            (4, [2, 0])
+        """
+        if self._sorted is None or self._order is None or self._vocabulary is None:
+            raise ValueError(
+                "The vocabulary is not set: call `adapt(data)` or pass `vocabulary` first, "
+                "then `add` values to it."
+            )
+        array = _values(values, "values")
+        flat = array.reshape(-1)
+        known = self._vocabulary
+        if known.size and flat.size and (flat.dtype.kind == "U") != (known.dtype.kind == "U"):
+            raise ValueError(
+                f"`values` of dtype {flat.dtype} cannot be added to a vocabulary of dtype "
+                f"{known.dtype}."
+            )
+        if flat.dtype.kind == "U" and np.any(flat == ""):
+            raise ValueError(
+                "`values` must not contain the empty string: it is padding or an unknown "
+                "value, never a known value."
+            )
+        if (
+            self.padding is not None
+            and flat.size
+            and (flat.dtype.kind == "U") == isinstance(self.padding, str)
+            and np.any(flat == self.padding)
+        ):
+            raise ValueError(
+                f"`values` must not contain the padding value {self.padding!r}: it maps to "
+                "-1, not to an index."
+            )
+        if (
+            self.padding is not None
+            and flat.size
+            and not known.size
+            and (flat.dtype.kind == "U") != isinstance(self.padding, str)
+        ):
+            raise ValueError(
+                f"`padding` ({self.padding!r}) must be of the vocabulary's kind: "
+                f"{'a string' if flat.dtype.kind == 'U' else 'an integer'}."
+            )
+        if known.size:
+            slots = np.minimum(np.searchsorted(self._sorted, flat), len(self._sorted) - 1)
+            new = flat[self._sorted[slots] != flat]
+        else:
+            new = flat
+        unique, first = np.unique(new, return_index=True)
+        fresh = new[np.sort(first)]  # first-seen order
+        if fresh.size:
+            # Strings may be longer than the known ones: widen, never truncate.
+            dtype = np.promote_types(known.dtype, fresh.dtype) if known.size else fresh.dtype
+            fresh_indices = np.empty(len(fresh), dtype="int64")  # by sorted value
+            fresh_indices[np.searchsorted(unique, fresh)] = np.arange(
+                len(known), len(known) + len(fresh)
+            )
+            # Merge the sorted new values into the sorted known ones: O(n), no re-sort.
+            at = np.searchsorted(self._sorted, unique)
+            self._vocabulary = np.concatenate([known.astype(dtype), fresh.astype(dtype)])
+            self._sorted = np.insert(self._sorted.astype(dtype), at, unique.astype(dtype))
+            self._order = np.insert(self._order, at, fresh_indices)
+        return self.lookup(array, "values")
+
     def adapt(self, data: Any) -> None:
         """Builds the vocabulary from data: the most frequent values first.
 

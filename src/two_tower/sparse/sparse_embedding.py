@@ -11,6 +11,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower.backends import backend_module
 from two_tower.sparse import _lookups
+from two_tower.towers import _table_growth
 from two_tower.towers.tower_ids import IdRange
 from two_tower.types import Tensor
 
@@ -175,6 +176,26 @@ class SparseEmbedding(keras.layers.Layer):
     def id_range(self) -> IdRange:
         """Ids in `[0, input_dim)`, as a tower (see `two_tower.towers.tower_ids`)."""
         return IdRange(self.input_dim, "Embedding input_dim")
+
+    def table_sizes(self) -> int:
+        """The ids the table takes: `input_dim`."""
+        return self.input_dim
+
+    def grow(self, input_dim: int) -> None:
+        """Takes ids up to `input_dim`: old rows kept, new rows from the initializer.
+
+        As a tower inside a model, grow through `TwoTowerRetrieval.grow_tables`,
+        which also extends the optimizer's state.
+
+        Raises:
+            ValueError: a size below the current one, or not an integer.
+        """
+        new = _table_growth.checked_growth(
+            f"SparseEmbedding {self.name!r}", self.input_dim, input_dim
+        )
+        if self.built:
+            _table_growth.grow_embedding(self, self.input_dim, new, new)
+        self.input_dim = new
 
     def check_feature_ranges(self, features: Any, where: str = "features") -> None:
         """Nothing beyond `id_range`: the model checks the ids against it."""

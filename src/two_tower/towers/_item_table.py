@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from two_tower import _arguments
+from two_tower.towers import _table_growth
 
 
 class SharedItemTable:
@@ -24,6 +25,7 @@ class SharedItemTable:
 
     own_table: keras.layers.Layer | None
     embedding_dim: int | None
+    num_items: int | None
 
     @staticmethod
     def _table_arguments(
@@ -126,6 +128,42 @@ class SharedItemTable:
             object.__setattr__(self, "_pending_build", config)
             return
         keras.layers.Layer.build_from_config(self, config)
+
+    def table_sizes(self) -> int | dict[str, int]:
+        """`num_items` of an own table; `{}` when the candidate tower's is shared."""
+        num_items = self.num_items
+        return {} if self.own_table is None or num_items is None else num_items
+
+    def grow(self, num_items: int | dict[str, int]) -> None:
+        """Gives the own item table `num_items` ids: old rows kept, new rows initialised.
+
+        A shared table (`num_items=None`) is the candidate tower's: it grows
+        with that tower, and this one reads the new rows (`grow({})` does
+        nothing). A model's optimizer state must follow: grow through
+        `TwoTowerRetrieval.grow_tables`.
+
+        Raises:
+            ValueError: a size below the current one, or a size for a shared table.
+        """
+        owner = f"{type(self).__name__} {self.name!r}"  # type: ignore[attr-defined]
+        current = self.table_sizes()
+        if isinstance(current, dict):
+            if num_items == {}:
+                return
+            raise ValueError(
+                f"{owner} shares the candidate tower's item table (num_items=None): grow the "
+                "candidate tower (`TwoTowerRetrieval.grow_tables(candidate=...)`) and this "
+                f"tower reads its new rows. Received {num_items!r}"
+            )
+        new = _table_growth.checked_growth(owner, current, num_items)
+        table = self.own_table
+        assert table is not None
+        if table.built:
+            rows = _table_growth.padded_rows(new, int(table.input_dim))
+            _table_growth.grow_embedding(table, current, new, rows)
+        else:
+            table.input_dim = new
+        self.num_items = new
 
     def _table(self) -> keras.layers.Layer:
         table = self.item_table

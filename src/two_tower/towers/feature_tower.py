@@ -12,6 +12,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower.distribution import _sharding
 from two_tower.sparse.sparse_embedding import SparseEmbedding
+from two_tower.towers import _table_growth
 from two_tower.types import Tensor
 
 COMBINERS = ("concat", "sum")
@@ -265,6 +266,64 @@ class FeatureTower(keras.layers.Layer):
             f"FeatureTower {self.name!r} takes a dict of features {names}. Received "
             f"{type(features).__name__} of {kind}."
         )
+
+    def table_sizes(self) -> dict[str, int]:
+        """Feature name -> the ids its table takes (categorical and multi-valued)."""
+        return {**self.categorical, **self.multivalued}
+
+    def grow(self, sizes: Mapping[str, int]) -> None:
+        """Gives the named features' tables more ids: old rows kept, new rows initialised.
+
+        Each feature's embedding (and bias) table gets the new rows, unless
+        `table_rows` already holds them. A model's optimizer state must
+        follow: grow through `TwoTowerRetrieval.grow_tables`, which does both.
+
+        Args:
+            sizes: feature name -> its new vocabulary size, at least the
+                current one; features left out keep theirs.
+
+        Raises:
+            ValueError: a name that is not a categorical or multi-valued
+                feature, or a size below the current one. Nothing grows then.
+
+        Example:
+            >>> tower = two_tower.FeatureTower(categorical={"city": 5}, output_dim=4)
+            >>> tower.grow({"city": 8})
+            >>> tower.table_sizes()
+            {'city': 8}
+        """
+        current = self.table_sizes()
+        if not isinstance(sizes, Mapping):
+            raise ValueError(
+                f"FeatureTower {self.name!r} grows by feature: pass a dict of feature name -> "
+                f"new size, for features among {sorted(current)}. Received {sizes!r}"
+            )
+        unknown = sorted(set(sizes) - set(current))
+        if unknown:
+            raise ValueError(
+                f"FeatureTower {self.name!r} has no table for {unknown}. Features with "
+                f"tables: {sorted(current)}"
+            )
+        checked = {
+            name: _table_growth.checked_growth(f"Feature {name!r}", current[name], size)
+            for name, size in sizes.items()
+        }
+        rows = dict(self.table_rows or {})
+        for name, size in checked.items():
+            tables = [self.embeddings[name], *([self.biases[name]] if self.biases else [])]
+            for table in tables:
+                if table.built:
+                    new_rows = _table_growth.padded_rows(size, int(table.input_dim))
+                    _table_growth.grow_embedding(table, current[name], size, new_rows)
+                else:
+                    new_rows = max(size, rows.get(table.name, 0))
+                    table.input_dim = size
+                if new_rows > size:
+                    rows[table.name] = new_rows
+                else:
+                    rows.pop(table.name, None)
+            (self.categorical if name in self.categorical else self.multivalued)[name] = size
+        self.table_rows = rows or None
 
     def id_range(self) -> None:
         """None: the tower takes a dict of features (see `two_tower.towers.tower_ids`)."""

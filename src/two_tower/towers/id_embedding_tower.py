@@ -10,6 +10,7 @@ from keras import ops
 from two_tower import _arguments
 from two_tower.distribution import _sharding
 from two_tower.sparse.sparse_embedding import SparseEmbedding
+from two_tower.towers import _table_growth
 from two_tower.towers.tower_ids import IdRange
 from two_tower.types import Tensor
 
@@ -138,6 +139,51 @@ class IdEmbeddingTower(keras.layers.Layer):
         if self.bias == "constant":
             return ops.concatenate([embedded, ops.ones_like(embedded[..., :1])], axis=-1)
         return embedded
+
+    def table_sizes(self) -> int:
+        """The ids the tables take: `vocabulary_size`."""
+        return self.vocabulary_size
+
+    def grow(self, vocabulary_size: int) -> None:
+        """Takes ids up to `vocabulary_size`: old rows kept, new rows initialised.
+
+        The tables get the new rows (the embedding's initializer; the bias
+        starts at zero), unless `table_rows` already holds them, which makes
+        growing within it free of any copy. Under a model-parallel
+        distribution the rows are padded to the model axis again. A model's
+        optimizer state must follow: grow through
+        `TwoTowerRetrieval.grow_tables`, which does both.
+
+        Args:
+            vocabulary_size: the new number of ids, at least the current one.
+
+        Raises:
+            ValueError: a size below the current one, or not an integer.
+
+        Example:
+            >>> import numpy as np
+            >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4)
+            >>> old = keras.ops.convert_to_numpy(tower(np.array([3])))
+            >>> tower.grow(15)
+            >>> bool(np.all(keras.ops.convert_to_numpy(tower(np.array([3]))) == old))
+            True
+            >>> tower.vocabulary_size, tuple(tower(np.array([14])).shape)
+            (15, (1, 4))
+        """
+        new = _table_growth.checked_growth(
+            f"IdEmbeddingTower {self.name!r}", self.vocabulary_size, vocabulary_size
+        )
+        tables = [t for t in (self.embedding, self.bias_embedding) if t is not None]
+        if self.built:
+            rows = _table_growth.padded_rows(new, int(self.embedding.input_dim))
+            for table in tables:
+                _table_growth.grow_embedding(table, self.vocabulary_size, new, rows)
+        else:
+            rows = max(new, self.table_rows or 0)
+            for table in tables:
+                table.input_dim = new
+        self.table_rows = rows if rows > new else None
+        self.vocabulary_size = new
 
     def id_range(self) -> IdRange:
         """Ids in `[0, vocabulary_size)` (see `two_tower.towers.tower_ids`)."""

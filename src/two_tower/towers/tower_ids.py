@@ -67,6 +67,56 @@ class _KerasEmbedding:
         del features, where  # its ids are checked against `id_range`
 
 
+@runtime_checkable
+class GrowsTables(Protocol):
+    """A tower whose tables can take more ids (see `TwoTowerRetrieval.grow_tables`).
+
+    - `table_sizes()`: the ids its tables take now: an int for a tower over
+      one id array (`IdEmbeddingTower`, `SparseEmbedding`, a history tower's
+      own table), or feature name -> size for a tower over a dict of features
+      (`FeatureTower`; `{}` for a history tower sharing the candidate table).
+    - `grow(sizes)`: the same shape, each at least the current size; old rows
+      stay as they are and new rows get the table's initializer.
+
+    Keras' own `Embedding` (alone, or first in a `Sequential`) grows through
+    `grows_tables`.
+    """
+
+    def table_sizes(self) -> int | dict[str, int]: ...
+
+    def grow(self, sizes: Any) -> None: ...
+
+
+class _GrowingKerasEmbedding:
+    """`GrowsTables` of Keras' own `Embedding`."""
+
+    def __init__(self, layer: keras.layers.Embedding) -> None:
+        self.layer = layer
+
+    def table_sizes(self) -> int:
+        return int(self.layer.input_dim)
+
+    def grow(self, sizes: Any) -> None:
+        from two_tower.towers import _table_growth
+
+        current = self.table_sizes()
+        new = _table_growth.checked_growth(f"Embedding {self.layer.name!r}", current, sizes)
+        if self.layer.built:
+            _table_growth.grow_embedding(self.layer, current, new, new)
+        self.layer.input_dim = new
+
+
+def grows_tables(tower: keras.layers.Layer) -> GrowsTables | None:
+    """How `tower` grows its tables, or None for a tower that cannot."""
+    if isinstance(tower, keras.Sequential) and tower.layers:
+        tower = tower.layers[0]
+    if isinstance(tower, GrowsTables):
+        return tower
+    if isinstance(tower, keras.layers.Embedding):
+        return _GrowingKerasEmbedding(tower)
+    return None
+
+
 def declares_ids(tower: keras.layers.Layer) -> TowerIds | None:
     """`tower` itself if it implements `TowerIds`, else None (no look inside a `Sequential`)."""
     return tower if isinstance(tower, TowerIds) else None

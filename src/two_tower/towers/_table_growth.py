@@ -1,0 +1,131 @@
+"""Growing embedding tables in place: more rows, the old rows kept, the new ones initialised.
+
+Keras variables have a fixed shape, so a table grows by replacing its variable
+with a larger one (the pattern Keras' own `Embedding.quantize` uses): the new
+variable has the old one's path, dtype and trainability, is created in the
+active distribution's scope (so a `LayoutMap` shards it as it did the old
+one), holds the old rows first, and gives the new rows the layer's own
+initializer. The optimizer's state follows in
+`two_tower.models._growth`. Growing costs O(table rows) once; training steps
+afterwards cost what they did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+from keras import ops
+
+from two_tower.distribution import _sharding
+
+
+def table_variable_name(layer: keras.layers.Layer) -> str:
+    """The attribute holding `layer`'s table: Keras' `Embedding` or `SparseEmbedding`.
+
+    Raises:
+        ValueError: another layer, or a Keras `Embedding` that is quantized or
+            has LoRA (its table is several variables).
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        if layer.quantization_mode or layer.lora_enabled:
+            raise ValueError(
+                f"Embedding {layer.name!r} is quantized or has LoRA; only a plain table can "
+                "grow. Grow it before quantizing or enabling LoRA."
+            )
+        return "_embeddings"
+    # `SparseEmbedding` (not imported: it imports this module).
+    if isinstance(getattr(layer, "embeddings", None), keras.Variable) and hasattr(
+        layer, "input_dim"
+    ):
+        return "embeddings"
+    raise ValueError(
+        f"Only keras.layers.Embedding and two_tower.SparseEmbedding tables can grow. "
+        f"Received {type(layer).__name__} {layer.name!r}."
+    )
+
+
+@contextlib.contextmanager
+def _scopes(path: str) -> Iterator[None]:
+    """Keras name scopes that make a variable created inside get `path`'s parents."""
+    with contextlib.ExitStack() as stack:
+        for part in path.split("/")[:-1]:
+            stack.enter_context(keras.name_scope(part))
+        yield
+
+
+def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int) -> None:
+    """Gives `layer` a table of `rows` rows: the first `ids` kept, `[ids, new_ids)` new.
+
+    Rows `[ids, new_ids)` are drawn from the layer's initializer (the base one,
+    under a sharding pad); rows from `new_ids` on are zero padding that no id
+    reaches (see `two_tower.distribution._sharding.pad_tables`). `input_dim`
+    becomes `rows`. With `rows` equal to the table's rows the variable is kept
+    and only `[ids, new_ids)` is drawn again (padding rows becoming ids).
+
+    Args:
+        layer: a built `keras.layers.Embedding` or `SparseEmbedding`.
+        ids: the ids in use before (rows kept as they are).
+        new_ids: the ids in use after.
+        rows: the table's rows after, at least `new_ids` and the current rows.
+    """
+    attribute = table_variable_name(layer)
+    old = getattr(layer, attribute)
+    current, width = (int(d) for d in old.shape)
+    assert ids <= new_ids <= rows and rows >= current
+    initializer = layer.embeddings_initializer
+    initializer = getattr(initializer, "base", initializer)  # a sharding pad's base
+    parts = [ops.convert_to_tensor(old.value)[:ids]]
+    if new_ids > ids:
+        parts.append(ops.cast(initializer((new_ids - ids, width), dtype=old.dtype), old.dtype))
+    if rows > new_ids:
+        parts.append(ops.zeros((rows - new_ids, width), dtype=old.dtype))
+    value = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    if rows == current:
+        old.assign(value)
+        return
+    path, name, trainable = old.path, old.name, old.trainable
+    tracker = layer._tracker  # noqa: SLF001 (Keras' quantize does the same)
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        delattr(layer, attribute)  # untracks the old variable (torch: its parameter too)
+        with _scopes(path):
+            variable = layer.add_weight(
+                shape=(rows, width),
+                initializer=lambda shape, dtype=None: value,
+                dtype=old.dtype,
+                name=name,
+                trainable=trainable,
+                regularizer=getattr(layer, "embeddings_regularizer", None)
+                if attribute == "_embeddings"
+                else None,
+                constraint=getattr(layer, "embeddings_constraint", None),
+            )
+        setattr(layer, attribute, variable)
+    finally:
+        if locked:
+            tracker.lock()
+    layer.input_dim = rows
+
+
+def checked_growth(what: str, current: int, new: Any) -> int:
+    """`new` as a Python int, at least `current`; raises naming `what` otherwise."""
+    if isinstance(new, bool) or not isinstance(new, int) and not hasattr(new, "__index__"):
+        raise ValueError(f"{what} must grow to an integer size. Received {new!r}")
+    new = int(new)
+    if new < current:
+        raise ValueError(
+            f"{what} can only grow: it has {current} ids, received a size of {new}. "
+            "Tables never shrink (retire candidates with the index's `remove`)."
+        )
+    return new
+
+
+def padded_rows(ids: int, current_rows: int) -> int:
+    """Rows for `ids` ids: at least the current rows, rounded up to the model axis."""
+    multiple = _sharding.model_axis_size()
+    rows = max(ids, current_rows)
+    return -(-rows // multiple) * multiple
