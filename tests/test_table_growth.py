@@ -14,7 +14,7 @@ import pytest
 from keras import ops
 
 import two_tower
-from testing import assert_all_close, assert_config_round_trip, save_and_load
+from testing import assert_all_close, assert_config_round_trip, run_doc_blocks, save_and_load
 
 OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(0.05),
@@ -247,3 +247,14 @@ def test_bad_growth_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="cannot grow its tables"):
         custom.grow_tables(query=5)
     custom.grow_tables()  # nothing asked: nothing to do
+
+
+def test_growth_guide_runs():
+    namespace = run_doc_blocks(
+        "docs/open-ids.md", "test_table_growth.py::test_growth_guide_runs", {}
+    )
+    assert namespace["items"].size == 36 and namespace["users"].size == 43
+    assert namespace["model"].candidate_tower.vocabulary_size == 36
+    recommendations = namespace["recommendations"]
+    assert recommendations.shape == (2, 5)
+    assert set(recommendations.reshape(-1)) <= set(namespace["items"].vocabulary)

@@ -400,7 +400,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
                 (`set_catalogue`): they would need rows for the new
                 candidates. Nothing changes then.
 
-        Example:
+        Examples:
             >>> import numpy as np
             >>> items = two_tower.Vocabulary(["a", "b", "c"])
             >>> model = two_tower.TwoTowerRetrieval(

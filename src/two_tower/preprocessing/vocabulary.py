@@ -278,7 +278,7 @@ class Vocabulary(keras.layers.Layer):
                 the padding value or the empty string; floats, integers outside
                 int64 or bytes that are not UTF-8. Nothing is added then.
 
-        Example:
+        Examples:
             >>> vocab = two_tower.Vocabulary(["drama", "comedy"])
             >>> vocab.add(["horror", "drama", "horror"]).tolist()
             [3, 1, 3]

@@ -286,7 +286,7 @@ class FeatureTower(keras.layers.Layer):
             ValueError: a name that is not a categorical or multi-valued
                 feature, or a size below the current one. Nothing grows then.
 
-        Example:
+        Examples:
             >>> tower = two_tower.FeatureTower(categorical={"city": 5}, output_dim=4)
             >>> tower.grow({"city": 8})
             >>> tower.table_sizes()

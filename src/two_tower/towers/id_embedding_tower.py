@@ -160,7 +160,7 @@ class IdEmbeddingTower(keras.layers.Layer):
         Raises:
             ValueError: a size below the current one, or not an integer.
 
-        Example:
+        Examples:
             >>> import numpy as np
             >>> tower = two_tower.IdEmbeddingTower(10, embedding_dim=4)
             >>> old = keras.ops.convert_to_numpy(tower(np.array([3])))
