@@ -185,6 +185,31 @@ def test_odd_table_sizes_train_and_serve_like_one_device():
         np.testing.assert_array_equal(similar, single.similar_items(items, k=10))
 
 
+def test_grown_tables_stay_sharded_and_train_on():
+    rng = np.random.default_rng(6)
+    parallel = _odd_sized(_model_parallel())
+    x = {"query": rng.integers(0, 943, 256), "candidate": rng.integers(0, 1683, 256)}
+    parallel.fit(x, batch_size=64, epochs=1, verbose=0)
+    table = parallel.candidate_tower.embedding.embeddings
+    old = np.asarray(table.value)[:1683].copy()
+    parallel.grow_tables(query=950, candidate=1690)
+    table = parallel.candidate_tower.embedding.embeddings
+    # Padded to the model axis again (1690 -> 1692), sharded by rows, old rows kept.
+    assert table.shape == (1692, 8) and _rows_per_device(table) == {423}
+    assert len(table.value.sharding.device_set) == DEVICES
+    np.testing.assert_array_equal(np.asarray(table.value)[:1683], old)
+    assert not np.any(np.asarray(table.value)[1690:]) and np.any(np.asarray(table.value)[1683:1690])
+    assert parallel.candidate_tower.get_config()["table_rows"] == 1692
+    assert parallel.catalogue_size == 1690
+    slots = [v for v in parallel.optimizer.variables if tuple(v.shape) == (1692, 8)]
+    assert slots and all(_rows_per_device(v) == {423} for v in slots)  # sharded as the table
+    x = {"query": rng.integers(940, 950, 128), "candidate": rng.integers(1680, 1690, 128)}
+    history = parallel.fit(x, batch_size=64, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert np.any(np.asarray(parallel.candidate_tower.embedding.embeddings.value)[1683:1690] != 0)
+    keras.distribution.set_distribution(None)
+
+
 def _stable_top_k(queries, candidates, k, exclude):
     """NumPy reference: best first, equal scores lower position first."""
     scores = (queries.astype("float64") @ candidates.astype("float64").T).astype("float32")
