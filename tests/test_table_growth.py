@@ -258,3 +258,76 @@ def test_growth_guide_runs():
     recommendations = namespace["recommendations"]
     assert recommendations.shape == (2, 5)
     assert set(recommendations.reshape(-1)) <= set(namespace["items"].vocabulary)
+
+
+def _trained(optimizer, candidate=None, query=None):
+    model = two_tower.TwoTowerRetrieval(
+        query or two_tower.IdEmbeddingTower(4, 3), candidate or two_tower.IdEmbeddingTower(6, 3)
+    )
+    model.compile(optimizer=optimizer)
+    model.fit({"query": np.array([0, 1]), "candidate": np.array([3, 4])}, verbose=0)
+    return model
+
+
+def test_optimizer_options_carry_over():
+    # A moving average of the weights starts at the new rows' values, not at zero.
+    model = _trained(keras.optimizers.Adam(0.05, use_ema=True))
+    model.grow_tables(candidate=9)
+    table = model.candidate_tower.embedding.embeddings
+    averages = model.optimizer._model_variables_moving_average
+    average = next(a for a in averages if tuple(a.shape) == (9, 3))
+    np.testing.assert_array_equal(numpy(average)[6:], numpy(table)[6:])
+    # Variables excluded from weight decay stay excluded: an untouched row keeps its value.
+    optimizer = keras.optimizers.AdamW(0.1, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_names=["embeddings"])
+    # (A Dense layer left to decay: Keras' torch AdamW fails when every variable is excluded.)
+    query = keras.Sequential([keras.layers.Embedding(4, 3), keras.layers.Dense(3)])
+    model = _trained(optimizer, query=query)
+    model.grow_tables(candidate=8)
+    before = numpy(model.candidate_tower.embedding.embeddings)
+    model.fit({"query": np.array([0, 1]), "candidate": np.array([3, 4])}, verbose=0)
+    after = numpy(model.candidate_tower.embedding.embeddings)
+    np.testing.assert_array_equal(after[[0, 1, 2, 5, 6, 7]], before[[0, 1, 2, 5, 6, 7]])
+
+
+def test_new_rows_drawn_at_the_tables_scale_and_parameters_follow():
+    table = keras.layers.Embedding(100_000, 3, embeddings_initializer="glorot_uniform")
+    model = _trained("adam", keras.Sequential([table]))
+    model.grow_tables(candidate=100_002)
+    limit = np.sqrt(6 / (100_002 + 3))  # Glorot's bound for the grown table
+    new = numpy(table.embeddings)[100_000:]
+    assert np.all(np.abs(new) <= limit) and np.any(new != 0)
+    if keras.backend.backend() == "torch":
+        # Every layer's parameters are the current tables: no old table kept alive.
+        shapes = sorted(tuple(p.shape) for p in model.parameters())
+        assert shapes == sorted(tuple(v.shape) for v in model.variables)
+
+
+def test_a_refused_growth_leaves_both_towers_as_they_were():
+    table = keras.layers.Embedding(6, 3)
+    model = _trained("adam", keras.Sequential([table]))
+    table.enable_lora(2)
+    query = numpy(model.query_tower.embedding.embeddings)
+    with pytest.raises(ValueError, match="LoRA"):
+        model.grow_tables(query=5, candidate=8)
+    assert model.query_tower.vocabulary_size == 4
+    np.testing.assert_array_equal(numpy(model.query_tower.embedding.embeddings), query)
+
+
+def test_known_values_serve_between_add_and_grow():
+    users = two_tower.Vocabulary(["u1", "u2"])
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.IdEmbeddingTower(users.size, 3),
+        two_tower.IdEmbeddingTower(5, 3),
+        query_vocabulary=users,
+    )
+    model.compile(optimizer="adam")
+    model.fit({"query": np.array(["u1", "u2"]), "candidate": np.array([3, 4])}, verbose=0)
+    model.index_candidates(np.arange(5))
+    before = model.recommend(np.array(["u1", "u9"]), k=3)
+    users.add(["u3"])
+    np.testing.assert_array_equal(model.recommend(np.array(["u1", "u9"]), k=3), before)
+    with pytest.raises(ValueError, match="grow_tables"):
+        model.recommend(np.array(["u3"]), k=3)
+    model.grow_tables()
+    assert model.recommend(np.array(["u3"]), k=3).shape == (1, 3)

@@ -123,6 +123,11 @@ class BackendModule(Protocol):
         step (JAX has no in-graph error), never to another id's row."""
         ...
 
+    def variables_replaced(self, layer: keras.layers.Layer) -> None:
+        """Called after variables inside `layer` were replaced by larger ones (tables
+        grown): torch registers the new tensors as parameters of every layer."""
+        ...
+
     def host_tensor(self, array: Any) -> Any:
         """A tensor sharing the memory of a C-contiguous, 64-byte aligned NumPy array
         on CPU (a device copy on accelerators)."""

@@ -29,6 +29,7 @@ from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import replica_loss as replica_loss
 from two_tower.backends._defaults import step_counter as step_counter
+from two_tower.backends._defaults import variables_replaced as variables_replaced
 
 # Exports run in a TensorFlow child process.
 from two_tower.backends._export_process import export_artefact as export_artefact

@@ -21,6 +21,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
+from two_tower.backends._defaults import variables_replaced as variables_replaced
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
 from two_tower.export._plan import ExportPlan

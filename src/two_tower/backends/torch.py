@@ -371,3 +371,19 @@ def _calls_directly(model: keras.Model) -> bool:
     """
     policy = model.dtype_policy
     return model.built and policy.compute_dtype == policy.variable_dtype
+
+
+def variables_replaced(layer: keras.layers.Layer) -> None:
+    """Registers `layer`'s current variables as the torch parameters of it and of
+    every layer inside it.
+
+    Keras' torch layers keep a `ParameterDict` per layer holding the variables of
+    the layer and all layers inside it; replacing a variable updates only the
+    innermost one, so the outer ones would keep the old tensor as a parameter
+    (twice the memory, and `named_parameters` / `state_dict` would list it).
+    """
+    # torch's own walk: it also reaches what Keras' does not list as layers (the
+    # Functional model inside a `Sequential`).
+    for inner in list(layer.modules()):  # type: ignore[attr-defined]
+        if hasattr(inner, "_torch_params") and hasattr(inner, "_track_variables"):
+            inner._track_variables()  # noqa: SLF001

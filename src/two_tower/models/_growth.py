@@ -13,6 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from two_tower.distribution import _sharding
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.towers import _table_growth
 from two_tower.towers.tower_ids import GrowsTables, grows_tables
@@ -85,10 +86,39 @@ def plan(side: str, tower: keras.layers.Layer, vocabularies: Any, sizes: Any) ->
                 f"The {side} tower has no table for {unknown}. Features with tables: "
                 f"{sorted(before)}"
             )
-        after = dict(before)
-        for name, size in sizes.items():
-            after[name] = _table_growth.checked_growth(f"Feature {name!r}", before[name], size)
-    return Growth(growing, before, after)
+        after = {
+            name: _table_growth.checked_growth(f"Feature {name!r}", before[name], size)
+            for name, size in sizes.items()
+        }
+        before = {name: before[name] for name in after}  # the features that may grow
+        after = {name: size for name, size in after.items() if size != before[name]}
+        before = {name: before[name] for name in after}
+    growth = Growth(growing, before, after)
+    if growth.grows():
+        _check_tables(side, tower, after)
+    return growth
+
+
+def _check_tables(side: str, tower: keras.layers.Layer, after: int | dict[str, int]) -> None:
+    """Raises, before anything grows, for what would fail halfway: a table that
+    cannot grow inside the tower, or a bare table whose new rows a model-parallel
+    layout cannot divide (the library's towers pad theirs)."""
+    for layer in tower._flatten_layers(include_self=True, recursive=True):  # noqa: SLF001
+        table = isinstance(layer, keras.layers.Embedding) or hasattr(layer, "input_dim")
+        if (
+            table
+            and getattr(layer, "built", False)
+            and getattr(layer, "embeddings", None) is not None
+        ):
+            _table_growth.table_variable_name(layer)
+    multiple = _sharding.model_axis_size()
+    padded = getattr(tower, "pads_tables", False)
+    if isinstance(after, int) and multiple > 1 and not padded and after % multiple:
+        raise ValueError(
+            f"The {side} tower's table would have {after} rows, which the model axis "
+            f"({multiple} devices) cannot divide. Grow it to a multiple of {multiple}, or "
+            "use IdEmbeddingTower, which pads its tables."
+        )
 
 
 def _from_vocabularies(before: int | dict[str, int], vocabularies: Any) -> Any:
@@ -107,35 +137,61 @@ def _from_vocabularies(before: int | dict[str, int], vocabularies: Any) -> Any:
     return None
 
 
-def extended_optimizer(
-    optimizer: keras.optimizers.Optimizer | None, variables: list[keras.Variable]
-) -> keras.optimizers.Optimizer | None:
-    """A built `optimizer` rebuilt over `variables`, its state carried over.
-
-    Keras optimizers keep one fixed-shape slot per variable (Adam's moments,
-    Adagrad's accumulators), so a grown table needs new slots. A fresh
-    optimizer of the same class and config is built over the model's
-    variables (in Keras' order, as the old one was); each of its variables
-    takes the old one's value, and a slot of a grown table takes the old
-    rows first and keeps its fresh initial value (zeros, or Adagrad's
-    initial accumulator) in the new ones. `iterations` carries over, so
-    learning-rate schedules go on.
-
-    Args:
-        optimizer: the model's optimizer (None, or not built: returned as is).
-        variables: the model's trainable variables after growing.
-
-    Returns:
-        The optimizer to train on with.
+def fresh_optimizer(optimizer: Any) -> keras.optimizers.Optimizer | None:
+    """An unbuilt copy of a built `optimizer` (same class and config), made before
+    anything grows so that an optimizer that cannot be copied changes nothing;
+    None for no optimizer or one not built yet (it builds over the grown tables).
 
     Raises:
-        ValueError: an optimizer whose config does not rebuild it with the same
-            variables (a custom optimizer without a full `get_config`).
+        ValueError: an optimizer that its config does not rebuild.
     """
     if optimizer is None or not optimizer.built:
-        return optimizer
-    fresh = type(optimizer).from_config(optimizer.get_config())
-    fresh.build(variables)
+        return None
+    try:
+        return type(optimizer).from_config(optimizer.get_config())
+    except Exception as error:  # a custom optimizer's own error, named
+        raise ValueError(
+            f"The optimizer ({type(optimizer).__name__}) cannot be rebuilt over the grown "
+            f"tables from its config ({type(error).__name__}: {error}). Give it a "
+            "`get_config` that `from_config` rebuilds it from."
+        ) from error
+
+
+def carried_over(
+    optimizer: keras.optimizers.Optimizer,
+    fresh: keras.optimizers.Optimizer,
+    before: list[keras.Variable],
+    after: list[keras.Variable],
+) -> keras.optimizers.Optimizer:
+    """`fresh` built over the grown variables, `optimizer`'s state carried over.
+
+    Keras optimizers keep one fixed-shape slot per variable (Adam's moments,
+    Adagrad's accumulators), so a grown table needs new slots. `fresh` is
+    built over `after` (the model's trainable variables, in Keras' order, as
+    the old one was over `before`); each of its variables takes the old one's
+    value, and a slot of a grown table takes the old rows first and keeps its
+    fresh initial value (zeros, or Adagrad's initial accumulator) in the new
+    ones. An exponential moving average of the weights (`use_ema`) starts at
+    the new rows' values. `iterations` carries over, so learning-rate
+    schedules go on; variables excluded from weight decay stay excluded.
+
+    Raises:
+        ValueError: when the fresh optimizer's variables do not match the old
+            ones but for rows (a custom optimizer with state outside its config).
+    """
+    renamed = {optimizer._var_key(a): b for a, b in zip(before, after, strict=True)}  # noqa: SLF001
+    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    if excluded or pattern is not None:
+        # Not in the config: Keras keeps it by variable (`exclude_from_weight_decay`).
+        fresh._exclude_from_weight_decay = {  # noqa: SLF001
+            fresh._var_key(renamed[key])  # noqa: SLF001
+            for key in excluded or ()
+            if key in renamed
+        }
+        fresh._exclude_from_weight_decay_pattern = pattern  # noqa: SLF001
+        fresh._exclude_from_weight_decay_cache = {}  # noqa: SLF001
+    fresh.build(after)
     old, new = optimizer.variables, fresh.variables
     shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(old, new, strict=False)]
     if len(old) != len(new) or not all(_carries(a, b) for a, b in shapes):
@@ -145,15 +201,23 @@ def extended_optimizer(
             "shapes differ in more than rows. Give it a `get_config` that `from_config` "
             "rebuilds it from."
         )
-    for before, after in zip(old, new, strict=True):
-        if tuple(before.shape) == tuple(after.shape):
+    for previous, current in zip(old, new, strict=True):
+        if tuple(previous.shape) == tuple(current.shape):
             # A copy: JAX's steps donate the new optimizer's buffers, which must
             # not be the old one's.
-            after.assign(ops.copy(before.value))
+            current.assign(ops.copy(previous.value))
         else:
-            rows = int(before.shape[0])
-            fresh_rows = ops.convert_to_tensor(after.value)[rows:]
-            after.assign(ops.concatenate([ops.convert_to_tensor(before.value), fresh_rows], 0))
+            rows = int(previous.shape[0])
+            fresh_rows = ops.convert_to_tensor(current.value)[rows:]
+            current.assign(ops.concatenate([ops.convert_to_tensor(previous.value), fresh_rows], 0))
+    if getattr(fresh, "use_ema", False):
+        averages = fresh._model_variables_moving_average  # noqa: SLF001
+        for variable, grown, average in zip(before, after, averages, strict=True):
+            rows = int(variable.shape[0]) if len(variable.shape) else 0
+            if tuple(variable.shape) != tuple(grown.shape):
+                value = ops.convert_to_tensor(average.value)[:rows]
+                rest = ops.convert_to_tensor(grown.value)[rows:]
+                average.assign(ops.concatenate([value, ops.cast(rest, average.dtype)], 0))
     return fresh
 
 

@@ -71,17 +71,11 @@ class Serving(_Base):
             if side == QUERY
             else (self.candidate_vocabulary, self.candidate_tower, "candidate_vocabulary")
         )
+        encoded = _vocabularies.encode(vocabularies, features, argument, name)
         growing = grows_tables(tower) if vocabularies is not None else None
-        _vocabularies.check_outgrown(
-            vocabularies, None if growing is None else growing.table_sizes(), name
-        )
-        if side == QUERY:
-            return _vocabularies.encode(
-                self.query_vocabulary, features, argument, "query_vocabulary"
-            )
-        return _vocabularies.encode(
-            self.candidate_vocabulary, features, argument, "candidate_vocabulary"
-        )
+        if growing is not None:
+            _vocabularies.check_outgrown(vocabularies, encoded, growing.table_sizes(), name)
+        return encoded
 
     def _catalogue_rows(self, ids: Any, argument: str) -> tuple[dict[str, np.ndarray], Any]:
         """The `set_catalogue` rows of candidate `ids` (raw ids with a vocabulary of

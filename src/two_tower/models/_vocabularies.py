@@ -88,28 +88,35 @@ def check_both(
     return queries, candidates
 
 
-def check_outgrown(vocabularies: Vocabularies, sizes: Any, vocabulary_name: str) -> None:
-    """Raises when a vocabulary maps beyond its table (values added, tables not grown).
+def check_outgrown(
+    vocabularies: Vocabularies, encoded: Any, sizes: Any, vocabulary_name: str
+) -> None:
+    """Raises when looked-up values fall beyond their table: values were added to
+    the vocabulary (`Vocabulary.add`) and the tables not grown yet. Values known
+    before still look up as they did.
 
     Args:
         vocabularies: a side's vocabularies.
-        sizes: the side's tower's `table_sizes()` (see `GrowsTables`), or None.
+        encoded: what `encode` returned for them.
+        sizes: the side's tower's `table_sizes()` (see `GrowsTables`).
         vocabulary_name: the model argument holding `vocabularies`.
     """
-    if vocabularies is None or sizes is None:
-        return
     if isinstance(vocabularies, Vocabulary):
-        pairs = [("", vocabularies, sizes)] if isinstance(sizes, int) else []
-    else:
+        pairs = [("", vocabularies, encoded, sizes)] if isinstance(sizes, int) else []
+    elif isinstance(vocabularies, Mapping) and isinstance(encoded, Mapping):
         tables = sizes if isinstance(sizes, Mapping) else {}
-        pairs = [(n, v, tables[n]) for n, v in vocabularies.items() if n in tables]
-    for name, vocabulary, size in pairs:
-        if vocabulary.size > size:
+        pairs = [(n, v, encoded.get(n), tables[n]) for n, v in vocabularies.items() if n in tables]
+    else:
+        pairs = []
+    for name, vocabulary, indices, size in pairs:
+        if vocabulary.size <= size or indices is None or not np.size(indices):
+            continue
+        if int(np.max(indices)) >= size:
             where = f"`{vocabulary_name}`" + (f"[{name!r}]" if name else "")
             raise ValueError(
                 f"{where} maps to {vocabulary.size} indices, but its table takes {size}: "
                 "values were added to the vocabulary (`Vocabulary.add`) and the tables not "
-                "grown. Call the model's `grow_tables()` first."
+                "grown. Call the model's `grow_tables()` before using the new values."
             )
 
 

@@ -384,9 +384,11 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         axis again. `catalogue_size`, when it equalled the candidate tower's
         ids, grows with them.
 
-        Cost: one copy of each grown table and its optimizer slots (O(table
-        rows), once); training steps cost what they did. A table built with
-        `table_rows` above its ids has room: growing within it copies nothing.
+        Cost: O(rows) once, a copy of each grown table, and of the optimizer's
+        state (the whole optimizer is rebuilt, so every slot is copied once);
+        training steps cost what they did. A table built with `table_rows`
+        above its ids has room: growing within it keeps the table's variable
+        (its new rows are drawn in place).
         Sparse (`sparse=True`) and dense tables grow alike, on every backend.
 
         Args:
@@ -439,16 +441,20 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             before, after = candidate_plan.before, candidate_plan.after
             if isinstance(before, int) and isinstance(after, int) and catalogue_size == before:
                 catalogue_size = after
+        previous: Any = getattr(self, "optimizer", None)
+        fresh = _growth.fresh_optimizer(previous)  # before anything changes: it may raise
+        variables = list(self.trainable_variables)
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             for plan in growing.values():
                 plan.tower.grow(plan.after)
-            previous: Any = getattr(self, "optimizer", None)
-            optimizer = _growth.extended_optimizer(previous, self.trainable_variables)
-        compiled = getattr(self, "_compile_config", None)
-        if compiled is not None and compiled.config.get("optimizer") is previous:
-            compiled.config["optimizer"] = optimizer  # saved with the model
-        self.optimizer = optimizer
+            backend_module().variables_replaced(self)
+            if fresh is not None:
+                fresh = _growth.carried_over(previous, fresh, variables, self.trainable_variables)
+                compiled = getattr(self, "_compile_config", None)
+                if compiled is not None and compiled.config.get("optimizer") is previous:
+                    compiled.config["optimizer"] = fresh  # saved with the model
+                self.optimizer = fresh
         self.task.catalogue_size = catalogue_size
         self._catalogue.catalogue_size = catalogue_size
         # Compiled steps and serving functions read the old variables and sizes.

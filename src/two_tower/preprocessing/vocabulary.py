@@ -197,12 +197,16 @@ class Vocabulary(keras.layers.Layer):
                 )
             padding = _values([padding], "padding").tolist()[0]
         self.padding = padding
-        self._vocabulary: np.ndarray | None = None
-        self._sorted: np.ndarray | None = None
-        self._order: np.ndarray | None = None
+        # (values, sorted values, their indices), replaced as one so that a lookup
+        # running beside `add` reads one vocabulary, old or new.
+        self._tables: tuple[Any, Any, Any] = (None, None, None)
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
         self.built = True
+
+    _vocabulary = property(lambda self: self._tables[0])
+    _sorted = property(lambda self: self._tables[1])
+    _order = property(lambda self: self._tables[2])
 
     @property
     def vocabulary(self) -> np.ndarray | None:
@@ -253,7 +257,7 @@ class Vocabulary(keras.layers.Layer):
                 f"Vocabulary values must be unique. Received duplicates: "
                 f"{np.unique(repeated)[:5].tolist()}"
             )
-        self._vocabulary, self._sorted, self._order = values.copy(), ordered, order
+        self._tables = (values.copy(), ordered, order)
 
     def add(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Appends the values not known yet, after the known ones; returns indices.
@@ -339,9 +343,11 @@ class Vocabulary(keras.layers.Layer):
             )
             # Merge the sorted new values into the sorted known ones: O(n), no re-sort.
             at = np.searchsorted(self._sorted, unique)
-            self._vocabulary = np.concatenate([known.astype(dtype), fresh.astype(dtype)])
-            self._sorted = np.insert(self._sorted.astype(dtype), at, unique.astype(dtype))
-            self._order = np.insert(self._order, at, fresh_indices)
+            self._tables = (
+                np.concatenate([known.astype(dtype), fresh.astype(dtype)]),
+                np.insert(self._sorted.astype(dtype), at, unique.astype(dtype)),
+                np.insert(self._order, at, fresh_indices),
+            )
         return self.lookup(array, "values")
 
     def adapt(self, data: Any) -> None:
@@ -400,23 +406,28 @@ class Vocabulary(keras.layers.Layer):
 
     def lookup(self, inputs: Any, name: str = "inputs") -> np.ndarray:
         """`call`, with errors naming the values `name` (e.g. the caller's argument)."""
-        if self._sorted is None or self._order is None or self._vocabulary is None:
+        vocabulary, sorted_values, order = self._tables  # one read: see `add`
+        if vocabulary is None:
             raise ValueError(
                 "The vocabulary is not set: call `adapt(data)` or pass `vocabulary` first."
             )
         values = _values(_rectangular(inputs, self.padding, name), name)
-        known = len(self._sorted)
+        known = len(sorted_values)
         # An empty vocabulary has no kind to mismatch: everything is simply unknown.
-        if known and values.size and (values.dtype.kind == "U") != (self._sorted.dtype.kind == "U"):
+        if (
+            known
+            and values.size
+            and (values.dtype.kind == "U") != (sorted_values.dtype.kind == "U")
+        ):
             raise ValueError(
                 f"`{name}` of dtype {values.dtype} cannot be looked up in a vocabulary of "
-                f"dtype {self._vocabulary.dtype}."
+                f"dtype {vocabulary.dtype}."
             )
         flat = values.reshape(-1)
         if known:
-            slots = np.minimum(np.searchsorted(self._sorted, flat), known - 1)
-            found = self._sorted[slots] == flat
-            indices = np.where(found, self._order[slots] + self.num_oov_buckets, 0)
+            slots = np.minimum(np.searchsorted(sorted_values, flat), known - 1)
+            found = sorted_values[slots] == flat
+            indices = np.where(found, order[slots] + self.num_oov_buckets, 0)
         else:
             found = np.zeros(flat.shape, dtype=bool)
             indices = np.zeros(flat.shape, dtype="int64")

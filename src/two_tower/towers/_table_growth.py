@@ -49,7 +49,8 @@ def table_variable_name(layer: keras.layers.Layer) -> str:
 
 @contextlib.contextmanager
 def _scopes(path: str) -> Iterator[None]:
-    """Keras name scopes that make a variable created inside get `path`'s parents."""
+    """Keras name scopes that make a variable created inside get `path`'s parents
+    (hence `path` itself, and under a `LayoutMap` the old variable's layout)."""
     with contextlib.ExitStack() as stack:
         for part in path.split("/")[:-1]:
             stack.enter_context(keras.name_scope(part))
@@ -60,10 +61,13 @@ def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int)
     """Gives `layer` a table of `rows` rows: the first `ids` kept, `[ids, new_ids)` new.
 
     Rows `[ids, new_ids)` are drawn from the layer's initializer (the base one,
-    under a sharding pad); rows from `new_ids` on are zero padding that no id
-    reaches (see `two_tower.distribution._sharding.pad_tables`). `input_dim`
-    becomes `rows`. With `rows` equal to the table's rows the variable is kept
-    and only `[ids, new_ids)` is drawn again (padding rows becoming ids).
+    under a sharding pad), drawn for the whole table's shape so that
+    initializers scaled by fan-in or fan-out draw at the table's scale; rows
+    from `new_ids` on are zero padding that no id reaches (see
+    `two_tower.distribution._sharding.pad_tables`). `input_dim` becomes `rows`.
+    With `rows` equal to the table's rows the variable is kept (padding rows
+    becoming ids). The new variable is made before the old one is let go, so
+    a failure (e.g. rows a sharding cannot divide) leaves the layer as it was.
 
     Args:
         layer: a built `keras.layers.Embedding` or `SparseEmbedding`.
@@ -75,36 +79,34 @@ def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int)
     old = getattr(layer, attribute)
     current, width = (int(d) for d in old.shape)
     assert ids <= new_ids <= rows and rows >= current
+    if new_ids == ids and rows == current:
+        return
     initializer = layer.embeddings_initializer
     initializer = getattr(initializer, "base", initializer)  # a sharding pad's base
     parts = [ops.convert_to_tensor(old.value)[:ids]]
     if new_ids > ids:
-        parts.append(ops.cast(initializer((new_ids - ids, width), dtype=old.dtype), old.dtype))
+        drawn = ops.cast(initializer((rows, width), dtype=old.dtype), old.dtype)
+        parts.append(drawn[ids:new_ids])
     if rows > new_ids:
         parts.append(ops.zeros((rows - new_ids, width), dtype=old.dtype))
     value = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
     if rows == current:
         old.assign(value)
         return
-    path, name, trainable = old.path, old.name, old.trainable
+    with _scopes(old.path):
+        variable = keras.Variable(
+            initializer=value, shape=(rows, width), dtype=old.dtype, trainable=old.trainable,
+            name=old.name,
+        )  # fmt: skip
+    if attribute == "_embeddings":  # Keras' Embedding applies its penalty to the variable
+        variable.regularizer = getattr(old, "regularizer", None)
+        variable.constraint = getattr(old, "constraint", None)
     tracker = layer._tracker  # noqa: SLF001 (Keras' quantize does the same)
     locked = tracker.locked
     tracker.unlock()
     try:
         delattr(layer, attribute)  # untracks the old variable (torch: its parameter too)
-        with _scopes(path):
-            variable = layer.add_weight(
-                shape=(rows, width),
-                initializer=lambda shape, dtype=None: value,
-                dtype=old.dtype,
-                name=name,
-                trainable=trainable,
-                regularizer=getattr(layer, "embeddings_regularizer", None)
-                if attribute == "_embeddings"
-                else None,
-                constraint=getattr(layer, "embeddings_constraint", None),
-            )
-        setattr(layer, attribute, variable)
+        setattr(layer, attribute, variable)  # tracks the new one
     finally:
         if locked:
             tracker.lock()

@@ -148,8 +148,8 @@ class IdEmbeddingTower(keras.layers.Layer):
         """Takes ids up to `vocabulary_size`: old rows kept, new rows initialised.
 
         The tables get the new rows (the embedding's initializer; the bias
-        starts at zero), unless `table_rows` already holds them, which makes
-        growing within it free of any copy. Under a model-parallel
+        starts at zero); within `table_rows` the tables keep their variables
+        and only the new rows are drawn again. Under a model-parallel
         distribution the rows are padded to the model axis again. A model's
         optimizer state must follow: grow through
         `TwoTowerRetrieval.grow_tables`, which does both.
