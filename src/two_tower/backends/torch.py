@@ -384,6 +384,6 @@ def variables_replaced(layer: keras.layers.Layer) -> None:
     """
     # torch's own walk: it also reaches what Keras' does not list as layers (the
     # Functional model inside a `Sequential`).
-    for inner in list(layer.modules()):  # type: ignore[attr-defined]
+    for inner in list(layer.modules()):
         if hasattr(inner, "_torch_params") and hasattr(inner, "_track_variables"):
             inner._track_variables()  # noqa: SLF001
