@@ -18,9 +18,11 @@ indexing it again: `add` of `--changed` new candidates, `remove` of as many,
 `update` of as many, each the best of `--repeats` rounds (the first `add` after
 `index` also copies the ids and attributes into buffers with room: timed apart),
 and `index` of the whole catalogue (for faiss, `from_index`: training its lists
-and filling them). After the rounds the changed exact index's results (ids and
-scores) are checked equal to those of an index built from scratch on its
-catalogue.
+and filling them), and a model's `index_candidates` of the whole catalogue (an
+`IdEmbeddingTower` of the catalogue's ids embedding every id, then `index`: what
+a change cost a user before `add`, `remove` and `update`). After the rounds the
+changed exact index's results (ids and scores) are checked equal to those of an
+index built from scratch on its catalogue.
 
 The candidates and queries come from a Gaussian mixture of 1,000 components, as in
 `benchmarks/retrieval.py` (clustered, as a trained model's embeddings are);
@@ -114,28 +116,48 @@ def main() -> None:
             )
         if args.faiss:
             _faiss_rows(two_tower.FaissIndex.from_index(index), queries, exact, size, args)
-        changes.append(_change_rows(index, mixture, queries, size, args, "exact"))
+        embedded = _index_candidates_seconds(size, args.dim)
+        changes.append(_change_rows(index, mixture, queries, size, args, "exact", None, embedded))
         if args.faiss:
             start = time.perf_counter()
             ann = two_tower.FaissIndex.from_index(index)
             trained = time.perf_counter() - start
-            changes.append(_change_rows(ann, mixture, queries, size, args, "faiss", trained))
+            changes.append(
+                _change_rows(ann, mixture, queries, size, args, "faiss", trained, embedded)
+            )
         del index
     print(
-        f"\nChanges of {args.changed:,} candidates against `index` of the whole catalogue:\n\n"
-        "| candidates | index | change | ms | index again / change |\n|---|---|---|---|---|"
+        f"\nChanges of {args.changed:,} candidates against indexing the whole catalogue again: "
+        "the index's own `index` (or faiss' training and filling), and the model's "
+        "`index_candidates` (the candidate tower over every id, then `index`):\n\n"
+        "| candidates | index | change | ms | index again / change | "
+        "index_candidates / change |\n|---|---|---|---|---|---|"
     )
     for rows in changes:
         for row in rows:
             print(row)
 
 
+def _index_candidates_seconds(size: int, dim: int) -> float:
+    """Best of two `index_candidates` of `size` ids through an `IdEmbeddingTower`."""
+    import numpy as np
+
+    import two_tower
+
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.IdEmbeddingTower(10, dim), two_tower.IdEmbeddingTower(size, dim)
+    )
+    ids = np.arange(size)
+    return _best(lambda: model.index_candidates(ids), 2)[0]
+
+
 def _change_rows(
     index: Any, mixture: Any, queries: Any, size: int, args: Any, name: str,
-    trained: float | None = None,
+    trained: float | None, embedded: float,
 ) -> list[str]:  # fmt: skip
     """`add`, `remove` and `update` of `--changed` candidates against `index` again
-    (for faiss, `trained`: the time `from_index` took to train and fill the lists)."""
+    (for faiss, `trained`: the time `from_index` took to train and fill the lists)
+    and against `index_candidates` (`embedded` seconds; for faiss, plus training)."""
     import numpy as np
 
     import two_tower
@@ -176,12 +198,18 @@ def _change_rows(
             assert np.array_equal(found, expected) and np.array_equal(scores, expected_scores)
     else:
         again = trained
-    rows_out = [f"| {size:,} | {name} | index again | {1000 * again:.1f} | 1 |"]
-    rows_out.append(f"| {size:,} | {name} | first add | {1000 * first:.2f} | {again / first:.0f} |")
+    model = embedded + (again if trained is not None else 0.0)
+    rows_out = [f"| {size:,} | {name} | index again | {1000 * again:.1f} | 1 | |"]
+    rows_out.append(f"| {size:,} | {name} | index_candidates again | {1000 * model:.1f} | | 1 |")
+    rows_out.append(
+        f"| {size:,} | {name} | first add | {1000 * first:.2f} | {again / first:.0f} | "
+        f"{model / first:.0f} |"
+    )
     for change, values in times.items():
         best = min(values[1:])  # (the first round warms up)
         rows_out.append(
-            f"| {size:,} | {name} | {change} | {1000 * best:.2f} | {again / best:.0f} |"
+            f"| {size:,} | {name} | {change} | {1000 * best:.2f} | {again / best:.0f} | "
+            f"{model / best:.0f} |"
         )
     return rows_out
 

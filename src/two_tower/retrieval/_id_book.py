@@ -158,9 +158,15 @@ def change_positions(table: IdTable, ids: Any, ignore_unknown: bool, method: str
     if isinstance(ids, (str, bytes)) or np.ndim(ids) != 1:
         raise ValueError(f"`{method}` takes a 1D sequence of candidate ids. Received {ids!r:.80}")
     values = np.asarray(ids)
-    if len(values) != len(np.unique(values)):
+    # Repeats by one argsort (a stable sort of a few thousand ids takes microseconds;
+    # `np.unique` took a twentieth of a whole `remove` at 10^6 candidates).
+    ordered = values[np.argsort(values, kind="stable")] if values.dtype != object else values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]] if values.dtype != object else None
+    if repeated is None and len(values) != len(np.unique(values)):
         unique, counts = np.unique(values, return_counts=True)
-        raise ValueError(f"`{method}` got ids more than once: {unique[counts > 1][:5].tolist()}")
+        repeated = unique[counts > 1]
+    if repeated is not None and len(repeated):
+        raise ValueError(f"`{method}` got ids more than once: {np.unique(repeated)[:5].tolist()}")
     return _candidate_ids.positions_of(
         table, values, ignore_unknown, "ignore_unknown", f"id(s) to {method}"
     )
