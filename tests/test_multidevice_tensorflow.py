@@ -110,6 +110,31 @@ def test_uneven_last_batch_trains_like_one_device(strategy, loss):
     assert _max_difference(mirrored, single) <= 1e-5
 
 
+def test_grown_tables_train_on_like_one_device(strategy):
+    # Both models grow the same way; the new rows are set equal, as drawn on one device.
+    single, _, mirrored, _ = _one_epoch(strategy, "softmax", 512)
+    import contextlib
+
+    for model, scope in ((single, contextlib.nullcontext()), (mirrored, strategy.scope())):
+        with scope:
+            model.compile(optimizer=keras.optimizers.Adagrad(0.1))
+        _fit(model, "softmax", 128)  # builds Adagrad's state
+        model.grow_tables(query=USERS + 5, candidate=ITEMS + 7)
+    mirrored.set_weights(single.get_weights())
+    for mine, theirs in zip(mirrored.optimizer.variables, single.optimizer.variables, strict=True):
+        mine.assign(theirs)
+    table = mirrored.candidate_tower.embedding.embeddings
+    assert table.shape[0] == ITEMS + 7 and "Mirrored" in type(table.value).__name__
+    rng = np.random.default_rng(3)
+    x = {"query": rng.integers(0, USERS + 5, 512), "candidate": rng.integers(0, ITEMS + 7, 512)}
+    losses = [
+        model.fit(x, batch_size=64, epochs=1, shuffle=False, verbose=0).history["loss"][-1]
+        for model in (single, mirrored)
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
+    assert _max_difference(mirrored, single) <= 1e-5
+
+
 def _numpy_in_batch_softmax(queries: np.ndarray, candidates: np.ndarray) -> float:
     logits = queries.astype("float64") @ candidates.astype("float64").T
     top = logits.max(axis=1, keepdims=True)

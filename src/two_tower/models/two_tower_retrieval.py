@@ -442,10 +442,11 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             if isinstance(before, int) and isinstance(after, int) and catalogue_size == before:
                 catalogue_size = after
         previous: Any = getattr(self, "optimizer", None)
-        fresh = _growth.fresh_optimizer(previous)  # before anything changes: it may raise
         variables = list(self.trainable_variables)
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
+        # In the strategy's scope: the optimizer's variables too are the strategy's.
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            fresh = _growth.fresh_optimizer(previous)  # before anything changes: may raise
             for plan in growing.values():
                 plan.tower.grow(plan.after)
             backend_module().variables_replaced(self)
