@@ -208,6 +208,10 @@ def test_grown_tables_stay_sharded_and_train_on():
     assert np.isfinite(history.history["loss"][-1])
     assert np.any(np.asarray(parallel.candidate_tower.embedding.embeddings.value)[1683:1690] != 0)
     keras.distribution.set_distribution(None)
+    # Outside the distribution the tables would lose their sharding: refused, unchanged.
+    with pytest.raises(ValueError, match="laid out by a keras.distribution"):
+        parallel.grow_tables(candidate=1700)
+    assert parallel.candidate_tower.embedding.embeddings.shape == (1692, 8)
 
 
 def _stable_top_k(queries, candidates, k, exclude):

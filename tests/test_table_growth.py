@@ -198,8 +198,10 @@ def test_feature_history_and_keras_tables_grow():
     rows = {"history": np.array([[1, 4, -1]])}
     before = numpy(history(rows))
     history.grow(7)
-    assert history.table_sizes() == 7
+    assert history.table_sizes() == {"history": 7}
     assert_all_close(history(rows), before)
+    with pytest.raises(ValueError, match="one item table"):
+        history.grow({"genres": 9})
 
     sequential = keras.Sequential([keras.layers.Embedding(5, 3)])
     model = two_tower.TwoTowerRetrieval(two_tower.IdEmbeddingTower(4, 3), sequential)
@@ -270,13 +272,19 @@ def _trained(optimizer, candidate=None, query=None):
 
 
 def test_optimizer_options_carry_over():
-    # A moving average of the weights starts at the new rows' values, not at zero.
-    model = _trained(keras.optimizers.Adam(0.05, use_ema=True))
-    model.grow_tables(candidate=9)
-    table = model.candidate_tower.embedding.embeddings
-    averages = model.optimizer._model_variables_moving_average
-    average = next(a for a in averages if tuple(a.shape) == (9, 3))
-    np.testing.assert_array_equal(numpy(average)[6:], numpy(table)[6:])
+    # A moving average of the weights starts at the new rows' values, not at zero
+    # (also inside the loss-scale wrapper that mixed precision compiles with).
+    for optimizer in (
+        keras.optimizers.Adam(0.05, use_ema=True),
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05, use_ema=True)),
+    ):
+        model = _trained(optimizer)
+        model.grow_tables(candidate=9)
+        table = model.candidate_tower.embedding.embeddings
+        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        averages = inner._model_variables_moving_average
+        average = next(a for a in averages if tuple(a.shape) == (9, 3))
+        np.testing.assert_array_equal(numpy(average)[6:], numpy(table)[6:])
     # Variables excluded from weight decay stay excluded: an untouched row keeps its value.
     optimizer = keras.optimizers.AdamW(0.1, weight_decay=0.5)
     optimizer.exclude_from_weight_decay(var_names=["embeddings"])
@@ -290,6 +298,22 @@ def test_optimizer_options_carry_over():
     np.testing.assert_array_equal(after[[0, 1, 2, 5, 6, 7]], before[[0, 1, 2, 5, 6, 7]])
 
 
+class _ForgetfulAdam(keras.optimizers.Adam):  # (named: a leading _ is no scope name)
+    """An Adam whose config forgets `amsgrad`: rebuilt, it would have fewer variables."""
+
+    def get_config(self):
+        return {**super().get_config(), "amsgrad": False}
+
+
+def test_an_optimizer_its_config_cannot_rebuild_is_refused_first():
+    model = _trained(_ForgetfulAdam(0.05, amsgrad=True, name="forgetful"))
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        model.grow_tables(candidate=9)
+    assert [tuple(v.shape) for v in model.trainable_variables] == shapes
+    model.fit({"query": np.array([0, 1]), "candidate": np.array([3, 4])}, verbose=0)
+
+
 def test_new_rows_drawn_at_the_tables_scale_and_parameters_follow():
     table = keras.layers.Embedding(100_000, 3, embeddings_initializer="glorot_uniform")
     model = _trained("adam", keras.Sequential([table]))
@@ -301,6 +325,10 @@ def test_new_rows_drawn_at_the_tables_scale_and_parameters_follow():
         # Every layer's parameters are the current tables: no old table kept alive.
         shapes = sorted(tuple(p.shape) for p in model.parameters())
         assert shapes == sorted(tuple(v.shape) for v in model.variables)
+        tower = two_tower.IdEmbeddingTower(4, 3, bias="learned")
+        tower(np.array([0]))
+        tower.grow(6)  # a tower grown by itself too
+        assert sorted(tuple(p.shape) for p in tower.parameters()) == [(6, 1), (6, 3)]
 
 
 def test_a_refused_growth_leaves_both_towers_as_they_were():
@@ -331,3 +359,24 @@ def test_known_values_serve_between_add_and_grow():
         model.recommend(np.array(["u3"]), k=3)
     model.grow_tables()
     assert model.recommend(np.array(["u3"]), k=3).shape == (1, 3)
+
+
+def test_a_history_tower_grows_from_the_model_vocabulary():
+    items = two_tower.Vocabulary([10, 11, 12], padding=-1)
+    model = two_tower.TwoTowerRetrieval(
+        two_tower.HistoryTower(num_items=items.size, embedding_dim=4, max_length=3),
+        two_tower.IdEmbeddingTower(items.size, 4),
+        query_vocabulary={"history": items},
+        candidate_vocabulary=items,
+    )
+    model.compile(optimizer="adam")
+    x = {"query": {"history": np.array([[10, 11, -1], [12, -1, -1]])}, "candidate": [12, 10]}
+    model.fit(x, verbose=0)
+    items.add([13, 14])
+    new = {"query": {"history": np.array([[13, 14, -1], [12, -1, -1]])}, "candidate": [14, 13]}
+    with pytest.raises(ValueError, match="grow_tables"):
+        model.fit(new, verbose=0)
+    model.grow_tables()
+    assert model.query_tower.table_sizes() == {"history": 6}
+    assert model.candidate_tower.table_sizes() == 6
+    model.fit(new, verbose=0)

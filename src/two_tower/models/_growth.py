@@ -111,6 +111,15 @@ def _check_tables(side: str, tower: keras.layers.Layer, after: int | dict[str, i
             and getattr(layer, "embeddings", None) is not None
         ):
             _table_growth.table_variable_name(layer)
+            laid_out = getattr(layer.embeddings, "_layout", None) is not None
+            if laid_out and keras.distribution.distribution() is None:
+                raise ValueError(
+                    f"Table {layer.name!r} of the {side} tower is laid out by a "
+                    "keras.distribution, which is not active now: grow the tables under it "
+                    "(inside `with distribution.scope():`, or after "
+                    "`keras.distribution.set_distribution(distribution)`), so that they "
+                    "stay sharded."
+                )
     multiple = _sharding.model_axis_size()
     padded = getattr(tower, "pads_tables", False)
     if isinstance(after, int) and multiple > 1 and not padded and after % multiple:
@@ -137,7 +146,9 @@ def _from_vocabularies(before: int | dict[str, int], vocabularies: Any) -> Any:
     return None
 
 
-def fresh_optimizer(optimizer: Any) -> keras.optimizers.Optimizer | None:
+def fresh_optimizer(
+    optimizer: Any, variables: list[keras.Variable]
+) -> keras.optimizers.Optimizer | None:
     """An unbuilt copy of a built `optimizer` (same class and config), made before
     anything grows so that an optimizer that cannot be copied changes nothing;
     None for no optimizer or one not built yet (it builds over the grown tables).
@@ -148,13 +159,31 @@ def fresh_optimizer(optimizer: Any) -> keras.optimizers.Optimizer | None:
     if optimizer is None or not optimizer.built:
         return None
     try:
-        return type(optimizer).from_config(optimizer.get_config())
+        fresh = type(optimizer).from_config(optimizer.get_config())
+        # A probe over one-row stand-ins: its config must rebuild as many
+        # variables, of the same ranks (an option missing from the config, e.g.
+        # EMA, would not), before anything grows. Costs no table-sized memory.
+        probe = type(optimizer).from_config(optimizer.get_config())
+        probe.build(
+            [
+                keras.Variable(ops.zeros((1,) * len(v.shape), v.dtype), trainable=True)
+                for v in variables
+            ]
+        )
     except Exception as error:  # a custom optimizer's own error, named
         raise ValueError(
             f"The optimizer ({type(optimizer).__name__}) cannot be rebuilt over the grown "
             f"tables from its config ({type(error).__name__}: {error}). Give it a "
             "`get_config` that `from_config` rebuilds it from."
         ) from error
+    ranks = [len(v.shape) for v in optimizer.variables]
+    if [len(v.shape) for v in probe.variables] != ranks:
+        raise ValueError(
+            f"The optimizer ({type(optimizer).__name__}) cannot be rebuilt over the grown "
+            f"tables: its config rebuilds {len(probe.variables)} variables, it has "
+            f"{len(ranks)}. Give it a `get_config` that `from_config` rebuilds it from."
+        )
+    return fresh
 
 
 def carried_over(
@@ -179,18 +208,21 @@ def carried_over(
         ValueError: when the fresh optimizer's variables do not match the old
             ones but for rows (a custom optimizer with state outside its config).
     """
-    renamed = {optimizer._var_key(a): b for a, b in zip(before, after, strict=True)}  # noqa: SLF001
-    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
-    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    # Under mixed precision the optimizer is a `LossScaleOptimizer`: the options
+    # below are its inner optimizer's.
+    inner, fresh_inner = (getattr(o, "inner_optimizer", o) for o in (optimizer, fresh))
+    renamed = {inner._var_key(a): b for a, b in zip(before, after, strict=True)}  # noqa: SLF001
+    excluded = getattr(inner, "_exclude_from_weight_decay", None)
+    pattern = getattr(inner, "_exclude_from_weight_decay_pattern", None)
     if excluded or pattern is not None:
         # Not in the config: Keras keeps it by variable (`exclude_from_weight_decay`).
-        fresh._exclude_from_weight_decay = {  # noqa: SLF001
-            fresh._var_key(renamed[key])  # noqa: SLF001
+        fresh_inner._exclude_from_weight_decay = {  # noqa: SLF001
+            fresh_inner._var_key(renamed[key])  # noqa: SLF001
             for key in excluded or ()
             if key in renamed
         }
-        fresh._exclude_from_weight_decay_pattern = pattern  # noqa: SLF001
-        fresh._exclude_from_weight_decay_cache = {}  # noqa: SLF001
+        fresh_inner._exclude_from_weight_decay_pattern = pattern  # noqa: SLF001
+        fresh_inner._exclude_from_weight_decay_cache = {}  # noqa: SLF001
     fresh.build(after)
     old, new = optimizer.variables, fresh.variables
     shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(old, new, strict=False)]
@@ -210,8 +242,8 @@ def carried_over(
             rows = int(previous.shape[0])
             fresh_rows = ops.convert_to_tensor(current.value)[rows:]
             current.assign(ops.concatenate([ops.convert_to_tensor(previous.value), fresh_rows], 0))
-    if getattr(fresh, "use_ema", False):
-        averages = fresh._model_variables_moving_average  # noqa: SLF001
+    if getattr(fresh_inner, "use_ema", False):
+        averages = fresh_inner._model_variables_moving_average  # noqa: SLF001
         for variable, grown, average in zip(before, after, averages, strict=True):
             rows = int(variable.shape[0]) if len(variable.shape) else 0
             if tuple(variable.shape) != tuple(grown.shape):

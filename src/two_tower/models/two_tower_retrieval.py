@@ -446,7 +446,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         strategy = getattr(self, "_distribute_strategy", None)  # set under tf.distribute
         # In the strategy's scope: the optimizer's variables too are the strategy's.
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            fresh = _growth.fresh_optimizer(previous)  # before anything changes: may raise
+            fresh = _growth.fresh_optimizer(previous, variables)  # before any change: may raise
             for plan in growing.values():
                 plan.tower.grow(plan.after)
             backend_module().variables_replaced(self)

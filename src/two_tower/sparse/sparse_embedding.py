@@ -195,6 +195,7 @@ class SparseEmbedding(keras.layers.Layer):
         )
         if self.built:
             _table_growth.grow_embedding(self, self.input_dim, new, new)
+            backend_module().variables_replaced(self)
         self.input_dim = new
 
     def check_feature_ranges(self, features: Any, where: str = "features") -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import keras
 
 from two_tower import _arguments
+from two_tower.backends import backend_module
 from two_tower.towers import _table_growth
 
 
@@ -26,6 +28,7 @@ class SharedItemTable:
     own_table: keras.layers.Layer | None
     embedding_dim: int | None
     num_items: int | None
+    history_key: str
 
     @staticmethod
     def _table_arguments(
@@ -129,38 +132,55 @@ class SharedItemTable:
             return
         keras.layers.Layer.build_from_config(self, config)
 
-    def table_sizes(self) -> int | dict[str, int]:
-        """`num_items` of an own table; `{}` when the candidate tower's is shared."""
+    def table_sizes(self) -> dict[str, int]:
+        """`{history_key: num_items}` for an own table; `{}` when the candidate
+        tower's is shared (it grows with that tower)."""
         num_items = self.num_items
-        return {} if self.own_table is None or num_items is None else num_items
+        if self.own_table is None or num_items is None:
+            return {}
+        return {self.history_key: num_items}
 
-    def grow(self, num_items: int | dict[str, int]) -> None:
+    def grow(self, num_items: int | Mapping[str, int]) -> None:
         """Gives the own item table `num_items` ids: old rows kept, new rows initialised.
 
         A shared table (`num_items=None`) is the candidate tower's: it grows
         with that tower, and this one reads the new rows (`grow({})` does
         nothing). A model's optimizer state must follow: grow through
-        `TwoTowerRetrieval.grow_tables`.
+        `TwoTowerRetrieval.grow_tables` (with `{history_key: size}`, or the
+        model's vocabulary of the history feature).
+
+        Args:
+            num_items: the new number of items, or `{history_key: it}`.
 
         Raises:
-            ValueError: a size below the current one, or a size for a shared table.
+            ValueError: a size below the current one, another feature, or a
+                size for a shared table. Nothing grows then.
         """
         owner = f"{type(self).__name__} {self.name!r}"  # type: ignore[attr-defined]
         current = self.table_sizes()
-        if isinstance(current, dict):
-            if num_items == {}:
-                return
+        sizes = dict(num_items) if isinstance(num_items, Mapping) else None
+        if sizes == {}:
+            return
+        if not current:
             raise ValueError(
                 f"{owner} shares the candidate tower's item table (num_items=None): grow the "
                 "candidate tower (`TwoTowerRetrieval.grow_tables(candidate=...)`) and this "
                 f"tower reads its new rows. Received {num_items!r}"
             )
-        new = _table_growth.checked_growth(owner, current, num_items)
+        if sizes is not None and set(sizes) != {self.history_key}:
+            raise ValueError(
+                f"{owner} has one item table, for {self.history_key!r}. Received {num_items!r}"
+            )
+        before = current[self.history_key]
+        new = _table_growth.checked_growth(
+            owner, before, num_items if sizes is None else sizes[self.history_key]
+        )
         table = self.own_table
         assert table is not None
         if table.built:
             rows = _table_growth.padded_rows(new, int(table.input_dim))
-            _table_growth.grow_embedding(table, current, new, rows)
+            _table_growth.grow_embedding(table, before, new, rows)
+            backend_module().variables_replaced(self)
         else:
             table.input_dim = new
         self.num_items = new

@@ -85,8 +85,7 @@ def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int)
     initializer = getattr(initializer, "base", initializer)  # a sharding pad's base
     parts = [ops.convert_to_tensor(old.value)[:ids]]
     if new_ids > ids:
-        drawn = ops.cast(initializer((rows, width), dtype=old.dtype), old.dtype)
-        parts.append(drawn[ids:new_ids])
+        parts.append(_drawn(initializer, (rows, width), new_ids - ids, old.dtype))
     if rows > new_ids:
         parts.append(ops.zeros((rows - new_ids, width), dtype=old.dtype))
     value = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
@@ -111,6 +110,38 @@ def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int)
         if locked:
             tracker.lock()
     layer.input_dim = rows
+
+
+def _drawn(initializer: Any, table: tuple[int, int], count: int, dtype: Any) -> Any:
+    """`count` rows drawn as `initializer` draws rows of a `table`-shaped variable.
+
+    Keras' fan-scaled initializers (Glorot, He, LeCun: `VarianceScaling`) set
+    their scale from the shape they are called with, so rows drawn on their
+    own would come at the scale of a `count`-row table; they are drawn with
+    the scale the whole table gets, without drawing the whole table.
+    """
+    if isinstance(initializer, keras.initializers.VarianceScaling):
+        # (Glorot's and He's configs hold only the seed: read the attributes.)
+        fan_in, fan_out = table
+        whole, part = {
+            "fan_in": (fan_in, count),
+            "fan_out": (fan_out, fan_out),
+            "fan_avg": ((fan_in + fan_out) / 2, (count + fan_out) / 2),
+        }[initializer.mode]
+        initializer = keras.initializers.VarianceScaling(
+            scale=initializer.scale * part / whole,
+            mode=initializer.mode,
+            distribution=initializer.distribution,
+        )
+    elif not isinstance(
+        initializer,
+        (keras.initializers.RandomUniform, keras.initializers.RandomNormal,
+         keras.initializers.TruncatedNormal, keras.initializers.Zeros,
+         keras.initializers.Ones, keras.initializers.Constant),
+    ):  # fmt: skip
+        # Another shape-dependent initializer (orthogonal, identity...): whole table.
+        return ops.cast(initializer(table, dtype=dtype), dtype)[table[0] - count :]
+    return ops.cast(initializer((count, table[1]), dtype=dtype), dtype)
 
 
 def checked_growth(what: str, current: int, new: Any) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from keras import ops
 
 from two_tower import _arguments
+from two_tower.backends import backend_module
 from two_tower.distribution import _sharding
 from two_tower.sparse.sparse_embedding import SparseEmbedding
 from two_tower.towers import _table_growth
@@ -324,6 +325,7 @@ class FeatureTower(keras.layers.Layer):
                     rows.pop(table.name, None)
             (self.categorical if name in self.categorical else self.multivalued)[name] = size
         self.table_rows = rows or None
+        backend_module().variables_replaced(self)
 
     def id_range(self) -> None:
         """None: the tower takes a dict of features (see `two_tower.towers.tower_ids`)."""

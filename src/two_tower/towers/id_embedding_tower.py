@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from two_tower import _arguments
+from two_tower.backends import backend_module
 from two_tower.distribution import _sharding
 from two_tower.sparse.sparse_embedding import SparseEmbedding
 from two_tower.towers import _table_growth
@@ -184,6 +185,7 @@ class IdEmbeddingTower(keras.layers.Layer):
                 table.input_dim = new
         self.table_rows = rows if rows > new else None
         self.vocabulary_size = new
+        backend_module().variables_replaced(self)
 
     def id_range(self) -> IdRange:
         """Ids in `[0, vocabulary_size)` (see `two_tower.towers.tower_ids`)."""
