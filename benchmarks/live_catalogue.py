@@ -22,7 +22,8 @@ and filling them), and a model's `index_candidates` of the whole catalogue (an
 `IdEmbeddingTower` of the catalogue's ids embedding every id, then `index`: what
 a change cost a user before `add`, `remove` and `update`). After the rounds the
 changed exact index's results (ids and scores) are checked equal to those of an
-index built from scratch on its catalogue.
+index built from scratch on its catalogue (ids; scores to float32 rounding, since a
+chunk grown with room has another shape than a fresh one).
 
 The candidates and queries come from a Gaussian mixture of 1,000 components, as in
 `benchmarks/retrieval.py` (clustered, as a trained model's embeddings are);
@@ -195,7 +196,10 @@ def _change_rows(
         for where in (None, {"bucket": [1, 2, 3]}):
             found, scores = index.search(queries[:64], args.k, where=where)
             expected, expected_scores = fresh.search(queries[:64], args.k, where=where)
-            assert np.array_equal(found, expected) and np.array_equal(scores, expected_scores)
+            # Ids equal; scores to float32 rounding: a chunk grown with room has
+            # another shape than a fresh one, and XLA may sum in another order.
+            assert np.array_equal(found, expected)
+            np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
     else:
         again = trained
     model = embedded + (again if trained is not None else 0.0)
