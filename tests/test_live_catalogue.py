@@ -399,3 +399,23 @@ def test_review_regressions_exported_ids_and_integer_kinds():
     exact.remove(big[:1])
     exact.add(grid(rng, 1), [8], attributes={"n": [6]})
     np.testing.assert_array_equal(ann.candidate_ids, [*big, 7])
+
+
+@pytest.mark.parametrize("size", [40_000, 100_003])
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_id_lookup_in_two_levels_equals_numpy_search(size, kind):
+    # The lookup behind `remove`/`update`/`exclude` searches large id arrays in two
+    # levels (a sample of every 64th id, then the window): NumPy's search is the reference.
+    from two_tower.retrieval._candidate_ids import sorted_slots
+
+    rng = np.random.default_rng(size)
+    ids = np.sort(rng.choice(10**9, size, replace=False))
+    absent = rng.choice(10**9, 300)
+    if kind == "str":
+        ids, absent = np.sort(ids.astype(str)), absent.astype(str)
+    else:
+        absent = np.concatenate([absent, [ids[0] - 1, ids[-1] + 1]])
+    values = np.concatenate([rng.choice(ids, 300), absent, ids[:2], ids[-2:]])
+    expected = np.minimum(np.searchsorted(ids, values), size - 1)
+    np.testing.assert_array_equal(sorted_slots(ids, values), expected)
+    np.testing.assert_array_equal(sorted_slots(ids, values[::-1]), expected[::-1])  # cached

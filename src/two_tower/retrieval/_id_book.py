@@ -120,8 +120,9 @@ def moves(positions: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     removed positions below the new count, ascending)."""
     remaining = count - len(positions)
     holes = np.sort(positions[positions < remaining])
-    tail = np.arange(remaining, count)
-    return holes, tail[~np.isin(tail, positions)]  # as many movers as holes
+    staying = np.ones(count - remaining, dtype=bool)  # the tail rows that stay
+    staying[positions[positions >= remaining] - remaining] = False
+    return holes, remaining + np.flatnonzero(staying)  # as many movers as holes
 
 
 def _inverse(order: np.ndarray, rows: int) -> np.ndarray:
