@@ -75,21 +75,7 @@ def plan(side: str, tower: keras.layers.Layer, vocabularies: Any, sizes: Any) ->
             f"The {side} tower", before, sizes
         )
     else:
-        if not isinstance(sizes, Mapping):
-            raise ValueError(
-                f"The {side} tower grows by feature: pass a dict of feature name -> new size, "
-                f"for features among {sorted(before)}. Received {side}={sizes!r}"
-            )
-        unknown = sorted(set(sizes) - set(before))
-        if unknown:
-            raise ValueError(
-                f"The {side} tower has no table for {unknown}. Features with tables: "
-                f"{sorted(before)}"
-            )
-        after = {
-            name: _table_growth.checked_growth(f"Feature {name!r}", before[name], size)
-            for name, size in sizes.items()
-        }
+        after = _table_growth.checked_sizes(f"The {side} tower", before, sizes)
         before = {name: before[name] for name in after}  # the features that may grow
         after = {name: size for name, size in after.items() if size != before[name]}
         before = {name: before[name] for name in after}

@@ -13,7 +13,7 @@ afterwards cost what they did.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
@@ -155,6 +155,29 @@ def checked_growth(what: str, current: int, new: Any) -> int:
             "Tables never shrink (retire candidates with the index's `remove`)."
         )
     return new
+
+
+def checked_sizes(owner: str, current: dict[str, int], sizes: Any) -> dict[str, int]:
+    """`sizes` for a tower over a dict of features, checked: a mapping of features
+    that have tables (`current`: name -> ids now), each to at least its size.
+
+    Raises:
+        ValueError: naming `owner`, for anything else.
+    """
+    if not isinstance(sizes, Mapping):
+        raise ValueError(
+            f"{owner} grows by feature: pass a dict of feature name -> new size, for "
+            f"features among {sorted(current)}. Received {sizes!r}"
+        )
+    unknown = sorted(set(sizes) - set(current))
+    if unknown:
+        raise ValueError(
+            f"{owner} has no table for {unknown}. Features with tables: {sorted(current)}"
+        )
+    return {
+        name: checked_growth(f"Feature {name!r}", current[name], size)
+        for name, size in sizes.items()
+    }
 
 
 def padded_rows(ids: int, current_rows: int) -> int:

@@ -294,21 +294,7 @@ class FeatureTower(keras.layers.Layer):
             {'city': 8}
         """
         current = self.table_sizes()
-        if not isinstance(sizes, Mapping):
-            raise ValueError(
-                f"FeatureTower {self.name!r} grows by feature: pass a dict of feature name -> "
-                f"new size, for features among {sorted(current)}. Received {sizes!r}"
-            )
-        unknown = sorted(set(sizes) - set(current))
-        if unknown:
-            raise ValueError(
-                f"FeatureTower {self.name!r} has no table for {unknown}. Features with "
-                f"tables: {sorted(current)}"
-            )
-        checked = {
-            name: _table_growth.checked_growth(f"Feature {name!r}", current[name], size)
-            for name, size in sizes.items()
-        }
+        checked = _table_growth.checked_sizes(f"FeatureTower {self.name!r}", current, sizes)
         rows = dict(self.table_rows or {})
         for name, size in checked.items():
             tables = [self.embeddings[name], *([self.biases[name]] if self.biases else [])]

@@ -108,12 +108,19 @@ class _GrowingKerasEmbedding:
 
 def grows_tables(tower: keras.layers.Layer) -> GrowsTables | None:
     """How `tower` grows its tables, or None for a tower that cannot."""
+    found: GrowsTables | None = _implementing(tower, GrowsTables, _GrowingKerasEmbedding)
+    return found
+
+
+def _implementing(tower: keras.layers.Layer, protocol: Any, keras_embedding: Any) -> Any:
+    """`tower` (or a `Sequential`'s first layer) if it implements `protocol`;
+    `keras_embedding(it)` for Keras' own `Embedding`, which cannot; else None."""
     if isinstance(tower, keras.Sequential) and tower.layers:
         tower = tower.layers[0]
-    if isinstance(tower, GrowsTables):
+    if isinstance(tower, protocol):
         return tower
     if isinstance(tower, keras.layers.Embedding):
-        return _GrowingKerasEmbedding(tower)
+        return keras_embedding(tower)
     return None
 
 
@@ -124,10 +131,5 @@ def declares_ids(tower: keras.layers.Layer) -> TowerIds | None:
 
 def tower_ids(tower: keras.layers.Layer) -> TowerIds | None:
     """What `tower` declares about its inputs, or None for a tower that declares nothing."""
-    if isinstance(tower, keras.Sequential) and tower.layers:
-        tower = tower.layers[0]
-    if isinstance(tower, TowerIds):
-        return tower
-    if isinstance(tower, keras.layers.Embedding):
-        return _KerasEmbedding(tower)
-    return None
+    found: TowerIds | None = _implementing(tower, TowerIds, _KerasEmbedding)
+    return found
