@@ -76,9 +76,8 @@ def plan(side: str, tower: keras.layers.Layer, vocabularies: Any, sizes: Any) ->
         )
     else:
         after = _table_growth.checked_sizes(f"The {side} tower", before, sizes)
-        before = {name: before[name] for name in after}  # the features that may grow
         after = {name: size for name, size in after.items() if size != before[name]}
-        before = {name: before[name] for name in after}
+        before = {name: before[name] for name in after}  # the features that grow
     growth = Growth(growing, before, after)
     if growth.grows():
         _check_tables(side, tower, after)

@@ -97,9 +97,8 @@ def grow_embedding(layer: keras.layers.Layer, ids: int, new_ids: int, rows: int)
             initializer=value, shape=(rows, width), dtype=old.dtype, trainable=old.trainable,
             name=old.name,
         )  # fmt: skip
-    if attribute == "_embeddings":  # Keras' Embedding applies its penalty to the variable
-        variable.regularizer = getattr(old, "regularizer", None)
-        variable.constraint = getattr(old, "constraint", None)
+    # Keras' Embedding keeps its penalty and constraint on the variable.
+    variable.regularizer, variable.constraint = old.regularizer, old.constraint
     tracker = layer._tracker  # noqa: SLF001 (Keras' quantize does the same)
     locked = tracker.locked
     tracker.unlock()
