@@ -26,6 +26,13 @@ def check_replicas() -> None:
     """Nothing to refuse: this backend's distributed training is supported."""
 
 
+def map_slices(function: Callable[[Any], Any], xs: Any) -> Any:
+    """`keras.ops.map(function, xs)`: compiled into one loop by this backend."""
+    from keras import ops
+
+    return ops.map(function, xs)
+
+
 def map_devices(function: Callable[[Any], Any], rows: Any, mesh: Any) -> Any:
     """`function(rows)`: there is no device mesh to split the rows over on this backend."""
     del mesh

@@ -36,6 +36,14 @@ class BackendModule(Protocol):
     """Whether `keras.ops.top_k` ranks 0.0 above -0.0 (XLA: JAX, TF); torch compares them
     as equal."""
 
+    search_tile: int
+    """Candidates `BruteForceIndex` scores at once in a tiled search (`_tiled_top_k`),
+    the fastest measured on this backend (`benchmarks/retrieval.py --exact`)."""
+
+    search_query_batch_size: int
+    """`BruteForceIndex`'s default `query_batch_size` on this backend (measured, as
+    `search_tile`)."""
+
     def export_artefact(self, model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
         """Writes `TwoTowerRetrieval.export`'s checked `plan` at `path`, tracing the query tower
         with TensorFlow: in this process on TensorFlow, in a TensorFlow child
@@ -92,6 +100,11 @@ class BackendModule(Protocol):
     def check_replicas(self) -> None:
         """Raises where training would silently run as several independent copies (a
         torch process group)."""
+        ...
+
+    def map_slices(self, function: Callable[[Any], Any], xs: Any) -> Any:
+        """`keras.ops.map`: `function` of each slice of `xs` along axis 0, stacked.
+        On torch a plain loop, which Keras' own (a scan) runs at half the speed."""
         ...
 
     def map_devices(self, function: Callable[[Any], Any], rows: Any, mesh: Any) -> Any:

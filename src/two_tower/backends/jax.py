@@ -27,6 +27,7 @@ from two_tower._compiled_cache import CompiledCache
 from two_tower.backends._defaults import array_train_function as array_train_function
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
+from two_tower.backends._defaults import map_slices as map_slices
 from two_tower.backends._defaults import replica_loss as replica_loss
 from two_tower.backends._defaults import step_counter as step_counter
 from two_tower.backends._defaults import variables_replaced as variables_replaced
@@ -38,6 +39,8 @@ array_training = False  # Keras' own array path: each epoch's steps run compiled
 max_steps_per_execution: int | None = None
 top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
+search_tile = 2048
+search_query_batch_size = 1024
 
 
 def compile_inference(

@@ -21,6 +21,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
+from two_tower.backends._defaults import map_slices as map_slices
 from two_tower.backends._defaults import variables_replaced as variables_replaced
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
@@ -31,6 +32,8 @@ array_training = True
 max_steps_per_execution: int | None = None
 top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
+search_tile = 4096
+search_query_batch_size = 1024
 
 
 def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:

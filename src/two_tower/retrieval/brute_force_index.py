@@ -21,11 +21,13 @@ from two_tower.retrieval import (
     _filters,
     _id_book,
     _indexed_catalogue,
+    _tiled_top_k,
 )
 from two_tower.retrieval._catalogue_lock import ReadWriteLock
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue
 from two_tower.retrieval.candidate_index import CandidateIndex
-from two_tower.retrieval.top_k import BLOCK, TopKStep, dot_similarities, next_power_of_two
+from two_tower.retrieval._top_k_step import TopKStep
+from two_tower.retrieval.top_k import BLOCK, dot_similarities, next_power_of_two
 from two_tower.types import SimilarityFn, Tensor
 
 _EMBEDDINGS_FILE = "candidate_embeddings.npy"
@@ -125,13 +127,15 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         [[10, 30]]
     """
 
-    def __init__(self, chunk_size: int = 2**18, query_batch_size: int = 128, **kwargs: Any) -> None:
+    def __init__(
+        self, chunk_size: int = 2**20, query_batch_size: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         # Python ints (a NumPy integer would not serialise in `get_config`).
         self.chunk_size = _arguments.integer(
             "chunk_size", chunk_size, maximum=_MAX_CHUNK, owner="BruteForceIndex"
         )
-        self.query_batch_size = _arguments.integer(
+        self.query_batch_size = None if query_batch_size is None else _arguments.integer(
             "query_batch_size", query_batch_size, owner="BruteForceIndex"
         )
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
@@ -533,11 +537,15 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         shards, width = catalogue.layout()
         columns = shards * width  # scored per step, `width` on each device
         mesh = None if catalogue.sharded is None else catalogue.sharded.mesh
-        rows = min(next_power_of_two(num_queries), self._batch_rows(catalogue))
+        batch_rows = self._batch_rows(catalogue, k)
+        rows = min(next_power_of_two(num_queries), batch_rows)
+        tile = self._tile(catalogue, k, batch_rows)
+        if tile:
+            rows = _tiled_top_k.padded_rows(rows)
         if rows != num_queries:
             padding = ops.zeros((rows - num_queries, queries.shape[1]), queries.dtype)
             queries = ops.concatenate([queries, padding], axis=0)
-        step = self._step(similarity_fn, k, columns, mesh)
+        step = self._step(similarity_fn, k, columns, mesh, tile)
         best_scores = ops.full((rows, k), float("-inf"), self.compute_dtype)
         best_positions = ops.full((rows, k), -1, "int32")
         for start, chunk in _indexed_catalogue.chunks_of(catalogue, columns):
@@ -551,27 +559,52 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             }
             if num_valid < columns:
                 inputs["num_valid"] = np.array([num_valid], "int32")
-            indices = _candidate_ids.excluded_indices(excluded, start, num_valid)
-            if indices is not None:
-                inputs["excluded"] = indices
             if filters is not None:
-                inputs.update(filters.chunk_inputs(start, columns, num_valid, rows))
+                inputs.update(filters.chunk_inputs(start, columns, num_valid, rows, bool(tile)))
+            if tile:  # exclusions and allow-lists as bits of (query, block) pairs
+                allowed = None if filters is None else filters.allowed
+                inputs.update(_tiled_top_k.merged_bits(
+                    None if excluded is None else _tiled_top_k.block_bits(excluded, start, columns),
+                    None if allowed is None else _tiled_top_k.block_bits(allowed, start, columns),
+                ))  # fmt: skip
+            else:
+                indices = _candidate_ids.excluded_indices(excluded, start, num_valid)
+                if indices is not None:
+                    inputs["excluded"] = indices
             outputs = step(inputs)
             best_scores, best_positions = outputs["scores"], outputs["positions"]
         return best_scores[:num_queries], best_positions[:num_queries]
 
-    def _batch_rows(self, catalogue: IndexedCatalogue) -> int:
-        """Queries per step: the score budget of a full chunk, spent on rows."""
-        budget = self.query_batch_size * self.chunk_size
-        return max(self.query_batch_size, budget // catalogue.layout()[1])
+    def _batch_rows(self, catalogue: IndexedCatalogue, k: int) -> int:
+        """Queries per step (a power of two): the score budget of a full chunk, spent on rows.
 
-    def _step(self, similarity_fn: SimilarityFn, k: int, chunk_size: int, mesh: Any) -> TopKStep:
-        """A cached compiled step for this scoring function, k, chunk and mesh."""
+        A tiled step keeps the block maxima of its scores (1/`BLOCK` of them);
+        a chunk scored whole keeps every score, so it takes `BLOCK` times fewer
+        rows for the same memory.
+        """
+        per_batch = self.query_batch_size or backend_module().search_query_batch_size
+        shards, width = catalogue.layout()
+        rows = max(per_batch, per_batch * self.chunk_size // (shards * width))
+        rows = 1 << (rows.bit_length() - 1)
+        return rows if self._tile(catalogue, k, rows) else max(1, rows // BLOCK)
+
+    def _tile(self, catalogue: IndexedCatalogue, k: int, rows: int) -> int:
+        """Candidates per tile where steps of `rows` queries score tile by tile, else 0."""
+        shards, width = catalogue.layout()
+        tile = backend_module().search_tile
+        return tile if shards == 1 and _tiled_top_k.usable(width, k, rows, tile) else 0
+
+    def _step(
+        self, similarity_fn: SimilarityFn, k: int, chunk_size: int, mesh: Any, tile: int
+    ) -> TopKStep:
+        """A cached compiled step for this scoring function, k, chunk, mesh and tile."""
         owner = getattr(similarity_fn, "__self__", None)
         function = getattr(similarity_fn, "__func__", similarity_fn)
-        key = (id(owner), function, k, chunk_size, mesh, self.compute_dtype)
+        key = (id(owner), function, k, chunk_size, mesh, tile, self.compute_dtype)
         # Concurrent searches share the cache.
-        return self._steps.get(key, lambda: TopKStep(similarity_fn, k, chunk_size, owner, mesh))
+        return self._steps.get(
+            key, lambda: TopKStep(similarity_fn, k, chunk_size, owner, mesh, tile)
+        )
 
     def search(
         self,
@@ -706,7 +739,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             if excluded is not None:
                 excluded = _filters.within(excluded, subset)
         all_scores, all_positions = [], []
-        batch_rows = self._batch_rows(searched)
+        batch_rows = self._batch_rows(searched, k)
         for start in range(0, len(queries), batch_rows):
             stop = start + batch_rows
             batch_excluded = None
@@ -826,7 +859,11 @@ class _Filters:
         self.allowed = allowed  # (rows, positions) of the restricted rows
         self.restricted = restricted  # [batch] bool: rows with an allow-list
 
-    def chunk_inputs(self, start: int, columns: int, num_valid: int, rows: int) -> dict[str, Any]:
+    def chunk_inputs(
+        self, start: int, columns: int, num_valid: int, rows: int, tiled: bool
+    ) -> dict[str, Any]:
+        """The step inputs of the chunk at `start`; a `tiled` step takes the allowed
+        pairs as bits (`_tiled_top_k.merged_bits`), not here."""
         inputs: dict[str, Any] = {}
         if self.mask is not None:
             allowed = np.zeros(columns, dtype=bool)  # (the padded tail scores -inf anyway)
@@ -836,7 +873,7 @@ class _Filters:
             restricted = np.zeros(rows, dtype=bool)  # padded query rows: unrestricted
             restricted[: len(self.restricted)] = self.restricted
             inputs["restricted"] = restricted
-            pairs = _candidate_ids.excluded_indices(self.allowed, start, num_valid)
+            pairs = None if tiled else _candidate_ids.excluded_indices(self.allowed, start, num_valid)
             if pairs is not None:
                 inputs["allowed_pairs"] = pairs
         return inputs
