@@ -43,6 +43,26 @@ for the same calls behind one global lock (the fallback design), and on torch fo
 every call at once, in the same run:
 
     python benchmarks/retrieval.py --concurrency --backend jax
+
+`--exact` measures exact search against the machine's limit instead: 1,024
+queries × `--exact-size` candidates (10^6) × dim 64, top 100, on every backend
+of `--backends`, each path in a fresh process, all in one run:
+- limit: a 4096 × 4096 × 4096 float32 GEMM (compute-bound), in NumPy and in
+  the backend; the faster of all of them is the machine's limit;
+- numpy gemm: NumPy's `Q @ C.T` of the same shapes, 2^18 candidates at a time,
+  the scores written to memory (no top-k);
+- gemm + max: the backend's compiled `Q @ C.T` then `max` over 2^18-candidate
+  chunks (XLA on JAX), no top-k;
+- faiss flat: `faiss.IndexFlatIP`, exact;
+- whole chunks: `BruteForceIndex` as before tiling (chunks of 2^18 scored
+  whole, 128 queries at a time);
+- tiled: `BruteForceIndex` with its defaults (`two_tower.retrieval._tiled_top_k`),
+  its ids checked against the whole-chunk path's.
+Rates count 2 × queries × candidates × dim floating-point operations; "of limit"
+is the path's rate over the machine's limit, and "× whole" the whole-chunk
+path's time over the tiled one's, on the same backend:
+
+    python benchmarks/retrieval.py --exact --backends jax,tensorflow,torch
 """
 
 from __future__ import annotations
@@ -164,6 +184,172 @@ def run_method(
     return result
 
 
+EXACT_PATHS = ("limit", "numpy gemm", "gemm + max", "faiss flat", "whole chunks", "tiled")
+OLD_CHUNK, OLD_QUERY_BATCH = 2**18, 128  # BruteForceIndex's defaults before tiling
+
+
+def run_exact(
+    path: str, catalogue_path: Path, queries_path: Path, folder: Path, repeats: int
+) -> dict:
+    """Times one path of `--exact` (see the module docstring) in this process."""
+    import keras
+
+    import two_tower
+    from two_tower.backends import backend_module
+    from two_tower.retrieval.top_k import BLOCK
+
+    queries = np.load(queries_path)
+    n = _rows_of(catalogue_path)
+    result: dict[str, Any] = {}
+    if path == "limit":
+        square = np.random.default_rng(0).normal(size=(4096, 4096)).astype("float32")
+        result["numpy_s"] = _best(lambda: square @ square, repeats)
+        tensor = keras.ops.convert_to_tensor(square)
+        product = _compiled(lambda x: keras.ops.matmul(x, x))
+        result["search_s"] = _best(lambda: keras.ops.convert_to_numpy(product(tensor)), repeats)
+        result["flops"] = result["numpy_flops"] = 2 * 4096**3
+        return result
+    result["flops"] = 2 * len(queries) * n * DIM
+    if path in ("numpy gemm", "gemm + max", "faiss flat"):
+        catalogue = np.load(catalogue_path)
+    if path == "numpy gemm":
+        out = np.empty((len(queries), 2**18), "float32")
+
+        def search() -> None:
+            for start in range(0, n, 2**18):
+                part = catalogue[start : start + 2**18]
+                np.matmul(queries, part.T, out=out[:, : len(part)])
+
+    elif path == "gemm + max":
+        chunks = [keras.ops.convert_to_tensor(catalogue[i : i + 2**18]) for i in range(0, n, 2**18)]
+        query_tensor = keras.ops.convert_to_tensor(queries)
+        best = _compiled(lambda q, c: keras.ops.max(keras.ops.matmul(q, keras.ops.transpose(c)), 1))
+
+        def search() -> None:
+            for chunk in chunks:
+                keras.ops.convert_to_numpy(best(query_tensor, chunk))
+
+    elif path == "faiss flat":
+        import faiss
+
+        flat = faiss.IndexFlatIP(DIM)
+        flat.add(catalogue)
+        search = lambda: flat.search(queries, K)  # noqa: E731
+    else:
+        from two_tower.retrieval._catalogue_store import npy_blocks
+
+        if path == "whole chunks":
+            backend_module().search_tile = 0  # type: ignore[misc]  # the path before tiles
+            # Chunks scored whole take 1/BLOCK of `query_batch_size` (the same memory
+            # as tiles): 128 queries at a time, as before.
+            index = two_tower.BruteForceIndex(
+                chunk_size=OLD_CHUNK, query_batch_size=OLD_QUERY_BATCH * BLOCK
+            )
+        else:
+            index = two_tower.BruteForceIndex()
+        index.index(npy_blocks(catalogue_path))
+        found: list[Any] = []
+        search = lambda: found.append(index.search(queries, k=K))  # noqa: E731
+    baseline = _current_rss_gb()
+    result["search_s"] = _best(search, repeats)
+    result["peak_rss_gb"] = _common.peak_rss_kib() / 2**20
+    result["baseline_gb"] = baseline
+    if path in ("whole chunks", "tiled"):
+        ids, scores = found[-1]
+        reference = folder / f"whole_{n}_{keras.backend.backend()}.npz"
+        if path == "whole chunks":
+            np.savez(reference, ids=ids, scores=scores)
+        elif reference.exists():
+            whole = np.load(reference)
+            result["ids_equal"] = float(np.mean(whole["ids"] == ids))
+            result["score_difference"] = float(np.max(np.abs(whole["scores"] - scores)))
+    return result
+
+
+def _best(function: Any, repeats: int) -> float:
+    function()  # warm-up: compiles
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - started)
+    return min(seconds)
+
+
+def _compiled(function: Any) -> Any:
+    """`function` compiled by the backend Keras runs on (eager under no_grad on torch)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function)
+    import torch
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return function(*args)
+
+    return run
+
+
+def exact(args: argparse.Namespace, folder: Path) -> None:
+    """`--exact`: every path on every backend, each in a fresh process, then the table."""
+    catalogue_path, queries_path = make_data(folder, args.exact_size)
+    n = args.exact_size
+    print(f"Exact top {K}: {QUERIES} queries x {n:,} candidates x dim {DIM}; best of "
+          f"{args.repeats} warm calls; one run, every backend")  # fmt: skip
+    results: dict[tuple[str, str], dict] = {}
+    for backend in args.backends.split(","):
+        for path in EXACT_PATHS:
+            if path == "faiss flat" and backend != args.backends.split(",")[0]:
+                continue  # no backend in it: once
+            arguments = ["--data-dir", str(folder), "--repeats", str(args.repeats)]
+            arguments += ["--exact-worker", path, str(catalogue_path), str(queries_path)]
+            done, result = _common.run_worker(__file__, arguments, env={"KERAS_BACKEND": backend})
+            if result is None:
+                print(f"{backend} {path} failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            results[(backend, path)] = result
+    rates = {key: r["flops"] / r["search_s"] / 1e9 for key, r in results.items()}
+    limits = [rate for (_, path), rate in rates.items() if path == "limit"]
+    limits += [
+        r["numpy_flops"] / r["numpy_s"] / 1e9 for (_, p), r in results.items() if p == "limit"
+    ]
+    limit = max(limits)
+    print(f"machine limit: {limit:.0f} GFLOP/s (the fastest 4096^3 GEMM below)")
+    print(
+        "| backend | path | time (s) | GFLOP/s | of limit | peak RSS (GB) | x whole | ids equal "
+        "| max score difference |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (backend, path), result in results.items():
+        rate = rates[(backend, path)]
+        name = "faiss" if path == "faiss flat" else backend
+        if path == "limit":
+            numpy_rate = result["numpy_flops"] / result["numpy_s"] / 1e9
+            print(f"| numpy | limit: 4096^3 GEMM | {result['numpy_s']:.3f} | {numpy_rate:.0f} | "
+                  f"{numpy_rate / limit:.0%} | | | | |")  # fmt: skip
+        whole = results.get((backend, "whole chunks"))
+        speedup = (
+            f"{whole['search_s'] / result['search_s']:.2f}" if path == "tiled" and whole else ""
+        )
+        peak = f"{result['peak_rss_gb']:.2f}" if "peak_rss_gb" in result else ""
+        equal = (
+            f"{result['ids_equal']:.4f} | {result['score_difference']:.1e}"
+            if ("ids_equal" in result)
+            else " | "
+        )
+        label = "limit: 4096^3 GEMM" if path == "limit" else path
+        print(f"| {name} | {label} | {result['search_s']:.3f} | {rate:.0f} | {rate / limit:.0%} "
+              f"| {peak} | {speedup} | {equal} |", flush=True)  # fmt: skip
+
+
 def _current_rss_gb() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -190,8 +376,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", action="store_true", help="threads benchmark")
     parser.add_argument("--calls", type=int, default=800, help="calls per concurrency trial")
+    parser.add_argument("--exact", action="store_true", help="exact search against the limit")
+    parser.add_argument("--exact-size", type=int, default=1_000_000)
+    _common.add_backends_argument(parser)
+    parser.add_argument("--exact-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     folder = Path(args.data_dir)
+    if args.exact_worker:
+        path, catalogue, queries = args.exact_worker
+        _common.report(run_exact(path, Path(catalogue), Path(queries), folder, args.repeats))
+        return
+    if args.exact:
+        folder.mkdir(parents=True, exist_ok=True)
+        exact(args, folder)
+        return
     if args.concurrency:
         folder.mkdir(parents=True, exist_ok=True)
         concurrency(args.backend, *make_data(folder, CONCURRENCY_CATALOGUE), args.calls)

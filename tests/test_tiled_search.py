@@ -145,7 +145,7 @@ def test_where_allow_and_exclude_together(tiled, monkeypatch, compact):
     allow = [None] * len(queries)
     allow[1] = rng.choice(n, 5, replace=False)  # fewer than k allowed: padding
     allow[2] = np.flatnonzero(category != 2)[: n // 3]
-    allow[5] = np.arange(n)[:: 7]
+    allow[5] = np.arange(n)[::7]
     exclude = [None] * len(queries)
     exclude[2] = allow[2][:200]
     exclude[3] = rng.choice(n, 300, replace=False)

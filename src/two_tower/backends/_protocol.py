@@ -40,10 +40,6 @@ class BackendModule(Protocol):
     """Candidates `BruteForceIndex` scores at once in a tiled search (`_tiled_top_k`),
     the fastest measured on this backend (`benchmarks/retrieval.py --exact`)."""
 
-    search_query_batch_size: int
-    """`BruteForceIndex`'s default `query_batch_size` on this backend (measured, as
-    `search_tile`)."""
-
     def export_artefact(self, model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
         """Writes `TwoTowerRetrieval.export`'s checked `plan` at `path`, tracing the query tower
         with TensorFlow: in this process on TensorFlow, in a TensorFlow child

@@ -40,7 +40,6 @@ max_steps_per_execution: int | None = None
 top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 search_tile = 2048
-search_query_batch_size = 1024
 
 
 def compile_inference(

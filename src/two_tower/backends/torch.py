@@ -72,19 +72,26 @@ max_steps_per_execution: int | None = 1  # Keras on torch rejects more
 top_k_ties_to_lower_column = False  # torch.topk's tie order is unspecified
 top_k_orders_signed_zeros = False  # torch compares -0.0 and 0.0 as equal
 search_tile = 2048
-search_query_batch_size = 256
 
 
 def map_slices(function: Callable[[Any], Any], xs: Any) -> Any:
     """`function` of each slice of `xs` along axis 0, stacked: a plain loop.
 
     Keras' torch `ops.map` is a scan that took twice as long for the tiles of a
-    search (`_tiled_top_k`; 1,024 queries × 2^20 candidates).
+    search (`_tiled_top_k`; 1,024 queries × 2^20 candidates). Each output is
+    written into one preallocated tensor, so the outputs are never held twice.
     """
     count = int((xs[0] if isinstance(xs, tuple) else xs).shape[0])
-    if isinstance(xs, tuple):
-        return torch.stack([function(tuple(x[i] for x in xs)) for i in range(count)])
-    return torch.stack([function(xs[i]) for i in range(count)])
+
+    def one(i: int) -> Any:
+        return function(tuple(x[i] for x in xs) if isinstance(xs, tuple) else xs[i])
+
+    first = one(0)
+    stacked = first.new_empty((count, *first.shape))
+    stacked[0] = first
+    for i in range(1, count):
+        stacked[i] = one(i)
+    return stacked
 
 
 def serving_slot() -> _Slots:

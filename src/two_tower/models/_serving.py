@@ -192,7 +192,7 @@ def require_index(index: CandidateIndex) -> None:
 def similar_items(
     index: CandidateIndex,
     job: TowerFunction,
-    similarity_fn: Callable[[Tensor, Tensor], Tensor],
+    similarity_fn: Callable[[Tensor, Tensor], Tensor] | None,
     items: Any,
     k: int,
     item_ids: Any,

@@ -355,7 +355,7 @@ class Serving(_Base):
             ids, scores = self.candidate_index.search(
                 query_embeddings,
                 k=k,
-                similarity_fn=self.compute_similarities,
+                similarity_fn=self._search_similarity(),
                 exclude=exclude,
                 ignore_unknown_exclusions=ignore_unknown_exclusions,
                 **filters,
@@ -436,7 +436,7 @@ class Serving(_Base):
             found, scores = _serving.similar_items(
                 self.candidate_index,
                 self._candidate_function(item_tower),
-                self.compute_similarities,
+                self._search_similarity(),
                 items,
                 k,
                 item_ids=item_ids,

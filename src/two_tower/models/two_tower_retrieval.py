@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -663,6 +663,14 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
     ) -> Tensor:
         """`[queries, candidates]` scores; the dot product by default."""
         return ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
+
+    def _search_similarity(self) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """What serving hands the index: None (the index's own dot product, which
+        `BruteForceIndex` scores its fastest way) unless a subclass overrides
+        `compute_similarities`."""
+        if type(self).compute_similarities is TwoTowerRetrieval.compute_similarities:
+            return None
+        return self.compute_similarities
 
     def compute_scores(self, query_embeddings: Tensor, candidate_embeddings: Tensor) -> Tensor:
         """`[batch]` scores of aligned (query, candidate) pairs; the dot product."""

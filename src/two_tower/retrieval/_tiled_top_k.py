@@ -28,8 +28,6 @@ all. The same bits mask the final scores.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
-from typing import Any
 
 import numpy as np
 from keras import ops
@@ -98,7 +96,9 @@ def merged_bits(
             bits[np.searchsorted(keys, part[0])] = part[1]
         inputs[name] = bits
     padded = max(GROUP, 1 << max(0, len(keys) - 1).bit_length())
-    return {name: np.concatenate([v, np.repeat(v[-1:], padded - len(v))]) for name, v in inputs.items()}
+    return {
+        name: np.concatenate([v, np.repeat(v[-1:], padded - len(v))]) for name, v in inputs.items()
+    }
 
 
 def tiled_top_k(
@@ -126,7 +126,8 @@ def tiled_top_k(
     width, dim = int(chunk.shape[0]), int(chunk.shape[1])
     blocks = width // BLOCK
     columns_kept = _column_mask(inputs, width)
-    maxima = _block_maxima(queries, chunk, similarity_fn, tile, dot, columns_kept)
+    layout = _Layout(width, tile)
+    maxima = _block_maxima(queries, chunk, similarity_fn, layout, dot, columns_kept)
     if "restricted" in inputs:  # rows with an allow-list have only the blocks it names
         maxima = ops.where(ops.expand_dims(inputs["restricted"], 1), float("-inf"), maxima)
     slabs = ops.reshape(chunk, (blocks, BLOCK, dim))
@@ -138,17 +139,20 @@ def tiled_top_k(
             ops.expand_dims(key_blocks, 1),
         )  # fmt: skip
         kept = _kept(inputs, key_rows, ops.expand_dims(key_blocks, 1), columns_kept, blocks)
+        assert kept is not None
         corrected = ops.max(ops.where(kept, scores, float("-inf")), axis=1)
-        pairs = ops.stack([key_rows, key_blocks], axis=1)
+        pairs = ops.stack([key_rows, layout.entry(key_blocks)], axis=1)
         maxima = ops.scatter_update(maxima, pairs, corrected)
     chosen = min(k, blocks)
-    _, best = _top_k(_folded(maxima), chosen)
-    best = ops.sort(best, axis=1)  # position order: ties below go to the lower position
+    _, entries = _top_k(_folded(maxima), chosen)
+    entries = ops.sort(entries, axis=1)  # position order: ties below go to the lower position
+    best = layout.block(entries)
     scores = _scored_again(similarity_fn, dot, queries, slabs, best)
     rows = ops.arange(ops.shape(queries)[0], dtype="int32")
     kept = _kept(inputs, rows, best, columns_kept, blocks)
-    if kept is not None:
-        scores = ops.where(kept, scores, float("-inf"))
+    real = ops.repeat(layout.real(entries), BLOCK, axis=1)  # not a block scored twice
+    kept = real if kept is None else ops.logical_and(kept, real)
+    scores = ops.where(kept, scores, float("-inf"))
     offsets = ops.reshape(ops.arange(BLOCK, dtype="int32"), (1, 1, BLOCK))
     columns = ops.reshape(ops.expand_dims(best * BLOCK, 2) + offsets, (-1, chosen * BLOCK))
     values, picked = _top_k(_folded(scores), k)
@@ -173,45 +177,69 @@ def _column_mask(inputs: Mapping[str, Tensor], width: int) -> Tensor | None:
     return kept
 
 
+class _Layout:
+    """Where each block's maximum sits in the maxima of a chunk scored `tile` at a time.
+
+    The chunk is cut into `ceil(width / tile)` tiles read in place (no copy of
+    the chunk); when `tile` does not divide the width, the last tile starts at
+    `width - tile` and overlaps its predecessor, and its first entries, blocks
+    already scored, are -inf (`repeated`). So entry `p` holds block `p` before
+    the last tile and block `p - shift` in it.
+    """
+
+    def __init__(self, width: int, tile: int) -> None:
+        self.tile, self.count = tile, -(-width // tile)
+        self.per_tile = tile // BLOCK
+        self.last = (self.count - 1) * self.per_tile  # first entry of the last tile
+        self.shift = self.last - (width - tile) // BLOCK
+        self.entries = self.count * self.per_tile
+
+    def start(self, index: Tensor) -> Tensor:
+        """The first row of tile `index`."""
+        return ops.minimum(index * self.tile, (self.last - self.shift) * BLOCK)
+
+    def repeated(self, index: Tensor) -> Tensor:
+        """`[per_tile]` bools: which of tile `index`'s blocks an earlier tile holds."""
+        blocks = self.start(index) // BLOCK + ops.arange(self.per_tile, dtype="int32")
+        return ops.less(blocks, index * self.per_tile)
+
+    def block(self, entry: Tensor) -> Tensor:
+        return ops.where(ops.less(entry, self.last), entry, entry - self.shift)
+
+    def entry(self, block: Tensor) -> Tensor:
+        return ops.where(ops.less(block, self.last), block, block + self.shift)
+
+    def real(self, entry: Tensor) -> Tensor:
+        """Whether `entry` is not a repeated block."""
+        return ops.logical_or(
+            ops.less(entry, self.last), ops.greater_equal(self.block(entry), self.last)
+        )
+
+
 def _block_maxima(
     queries: Tensor,
     chunk: Tensor,
     similarity_fn: SimilarityFn,
-    tile: int,
+    layout: _Layout,
     dot: bool,
     columns_kept: Tensor | None,
 ) -> Tensor:
-    """`[rows, width / BLOCK]`: each block's best score, one tile of the chunk at a time."""
-    width, dim = int(chunk.shape[0]), int(chunk.shape[1])
-    whole = width // tile * tile
-    maxima = _tile_maxima(queries, similarity_fn, dot, chunk[whole:], _part(columns_kept, whole))
-    if whole:
-        tiles = ops.reshape(chunk[:whole], (whole // tile, tile, dim))
-        xs: Any = tiles
-        if columns_kept is not None:
-            xs = (tiles, ops.reshape(columns_kept[:whole], (whole // tile, tile)))
-        one = partial(_tile_maxima_of, queries, similarity_fn, dot)
-        stacked = backend_module().map_slices(one, xs)
-        if dot:  # [tiles, tile / BLOCK, rows]
-            first = ops.reshape(stacked, (whole // BLOCK, -1))
-        else:  # [tiles, rows, tile / BLOCK]
-            first = ops.reshape(ops.transpose(stacked, (1, 0, 2)), (-1, whole // BLOCK))
-        if maxima is not None:  # the last, shorter tile
-            first = ops.concatenate([first, maxima], axis=0 if dot else 1)
-        maxima = first
-    assert maxima is not None
-    return ops.transpose(maxima) if dot else maxima
+    """`[rows, layout.entries]`: each block's best score, one tile of the chunk at a time."""
+    dim, tile = int(chunk.shape[1]), layout.tile
 
+    def one(index: Tensor) -> Tensor:
+        start = layout.start(index)
+        rows = ops.slice(chunk, (start, 0), (tile, dim))
+        kept = None if columns_kept is None else ops.slice(columns_kept, (start,), (tile,))
+        maxima = _tile_maxima(queries, similarity_fn, dot, rows, kept)
+        repeated = layout.repeated(index)
+        return ops.where(ops.expand_dims(repeated, 1 if dot else 0), float("-inf"), maxima)
 
-def _part(columns_kept: Tensor | None, whole: int) -> Tensor | None:
-    return None if columns_kept is None else columns_kept[whole:]
-
-
-def _tile_maxima_of(queries: Tensor, similarity_fn: SimilarityFn, dot: bool, xs: Any) -> Tensor:
-    tile, kept = xs if isinstance(xs, tuple) else (xs, None)
-    maxima = _tile_maxima(queries, similarity_fn, dot, tile, kept)
-    assert maxima is not None
-    return maxima
+    stacked = backend_module().map_slices(one, ops.arange(layout.count, dtype="int32"))
+    if dot:  # [tiles, tile / BLOCK, rows]
+        return ops.transpose(ops.reshape(stacked, (layout.entries, -1)))
+    # [tiles, rows, tile / BLOCK]
+    return ops.reshape(ops.transpose(stacked, (1, 0, 2)), (-1, layout.entries))
 
 
 def _tile_maxima(
@@ -220,11 +248,9 @@ def _tile_maxima(
     dot: bool,
     tile: Tensor,
     kept: Tensor | None,
-) -> Tensor | None:
+) -> Tensor:
     """Block maxima of one tile: `[tile / BLOCK, rows]` if `dot`, else `[rows, tile / BLOCK]`."""
     size = int(tile.shape[0])
-    if size == 0:
-        return None
     if dot:
         scores = ops.matmul(tile, ops.transpose(queries))  # [tile, rows]
         if kept is not None:
@@ -241,8 +267,9 @@ def _scored_again(
 ) -> Tensor:
     """`[n, m × BLOCK]` scores of row i's query against the rows of its blocks `blocks[i]`.
 
-    `n` must be a multiple of `GROUP`. `GROUP` queries at a time, so that their gathered rows stay in cache (all of
-    them at once took 3× longer, measured on JAX). A general `similarity_fn`
+    `n` must be a multiple of `GROUP`. `GROUP` queries at a time, so that their
+    gathered rows stay in cache (all of them at once took 3× longer, measured on
+    JAX). A general `similarity_fn`
     scores the group's queries against all of the group's rows and keeps each
     query's own: `GROUP` times the arithmetic, which is small here.
     """
@@ -272,7 +299,7 @@ def _kept(
     columns_kept: Tensor | None,
     num_blocks: int,
 ) -> Tensor | None:
-    """`[n, m × BLOCK]` bools: which positions of the blocks `blocks[i]` row `rows[i]` may return."""
+    """`[n, m × BLOCK]` bools: the positions of blocks `blocks[i]` that row `rows[i]` may return."""
     m = int(blocks.shape[1])
     offsets = ops.reshape(ops.arange(BLOCK, dtype="int32"), (1, 1, BLOCK))
     kept = None
@@ -295,8 +322,10 @@ def _kept(
         excluded_bits, allowed_bits = bits_of("excluded_bits"), bits_of("allowed_bits")
     if excluded_bits is not None:
         excluded = _set(excluded_bits, offsets, m)
-        kept = ops.logical_not(excluded) if kept is None else ops.logical_and(
-            kept, ops.logical_not(excluded)
+        kept = (
+            ops.logical_not(excluded)
+            if kept is None
+            else ops.logical_and(kept, ops.logical_not(excluded))
         )
     if "restricted" in inputs:
         restricted = ops.reshape(ops.take(inputs["restricted"], rows, axis=0), (-1, 1))

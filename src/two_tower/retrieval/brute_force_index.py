@@ -25,8 +25,8 @@ from two_tower.retrieval import (
 )
 from two_tower.retrieval._catalogue_lock import ReadWriteLock
 from two_tower.retrieval._indexed_catalogue import IndexedCatalogue
-from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.retrieval._top_k_step import TopKStep
+from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.retrieval.top_k import BLOCK, dot_similarities, next_power_of_two
 from two_tower.types import SimilarityFn, Tensor
 
@@ -50,7 +50,12 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
     It scores `query_batch_size` queries against `chunk_size` candidates at a
     time and merges each chunk's top k into a running top k, so memory grows
     with `query_batch_size × chunk_size`, not with the catalogue or the number
-    of queries.
+    of queries. A chunk is scored a tile of a few thousand candidates at a
+    time, and each tile's scores are reduced to block maxima while they are
+    still in the CPU's cache; only the blocks that can hold the top k are
+    scored again (see `two_tower.retrieval._tiled_top_k`). With dim 64 a
+    search then runs at about half the rate of a compute-bound matrix product
+    (`docs/benchmarks.md`, "Exact search against the machine's limit").
 
     Results equal the full computation, ties included: equal scores come back
     lower candidate position first, on JAX, TensorFlow and torch alike, although
@@ -92,14 +97,16 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
     a catalogue of a different size.
 
     Args:
-        chunk_size: candidates scored at once, at most 2**24. The default,
-            2**18, searched as fast as 2**20 (16.4 s against 16.6 s for 1,024
-            queries over 3M candidates on JAX) with a quarter of the scores.
+        chunk_size: candidates per step, at most 2**24; the catalogue is
+            stored in chunks of this many rows. Each step also scores again
+            `k × 32` candidates per query, so larger chunks do that less often.
         query_batch_size: queries scored at once against a full chunk; against
             a smaller catalogue, proportionally more. Memory for scores is
-            about `query_batch_size × chunk_size × 4` bytes (128 MiB by
-            default, whatever the catalogue size; XLA's CPU GEMM holds it
-            twice, so 256 MiB measured).
+            about `query_batch_size × chunk_size / 8` bytes (the block maxima,
+            held twice: 32 MiB by default). When a
+            step cannot tile (k above `chunk_size / 128`, or a catalogue
+            sharded over devices) it scores its chunk whole, with 32 times
+            fewer queries for the same memory.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -127,16 +134,16 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         [[10, 30]]
     """
 
-    def __init__(
-        self, chunk_size: int = 2**20, query_batch_size: int | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, chunk_size: int = 2**20, query_batch_size: int = 256, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # Python ints (a NumPy integer would not serialise in `get_config`).
         self.chunk_size = _arguments.integer(
             "chunk_size", chunk_size, maximum=_MAX_CHUNK, owner="BruteForceIndex"
         )
-        self.query_batch_size = None if query_batch_size is None else _arguments.integer(
-            "query_batch_size", query_batch_size, owner="BruteForceIndex"
+        self.query_batch_size = (
+            None
+            if query_batch_size is None
+            else _arguments.integer("query_batch_size", query_batch_size, owner="BruteForceIndex")
         )
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
@@ -582,9 +589,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         a chunk scored whole keeps every score, so it takes `BLOCK` times fewer
         rows for the same memory.
         """
-        per_batch = self.query_batch_size or backend_module().search_query_batch_size
         shards, width = catalogue.layout()
-        rows = max(per_batch, per_batch * self.chunk_size // (shards * width))
+        budget = self.query_batch_size * self.chunk_size
+        rows = max(self.query_batch_size, budget // (shards * width))
         rows = 1 << (rows.bit_length() - 1)
         return rows if self._tile(catalogue, k, rows) else max(1, rows // BLOCK)
 
@@ -873,7 +880,9 @@ class _Filters:
             restricted = np.zeros(rows, dtype=bool)  # padded query rows: unrestricted
             restricted[: len(self.restricted)] = self.restricted
             inputs["restricted"] = restricted
-            pairs = None if tiled else _candidate_ids.excluded_indices(self.allowed, start, num_valid)
+            pairs = (
+                None if tiled else _candidate_ids.excluded_indices(self.allowed, start, num_valid)
+            )
             if pairs is not None:
                 inputs["allowed_pairs"] = pairs
         return inputs

@@ -8,14 +8,13 @@ difference. `BruteForceIndex`'s compiled step is `_top_k_step.TopKStep`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import keras
 from keras import ops
 
 from two_tower.backends import backend_module
-from two_tower.types import SimilarityFn, Tensor
+from two_tower.types import Tensor
 
 BLOCK = 32  # block width of `_blocked_top_k`
 
