@@ -255,7 +255,7 @@ def test_block_bits_against_a_python_set():
     assert keys.tolist() == sorted(expected)
     assert bits.view("uint32").tolist() == [expected[key] for key in sorted(expected)]
     merged = _tiled_top_k.merged_bits((keys, bits), (keys[:3] + 1, bits[:3]))
-    assert len(merged["block_keys"]) >= _tiled_top_k.GROUP
+    assert len(merged["block_keys"]) >= _tiled_top_k.KEY_GROUP
     assert np.all(np.diff(merged["block_keys"]) >= 0)
 
 

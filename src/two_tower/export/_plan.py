@@ -87,8 +87,13 @@ class ExportPlan:
 
     @property
     def chunk_rows(self) -> int:
-        """Candidate rows scored at once: the index's own `chunk_size`."""
-        return self.index.chunk_size
+        """Candidate rows scored at once: the index's own `chunk_size`, at most 2^18.
+
+        An exported search scores each block whole (`[queries, block]` scores,
+        no tiles), so its blocks stay as large as the index's were before it
+        tiled its chunks (`BruteForceIndex`).
+        """
+        return min(self.index.chunk_size, EXPORT_BLOCK)
 
     @cached_property
     def catalogue(self) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +134,9 @@ class ExportPlan:
     def options(self) -> dict[str, Any]:
         """The export options, as JSON (for the process that writes the artefact)."""
         return {"max_k": self.max_k, "exclusion_padding": self.exclusion_padding}
+
+
+EXPORT_BLOCK = 2**18  # most candidates an exported search scores at once
 
 
 def plan(

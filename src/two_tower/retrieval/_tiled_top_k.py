@@ -37,6 +37,7 @@ from two_tower.retrieval.top_k import BLOCK, _top_k
 from two_tower.types import SimilarityFn, Tensor
 
 GROUP = 8  # queries whose chosen blocks are gathered and scored again at once
+KEY_GROUP = 64  # (query, block) keys whose block is scored again at once
 
 
 def usable(width: int, k: int, rows: int, tile: int) -> bool:
@@ -84,7 +85,7 @@ def merged_bits(
     One sorted key array for both: `excluded_bits` and `allowed_bits` are
     aligned with `block_keys`, zero where a key has none of that kind. Padded
     to a power of two by repeating the last key, so that the compiled step
-    sees a handful of shapes, and to at least `GROUP` keys.
+    sees a handful of shapes, and to at least `KEY_GROUP` keys.
     """
     if excluded is None and allowed is None:
         return {}
@@ -95,7 +96,7 @@ def merged_bits(
         if part is not None:
             bits[np.searchsorted(keys, part[0])] = part[1]
         inputs[name] = bits
-    padded = max(GROUP, 1 << max(0, len(keys) - 1).bit_length())
+    padded = max(KEY_GROUP, 1 << max(0, len(keys) - 1).bit_length())
     return {
         name: np.concatenate([v, np.repeat(v[-1:], padded - len(v))]) for name, v in inputs.items()
     }
@@ -136,7 +137,7 @@ def tiled_top_k(
         key_rows, key_blocks = keys // blocks, keys % blocks
         scores = _scored_again(
             similarity_fn, dot, ops.take(queries, key_rows, axis=0), slabs,
-            ops.expand_dims(key_blocks, 1),
+            ops.expand_dims(key_blocks, 1), KEY_GROUP,
         )  # fmt: skip
         kept = _kept(inputs, key_rows, ops.expand_dims(key_blocks, 1), columns_kept, blocks)
         assert kept is not None
@@ -147,7 +148,7 @@ def tiled_top_k(
     _, entries = _top_k(_folded(maxima), chosen)
     entries = ops.sort(entries, axis=1)  # position order: ties below go to the lower position
     best = layout.block(entries)
-    scores = _scored_again(similarity_fn, dot, queries, slabs, best)
+    scores = _scored_again(similarity_fn, dot, queries, slabs, best, GROUP)
     rows = ops.arange(ops.shape(queries)[0], dtype="int32")
     kept = _kept(inputs, rows, best, columns_kept, blocks)
     real = ops.repeat(layout.real(entries), BLOCK, axis=1)  # not a block scored twice
@@ -263,18 +264,23 @@ def _tile_maxima(
 
 
 def _scored_again(
-    similarity_fn: SimilarityFn, dot: bool, queries: Tensor, slabs: Tensor, blocks: Tensor
+    similarity_fn: SimilarityFn,
+    dot: bool,
+    queries: Tensor,
+    slabs: Tensor,
+    blocks: Tensor,
+    group: int,
 ) -> Tensor:
     """`[n, m × BLOCK]` scores of row i's query against the rows of its blocks `blocks[i]`.
 
-    `n` must be a multiple of `GROUP`. `GROUP` queries at a time, so that their
+    `n` must be a multiple of `group`. `group` queries at a time, so that their
     gathered rows stay in cache (all of them at once took 3× longer, measured on
     JAX). A general `similarity_fn`
     scores the group's queries against all of the group's rows and keeps each
-    query's own: `GROUP` times the arithmetic, which is small here.
+    query's own: `group` times the arithmetic, which is small here.
     """
     m, dim = int(blocks.shape[1]), int(slabs.shape[2])
-    group, width = GROUP, m * BLOCK
+    width = m * BLOCK
 
     def one(xs: tuple[Tensor, Tensor]) -> Tensor:
         own, chosen = xs

@@ -53,9 +53,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
     of queries. A chunk is scored a tile of a few thousand candidates at a
     time, and each tile's scores are reduced to block maxima while they are
     still in the CPU's cache; only the blocks that can hold the top k are
-    scored again (see `two_tower.retrieval._tiled_top_k`). With dim 64 a
-    search then runs at about half the rate of a compute-bound matrix product
-    (`docs/benchmarks.md`, "Exact search against the machine's limit").
+    scored again (see `two_tower.retrieval._tiled_top_k`; `docs/benchmarks.md`,
+    "Exact search against the machine's limit", compares it with a
+    compute-bound matrix product).
 
     Results equal the full computation, ties included: equal scores come back
     lower candidate position first, on JAX, TensorFlow and torch alike, although
