@@ -102,9 +102,33 @@ def _blocked(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
 
 
 def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`stable_top_k` for torch, whose `topk` leaves ties unspecified."""
-    values, _ = ops.top_k(scores, k)
+    """`stable_top_k` for torch, whose `topk` leaves ties unspecified.
+
+    When every column tied with a row's k-th score made its cut (no tie
+    straddles the cut: almost always, on real-valued scores), `topk`'s set is
+    the only right one and just needs ordering. Otherwise the leftmost tied
+    columns are chosen explicitly, which takes 5x as long (`_chosen_explicitly`).
+    Torch runs eagerly, so the check is a plain Python branch.
+    """
+    values, columns = ops.top_k(scores, k)
     threshold = values[:, k - 1 : k]
+    tied = ops.sum(ops.cast(ops.equal(scores, threshold), "int32"), axis=1)
+    taken = ops.sum(ops.cast(ops.equal(values, threshold), "int32"), axis=1)
+    if not bool(ops.convert_to_numpy(ops.all(ops.equal(tied, taken)))):
+        return _chosen_explicitly(scores, k, threshold)
+    by_column = ops.argsort(columns, axis=1)
+    columns = ops.take_along_axis(columns, by_column, axis=1)
+    values = ops.take_along_axis(values, by_column, axis=1)
+    order = ops.argsort(-values, axis=1)  # Keras' torch argsort is stable
+    return (
+        ops.take_along_axis(values, order, axis=1),
+        ops.cast(ops.take_along_axis(columns, order, axis=1), "int32"),
+    )
+
+
+def _chosen_explicitly(scores: Tensor, k: int, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """`_explicit_top_k` when ties straddle the cut: every column above the k-th
+    score, then the leftmost tied ones until there are k."""
     above = ops.greater(scores, threshold)
     tied = ops.equal(scores, threshold)
     needed = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
