@@ -54,13 +54,16 @@ of `--backends`, each path in a fresh process, all in one run:
 - gemm + max: the backend's compiled `Q @ C.T` then `max` over 2^18-candidate
   chunks (XLA on JAX), no top-k;
 - faiss flat: `faiss.IndexFlatIP`, exact;
+- tiles only: the tiled search's first pass alone (the block maxima of every
+  tile, `_tiled_top_k._block_maxima`), without its top k and second pass;
 - whole chunks: `BruteForceIndex` as before tiling (chunks of 2^18 scored
   whole, 128 queries at a time);
 - tiled: `BruteForceIndex` with its defaults (`two_tower.retrieval._tiled_top_k`),
   its ids checked against the whole-chunk path's.
 Rates count 2 × queries × candidates × dim floating-point operations; "of limit"
 is the path's rate over the machine's limit, and "× whole" the whole-chunk
-path's time over the tiled one's, on the same backend:
+path's time over the tiled one's, on the same backend. `--exclude N` leaves N
+random ids out of each query's results (`search(exclude=...)`) on both index paths:
 
     python benchmarks/retrieval.py --exact --backends jax,tensorflow,torch
 """
@@ -184,12 +187,19 @@ def run_method(
     return result
 
 
-EXACT_PATHS = ("limit", "numpy gemm", "gemm + max", "faiss flat", "whole chunks", "tiled")
+EXACT_PATHS = (
+    "limit", "numpy gemm", "gemm + max", "faiss flat", "tiles only", "whole chunks", "tiled"
+)  # fmt: skip
 OLD_CHUNK, OLD_QUERY_BATCH = 2**18, 128  # BruteForceIndex's defaults before tiling
 
 
 def run_exact(
-    path: str, catalogue_path: Path, queries_path: Path, folder: Path, repeats: int
+    path: str,
+    catalogue_path: Path,
+    queries_path: Path,
+    folder: Path,
+    repeats: int,
+    exclude_count: int = 0,
 ) -> dict:
     """Times one path of `--exact` (see the module docstring) in this process."""
     import keras
@@ -210,7 +220,7 @@ def run_exact(
         result["flops"] = result["numpy_flops"] = 2 * 4096**3
         return result
     result["flops"] = 2 * len(queries) * n * DIM
-    if path in ("numpy gemm", "gemm + max", "faiss flat"):
+    if path in ("numpy gemm", "gemm + max", "faiss flat", "tiles only"):
         catalogue = np.load(catalogue_path)
     if path == "numpy gemm":
         out = np.empty((len(queries), 2**18), "float32")
@@ -228,6 +238,31 @@ def run_exact(
         def search() -> None:
             for chunk in chunks:
                 keras.ops.convert_to_numpy(best(query_tensor, chunk))
+
+    elif path == "tiles only":
+        from two_tower.retrieval import _tiled_top_k
+        from two_tower.retrieval.top_k import dot_similarities
+
+        width = 2**20
+        layout = _tiled_top_k._Layout(width, backend_module().search_tile)
+        rows = 256  # BruteForceIndex's default query_batch_size
+        padded = np.zeros((-(-n // width) * width, DIM), "float32")
+        padded[:n] = catalogue
+        chunks = [keras.ops.convert_to_tensor(padded[i : i + width]) for i in range(0, n, width)]
+        batches = [
+            keras.ops.convert_to_tensor(queries[i : i + rows]) for i in range(0, len(queries), rows)
+        ]
+        maxima = backend_module().compile_inference(
+            lambda x: _tiled_top_k._block_maxima(
+                x["queries"], x["chunk"], dot_similarities, layout, True, None
+            ),
+            list,
+        )
+
+        def search() -> None:
+            for batch in batches:
+                for chunk in chunks:
+                    keras.ops.convert_to_numpy(maxima({"queries": batch, "chunk": chunk}))
 
     elif path == "faiss flat":
         import faiss
@@ -249,14 +284,18 @@ def run_exact(
             index = two_tower.BruteForceIndex()
         index.index(npy_blocks(catalogue_path))
         found: list[Any] = []
-        search = lambda: found.append(index.search(queries, k=K))  # noqa: E731
+        exclude = None
+        if exclude_count:  # the same random ids for both paths
+            rng = np.random.default_rng(0)
+            exclude = [rng.choice(n, exclude_count, replace=False) for _ in queries]
+        search = lambda: found.append(index.search(queries, k=K, exclude=exclude))  # noqa: E731
     baseline = _current_rss_gb()
     result["search_s"] = _best(search, repeats)
     result["peak_rss_gb"] = _common.peak_rss_kib() / 2**20
     result["baseline_gb"] = baseline
     if path in ("whole chunks", "tiled"):
         ids, scores = found[-1]
-        reference = folder / f"whole_{n}_{keras.backend.backend()}.npz"
+        reference = folder / f"whole_{n}_{keras.backend.backend()}_{exclude_count}.npz"
         if path == "whole chunks":
             np.savez(reference, ids=ids, scores=scores)
         elif reference.exists():
@@ -303,13 +342,18 @@ def exact(args: argparse.Namespace, folder: Path) -> None:
     catalogue_path, queries_path = make_data(folder, args.exact_size)
     n = args.exact_size
     print(f"Exact top {K}: {QUERIES} queries x {n:,} candidates x dim {DIM}; best of "
-          f"{args.repeats} warm calls; one run, every backend")  # fmt: skip
+          f"{args.repeats} warm calls; {args.exclude} ids excluded per query")  # fmt: skip
     results: dict[tuple[str, str], dict] = {}
+    for stale in folder.glob(f"whole_{n}_*.npz"):  # the whole-chunk ids of an earlier run
+        stale.unlink()
     for backend in args.backends.split(","):
         for path in EXACT_PATHS:
             if path == "faiss flat" and backend != args.backends.split(",")[0]:
                 continue  # no backend in it: once
+            if args.exclude and path not in ("whole chunks", "tiled"):
+                continue  # only the index paths take exclusions
             arguments = ["--data-dir", str(folder), "--repeats", str(args.repeats)]
+            arguments += ["--exclude", str(args.exclude)]
             arguments += ["--exact-worker", path, str(catalogue_path), str(queries_path)]
             done, result = _common.run_worker(__file__, arguments, env={"KERAS_BACKEND": backend})
             if result is None:
@@ -321,7 +365,7 @@ def exact(args: argparse.Namespace, folder: Path) -> None:
     limits += [
         r["numpy_flops"] / r["numpy_s"] / 1e9 for (_, p), r in results.items() if p == "limit"
     ]
-    limit = max(limits)
+    limit = max(limits) if limits else float("nan")
     print(f"machine limit: {limit:.0f} GFLOP/s (the fastest 4096^3 GEMM below)")
     print(
         "| backend | path | time (s) | GFLOP/s | of limit | peak RSS (GB) | x whole | ids equal "
@@ -378,13 +422,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=800, help="calls per concurrency trial")
     parser.add_argument("--exact", action="store_true", help="exact search against the limit")
     parser.add_argument("--exact-size", type=int, default=1_000_000)
+    parser.add_argument("--exclude", type=int, default=0, help="ids excluded per query")
     _common.add_backends_argument(parser)
     parser.add_argument("--exact-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     folder = Path(args.data_dir)
     if args.exact_worker:
         path, catalogue, queries = args.exact_worker
-        _common.report(run_exact(path, Path(catalogue), Path(queries), folder, args.repeats))
+        _common.report(
+            run_exact(path, Path(catalogue), Path(queries), folder, args.repeats, args.exclude)
+        )
         return
     if args.exact:
         folder.mkdir(parents=True, exist_ok=True)

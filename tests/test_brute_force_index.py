@@ -244,3 +244,16 @@ def test_index_keeps_its_own_copy_of_the_catalogue():
     ids[:] = 0
     found, _ = index.search(np.eye(3, dtype="float32"), k=1)
     assert found[:, 0].tolist() == [7, 8, 9]
+
+
+def test_calling_the_layer_with_more_queries_than_a_step_holds():
+    # A chunk scored whole takes query_batch_size / 32 queries a step: 300 need several.
+    rng = np.random.default_rng(11)
+    candidates = rng.integers(-2, 3, (100, 4)).astype("float32")
+    queries = rng.integers(-2, 3, (300, 4)).astype("float32")
+    index = two_tower.BruteForceIndex(chunk_size=64, query_batch_size=256)
+    index.index(candidates)
+    scores, positions = index(queries, k=3)
+    expected_scores, expected_positions = numpy_exact(queries, candidates, 3)
+    np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+    np.testing.assert_array_equal(np.asarray(scores), expected_scores)

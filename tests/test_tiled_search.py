@@ -1,8 +1,10 @@
 """The tiled exact search (`_tiled_top_k`) against NumPy and against scoring chunks whole.
 
 The backends tile thousands of candidates at a time; here tiles of 64 put
-catalogues of a few thousand rows on the tiled path, with many tiles, a
-shorter last tile, several chunks and a padded last chunk. Expected values
+catalogues of a few thousand rows on the tiled path, with many tiles, a last
+tile that overlaps its predecessor (widths that 64 does not divide), several
+chunks and a padded last chunk. Real-valued data runs on the backend's own
+tiles (the last tests). Expected values
 come from NumPy: scores in float64, ranked by (score desc, position asc).
 Grid-valued embeddings give exact float32 scores, many ties, and zeros of both
 signs, so those cases compare scores exactly.
@@ -287,7 +289,9 @@ def test_property_tiled_search_matches_numpy(case):
     backend = backend_module()
     tile, backend.search_tile = backend.search_tile, TILE
     try:
-        index = _indexes.setdefault(chunk_size, two_tower.BruteForceIndex(chunk_size=chunk_size))
+        if chunk_size not in _indexes:
+            _indexes[chunk_size] = two_tower.BruteForceIndex(chunk_size=chunk_size)
+        index = _indexes[chunk_size]
         index.index(candidates)
         found, scores = index.search(queries, k=k, exclude=[list(e) for e in excluded])
     finally:
@@ -298,3 +302,45 @@ def test_property_tiled_search_matches_numpy(case):
     positions, expected = reference(queries, candidates, k, kept)
     np.testing.assert_array_equal(found, positions)
     np.testing.assert_array_equal(scores, expected)
+
+
+@pytest.fixture(scope="module")
+def float_catalogue():
+    """Real-valued embeddings, whose scores depend on the order a product sums in,
+    over 5 tiles of the backend's own size."""
+    rng = np.random.default_rng(8)
+    n = 5 * backend_module().search_tile + 100
+    candidates = rng.normal(size=(n, 64)).astype("float32")
+    queries = rng.normal(size=(256, 64)).astype("float32")
+    return candidates, queries
+
+
+def test_real_valued_scores_rank_the_same_on_both_paths(float_catalogue, monkeypatch):
+    # Both passes must compute the same float32 scores (see `_tiled_top_k`): then the
+    # tiled search equals scoring whole chunks, bit for bit, on real-valued data too.
+    candidates, queries = float_catalogue
+    index = two_tower.BruteForceIndex(query_batch_size=2**14)  # 256 rows a step either way
+    index.index(candidates)
+    found, scores = index.search(queries, k=20)
+    whole(monkeypatch)
+    whole_found, whole_scores = index.search(queries, k=20)
+    np.testing.assert_array_equal(found, whole_found)
+    np.testing.assert_array_equal(scores, whole_scores)
+
+
+def test_excluding_other_candidates_leaves_a_ranking_unchanged(float_catalogue):
+    # An exclusion scores its block again; with scores that differed from the first
+    # pass by rounding, an unrelated exclusion could reorder the top k.
+    candidates, queries = float_catalogue
+    index = two_tower.BruteForceIndex()
+    index.index(candidates)
+    top, scores = index.search(queries, k=40)
+    rng = np.random.default_rng(9)
+    others = [rng.choice(len(candidates), 200, replace=False) for _ in top]
+    exclude = [
+        np.setdiff1d(np.concatenate([row[10:], more]), row[:10])
+        for row, more in zip(top, others, strict=True)
+    ]
+    kept, kept_scores = index.search(queries, k=10, exclude=exclude)
+    np.testing.assert_array_equal(kept, top[:, :10])
+    np.testing.assert_array_equal(kept_scores, scores[:, :10])

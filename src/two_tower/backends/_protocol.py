@@ -40,6 +40,13 @@ class BackendModule(Protocol):
     """Candidates `BruteForceIndex` scores at once in a tiled search (`_tiled_top_k`),
     the fastest measured on this backend (`benchmarks/retrieval.py --exact`)."""
 
+    search_by_candidates: bool
+    """Whether a tiled search scores the dot product candidates-major (`tile @
+    queries.T`) and scores chosen blocks again with `einsum` (TensorFlow), rather
+    than with the similarity function, queries-major (JAX, torch). Each is the pair
+    whose scores agree bit for bit on that backend (`tests/test_tiled_search.py`), so
+    the blocks are chosen and ranked on the same scores."""
+
     def export_artefact(self, model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
         """Writes `TwoTowerRetrieval.export`'s checked `plan` at `path`, tracing the query tower
         with TensorFlow: in this process on TensorFlow, in a TensorFlow child

@@ -668,7 +668,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         """What serving hands the index: None (the index's own dot product, which
         `BruteForceIndex` scores its fastest way) unless a subclass overrides
         `compute_similarities`."""
-        if type(self).compute_similarities is TwoTowerRetrieval.compute_similarities:
+        own = type(self).compute_similarities is TwoTowerRetrieval.compute_similarities
+        if own and "compute_similarities" not in vars(self):  # nor set on the instance
             return None
         return self.compute_similarities
 

@@ -23,6 +23,15 @@ one of their positions: those `(query, block)` pairs come as sorted keys with
 a bit per position (`block_bits`), their maxima are computed again with the
 bits applied, and every query that has an allow-list starts with no block at
 all. The same bits mask the final scores.
+
+Exact means exact on the scores the search computes: the blocks are chosen on
+the first pass's scores and ranked on the second's, so both must be the same
+numbers, bit for bit. A matrix product may sum in another order for another
+shape (an `einsum` over gathered rows does, on JAX and torch), and then
+candidates within float32 rounding of each other could swap, or excluding an
+unrelated candidate could change a ranking. Each backend therefore scores both
+passes with the pair of operations that agree there (`search_by_candidates` in
+`two_tower.backends`; checked on random data by `tests/test_tiled_search.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from two_tower.retrieval.top_k import BLOCK, _top_k
 from two_tower.types import SimilarityFn, Tensor
 
 GROUP = 8  # queries whose chosen blocks are gathered and scored again at once
-KEY_GROUP = 64  # (query, block) keys whose block is scored again at once
+# (query, block) keys whose block is scored again at once by `einsum`; a general
+# similarity scores every key's rows of a group, so it takes `GROUP` keys at a time.
+KEY_GROUP = 64
 
 
 def usable(width: int, k: int, rows: int, tile: int) -> bool:
@@ -119,7 +130,9 @@ def tiled_top_k(
         k: results per query, at most the chunk's width / `BLOCK`.
         tile: candidates scored at once.
         dot: `similarity_fn` is the plain dot product, scored candidates-major
-            (faster on torch, as fast elsewhere).
+            and again with `einsum` (`search_by_candidates` in
+            `two_tower.backends`); otherwise both passes call `similarity_fn`
+            with queries as rows.
     """
     queries, chunk = inputs["queries"], inputs["chunk"]
     # Static chunk shapes (a step serves one chunk width); the number of queries
@@ -137,7 +150,7 @@ def tiled_top_k(
         key_rows, key_blocks = keys // blocks, keys % blocks
         scores = _scored_again(
             similarity_fn, dot, ops.take(queries, key_rows, axis=0), slabs,
-            ops.expand_dims(key_blocks, 1), KEY_GROUP,
+            ops.expand_dims(key_blocks, 1), KEY_GROUP if dot else GROUP,
         )  # fmt: skip
         kept = _kept(inputs, key_rows, ops.expand_dims(key_blocks, 1), columns_kept, blocks)
         assert kept is not None

@@ -45,7 +45,8 @@ class TopKStep:
         self.shards = 1 if mesh is None else math.prod(mesh.shape)
         self.similarity_fn = similarity_fn
         self.tile = tile  # 0: the chunk is scored whole
-        self.dot = similarity_fn is dot_similarities
+        # The dot product candidates-major where that scores as the second pass does.
+        self.dot = similarity_fn is dot_similarities and backend_module().search_by_candidates
         if isinstance(owner, keras.layers.Layer):
             variables: Callable[[], Sequence[keras.Variable]] = lambda: owner.variables  # noqa: E731
         else:

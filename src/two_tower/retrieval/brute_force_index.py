@@ -41,6 +41,9 @@ _MAX_CHUNK = 2**24  # positions inside a chunk are exact in float32 keys
 # for the call); a broader one masks the scores, which costs 1.1 to 2 times an
 # unfiltered search (benchmarks/live_catalogue.py).
 _COMPACT_FRACTION = 8
+# The most bytes of scores a tile may hold (several calls of a small catalogue
+# would otherwise spend the chunk's budget on rows, and its tiles leave the cache).
+_TILE_BYTES = 2**23
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
@@ -101,12 +104,17 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             stored in chunks of this many rows. Each step also scores again
             `k × 32` candidates per query, so larger chunks do that less often.
         query_batch_size: queries scored at once against a full chunk; against
-            a smaller catalogue, proportionally more. Memory for scores is
-            about `query_batch_size × chunk_size / 8` bytes (the block maxima,
-            held twice: 32 MiB by default). When a
-            step cannot tile (k above `chunk_size / 128`, or a catalogue
-            sharded over devices) it scores its chunk whole, with 32 times
-            fewer queries for the same memory.
+            a smaller catalogue, proportionally more (at most 8 MiB of scores
+            per tile). Memory for scores is about `query_batch_size ×
+            chunk_size / 4` bytes (the block maxima, held twice: 64 MiB by
+            default), plus `k × 128` bytes per query for the candidates scored
+            again. A step cannot tile when k exceeds 1/128 of its chunk's width
+            (the catalogue's size, for a catalogue smaller than a chunk), when
+            the chunk holds fewer than 4 tiles (`search_tile` in
+            `two_tower.backends`: 2,048 candidates on JAX, 1,024 on torch,
+            8,192 on TensorFlow), or when the catalogue is sharded over
+            devices: it then scores its chunk whole, with 32 times fewer
+            queries for the same memory.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Raises:
@@ -140,10 +148,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         self.chunk_size = _arguments.integer(
             "chunk_size", chunk_size, maximum=_MAX_CHUNK, owner="BruteForceIndex"
         )
-        self.query_batch_size = (
-            None
-            if query_batch_size is None
-            else _arguments.integer("query_batch_size", query_batch_size, owner="BruteForceIndex")
+        self.query_batch_size = _arguments.integer(
+            "query_batch_size", query_batch_size, owner="BruteForceIndex"
         )
         # Not tracked by Keras: the catalogue is saved as assets, and compiled
         # steps (keyed by scoring function and k) read their owner's variables.
@@ -510,13 +516,18 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             catalogue = self._snapshot()
             query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
             self._check_ready(catalogue, query_embeddings, k)
-            scores, positions = self._top_k(
-                catalogue, query_embeddings, k, similarity_fn or dot_similarities, None
-            )
+            batch_rows = self._batch_rows(catalogue, k)
+            parts = [
+                self._top_k(
+                    catalogue, query_embeddings[start : start + batch_rows], k,
+                    similarity_fn or dot_similarities, None,
+                )
+                for start in range(0, int(query_embeddings.shape[0]), batch_rows)
+            ]  # fmt: skip
             # Read now: a later change moves rows, so positions are this version's.
-            return ops.convert_to_tensor(ops.convert_to_numpy(scores)), ops.convert_to_tensor(
-                ops.convert_to_numpy(positions)
-            )
+            scores = np.concatenate([ops.convert_to_numpy(part[0]) for part in parts])
+            positions = np.concatenate([ops.convert_to_numpy(part[1]) for part in parts])
+            return ops.convert_to_tensor(scores), ops.convert_to_tensor(positions)
 
     def _top_k(
         self,
@@ -589,11 +600,13 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         a chunk scored whole keeps every score, so it takes `BLOCK` times fewer
         rows for the same memory.
         """
-        shards, width = catalogue.layout()
         budget = self.query_batch_size * self.chunk_size
-        rows = max(self.query_batch_size, budget // (shards * width))
+        rows = max(self.query_batch_size, budget // catalogue.layout()[1])
         rows = 1 << (rows.bit_length() - 1)
-        return rows if self._tile(catalogue, k, rows) else max(1, rows // BLOCK)
+        tile = self._tile(catalogue, k, rows)
+        if tile:  # a tile's [rows, tile] scores stay within a cache-sized budget
+            return max(_tiled_top_k.GROUP, min(rows, _TILE_BYTES // (4 * tile)))
+        return max(1, rows // BLOCK)
 
     def _tile(self, catalogue: IndexedCatalogue, k: int, rows: int) -> int:
         """Candidates per tile where steps of `rows` queries score tile by tile, else 0."""
