@@ -40,12 +40,17 @@ class BackendModule(Protocol):
     """Candidates `BruteForceIndex` scores at once in a tiled search (`_tiled_top_k`),
     the fastest measured on this backend (`benchmarks/retrieval.py --exact`)."""
 
-    search_by_candidates: bool
-    """Whether a tiled search scores the dot product candidates-major (`tile @
-    queries.T`) and scores chosen blocks again with `einsum` (TensorFlow), rather
-    than with the similarity function, queries-major (JAX, torch). Each is the pair
-    whose scores agree bit for bit on that backend (`tests/test_tiled_search.py`), so
-    the blocks are chosen and ranked on the same scores."""
+    search_candidates_major_rows: int | None
+    """From how many query rows a tiled search scores the dot product as `tile @
+    queries.T` (TensorFlow: 0, always; torch: 256, where it is faster and its
+    scores equal `queries @ tile.T` bit for bit), or None (JAX: never)."""
+
+    search_rescore_einsum: bool
+    """Whether a tiled search scores the chosen blocks of the dot product again
+    with `einsum` (TensorFlow, where that equals `tile @ queries.T` bit for bit)
+    rather than with the similarity function (JAX, torch, where `einsum` does not).
+    The blocks must be chosen and ranked on the same scores
+    (`tests/test_tiled_search.py` checks it on real-valued data)."""
 
     def export_artefact(self, model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:
         """Writes `TwoTowerRetrieval.export`'s checked `plan` at `path`, tracing the query tower

@@ -40,7 +40,8 @@ max_steps_per_execution: int | None = None
 top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 search_tile = 2048
-search_by_candidates = False
+search_candidates_major_rows: int | None = None
+search_rescore_einsum = False
 
 
 def compile_inference(

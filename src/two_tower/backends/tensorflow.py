@@ -33,7 +33,8 @@ max_steps_per_execution: int | None = None
 top_k_ties_to_lower_column = True
 top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 search_tile = 8192
-search_by_candidates = True
+search_candidates_major_rows: int | None = 0
+search_rescore_einsum = True
 
 
 def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:

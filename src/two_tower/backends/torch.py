@@ -71,8 +71,9 @@ array_training = True
 max_steps_per_execution: int | None = 1  # Keras on torch rejects more
 top_k_ties_to_lower_column = False  # torch.topk's tie order is unspecified
 top_k_orders_signed_zeros = False  # torch compares -0.0 and 0.0 as equal
-search_tile = 1024
-search_by_candidates = False
+search_tile = 2048
+search_candidates_major_rows: int | None = 256
+search_rescore_einsum = False
 
 
 def map_slices(function: Callable[[Any], Any], xs: Any) -> Any:

@@ -30,8 +30,9 @@ numbers, bit for bit. A matrix product may sum in another order for another
 shape (an `einsum` over gathered rows does, on JAX and torch), and then
 candidates within float32 rounding of each other could swap, or excluding an
 unrelated candidate could change a ranking. Each backend therefore scores both
-passes with the pair of operations that agree there (`search_by_candidates` in
-`two_tower.backends`; checked on random data by `tests/test_tiled_search.py`).
+passes with a pair of operations that agree there (`search_candidates_major_rows`
+and `search_rescore_einsum` in `two_tower.backends`; checked on real-valued data
+by `tests/test_tiled_search.py`).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def tiled_top_k(
     similarity_fn: SimilarityFn,
     k: int,
     tile: int,
-    dot: bool,
+    by_candidates: bool,
+    by_einsum: bool,
 ) -> tuple[Tensor, Tensor]:
     """Top k of one chunk: `(scores, columns)`, `[rows, k]`, ties to the lower column.
 
@@ -129,10 +131,11 @@ def tiled_top_k(
         similarity_fn: `[queries, dim] × [candidates, dim] -> [queries, candidates]`.
         k: results per query, at most the chunk's width / `BLOCK`.
         tile: candidates scored at once.
-        dot: `similarity_fn` is the plain dot product, scored candidates-major
-            and again with `einsum` (`search_by_candidates` in
-            `two_tower.backends`); otherwise both passes call `similarity_fn`
-            with queries as rows.
+        by_candidates: score the tiles as `tile @ queries.T` (`similarity_fn`
+            is the plain dot product), not with `similarity_fn`.
+        by_einsum: score the chosen blocks again with `einsum` (the dot
+            product), not with `similarity_fn`. The two flags come from
+            `TopKStep.tiled_passes`.
     """
     queries, chunk = inputs["queries"], inputs["chunk"]
     # Static chunk shapes (a step serves one chunk width); the number of queries
@@ -141,7 +144,7 @@ def tiled_top_k(
     blocks = width // BLOCK
     columns_kept = _column_mask(inputs, width)
     layout = _Layout(width, tile)
-    maxima = _block_maxima(queries, chunk, similarity_fn, layout, dot, columns_kept)
+    maxima = _block_maxima(queries, chunk, similarity_fn, layout, by_candidates, columns_kept)
     if "restricted" in inputs:  # rows with an allow-list have only the blocks it names
         maxima = ops.where(ops.expand_dims(inputs["restricted"], 1), float("-inf"), maxima)
     slabs = ops.reshape(chunk, (blocks, BLOCK, dim))
@@ -149,8 +152,8 @@ def tiled_top_k(
         keys = inputs["block_keys"]
         key_rows, key_blocks = keys // blocks, keys % blocks
         scores = _scored_again(
-            similarity_fn, dot, ops.take(queries, key_rows, axis=0), slabs,
-            ops.expand_dims(key_blocks, 1), KEY_GROUP if dot else GROUP,
+            similarity_fn, by_einsum, ops.take(queries, key_rows, axis=0), slabs,
+            ops.expand_dims(key_blocks, 1), KEY_GROUP if by_einsum else GROUP,
         )  # fmt: skip
         kept = _kept(inputs, key_rows, ops.expand_dims(key_blocks, 1), columns_kept, blocks)
         assert kept is not None
@@ -161,7 +164,7 @@ def tiled_top_k(
     _, entries = _top_k(_folded(maxima), chosen)
     entries = ops.sort(entries, axis=1)  # position order: ties below go to the lower position
     best = layout.block(entries)
-    scores = _scored_again(similarity_fn, dot, queries, slabs, best, GROUP)
+    scores = _scored_again(similarity_fn, by_einsum, queries, slabs, best, GROUP)
     rows = ops.arange(ops.shape(queries)[0], dtype="int32")
     kept = _kept(inputs, rows, best, columns_kept, blocks)
     real = ops.repeat(layout.real(entries), BLOCK, axis=1)  # not a block scored twice

@@ -45,8 +45,7 @@ class TopKStep:
         self.shards = 1 if mesh is None else math.prod(mesh.shape)
         self.similarity_fn = similarity_fn
         self.tile = tile  # 0: the chunk is scored whole
-        # The dot product candidates-major where that scores as the second pass does.
-        self.dot = similarity_fn is dot_similarities and backend_module().search_by_candidates
+        self.dot = similarity_fn is dot_similarities
         if isinstance(owner, keras.layers.Layer):
             variables: Callable[[], Sequence[keras.Variable]] = lambda: owner.variables  # noqa: E731
         else:
@@ -57,11 +56,28 @@ class TopKStep:
         outputs: dict[str, Tensor] = self._compiled(inputs)
         return outputs
 
+    def tiled_passes(self, rows: int | None) -> tuple[bool, bool]:
+        """`(by_candidates, by_einsum)` of `_tiled_top_k.tiled_top_k` for `rows` queries.
+
+        The dot product takes the fastest pair of operations whose scores agree
+        bit for bit on this backend (see `two_tower.backends`); any other
+        similarity is called as it is in both passes.
+        """
+        module = backend_module()
+        threshold = module.search_candidates_major_rows
+        by_candidates = (
+            self.dot
+            and threshold is not None
+            and (threshold == 0 or (rows is not None and rows >= threshold))
+        )
+        return by_candidates, self.dot and module.search_rescore_einsum
+
     def call(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.tile:
             scores, columns = _tiled_top_k.tiled_top_k(
-                inputs, self.similarity_fn, self.k, self.tile, self.dot
-            )
+                inputs, self.similarity_fn, self.k, self.tile,
+                *self.tiled_passes(inputs["queries"].shape[0]),
+            )  # fmt: skip
             return self._merged(inputs, scores, columns)
         chunk = inputs["chunk"]  # [chunk_size, dim], or [*mesh shape, width, dim]
         if len(chunk.shape) > 2:  # sharded (JAX): static shapes
