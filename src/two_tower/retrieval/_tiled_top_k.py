@@ -240,7 +240,7 @@ def _block_maxima(
     chunk: Tensor,
     similarity_fn: SimilarityFn,
     layout: _Layout,
-    dot: bool,
+    by_candidates: bool,
     columns_kept: Tensor | None,
 ) -> Tensor:
     """`[rows, layout.entries]`: each block's best score, one tile of the chunk at a time."""
@@ -250,12 +250,12 @@ def _block_maxima(
         start = layout.start(index)
         rows = ops.slice(chunk, (start, 0), (tile, dim))
         kept = None if columns_kept is None else ops.slice(columns_kept, (start,), (tile,))
-        maxima = _tile_maxima(queries, similarity_fn, dot, rows, kept)
+        maxima = _tile_maxima(queries, similarity_fn, by_candidates, rows, kept)
         repeated = layout.repeated(index)
-        return ops.where(ops.expand_dims(repeated, 1 if dot else 0), float("-inf"), maxima)
+        return ops.where(ops.expand_dims(repeated, int(by_candidates)), float("-inf"), maxima)
 
     stacked = backend_module().map_slices(one, ops.arange(layout.count, dtype="int32"))
-    if dot:  # [tiles, tile / BLOCK, rows]
+    if by_candidates:  # [tiles, tile / BLOCK, rows]
         return ops.transpose(ops.reshape(stacked, (layout.entries, -1)))
     # [tiles, rows, tile / BLOCK]
     return ops.reshape(ops.transpose(stacked, (1, 0, 2)), (-1, layout.entries))
@@ -264,13 +264,13 @@ def _block_maxima(
 def _tile_maxima(
     queries: Tensor,
     similarity_fn: SimilarityFn,
-    dot: bool,
+    by_candidates: bool,
     tile: Tensor,
     kept: Tensor | None,
 ) -> Tensor:
-    """Block maxima of one tile: `[tile / BLOCK, rows]` if `dot`, else `[rows, tile / BLOCK]`."""
+    """Block maxima of a tile: `[tile / BLOCK, rows]` by candidates, else `[rows, tile / BLOCK]`."""
     size = int(tile.shape[0])
-    if dot:
+    if by_candidates:
         scores = ops.matmul(tile, ops.transpose(queries))  # [tile, rows]
         if kept is not None:
             scores = ops.where(ops.expand_dims(kept, 1), scores, float("-inf"))
@@ -283,7 +283,7 @@ def _tile_maxima(
 
 def _scored_again(
     similarity_fn: SimilarityFn,
-    dot: bool,
+    by_einsum: bool,
     queries: Tensor,
     slabs: Tensor,
     blocks: Tensor,
@@ -303,7 +303,7 @@ def _scored_again(
     def one(xs: tuple[Tensor, Tensor]) -> Tensor:
         own, chosen = xs
         rows = ops.reshape(ops.take(slabs, ops.reshape(chosen, (-1,)), axis=0), (group, width, dim))
-        if dot:
+        if by_einsum:
             return ops.einsum("gd,gcd->gc", own, rows)
         every = ops.reshape(similarity_fn(own, ops.reshape(rows, (group * width, dim))),
                             (group, group, width))  # fmt: skip

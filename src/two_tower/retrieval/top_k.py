@@ -118,12 +118,7 @@ def _explicit_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return _chosen_explicitly(scores, k, threshold)
     by_column = ops.argsort(columns, axis=1)
     columns = ops.take_along_axis(columns, by_column, axis=1)
-    values = ops.take_along_axis(values, by_column, axis=1)
-    order = ops.argsort(-values, axis=1)  # Keras' torch argsort is stable
-    return (
-        ops.take_along_axis(values, order, axis=1),
-        ops.cast(ops.take_along_axis(columns, order, axis=1), "int32"),
-    )
+    return _by_score(ops.take_along_axis(values, by_column, axis=1), columns)
 
 
 def _chosen_explicitly(scores: Tensor, k: int, threshold: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,12 +131,16 @@ def _chosen_explicitly(scores: Tensor, k: int, threshold: Tensor) -> tuple[Tenso
     chosen = ops.logical_or(above, ops.logical_and(tied, ops.less_equal(tie_rank, needed)))
     # Exactly k columns are chosen; distinct keys make this top_k tie-free.
     keys = -ops.arange(ops.shape(scores)[1], dtype="float32")
-    _, picked = ops.top_k(ops.where(chosen, keys, float("-inf")), k)
-    picked_scores = ops.take_along_axis(scores, picked, axis=1)
-    order = ops.argsort(-picked_scores, axis=1)  # Keras' torch argsort is stable
+    _, picked = ops.top_k(ops.where(chosen, keys, float("-inf")), k)  # in column order
+    return _by_score(ops.take_along_axis(scores, picked, axis=1), picked)
+
+
+def _by_score(values: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of `(values, columns)` in column order, sorted by value, ties kept in order."""
+    order = ops.argsort(-values, axis=1)  # Keras' torch argsort is stable
     return (
-        ops.take_along_axis(picked_scores, order, axis=1),
-        ops.cast(ops.take_along_axis(picked, order, axis=1), "int32"),
+        ops.take_along_axis(values, order, axis=1),
+        ops.cast(ops.take_along_axis(columns, order, axis=1), "int32"),
     )
 
 
