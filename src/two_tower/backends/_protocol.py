@@ -38,7 +38,8 @@ class BackendModule(Protocol):
 
     search_tile: int
     """Candidates `BruteForceIndex` scores at once in a tiled search (`_tiled_top_k`),
-    the fastest measured on this backend (`benchmarks/retrieval.py --exact`)."""
+    the fastest measured on this backend (`benchmarks/retrieval.py --exact`); 0
+    scores every chunk whole."""
 
     search_candidates_major_rows: int | None
     """From how many query rows a tiled search scores the dot product as `tile @

@@ -43,7 +43,7 @@ import numpy as np
 from keras import ops
 
 from two_tower.backends import backend_module
-from two_tower.retrieval.top_k import BLOCK, _top_k
+from two_tower.retrieval.top_k import BLOCK, stable_top_k
 from two_tower.types import SimilarityFn, Tensor
 
 GROUP = 8  # queries whose chosen blocks are gathered and scored again at once
@@ -163,26 +163,23 @@ def tiled_top_k(
         pairs = ops.stack([key_rows, layout.entry(key_blocks)], axis=1)
         maxima = ops.scatter_update(maxima, pairs, corrected)
     chosen = min(k, blocks)
-    _, entries = _top_k(_folded(maxima), chosen)
+    _, entries = stable_top_k(maxima, chosen)
     entries = ops.sort(entries, axis=1)  # position order: ties below go to the lower position
     best = layout.block(entries)
     scores = _scored_again(similarity_fn, by_einsum, queries, slabs, best, GROUP)
     rows = ops.arange(ops.shape(queries)[0], dtype="int32")
-    kept = _kept(inputs, rows, best, columns_kept, blocks)
     real = ops.repeat(layout.real(entries), BLOCK, axis=1)  # not a block scored twice
-    kept = real if kept is None else ops.logical_and(kept, real)
+    kept = _both(_kept(inputs, rows, best, columns_kept, blocks), real)
     scores = ops.where(kept, scores, float("-inf"))
     offsets = ops.reshape(ops.arange(BLOCK, dtype="int32"), (1, 1, BLOCK))
     columns = ops.reshape(ops.expand_dims(best * BLOCK, 2) + offsets, (-1, chosen * BLOCK))
-    values, picked = _top_k(_folded(scores), k)
+    values, picked = stable_top_k(scores, k)
     return values, ops.take_along_axis(columns, picked, axis=1)
 
 
-def _folded(scores: Tensor) -> Tensor:
-    """`-0.0` as `0.0`, where `top_k` orders them apart (XLA; see `top_k.stable_top_k`)."""
-    if not backend_module().top_k_orders_signed_zeros:
-        return scores
-    return ops.where(ops.equal(scores, 0.0), ops.zeros_like(scores), scores)
+def _both(kept: Tensor | None, more: Tensor) -> Tensor:
+    """`kept` and `more`, where None keeps everything."""
+    return more if kept is None else ops.logical_and(kept, more)
 
 
 def _column_mask(inputs: Mapping[str, Tensor], width: int) -> Tensor | None:
@@ -191,8 +188,7 @@ def _column_mask(inputs: Mapping[str, Tensor], width: int) -> Tensor | None:
     if "num_valid" in inputs:
         kept = ops.less(ops.arange(width, dtype="int32"), inputs["num_valid"][0])
     if "allowed" in inputs:
-        allowed = inputs["allowed"]
-        kept = allowed if kept is None else ops.logical_and(kept, allowed)
+        kept = _both(kept, inputs["allowed"])
     return kept
 
 
@@ -293,9 +289,9 @@ def _scored_again(
 
     `n` must be a multiple of `group`. `group` queries at a time, so that their
     gathered rows stay in cache (all of them at once took 3× longer, measured on
-    JAX). A general `similarity_fn`
-    scores the group's queries against all of the group's rows and keeps each
-    query's own: `group` times the arithmetic, which is small here.
+    JAX). Without `by_einsum`, `similarity_fn` scores the group's queries against
+    all of the group's rows and each query keeps its own: `group` times the
+    arithmetic, which is small here.
     """
     m, dim = int(blocks.shape[1]), int(slabs.shape[2])
     width = m * BLOCK
@@ -345,18 +341,13 @@ def _kept(
 
         excluded_bits, allowed_bits = bits_of("excluded_bits"), bits_of("allowed_bits")
     if excluded_bits is not None:
-        excluded = _set(excluded_bits, offsets, m)
-        kept = (
-            ops.logical_not(excluded)
-            if kept is None
-            else ops.logical_and(kept, ops.logical_not(excluded))
-        )
+        kept = _both(kept, ops.logical_not(_set(excluded_bits, offsets, m)))
     if "restricted" in inputs:
         restricted = ops.reshape(ops.take(inputs["restricted"], rows, axis=0), (-1, 1))
         own = ops.logical_not(restricted)
         if allowed_bits is not None:
             own = ops.logical_or(own, _set(allowed_bits, offsets, m))
-        kept = own if kept is None else ops.logical_and(kept, own)
+        kept = _both(kept, own)
     return kept
 
 

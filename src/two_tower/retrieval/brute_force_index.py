@@ -111,8 +111,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             again. A step cannot tile when k exceeds 1/128 of its chunk's width
             (the catalogue's size, for a catalogue smaller than a chunk), when
             the chunk holds fewer than 4 tiles (`search_tile` in
-            `two_tower.backends`: 2,048 candidates on JAX, 1,024 on torch,
-            8,192 on TensorFlow), or when the catalogue is sharded over
+            `two_tower.backends`: 2,048 candidates on JAX and torch, 8,192 on
+            TensorFlow), or when the catalogue is sharded over
             devices: it then scores its chunk whole, with 32 times fewer
             queries for the same memory.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
@@ -516,7 +516,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             catalogue = self._snapshot()
             query_embeddings = ops.convert_to_tensor(query_embeddings, self.compute_dtype)
             self._check_ready(catalogue, query_embeddings, k)
-            batch_rows = self._batch_rows(catalogue, k)
+            batch_rows, _ = self._batch_rows(catalogue, k)
             parts = [
                 self._top_k(
                     catalogue, query_embeddings[start : start + batch_rows], k,
@@ -555,9 +555,8 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         shards, width = catalogue.layout()
         columns = shards * width  # scored per step, `width` on each device
         mesh = None if catalogue.sharded is None else catalogue.sharded.mesh
-        batch_rows = self._batch_rows(catalogue, k)
+        batch_rows, tile = self._batch_rows(catalogue, k)
         rows = min(next_power_of_two(num_queries), batch_rows)
-        tile = self._tile(catalogue, k, batch_rows)
         if tile:
             rows = _tiled_top_k.padded_rows(rows)
         if rows != num_queries:
@@ -593,8 +592,9 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             best_scores, best_positions = outputs["scores"], outputs["positions"]
         return best_scores[:num_queries], best_positions[:num_queries]
 
-    def _batch_rows(self, catalogue: IndexedCatalogue, k: int) -> int:
-        """Queries per step (a power of two): the score budget of a full chunk, spent on rows.
+    def _batch_rows(self, catalogue: IndexedCatalogue, k: int) -> tuple[int, int]:
+        """`(queries per step, tile)`: the score budget of a full chunk, spent on rows
+        (a power of two), and the candidates per tile, or 0 for chunks scored whole.
 
         A tiled step keeps the block maxima of its scores (1/`BLOCK` of them);
         a chunk scored whole keeps every score, so it takes `BLOCK` times fewer
@@ -603,16 +603,12 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
         budget = self.query_batch_size * self.chunk_size
         rows = max(self.query_batch_size, budget // catalogue.layout()[1])
         rows = 1 << (rows.bit_length() - 1)
-        tile = self._tile(catalogue, k, rows)
-        if tile:  # a tile's [rows, tile] scores stay within a cache-sized budget
-            return max(_tiled_top_k.GROUP, min(rows, _TILE_BYTES // (4 * tile)))
-        return max(1, rows // BLOCK)
-
-    def _tile(self, catalogue: IndexedCatalogue, k: int, rows: int) -> int:
-        """Candidates per tile where steps of `rows` queries score tile by tile, else 0."""
         shards, width = catalogue.layout()
         tile = backend_module().search_tile
-        return tile if shards == 1 and _tiled_top_k.usable(width, k, rows, tile) else 0
+        if tile and shards == 1 and _tiled_top_k.usable(width, k, rows, tile):
+            # A tile's [rows, tile] scores stay within a cache-sized budget.
+            return max(_tiled_top_k.GROUP, min(rows, _TILE_BYTES // (4 * tile))), tile
+        return max(1, rows // BLOCK), 0
 
     def _step(
         self, similarity_fn: SimilarityFn, k: int, chunk_size: int, mesh: Any, tile: int
@@ -759,7 +755,7 @@ class BruteForceIndex(keras.layers.Layer, CandidateIndex):
             if excluded is not None:
                 excluded = _filters.within(excluded, subset)
         all_scores, all_positions = [], []
-        batch_rows = self._batch_rows(searched, k)
+        batch_rows, _ = self._batch_rows(searched, k)
         for start in range(0, len(queries), batch_rows):
             stop = start + batch_rows
             batch_excluded = None
