@@ -22,6 +22,11 @@ def global_negatives(
     return candidate_embeddings, candidate_ids, log_q, candidate_mask, None
 
 
+def all_replicas(values: Any) -> Any:
+    """`values` unchanged: this backend's step already sees the global batch."""
+    return values
+
+
 def check_replicas() -> None:
     """Nothing to refuse: this backend's distributed training is supported."""
 

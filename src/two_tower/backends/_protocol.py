@@ -106,6 +106,21 @@ class BackendModule(Protocol):
         batch."""
         ...
 
+    def all_replicas(self, values: Any) -> Any:
+        """`values` of every replica, concatenated on axis 0 in replica order, under
+        `tf.distribute` (an all-gather); unchanged elsewhere, where the step sees the
+        global batch."""
+        ...
+
+    def read_rows(self, variable: keras.Variable, ids: Any) -> Any:
+        """`variable[ids]`, reading those rows only."""
+        ...
+
+    def write_rows(self, variable: keras.Variable, ids: Any, rows: Any) -> None:
+        """`variable[ids] = rows` in place, in O(len(ids)) (never a copy of the variable).
+        Repeated ids must carry equal rows."""
+        ...
+
     def check_replicas(self) -> None:
         """Raises where training would silently run as several independent copies (a
         torch process group)."""

@@ -24,6 +24,7 @@ import numpy as np
 from two_tower._compiled_cache import CompiledCache
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import all_replicas as all_replicas
 from two_tower.backends._defaults import array_train_function as array_train_function
 from two_tower.backends._defaults import check_replicas as check_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
@@ -224,11 +225,11 @@ def check_ids(ids: Any, rows: int, layer_name: str) -> Any:
     return ids
 
 
-def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+def read_rows(variable: keras.Variable, ids: Any) -> Any:
     return keras.ops.take(variable.value, ids, axis=0)
 
 
-def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+def write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     # A scatter into the step's donated state buffer: XLA updates it in place.
     variable.assign(variable.value.at[ids].set(rows))
 
@@ -297,8 +298,8 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
             list(zip(sizing.layers, lookup_ids, row_gradients, strict=True)),
             dense_gradients,
             dense_variables,
-            _read_rows,
-            _write_rows,
+            read_rows,
+            write_rows,
         )
 
     def current(variable: keras.Variable, old: Any) -> Any:

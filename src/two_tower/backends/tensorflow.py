@@ -112,6 +112,16 @@ def replica_loss(loss: Any, rows: Any, batch_rows: Any = None) -> Any:
     return scaled + tf.stop_gradient(logged - scaled)
 
 
+def all_replicas(values: Any) -> Any:
+    """`values` of every replica in sync, concatenated in replica order (an all-gather
+    without gradients' meaning: callers pass ids and statistics); unchanged outside a
+    multi-replica step."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    return context.all_gather(values, axis=0)
+
+
 def global_negatives(
     candidate_embeddings: Any, candidate_ids: Any, log_q: Any, candidate_mask: Any
 ) -> tuple[Any, Any, Any, Any, Any]:
@@ -298,13 +308,13 @@ class _Recorder:
         return rows
 
 
-def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+def read_rows(variable: keras.Variable, ids: Any) -> Any:
     # A ResourceGather. `ops.take` would read the whole variable first, and a
     # scatter into a variable whose full value is still referenced copies it.
     return tf.gather(variable.value, ids)
 
 
-def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+def write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.scatter_update(tf.IndexedSlices(rows, ids))
 
 
@@ -370,8 +380,8 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
         list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
         gradients[: len(dense_variables)],
         dense_variables,
-        _read_rows,
-        _write_rows,
+        read_rows,
+        write_rows,
     )
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 # Hooks with nothing to do on this backend (see two_tower.backends).
+from two_tower.backends._defaults import all_replicas as all_replicas
 from two_tower.backends._defaults import global_negatives as global_negatives
 from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
@@ -205,11 +206,11 @@ class _Recorder:
         return rows
 
 
-def _read_rows(variable: keras.Variable, ids: Any) -> Any:
+def read_rows(variable: keras.Variable, ids: Any) -> Any:
     return torch.index_select(variable.value, 0, ids.long())
 
 
-def _write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
+def write_rows(variable: keras.Variable, ids: Any, rows: Any) -> None:
     variable.value.index_copy_(0, ids.long(), rows.to(variable.value.dtype))
 
 
@@ -243,8 +244,8 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
             list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
             [variable.value.grad for variable in dense_variables],
             dense_variables,
-            _read_rows,
-            _write_rows,
+            read_rows,
+            write_rows,
         )
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

@@ -42,10 +42,15 @@ class RetrievalOutputs(_Embeddings, total=False):
       the catalogue losses (each positive's column) and `FactorizedTopK`.
     - `catalogue_embeddings`: `[catalogue_size, dim]`, every candidate id
       embedded (`"full_softmax"`, and evaluation steps with `FactorizedTopK`).
-    - `sampled_candidate_ids`, `sampled_candidate_embeddings`: the uniform
-      negatives of `"sampled_softmax"`.
-    - `candidate_sampling_probability`: `[batch]`, passed through from the input
-      for the logQ correction.
+    - `sampled_candidate_ids`, `sampled_candidate_embeddings`,
+      `sampled_candidate_log_probability`: the sampled negatives of
+      `"sampled_softmax"` (uniform, or from the model's `negative_sampler`) and
+      the log probability of drawing each.
+    - `candidate_sampling_probability`: `[batch]` expected occurrences of each
+      candidate per batch, for the logQ correction: passed through from the
+      input, or the model's `frequency_estimator`'s estimate.
+    - `cached_negatives`: training steps with a `negative_cache`: the cache's
+      `{"embeddings", "ids", "log_q", "valid"}` before this batch.
     - `metrics_catalogue_embeddings`: the catalogue embeddings again, present in
       evaluation steps only, where `FactorizedTopK` metrics update.
     - `pair_mask`: per-position training only (a query tower that returns
@@ -59,6 +64,8 @@ class RetrievalOutputs(_Embeddings, total=False):
     catalogue_embeddings: Tensor
     sampled_candidate_ids: Tensor
     sampled_candidate_embeddings: Tensor
+    sampled_candidate_log_probability: Tensor
+    cached_negatives: dict[str, Tensor]
     candidate_sampling_probability: Tensor
     metrics_catalogue_embeddings: Tensor
     pair_mask: Tensor

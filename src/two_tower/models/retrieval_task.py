@@ -12,6 +12,7 @@ from keras import ops
 from two_tower import losses
 from two_tower.backends import backend_module
 from two_tower.models.retrieval_outputs import SAMPLING_PROBABILITY, RetrievalOutputs
+from two_tower.negatives.popularity_sampler import PopularitySampler
 from two_tower.types import SimilarityFn, Tensor
 
 LOSSES = ("mse", "softmax", "sampled_softmax", "full_softmax")
@@ -38,6 +39,9 @@ class RetrievalTask:
         candidate_id_key: the id feature of dict candidate features.
         candidate_id_limit: `(bound, where it comes from)` of the candidate
             tower's ids, or None when the tower does not declare one.
+        estimates_frequency: the model has a `FrequencyEstimator` (logQ).
+        caches_negatives: the model has a `NegativeCache`.
+        sampler_items: the items of the model's `PopularitySampler`, or None.
 
     Raises:
         ValueError: an unknown loss, an option out of range, or an option the
@@ -61,7 +65,11 @@ class RetrievalTask:
         cross_replica_negatives: bool = True,
         candidate_id_key: str | None = None,
         candidate_id_limit: tuple[int, str] | None = None,
+        estimates_frequency: bool = False,
+        caches_negatives: bool = False,
+        sampler_items: int | None = None,
     ) -> None:
+        _check_negatives(loss, catalogue_size, estimates_frequency, caches_negatives, sampler_items)
         _check(
             loss=loss,
             temperature=temperature,
@@ -81,6 +89,8 @@ class RetrievalTask:
         self.num_sampled_negatives = _optional_int(num_sampled_negatives)
         self.cross_replica_negatives = bool(cross_replica_negatives)
         self.candidate_id_key = candidate_id_key
+        self.estimates_frequency = bool(estimates_frequency)
+        self.caches_negatives = bool(caches_negatives)
 
     @property
     def uses_catalogue(self) -> bool:
@@ -96,12 +106,26 @@ class RetrievalTask:
         """
         keys = {"query_embeddings", "candidate_embeddings"}
         evaluating_metrics = ranks_catalogue and not training
-        if self.remove_accidental_hits or self.uses_catalogue or evaluating_metrics:
+        if (
+            self.remove_accidental_hits
+            or self.uses_catalogue
+            or evaluating_metrics
+            or self.estimates_frequency
+            or self.caches_negatives
+        ):
             keys.add("candidate_ids")
         if self.loss == "full_softmax" or evaluating_metrics:
             keys.add("catalogue_embeddings")
         if self.loss == "sampled_softmax":
-            keys |= {"sampled_candidate_ids", "sampled_candidate_embeddings"}
+            keys |= {
+                "sampled_candidate_ids",
+                "sampled_candidate_embeddings",
+                "sampled_candidate_log_probability",
+            }
+        if self.estimates_frequency:
+            keys.add(SAMPLING_PROBABILITY)
+        if self.caches_negatives and training:
+            keys.add("cached_negatives")
         if evaluating_metrics:
             keys.add("metrics_catalogue_embeddings")
         return frozenset(keys)
@@ -152,15 +176,20 @@ class RetrievalTask:
         catalogue: Any,
         seed: keras.random.SeedGenerator,
         training: bool,
-    ) -> tuple[Tensor, Tensor]:
-        """`"sampled_softmax"`'s uniform negatives: `[num_sampled_negatives]` ids and
-        their embeddings."""
+        sampler: PopularitySampler | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`"sampled_softmax"`'s negatives, uniform or from `sampler`:
+        `[num_sampled_negatives]` ids, their embeddings and each one's log
+        probability of being drawn."""
         assert self.catalogue_size is not None and self.num_sampled_negatives is not None
-        ids = keras.random.randint(
-            (self.num_sampled_negatives,), 0, self.catalogue_size, dtype="int32", seed=seed
-        )
+        count = self.num_sampled_negatives
+        if sampler is None:
+            ids = keras.random.randint((count,), 0, self.catalogue_size, dtype="int32", seed=seed)
+            log_probability = ops.full((count,), -float(np.log(self.catalogue_size)), "float32")
+        else:
+            ids, log_probability = sampler.sample(count, seed)
         rows = keras.tree.map_structure(lambda column: ops.take(column, ids, axis=0), catalogue)
-        return ids, candidate_tower(rows, training=training)
+        return ids, candidate_tower(rows, training=training), log_probability
 
     def compute_loss(
         self,
@@ -214,11 +243,20 @@ class RetrievalTask:
         sample_weight: Tensor | None,
     ) -> Tensor:
         """`"softmax"` and `"sampled_softmax"`: the batch's candidates as negatives
-        (every replica's, with `cross_replica_negatives`), then any uniform samples."""
+        (every replica's, with `cross_replica_negatives`), then any cached rows of
+        earlier batches, then any sampled negatives.
+
+        With the logQ correction, each source of columns is corrected by its own
+        expected occurrences of the item, so that each estimates the full
+        softmax's normaliser alike: the batch and the cache are one sample from
+        the training log (`b + c` rows: a candidate's estimate per batch of `b`
+        times `(b + c) / b`), the sampled negatives another (`num_sampled_negatives`
+        times the probability of drawing it).
+        """
         probability = outputs.get(SAMPLING_PROBABILITY)
         log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
         ids = outputs.get("candidate_ids") if self.remove_accidental_hits else None
-        embeddings = outputs["candidate_embeddings"]
+        embeddings = ops.cast(outputs["candidate_embeddings"], "float32")
         # Per-position training: padded positions are no negative for anyone.
         mask = outputs.get("pair_mask")
         mask = None if mask is None else ops.cast(mask, "int32")
@@ -227,29 +265,40 @@ class RetrievalTask:
             embeddings, ids, log_q, mask, positives = backend_module().global_negatives(
                 embeddings, ids, log_q, mask
             )
+        columns = [embeddings]
+        id_parts = None if ids is None else [ops.cast(ids, "int32")]
+        log_q_parts = None if log_q is None else [log_q]
+        rows = ops.shape(embeddings)[0]
+        mask_parts = None if mask is None else [mask]
+        cached = outputs.get("cached_negatives")
+        if cached is not None:
+            valid = ops.cast(cached["valid"], "int32")
+            if log_q_parts is not None:
+                batch = ops.cast(rows if mask is None else ops.sum(mask), "float32")
+                batch = ops.maximum(batch, 1.0)
+                shift = ops.log((batch + ops.cast(ops.sum(valid), "float32")) / batch)
+                log_q_parts = [log_q + shift, cached["log_q"] + shift]
+            columns.append(cached["embeddings"])
+            if id_parts is not None:
+                id_parts.append(cached["ids"])
+            mask_parts = [ops.ones((rows,), "int32") if mask is None else mask, valid]
         if self.loss == "sampled_softmax":
-            embeddings = ops.concatenate(
-                [embeddings, outputs["sampled_candidate_embeddings"]], axis=0
-            )
-            if ids is not None:
-                ids = ops.concatenate(
-                    [ops.cast(ids, "int32"), outputs["sampled_candidate_ids"]], axis=0
+            assert self.num_sampled_negatives
+            count = self.num_sampled_negatives
+            columns.append(ops.cast(outputs["sampled_candidate_embeddings"], "float32"))
+            if id_parts is not None:
+                id_parts.append(outputs["sampled_candidate_ids"])
+            if log_q_parts is not None:
+                log_q_parts.append(
+                    float(np.log(count)) + outputs["sampled_candidate_log_probability"]
                 )
-            if log_q is not None:
-                assert self.num_sampled_negatives and self.catalogue_size
-                uniform = float(np.log(self.num_sampled_negatives / self.catalogue_size))
-                log_q = ops.concatenate(
-                    [log_q, ops.full((self.num_sampled_negatives,), uniform, "float32")]
-                )
-            if mask is not None:
-                assert self.num_sampled_negatives
-                mask = ops.concatenate(
-                    [mask, ops.ones((self.num_sampled_negatives,), "int32")], axis=0
-                )
+            if mask_parts is not None:
+                mask_parts.append(ops.ones((count,), "int32"))
         return self._softmax(
-            outputs, embeddings, similarity_fn, sample_weight,
-            positive_positions=positives, candidate_ids=ids, log_q=log_q,
-            candidate_mask=None if mask is None else ops.greater(mask, 0),
+            outputs, _joined(columns), similarity_fn, sample_weight,
+            positive_positions=positives, candidate_ids=_joined(id_parts),
+            log_q=_joined(log_q_parts),
+            candidate_mask=None if mask_parts is None else ops.greater(_joined(mask_parts), 0),
         )  # fmt: skip
 
     def _softmax(
@@ -264,8 +313,11 @@ class RetrievalTask:
         log_q: Tensor | None = None,
         candidate_mask: Tensor | None = None,
     ) -> Tensor:
+        # Scores and loss in float32, whatever the towers' compute dtype (mixed
+        # precision): bfloat16 logits would round a temperature-scaled softmax.
+        queries = ops.cast(outputs["query_embeddings"], "float32")
         return losses.retrieval_softmax(
-            similarity_fn(outputs["query_embeddings"], columns),
+            similarity_fn(queries, ops.cast(columns, "float32")),
             positive_positions,
             temperature=self.temperature,
             candidate_ids=candidate_ids,
@@ -286,6 +338,44 @@ class RetrievalTask:
             "num_sampled_negatives": self.num_sampled_negatives,
             "cross_replica_negatives": self.cross_replica_negatives,
         }
+
+
+def _joined(parts: list[Tensor] | None) -> Tensor | None:
+    """The parts concatenated on axis 0 (one part as it is), or None."""
+    if parts is None:
+        return None
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
+
+
+def _check_negatives(
+    loss: str,
+    catalogue_size: int | None,
+    estimates_frequency: bool,
+    caches_negatives: bool,
+    sampler_items: int | None,
+) -> None:
+    """Checks `frequency_estimator`, `negative_cache` and `negative_sampler` against the loss."""
+    batch_losses = ("softmax", "sampled_softmax")
+    for name, given in (
+        ("frequency_estimator", estimates_frequency),
+        ("negative_cache", caches_negatives),
+    ):
+        if given and loss not in batch_losses:
+            raise ValueError(
+                f"`{name}` applies to loss='softmax' and 'sampled_softmax', whose negatives "
+                f"are other rows' candidates. Received loss={loss!r}"
+            )
+    if sampler_items is not None:
+        if loss != "sampled_softmax":
+            raise ValueError(
+                "`negative_sampler` draws loss='sampled_softmax''s negatives. "
+                f"Received loss={loss!r}"
+            )
+        if catalogue_size is not None and sampler_items != catalogue_size:
+            raise ValueError(
+                f"`negative_sampler` must draw from the catalogue's {catalogue_size} ids "
+                f"(`catalogue_size`). Received a PopularitySampler over {sampler_items} items"
+            )
 
 
 def _position_weights(mask: Tensor, sample_weight: Tensor | None) -> Tensor:

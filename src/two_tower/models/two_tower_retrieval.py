@@ -24,10 +24,16 @@ from two_tower.models.retrieval_outputs import (
 )
 from two_tower.models.retrieval_outputs import is_pair as _is_pair
 from two_tower.models.retrieval_task import RetrievalTask, position_count
+from two_tower.negatives.frequency_estimator import FrequencyEstimator
+from two_tower.negatives.negative_cache import NegativeCache
+from two_tower.negatives.popularity_sampler import PopularitySampler
 from two_tower.preprocessing.vocabulary import Vocabulary
 from two_tower.retrieval.brute_force_index import BruteForceIndex
 from two_tower.retrieval.candidate_index import CandidateIndex
 from two_tower.types import Tensor
+
+NEGATIVE_LAYERS = ("frequency_estimator", "negative_cache", "negative_sampler")
+"""The constructor's layers that make a softmax's negatives and their logQ."""
 
 
 @keras.saving.register_keras_serializable(package="two_tower")
@@ -147,6 +153,17 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             keeps each replica's own candidates only: cheaper, but a different
             loss (see `docs/distributed.md`). JAX distributions always see the
             global batch.
+        frequency_estimator: a `two_tower.negatives.FrequencyEstimator`: the
+            logQ correction of `"softmax"` and `"sampled_softmax"` from each
+            candidate's expected occurrences per batch, estimated in the train
+            step (instead of `x["candidate_sampling_probability"]`, which it
+            refuses beside it).
+        negative_cache: a `two_tower.negatives.NegativeCache`: the candidates
+            of the last training batches as extra negatives (`"softmax"` and
+            `"sampled_softmax"`; training steps only).
+        negative_sampler: a `two_tower.negatives.PopularitySampler` over the
+            `catalogue_size` ids: `"sampled_softmax"` draws its negatives from
+            it instead of uniformly.
         **kwargs: standard `keras.Model` arguments (`name`, ...).
 
     Raises:
@@ -188,9 +205,22 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         cross_replica_negatives: bool = True,
         query_vocabulary: Vocabulary | Mapping[str, Vocabulary] | None = None,
         candidate_vocabulary: Vocabulary | Mapping[str, Vocabulary] | None = None,
+        frequency_estimator: FrequencyEstimator | None = None,
+        negative_cache: NegativeCache | None = None,
+        negative_sampler: PopularitySampler | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for name, layer, kind in (
+            ("frequency_estimator", frequency_estimator, FrequencyEstimator),
+            ("negative_cache", negative_cache, NegativeCache),
+            ("negative_sampler", negative_sampler, PopularitySampler),
+        ):
+            if layer is not None and not isinstance(layer, kind):
+                raise TypeError(
+                    f"`{name}` must be a two_tower.negatives.{kind.__name__} or None. "
+                    f"Received: {layer!r} of type {type(layer).__name__}"
+                )
         for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
             if not isinstance(tower, keras.layers.Layer):
                 raise TypeError(
@@ -208,7 +238,13 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             cross_replica_negatives=cross_replica_negatives,
             candidate_id_key=candidate_id_key,
             candidate_id_limit=_input_checks.tower_id_limit(candidate_tower, CANDIDATE),
+            estimates_frequency=frequency_estimator is not None,
+            caches_negatives=negative_cache is not None,
+            sampler_items=None if negative_sampler is None else negative_sampler.num_items,
         )
+        self.frequency_estimator = frequency_estimator
+        self.negative_cache = negative_cache
+        self.negative_sampler = negative_sampler
         self.query_vocabulary, self.candidate_vocabulary = _vocabularies.check_both(
             query_vocabulary,
             candidate_vocabulary,
@@ -599,11 +635,13 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             flat_inputs[SAMPLING_PROBABILITY] = ops.where(
                 mask, probability, ops.ones_like(probability)
             )
-        outputs = self.retrieval_outputs(
-            flat_inputs, ops.reshape(query_embeddings, (-1, dim)), candidate_embeddings, training
+        return self.retrieval_outputs(
+            flat_inputs,
+            ops.reshape(query_embeddings, (-1, dim)),
+            candidate_embeddings,
+            training,
+            pair_mask=mask,
         )
-        outputs["pair_mask"] = mask
-        return outputs
 
     def retrieval_outputs(
         self,
@@ -611,6 +649,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         query_embeddings: Tensor,
         candidate_embeddings: Tensor,
         training: bool = False,
+        pair_mask: Tensor | None = None,
     ) -> RetrievalOutputs:
         """The two embeddings, plus what the loss and metrics need beyond them.
 
@@ -626,6 +665,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             query_embeddings: `[batch, dim]` query tower output.
             candidate_embeddings: `[batch, dim]` candidate tower output.
             training: whether this is a training step.
+            pair_mask: per-position training's `[pairs]` booleans, False where
+                padded (`call` passes it).
 
         Returns:
             A `RetrievalOutputs` dict.
@@ -643,18 +684,46 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         if "catalogue_embeddings" in needed or "sampled_candidate_ids" in needed:
             catalogue = self._catalogue.tower_inputs(inputs[CANDIDATE], self.loss_name)
         if "sampled_candidate_ids" in needed:
-            ids, embeddings = self.task.sample_negatives(
-                self.candidate_tower, catalogue, self._negative_seed, training
-            )
+            ids, embeddings, log_probability = self.task.sample_negatives(
+                self.candidate_tower, catalogue, self._negative_seed, training,
+                self.negative_sampler,
+            )  # fmt: skip
             outputs["sampled_candidate_ids"] = ids
             outputs["sampled_candidate_embeddings"] = embeddings
+            outputs["sampled_candidate_log_probability"] = log_probability
         if "catalogue_embeddings" in needed:
             outputs["catalogue_embeddings"] = self.candidate_tower(catalogue, training=training)
         if "metrics_catalogue_embeddings" in needed:
             # Marks an evaluation step: FactorizedTopK metrics update only then.
             outputs["metrics_catalogue_embeddings"] = outputs["catalogue_embeddings"]
         if SAMPLING_PROBABILITY in inputs:
+            if self.frequency_estimator is not None:
+                raise ValueError(
+                    f"x holds '{SAMPLING_PROBABILITY}' and the model has a "
+                    "`frequency_estimator`: two sources of the logQ correction. Drop the "
+                    "column (e.g. `ShardDataset(sampling_probability=None)`) or the estimator."
+                )
             outputs["candidate_sampling_probability"] = inputs[SAMPLING_PROBABILITY]
+        if self.frequency_estimator is not None:
+            estimate = self.frequency_estimator(
+                outputs["candidate_ids"], mask=pair_mask, training=training
+            )
+            if pair_mask is not None:  # (padded positions: 1, so that log q is finite)
+                estimate = ops.where(pair_mask, estimate, ops.ones_like(estimate))
+            outputs["candidate_sampling_probability"] = estimate
+        if self.negative_cache is not None and not self.negative_cache.built:
+            self.negative_cache.build(candidate_embeddings.shape)  # (also in Keras' symbolic build)
+        if training and self.negative_cache is not None:
+            probability = outputs.get("candidate_sampling_probability")
+            outputs["cached_negatives"] = self.negative_cache(
+                candidate_embeddings,
+                outputs["candidate_ids"],
+                None if probability is None else ops.log(ops.cast(probability, "float32")),
+                pair_mask,
+                training=True,
+            )
+        if pair_mask is not None:
+            outputs["pair_mask"] = pair_mask
         return outputs
 
     # ---------------------------------------------------------------- scoring
@@ -739,6 +808,10 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
                 "candidate_index": keras.saving.serialize_keras_object(self.candidate_index),
                 "query_vocabulary": _vocabularies.serialize(self.query_vocabulary),
                 "candidate_vocabulary": _vocabularies.serialize(self.candidate_vocabulary),
+                **{
+                    key: keras.saving.serialize_keras_object(getattr(self, key))
+                    for key in NEGATIVE_LAYERS
+                },
             }
         )
         return config
@@ -748,6 +821,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         config = dict(config)
         for key in ("query_tower", "candidate_tower", "candidate_index"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
+        for key in NEGATIVE_LAYERS:
+            config[key] = keras.saving.deserialize_keras_object(config.get(key))
         for key in ("query_vocabulary", "candidate_vocabulary"):
             config[key] = _vocabularies.deserialize(config.get(key))
         return cls(**config)
