@@ -706,7 +706,7 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             outputs["candidate_sampling_probability"] = inputs[SAMPLING_PROBABILITY]
         if self.frequency_estimator is not None:
             estimate = self.frequency_estimator(
-                outputs["candidate_ids"], mask=pair_mask, training=training
+                outputs["candidate_ids"], valid=pair_mask, training=training
             )
             if pair_mask is not None:  # (padded positions: 1, so that log q is finite)
                 estimate = ops.where(pair_mask, estimate, ops.ones_like(estimate))

@@ -120,7 +120,7 @@ class FrequencyEstimator(keras.layers.Layer):
         steps_after = ops.maximum(now, warmup) - ops.maximum(before, warmup)
         return ratio * ops.exp(steps_after * math.log1p(-self.decay))
 
-    def _buckets(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+    def _buckets(self, ids: Tensor, valid: Tensor | None) -> Tensor:
         ids = ops.reshape(ids, (-1,))
         dtype = keras.backend.standardize_dtype(ids.dtype)
         if "int" not in dtype:
@@ -128,16 +128,16 @@ class FrequencyEstimator(keras.layers.Layer):
                 f"{_OWNER}: ids must be integers. Received ids of dtype {dtype}"
             )
         buckets = ops.cast(ops.mod(ids, self.num_buckets), "int32")
-        if mask is not None:  # masked ids go to the extra bucket, read by nobody
-            buckets = ops.where(ops.reshape(mask, (-1,)), buckets, self.num_buckets)
+        if valid is not None:  # padding goes to the extra bucket, read by nobody
+            buckets = ops.where(ops.reshape(valid, (-1,)), buckets, self.num_buckets)
         return buckets
 
-    def call(self, ids: Tensor, mask: Tensor | None = None, training: bool = False) -> Tensor:
+    def call(self, ids: Tensor, valid: Tensor | None = None, training: bool = False) -> Tensor:
         """The expected occurrences per batch of each id.
 
         Args:
             ids: integer ids, any shape (flattened).
-            mask: optional booleans of the same shape; False ids (padding) are not
+            valid: optional booleans of the same shape; False ids (padding) are not
                 counted, and their estimate is meaningless.
             training: count this batch first (every replica's ids under
                 `tf.distribute`), advancing the step; otherwise read the
@@ -146,7 +146,7 @@ class FrequencyEstimator(keras.layers.Layer):
         Returns:
             `[ids]` float32 estimates, after this batch's update when training.
         """
-        buckets = self._buckets(ids, mask)
+        buckets = self._buckets(ids, valid)
         backend = backend_module()
         if not training:
             now = self.step.value
@@ -168,7 +168,7 @@ class FrequencyEstimator(keras.layers.Layer):
         self.step.assign(now)
         return ops.take(updated, ops.searchsorted(everyone, buckets, side="left"), axis=0)
 
-    def compute_output_spec(self, ids: Any, mask: Any = None, training: bool = False) -> Any:
+    def compute_output_spec(self, ids: Any, valid: Any = None, training: bool = False) -> Any:
         size = math.prod(ids.shape) if None not in ids.shape else None
         return keras.KerasTensor((size,), dtype="float32")
 

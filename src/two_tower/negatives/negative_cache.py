@@ -104,7 +104,7 @@ class NegativeCache(keras.layers.Layer):
         embeddings: Tensor,
         ids: Tensor | None = None,
         log_q: Tensor | None = None,
-        mask: Tensor | None = None,
+        valid: Tensor | None = None,
         training: bool = False,
     ) -> dict[str, Tensor]:
         """The cache as it stands, then (training) this batch written into it.
@@ -113,7 +113,7 @@ class NegativeCache(keras.layers.Layer):
             embeddings: `[batch, dim]` candidate embeddings.
             ids: `[batch]` candidate ids, or None (stored as -1).
             log_q: `[batch]` log expected occurrences per batch, or None (0).
-            mask: `[batch]` booleans; False rows (padding) are written as unused.
+            valid: `[batch]` booleans; False rows (padding) are written as unused.
             training: write the batch (a training step); otherwise only read.
 
         Returns:
@@ -122,22 +122,22 @@ class NegativeCache(keras.layers.Layer):
         """
         now = self.step.value + 1
         age = now - self.written.value
-        valid = ops.logical_and(ops.greater(self.written.value, 0), ops.greater(age, 0))
+        usable = ops.logical_and(ops.greater(self.written.value, 0), ops.greater(age, 0))
         if self.max_age is not None:
-            valid = ops.logical_and(valid, ops.less_equal(age, self.max_age))
+            usable = ops.logical_and(usable, ops.less_equal(age, self.max_age))
         # Copies: on torch the writes below change the variables' tensors in place.
         previous = {
             "embeddings": ops.copy(self.embeddings.value),
             "ids": ops.copy(self.ids.value),
             "log_q": ops.copy(self.log_q.value),
-            "valid": valid,
+            "valid": usable,
         }
         if training:
-            self._write(embeddings, ids, log_q, mask, now)
+            self._write(embeddings, ids, log_q, valid, now)
         return previous
 
     def _write(
-        self, embeddings: Tensor, ids: Tensor | None, log_q: Tensor | None, mask: Tensor | None,
+        self, embeddings: Tensor, ids: Tensor | None, log_q: Tensor | None, valid: Tensor | None,
         now: Tensor,
     ) -> None:  # fmt: skip
         backend = backend_module()
@@ -149,8 +149,8 @@ class NegativeCache(keras.layers.Layer):
             if log_q is None
             else ops.cast(ops.stop_gradient(log_q), "float32"),
             "written": ops.ones((rows,), "int32")
-            if mask is None
-            else ops.cast(ops.reshape(mask, (-1,)), "int32"),
+            if valid is None
+            else ops.cast(ops.reshape(valid, (-1,)), "int32"),
         }
         # Every replica's rows (tf.distribute), the first `size` of them.
         columns = {

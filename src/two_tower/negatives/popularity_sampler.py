@@ -35,7 +35,8 @@ class PopularitySampler(keras.layers.Layer):
     the stored probabilities, exactly those sampled from. An item with any
     weight keeps at least `2^-30`; an item of weight 0 is never drawn.
 
-    Until `set_weights_from` is called (or after `from_config`, until weights
+    A layer for its variable (saved with the model) and config; it is not
+    called, `sample` draws. Until `set_weights_from` is called (or after `from_config`, until weights
     are loaded) every item has the same probability: uniform sampling.
 
     Args:
@@ -50,7 +51,7 @@ class PopularitySampler(keras.layers.Layer):
         >>> import numpy as np
         >>> sampler = two_tower.negatives.PopularitySampler.from_weights(
         ...     np.array([0.0, 1.0, 3.0]))
-        >>> ids, log_q = sampler(8, seed=keras.random.SeedGenerator(1))
+        >>> ids, log_q = sampler.sample(8, seed=keras.random.SeedGenerator(1))
         >>> sorted(set(keras.ops.convert_to_numpy(ids).tolist())) in ([1, 2], [2])
         True
         >>> np.round(np.exp(keras.ops.convert_to_numpy(sampler.log_probabilities(
@@ -121,10 +122,6 @@ class PopularitySampler(keras.layers.Layer):
         counts = upper - ops.where(ids > 0, lower, ops.zeros_like(lower))
         return ops.log(ops.cast(counts, "float32")) - float(np.log(TOTAL))
 
-    def call(self, num_samples: int, seed: keras.random.SeedGenerator) -> tuple[Tensor, Tensor]:
-        """`sample(num_samples, seed)`."""
-        return self.sample(num_samples, seed)
-
     def sample(
         self, num_samples: int, seed: keras.random.SeedGenerator
     ) -> tuple[Tensor, Tensor]:
@@ -132,10 +129,6 @@ class PopularitySampler(keras.layers.Layer):
         draws = keras.random.randint((int(num_samples),), 0, TOTAL, dtype="int32", seed=seed)
         ids = ops.cast(ops.searchsorted(self.cumulative.value, draws, side="right"), "int32")
         return ids, self.log_probabilities(ids)
-
-    def compute_output_spec(self, num_samples: int, seed: Any) -> Any:
-        shape = (int(num_samples),)
-        return keras.KerasTensor(shape, "int32"), keras.KerasTensor(shape, "float32")
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
