@@ -491,3 +491,48 @@ def test_distributed_guide_runs_on_jax():
     model.embed_queries(np.arange(2))
     table = model.query_tower.embedding.embeddings  # rounded up, sharded by rows
     assert table.shape[0] == 944 and _rows_per_device(table) == {944 // 4}
+
+
+def _negatives_model():
+    return two_tower.TwoTowerRetrieval.from_ids(
+        USERS, ITEMS, 8, loss="sampled_softmax", num_sampled_negatives=8,
+        remove_accidental_hits=True,
+        frequency_estimator=two_tower.negatives.FrequencyEstimator(num_buckets=ITEMS),
+        negative_cache=two_tower.negatives.NegativeCache(size=128, max_age=2),
+        negative_sampler=two_tower.negatives.PopularitySampler.from_weights(
+            1.0 / np.arange(1, ITEMS + 1)
+        ),
+    )  # fmt: skip
+
+
+def _train_with_negatives(distribution, initial):
+    keras.distribution.set_distribution(distribution)
+    keras.utils.set_random_seed(1)
+    model = _negatives_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    model.set_weights(initial)
+    x, _ = interactions(ROWS, USERS, ITEMS)
+    x.pop("candidate_sampling_probability")  # the estimator's instead
+    history = model.fit(x, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    return model, history.history["loss"][-1]
+
+
+def test_cache_estimator_and_popularity_sampling_train_like_one_device():
+    keras.distribution.set_distribution(None)
+    probe = _negatives_model()
+    probe.embed_queries(np.arange(2))
+    probe.embed_candidates(np.arange(2))
+    initial = probe.get_weights()
+    single, single_loss = _train_with_negatives(None, initial)
+    parallel, parallel_loss = _train_with_negatives(
+        keras.distribution.DataParallel(devices=_devices()), initial
+    )
+    np.testing.assert_allclose(parallel_loss, single_loss, atol=1e-5, rtol=0)
+    # Every weight: the towers, the estimator's counts, the cache's rows.
+    for actual, expected in zip(parallel.get_weights(), single.get_weights(), strict=True):
+        np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+    cache = parallel.negative_cache
+    assert int(keras.ops.convert_to_numpy(cache.step.value)) == 2 * ROWS // 64
+    assert len(cache.embeddings.value.sharding.device_set) == DEVICES  # one global cache

@@ -215,3 +215,41 @@ def test_per_position_training_is_the_same_across_replicas(strategy, loss):
     assert not np.allclose(single.get_weights()[0], initial[0])
     np.testing.assert_allclose(mirrored_loss, single_loss, atol=1e-5, rtol=0)
     assert _max_difference(mirrored, single) <= 1e-5
+
+
+def _negatives_model(initial=None):
+    model = two_tower.TwoTowerRetrieval.from_ids(
+        USERS, ITEMS, DIM, loss="sampled_softmax", num_sampled_negatives=8,
+        remove_accidental_hits=True,
+        frequency_estimator=two_tower.negatives.FrequencyEstimator(num_buckets=ITEMS),
+        negative_cache=two_tower.negatives.NegativeCache(size=128, max_age=2),
+        negative_sampler=two_tower.negatives.PopularitySampler.from_weights(
+            1.0 / np.arange(1, ITEMS + 1)
+        ),
+    )  # fmt: skip
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    if initial is not None:
+        model.set_weights(initial)
+    return model
+
+
+@pytest.mark.parametrize("rows", [512, 565])
+def test_cache_estimator_and_popularity_sampling_train_like_one_device(strategy, rows):
+    # One global cache and estimator: every replica writes the gathered batch.
+    x, _ = interactions(rows, USERS, ITEMS)
+    x.pop("candidate_sampling_probability")  # the estimator's instead
+    initial = _negatives_model().get_weights()
+    single = _negatives_model(initial)
+    single_loss = single.fit(x, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    with strategy.scope():
+        mirrored = _negatives_model(initial)
+    mirrored_loss = mirrored.fit(x, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    np.testing.assert_allclose(
+        mirrored_loss.history["loss"], single_loss.history["loss"], atol=1e-5, rtol=0
+    )
+    assert _max_difference(mirrored, single) <= 1e-5
+    steps = 2 * -(-rows // 64)
+    assert int(mirrored.negative_cache.step.numpy()) == steps
+    assert int(single.frequency_estimator.step.numpy()) == steps

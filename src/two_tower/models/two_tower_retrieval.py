@@ -242,9 +242,6 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
             caches_negatives=negative_cache is not None,
             sampler_items=None if negative_sampler is None else negative_sampler.num_items,
         )
-        self.frequency_estimator = frequency_estimator
-        self.negative_cache = negative_cache
-        self.negative_sampler = negative_sampler
         self.query_vocabulary, self.candidate_vocabulary = _vocabularies.check_both(
             query_vocabulary,
             candidate_vocabulary,
@@ -255,6 +252,9 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
+        self.frequency_estimator = frequency_estimator
+        self.negative_cache = negative_cache
+        self.negative_sampler = negative_sampler
         share = getattr(query_tower, "share_candidate_items", None)
         if callable(share):  # a HistoryTower embeds its history with the candidates' table
             share(candidate_tower, candidate_id_key)
