@@ -140,7 +140,8 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         query_id_key: with dict query features, the feature holding the query
             id (for `FactorizedTopK` recall and exclusions, and the id checks).
         candidate_index: the top-k index, any `two_tower.retrieval.CandidateIndex`
-            (`BruteForceIndex`, exact, by default; or a `FaissIndex`).
+            (`BruteForceIndex`, exact, by default, scoring in float32 under any
+            mixed-precision policy; or a `FaissIndex`).
         query_vocabulary: a `two_tower.Vocabulary` of raw query ids (for a
             query tower over one id array), or a dict feature name ->
             `Vocabulary` (for a tower over a dict of features; other features
@@ -266,7 +267,11 @@ class TwoTowerRetrieval(Training, Serving, keras.Model):
         )
         self._negative_seed = keras.random.SeedGenerator(seed=0, name="negative_sampler")
         self.retrieval_metrics: list[FactorizedTopK] = []
-        self.candidate_index = candidate_index or BruteForceIndex(name="candidate_index")
+        # float32 under a mixed-precision policy too: bfloat16 scores would reorder
+        # near-ties. `BruteForceIndex(dtype="float16")` halves its memory by choice.
+        self.candidate_index = candidate_index or BruteForceIndex(
+            name="candidate_index", dtype="float32"
+        )
         self._query_input_spec: Any = None
         self._candidate_input_spec: Any = None
         # Serving's compiled tower functions (see `_serving`); not tracked by Keras.

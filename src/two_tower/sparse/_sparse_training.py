@@ -71,6 +71,14 @@ def check_optimizer(optimizer: Any) -> str:
             touches every row (momentum, weight decay, gradient clipping by
             norm, EMA, gradient accumulation, loss scaling, AMSGrad).
     """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "SparseEmbedding tables cannot train with a LossScaleOptimizer, which Keras "
+            "compiles in under the 'mixed_float16' policy: its dynamic loss scale acts on "
+            "every gradient at each step. Use the 'mixed_bfloat16' policy, which needs no "
+            "loss scaling, or float32. Received optimizer LossScaleOptimizer("
+            f"{type(optimizer.inner_optimizer).__name__})"
+        )
     kind = _kind(optimizer) if isinstance(optimizer, keras.optimizers.Optimizer) else None
     if kind is None:
         raise ValueError(
