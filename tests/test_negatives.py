@@ -31,9 +31,7 @@ def _dense_estimates(batches, masks, num_buckets, decay):
     for step, (ids, mask) in enumerate(zip(batches, masks, strict=True), start=1):
         weight = max(decay, 1.0 / step)
         buckets = ids % num_buckets
-        counts = (1 - weight) * counts + weight * np.bincount(
-            buckets[mask], minlength=num_buckets
-        )
+        counts = (1 - weight) * counts + weight * np.bincount(buckets[mask], minlength=num_buckets)
         results.append(counts[buckets])
     return results, counts
 
@@ -149,7 +147,9 @@ def _model(loss="softmax", **options):
 
 
 def _tables(model):
-    return _numpy(model.query_tower.embeddings.value), _numpy(model.candidate_tower.embeddings.value)
+    return _numpy(model.query_tower.embeddings.value), _numpy(
+        model.candidate_tower.embeddings.value
+    )
 
 
 def _batches(with_probability=True):
@@ -213,6 +213,7 @@ def test_cached_and_sampled_negatives_give_the_numpy_loss(loss, max_age, popular
     batches = _batches()
     history = [model.train_on_batch(x, return_dict=True)["loss"] for x in batches]
     first, second, third = batches
+
     # After two batches of 4 in a ring of 6: slots 0-1 hold the second batch's last
     # two rows (wrapped), 2-3 the first batch's last two, 4-5 the second's first two.
     def rows(x, positions):
@@ -378,3 +379,13 @@ def test_estimator_beside_a_probability_column_is_refused():
 def test_float_ids_are_refused_by_the_estimator():
     with pytest.raises(ValueError, match="integers"):
         FrequencyEstimator(num_buckets=4)(np.array([1.0, 2.0]), training=True)
+
+
+def test_negatives_guide_runs():
+    from testing import run_doc_blocks
+
+    namespace = run_doc_blocks(
+        "docs/negatives.md", "test_negatives.py::test_negatives_guide_runs", {}
+    )
+    assert int(_numpy(namespace["model"].negative_cache.step.value)) == 2 * 40
+    assert int(_numpy(namespace["sampled"].frequency_estimator.step.value)) == 40

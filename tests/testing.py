@@ -245,6 +245,10 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     ),
     "docs/subclassing.md": {0: "test_docs.py::test_subclassing_guide_runs"},
     "docs/sparse-training.md": {0: "test_docs.py::test_sparse_training_guide_runs"},
+    "docs/negatives.md": {
+        0: "test_negatives.py::test_negatives_guide_runs",
+        1: "test_negatives.py::test_negatives_guide_runs",
+    },
     "docs/open-ids.md": {
         0: "test_hashed_embeddings.py::test_open_ids_guide_runs",
         1: "test_table_growth.py::test_growth_guide_runs",

@@ -5,7 +5,16 @@ from two_tower.backends._installed import check_backend_installed
 
 check_backend_installed()
 
-from two_tower import baselines, datasets, defaults, distribution, evaluation, losses, negatives, saving  # noqa: E402
+from two_tower import (
+    baselines,
+    datasets,
+    defaults,
+    distribution,
+    evaluation,
+    losses,
+    negatives,
+    saving,
+)  # noqa: E402
 from two_tower.embeddings.hashed_embedding import HashedEmbedding  # noqa: E402
 from two_tower.embeddings.quotient_remainder_embedding import QuotientRemainderEmbedding  # noqa: E402
 from two_tower.metrics.factorized_top_k import FactorizedTopK  # noqa: E402

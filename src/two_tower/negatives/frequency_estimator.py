@@ -124,9 +124,7 @@ class FrequencyEstimator(keras.layers.Layer):
         ids = ops.reshape(ids, (-1,))
         dtype = keras.backend.standardize_dtype(ids.dtype)
         if "int" not in dtype:
-            raise ValueError(
-                f"{_OWNER}: ids must be integers. Received ids of dtype {dtype}"
-            )
+            raise ValueError(f"{_OWNER}: ids must be integers. Received ids of dtype {dtype}")
         buckets = ops.cast(ops.mod(ids, self.num_buckets), "int32")
         if valid is not None:  # padding goes to the extra bucket, read by nobody
             buckets = ops.where(ops.reshape(valid, (-1,)), buckets, self.num_buckets)

@@ -122,9 +122,7 @@ class PopularitySampler(keras.layers.Layer):
         counts = upper - ops.where(ids > 0, lower, ops.zeros_like(lower))
         return ops.log(ops.cast(counts, "float32")) - float(np.log(TOTAL))
 
-    def sample(
-        self, num_samples: int, seed: keras.random.SeedGenerator
-    ) -> tuple[Tensor, Tensor]:
+    def sample(self, num_samples: int, seed: keras.random.SeedGenerator) -> tuple[Tensor, Tensor]:
         """`[num_samples]` int32 ids drawn with replacement, and their log probabilities."""
         draws = keras.random.randint((int(num_samples),), 0, TOTAL, dtype="int32", seed=seed)
         ids = ops.cast(ops.searchsorted(self.cumulative.value, draws, side="right"), "int32")
