@@ -5,7 +5,7 @@ from two_tower.backends._installed import check_backend_installed
 
 check_backend_installed()
 
-from two_tower import (
+from two_tower import (  # noqa: E402
     baselines,
     datasets,
     defaults,
@@ -14,7 +14,7 @@ from two_tower import (
     losses,
     negatives,
     saving,
-)  # noqa: E402
+)
 from two_tower.embeddings.hashed_embedding import HashedEmbedding  # noqa: E402
 from two_tower.embeddings.quotient_remainder_embedding import QuotientRemainderEmbedding  # noqa: E402
 from two_tower.metrics.factorized_top_k import FactorizedTopK  # noqa: E402

@@ -90,8 +90,6 @@ class FrequencyEstimator(keras.layers.Layer):
         self.build()
 
     def build(self, input_shape: Any = None) -> None:
-        if self.built:
-            return
         # One more bucket than asked for: masked ids (padding) are written there.
         size = (self.num_buckets + 1,)
         replicated = {"trainable": False, "aggregation": "only_first_replica"}

@@ -36,8 +36,9 @@ class PopularitySampler(keras.layers.Layer):
     weight keeps at least `2^-30`; an item of weight 0 is never drawn.
 
     A layer for its variable (saved with the model) and config; it is not
-    called, `sample` draws. Until `set_weights_from` is called (or after `from_config`, until weights
-    are loaded) every item has the same probability: uniform sampling.
+    called, `sample` draws. Until `set_weights_from` is called (or after
+    `from_config`, until weights are loaded) every item has the same
+    probability: uniform sampling.
 
     Args:
         num_items: the catalogue's ids, `0..num_items-1` (the model's
@@ -76,8 +77,6 @@ class PopularitySampler(keras.layers.Layer):
         return sampler
 
     def build(self, input_shape: Any = None) -> None:
-        if self.built:
-            return
         self.cumulative = self.add_weight(
             shape=(self.num_items,),
             initializer=keras.initializers.Constant(0),
