@@ -67,6 +67,42 @@ def test_index_scores_in_float32_unless_asked_for_float16(policy):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(ids), expected[:, :3])
 
 
+@pytest.mark.parametrize("policy", POLICIES, indirect=True)
+def test_negatives_layers_train_in_float32_under_mixed_precision(policy):
+    from two_tower.negatives import FrequencyEstimator, NegativeCache, PopularitySampler
+
+    rng = np.random.default_rng(2)
+    x = {"query": rng.integers(0, 20, 256), "candidate": rng.integers(0, 30, 256)}
+
+    def trained(policy_name):
+        keras.mixed_precision.set_global_policy(policy_name)
+        keras.utils.set_random_seed(0)
+        model = two_tower.TwoTowerRetrieval.from_ids(
+            20, 30, 8, loss="sampled_softmax", catalogue_size=30, num_sampled_negatives=5,
+            remove_accidental_hits=True,
+            frequency_estimator=FrequencyEstimator(num_buckets=30, decay=0.1),
+            negative_cache=NegativeCache(size=64, max_age=2),
+            negative_sampler=PopularitySampler.from_weights(np.arange(30) + 1.0),
+        )  # fmt: skip
+        model.compile(optimizer=keras.optimizers.Adam(0.01))
+        history = model.fit(x, batch_size=32, epochs=2, verbose=0)
+        return model, history.history["loss"]
+
+    mixed, mixed_loss = trained(policy)
+    single, single_loss = trained("float32")
+    assert np.all(np.isfinite(mixed_loss))
+    np.testing.assert_allclose(mixed_loss, single_loss, rtol=0.05)
+    for name in ("frequency_estimator", "negative_cache", "negative_sampler"):
+        for variable in getattr(mixed, name).weights:
+            assert keras.backend.standardize_dtype(variable.dtype) in ("float32", "int32")
+    # The counts do not depend on precision: equal to float32's.
+    np.testing.assert_allclose(
+        _numpy(mixed.frequency_estimator.counts.value),
+        _numpy(single.frequency_estimator.counts.value),
+        rtol=1e-6,
+    )
+
+
 def test_sparse_tables_refuse_loss_scaling_and_name_bfloat16():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

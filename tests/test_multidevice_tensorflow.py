@@ -253,3 +253,44 @@ def test_cache_estimator_and_popularity_sampling_train_like_one_device(strategy,
     steps = 2 * -(-rows // 64)
     assert int(mirrored.negative_cache.step.numpy()) == steps
     assert int(single.frequency_estimator.step.numpy()) == steps
+
+
+def test_local_negatives_scale_log_q_to_their_share(strategy):
+    # cross_replica_negatives=False: each replica's 16 candidates are a sample of
+    # 16 rows, while the probabilities are per global batch: log q + log(16 / 32).
+    replicas = strategy.num_replicas_in_sync
+    batch = 16 * replicas
+    rng = np.random.default_rng(4)
+    x = {
+        "query": rng.integers(0, USERS, batch),
+        "candidate": rng.integers(0, ITEMS, batch),
+        "candidate_sampling_probability": rng.uniform(0.1, 1.0, batch).astype("float32"),
+    }
+    weights = np.zeros(ITEMS)
+    weights[5] = 1.0  # every sampled negative is item 5 (p = 1)
+    initial = [rng.normal(size=(USERS, DIM)), rng.normal(size=(ITEMS, DIM))]
+    with strategy.scope():
+        model = two_tower.TwoTowerRetrieval(
+            keras.layers.Embedding(USERS, DIM),
+            keras.layers.Embedding(ITEMS, DIM),
+            loss="sampled_softmax", catalogue_size=ITEMS, num_sampled_negatives=3,
+            cross_replica_negatives=False,
+            negative_sampler=two_tower.negatives.PopularitySampler.from_weights(weights),
+        )  # fmt: skip
+        model.compile(optimizer="sgd")
+        model.embed_queries(np.arange(2))
+        model.embed_candidates(np.arange(2))
+        model.set_weights(initial + model.get_weights()[2:])
+    loss = model.evaluate(x, batch_size=batch, verbose=0, return_dict=True)["loss"]
+    queries, candidates = initial[0][x["query"]], initial[1][x["candidate"]]
+    log_q = np.log(x["candidate_sampling_probability"])
+    expected = []
+    for r in range(replicas):
+        rows = slice(16 * r, 16 * (r + 1))
+        columns = np.concatenate([candidates[rows], np.repeat(initial[1][[5]], 3, axis=0)])
+        correction = np.concatenate([log_q[rows] + np.log(16 / batch), np.full(3, np.log(3))])
+        logits = queries[rows] @ columns.T - correction[None, :]
+        top = logits.max(axis=1, keepdims=True)
+        log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        expected.append(np.mean(log_sum - np.diag(logits)))
+    np.testing.assert_allclose(loss, np.mean(expected), atol=1e-5, rtol=0)

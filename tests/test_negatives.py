@@ -36,9 +36,10 @@ def _dense_estimates(batches, masks, num_buckets, decay):
     return results, counts
 
 
-def test_estimator_is_a_moving_average_of_every_bucket_in_numpy():
+@pytest.mark.parametrize("decay", [0.2, 0.3, 0.6])  # 1 / decay: 5, 3.33, 1.67 warm-up steps
+def test_estimator_is_a_moving_average_of_every_bucket_in_numpy(decay):
     rng = np.random.default_rng(3)
-    num_buckets, decay = 7, 0.2  # ids up to 19 share buckets; 5 warm-up steps
+    num_buckets = 7  # ids up to 19 share buckets
     batches = [rng.integers(0, 20, 9) for _ in range(30)]
     masks = [rng.random(9) < 0.8 for _ in range(30)]
     expected, final = _dense_estimates(batches, masks, num_buckets, decay)
@@ -46,9 +47,21 @@ def test_estimator_is_a_moving_average_of_every_bucket_in_numpy():
     for ids, mask, want in zip(batches, masks, expected, strict=True):
         got = _numpy(estimator(ids, valid=mask, training=True))
         np.testing.assert_allclose(got[mask], want[mask], rtol=2e-5, atol=1e-7)
-    # Read without updating: every bucket as the dense array holds it now.
-    np.testing.assert_allclose(_numpy(estimator(np.arange(7))), final, rtol=2e-5, atol=1e-7)
+    # Read without updating: every bucket as the dense array holds it now (at least
+    # `decay`, the floor of a read).
+    np.testing.assert_allclose(
+        _numpy(estimator(np.arange(7))), np.maximum(final, decay), rtol=2e-5, atol=1e-7
+    )
     assert int(_numpy(estimator.step.value)) == 30
+
+
+def test_reading_ids_not_seen_lately_is_finite_and_at_least_decay():
+    estimator = FrequencyEstimator(num_buckets=10, decay=0.25)
+    np.testing.assert_array_equal(_numpy(estimator(np.array([0, 3]))), [0.25, 0.25])  # no step
+    for _ in range(40):
+        estimator(np.array([1, 1, 2]), training=True)
+    got = _numpy(estimator(np.array([1, 2, 7])))
+    np.testing.assert_allclose(got, [2.0, 1.0, 0.25], rtol=1e-5)  # 7: never seen
 
 
 def _zipf_stream(rng, ranking, batch, steps):
@@ -244,12 +257,13 @@ def test_cached_and_sampled_negatives_give_the_numpy_loss(loss, max_age, popular
 
 
 def test_estimated_log_q_gives_the_numpy_loss():
-    model = _model(frequency_estimator=FrequencyEstimator(num_buckets=ITEMS))
+    # decay 0.5: two warm-up steps, then the moving average (step 3).
+    model = _model(frequency_estimator=FrequencyEstimator(num_buckets=ITEMS, decay=0.5))
     query_table, item_table = _tables(model)
     batches = _batches(with_probability=False)
     history = [model.train_on_batch(x, return_dict=True)["loss"] for x in batches]
     ids = [x["candidate"] for x in batches]
-    estimates, _ = _dense_estimates(ids, [np.ones(BATCH, bool)] * 3, ITEMS, 1e-3)
+    estimates, _ = _dense_estimates(ids, [np.ones(BATCH, bool)] * 3, ITEMS, 0.5)
     for step in (0, 2):
         expected = _numpy_loss(
             (query_table[batches[step]["query"]], item_table),
@@ -261,6 +275,51 @@ def test_estimated_log_q_gives_the_numpy_loss():
         np.testing.assert_allclose(history[step], expected, rtol=1e-5)
 
 
+def test_task_assembles_batch_cache_and_sampled_columns_as_numpy():
+    # Arbitrary sampled ids and log probabilities (the model test draws p = 1).
+    from two_tower.models.retrieval_task import RetrievalTask
+
+    rng = np.random.default_rng(6)
+    query_table = rng.normal(size=(USERS, DIM)).astype("float32")
+    item_table = rng.normal(size=(ITEMS, DIM)).astype("float32")
+    users, ids = rng.integers(0, USERS, 5), np.array([1, 2, 2, 7, 3])
+    cache_ids = np.array([2, 9, 4, 1, 0, 5])
+    cache_valid = np.array([True, True, False, True, False, True])
+    cache_log_q = rng.normal(size=6).astype("float32")
+    sampled_ids, sampled_log_p = np.array([7, 0, 8]), np.log([0.1, 0.3, 0.05]).astype("float32")
+    probability = rng.uniform(0.1, 1.0, 5).astype("float32")
+    task = RetrievalTask(
+        loss="sampled_softmax", temperature=0.5, remove_accidental_hits=True,
+        catalogue_size=ITEMS, num_sampled_negatives=3, caches_negatives=True,
+    )  # fmt: skip
+    outputs = {
+        "query_embeddings": query_table[users],
+        "candidate_embeddings": item_table[ids],
+        "candidate_ids": ids,
+        "candidate_sampling_probability": probability,
+        "sampled_candidate_ids": sampled_ids.astype("int32"),
+        "sampled_candidate_embeddings": item_table[sampled_ids],
+        "sampled_candidate_log_probability": sampled_log_p,
+        "cached_negatives": {
+            "embeddings": item_table[cache_ids],
+            "ids": cache_ids.astype("int32"),
+            "log_q": cache_log_q,
+            "valid": cache_valid,
+        },
+    }
+    outputs = keras.tree.map_structure(keras.ops.convert_to_tensor, outputs)
+    loss = task.compute_loss(
+        None, outputs, None,
+        similarity_fn=lambda q, c: keras.ops.matmul(q, keras.ops.transpose(c)),
+        score_fn=None,
+    )  # fmt: skip
+    expected = _numpy_loss(
+        (query_table[users], item_table), ids, np.log(probability),
+        (cache_ids[cache_valid], cache_log_q[cache_valid]), (sampled_ids, sampled_log_p),
+    )  # fmt: skip
+    np.testing.assert_allclose(float(_numpy(loss)), expected, rtol=1e-5)
+
+
 def test_negatives_train_and_evaluate_without_touching_the_cache_in_evaluation():
     model = _model(
         frequency_estimator=FrequencyEstimator(num_buckets=16),
@@ -268,10 +327,14 @@ def test_negatives_train_and_evaluate_without_touching_the_cache_in_evaluation()
     )
     x = _batches(with_probability=False)[0]
     model.compile(optimizer=keras.optimizers.Adam(0.05))
+    assert np.isfinite(model.evaluate(x, batch_size=BATCH, verbose=0))  # before any step
     model.fit(x, batch_size=BATCH, epochs=3, verbose=0)
     steps = int(_numpy(model.negative_cache.step.value))
     estimator_steps = int(_numpy(model.frequency_estimator.step.value))
-    model.evaluate(x, batch_size=BATCH, verbose=0)
+    loss = model.evaluate(x, batch_size=BATCH, verbose=0)
+    assert np.isfinite(loss)
+    unseen = {"query": x["query"], "candidate": np.array([9, 9, 8, 1])}  # 8, 9 never trained on
+    assert np.isfinite(model.evaluate(unseen, batch_size=BATCH, verbose=0))
     assert (steps, estimator_steps) == (3, 3)
     assert int(_numpy(model.negative_cache.step.value)) == 3
     assert int(_numpy(model.frequency_estimator.step.value)) == 3

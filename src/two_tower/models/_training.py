@@ -186,6 +186,11 @@ class Training(_Base):
                     for leaf in leaves
                 ):
                     _serving.build_eagerly(tower, embed, x[key])
+            cache = getattr(self, "negative_cache", None)
+            if cache is not None and not cache.built and self.candidate_tower.built:
+                # Its rows are the candidate embeddings: their dim, from one row.
+                row = keras.tree.map_structure(lambda a: np.asarray(a)[:1], x[CANDIDATE])
+                cache.build(self.embed_candidates(row).shape)
         if strategy is not None and self.query_tower.built and self.candidate_tower.built:
             # Keras' TensorFlow trainer otherwise builds the model from the
             # replicas' MEAN batch, where the ids are floats.

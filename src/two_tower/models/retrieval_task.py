@@ -249,9 +249,10 @@ class RetrievalTask:
         With the logQ correction, each source of columns is corrected by its own
         expected occurrences of the item, so that each estimates the full
         softmax's normaliser alike: the batch and the cache are one sample from
-        the training log (`b + c` rows: a candidate's estimate per batch of `b`
-        times `(b + c) / b`), the sampled negatives another (`num_sampled_negatives`
-        times the probability of drawing it).
+        the training log (`b + c` rows: a candidate's estimate per global batch
+        of `B` times `(b + c) / B`; `b = B` but with `tf.distribute` and
+        `cross_replica_negatives=False`), the sampled negatives another
+        (`num_sampled_negatives` times the probability of drawing it).
         """
         probability = outputs.get(SAMPLING_PROBABILITY)
         log_q = None if probability is None else ops.log(ops.cast(probability, "float32"))
@@ -261,23 +262,32 @@ class RetrievalTask:
         mask = outputs.get("pair_mask")
         mask = None if mask is None else ops.cast(mask, "int32")
         positives = None
+        backend = backend_module()
+        if log_q is not None:  # the rows the estimate is per: every replica's
+            counted = _valid_rows(backend.all_replicas(_row_flags(embeddings, mask)))
         if self.cross_replica_negatives:  # (unchanged off tf.distribute)
-            embeddings, ids, log_q, mask, positives = backend_module().global_negatives(
+            embeddings, ids, log_q, mask, positives = backend.global_negatives(
                 embeddings, ids, log_q, mask
             )
         columns = [embeddings]
         id_parts = None if ids is None else [ops.cast(ids, "int32")]
-        log_q_parts = None if log_q is None else [log_q]
         rows = ops.shape(embeddings)[0]
         mask_parts = None if mask is None else [mask]
         cached = outputs.get("cached_negatives")
+        log_q_parts = None
+        if log_q is not None:
+            # The batch's columns (and the cache's) are one sample of `sample`
+            # rows from the log, the estimate is per `counted` rows: log q scales
+            # by their ratio (1 with one device and no cache).
+            sample = _valid_rows(_row_flags(embeddings, mask))
+            if cached is not None:
+                sample = sample + ops.sum(ops.cast(cached["valid"], "float32"))
+            shift = ops.log(sample / counted)
+            log_q_parts = [log_q + shift]
+            if cached is not None:
+                log_q_parts.append(cached["log_q"] + shift)
         if cached is not None:
             valid = ops.cast(cached["valid"], "int32")
-            if log_q_parts is not None:
-                batch = ops.cast(rows if mask is None else ops.sum(mask), "float32")
-                batch = ops.maximum(batch, 1.0)
-                shift = ops.log((batch + ops.cast(ops.sum(valid), "float32")) / batch)
-                log_q_parts = [log_q + shift, cached["log_q"] + shift]
             columns.append(cached["embeddings"])
             if id_parts is not None:
                 id_parts.append(cached["ids"])
@@ -338,6 +348,18 @@ class RetrievalTask:
             "num_sampled_negatives": self.num_sampled_negatives,
             "cross_replica_negatives": self.cross_replica_negatives,
         }
+
+
+def _row_flags(embeddings: Tensor, mask: Tensor | None) -> Tensor:
+    """`[rows]` int32: 1 for each row that holds a candidate (all of them without a mask)."""
+    if mask is None:
+        return ops.ones((ops.shape(embeddings)[0],), "int32")
+    return ops.cast(mask, "int32")
+
+
+def _valid_rows(flags: Tensor) -> Tensor:
+    """How many flags are set, as float32, at least 1."""
+    return ops.maximum(ops.sum(ops.cast(flags, "float32")), 1.0)
 
 
 def _joined(parts: list[Tensor] | None) -> Tensor | None:

@@ -31,7 +31,9 @@ class FrequencyEstimator(keras.layers.Layer):
 
     with `a_t = max(decay, 1 / t)` at step t: for the first `1 / decay` steps
     (the warm-up) it is the exact mean count per step so far, then a moving
-    average over about the last `1 / decay` steps. Buckets not in a batch are
+    average over about the last `1 / decay` steps. Read outside training, an id
+    not seen lately (or ever) gets at least `decay`, as if seen once in that
+    window, so that its logQ stays finite. Buckets not in a batch are
     not touched: each keeps the step it was last updated at and is decayed by
     the product of the `1 - a_s` it missed when next seen, so a step costs
     O(batch log batch) and never O(buckets).
@@ -76,6 +78,9 @@ class FrequencyEstimator(keras.layers.Layer):
         # float32 under any mixed-precision policy: counts and log probabilities
         # must not be rounded to bfloat16.
         kwargs.setdefault("dtype", "float32")
+        # Nor cast its variables when read (on TensorFlow that would turn the
+        # variable written in place into a tensor).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.num_buckets = _arguments.integer("num_buckets", num_buckets, owner=_OWNER)
         self.decay = _arguments.number(
@@ -85,8 +90,8 @@ class FrequencyEstimator(keras.layers.Layer):
             raise ValueError(
                 f"{_OWNER}: `decay` must be a finite number in (0, 1). Received: decay={decay!r}"
             )
-        # Steps of the warm-up, when the weight of a new batch is 1 / step.
-        self._warmup = max(1, round(1.0 / self.decay))
+        # Steps of the warm-up, when the weight of a new batch is 1 / step (>= decay).
+        self._warmup = max(1, math.floor(1.0 / self.decay))
         self.build()
 
     def build(self, input_shape: Any = None) -> None:
@@ -108,14 +113,14 @@ class FrequencyEstimator(keras.layers.Layer):
         """The product of `1 - a_s` over steps `before + 1 .. now` (0 when `before` is 0).
 
         In the warm-up `a_s = 1 / s`, whose product telescopes to `before / now`;
-        after it each step multiplies by `1 - decay`. Written from the step
+        after it each step multiplies by `1 - decay`. Written from integer step
         differences, never from two large logarithms, so float32 stays exact.
         """
-        warmup = float(self._warmup)
-        before = ops.cast(before, "float32")
-        now = ops.cast(now, "float32")
-        ratio = ops.minimum(before, warmup) / ops.minimum(now, warmup)
-        steps_after = ops.maximum(now, warmup) - ops.maximum(before, warmup)
+        warmup = self._warmup
+        ratio = ops.cast(ops.minimum(before, warmup), "float32") / ops.cast(
+            ops.maximum(ops.minimum(now, warmup), 1), "float32"
+        )
+        steps_after = ops.cast(ops.maximum(now, warmup) - ops.maximum(before, warmup), "float32")
         return ratio * ops.exp(steps_after * math.log1p(-self.decay))
 
     def _buckets(self, ids: Tensor, valid: Tensor | None) -> Tensor:
@@ -147,13 +152,17 @@ class FrequencyEstimator(keras.layers.Layer):
         if not training:
             now = self.step.value
             counts = backend.read_rows(self.counts, buckets)
-            return counts * self._decay_between(backend.read_rows(self.last_step, buckets), now)
+            counts = counts * self._decay_between(backend.read_rows(self.last_step, buckets), now)
+            # An id not seen lately (or ever) counts as seen once in the moving
+            # average's window: its log stays finite. (A counted id always has
+            # at least this much.)
+            return ops.maximum(counts, self.decay)
         everyone = ops.sort(backend.all_replicas(buckets))
         occurrences = ops.searchsorted(everyone, everyone, side="right") - ops.searchsorted(
             everyone, everyone, side="left"
         )
         now = self.step.value + 1
-        weight = ops.maximum(self.decay, 1.0 / ops.cast(now, "float32"))
+        weight = ops.where(now <= self._warmup, 1.0 / ops.cast(now, "float32"), self.decay)
         before = backend.read_rows(self.last_step, everyone)
         updated = backend.read_rows(self.counts, everyone) * self._decay_between(
             before, now

@@ -31,7 +31,9 @@ class NegativeCache(keras.layers.Layer):
     logQ correction it had when written) and the step that wrote it. A row is
     used while `1 <= step - written <= max_age`: `max_age` is the staleness
     bound, in training steps. A batch larger than `size` writes its first
-    `size` rows. Evaluation steps neither read nor write it.
+    `size` rows. Evaluation steps neither read nor write it. In per-position
+    training, padded positions take their slots too (written as unused), so
+    the cache holds fewer candidates than `size`.
 
     **Several devices: one global cache.** Its variables are replicated. Under
     `tf.distribute` every replica writes every replica's candidates (gathered)
@@ -63,6 +65,9 @@ class NegativeCache(keras.layers.Layer):
         # float32 under any mixed-precision policy: counts and log probabilities
         # must not be rounded to bfloat16.
         kwargs.setdefault("dtype", "float32")
+        # Nor cast its variables when read (on TensorFlow that would turn the
+        # variable written in place into a tensor).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.size = _arguments.integer("size", size, owner=_OWNER)
         self.max_age = (

@@ -64,6 +64,9 @@ class PopularitySampler(keras.layers.Layer):
         # float32 under any mixed-precision policy: counts and log probabilities
         # must not be rounded to bfloat16.
         kwargs.setdefault("dtype", "float32")
+        # Nor cast its variables when read (on TensorFlow that would turn the
+        # variable written in place into a tensor).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.num_items = _arguments.integer("num_items", num_items, maximum=2**28, owner=_OWNER)
         self.build()
