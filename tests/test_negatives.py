@@ -452,3 +452,48 @@ def test_negatives_guide_runs():
     )
     assert int(_numpy(namespace["model"].negative_cache.step.value)) == 2 * 40
     assert int(_numpy(namespace["sampled"].frequency_estimator.step.value)) == 40
+
+
+def test_packed_positions_train_like_a_row_per_prefix_with_estimator_and_cache():
+    # Padding is counted by neither layer: a packed batch and the same targets one per
+    # row give the same losses, weights and estimates, two steps in (the cache full).
+    from test_per_position_training import WIDTH, packed_batch, per_row_batch
+
+    batch = packed_batch()
+    rows = per_row_batch(batch)
+
+    def model():
+        made = two_tower.TwoTowerRetrieval.for_sequences(
+            9, max_length=WIDTH, embedding_dim=8, num_heads=2, dropout=0.0, loss="softmax",
+            remove_accidental_hits=True,
+            frequency_estimator=FrequencyEstimator(num_buckets=9, decay=0.5),
+            negative_cache=NegativeCache(size=64),
+        )  # fmt: skip
+        made.compile(optimizer=keras.optimizers.SGD(0.5))
+        made.predict({"history": rows["query"]["history"][:1]}, verbose=0)
+        return made
+
+    packed_model, row_model = model(), model()
+    rng = np.random.default_rng(0)
+    tables = {id(w): rng.normal(scale=0.3, size=w.shape).astype("float32")
+              for w in packed_model.trainable_weights}  # fmt: skip
+    for made in (packed_model, row_model):
+        for mine, theirs in zip(
+            made.trainable_weights, packed_model.trainable_weights, strict=True
+        ):
+            mine.assign(tables[id(theirs)])
+    packed = packed_model.fit(batch, batch_size=99, epochs=2, shuffle=False, verbose=0)
+    by_row = row_model.fit(rows, batch_size=99, epochs=2, shuffle=False, verbose=0)
+    np.testing.assert_allclose(packed.history["loss"], by_row.history["loss"], rtol=1e-5)
+    for after, other in zip(
+        packed_model.trainable_weights, row_model.trainable_weights, strict=True
+    ):
+        np.testing.assert_allclose(_numpy(after.value), _numpy(other.value), atol=2e-5, rtol=1e-4)
+    targets = rows["candidate"]
+    np.testing.assert_allclose(
+        _numpy(packed_model.frequency_estimator(np.arange(9))),
+        np.maximum(np.bincount(targets, minlength=9), 0.5),  # the same 9 targets twice
+        rtol=1e-6,
+    )
+    written = _numpy(packed_model.negative_cache.written.value) > 0
+    assert written.sum() == 2 * len(targets)  # every target of both steps, no padding

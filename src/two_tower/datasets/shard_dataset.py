@@ -87,13 +87,9 @@ class ShardDataset(keras.utils.PyDataset):
             hashed on one core, plus the disk read (its cost beside an epoch:
             "Integrity checks" on the benchmarks page). With False, a column
             changed without changing its size goes unseen.
-        sampling_probability: a column (e.g. `"item"`) whose chance of
-            appearing in a batch, `1 - (1 - f) ** batch_size` for an id that is a
-            fraction f of the log, is added to each batch as
-            `x["candidate_sampling_probability"]`, for `TwoTowerRetrieval`'s logQ
-            correction (as `SequenceDataset` does; for rare ids about
-            `batch_size * f`, the units of sampled negatives' correction
-            `num_sampled_negatives / catalogue_size`). The column needs an id
+        sampling_probability: a column (e.g. `"item"`) whose frequency in the
+            log is added to each batch as `x["candidate_sampling_probability"]`,
+            for `TwoTowerRetrieval`'s logQ correction. The column needs an id
             limit (from the generator or `id_limits`). The counts take one pass
             over the shards when the dataset is made, and O(ids) memory.
         label: a column (e.g. a rating) given to `fit` as `y`: batches become
@@ -211,12 +207,8 @@ class ShardDataset(keras.utils.PyDataset):
                 if column == self.sampling_probability:  # logQ counts, in the same pass
                     counts += np.bincount(array, minlength=counts.shape[0])
         self._rows = np.array([int(shard["rows"]) for shard in shards])
-        # Each id's chance of appearing in a batch, from its share of the log's rows.
-        self._frequency = (
-            None
-            if self.sampling_probability is None
-            else -np.expm1(self.batch_size * np.log1p(-counts / counts.sum()))
-        )
+        # Share of the log's rows holding each id of the `sampling_probability` column.
+        self._frequency = None if self.sampling_probability is None else counts / counts.sum()
         self._plan = self._epoch_plan()
 
     def _limits(

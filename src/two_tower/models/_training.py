@@ -187,7 +187,12 @@ class Training(_Base):
                 ):
                     _serving.build_eagerly(tower, embed, x[key])
             cache = getattr(self, "negative_cache", None)
-            if cache is not None and not cache.built and self.candidate_tower.built:
+            if (
+                cache is not None
+                and not cache.built
+                and self.candidate_tower.built
+                and x.get(CANDIDATE) is not None
+            ):
                 # Its rows are the candidate embeddings: their dim, from one row.
                 row = keras.tree.map_structure(lambda a: np.asarray(a)[:1], x[CANDIDATE])
                 cache.build(self.embed_candidates(row).shape)
