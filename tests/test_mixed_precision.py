@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from two_tower.datasets import movielens
+from testing import fit_default_model, tutorial_split
 from two_tower.evaluation import evaluate_retrieval
 
 POLICIES = ("mixed_bfloat16", "mixed_float16")
@@ -116,25 +116,10 @@ def test_sparse_tables_refuse_loss_scaling_and_name_bfloat16():
 
 
 def _movielens_top_100(data_dir, policy: str) -> float:
-    ratings = movielens.load_ratings(data_dir)
-    records = {
-        "user": ratings["user_id"].astype("int32"),
-        "movie": ratings["movie_id"].astype("int32"),
-    }
-    train, test = movielens.random_split(records, test_fraction=0.2, seed=42)
+    train, test = tutorial_split(data_dir)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        keras.utils.set_random_seed(42)
-        model = two_tower.TwoTowerRetrieval.from_ids(944, 1683)
-        model.compile(
-            optimizer=two_tower.defaults.optimizer(),
-            steps_per_execution=two_tower.defaults.steps_per_execution(),
-        )
-        model.fit(
-            {"query": train["user"], "candidate": train["movie"]},
-            verbose=0,
-            **two_tower.defaults.FIT,
-        )
+        model = fit_default_model(train)
         queries = _numpy(model.query_tower(np.arange(944)))
         catalogue = _numpy(model.candidate_tower(np.arange(1683)))
     finally:

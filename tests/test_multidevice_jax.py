@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import doc_blocks, interactions, missing_devices, pairs_for
+from testing import (
+    doc_blocks,
+    fit_default_model,
+    interactions,
+    missing_devices,
+    negative_layers,
+    pairs_for,
+    tutorial_split,
+)
 
 DEVICES = 8
 USERS, ITEMS, ROWS = 40, 64, 512
@@ -302,24 +310,9 @@ def test_sharded_index_is_exact_with_ties(kind, tmp_path):
 @pytest.mark.real_data
 def test_movielens_default_on_8_devices_clears_the_bar(real_data_dir):
     """The single-device bar of test_quality.py, trained and served on a 2 x 4 mesh."""
-    from two_tower.datasets import movielens
-
-    ratings = movielens.load_ratings(real_data_dir)
-    records = {
-        "user": ratings["user_id"].astype("int32"),
-        "movie": ratings["movie_id"].astype("int32"),
-    }
-    train, test = movielens.random_split(records, test_fraction=0.2, seed=42)
+    train, test = tutorial_split(real_data_dir)
     keras.distribution.set_distribution(_model_parallel())
-    keras.utils.set_random_seed(42)
-    model = two_tower.TwoTowerRetrieval.from_ids(944, 1683)
-    model.compile(
-        optimizer=two_tower.defaults.optimizer(),
-        steps_per_execution=two_tower.defaults.steps_per_execution(),
-    )
-    model.fit(
-        {"query": train["user"], "candidate": train["movie"]}, verbose=0, **two_tower.defaults.FIT
-    )
+    model = fit_default_model(train)
     assert _rows_per_device(model.candidate_tower.embedding.embeddings) == {421}
     movies = np.arange(1, 1683)
     model.index_candidates(movies, candidate_ids=movies)  # sharded over the 8 devices
@@ -496,12 +489,7 @@ def test_distributed_guide_runs_on_jax():
 def _negatives_model():
     return two_tower.TwoTowerRetrieval.from_ids(
         USERS, ITEMS, 8, loss="sampled_softmax", num_sampled_negatives=8,
-        remove_accidental_hits=True,
-        frequency_estimator=two_tower.negatives.FrequencyEstimator(num_buckets=ITEMS),
-        negative_cache=two_tower.negatives.NegativeCache(size=128, max_age=2),
-        negative_sampler=two_tower.negatives.PopularitySampler.from_weights(
-            1.0 / np.arange(1, ITEMS + 1)
-        ),
+        remove_accidental_hits=True, **negative_layers(ITEMS),
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import two_tower
-from testing import interactions, missing_devices, pairs_for
+from testing import interactions, missing_devices, negative_layers, pairs_for
 
 USERS, ITEMS, DIM = 40, 64, 8
 
@@ -218,21 +218,7 @@ def test_per_position_training_is_the_same_across_replicas(strategy, loss):
 
 
 def _negatives_model(initial=None):
-    model = two_tower.TwoTowerRetrieval.from_ids(
-        USERS, ITEMS, DIM, loss="sampled_softmax", num_sampled_negatives=8,
-        remove_accidental_hits=True,
-        frequency_estimator=two_tower.negatives.FrequencyEstimator(num_buckets=ITEMS),
-        negative_cache=two_tower.negatives.NegativeCache(size=128, max_age=2),
-        negative_sampler=two_tower.negatives.PopularitySampler.from_weights(
-            1.0 / np.arange(1, ITEMS + 1)
-        ),
-    )  # fmt: skip
-    model.compile(optimizer=keras.optimizers.SGD(0.1))
-    model.embed_queries(np.arange(2))
-    model.embed_candidates(np.arange(2))
-    if initial is not None:
-        model.set_weights(initial)
-    return model
+    return _model("sampled_softmax", initial, **negative_layers(ITEMS))
 
 
 @pytest.mark.parametrize("rows", [512, 565])

@@ -450,7 +450,8 @@ def test_negatives_guide_runs():
     namespace = run_doc_blocks(
         "docs/negatives.md", "test_negatives.py::test_negatives_guide_runs", {}
     )
-    assert int(_numpy(namespace["model"].negative_cache.step.value)) == 2 * 40
+    assert int(_numpy(namespace["model"].frequency_estimator.step.value)) == 2 * 40
+    assert int(_numpy(namespace["cached"].negative_cache.step.value)) == 40
     assert int(_numpy(namespace["sampled"].frequency_estimator.step.value)) == 40
 
 

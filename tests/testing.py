@@ -48,6 +48,51 @@ def interactions(rows: int, users: int, items: int) -> tuple[dict[str, np.ndarra
     return x, rng.uniform(1, 5, rows).astype("float32")
 
 
+def negative_layers(items: int) -> dict[str, Any]:
+    """A `FrequencyEstimator`, a `NegativeCache` and a Zipf `PopularitySampler` over
+    `items`, as `TwoTowerRetrieval` keyword arguments (the multi-device tests)."""
+    import two_tower
+
+    return {
+        "frequency_estimator": two_tower.negatives.FrequencyEstimator(num_buckets=items),
+        "negative_cache": two_tower.negatives.NegativeCache(size=128, max_age=2),
+        "negative_sampler": two_tower.negatives.PopularitySampler.from_weights(
+            1.0 / np.arange(1, items + 1)
+        ),
+    }
+
+
+def tutorial_split(data_dir: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The keras-rs tutorial's MovieLens 100K split: 80/20 by a permutation with seed 42."""
+    from two_tower.datasets import movielens
+
+    ratings = movielens.load_ratings(data_dir)
+    records = {
+        "user": ratings["user_id"].astype("int32"),
+        "movie": ratings["movie_id"].astype("int32"),
+    }
+    return movielens.random_split(records, test_fraction=0.2, seed=42)
+
+
+def fit_default_model(train: dict[str, np.ndarray]) -> Any:
+    """`from_ids(944, 1683)` trained on the tutorial split's `train` with the defaults
+    (seed 42), under whatever distribution and dtype policy are set."""
+    import keras
+
+    import two_tower
+
+    keras.utils.set_random_seed(42)
+    model = two_tower.TwoTowerRetrieval.from_ids(944, 1683)
+    model.compile(
+        optimizer=two_tower.defaults.optimizer(),
+        steps_per_execution=two_tower.defaults.steps_per_execution(),
+    )
+    model.fit(
+        {"query": train["user"], "candidate": train["movie"]}, verbose=0, **two_tower.defaults.FIT
+    )
+    return model
+
+
 def pairs_for(loss: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`x` without the logQ entry when `loss` does not use it (fit refuses it there)."""
     if loss in ("mse", "full_softmax"):
@@ -248,6 +293,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
     "docs/negatives.md": {
         0: "test_negatives.py::test_negatives_guide_runs",
         1: "test_negatives.py::test_negatives_guide_runs",
+        2: "test_negatives.py::test_negatives_guide_runs",
     },
     "docs/open-ids.md": {
         0: "test_hashed_embeddings.py::test_open_ids_guide_runs",
