@@ -65,7 +65,7 @@ class FrequencyEstimator(keras.layers.Layer):
         ValueError: a `num_buckets` that is not a positive integer, or a
             `decay` outside (0, 1).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> estimator = two_tower.negatives.FrequencyEstimator(num_buckets=8)
         >>> for _ in range(4):

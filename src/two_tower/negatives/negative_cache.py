@@ -50,7 +50,7 @@ class NegativeCache(keras.layers.Layer):
     Raises:
         ValueError: a `size` or `max_age` that is not a positive integer.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> cache = two_tower.negatives.NegativeCache(size=4)
         >>> first = cache(np.ones((2, 3), "float32"), np.array([7, 8]), training=True)

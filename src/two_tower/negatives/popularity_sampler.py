@@ -48,7 +48,7 @@ class PopularitySampler(keras.layers.Layer):
     Raises:
         ValueError: a `num_items` that is not an integer in [1, 2^28].
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> sampler = two_tower.negatives.PopularitySampler.from_weights(
         ...     np.array([0.0, 1.0, 3.0]))
