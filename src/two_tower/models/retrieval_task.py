@@ -281,7 +281,7 @@ class RetrievalTask:
             # by their ratio (1 with one device and no cache).
             sample = _valid_rows(_row_flags(embeddings, mask))
             if cached is not None:
-                sample = sample + ops.sum(ops.cast(cached["valid"], "float32"))
+                sample = sample + position_count(cached["valid"])
             shift = ops.log(sample / counted)
             log_q_parts = [log_q + shift]
             if cached is not None:
@@ -359,7 +359,7 @@ def _row_flags(embeddings: Tensor, mask: Tensor | None) -> Tensor:
 
 def _valid_rows(flags: Tensor) -> Tensor:
     """How many flags are set, as float32, at least 1."""
-    return ops.maximum(ops.sum(ops.cast(flags, "float32")), 1.0)
+    return ops.maximum(position_count(flags), 1.0)
 
 
 def _joined(parts: list[Tensor] | None) -> Tensor | None:
