@@ -164,8 +164,9 @@ def cross_backend(session: nox.Session) -> None:
 
 @nox.session(name="tests-multidevice")
 def tests_multidevice(session: nox.Session) -> None:
-    """Runs the distribution tests: 8 simulated JAX devices, 2 and 4 logical TF CPUs."""
-    session.install(*BACKEND_PACKAGES["tensorflow"])
+    """Runs the distribution tests: 8 simulated JAX devices, 2 and 4 logical TF CPUs,
+    and a torch process group of 2 processes on 127.0.0.1 (`torchrun`, gloo)."""
+    session.install(*BACKEND_PACKAGES["tensorflow"], *BACKEND_PACKAGES["torch"])
     _install(session, "jax", "test")
     env = _environment("jax")
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", TWO_TOWER_MULTIDEVICE="1")
@@ -174,6 +175,9 @@ def tests_multidevice(session: nox.Session) -> None:
         env = _environment("tensorflow")
         env.update(TWO_TOWER_LOGICAL_CPUS=devices, TWO_TOWER_MULTIDEVICE="1")
         session.run("pytest", "tests/test_multidevice_tensorflow.py", *session.posargs, env=env)
+    env = _test_environment(session, "torch")  # one OpenMP thread per process
+    env.update(TWO_TOWER_MULTIDEVICE="1")
+    session.run("pytest", "tests/test_multidevice_torch.py", *session.posargs, env=env)
 
 
 @nox.session

@@ -131,7 +131,8 @@ def test_shuffled_epochs_are_the_drawn_permutations(monkeypatch: pytest.MonkeyPa
     drawn: list[np.ndarray] = []
 
     class Recording:
-        def __init__(self) -> None:
+        def __init__(self, shared: object = None) -> None:
+            del shared  # (torch: rank 0's seed, under a process group)
             self.random = np.random.default_rng(3)
 
         def permutation(self, rows: int) -> np.ndarray:

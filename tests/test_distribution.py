@@ -92,7 +92,14 @@ def test_cross_replica_negatives_is_stored_and_checked():
 @pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="torch process groups exist on torch only"
 )
-def test_torch_process_group_of_several_processes_is_refused(monkeypatch):
+@pytest.mark.parametrize(
+    "option", [{"validation_split": 0.25}, {"class_weight": {0: 1.0}}, {"shuffle": "batch"}]
+)
+def test_torch_process_group_refuses_arrays_that_would_reach_every_process_whole(
+    monkeypatch, option
+):
+    # Keras' own adapter would hand each process the whole global batches, as if
+    # they were its share (tests/test_multidevice_torch.py trains real groups).
     import torch.distributed
 
     model = two_tower.TwoTowerRetrieval.from_ids(10, 20, 4)
@@ -103,9 +110,8 @@ def test_torch_process_group_of_several_processes_is_refused(monkeypatch):
     model.embed_queries(np.arange(2))
     model.embed_candidates(np.arange(2))
     before = model.get_weights()
-    for run in (model.fit, model.evaluate):
-        with pytest.raises(RuntimeError, match="process group of 2 processes"):
-            run(x, verbose=0)
+    with pytest.raises(ValueError, match=r"process group of 2 processes.*validation_split"):
+        model.fit(x, verbose=0, **option)
     for weights, kept in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(weights, kept)  # refused before any step
 

@@ -121,9 +121,10 @@ class BackendModule(Protocol):
         Repeated ids must carry equal rows."""
         ...
 
-    def check_replicas(self) -> None:
-        """Raises where training would silently run as several independent copies (a
-        torch process group)."""
+    def check_replicas(self, what: str, x: Any) -> None:
+        """Raises where `what` (`"fit"`, `"evaluate"`) would hand `x`, as Keras will
+        receive it, whole to each of several processes that expect their own share
+        (torch: NumPy arrays on Keras' own adapter under a process group)."""
         ...
 
     def map_slices(self, function: Callable[[Any], Any], xs: Any) -> Any:

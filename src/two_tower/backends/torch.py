@@ -26,15 +26,16 @@ import keras
 import numpy as np
 import torch
 
+# Several processes (`torchrun`): the collectives of the train steps.
+from two_tower.backends import torch_distributed
+
 # Hooks with nothing to do on this backend (see two_tower.backends).
-from two_tower.backends._defaults import all_replicas as all_replicas
-from two_tower.backends._defaults import global_negatives as global_negatives
-from two_tower.backends._defaults import loop_callbacks as loop_callbacks
 from two_tower.backends._defaults import map_devices as map_devices
-from two_tower.backends._defaults import replica_loss as replica_loss
 
 # Exports run in a TensorFlow child process.
 from two_tower.backends._export_process import export_artefact as export_artefact
+from two_tower.backends.torch_distributed import all_replicas as all_replicas
+from two_tower.backends.torch_distributed import global_negatives as global_negatives
 from two_tower.models import _array_training
 
 SERVING_SLOTS = 2
@@ -123,27 +124,60 @@ def compile_inference(
     return run
 
 
-def check_replicas() -> None:
-    """Raises when `fit`/`evaluate` run in a torch process group of several processes.
+def check_replicas(what: str, x: Any) -> None:
+    """Raises where `fit` under a torch process group would train on each global
+    batch as if it were one process's share.
 
-    Released Keras (3.15) has no `keras.distribution` for torch and does not
-    average gradients across processes, so each process would silently train
-    its own copy on its own data. Until Keras does, we refuse.
+    Under several processes, `fit` on NumPy arrays cuts each process's rows out
+    of every global batch on two_tower's own array path (`array_train_function`);
+    arrays that go through Keras' own adapter instead (with `validation_split`,
+    `class_weight`, `shuffle="batch"`, `run_eagerly` or `jit_compile=True`) would
+    reach every process whole. Datasets and generators are each process's own
+    batches (see `torch_distributed`), so they pass.
 
     Raises:
-        RuntimeError: naming the world size, and what to use instead.
+        ValueError: naming the world size and what to do instead.
     """
-    distributed = torch.distributed
-    if distributed.is_available() and distributed.is_initialized():
-        world_size = distributed.get_world_size()
-        if world_size > 1:
-            raise RuntimeError(
-                f"two_tower cannot train under a torch process group of {world_size} "
-                "processes: Keras 3.15 on torch has no distributed training, so each "
-                "process would train its own model on its own data without a word. Train "
-                "on one process, or use the JAX backend with keras.distribution or the "
-                "TensorFlow backend with tf.distribute (see docs/distributed.md)."
-            )
+    size = torch_distributed.world_size()
+    if what != "fit" or size == 1 or not isinstance(x, dict):
+        return
+    leaves = keras.tree.flatten(x)
+    if leaves and all(isinstance(leaf, np.ndarray) for leaf in leaves):
+        raise ValueError(
+            f"Under a torch process group of {size} processes, fit splits NumPy arrays "
+            "into each process's share of every batch only without validation_split, "
+            "class_weight, shuffle='batch', run_eagerly and jit_compile=True, which send "
+            "the arrays through Keras' own adapter, whole to every process. Drop those "
+            "options (pass validation_data), or give each process its own batches as a "
+            "dataset (see docs/distributed.md, 'PyTorch')."
+        )
+
+
+def loop_callbacks() -> list[keras.callbacks.Callback]:
+    """Under a process group of several processes, a callback that has the first
+    step of each `fit` broadcast rank 0's variables (`torch_distributed`)."""
+    return [_SynchroniseAtTrainBegin()] if torch_distributed.world_size() > 1 else []
+
+
+class _SynchroniseAtTrainBegin(keras.callbacks.Callback):
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.model._process_group_synchronised = False  # noqa: SLF001
+
+
+def _synchronise(model: keras.Model) -> None:
+    """Rank 0's variables on every process, at the first step of a `fit` (or the
+    first `train_on_batch`)."""
+    if not getattr(model, "_process_group_synchronised", False):
+        torch_distributed.broadcast_state(model)
+        model._process_group_synchronised = True  # noqa: SLF001
+
+
+def replica_loss(loss: Any, rows: Any, batch_rows: Any = None) -> Any:
+    """This process's share of the global mean under a process group of several
+    processes (`torch_distributed.replica_loss`); `loss` unchanged otherwise.
+    `batch_rows` is unused: the step logs the global mean itself."""
+    del batch_rows
+    return torch_distributed.replica_loss(loss, rows)
 
 
 def host_tensor(array: Any) -> torch.Tensor:
@@ -220,34 +254,57 @@ def sparse_train_step(model: keras.Model, *args: Any) -> Any:
     As Keras' own step, except that each lookup's rows are a leaf tensor cut
     off the table, so `backward()` fills a `[lookups, dim]` gradient and never a
     `[rows, dim]` one, and `_sparse_training.apply_updates` writes those rows
-    with `index_copy_`.
+    with `index_copy_`. Under a process group of several processes, the dense
+    gradients are summed and every process's looked-up ids and row gradients
+    gathered before the update (`torch_distributed`).
     """
     from two_tower.sparse import _lookups, _sparse_training
 
     (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    recorder = _Recorder()
-    model.zero_grad()
-    with _lookups.recording(recorder):
-        # Through `Layer.__call__`: `_calls_directly`'s shortcut is the dense step's.
-        y_pred, loss = _forward_and_loss(model, x, y, sample_weight, model)
-    # After the forward pass, which builds the tables if `fit` did not.
-    _, dense_variables = _sparse_training.split_variables(model)
-    if loss.requires_grad:  # False when nothing trainable was used
-        loss.backward()
-    row_gradients = [
-        torch.zeros_like(rows) if rows.grad is None else rows.grad for rows in recorder.rows
-    ]
+    with torch_distributed.training_step() as several:
+        if several:
+            _synchronise(model)
+        recorder = _Recorder()
+        model.zero_grad()
+        with _lookups.recording(recorder):
+            # Through `Layer.__call__`: `_calls_directly`'s shortcut is the dense step's.
+            y_pred, loss, logged = _forward_and_loss(
+                model, x, y, sample_weight, model, track=not several
+            )
+        # After the forward pass, which builds the tables if `fit` did not.
+        _, dense_variables = _sparse_training.split_variables(model)
+        if loss.requires_grad:  # False when nothing trainable was used
+            loss.backward()
+        row_gradients = [
+            torch.zeros_like(rows) if rows.grad is None else rows.grad for rows in recorder.rows
+        ]
+        lookups = list(zip(recorder.layers, recorder.ids, row_gradients, strict=True))
+        dense_gradients = [variable.value.grad for variable in dense_variables]
+        if several:
+            dense_gradients = _reduced(model, dense_gradients, logged, x)
+            lookups = torch_distributed.gather_rows(lookups)
     with torch.no_grad():
         _sparse_training.apply_updates(
-            model.optimizer,
-            list(zip(recorder.layers, recorder.ids, row_gradients, strict=True)),
-            [variable.value.grad for variable in dense_variables],
-            dense_variables,
-            read_rows,
-            write_rows,
+            model.optimizer, lookups, dense_gradients, dense_variables, read_rows, write_rows
         )
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _reduced(
+    model: keras.Model, gradients: list[Any], logged: Any, x: Any
+) -> list[torch.Tensor | None]:
+    """`gradients` summed over the processes, and the global batch's mean loss
+    logged by its rows, as one process logs its batch."""
+    gradients, loss, rows = torch_distributed.reduce_gradients(gradients, logged, _rows(x))
+    model._loss_tracker.update_state(loss, sample_weight=rows)  # noqa: SLF001
+    return gradients
+
+
+def _rows(x: Any) -> int:
+    """The rows of a batch `x` (those of its first array)."""
+    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
+    return int(first.shape[0])
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -291,7 +348,7 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
     device = keras.tree.flatten(data)[0].device
     takers = keras.tree.map_structure(_row_taker, data)
     on_host = device.type == "cpu"
-    random = _array_training.random_generator()
+    random = _array_training.random_generator(torch_distributed.shared_seed)
     order = [np.arange(columns.rows) if on_host else torch.arange(columns.rows, device=device)]
 
     def train_function(steps: Any) -> Any:
@@ -300,6 +357,8 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
             permutation = random.permutation(columns.rows)
             order[0] = permutation if on_host else torch.from_numpy(permutation).to(device)
         indices = _array_training.batch_rows(order[0], step, columns.batch_size)
+        # Under several processes, this process's block of the global batch.
+        indices = torch_distributed.local_rows(indices)
         batch = keras.tree.map_structure(lambda take: take(indices), takers)
         return model.train_step(batch)
 
@@ -339,49 +398,64 @@ def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: 
       (`Module.zero_grad` walks every submodule);
     - the model's own `call` runs without `Layer.__call__` around it where that
       changes nothing (`_calls_directly`).
+    Under a process group of several processes, the gradients are summed over
+    the processes before the update (`torch_distributed`).
     `keras_train_step` is unused.
     """
     del keras_train_step
     (data,) = args
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = model.trainable_weights
-    for variable in variables:
-        variable.value.grad = None
-    forward: Callable[..., Any] = model
-    if _calls_directly(model):
-        model._clear_losses()  # noqa: SLF001  # what the outermost `__call__` does
-        forward = model.call
-    y_pred, loss = _forward_and_loss(model, x, y, sample_weight, forward)
-    if variables:
-        loss.backward()
-        gradients = [variable.value.grad for variable in variables]
-        with torch.no_grad():
-            model.optimizer.apply(gradients, variables)
-    else:
-        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+    with torch_distributed.training_step() as several:
+        if several:
+            _synchronise(model)
+        for variable in variables:
+            variable.value.grad = None
+        forward: Callable[..., Any] = model
+        if _calls_directly(model):
+            model._clear_losses()  # noqa: SLF001  # what the outermost `__call__` does
+            forward = model.call
+        y_pred, loss, logged = _forward_and_loss(
+            model, x, y, sample_weight, forward, track=not several
+        )
+        if variables:
+            loss.backward()
+            gradients = [variable.value.grad for variable in variables]
+            if several:
+                gradients = _reduced(model, gradients, logged, x)
+            with torch.no_grad():
+                model.optimizer.apply(gradients, variables)
+        else:
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
 def _forward_and_loss(
-    model: keras.Model, x: Any, y: Any, sample_weight: Any, forward: Callable[..., Any]
-) -> tuple[Any, Any]:
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    forward: Callable[..., Any],
+    track: bool = True,
+) -> tuple[Any, Any, Any]:
     """The start of Keras' torch `train_step`: `forward(x, training=True)`, the
-    loss, the loss tracker's update (by the batch's rows) and `scale_loss`.
+    loss, the loss tracker's update (by the batch's rows; not when `track` is
+    False) and `scale_loss`.
     Deliberately not shared with `backends/tensorflow.py`'s twin: each follows its
     own backend's Keras trainer (here `forward` may skip `Layer.__call__`).
 
     Returns:
-        `(y_pred, loss)`: the predictions and the scaled loss to differentiate.
+        `(y_pred, loss, logged)`: the predictions, the scaled loss to
+        differentiate and the loss before scaling.
     """
     y_pred = forward(x, training=True)
-    loss = model._compute_loss(  # noqa: SLF001
+    logged = model._compute_loss(  # noqa: SLF001
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
-    first = next(leaf for leaf in keras.tree.flatten(x) if leaf is not None)
-    model._loss_tracker.update_state(loss, sample_weight=first.shape[0])  # noqa: SLF001
-    if model.optimizer is not None:
-        loss = model.optimizer.scale_loss(loss)
-    return y_pred, loss
+    if track:
+        model._loss_tracker.update_state(logged, sample_weight=_rows(x))  # noqa: SLF001
+    loss = logged if model.optimizer is None else model.optimizer.scale_loss(logged)
+    return y_pred, loss, logged
 
 
 def _calls_directly(model: keras.Model) -> bool:

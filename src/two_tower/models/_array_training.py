@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -167,9 +167,12 @@ def batch_rows(order: Any, step: Any, batch_size: int) -> Any:
     return order[start : start + batch_size]
 
 
-def random_generator() -> np.random.Generator:
+def random_generator(shared: Callable[[int], int] | None = None) -> np.random.Generator:
     """A NumPy generator for the epochs' row orders, seeded from NumPy's global state.
 
     So `keras.utils.set_random_seed` (which seeds NumPy) makes the orders repeat.
+    `shared` maps the seed drawn to the one every process of a group uses
+    (torch: rank 0's), so that they cut their shares from the same orders.
     """
-    return np.random.default_rng(np.random.randint(2**31 - 1))
+    seed = np.random.randint(2**31 - 1)
+    return np.random.default_rng(seed if shared is None else shared(seed))

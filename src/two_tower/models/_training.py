@@ -104,7 +104,6 @@ class Training(_Base):
 
     def _run_loop(self, what: str, loop: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
         """Checks and prepares `fit`/`evaluate` inputs, then runs Keras' `loop`."""
-        backend_module().check_replicas()
         args, kwargs = _input_checks.fit_arguments(what, args, kwargs)
         if not kwargs.get("_use_cached_eval_dataset"):
             # (Keras' fit evaluates its validation data, already encoded, that way.)
@@ -126,6 +125,7 @@ class Training(_Base):
             args, kwargs, train_function = _array_training.prepare(
                 self, args, kwargs, backend_module()
             )
+        backend_module().check_replicas(what, args[0] if args else kwargs.get("x"))
         with (
             backend_module().keep_state_on_error(self),
             _array_training.installed(self, train_function),

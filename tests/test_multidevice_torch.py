@@ -1,0 +1,89 @@
+"""Training in a torch process group of 2 processes equals one process.
+
+Runs in the `tests-multidevice` nox session: `torchrun` starts 2 processes on
+127.0.0.1 (gloo), each trains every case of `process_group_training.py` from its
+own seed and saves its weights and losses; here each case is trained again in
+this process, from rank 0's seed, and compared. Every other session skips this
+file, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import process_group_training as group
+
+PROCESSES = 2
+
+
+def _skip_reason() -> str | None:
+    if keras.backend.backend() != "torch":
+        return "torch.distributed runs on torch only (the tests-multidevice session)"
+    if not os.environ.get("TWO_TOWER_MULTIDEVICE"):
+        return "starts a process group of 2 processes: run the tests-multidevice session"
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The folder of every case's `<case>.<rank>.npz`, trained by the group."""
+    out = tmp_path_factory.mktemp("process_group")
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={PROCESSES}", "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(Path(group.__file__)), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _weights(saved: np.lib.npyio.NpzFile, prefix: str) -> list[np.ndarray]:
+    count = sum(name.startswith(prefix) for name in saved.files)
+    return [saved[f"{prefix}{i}"] for i in range(count)]
+
+
+@pytest.mark.parametrize("case", group.cases())
+def test_two_processes_train_like_one(trained, case):
+    keras.utils.set_random_seed(group.SEED)  # rank 0's
+    single, logs = group.train(case)
+    ranks = [np.load(trained / f"{case}.{rank}.npz") for rank in range(PROCESSES)]
+    # Each rank started from its own seed; the first step took rank 0's weights.
+    first, second = (_weights(saved, "initial_") for saved in ranks)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    final = [_weights(saved, "weight_") for saved in ranks]
+    for mine, theirs in zip(final[1], final[0], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    expected = single.get_weights()
+    assert len(final[0]) == len(expected)
+    assert any(not np.allclose(a, b) for a, b in zip(final[0], first, strict=True))  # trained
+    for saved in ranks:
+        np.testing.assert_allclose(saved["losses"], logs["losses"], atol=1e-5, rtol=0)
+    for mine, theirs in zip(final[0], expected, strict=True):
+        np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_arrays_on_keras_own_adapter_are_refused(trained):
+    for rank in range(PROCESSES):
+        message = (trained / f"refused.{rank}.txt").read_text()
+        assert "process group of 2 processes" in message and "validation_split" in message
