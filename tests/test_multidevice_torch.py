@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import process_group_training as group
+from testing import doc_blocks
 
 PROCESSES = 2
 
@@ -42,19 +43,25 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The folder of every case's `<case>.<rank>.npz`, trained by the group."""
-    out = tmp_path_factory.mktemp("process_group")
+def _torchrun(script: Path, *arguments: str, cwd: Path | None = None) -> None:
+    """`script` run by `PROCESSES` processes of one process group on 127.0.0.1."""
     command = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={PROCESSES}", "--master-addr=127.0.0.1",
         f"--master-port={_free_port()}",
-        str(Path(group.__file__)), str(out),
+        str(script), *arguments,
     ]  # fmt: skip
     env = {**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(group.__file__).parent), *sys.path])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The folder of every case's `<case>.<rank>.npz`, trained by the group."""
+    out = tmp_path_factory.mktemp("process_group")
+    _torchrun(Path(group.__file__), str(out))
     return out
 
 
@@ -87,3 +94,28 @@ def test_arrays_on_keras_own_adapter_are_refused(trained):
     for rank in range(PROCESSES):
         message = (trained / f"refused.{rank}.txt").read_text()
         assert "process group of 2 processes" in message and "validation_split" in message
+
+
+def test_distributed_guide_runs_under_torchrun(tmp_path):
+    (block,) = doc_blocks(
+        "docs/distributed.md",
+        "test_multidevice_torch.py::test_distributed_guide_runs_under_torchrun",
+    )
+    data = "\n".join([
+        "from testing import interactions, pairs_for",
+        "x = pairs_for('full_softmax', interactions(8192, 40, 64)[0])  # from_ids' default loss",
+        "num_users, num_items = 40, 64",
+    ])  # fmt: skip
+    after = "\n".join([
+        "import numpy as np",
+        "rank = os.environ['RANK']  # torchrun's",
+        "np.savez(f'weights.{rank}.npz', *model.get_weights(), loss=model.history.history['loss'])",
+    ])  # fmt: skip
+    (tmp_path / "train.py").write_text("\n".join([data, block, after]))
+    _torchrun(tmp_path / "train.py", cwd=tmp_path)
+    first, second = (np.load(tmp_path / f"weights.{rank}.npz") for rank in range(PROCESSES))
+    for name in first.files:
+        np.testing.assert_array_equal(first[name], second[name])
+    losses = first["loss"]
+    assert len(losses) == 10 and np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (tmp_path / "model.keras").is_file()

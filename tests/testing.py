@@ -307,6 +307,7 @@ DOC_BLOCK_RUNNERS: dict[str, dict[int, str]] = {
         0: "test_multidevice_jax.py::test_distributed_guide_runs_on_jax",
         1: "test_multidevice_jax.py::test_distributed_guide_runs_on_jax",
         3: "test_docs.py::test_distributed_guide_runs_on_tensorflow",
+        4: "test_multidevice_torch.py::test_distributed_guide_runs_under_torchrun",
     },
 }
 DOC_BLOCKS_NOT_RUN: dict[tuple[str, int], str] = {
