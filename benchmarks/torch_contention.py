@@ -12,7 +12,11 @@ epoch, the last of 16 rows):
   `torch.optim.Adam`, a `torch.randperm` per epoch, `F.cross_entropy`);
 - two_tower_sparse (only when named in `--paths`): two_tower with
   `two_tower.SparseEmbedding` tables, whose optimizer updates only the rows a
-  batch looks up (Adam becomes lazy Adam, a different algorithm).
+  batch looks up (Adam becomes lazy Adam, a different algorithm);
+- two_tower_default (only when named in `--paths`): the README quickstart's own
+  model, `TwoTowerRetrieval.from_ids` with its defaults (id tables of dim 32 with
+  an L2 penalty and an item bias, a softmax over the whole catalogue at
+  temperature 1, `two_tower.defaults.optimizer()`), at these sizes and batch.
 
 Settings: torch's default (one OpenMP thread per core), `torch.set_num_threads(1)`,
 and the default thread count with `OMP_WAIT_POLICY=PASSIVE` (OpenMP threads
@@ -68,7 +72,7 @@ NUM_QUERIES, NUM_CANDIDATES, ROWS = 1000, 5000, 10_000
 EMBEDDING_DIM, OUTPUT_DIM = 64, 32
 BATCH_SIZE, TEMPERATURE, LEARNING_RATE = 256, 0.1, 1e-3
 STEPS_PER_EPOCH = -(-ROWS // BATCH_SIZE)
-PATHS = ("two_tower", "keras", "torch", "two_tower_sparse")
+PATHS = ("two_tower", "keras", "torch", "two_tower_sparse", "two_tower_default")
 DEFAULT_PATHS = PATHS[:3]
 WAIT_POLICIES = ("default", "PASSIVE")
 
@@ -156,9 +160,14 @@ def _mean_interval_ms(times: list[float]) -> float:
     return 1000 * (times[-1] - times[0]) / (len(times) - 1)
 
 
-def keras_trainer(model: keras.Model, data: dict[str, np.ndarray]) -> Callable[[int], float]:
-    """A function that fits `model` for some epochs and returns its ms/step."""
-    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
+def keras_trainer(
+    model: keras.Model,
+    data: dict[str, np.ndarray],
+    optimizer: keras.optimizers.Optimizer | None = None,
+) -> Callable[[int], float]:
+    """A function that fits `model` for some epochs and returns its ms/step (Adam at
+    `LEARNING_RATE` unless `optimizer` is given)."""
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(LEARNING_RATE))
 
     def train(epochs: int) -> float:
         clock = _StepClock()
@@ -219,6 +228,11 @@ def make_trainers(paths: list[str]) -> dict[str, Callable[[int], float]]:
         "two_tower_sparse": lambda: keras_trainer(
             two_tower.TwoTowerRetrieval(*sparse_towers(), loss="softmax", temperature=TEMPERATURE),
             data,
+        ),
+        "two_tower_default": lambda: keras_trainer(
+            two_tower.TwoTowerRetrieval.from_ids(NUM_QUERIES, NUM_CANDIDATES),
+            data,
+            two_tower.defaults.optimizer(),
         ),
         "keras": lambda: keras_trainer(PlainKerasRetrieval(), data),
         "torch": lambda: torch_trainer(data),

@@ -159,7 +159,9 @@ def retrieval_softmax(
     shape = tuple(similarities.shape)
     if len(shape) != 2:
         raise ValueError(f"`similarities` must be [batch, columns]. Received shape: {shape}")
-    logits = ops.cast(similarities, "float32") / temperature
+    logits = ops.cast(similarities, "float32")
+    if float(temperature) != 1.0:  # (x / 1 is x: the default skips a [batch, columns] op)
+        logits = logits / temperature
     # Dynamic sizes: under tf.function the batch dimension may be unknown.
     batch_size, num_columns = ops.shape(logits)[0], ops.shape(logits)[1]
     in_batch = positive_positions is None
