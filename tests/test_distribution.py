@@ -116,6 +116,33 @@ def test_torch_process_group_refuses_arrays_that_would_reach_every_process_whole
         np.testing.assert_array_equal(weights, kept)  # refused before any step
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torch process groups exist on torch only"
+)
+def test_torch_process_group_refuses_tensors_and_row_penalties(monkeypatch):
+    import torch
+    import torch.distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    model = two_tower.TwoTowerRetrieval.from_ids(10, 20, 4, sparse=True)  # l2 by default
+    model.compile(optimizer="adagrad")
+    tensors = {"query": torch.arange(8), "candidate": torch.arange(8)}
+    with pytest.raises(
+        ValueError, match=r"process group of 2 processes.*Received x of \['Tensor'\]"
+    ):
+        model.fit(tensors, verbose=0)
+    x = {"query": np.arange(8), "candidate": np.arange(8)}
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    before = model.get_weights()
+    # (train_on_batch: fit's array path would first share rank 0's seed, a collective.)
+    with pytest.raises(ValueError, match=r"SparseEmbedding 'embedding' has an embeddings_reg"):
+        model.train_on_batch(x)
+    for weights, kept in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(weights, kept)
+
+
 class _Counter(keras.callbacks.Callback):
     def __init__(self) -> None:
         super().__init__()

@@ -129,27 +129,38 @@ def check_replicas(what: str, x: Any) -> None:
     batch as if it were one process's share.
 
     Under several processes, `fit` on NumPy arrays cuts each process's rows out
-    of every global batch on two_tower's own array path (`array_train_function`);
-    arrays that go through Keras' own adapter instead (with `validation_split`,
-    `class_weight`, `shuffle="batch"`, `run_eagerly` or `jit_compile=True`) would
-    reach every process whole. Datasets and generators are each process's own
-    batches (see `torch_distributed`), so they pass.
+    of every global batch on two_tower's own array path (`array_train_function`),
+    which hands Keras a step counter instead. Arrays that still reach Keras (with
+    `validation_split`, `class_weight`, `shuffle="batch"`, `run_eagerly` or
+    `jit_compile=True`, torch tensors, or arguments Keras itself refuses) would
+    reach every process whole, and so would a `ShardDataset`, which reads the
+    same shards in every process. Other datasets and generators are each
+    process's own batches (see `torch_distributed`), so they pass.
 
     Raises:
         ValueError: naming the world size and what to do instead.
     """
     size = torch_distributed.world_size()
-    if what != "fit" or size == 1 or not isinstance(x, dict):
+    if what != "fit" or size == 1:
         return
-    leaves = keras.tree.flatten(x)
-    if leaves and all(isinstance(leaf, np.ndarray) for leaf in leaves):
+    from two_tower.datasets.shard_dataset import ShardDataset
+
+    if isinstance(x, ShardDataset):
         raise ValueError(
-            f"Under a torch process group of {size} processes, fit splits NumPy arrays "
-            "into each process's share of every batch only without validation_split, "
-            "class_weight, shuffle='batch', run_eagerly and jit_compile=True, which send "
-            "the arrays through Keras' own adapter, whole to every process. Drop those "
-            "options (pass validation_data), or give each process its own batches as a "
-            "dataset (see docs/distributed.md, 'PyTorch')."
+            f"Under a torch process group of {size} processes, a ShardDataset would give "
+            "every process every global batch, as if each were its own share. Give each "
+            "process its own batches (a PyDataset or DataLoader of its rows of each batch), "
+            "or pass NumPy arrays, which fit splits (see docs/distributed.md, 'PyTorch')."
+        )
+    if isinstance(x, dict):
+        raise ValueError(
+            f"Under a torch process group of {size} processes, fit splits in-memory arrays "
+            "into each process's share of every batch only for NumPy arrays without "
+            "validation_split, class_weight, shuffle='batch', run_eagerly and "
+            "jit_compile=True: otherwise Keras' own adapter would hand the arrays whole to "
+            "every process. Pass NumPy arrays and validation_data, or give each process its "
+            "own batches as a dataset (see docs/distributed.md, 'PyTorch'). Received x of "
+            f"{sorted({type(leaf).__name__ for leaf in keras.tree.flatten(x)})}"
         )
 
 
@@ -166,10 +177,42 @@ class _SynchroniseAtTrainBegin(keras.callbacks.Callback):
 
 def _synchronise(model: keras.Model) -> None:
     """Rank 0's variables on every process, at the first step of a `fit` (or the
-    first `train_on_batch`)."""
+    first `train_on_batch`).
+
+    Raises:
+        ValueError: a `SparseEmbedding` with an `embeddings_regularizer`, whose
+            penalty on the looked-up rows has no exact share per process (see
+            `_check_row_penalties`).
+    """
     if not getattr(model, "_process_group_synchronised", False):
+        _check_row_penalties(model)
         torch_distributed.broadcast_state(model)
         model._process_group_synchronised = True  # noqa: SLF001
+
+
+def _check_row_penalties(model: keras.Model) -> None:
+    """Refuses `SparseEmbedding` tables with an `embeddings_regularizer` under a
+    process group of several processes.
+
+    Their penalty is added per lookup, on the rows looked up. A lookup of the
+    batch's ids is split between the processes, one of the whole catalogue
+    (`full_softmax`) is repeated on each, and the loss is scaled by each
+    process's share of the batch: no one scaling makes both sum to one
+    process's penalty. A penalty on the whole table (`keras.layers.Embedding`'s)
+    is the same on every process and exact.
+    """
+    from two_tower.sparse import _sparse_training
+
+    for layer in _sparse_training.sparse_tables(model):
+        if layer.embeddings_regularizer is not None:
+            raise ValueError(
+                f"SparseEmbedding {layer.name!r} has an embeddings_regularizer, which "
+                "penalises the rows each lookup reads: under a torch process group of "
+                f"{torch_distributed.world_size()} processes its share per process is not "
+                "exact (batch lookups are split, catalogue lookups repeated). Train it "
+                "without one (e.g. from_ids(..., sparse=True, l2=0.0)), or use "
+                "keras.layers.Embedding tables, whose penalty on the whole table is exact."
+            )
 
 
 def replica_loss(loss: Any, rows: Any, batch_rows: Any = None) -> Any:

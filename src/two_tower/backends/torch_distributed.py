@@ -36,6 +36,7 @@ Outside `fit`'s and `train_on_batch`'s steps nothing here communicates:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -180,9 +181,10 @@ def reduce_gradients(
         global mean loss and the global batch's rows.
     """
     present = [gradient for gradient in gradients if gradient is not None]
-    scalars = torch.tensor([0.0, float(rows)], device=loss.device)
-    scalars[0] = loss.detach().reshape(()).float()
-    parts = [gradient.reshape(-1).float() for gradient in present] + [scalars]
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in present], torch.float32)
+    scalars = torch.tensor([0.0, float(rows)], dtype=dtype, device=loss.device)
+    scalars[0] = loss.detach().reshape(())
+    parts = [gradient.reshape(-1).to(dtype) for gradient in present] + [scalars]
     flat = torch.cat(parts)
     dist.all_reduce(flat)
     summed: list[torch.Tensor | None] = []
@@ -215,7 +217,7 @@ def gather_rows(
     gathered = []
     for position, (layer, ids, gradients) in enumerate(lookups):
         counts = [row[position] for row in table]
-        flat = gradients.reshape(ids.shape[0], -1)
+        flat = gradients.reshape(ids.shape[0], gradients.shape[-1])  # (0 rows: no -1)
         gathered.append(
             (layer, _gather_padded(ids, counts), _gather_padded(flat.contiguous(), counts))
         )

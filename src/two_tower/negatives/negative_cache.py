@@ -159,7 +159,10 @@ class NegativeCache(keras.layers.Layer):
         }
         # Every replica's rows (tf.distribute), the first `size` of them.
         columns = {
-            key: backend.all_replicas(ops.reshape(value, (rows, -1)))[: self.size]
+            # (The width given: a replica or process may hold 0 rows.)
+            key: backend.all_replicas(
+                ops.reshape(value, (rows, value.shape[-1] if len(value.shape) > 1 else 1))
+            )[: self.size]
             for key, value in columns.items()
         }
         count = ops.shape(columns["ids"])[0]
