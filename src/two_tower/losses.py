@@ -13,6 +13,7 @@ import math
 import numpy as np
 from keras import ops
 
+from two_tower.backends import backend_module
 from two_tower.types import Tensor
 
 
@@ -207,7 +208,19 @@ def retrieval_softmax(
             num_hard_negatives,
         )
         logits = ops.concatenate([positive_logits, hardest], axis=1)
-    per_example = ops.logsumexp(logits, axis=1) - positive_logits[:, 0]
+    if backend_module().softmax_from_log_softmax:
+        # The same loss from one fused kernel forward and backward (torch): with
+        # `logsumexp - positive` each is several [batch, columns] passes.
+        log_probabilities = ops.log_softmax(logits, axis=1)
+        if num_hard_negatives is not None:  # the positive is column 0
+            per_example = -log_probabilities[:, 0]
+        elif in_batch:
+            per_example = -ops.diagonal(log_probabilities)
+        else:
+            positives = ops.take_along_axis(log_probabilities, positive_positions, axis=1)
+            per_example = -positives[:, 0]
+    else:
+        per_example = ops.logsumexp(logits, axis=1) - positive_logits[:, 0]
     return _reduce(per_example, sample_weight)
 
 

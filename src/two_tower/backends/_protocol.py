@@ -46,6 +46,13 @@ class BackendModule(Protocol):
     queries.T` (TensorFlow: 0, always; torch: 256, where it is faster and its
     scores equal `queries @ tile.T` bit for bit), or None (JAX: never)."""
 
+    softmax_from_log_softmax: bool
+    """Whether the softmax losses take each positive's loss from `ops.log_softmax`
+    (torch: one fused kernel forward and backward, 0.75x the step of `logsumexp -
+    positive logit` on `benchmarks/train_speed.py --config realistic`) rather than
+    `logsumexp - positive logit` (JAX, TensorFlow, where log-softmax was slower).
+    The two agree up to float rounding."""
+
     search_rescore_einsum: bool
     """Whether a tiled search scores the chosen blocks of the dot product again
     with `einsum` (TensorFlow, where that equals `tile @ queries.T` bit for bit)

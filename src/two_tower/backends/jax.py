@@ -43,6 +43,7 @@ top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 search_tile = 2048
 search_candidates_major_rows: int | None = None
 search_rescore_einsum = False
+softmax_from_log_softmax = False
 
 
 def compile_inference(

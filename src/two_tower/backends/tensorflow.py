@@ -35,6 +35,7 @@ top_k_orders_signed_zeros = True  # XLA ranks 0.0 above -0.0
 search_tile = 8192
 search_candidates_major_rows: int | None = 0
 search_rescore_einsum = True
+softmax_from_log_softmax = False
 
 
 def export_artefact(model: keras.Model, plan: ExportPlan, path: str, format: str) -> None:

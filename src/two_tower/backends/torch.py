@@ -76,6 +76,7 @@ top_k_orders_signed_zeros = False  # torch compares -0.0 and 0.0 as equal
 search_tile = 2048
 search_candidates_major_rows: int | None = 256
 search_rescore_einsum = False
+softmax_from_log_softmax = True  # one fused kernel (`losses.retrieval_softmax`)
 
 
 def map_slices(function: Callable[[Any], Any], xs: Any) -> Any:
