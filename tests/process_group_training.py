@@ -198,6 +198,12 @@ def main(out: str) -> None:
         model.fit(x, validation_split=0.25, verbose=0)
     except ValueError as error:
         (Path(out) / f"refused.{rank}.txt").write_text(str(error))
+    # Processes that would cut shares of different batches fail together, not hang.
+    x, _ = interactions(64 + 6 * rank, USERS, ITEMS)
+    try:
+        model.fit(x, batch_size=BATCH, verbose=0)
+    except ValueError as error:
+        (Path(out) / f"disagree.{rank}.txt").write_text(str(error))
     dist.destroy_process_group()
 
 

@@ -175,6 +175,28 @@ def test_backend_loop_callbacks_run_beside_the_users(monkeypatch, how):
     assert added.batches == 8
 
 
+def test_backend_loop_callbacks_join_fits_validation_once(monkeypatch):
+    # fit hands evaluate its own CallbackList each epoch; the backend's callbacks,
+    # already in it, are not added again (they were, once per epoch).
+    from two_tower.backends import backend_module
+
+    made: list[_Counter] = []
+
+    class Added(_Counter):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    Added.__module__ = "two_tower.backends.a_backend"
+    monkeypatch.setattr(backend_module(), "loop_callbacks", lambda: [Added()])
+    model = two_tower.TwoTowerRetrieval.from_ids(8, 8, 4, loss="softmax")
+    model.compile(optimizer="sgd")
+    x = {"query": np.arange(64) % 8, "candidate": np.arange(64) % 8}
+    model.fit(x, batch_size=16, epochs=3, verbose=0, validation_data=(x,))
+    assert len(made) == 4  # fit's, then one per validation
+    assert [added.batches for added in made] == [3 * (4 + 4), 0, 0, 0]
+
+
 def test_backend_loop_callbacks_join_a_callback_list(monkeypatch):
     from two_tower.backends import backend_module
     from two_tower.models import _input_checks

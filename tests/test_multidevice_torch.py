@@ -96,6 +96,13 @@ def test_arrays_on_keras_own_adapter_are_refused(trained):
         assert "process group of 2 processes" in message and "validation_split" in message
 
 
+def test_processes_that_disagree_on_the_arrays_fail_together(trained):
+    for rank in range(PROCESSES):
+        message = (trained / f"disagree.{rank}.txt").read_text()
+        assert "rank 0: {'rows': 64, 'batch_size': 64, 'shuffle': 1}" in message
+        assert "rank 1: {'rows': 70," in message
+
+
 def test_distributed_guide_runs_under_torchrun(tmp_path):
     (block,) = doc_blocks(
         "docs/distributed.md",

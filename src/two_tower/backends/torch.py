@@ -392,6 +392,10 @@ def array_train_function(model: keras.Model, columns: Any) -> Callable[[Any], An
     device = keras.tree.flatten(data)[0].device
     takers = keras.tree.map_structure(_row_taker, data)
     on_host = device.type == "cpu"
+    torch_distributed.check_same(
+        "fit on arrays",
+        {"rows": columns.rows, "batch_size": columns.batch_size, "shuffle": columns.shuffle},
+    )
     random = _array_training.random_generator(torch_distributed.shared_seed)
     order = [np.arange(columns.rows) if on_host else torch.arange(columns.rows, device=device)]
 
@@ -470,6 +474,8 @@ def train_step(model: keras.Model, keras_train_step: Callable[..., Any], *args: 
             with torch.no_grad():
                 model.optimizer.apply(gradients, variables)
         else:
+            if several:  # (the loss is logged once reduced)
+                _reduced(model, [], logged, x)
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

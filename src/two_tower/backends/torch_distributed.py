@@ -258,13 +258,40 @@ def local_rows(indices: Any) -> Any:
     return indices[start : start + base + (me < extra)]
 
 
+def _collective_device() -> torch.device:
+    """Where a small tensor of our own must be for a collective: CUDA under NCCL."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def shared_seed(seed: int) -> int:
     """Rank 0's `seed` on every process (one broadcast), so that every process
     draws the same epochs' row orders."""
     if world_size() == 1:
         return seed
-    value = torch.tensor([seed], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
+    value = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
     dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def check_same(what: str, values: dict[str, int]) -> None:
+    """Raises unless every process passes the same `values` (one all-gather).
+
+    A process that cuts other batches than the rest would wait forever in a
+    collective of a step the others never take; this turns that into an error
+    on every process at once.
+
+    Raises:
+        ValueError: naming `what` and each process's values.
+    """
+    if world_size() == 1:
+        return
+    mine = torch.tensor(list(values.values()), dtype=torch.int64, device=_collective_device())
+    every = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(every, mine)
+    rows = [dict(zip(values, map(int, row.tolist()), strict=True)) for row in every]
+    if any(row != rows[0] for row in rows):
+        listed = "; ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
+        raise ValueError(
+            f"Every process of the torch process group must call {what} alike, so that "
+            f"they cut their shares of the same global batches. Received {listed}"
+        )

@@ -525,6 +525,9 @@ def replace_validation_x(
     return args, {**kwargs, "validation_data": data}
 
 
+_BACKENDS = "two_tower.backends."
+
+
 def for_backend(
     what: str, args: tuple[Any, ...], kwargs: dict[str, Any], backend: Any
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -537,6 +540,10 @@ def for_backend(
     position = _CALLBACKS_POSITION[what]
     given = args[position] if len(args) > position else kwargs.get("callbacks")
     if isinstance(given, keras.callbacks.CallbackList):
+        # `fit` validates with its own list, which has the backend's callbacks already:
+        # each once, not once per epoch.
+        present = {type(c) for c in given.callbacks if type(c).__module__.startswith(_BACKENDS)}
+        extra = [callback for callback in extra if type(callback) not in present]
         given.callbacks.extend(extra)  # Keras' CallbackList keeps them in a list
         callbacks: Any = given
     else:
