@@ -180,6 +180,43 @@ def _train(
     return model, history.history["loss"]
 
 
+def local_negatives_batch(processes: int) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """A global batch of 16 rows per process with logQ, and the tables' initial values."""
+    rng = np.random.default_rng(4)
+    batch = 16 * processes
+    x = {
+        "query": rng.integers(0, USERS, batch),
+        "candidate": rng.integers(0, ITEMS, batch),
+        "candidate_sampling_probability": rng.uniform(0.1, 1.0, batch).astype("float32"),
+    }
+    return x, [rng.normal(size=(USERS, DIM)), rng.normal(size=(ITEMS, DIM))]
+
+
+def local_negatives_loss(rank: int, processes: int) -> float:
+    """The logged loss of one step with `cross_replica_negatives=False`, each process
+    given its 16 rows (learning rate 0: the loss alone), and 3 sampled negatives,
+    all item 5."""
+    x, initial = local_negatives_batch(processes)
+    weights = np.zeros(ITEMS)
+    weights[5] = 1.0  # every sampled negative is item 5 (p = 1)
+    model = two_tower.TwoTowerRetrieval(
+        keras.layers.Embedding(USERS, DIM),
+        keras.layers.Embedding(ITEMS, DIM),
+        loss="sampled_softmax",
+        catalogue_size=ITEMS,
+        num_sampled_negatives=3,
+        cross_replica_negatives=False,
+        negative_sampler=two_tower.negatives.PopularitySampler.from_weights(weights),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    model.embed_queries(np.arange(2))
+    model.embed_candidates(np.arange(2))
+    model.set_weights(initial + model.get_weights()[2:])
+    rows = slice(16 * rank, 16 * (rank + 1))
+    logs = model.train_on_batch({key: value[rows] for key, value in x.items()}, return_dict=True)
+    return float(logs["loss"])
+
+
 def main(out: str) -> None:
     import torch.distributed as dist
 
@@ -198,6 +235,8 @@ def main(out: str) -> None:
         model.fit(x, validation_split=0.25, verbose=0)
     except ValueError as error:
         (Path(out) / f"refused.{rank}.txt").write_text(str(error))
+    loss = local_negatives_loss(rank, dist.get_world_size())
+    (Path(out) / f"local_negatives.{rank}.txt").write_text(repr(loss))
     # Processes that would cut shares of different batches fail together, not hang.
     x, _ = interactions(64 + 6 * rank, USERS, ITEMS)
     try:

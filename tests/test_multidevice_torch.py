@@ -126,3 +126,24 @@ def test_distributed_guide_runs_under_torchrun(tmp_path):
     losses = first["loss"]
     assert len(losses) == 10 and np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert (tmp_path / "model.keras").is_file()
+
+
+def test_local_negatives_are_each_process_own_with_log_q_scaled_to_its_share(trained):
+    # cross_replica_negatives=False: each process's 16 rows against its own 16
+    # candidates, whose probabilities are per global batch: log q + log(16 / 32),
+    # beside 3 sampled negatives (item 5, drawn with p = 1: log 3).
+    x, (users, items) = group.local_negatives_batch(PROCESSES)
+    queries, candidates = users[x["query"]], items[x["candidate"]]
+    log_q = np.log(x["candidate_sampling_probability"].astype("float64"))
+    expected = []
+    for rank in range(PROCESSES):
+        rows = slice(16 * rank, 16 * (rank + 1))
+        columns = np.concatenate([candidates[rows], np.repeat(items[[5]], 3, axis=0)])
+        correction = np.concatenate([log_q[rows] + np.log(16 / 32), np.full(3, np.log(3))])
+        logits = queries[rows] @ columns.T - correction[None, :]
+        top = logits.max(axis=1, keepdims=True)
+        log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        expected.append(np.mean(log_sum - np.diag(logits)))
+    for rank in range(PROCESSES):
+        loss = float((trained / f"local_negatives.{rank}.txt").read_text())
+        np.testing.assert_allclose(loss, np.mean(expected), atol=1e-5, rtol=0)
