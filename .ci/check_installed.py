@@ -23,6 +23,7 @@ if source in installed.parents or "site-packages" not in installed.parts:
 # The backend modules import their own backend: only the installed one (JAX) loads.
 skipped = {
     "two_tower.backends.torch",
+    "two_tower.backends.torch_distributed",  # the collectives of torch's train steps
     "two_tower.backends.tensorflow",
     "two_tower.backends.tensorflow_export",  # TensorFlow graphs of `export`
 }

@@ -19,6 +19,8 @@ OTHER_BACKENDS = {
 }
 if keras.backend.backend() != "tensorflow":  # the export's graphs import TensorFlow
     OTHER_BACKENDS.add("two_tower.backends.tensorflow_export")
+if keras.backend.backend() != "torch":  # the collectives of torch's steps import torch
+    OTHER_BACKENDS.add("two_tower.backends.torch_distributed")
 
 
 @pytest.mark.parametrize("name", MODULES)
