@@ -146,7 +146,14 @@ class PlainKerasRetrieval(keras.Model):
 
 
 class _StepClock(keras.callbacks.Callback):
-    """Records the time at the end of every training step."""
+    """Records the time at the end of every training step.
+
+    Declared `async_safe`, so that Keras dispatches the batch ends as it would
+    without it (to its thread pool where every callback allows it): the clock
+    must not change what it measures.
+    """
+
+    async_safe = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -102,3 +102,38 @@ def test_a_column_numpy_cannot_hold_is_gathered_by_torch() -> None:
     batch = torch_backend._row_taker(column)(rows)
     assert batch.dtype == torch.bfloat16
     np.testing.assert_array_equal(batch.float().numpy(), values[rows])
+
+
+class _Threads(keras.callbacks.Callback):
+    """Records the thread each batch end runs on; safe for Keras' thread pool."""
+
+    async_safe = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        import threading
+
+        self.threads.add(threading.get_ident())
+
+    def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.on_train_batch_end(batch, logs)
+
+
+@pytest.mark.parametrize("how", ["fit", "evaluate"])
+def test_batch_ends_run_on_the_training_thread(how: str) -> None:
+    # Keras would hand them to its thread pool (a GIL handoff each step, which a
+    # busy CPU makes wait for the scheduler), for nothing: a torch step is done
+    # when it returns.
+    import threading
+
+    model = _fit_model()
+    x = {"query": np.arange(64) % 50, "candidate": np.arange(64) % 60}
+    threads = _Threads()
+    if how == "fit":
+        model.fit(x, batch_size=16, epochs=1, verbose=0, callbacks=[threads])
+    else:
+        model.evaluate(x, batch_size=16, verbose=0, callbacks=[threads])
+    assert threads.threads == {threading.get_ident()}

@@ -166,9 +166,32 @@ def check_replicas(what: str, x: Any) -> None:
 
 
 def loop_callbacks() -> list[keras.callbacks.Callback]:
-    """Under a process group of several processes, a callback that has the first
-    step of each `fit` broadcast rank 0's variables (`torch_distributed`)."""
-    return [_SynchroniseAtTrainBegin()] if torch_distributed.world_size() > 1 else []
+    """`_BatchEndsInStep`, and under a process group of several processes a callback
+    that has the first step of each `fit` broadcast rank 0's variables
+    (`torch_distributed`)."""
+    callbacks: list[keras.callbacks.Callback] = [_BatchEndsInStep()]
+    if torch_distributed.world_size() > 1:
+        callbacks.append(_SynchroniseAtTrainBegin())
+    return callbacks
+
+
+class _BatchEndsInStep(keras.callbacks.Callback):
+    """Makes Keras call the batch-end callbacks on the training thread.
+
+    Keras dispatches `on_train_batch_end` and `on_test_batch_end` to a thread
+    pool when every callback allows it, so that a JAX or TensorFlow step can run
+    on the device meanwhile. A torch step has finished when it returns, so
+    nothing overlaps: each step only hands the GIL to the pool's thread and
+    back, which on a CPU busy with other work waits for the scheduler
+    (`benchmarks/torch_contention.py`). A callback that overrides the batch ends
+    without declaring `async_safe`, as this one does, turns that off.
+    """
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        del batch, logs
+
+    def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+        del batch, logs
 
 
 class _SynchroniseAtTrainBegin(keras.callbacks.Callback):
