@@ -195,6 +195,8 @@ class _BatchEndsInStep(keras.callbacks.Callback):
 
 
 class _SynchroniseAtTrainBegin(keras.callbacks.Callback):
+    """Has the first step of each `fit` broadcast rank 0's variables (`_synchronise`)."""
+
     def on_train_begin(self, logs: Any = None) -> None:
         self.model._process_group_synchronised = False  # noqa: SLF001
 
