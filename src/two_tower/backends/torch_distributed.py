@@ -78,12 +78,17 @@ def training_step() -> Iterator[bool]:
         _STATE.active = previous
 
 
-def _counts(rows: int, device: torch.device) -> list[int]:
-    """Every process's `rows`, in rank order (one all-gather of a scalar)."""
-    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+def _every_process(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every process's `values` (as many on each), in rank order: one all-gather."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world_size())]
     dist.all_gather(every, mine)
-    return [int(count) for count in every]
+    return torch.stack(every).tolist()
+
+
+def _counts(rows: int, device: torch.device) -> list[int]:
+    """Every process's `rows`, in rank order."""
+    return [row[0] for row in _every_process([rows], device)]
 
 
 def _gather_padded(values: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -209,11 +214,8 @@ def gather_rows(
     """
     if not lookups:
         return []
-    device = lookups[0][1].device
-    sizes = torch.tensor([ids.shape[0] for _, ids, _ in lookups], dtype=torch.int64, device=device)
-    every = [torch.zeros_like(sizes) for _ in range(world_size())]
-    dist.all_gather(every, sizes)
-    table = torch.stack(every).tolist()  # [process][lookup]
+    sizes = [int(ids.shape[0]) for _, ids, _ in lookups]
+    table = _every_process(sizes, lookups[0][1].device)  # [process][lookup]
     gathered = []
     for position, (layer, ids, gradients) in enumerate(lookups):
         counts = [row[position] for row in table]
@@ -285,10 +287,8 @@ def check_same(what: str, values: dict[str, int]) -> None:
     """
     if world_size() == 1:
         return
-    mine = torch.tensor(list(values.values()), dtype=torch.int64, device=_collective_device())
-    every = [torch.zeros_like(mine) for _ in range(world_size())]
-    dist.all_gather(every, mine)
-    rows = [dict(zip(values, map(int, row.tolist()), strict=True)) for row in every]
+    every = _every_process([int(value) for value in values.values()], _collective_device())
+    rows = [dict(zip(values, row, strict=True)) for row in every]
     if any(row != rows[0] for row in rows):
         listed = "; ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
         raise ValueError(
